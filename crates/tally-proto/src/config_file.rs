@@ -1,0 +1,211 @@
+//! Strict TOML configuration files, shared by every Tally binary.
+//!
+//! A daemon's config is parsed in two steps, as quickwit does: a raw serde
+//! struct with `deny_unknown_fields` (so a typo is an error, not a silently
+//! ignored key), then validation into the runtime config. Every error is one
+//! line that names the file and the key, so an operator can fix it without
+//! reading a stack of context.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// Where a configuration value came from, for error messages.
+pub const COMMAND_LINE: &str = "command line";
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the
+    /// wrong type.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A key has a value that parses but cannot be used.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// The file, or [`COMMAND_LINE`] for a flag.
+        origin: String,
+        /// The key, as written in the file (`nodes[1].address`).
+        key: String,
+        /// What is wrong with the value.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An invalid value of `key` read from `origin`.
+    pub fn invalid(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            origin: origin.into(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and parses a TOML file into `T` (which should use
+/// `#[serde(deny_unknown_fields)]`).
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses TOML text that was read from `path`.
+pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|error| {
+        let line = error
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(1);
+        // serde says "field"; operators write "keys".
+        let message = error
+            .message()
+            .trim()
+            .replace("unknown field", "unknown key")
+            .replace("missing field", "missing key")
+            .replace("duplicate field", "duplicate key")
+            .replace('\n', " ");
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            message,
+        }
+    })
+}
+
+/// A flag's value if given, else the file's, with where it came from:
+/// [`COMMAND_LINE`] or `file_origin`.
+pub fn flag_or_file<T>(flag: Option<T>, file: Option<T>, file_origin: &str) -> (Option<T>, &str) {
+    match flag {
+        Some(value) => (Some(value), COMMAND_LINE),
+        None => (file, file_origin),
+    }
+}
+
+/// Checks a node id: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`;
+/// ids appear in storage keys, logs and error messages, so they stay plain.
+pub fn validate_node_id(node_id: &str) -> Result<(), String> {
+    if node_id.is_empty() {
+        return Err("node id must not be empty".to_string());
+    }
+    if node_id.len() > 64 {
+        return Err(format!("node id {node_id:?} is longer than 64 bytes"));
+    }
+    if let Some(bad) = node_id
+        .chars()
+        .find(|character| !(character.is_ascii_alphanumeric() || "-_.".contains(*character)))
+    {
+        return Err(format!(
+            "node id {node_id:?} has {bad:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an address to connect to: `host:port`, where host is a name, an
+/// IPv4 address or a bracketed IPv6 address, and port is 1 to 65535.
+pub fn validate_connect_address(address: &str) -> Result<(), String> {
+    let invalid = || format!("{address:?} is not a host:port address");
+    let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    if port == 0 || host.is_empty() {
+        return Err(invalid());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or_else(invalid)?;
+        inner.parse::<std::net::Ipv6Addr>().map_err(|_| invalid())?;
+        return Ok(());
+    }
+    let is_name = host
+        .chars()
+        .all(|character| character.is_ascii_alphanumeric() || "-.".contains(character));
+    if !is_name {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+/// Parses an address to listen on: `ip:port` (port 0 picks a free port).
+pub fn parse_listen_address(address: &str) -> Result<std::net::SocketAddr, String> {
+    address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an ip:port address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: String,
+        stripes: u32,
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "listen = \"127.0.0.1:1\"\nstripes = 8\nstripez = 9\n";
+        let error = parse::<Sample>(Path::new("config/x.toml"), text).unwrap_err();
+        let message = error.to_string();
+        assert!(message.starts_with("config/x.toml:3: unknown key `stripez`"), "{message}");
+        assert!(!message.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let text = "listen = \"127.0.0.1:1\"\nstripes = \"eight\"\n";
+        let message = parse::<Sample>(Path::new("c.toml"), text).unwrap_err().to_string();
+        assert!(message.starts_with("c.toml:2:"), "{message}");
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let message = load::<Sample>(Path::new("/nonexistent/c.toml")).unwrap_err().to_string();
+        assert!(message.starts_with("/nonexistent/c.toml: cannot read"), "{message}");
+    }
+
+    #[test]
+    fn node_ids() {
+        assert!(validate_node_id("shard-1").is_ok());
+        assert!(validate_node_id("").is_err());
+        assert!(validate_node_id("a b").is_err());
+        assert!(validate_node_id(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn connect_addresses() {
+        for good in ["127.0.0.1:7701", "shard-1:7701", "[::1]:7701", "localhost:1"] {
+            assert!(validate_connect_address(good).is_ok(), "{good}");
+        }
+        for bad in ["", "127.0.0.1", "host:0", "host:99999", ":80", "a b:1", "[::1:80", "http://x:1"] {
+            assert!(validate_connect_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert!(parse_listen_address("127.0.0.1:0").is_ok());
+        assert!(parse_listen_address("[::1]:7700").is_ok());
+        assert!(parse_listen_address("localhost:7700").is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Validated domain types: what a request means once its input is known good.
+//!
+//! Limits are the public contract's (DESIGN.md): a counter name is 1 to 256
+//! bytes, an idempotency key at most 128 bytes, a batch at most 10,000 items.
+
+use std::fmt;
+
+use crate::pb;
+
+/// Longest counter name, in bytes.
+pub const MAX_COUNTER_NAME_BYTES: usize = 256;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Most items in one `IncrementBatch` or `GetBatch`.
+pub const MAX_BATCH_ITEMS: usize = 10_000;
+
+/// Input that breaks the contract: it becomes `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The counter name is empty.
+    #[error("counter name is empty")]
+    EmptyCounterName,
+    /// The counter name is longer than [`MAX_COUNTER_NAME_BYTES`].
+    #[error("counter name is {length} bytes, more than the limit of {MAX_COUNTER_NAME_BYTES}")]
+    CounterNameTooLong {
+        /// Length of the name in bytes.
+        length: usize,
+    },
+    /// The idempotency key is longer than [`MAX_IDEMPOTENCY_KEY_BYTES`].
+    #[error(
+        "idempotency key is {length} bytes, more than the limit of {MAX_IDEMPOTENCY_KEY_BYTES}"
+    )]
+    IdempotencyKeyTooLong {
+        /// Length of the key in bytes.
+        length: usize,
+    },
+    /// The batch has more than [`MAX_BATCH_ITEMS`] items.
+    #[error("batch has {length} items, more than the limit of {MAX_BATCH_ITEMS}")]
+    BatchTooLarge {
+        /// Number of items in the batch.
+        length: usize,
+    },
+    /// One item of a batch is invalid.
+    #[error("item {index}: {source}")]
+    InBatch {
+        /// Position of the item in the batch, from 0.
+        index: usize,
+        /// What is wrong with it.
+        source: Box<ProtocolError>,
+    },
+}
+
+impl From<ProtocolError> for tonic::Status {
+    fn from(error: ProtocolError) -> Self {
+        tonic::Status::invalid_argument(error.to_string())
+    }
+}
+
+/// A counter's name: 1 to [`MAX_COUNTER_NAME_BYTES`] bytes of UTF-8.
+///
+/// # Examples
+///
+/// ```
+/// use tally_proto::domain::{CounterName, ProtocolError};
+///
+/// let name = CounterName::try_from("page:views".to_string()).unwrap();
+/// assert_eq!(name.as_str(), "page:views");
+/// assert_eq!(CounterName::try_from(String::new()), Err(ProtocolError::EmptyCounterName));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterName(String);
+
+impl CounterName {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name as an owned string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl TryFrom<String> for CounterName {
+    type Error = ProtocolError;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        if name.is_empty() {
+            return Err(ProtocolError::EmptyCounterName);
+        }
+        if name.len() > MAX_COUNTER_NAME_BYTES {
+            return Err(ProtocolError::CounterNameTooLong { length: name.len() });
+        }
+        Ok(CounterName(name))
+    }
+}
+
+impl fmt::Display for CounterName {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// A client's idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes. The
+/// empty string on the wire means "no key".
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Reads the optional key of a wire request: empty means none.
+    pub fn from_wire(key: String) -> Result<Option<Self>, ProtocolError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(ProtocolError::IdempotencyKeyTooLong { length: key.len() });
+        }
+        Ok(Some(IdempotencyKey(key)))
+    }
+
+    /// The key as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One validated increment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    /// The counter to change.
+    pub counter: CounterName,
+    /// Amount to add; negative decrements, 0 changes nothing.
+    pub delta: i64,
+    /// Makes a retried increment apply once.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl TryFrom<pb::IncrementRequest> for Increment {
+    type Error = ProtocolError;
+
+    fn try_from(request: pb::IncrementRequest) -> Result<Self, Self::Error> {
+        Ok(Increment {
+            counter: CounterName::try_from(request.counter)?,
+            delta: request.delta,
+            idempotency_key: IdempotencyKey::from_wire(request.idempotency_key)?,
+        })
+    }
+}
+
+/// Validates every item of a batch before any is used: one bad item rejects
+/// the whole batch, naming its position.
+pub fn validate_batch<Wire, Domain>(items: Vec<Wire>) -> Result<Vec<Domain>, ProtocolError>
+where
+    Domain: TryFrom<Wire, Error = ProtocolError>,
+{
+    if items.len() > MAX_BATCH_ITEMS {
+        return Err(ProtocolError::BatchTooLarge {
+            length: items.len(),
+        });
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            Domain::try_from(item).map_err(|source| ProtocolError::InBatch {
+                index,
+                source: Box::new(source),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn increment(counter: &str, key: &str) -> pb::IncrementRequest {
+        pb::IncrementRequest {
+            counter: counter.to_string(),
+            delta: 1,
+            idempotency_key: key.to_string(),
+        }
+    }
+
+    #[test]
+    fn counter_name_limits() {
+        assert!(CounterName::try_from("a".repeat(MAX_COUNTER_NAME_BYTES)).is_ok());
+        assert_eq!(
+            CounterName::try_from("a".repeat(MAX_COUNTER_NAME_BYTES + 1)),
+            Err(ProtocolError::CounterNameTooLong { length: 257 })
+        );
+        // The limit is in bytes, not characters.
+        assert!(CounterName::try_from("é".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn idempotency_key_limits() {
+        assert_eq!(IdempotencyKey::from_wire(String::new()), Ok(None));
+        assert!(IdempotencyKey::from_wire("k".repeat(MAX_IDEMPOTENCY_KEY_BYTES)).is_ok());
+        assert_eq!(
+            IdempotencyKey::from_wire("k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1)),
+            Err(ProtocolError::IdempotencyKeyTooLong { length: 129 })
+        );
+    }
+
+    #[test]
+    fn batch_names_the_bad_item() {
+        let items = vec![increment("a", ""), increment("", ""), increment("c", "")];
+        let error = validate_batch::<_, Increment>(items).unwrap_err();
+        assert_eq!(error.to_string(), "item 1: counter name is empty");
+    }
+
+    #[test]
+    fn batch_size_limit() {
+        let items = vec![increment("a", ""); MAX_BATCH_ITEMS + 1];
+        assert_eq!(
+            validate_batch::<_, Increment>(items),
+            Err(ProtocolError::BatchTooLarge { length: 10_001 })
+        );
+        let items = vec![increment("a", ""); MAX_BATCH_ITEMS];
+        assert_eq!(validate_batch::<_, Increment>(items).unwrap().len(), MAX_BATCH_ITEMS);
+    }
+
+    #[test]
+    fn protocol_error_is_invalid_argument() {
+        let status = tonic::Status::from(ProtocolError::EmptyCounterName);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,36 @@
+//! Tally's wire protocols and the validated domain types at their edge.
+//!
+//! # Layout
+//!
+//! - [`pb`]: code generated from `proto/tally/v1/*.proto`: the public
+//!   `tally.v1.Counter` and `tally.v1.Admin` services and the internal
+//!   `tally.v1.Shard` service (coordinator to shard node).
+//! - [`FILE_DESCRIPTOR_SET`] and [`process::reflection_services`]: the
+//!   encoded descriptors, served by gRPC server reflection so stock tools
+//!   (grpcurl, grpc_health_probe) work without the proto files.
+//! - [`process`]: what every Tally binary does the same way at its edge:
+//!   tracing setup, shutdown signals, reflection.
+//! - [`config_file`]: strict TOML loading shared by every binary: an error is
+//!   one line naming the file and the key.
+//! - [`domain`]: [`CounterName`](domain::CounterName),
+//!   [`IdempotencyKey`](domain::IdempotencyKey) and
+//!   [`Increment`](domain::Increment), built from the wire types with
+//!   `TryFrom`, so that a handler past the edge only sees valid input; a
+//!   [`ProtocolError`](domain::ProtocolError) becomes `INVALID_ARGUMENT`.
+#![deny(missing_docs)]
+
+pub mod config_file;
+pub mod domain;
+pub mod process;
+
+/// Generated protobuf messages and gRPC clients and servers (package
+/// `tally.v1`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("tally.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every Tally proto file, for
+/// `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tally_descriptor.bin"));

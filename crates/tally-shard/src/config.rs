@@ -1,0 +1,214 @@
+//! A shard node's configuration: a strict TOML file (`config/shard-1.toml`)
+//! whose values command-line flags override.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tally_proto::config_file::{self, flag_or_file, ConfigError, COMMAND_LINE};
+
+/// When an increment is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the flush that contains it is on disk (group commit: one fsync
+    /// serves every increment that arrived while the previous one ran).
+    Sync,
+    /// Once in memory; on disk within the flush interval. A crash may lose
+    /// that window.
+    Async,
+}
+
+impl Durability {
+    /// `"sync"` or `"async"`, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::Async => "async",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sync" => Ok(Durability::Sync),
+            "async" => Ok(Durability::Async),
+            other => Err(format!("{other:?} is not a durability; use \"sync\" or \"async\"")),
+        }
+    }
+}
+
+/// Default for `flush_interval_ms`.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 50;
+
+/// The file as written: every key optional here, so that flags can supply
+/// what the file leaves out; [`ShardConfig::load`] checks what is required.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShardConfig {
+    node_id: Option<String>,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    durability: Option<Durability>,
+    flush_interval_ms: Option<u64>,
+}
+
+/// Values from the command line, each overriding the file's.
+#[derive(Debug, Default, Clone)]
+pub struct ShardOverrides {
+    /// `--node-id`
+    pub node_id: Option<String>,
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--durability`
+    pub durability: Option<Durability>,
+    /// `--flush-interval-ms`
+    pub flush_interval_ms: Option<u64>,
+}
+
+/// A shard node's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConfig {
+    /// This node's id, as the coordinators' membership names it.
+    pub node_id: String,
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// Where sled keeps this node's data.
+    pub data_dir: PathBuf,
+    /// When increments are acknowledged.
+    pub durability: Durability,
+    /// Async mode: most time between an acknowledgement and its flush. Sync
+    /// mode: how soon a failed flush is retried when no new write comes.
+    pub flush_interval: Duration,
+}
+
+impl ShardConfig {
+    /// A config for tests and the dev cluster: sync durability, default
+    /// flush interval.
+    pub fn new(node_id: impl Into<String>, listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        ShardConfig {
+            node_id: node_id.into(),
+            listen,
+            data_dir: data_dir.into(),
+            durability: Durability::Sync,
+            flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
+        }
+    }
+
+    /// Reads the file at `path` (if any) and applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: ShardOverrides) -> Result<Self, ConfigError> {
+        let raw: RawShardConfig = match path {
+            Some(path) => config_file::load(path)?,
+            None => RawShardConfig::default(),
+        };
+        let file_origin = path.map_or_else(|| COMMAND_LINE.to_string(), |path| path.display().to_string());
+        let missing = |origin: &str, key: &str| {
+            ConfigError::invalid(origin, key, "is required (in the file or as a flag)")
+        };
+
+        let (node_id, origin) = flag_or_file(overrides.node_id, raw.node_id, &file_origin);
+        let node_id = node_id.ok_or_else(|| missing(origin, "node_id"))?;
+        config_file::validate_node_id(&node_id)
+            .map_err(|message| ConfigError::invalid(origin, "node_id", message))?;
+
+        let (listen, origin) = flag_or_file(overrides.listen, raw.listen, &file_origin);
+        let listen = listen.ok_or_else(|| missing(origin, "listen"))?;
+        let listen = config_file::parse_listen_address(&listen)
+            .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
+
+        let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
+        let data_dir = data_dir.ok_or_else(|| missing(origin, "data_dir"))?;
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(origin, "data_dir", "must not be empty"));
+        }
+
+        let (durability, _) = flag_or_file(overrides.durability, raw.durability, &file_origin);
+        let (flush_interval_ms, origin) = flag_or_file(overrides.flush_interval_ms, raw.flush_interval_ms, &file_origin);
+        let flush_interval_ms = flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS);
+        if !(1..=60_000).contains(&flush_interval_ms) {
+            return Err(ConfigError::invalid(
+                origin,
+                "flush_interval_ms",
+                format!("{flush_interval_ms} is out of range; use 1 to 60000"),
+            ));
+        }
+
+        Ok(ShardConfig {
+            node_id,
+            listen,
+            data_dir,
+            durability: durability.unwrap_or(Durability::Sync),
+            flush_interval: Duration::from_millis(flush_interval_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, overrides: ShardOverrides) -> Result<ShardConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard.toml");
+        std::fs::write(&path, text).unwrap();
+        ShardConfig::load(Some(&path), overrides)
+            .map_err(|error| error.to_string().replace(&path.display().to_string(), "FILE"))
+    }
+
+    const GOOD: &str = "node_id = \"shard-1\"\nlisten = \"127.0.0.1:7701\"\ndata_dir = \"data/shard-1\"\n";
+
+    #[test]
+    fn reads_a_file_with_defaults() {
+        let config = load_text(GOOD, ShardOverrides::default()).unwrap();
+        assert_eq!(config.node_id, "shard-1");
+        assert_eq!(config.durability, Durability::Sync);
+        assert_eq!(config.flush_interval, Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = ShardOverrides {
+            listen: Some("127.0.0.1:0".into()),
+            durability: Some(Durability::Async),
+            flush_interval_ms: Some(5),
+            ..Default::default()
+        };
+        let config = load_text(GOOD, overrides).unwrap();
+        assert_eq!(config.listen.port(), 0);
+        assert_eq!(config.durability, Durability::Async);
+        assert_eq!(config.flush_interval, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let cases = [
+            (format!("{GOOD}colour = 1\n"), "FILE:4: unknown key `colour`"),
+            (GOOD.replace("127.0.0.1:7701", "nowhere"), "FILE: listen: \"nowhere\" is not an ip:port address"),
+            (format!("{GOOD}durability = \"maybe\"\n"), "FILE:4: unknown variant `maybe`"),
+            (format!("{GOOD}flush_interval_ms = 0\n"), "FILE: flush_interval_ms: 0 is out of range"),
+            (GOOD.replace("shard-1\"", "shard 1\""), "FILE: node_id: node id \"shard 1\" has ' '"),
+            (GOOD.replace("node_id = \"shard-1\"\n", ""), "FILE: node_id: is required"),
+        ];
+        for (text, expected) in cases {
+            let error = load_text(&text, ShardOverrides::default()).unwrap_err();
+            assert!(error.starts_with(expected), "{error:?} does not start with {expected:?}");
+            assert!(!error.contains('\n'), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_flag_is_blamed_on_the_command_line() {
+        let overrides = ShardOverrides {
+            listen: Some("bad".into()),
+            ..Default::default()
+        };
+        let error = load_text(GOOD, overrides).unwrap_err();
+        assert!(error.starts_with("command line: listen:"), "{error}");
+    }
+}

@@ -1,0 +1,175 @@
+//! The Tally shard node: keeps counters in memory, writes them behind to
+//! sled, and recovers them on restart.
+//!
+//! A node holds entries `(counter, stripe) -> i64`. A counter's value is the
+//! sum of its entries over every node, so a node never needs to know what the
+//! others hold: it applies batches of increments, answers reads of its own
+//! entries, and erases counters, all asked by coordinators over the internal
+//! `tally.v1.Shard` gRPC service.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file and flags ([`ShardConfig`], [`Durability`]).
+//! - [`store`]: the in-memory map, segmented for concurrent writers, with
+//!   dirty tracking and flush epochs for group commit.
+//! - [`storage`]: sled on disk, the key format, the data directory lock.
+//! - [`flusher`]: the write-behind task, sync and async durability.
+//! - [`service`]: the gRPC service.
+//! - [`ShardNode`] and [`run`]: open, recover, serve, shut down.
+//!
+//! # Examples
+//!
+//! Starting a node in-process on an ephemeral port, as the tests do:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), tally_shard::ShardError> {
+//! use tally_shard::{ShardConfig, ShardNode};
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let config = ShardConfig::new("shard-1", listener.local_addr().unwrap(), "/tmp/tally-shard-1");
+//! let node = ShardNode::open(config).await?;
+//! node.serve(listener, async { /* a shutdown signal */ }).await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod flusher;
+pub mod service;
+pub mod storage;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tally_proto::pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{Durability, ShardConfig, ShardOverrides};
+pub use storage::StorageError;
+
+/// Largest internal request a node accepts. A full public batch (10,000
+/// increments of 256-byte names with 128-byte keys) is about 4 MiB, and the
+/// coordinator may coalesce more than one.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a shard node stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener has no local address.
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// A node whose data is loaded and locked, ready to serve.
+#[derive(Debug)]
+pub struct ShardNode {
+    config: ShardConfig,
+    store: Arc<Store>,
+    storage: Arc<storage::Storage>,
+    loaded_entries: u64,
+}
+
+use store::Store;
+
+impl ShardNode {
+    /// Locks the data directory and loads every entry into memory.
+    pub async fn open(config: ShardConfig) -> Result<ShardNode, ShardError> {
+        let data_dir = config.data_dir.clone();
+        let node_id = config.node_id.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let storage = storage::Storage::open(&data_dir, &node_id)?;
+            let store = Store::new();
+            let loaded_entries = storage.load_into(&store)?;
+            Ok::<_, StorageError>((storage, store, loaded_entries))
+        })
+        .await
+        .expect("opening the data directory does not panic")?;
+        let (storage, store, loaded_entries) = opened;
+        tracing::info!(
+            node_id = config.node_id,
+            data_dir = %config.data_dir.display(),
+            entries = loaded_entries,
+            durability = config.durability.as_str(),
+            "recovered"
+        );
+        Ok(ShardNode {
+            config,
+            store: Arc::new(store),
+            storage: Arc::new(storage),
+            loaded_entries,
+        })
+    }
+
+    /// Entries loaded from disk at open.
+    pub fn loaded_entries(&self) -> u64 {
+        self.loaded_entries
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets
+    /// in-flight requests finish (each durable or failed, never dropped after
+    /// an acknowledgement), flushes, and releases the data directory.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ShardError> {
+        let address = listener.local_addr()?;
+        let flusher = Arc::new(flusher::Flusher::start(
+            self.store.clone(),
+            self.storage.clone(),
+            self.config.durability,
+            self.config.flush_interval,
+        ));
+        let service = service::ShardService::new(
+            &self.config.node_id,
+            self.config.durability,
+            self.store.clone(),
+            flusher.clone(),
+        );
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::shard_server::ShardServer<service::ShardService>>()
+            .await;
+        let (reflection_v1, reflection_v1alpha) = tally_proto::process::reflection_services();
+
+        tracing::info!(node_id = self.config.node_id, %address, "serving");
+        let served = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                pb::shard_server::ShardServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+
+        // Every request has finished, so the flusher is ours alone again.
+        let flusher = Arc::try_unwrap(flusher).expect("the service is dropped with the server");
+        let flushed = flusher.stop().await;
+        tracing::info!(node_id = self.config.node_id, "stopped");
+        served?;
+        flushed?;
+        Ok(())
+    }
+}
+
+/// Opens the node described by `config` and serves it on `listener` until
+/// `shutdown` completes.
+pub async fn run(
+    config: ShardConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ShardError> {
+    ShardNode::open(config).await?.serve(listener, shutdown).await
+}

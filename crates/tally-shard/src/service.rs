@@ -1,0 +1,128 @@
+//! The `tally.v1.Shard` gRPC service: the coordinator's only way in.
+
+use std::sync::Arc;
+
+use tally_proto::domain::CounterName;
+use tally_proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::config::Durability;
+use crate::flusher::Flusher;
+use crate::store::{ApplyOutcome, Store, StripeIncrement};
+
+/// Serves one node's store.
+#[derive(Debug, Clone)]
+pub struct ShardService {
+    node_id: Arc<str>,
+    durability: Durability,
+    store: Arc<Store>,
+    flusher: Arc<Flusher>,
+}
+
+impl ShardService {
+    /// A service over `store`, acknowledging writes through `flusher`.
+    pub fn new(node_id: &str, durability: Durability, store: Arc<Store>, flusher: Arc<Flusher>) -> Self {
+        ShardService {
+            node_id: node_id.into(),
+            durability,
+            store,
+            flusher,
+        }
+    }
+
+    /// Refuses a request meant for another node: the sender's membership
+    /// points at the wrong address, and writing here would misplace data.
+    fn check_node_id(&self, node_id: &str) -> Result<(), Status> {
+        if node_id == &*self.node_id {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "this is node {:?}, not {node_id:?}: check the coordinator's membership",
+                &*self.node_id
+            )))
+        }
+    }
+}
+
+/// The coordinator validates names; a shard checks again because it must
+/// never store a key it cannot encode, whoever sent it.
+fn check_counter_name(counter: &str) -> Result<(), Status> {
+    CounterName::try_from(counter.to_string())
+        .map(drop)
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::shard_server::Shard for ShardService {
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let increments = request
+            .increments
+            .iter()
+            .map(|increment| {
+                check_counter_name(&increment.counter)?;
+                Ok(StripeIncrement {
+                    counter: &increment.counter,
+                    stripe: increment.stripe,
+                    delta: increment.delta,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let (outcomes, epoch) = self.store.apply(&increments);
+        self.flusher
+            .wait_durable(epoch)
+            .await
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        let outcomes = outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
+                ApplyOutcome::Overflow => pb::ApplyOutcome::Overflow as i32,
+            })
+            .collect();
+        Ok(Response::new(pb::ApplyResponse { outcomes }))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let counters = request
+            .counters
+            .iter()
+            .map(|counter| pb::CounterEntries {
+                entries: self
+                    .store
+                    .read(counter)
+                    .into_iter()
+                    .map(|(stripe, value)| pb::StripeValue { stripe, value })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ReadResponse { counters }))
+    }
+
+    async fn erase(&self, request: Request<pb::EraseRequest>) -> Result<Response<pb::EraseResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
+        let epoch = self.store.erase(&counters);
+        self.flusher
+            .wait_durable(epoch)
+            .await
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        Ok(Response::new(pb::EraseResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::ShardStatusRequest>,
+    ) -> Result<Response<pb::ShardStatusResponse>, Status> {
+        Ok(Response::new(pb::ShardStatusResponse {
+            node_id: self.node_id.to_string(),
+            entries: self.store.entry_count(),
+            last_flush_unix_ms: self.flusher.last_flush_unix_ms(),
+            durability: self.durability.as_str().to_string(),
+        }))
+    }
+}

@@ -17,12 +17,12 @@ pub const COMMAND_LINE: &str = "command line";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {reason}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why. Not a `source`: the message already says it, once.
+        reason: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, or a value of the
     /// wrong type.
@@ -61,9 +61,9 @@ impl ConfigError {
 /// Reads and parses a TOML file into `T` (which should use
 /// `#[serde(deny_unknown_fields)]`).
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        reason,
     })?;
     parse(path, &text)
 }

@@ -41,12 +41,12 @@ pub enum ProtocolError {
         length: usize,
     },
     /// One item of a batch is invalid.
-    #[error("item {index}: {source}")]
+    #[error("item {index}: {error}")]
     InBatch {
         /// Position of the item in the batch, from 0.
         index: usize,
         /// What is wrong with it.
-        source: Box<ProtocolError>,
+        error: Box<ProtocolError>,
     },
 }
 
@@ -163,9 +163,9 @@ where
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            Domain::try_from(item).map_err(|source| ProtocolError::InBatch {
+            Domain::try_from(item).map_err(|error| ProtocolError::InBatch {
                 index,
-                source: Box::new(source),
+                error: Box::new(error),
             })
         })
         .collect()

@@ -61,12 +61,12 @@ pub enum StorageError {
         expected: String,
     },
     /// The directory cannot be read or written.
-    #[error("data directory {dir}: {source}")]
+    #[error("data directory {dir}: {reason}")]
     Io {
         /// The directory.
         dir: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why. Not a `source`: the message already says it, once.
+        reason: std::io::Error,
     },
     /// sled refused to open or read the database, or a key or value does not
     /// decode: the files are damaged or from an incompatible version.
@@ -93,9 +93,9 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the data directory of `node_id`. Blocking.
     pub fn open(dir: &Path, node_id: &str) -> Result<Storage, StorageError> {
-        let io = |source| StorageError::Io {
+        let io = |reason| StorageError::Io {
             dir: dir.to_path_buf(),
-            source,
+            reason,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = File::options()
@@ -112,7 +112,7 @@ impl Storage {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+            Err(std::fs::TryLockError::Error(reason)) => return Err(io(reason)),
         }
         write_pid(&lock).map_err(io)?;
 
@@ -211,9 +211,9 @@ impl Storage {
 
     fn sled_error(&self, error: sled::Error) -> StorageError {
         match error {
-            sled::Error::Io(source) => StorageError::Io {
+            sled::Error::Io(reason) => StorageError::Io {
                 dir: self.dir.clone(),
-                source,
+                reason,
             },
             other => self.damaged(other.to_string()),
         }

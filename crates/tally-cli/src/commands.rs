@@ -1,0 +1,379 @@
+//! What each `tallyctl` command does and prints.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use comfy_table::{presets, Table};
+use serde_json::json;
+use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
+use tally_coordinator::service::{locate_response, ring_response};
+use tally_coordinator::{CoordinatorConfig, CoordinatorOverrides};
+use tally_proto::domain::CounterName;
+use tally_proto::pb;
+use tally_proto::pb::admin_client::AdminClient;
+use tally_proto::pb::counter_client::CounterClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Args, Command};
+
+/// Runs one command.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let cli = Cli {
+        endpoint: normalize_endpoint(&args.endpoint),
+        json: args.json,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    match args.command {
+        Command::Dev {
+            data_dir,
+            port,
+            shards,
+            durability,
+        } => dev(&data_dir, port, shards, &durability).await,
+        Command::Incr { counter, delta, key } => cli.incr(counter, delta, key).await,
+        Command::Get {
+            counters,
+            allow_partial,
+        } => cli.get(counters, allow_partial).await,
+        Command::Delete { counter } => cli.delete(counter).await,
+        Command::Ring { config } => cli.ring(config.as_deref()).await,
+        Command::Locate { counter, config } => cli.locate(counter, config.as_deref()).await,
+        Command::Status => cli.status().await,
+    }
+}
+
+/// Accepts `host:port` as well as a URL.
+fn normalize_endpoint(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+struct Cli {
+    endpoint: String,
+    json: bool,
+    timeout: Duration,
+}
+
+/// A gRPC error as a person reads it: the code, then the server's message.
+fn describe(status: tonic::Status) -> anyhow::Error {
+    let code = format!("{:?}", status.code());
+    anyhow::anyhow!("{}: {}", to_screaming_snake(&code), status.message())
+}
+
+fn to_screaming_snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (index, character) in camel.chars().enumerate() {
+        if character.is_uppercase() && index > 0 {
+            out.push('_');
+        }
+        out.push(character.to_ascii_uppercase());
+    }
+    out
+}
+
+impl Cli {
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Endpoint::from_shared(self.endpoint.clone())
+            .with_context(|| format!("bad endpoint {:?}", self.endpoint))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.endpoint))
+    }
+
+    async fn counter_client(&self) -> anyhow::Result<CounterClient<Channel>> {
+        Ok(CounterClient::new(self.channel().await?))
+    }
+
+    async fn admin_client(&self) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.channel().await?))
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    fn print(&self, value: serde_json::Value, table: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!("{}", table());
+        }
+    }
+
+    async fn incr(&self, counter: String, delta: i64, key: Option<String>) -> anyhow::Result<()> {
+        let mut client = self.counter_client().await?;
+        client
+            .increment(self.request(pb::IncrementRequest {
+                counter: counter.clone(),
+                delta,
+                idempotency_key: key.unwrap_or_default(),
+            }))
+            .await
+            .map_err(describe)?;
+        self.print(json!({ "counter": counter, "delta": delta }), || {
+            format!("OK {counter} {delta:+}")
+        });
+        Ok(())
+    }
+
+    async fn get(&self, counters: Vec<String>, allow_partial: bool) -> anyhow::Result<()> {
+        let mut client = self.counter_client().await?;
+        let totals = client
+            .get_batch(self.request(pb::GetBatchRequest {
+                counters,
+                allow_partial,
+            }))
+            .await
+            .map_err(describe)?
+            .into_inner()
+            .counters;
+        let value = json!(totals
+            .iter()
+            .map(|total| json!({ "counter": total.counter, "value": total.value, "complete": total.complete }))
+            .collect::<Vec<_>>());
+        self.print(value, || {
+            let mut table = new_table(&["COUNTER", "VALUE", "COMPLETE"]);
+            for total in &totals {
+                table.add_row(vec![
+                    total.counter.clone(),
+                    total.value.to_string(),
+                    if total.complete { "yes" } else { "NO (partial)" }.to_string(),
+                ]);
+            }
+            table.to_string()
+        });
+        Ok(())
+    }
+
+    async fn delete(&self, counter: String) -> anyhow::Result<()> {
+        let mut client = self.counter_client().await?;
+        client
+            .delete(self.request(pb::DeleteRequest {
+                counter: counter.clone(),
+            }))
+            .await
+            .map_err(describe)?;
+        self.print(json!({ "counter": counter, "deleted": true }), || {
+            format!("OK {counter} deleted")
+        });
+        Ok(())
+    }
+
+    async fn ring(&self, config: Option<&Path>) -> anyhow::Result<()> {
+        let (ring, health) = match config {
+            Some(path) => {
+                let config = load_coordinator_config(path)?;
+                let ring = config.ring()?;
+                (ring_response(&ring, &config), None)
+            }
+            None => {
+                let mut admin = self.admin_client().await?;
+                let ring = admin
+                    .ring(self.request(pb::RingRequest {}))
+                    .await
+                    .map_err(describe)?
+                    .into_inner();
+                let status = admin
+                    .cluster_status(self.request(pb::ClusterStatusRequest {}))
+                    .await
+                    .map_err(describe)?
+                    .into_inner();
+                (ring, Some(status.nodes))
+            }
+        };
+        let health_of = |id: &str| -> Option<&pb::NodeStatus> {
+            health.as_ref().and_then(|nodes| nodes.iter().find(|node| node.id == id))
+        };
+        let nodes: Vec<serde_json::Value> = ring
+            .nodes
+            .iter()
+            .map(|node| {
+                let mut value = json!({
+                    "id": node.id,
+                    "address": node.address,
+                    "weight": node.weight,
+                    "vnodes": node.vnodes,
+                    "owned_fraction": node.owned_fraction,
+                });
+                if let Some(status) = health_of(&node.id) {
+                    value["reachable"] = json!(status.reachable);
+                }
+                value
+            })
+            .collect();
+        self.print(json!({ "stripes": ring.stripes, "nodes": nodes }), || {
+            let mut table = new_table(&["NODE", "ADDRESS", "WEIGHT", "VNODES", "OWNED", "HEALTH"]);
+            for node in &ring.nodes {
+                table.add_row(vec![
+                    node.id.clone(),
+                    node.address.clone(),
+                    node.weight.to_string(),
+                    node.vnodes.to_string(),
+                    format!("{:.1}%", node.owned_fraction * 100.0),
+                    match health_of(&node.id) {
+                        None => "- (offline)".to_string(),
+                        Some(status) => health_label(status),
+                    },
+                ]);
+            }
+            format!("{table}\n{} stripes per counter", ring.stripes)
+        });
+        Ok(())
+    }
+
+    async fn locate(&self, counter: String, config: Option<&Path>) -> anyhow::Result<()> {
+        let located = match config {
+            Some(path) => {
+                let config = load_coordinator_config(path)?;
+                let ring = config.ring()?;
+                let counter = CounterName::try_from(counter).map_err(anyhow::Error::msg)?;
+                locate_response(&ring, &config, &counter)
+            }
+            None => self
+                .admin_client()
+                .await?
+                .locate(self.request(pb::LocateRequest { counter }))
+                .await
+                .map_err(describe)?
+                .into_inner(),
+        };
+        let stripes: Vec<serde_json::Value> = located
+            .stripes
+            .iter()
+            .map(|stripe| {
+                json!({
+                    "stripe": stripe.stripe,
+                    "node_id": stripe.node_id,
+                    "address": stripe.address,
+                    "hash": format!("{:016x}", stripe.hash),
+                })
+            })
+            .collect();
+        self.print(json!({ "counter": located.counter, "stripes": stripes }), || {
+            let mut table = new_table(&["STRIPE", "NODE", "ADDRESS", "HASH"]);
+            for stripe in &located.stripes {
+                table.add_row(vec![
+                    stripe.stripe.to_string(),
+                    stripe.node_id.clone(),
+                    stripe.address.clone(),
+                    format!("{:016x}", stripe.hash),
+                ]);
+            }
+            table.to_string()
+        });
+        Ok(())
+    }
+
+    async fn status(&self) -> anyhow::Result<()> {
+        let nodes = self
+            .admin_client()
+            .await?
+            .cluster_status(self.request(pb::ClusterStatusRequest {}))
+            .await
+            .map_err(describe)?
+            .into_inner()
+            .nodes;
+        let value = json!({
+            "nodes": nodes.iter().map(|node| json!({
+                "id": node.id,
+                "address": node.address,
+                "reachable": node.reachable,
+                "entries": node.entries,
+                "last_flush_unix_ms": node.last_flush_unix_ms,
+                "durability": node.durability,
+                "error": node.error,
+            })).collect::<Vec<_>>()
+        });
+        self.print(value, || {
+            let mut table = new_table(&["NODE", "ADDRESS", "HEALTH", "ENTRIES", "LAST FLUSH", "DURABILITY"]);
+            for node in &nodes {
+                table.add_row(vec![
+                    node.id.clone(),
+                    node.address.clone(),
+                    health_label(node),
+                    if node.reachable { node.entries.to_string() } else { "-".into() },
+                    if node.reachable { flush_age(node.last_flush_unix_ms) } else { "-".into() },
+                    if node.reachable { node.durability.clone() } else { "-".into() },
+                ]);
+            }
+            let down = nodes.iter().filter(|node| !node.reachable).count();
+            format!("{table}\n{} of {} nodes reachable", nodes.len() - down, nodes.len())
+        });
+        Ok(())
+    }
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_header(header.to_vec());
+    table
+}
+
+fn health_label(status: &pb::NodeStatus) -> String {
+    if status.reachable {
+        "up".to_string()
+    } else {
+        format!("DOWN: {}", status.error)
+    }
+}
+
+fn flush_age(last_flush_unix_ms: i64) -> String {
+    if last_flush_unix_ms <= 0 {
+        return "never".to_string();
+    }
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let age = Duration::from_millis(now_ms.saturating_sub(last_flush_unix_ms).max(0) as u64);
+    // Whole seconds: "3s ago" reads better than "3s 212ms 5us ago".
+    format!("{} ago", humantime::format_duration(Duration::from_secs(age.as_secs())))
+}
+
+fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {
+    Ok(CoordinatorConfig::load(path, CoordinatorOverrides::default())?)
+}
+
+async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> anyhow::Result<()> {
+    tally_proto::process::init_tracing();
+    let durability = durability.parse().map_err(anyhow::Error::msg)?;
+    let shard_listens = (1..=shards)
+        .map(|index| {
+            let port = u16::try_from(usize::from(port) + index).context("--port is too high for this many shards")?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut options = LocalClusterOptions::new(data_dir, shards);
+    options.coordinator_listen = SocketAddr::from(([127, 0, 0, 1], port));
+    options.shard_listens = shard_listens;
+    options.durability = durability;
+    let cluster = LocalCluster::start(options).await?;
+    cluster.wait_ready(Duration::from_secs(30)).await?;
+
+    println!("Tally dev cluster is up ({} shards, durability {}).", shards, durability.as_str());
+    println!("  coordinator  {}", cluster.endpoint());
+    for shard in cluster.shard_configs() {
+        println!("  {:<11}  {}  data {}", shard.node_id, shard.listen, shard.data_dir.display());
+    }
+    println!();
+    println!("In another terminal:");
+    println!("  cargo tallyctl incr page:views 5");
+    println!("  cargo tallyctl get page:views");
+    println!("  cargo tallyctl ring");
+    println!("  cargo tallyctl status");
+    println!();
+    println!("Ctrl-C stops the cluster; every shard flushes first.");
+
+    tally_proto::process::shutdown_signal().await;
+    cluster.shutdown().await?;
+    println!("stopped; data kept in {}", data_dir.display());
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! `tallyctl`, Tally's admin and user CLI, and the in-process cluster it
+//! runs for development.
+//!
+//! # Layout
+//!
+//! - [`local_cluster`]: [`LocalCluster`](local_cluster::LocalCluster), shard
+//!   nodes and a coordinator in one process on loopback. `tallyctl dev` runs
+//!   one; the integration tests run one per test on port 0.
+//! - the `tallyctl` binary (`src/main.rs`, `src/commands.rs`): `dev`,
+//!   `incr`, `get`, `delete`, `ring`, `locate`, `status`; human tables by
+//!   default, `--json` for scripts, non-zero exit on error.
+#![deny(missing_docs)]
+
+pub mod local_cluster;

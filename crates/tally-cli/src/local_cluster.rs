@@ -1,0 +1,257 @@
+//! A whole Tally cluster in one process: shard nodes and a coordinator on
+//! loopback, each a real gRPC server on a real socket with real sled files.
+//!
+//! `tallyctl dev` runs one for development; the integration tests run one
+//! per test on port 0. Listeners are bound before anything starts, so the
+//! addresses are known up front and nothing waits on a sleep:
+//! [`LocalCluster::wait_ready`] asks each server's gRPC health service.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tally_coordinator::{Coordinator, CoordinatorConfig, NodeConfig};
+use tally_proto::pb::counter_client::CounterClient;
+use tally_proto::pb::admin_client::AdminClient;
+use tally_shard::{Durability, ShardConfig, ShardNode};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LocalClusterOptions {
+    /// Directory that holds one data directory per shard (`shard-1`, ...).
+    pub data_dir: PathBuf,
+    /// Number of shard nodes.
+    pub shards: usize,
+    /// The coordinator's address; port 0 picks a free port.
+    pub coordinator_listen: SocketAddr,
+    /// The shards' addresses; empty means `127.0.0.1:0` for each.
+    pub shard_listens: Vec<SocketAddr>,
+    /// Every shard's durability mode.
+    pub durability: Durability,
+    /// Stripes per counter.
+    pub stripes: u32,
+}
+
+impl LocalClusterOptions {
+    /// `shards` nodes on free loopback ports, sync durability, data under
+    /// `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>, shards: usize) -> Self {
+        LocalClusterOptions {
+            data_dir: data_dir.into(),
+            shards,
+            coordinator_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shard_listens: Vec::new(),
+            durability: Durability::Sync,
+            stripes: tally_coordinator::config::DEFAULT_STRIPES,
+        }
+    }
+}
+
+/// A running shard node of a [`LocalCluster`].
+#[derive(Debug)]
+struct RunningShard {
+    config: ShardConfig,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), tally_shard::ShardError>>>,
+}
+
+/// A running in-process cluster. Shut it down with [`LocalCluster::shutdown`]
+/// so every shard flushes; dropping it stops the servers without waiting.
+#[derive(Debug)]
+pub struct LocalCluster {
+    coordinator_address: SocketAddr,
+    coordinator_config: CoordinatorConfig,
+    coordinator_stop: Option<oneshot::Sender<()>>,
+    coordinator_task: Option<JoinHandle<Result<(), tally_coordinator::StartError>>>,
+    shards: Vec<RunningShard>,
+}
+
+impl LocalCluster {
+    /// Binds every listener, recovers every shard's data, and starts serving.
+    pub async fn start(options: LocalClusterOptions) -> anyhow::Result<LocalCluster> {
+        anyhow::ensure!(options.shards >= 1, "a cluster needs at least one shard");
+        let mut shards = Vec::with_capacity(options.shards);
+        let mut nodes = Vec::with_capacity(options.shards);
+        for index in 0..options.shards {
+            let node_id = format!("shard-{}", index + 1);
+            let listen = options
+                .shard_listens
+                .get(index)
+                .copied()
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("{node_id}: cannot listen on {listen}"))?;
+            let address = listener.local_addr()?;
+            let mut config = ShardConfig::new(&node_id, address, options.data_dir.join(&node_id));
+            config.durability = options.durability;
+            let shard = start_shard(config, listener).await?;
+            nodes.push(NodeConfig {
+                id: node_id,
+                address: address.to_string(),
+                weight: 1,
+            });
+            shards.push(shard);
+        }
+
+        let listener = TcpListener::bind(options.coordinator_listen)
+            .await
+            .with_context(|| format!("coordinator: cannot listen on {}", options.coordinator_listen))?;
+        let coordinator_address = listener.local_addr()?;
+        let mut coordinator_config = CoordinatorConfig::new(coordinator_address, nodes);
+        coordinator_config.stripes = options.stripes;
+        let coordinator = Coordinator::new(coordinator_config.clone())?;
+        let (coordinator_stop, stopped) = oneshot::channel::<()>();
+        let coordinator_task = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+
+        Ok(LocalCluster {
+            coordinator_address,
+            coordinator_config,
+            coordinator_stop: Some(coordinator_stop),
+            coordinator_task: Some(coordinator_task),
+            shards,
+        })
+    }
+
+    /// The coordinator's URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.coordinator_address)
+    }
+
+    /// The coordinator's configuration, membership included.
+    pub fn coordinator_config(&self) -> &CoordinatorConfig {
+        &self.coordinator_config
+    }
+
+    /// Each shard's id, address and data directory.
+    pub fn shard_configs(&self) -> impl Iterator<Item = &ShardConfig> {
+        self.shards.iter().map(|shard| &shard.config)
+    }
+
+    /// A client of the public `Counter` service.
+    pub async fn counter_client(&self) -> anyhow::Result<CounterClient<Channel>> {
+        Ok(CounterClient::connect(self.endpoint()).await?)
+    }
+
+    /// A client of the public `Admin` service.
+    pub async fn admin_client(&self) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::connect(self.endpoint()).await?)
+    }
+
+    /// Returns once the coordinator and every running shard answer their
+    /// health check with SERVING, or fails after `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut addresses = vec![self.coordinator_address];
+        addresses.extend(
+            self.shards
+                .iter()
+                .filter(|shard| shard.task.is_some())
+                .map(|shard| shard.config.listen),
+        );
+        for address in addresses {
+            wait_serving(address, timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Gracefully stops shard `index` (0-based): it finishes in-flight
+    /// requests, flushes and releases its data directory.
+    pub async fn stop_shard(&mut self, index: usize) -> anyhow::Result<()> {
+        let shard = self.shards.get_mut(index).context("no such shard")?;
+        stop(&mut shard.stop, &mut shard.task).await
+    }
+
+    /// Starts shard `index` again on the same address and data directory.
+    pub async fn restart_shard(&mut self, index: usize) -> anyhow::Result<()> {
+        self.stop_shard(index).await?;
+        let config = self.shards[index].config.clone();
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("{}: cannot listen on {}", config.node_id, config.listen))?;
+        self.shards[index] = start_shard(config, listener).await?;
+        Ok(())
+    }
+
+    /// Stops the coordinator, then every shard, each flushing.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        stop(&mut self.coordinator_stop, &mut self.coordinator_task).await?;
+        for shard in &mut self.shards {
+            stop(&mut shard.stop, &mut shard.task).await?;
+        }
+        Ok(())
+    }
+
+    /// The data directory that holds every shard's directory.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.shards.first().and_then(|shard| shard.config.data_dir.parent())
+    }
+}
+
+async fn start_shard(config: ShardConfig, listener: TcpListener) -> anyhow::Result<RunningShard> {
+    let node = ShardNode::open(config.clone())
+        .await
+        .with_context(|| format!("{}: cannot start", config.node_id))?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(node.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    Ok(RunningShard {
+        config,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+async fn stop<E>(stop: &mut Option<oneshot::Sender<()>>, task: &mut Option<JoinHandle<Result<(), E>>>) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    if let Some(stop) = stop.take() {
+        let _ = stop.send(());
+    }
+    if let Some(task) = task.take() {
+        task.await.context("server task panicked")??;
+    }
+    Ok(())
+}
+
+/// Asks `address`'s gRPC health service until it says SERVING.
+pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = String::new();
+    let mut backoff = Duration::from_millis(5);
+    while tokio::time::Instant::now() < deadline {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                .connect()
+                .await?;
+            let mut client = HealthClient::new(channel);
+            let response = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(response.into_inner().status())
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(ServingStatus::Serving)) => return Ok(()),
+            Ok(Ok(status)) => last_error = format!("status {status:?}"),
+            Ok(Err(error)) => last_error = format!("{error:#}"),
+            Err(_) => break,
+        }
+        // A readiness probe's retry interval, not a guess at start-up time.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+    anyhow::bail!("{address} not serving after {timeout:?}: {last_error}")
+}

@@ -1,0 +1,100 @@
+//! `tallyctl`: Tally's admin and user CLI. See the `tally_cli` crate docs.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Inspect and use a Tally cluster, or run one locally for development.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Args {
+    /// The coordinator's gRPC endpoint.
+    #[arg(long, global = true, env = "TALLY_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    endpoint: String,
+    /// Print JSON instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, global = true, default_value_t = 5_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a coordinator and shard nodes in this process, on loopback, until
+    /// Ctrl-C.
+    Dev {
+        /// Directory for the shards' data (one subdirectory per shard).
+        #[arg(long, default_value = "tally-dev-data")]
+        data_dir: PathBuf,
+        /// The coordinator's port; shard N listens on port + N.
+        #[arg(long, default_value_t = 7700)]
+        port: u16,
+        /// Number of shard nodes.
+        #[arg(long, default_value_t = 3)]
+        shards: usize,
+        /// Acknowledge increments once on disk (sync) or in memory (async).
+        #[arg(long, default_value = "sync")]
+        durability: String,
+    },
+    /// Add DELTA (default 1, may be negative) to a counter.
+    Incr {
+        /// The counter's name.
+        counter: String,
+        /// Amount to add.
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+        /// Idempotency key: a retry with the same key applies once.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Read counters (the sum over every shard).
+    Get {
+        /// Counter names.
+        #[arg(required = true)]
+        counters: Vec<String>,
+        /// Answer with the parts that can be read when a shard is down,
+        /// marked incomplete, instead of failing.
+        #[arg(long)]
+        allow_partial: bool,
+    },
+    /// Reset a counter to 0 on every shard.
+    Delete {
+        /// The counter's name.
+        counter: String,
+    },
+    /// Show the ring: nodes, weights, vnodes, owned share and health.
+    Ring {
+        /// Compute the ring offline from a coordinator config file instead of
+        /// asking the coordinator.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show which node owns each stripe of a counter.
+    Locate {
+        /// The counter's name.
+        counter: String,
+        /// Compute offline from a coordinator config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show each shard node's health, entries and last flush.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match commands::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tallyctl: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

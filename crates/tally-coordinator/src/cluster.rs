@@ -1,0 +1,238 @@
+//! What the coordinator does with a request once it is valid: route
+//! increments over the ring, fan reads and deletes out to every node.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use tally_proto::domain::{CounterName, Increment};
+use tally_proto::pb;
+use tally_ring::Ring;
+use tokio::time::Instant;
+
+use crate::config::CoordinatorConfig;
+use crate::deadline::call_budget;
+use crate::error::{CoordinatorError, Result, ShardCallError};
+use crate::shard_client::{BatchSettings, Outcome, ShardClient};
+
+thread_local! {
+    /// Next stripe for increments without an idempotency key. Per thread, so
+    /// spreading load does not itself contend on one shared counter.
+    static NEXT_STRIPE: Cell<u32> = Cell::new(xxhash_rust::xxh3::xxh3_64(
+        format!("{:?}", std::thread::current().id()).as_bytes(),
+    ) as u32);
+}
+
+/// The membership, its ring, and a client per node.
+#[derive(Debug)]
+pub struct Cluster {
+    config: CoordinatorConfig,
+    ring: Ring,
+    /// Indexed like `ring.nodes()`.
+    shards: Vec<ShardClient>,
+}
+
+/// One counter's total as a read found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Total {
+    /// The counter.
+    pub counter: String,
+    /// Sum of the parts that were read.
+    pub value: i64,
+    /// Every node's part was read.
+    pub complete: bool,
+}
+
+impl Cluster {
+    /// Builds the ring and a lazily connecting client per node.
+    pub fn new(config: CoordinatorConfig) -> std::result::Result<Arc<Self>, crate::StartError> {
+        let ring = config.ring()?;
+        let settings = BatchSettings {
+            shard_timeout: config.shard_timeout,
+            max_in_flight_batches: config.max_in_flight_batches_per_shard,
+            max_increments_per_batch: config.max_increments_per_shard_batch,
+        };
+        let shards = ring
+            .nodes()
+            .iter()
+            .map(|node| {
+                let address = &config
+                    .node(&node.id)
+                    .expect("the ring is built from the config's nodes")
+                    .address;
+                ShardClient::new(&node.id, address, settings)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Cluster {
+            config,
+            ring,
+            shards,
+        }))
+    }
+
+    /// The configuration this cluster was built from.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The node clients, indexed like `ring().nodes()`.
+    pub fn shards(&self) -> &[ShardClient] {
+        &self.shards
+    }
+
+    /// The stripe an increment goes to: fixed by its idempotency key, so a
+    /// retry reaches the node that can deduplicate it; otherwise rotating,
+    /// so one hot counter spreads over every stripe and so every node.
+    fn stripe_for(&self, increment: &Increment) -> u32 {
+        match &increment.idempotency_key {
+            Some(key) => tally_ring::idempotency_stripe(key.as_str(), self.config.stripes),
+            None => NEXT_STRIPE.with(|next| {
+                let stripe = next.get();
+                next.set(stripe.wrapping_add(1));
+                stripe % self.config.stripes
+            }),
+        }
+    }
+
+    /// Applies validated increments, each on its own. Returns once all are
+    /// durable, or the first overflow, or every node that failed.
+    pub async fn increment(&self, increments: Vec<Increment>, deadline: Option<Instant>) -> Result<()> {
+        // Group by owning node: one batcher job per node per call.
+        let mut by_node: HashMap<usize, Vec<pb::ShardIncrement>> = HashMap::new();
+        for increment in increments {
+            let stripe = self.stripe_for(&increment);
+            let node = self.ring.owner(increment.counter.as_str(), stripe);
+            by_node.entry(node).or_default().push(pb::ShardIncrement {
+                counter: increment.counter.into_string(),
+                stripe,
+                delta: increment.delta,
+                idempotency_key: increment
+                    .idempotency_key
+                    .map(|key| key.as_str().to_string())
+                    .unwrap_or_default(),
+            });
+        }
+        let calls = by_node.into_iter().map(|(node, increments)| async move {
+            // Kept for the error message: which increment overflowed.
+            let sent: Vec<(String, i64)> = increments
+                .iter()
+                .map(|increment| (increment.counter.clone(), increment.delta))
+                .collect();
+            let result = self.shards[node].apply(increments).await;
+            (node, sent, result)
+        });
+        let results = with_deadline(deadline, join_all(calls)).await?;
+
+        let mut unavailable = Vec::new();
+        for (node, sent, result) in results {
+            match result {
+                Ok(outcomes) => {
+                    if let Some((counter, delta)) = sent
+                        .into_iter()
+                        .zip(outcomes)
+                        .find_map(|(sent, outcome)| (outcome == Outcome::Overflow).then_some(sent))
+                    {
+                        return Err(CoordinatorError::IncrementOverflow { counter, delta });
+                    }
+                }
+                Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
+            }
+        }
+        if unavailable.is_empty() {
+            Ok(())
+        } else {
+            unavailable.sort_by(|left, right| left.0.cmp(&right.0));
+            Err(CoordinatorError::Unavailable(unavailable))
+        }
+    }
+
+    /// Sums counters over every node, one call per node for all of them.
+    pub async fn totals(
+        &self,
+        counters: Vec<CounterName>,
+        allow_partial: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Total>> {
+        let names: Vec<String> = counters.into_iter().map(CounterName::into_string).collect();
+        let budget = call_budget(self.config.shard_timeout, deadline);
+        let reads = self
+            .shards
+            .iter()
+            .map(|shard| shard.read(names.clone(), budget));
+        let results = with_deadline(deadline, join_all(reads)).await?;
+
+        // i128: the parts of a counter may each fit in an i64 while the sum
+        // does not; that is OUT_OF_RANGE, never a wrapped number.
+        let mut sums = vec![0i128; names.len()];
+        let mut unavailable = Vec::new();
+        for (shard, result) in self.shards.iter().zip(results) {
+            match result {
+                Ok(parts) => {
+                    for (sum, part) in sums.iter_mut().zip(parts) {
+                        *sum += part.entries.iter().map(|entry| i128::from(entry.value)).sum::<i128>();
+                    }
+                }
+                Err(error) => unavailable.push((shard.node_id().to_string(), error)),
+            }
+        }
+        if !unavailable.is_empty() {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(CoordinatorError::DeadlineExceeded);
+            }
+            if !allow_partial {
+                return Err(CoordinatorError::Unavailable(unavailable));
+            }
+        }
+        let complete = unavailable.is_empty();
+        names
+            .into_iter()
+            .zip(sums)
+            .map(|(counter, sum)| match i64::try_from(sum) {
+                Ok(value) => Ok(Total {
+                    counter,
+                    value,
+                    complete,
+                }),
+                Err(_) => Err(CoordinatorError::TotalOutOfRange { counter }),
+            })
+            .collect()
+    }
+
+    /// Resets a counter to 0 on every node.
+    pub async fn delete(&self, counter: CounterName, deadline: Option<Instant>) -> Result<()> {
+        let budget = call_budget(self.config.shard_timeout, deadline);
+        let counters = vec![counter.into_string()];
+        let erases = self
+            .shards
+            .iter()
+            .map(|shard| shard.erase(counters.clone(), budget));
+        let results = with_deadline(deadline, join_all(erases)).await?;
+        let unavailable: Vec<(String, ShardCallError)> = self
+            .shards
+            .iter()
+            .zip(results)
+            .filter_map(|(shard, result)| result.err().map(|error| (shard.node_id().to_string(), error)))
+            .collect();
+        if unavailable.is_empty() {
+            Ok(())
+        } else {
+            Err(CoordinatorError::Unavailable(unavailable))
+        }
+    }
+}
+
+/// Runs `future` until the client's deadline, if there is one.
+async fn with_deadline<T>(deadline: Option<Instant>, future: impl std::future::Future<Output = T>) -> Result<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .map_err(|_| CoordinatorError::DeadlineExceeded),
+        None => Ok(future.await),
+    }
+}

@@ -1,0 +1,295 @@
+//! The coordinator's configuration: a strict TOML file
+//! (`config/coordinator.toml`) with the static membership, whose scalar
+//! values command-line flags override.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tally_proto::config_file::{self, flag_or_file, ConfigError};
+use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
+
+/// Default stripes per counter.
+pub const DEFAULT_STRIPES: u32 = 8;
+/// Most stripes per counter: each read of a counter touches all of them.
+pub const MAX_STRIPES: u32 = 1024;
+/// Default for `shard_timeout_ms`.
+pub const DEFAULT_SHARD_TIMEOUT_MS: u64 = 5_000;
+/// Default for `max_in_flight_batches_per_shard`.
+pub const DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD: usize = 4;
+/// Default for `max_increments_per_shard_batch`.
+pub const DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH: usize = 16_384;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinatorConfig {
+    listen: Option<String>,
+    stripes: Option<u32>,
+    vnodes_per_weight: Option<u32>,
+    shard_timeout_ms: Option<u64>,
+    max_in_flight_batches_per_shard: Option<usize>,
+    max_increments_per_shard_batch: Option<usize>,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: String,
+    address: String,
+    weight: Option<u32>,
+}
+
+/// Values from the command line, each overriding the file's.
+#[derive(Debug, Default, Clone)]
+pub struct CoordinatorOverrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--shard-timeout-ms`
+    pub shard_timeout_ms: Option<u64>,
+}
+
+/// One shard node of the static membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node's id; the shard checks it on every request.
+    pub id: String,
+    /// `host:port` to reach the node at.
+    pub address: String,
+    /// Relative share of the ring: vnodes = `vnodes_per_weight * weight`.
+    pub weight: u32,
+}
+
+/// The coordinator's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// Address to serve the public API on.
+    pub listen: SocketAddr,
+    /// Stripes per counter. Must be identical on every coordinator.
+    pub stripes: u32,
+    /// Ring tokens per unit of node weight.
+    pub vnodes_per_weight: u32,
+    /// Longest wait for one internal call to a shard.
+    pub shard_timeout: Duration,
+    /// Internal apply calls a coordinator keeps in flight to one shard;
+    /// increments arriving meanwhile gather into the next call.
+    pub max_in_flight_batches_per_shard: usize,
+    /// Most increments in one internal apply call.
+    pub max_increments_per_shard_batch: usize,
+    /// The shard nodes.
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl CoordinatorConfig {
+    /// A config with defaults, for tests and the dev cluster.
+    pub fn new(listen: SocketAddr, nodes: Vec<NodeConfig>) -> Self {
+        CoordinatorConfig {
+            listen,
+            stripes: DEFAULT_STRIPES,
+            vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
+            shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
+            max_in_flight_batches_per_shard: DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD,
+            max_increments_per_shard_batch: DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH,
+            nodes,
+        }
+    }
+
+    /// Reads the file at `path` and applies `overrides`.
+    pub fn load(path: &Path, overrides: CoordinatorOverrides) -> Result<Self, ConfigError> {
+        let raw: RawCoordinatorConfig = config_file::load(path)?;
+        let file = path.display().to_string();
+
+        let (listen, origin) = flag_or_file(overrides.listen, raw.listen, &file);
+        let listen = listen.ok_or_else(|| ConfigError::invalid(origin, "listen", "is required"))?;
+        let listen = config_file::parse_listen_address(&listen)
+            .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
+
+        let stripes = raw.stripes.unwrap_or(DEFAULT_STRIPES);
+        if !(1..=MAX_STRIPES).contains(&stripes) {
+            return Err(ConfigError::invalid(
+                &file,
+                "stripes",
+                format!("{stripes} is out of range; use 1 to {MAX_STRIPES}"),
+            ));
+        }
+        let vnodes_per_weight = raw.vnodes_per_weight.unwrap_or(DEFAULT_VNODES_PER_WEIGHT);
+        if vnodes_per_weight == 0 {
+            return Err(ConfigError::invalid(&file, "vnodes_per_weight", "must be at least 1"));
+        }
+
+        let (shard_timeout_ms, origin) =
+            flag_or_file(overrides.shard_timeout_ms, raw.shard_timeout_ms, &file);
+        let shard_timeout_ms = shard_timeout_ms.unwrap_or(DEFAULT_SHARD_TIMEOUT_MS);
+        if !(1..=600_000).contains(&shard_timeout_ms) {
+            return Err(ConfigError::invalid(
+                origin,
+                "shard_timeout_ms",
+                format!("{shard_timeout_ms} is out of range; use 1 to 600000"),
+            ));
+        }
+        let max_in_flight_batches_per_shard = raw
+            .max_in_flight_batches_per_shard
+            .unwrap_or(DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD);
+        if !(1..=1024).contains(&max_in_flight_batches_per_shard) {
+            return Err(ConfigError::invalid(
+                &file,
+                "max_in_flight_batches_per_shard",
+                format!("{max_in_flight_batches_per_shard} is out of range; use 1 to 1024"),
+            ));
+        }
+        let max_increments_per_shard_batch = raw
+            .max_increments_per_shard_batch
+            .unwrap_or(DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH);
+        if !(1..=100_000).contains(&max_increments_per_shard_batch) {
+            return Err(ConfigError::invalid(
+                &file,
+                "max_increments_per_shard_batch",
+                format!("{max_increments_per_shard_batch} is out of range; use 1 to 100000"),
+            ));
+        }
+
+        let nodes = validate_nodes(&file, raw.nodes)?;
+        let config = CoordinatorConfig {
+            listen,
+            stripes,
+            vnodes_per_weight,
+            shard_timeout: Duration::from_millis(shard_timeout_ms),
+            max_in_flight_batches_per_shard,
+            max_increments_per_shard_batch,
+            nodes,
+        };
+        // Anything the checks above missed still fails here, not at serve.
+        config
+            .ring()
+            .map_err(|error| ConfigError::invalid(&file, "nodes", error.to_string()))?;
+        Ok(config)
+    }
+
+    /// The ring of this membership. Every coordinator and `tallyctl` compute
+    /// the same ring from the same config.
+    pub fn ring(&self) -> Result<Ring, tally_ring::RingError> {
+        let specs: Vec<NodeSpec> = self
+            .nodes
+            .iter()
+            .map(|node| NodeSpec {
+                id: node.id.clone(),
+                weight: node.weight,
+            })
+            .collect();
+        Ring::new(&specs, self.vnodes_per_weight)
+    }
+
+    /// The configured node with this id.
+    pub fn node(&self, id: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|node| node.id == id)
+    }
+}
+
+fn validate_nodes(file: &str, raw_nodes: Vec<RawNode>) -> Result<Vec<NodeConfig>, ConfigError> {
+    if raw_nodes.is_empty() {
+        return Err(ConfigError::invalid(
+            file,
+            "nodes",
+            "at least one [[nodes]] entry is required",
+        ));
+    }
+    let mut seen_ids: HashMap<String, usize> = HashMap::new();
+    let mut seen_addresses: HashMap<String, usize> = HashMap::new();
+    let mut nodes = Vec::with_capacity(raw_nodes.len());
+    for (index, raw) in raw_nodes.into_iter().enumerate() {
+        let key = |name: &str| format!("nodes[{index}].{name}");
+        config_file::validate_node_id(&raw.id)
+            .map_err(|message| ConfigError::invalid(file, key("id"), message))?;
+        if let Some(first) = seen_ids.insert(raw.id.clone(), index) {
+            return Err(ConfigError::invalid(
+                file,
+                key("id"),
+                format!("duplicate node id {:?} (also nodes[{first}].id)", raw.id),
+            ));
+        }
+        config_file::validate_connect_address(&raw.address)
+            .map_err(|message| ConfigError::invalid(file, key("address"), message))?;
+        if let Some(first) = seen_addresses.insert(raw.address.clone(), index) {
+            return Err(ConfigError::invalid(
+                file,
+                key("address"),
+                format!("duplicate address {:?} (also nodes[{first}].address)", raw.address),
+            ));
+        }
+        let weight = raw.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return Err(ConfigError::invalid(
+                file,
+                key("weight"),
+                format!("{weight} is out of range; use 1 to 1000"),
+            ));
+        }
+        nodes.push(NodeConfig {
+            id: raw.id,
+            address: raw.address,
+            weight,
+        });
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"listen = "127.0.0.1:7700"
+stripes = 8
+
+[[nodes]]
+id = "shard-1"
+address = "127.0.0.1:7701"
+
+[[nodes]]
+id = "shard-2"
+address = "127.0.0.1:7702"
+weight = 2
+"#;
+
+    fn load_text(text: &str) -> Result<CoordinatorConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
+        CoordinatorConfig::load(&path, CoordinatorOverrides::default())
+            .map_err(|error| error.to_string().replace(&path.display().to_string(), "FILE"))
+    }
+
+    #[test]
+    fn reads_membership_with_defaults() {
+        let config = load_text(GOOD).unwrap();
+        assert_eq!(config.nodes.len(), 2);
+        assert_eq!(config.nodes[0].weight, 1);
+        assert_eq!(config.nodes[1].weight, 2);
+        assert_eq!(config.vnodes_per_weight, DEFAULT_VNODES_PER_WEIGHT);
+        assert_eq!(config.ring().unwrap().nodes().len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let cases = [
+            (GOOD.replace("stripes = 8", "stripes = 8\ncolour = 1"), "FILE:3: unknown key `colour`"),
+            (GOOD.replace("shard-2\"", "shard-1\""), "FILE: nodes[1].id: duplicate node id \"shard-1\""),
+            (GOOD.replace("127.0.0.1:7702", "127.0.0.1:port"), "FILE: nodes[1].address: \"127.0.0.1:port\" is not a host:port address"),
+            (GOOD.replace("127.0.0.1:7702", "127.0.0.1:7701"), "FILE: nodes[1].address: duplicate address"),
+            (format!("vnodes_per_weight = 0\n{GOOD}"), "FILE: vnodes_per_weight: must be at least 1"),
+            (GOOD.replace("weight = 2", "weight = 0"), "FILE: nodes[1].weight: 0 is out of range"),
+            (GOOD.replace("stripes = 8", "stripes = 0"), "FILE: stripes: 0 is out of range"),
+            (GOOD.replace("127.0.0.1:7700", "localhost"), "FILE: listen:"),
+            ("listen = \"127.0.0.1:1\"\n".to_string(), "FILE: nodes: at least one"),
+            (GOOD.replace("address = \"127.0.0.1:7701\"\n", ""), "FILE:6: missing key `address`"),
+            (GOOD.replace("weight = 2", "weight = 2\nport = 1"), "FILE:12: unknown key `port`"),
+        ];
+        for (text, expected) in cases {
+            let error = load_text(&text).unwrap_err();
+            assert!(error.starts_with(expected), "{error:?} does not start with {expected:?}");
+            assert!(!error.contains('\n'), "{error:?}");
+        }
+    }
+}

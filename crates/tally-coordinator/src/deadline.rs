@@ -1,0 +1,84 @@
+//! The client's deadline, read from the `grpc-timeout` header.
+//!
+//! tonic's server also enforces that header, but answers `CANCELLED` when it
+//! passes; our contract says `DEADLINE_EXCEEDED`. So each handler runs under
+//! its own deadline, set a little earlier than tonic's, and reports the
+//! right code. The same deadline bounds the internal calls to shards.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How much earlier than the client's deadline a handler gives up, so that
+/// its answer is sent before tonic's own timeout fires.
+fn margin(timeout: Duration) -> Duration {
+    (timeout / 10).min(Duration::from_millis(5))
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// When this request's handler must answer, if the client set a deadline.
+pub fn request_deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)?;
+    Some(Instant::now() + timeout.saturating_sub(margin(timeout)))
+}
+
+/// The time an internal call may take: the shard timeout, cut short by the
+/// client's deadline.
+pub fn call_budget(shard_timeout: Duration, deadline: Option<Instant>) -> Duration {
+    match deadline {
+        Some(deadline) => shard_timeout.min(deadline.saturating_duration_since(Instant::now())),
+        None => shard_timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_grpc_timeout("5n"), Some(Duration::from_nanos(5)));
+    }
+
+    #[test]
+    fn rejects_malformed_values() {
+        for bad in ["", "m", "10", "10x", "-1S", "123456789S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_handler_answers_before_tonic_times_out() {
+        assert_eq!(margin(Duration::from_secs(10)), Duration::from_millis(5));
+        assert_eq!(margin(Duration::from_millis(20)), Duration::from_millis(2));
+    }
+}

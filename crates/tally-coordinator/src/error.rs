@@ -1,0 +1,92 @@
+//! The coordinator's errors, and the one table that maps them to gRPC codes
+//! at the service boundary.
+
+use tally_proto::domain::ProtocolError;
+use tonic::{Code, Status};
+
+/// Why a call to one shard node failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardCallError {
+    /// The node did not answer within the shard timeout.
+    #[error("timed out after {0:?}")]
+    TimedOut(std::time::Duration),
+    /// The node refused or could not be reached.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Shorthand for the coordinator's results.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// Everything a public call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The request breaks the contract.
+    #[error(transparent)]
+    InvalidArgument(#[from] ProtocolError),
+    /// An increment would take a stored entry out of the i64 range.
+    #[error("increment of {counter:?} by {delta} would overflow a stored i64; nothing applied")]
+    IncrementOverflow {
+        /// The counter.
+        counter: String,
+        /// The increment.
+        delta: i64,
+    },
+    /// A counter's total does not fit in an i64.
+    #[error("total of {counter:?} does not fit in an i64")]
+    TotalOutOfRange {
+        /// The counter.
+        counter: String,
+    },
+    /// Some shards could not be reached or failed.
+    #[error("{}", describe_unavailable(.0))]
+    Unavailable(Vec<(String, ShardCallError)>),
+    /// The client's deadline passed.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+}
+
+fn describe_unavailable(failures: &[(String, ShardCallError)]) -> String {
+    let parts: Vec<String> = failures
+        .iter()
+        .map(|(node_id, error)| format!("{node_id} ({error})"))
+        .collect();
+    format!("shards unavailable: {}", parts.join(", "))
+}
+
+impl CoordinatorError {
+    /// The gRPC code of this error: DESIGN.md's error table, in one place.
+    pub fn code(&self) -> Code {
+        match self {
+            CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
+            CoordinatorError::IncrementOverflow { .. } | CoordinatorError::TotalOutOfRange { .. } => Code::OutOfRange,
+            CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::DeadlineExceeded => Code::DeadlineExceeded,
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_names_every_shard() {
+        let error = CoordinatorError::Unavailable(vec![
+            ("shard-1".into(), ShardCallError::Failed("connection refused".into())),
+            ("shard-3".into(), ShardCallError::TimedOut(std::time::Duration::from_secs(5))),
+        ]);
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "shards unavailable: shard-1 (connection refused), shard-3 (timed out after 5s)"
+        );
+    }
+}

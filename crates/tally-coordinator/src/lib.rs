@@ -1,0 +1,129 @@
+//! The Tally coordinator: takes the public gRPC calls, routes each increment
+//! over the consistent-hash ring to a shard node, and fans reads out to every
+//! node and sums their parts.
+//!
+//! The invariant that keeps it simple: a counter's value is the sum, over
+//! every shard node, of that node's entries for it. So where an increment
+//! lands changes locality, never correctness, and a read asks every node.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file with the static membership.
+//! - [`cluster`]: routing, fan-out and summing ([`Cluster`]).
+//! - [`shard_client`]: one client per node, with the per-shard batcher that
+//!   sends one internal call for many increments.
+//! - [`service`]: the public `Counter` and `Admin` gRPC services.
+//! - [`deadline`]: the client's deadline, from `grpc-timeout`.
+//! - [`error`]: errors and their gRPC codes.
+//! - [`Coordinator`] and [`run`]: build, serve, shut down.
+#![deny(missing_docs)]
+
+pub mod cluster;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod service;
+pub mod shard_client;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tally_proto::pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use cluster::Cluster;
+pub use config::{CoordinatorConfig, CoordinatorOverrides, NodeConfig};
+pub use error::CoordinatorError;
+
+/// Largest public request: a full `IncrementBatch` (10,000 items with
+/// 256-byte names and 128-byte keys) is about 4 MiB, gRPC's default limit.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why the coordinator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The membership does not make a ring.
+    #[error("membership: {0}")]
+    Ring(#[from] tally_ring::RingError),
+    /// A node address cannot be used, or the server failed.
+    #[error("grpc: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A coordinator ready to serve.
+#[derive(Debug)]
+pub struct Coordinator {
+    cluster: Arc<Cluster>,
+}
+
+impl Coordinator {
+    /// Builds the ring and the node clients. Connects lazily: nodes that are
+    /// down now are reached when they come up.
+    pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
+        Ok(Coordinator {
+            cluster: Cluster::new(config)?,
+        })
+    }
+
+    /// The cluster this coordinator routes to.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Serves the public API until `shutdown` completes, then stops accepting
+    /// and lets in-flight calls finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let counter = service::CounterService::new(self.cluster.clone());
+        let admin = service::AdminService::new(self.cluster.clone());
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::counter_server::CounterServer<service::CounterService>>()
+            .await;
+        health_reporter
+            .set_serving::<pb::admin_server::AdminServer<service::AdminService>>()
+            .await;
+        let (reflection_v1, reflection_v1alpha) = tally_proto::process::reflection_services();
+
+        let address = listener.local_addr().ok();
+        tracing::info!(
+            address = ?address,
+            nodes = self.cluster.shards().len(),
+            stripes = self.cluster.config().stripes,
+            "serving"
+        );
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                pb::counter_server::CounterServer::new(counter)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                pb::admin_server::AdminServer::new(admin)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Builds a coordinator from `config` and serves it on `listener` until
+/// `shutdown` completes.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    Coordinator::new(config)?.serve(listener, shutdown).await
+}

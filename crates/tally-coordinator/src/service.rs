@@ -1,0 +1,194 @@
+//! The public gRPC services, `tally.v1.Counter` and `tally.v1.Admin`: the
+//! edge where wire types become validated domain types and errors become
+//! gRPC statuses. The work itself is in [`crate::cluster`].
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use tally_proto::domain::{validate_batch, CounterName, Increment};
+use tally_ring::Ring;
+use tally_proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, Total};
+use crate::deadline::{call_budget, request_deadline};
+
+/// Serves `tally.v1.Counter`.
+#[derive(Debug, Clone)]
+pub struct CounterService {
+    cluster: Arc<Cluster>,
+}
+
+impl CounterService {
+    /// The service over `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        CounterService { cluster }
+    }
+}
+
+fn to_response(total: Total) -> pb::GetResponse {
+    pb::GetResponse {
+        counter: total.counter,
+        value: total.value,
+        complete: total.complete,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::counter_server::Counter for CounterService {
+    async fn increment(
+        &self,
+        request: Request<pb::IncrementRequest>,
+    ) -> Result<Response<pb::IncrementResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let increment = Increment::try_from(request.into_inner())?;
+        self.cluster.increment(vec![increment], deadline).await?;
+        Ok(Response::new(pb::IncrementResponse {}))
+    }
+
+    async fn increment_batch(
+        &self,
+        request: Request<pb::IncrementBatchRequest>,
+    ) -> Result<Response<pb::IncrementBatchResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
+        self.cluster.increment(increments, deadline).await?;
+        Ok(Response::new(pb::IncrementBatchResponse {}))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let request = request.into_inner();
+        let counter = CounterName::try_from(request.counter)?;
+        let total = self
+            .cluster
+            .totals(vec![counter], request.allow_partial, deadline)
+            .await?
+            .pop()
+            .expect("one total per counter");
+        Ok(Response::new(to_response(total)))
+    }
+
+    async fn get_batch(
+        &self,
+        request: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let request = request.into_inner();
+        let counters: Vec<CounterName> = validate_batch(request.counters)?;
+        let totals = self
+            .cluster
+            .totals(counters, request.allow_partial, deadline)
+            .await?;
+        Ok(Response::new(pb::GetBatchResponse {
+            counters: totals.into_iter().map(to_response).collect(),
+        }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let counter = CounterName::try_from(request.into_inner().counter)?;
+        self.cluster.delete(counter, deadline).await?;
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+}
+
+/// Serves `tally.v1.Admin`.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    cluster: Arc<Cluster>,
+}
+
+impl AdminService {
+    /// The service over `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        AdminService { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn ring(&self, _request: Request<pb::RingRequest>) -> Result<Response<pb::RingResponse>, Status> {
+        Ok(Response::new(ring_response(self.cluster.ring(), self.cluster.config())))
+    }
+
+    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+        let counter = CounterName::try_from(request.into_inner().counter)?;
+        Ok(Response::new(locate_response(
+            self.cluster.ring(),
+            self.cluster.config(),
+            &counter,
+        )))
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let budget = call_budget(self.cluster.config().shard_timeout, request_deadline(&request));
+        let statuses = self.cluster.shards().iter().map(|shard| async move {
+            let result = shard.status(budget).await;
+            let mut node = pb::NodeStatus {
+                id: shard.node_id().to_string(),
+                address: shard.address().to_string(),
+                ..Default::default()
+            };
+            match result {
+                Ok(status) => {
+                    node.reachable = true;
+                    node.entries = status.entries;
+                    node.last_flush_unix_ms = status.last_flush_unix_ms;
+                    node.durability = status.durability;
+                }
+                Err(error) => node.error = error.to_string(),
+            }
+            node
+        });
+        Ok(Response::new(pb::ClusterStatusResponse {
+            nodes: join_all(statuses).await,
+        }))
+    }
+}
+
+/// The `Ring` answer for a membership: a pure function of the config, so
+/// `tallyctl ring --config` computes it offline without a coordinator.
+pub fn ring_response(ring: &Ring, config: &crate::CoordinatorConfig) -> pb::RingResponse {
+    pb::RingResponse {
+        nodes: ring
+            .nodes()
+            .iter()
+            .map(|node| pb::RingNode {
+                id: node.id.clone(),
+                address: config.node(&node.id).map(|node| node.address.clone()).unwrap_or_default(),
+                weight: node.weight,
+                vnodes: node.vnodes,
+                owned_fraction: node.owned_fraction,
+            })
+            .collect(),
+        stripes: config.stripes,
+    }
+}
+
+/// The `Locate` answer: which node owns each stripe of `counter`.
+pub fn locate_response(
+    ring: &Ring,
+    config: &crate::CoordinatorConfig,
+    counter: &CounterName,
+) -> pb::LocateResponse {
+    pb::LocateResponse {
+        counter: counter.to_string(),
+        stripes: ring
+            .locate(counter.as_str(), config.stripes)
+            .into_iter()
+            .map(|placement| {
+                let node = &ring.nodes()[placement.node_index];
+                pb::StripeLocation {
+                    stripe: placement.stripe,
+                    node_id: node.id.clone(),
+                    address: config.node(&node.id).map(|node| node.address.clone()).unwrap_or_default(),
+                    hash: placement.hash,
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,280 @@
+//! The coordinator's connection to one shard node, with the per-shard
+//! batcher that turns many concurrent increments into few internal calls.
+//!
+//! Batching: every increment bound for a node goes through one queue. A
+//! batcher task takes everything queued (up to
+//! `max_increments_per_shard_batch`) into one `Apply` call as soon as a call
+//! slot is free (`max_in_flight_batches_per_shard`). When the node is idle an
+//! increment is sent at once, alone; under load, increments gather while
+//! earlier calls are in flight. No timer adds latency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_proto::pb;
+use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ShardCallError;
+
+/// How long to wait for a TCP connection to a shard.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Increments queued for one node before callers wait for room.
+const QUEUE_CAPACITY: usize = 16_384;
+/// Largest internal message, matching the shard's limit.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The outcome of one increment on its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and durable by the node's durability mode.
+    Applied,
+    /// Would overflow the stored entry; nothing applied.
+    Overflow,
+}
+
+/// A group of increments from one public call, answered together.
+struct ApplyJob {
+    increments: Vec<pb::ShardIncrement>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, ShardCallError>>,
+}
+
+/// Client of one shard node. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShardClient {
+    node_id: Arc<str>,
+    address: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    jobs: mpsc::Sender<ApplyJob>,
+}
+
+/// Batching settings for one node's client.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Longest wait for one internal call.
+    pub shard_timeout: Duration,
+    /// Apply calls in flight at once.
+    pub max_in_flight_batches: usize,
+    /// Most increments in one call.
+    pub max_increments_per_batch: usize,
+}
+
+impl ShardClient {
+    /// A client of the node `node_id` at `address` (`host:port`). Connects
+    /// lazily and reconnects on its own, so a node that is down at start is
+    /// picked up when it comes back. Spawns the batcher task.
+    pub fn new(node_id: &str, address: &str, settings: BatchSettings) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let grpc = GrpcShardClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let node_id: Arc<str> = node_id.into();
+        tokio::spawn(batch_loop(node_id.clone(), grpc.clone(), queue, settings));
+        Ok(ShardClient {
+            node_id,
+            address: address.into(),
+            grpc,
+            jobs,
+        })
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The node's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Applies increments through the batcher. One outcome per increment, in
+    /// order. The caller bounds the wait by its own deadline.
+    pub async fn apply(&self, increments: Vec<pb::ShardIncrement>) -> Result<Vec<Outcome>, ShardCallError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(ApplyJob { increments, reply })
+            .await
+            .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?
+    }
+
+    /// This node's entries for each counter, in order.
+    pub async fn read(&self, counters: Vec<String>, budget: Duration) -> Result<Vec<pb::CounterEntries>, ShardCallError> {
+        let expected = counters.len();
+        let request = pb::ReadRequest {
+            node_id: self.node_id.to_string(),
+            counters,
+        };
+        let mut grpc = self.grpc.clone();
+        let response = call(budget, grpc.read(timed(request, budget))).await?;
+        if response.counters.len() != expected {
+            return Err(ShardCallError::Failed(format!(
+                "answered {} counters for {expected}",
+                response.counters.len()
+            )));
+        }
+        Ok(response.counters)
+    }
+
+    /// Resets counters to 0 on this node.
+    pub async fn erase(&self, counters: Vec<String>, budget: Duration) -> Result<(), ShardCallError> {
+        let request = pb::EraseRequest {
+            node_id: self.node_id.to_string(),
+            counters,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.erase(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// The node's own report of its state.
+    pub async fn status(&self, budget: Duration) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        let mut grpc = self.grpc.clone();
+        let status = call(budget, grpc.status(timed(pb::ShardStatusRequest {}, budget))).await?;
+        if status.node_id != *self.node_id {
+            return Err(ShardCallError::Failed(format!(
+                "the node at this address is {:?}",
+                status.node_id
+            )));
+        }
+        Ok(status)
+    }
+}
+
+/// A request that tells the shard how long the caller waits.
+fn timed<T>(message: T, budget: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(budget);
+    request
+}
+
+/// Runs one internal call under `budget`.
+async fn call<T>(
+    budget: Duration,
+    future: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ShardCallError> {
+    match tokio::time::timeout(budget, future).await {
+        Err(_) => Err(ShardCallError::TimedOut(budget)),
+        Ok(Err(status)) => Err(describe_status(&status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+fn describe_status(status: &tonic::Status) -> ShardCallError {
+    if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled {
+        return ShardCallError::Failed(format!("{:?}: {}", status.code(), status.message()));
+    }
+    let message = status.message();
+    // Transport errors say little in the message; their source says why.
+    let source = std::error::Error::source(status)
+        .map(|source| format!(": {source}"))
+        .unwrap_or_default();
+    if message.is_empty() {
+        ShardCallError::Failed(format!("{:?}{source}", status.code()))
+    } else {
+        ShardCallError::Failed(format!("{message}{source}"))
+    }
+}
+
+async fn batch_loop(
+    node_id: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    mut queue: mpsc::Receiver<ApplyJob>,
+    settings: BatchSettings,
+) {
+    let call_slots = Arc::new(Semaphore::new(settings.max_in_flight_batches));
+    loop {
+        let slot = call_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut increment_count = first.increments.len();
+        let mut jobs = vec![first];
+        while increment_count < settings.max_increments_per_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    increment_count += job.increments.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(send_batch(
+            node_id.clone(),
+            grpc.clone(),
+            jobs,
+            increment_count,
+            settings.shard_timeout,
+            slot,
+        ));
+    }
+}
+
+async fn send_batch(
+    node_id: Arc<str>,
+    mut grpc: GrpcShardClient<Channel>,
+    jobs: Vec<ApplyJob>,
+    increment_count: usize,
+    shard_timeout: Duration,
+    _slot: OwnedSemaphorePermit,
+) {
+    let mut increments = Vec::with_capacity(increment_count);
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        replies.push((job.increments.len(), job.reply));
+        increments.extend(job.increments);
+    }
+    let request = pb::ApplyRequest {
+        node_id: node_id.to_string(),
+        increments,
+    };
+    let result = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
+        .await
+        .and_then(|response| decode_outcomes(&response.outcomes, increment_count));
+    match result {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for (length, reply) in replies {
+                // A caller whose deadline passed has gone; that is fine.
+                let _ = reply.send(Ok(outcomes.by_ref().take(length).collect()));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(node_id = &*node_id, %error, increments = increment_count, "apply failed");
+            for (_, reply) in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+fn decode_outcomes(outcomes: &[i32], expected: usize) -> Result<Vec<Outcome>, ShardCallError> {
+    if outcomes.len() != expected {
+        return Err(ShardCallError::Failed(format!(
+            "answered {} outcomes for {expected} increments",
+            outcomes.len()
+        )));
+    }
+    outcomes
+        .iter()
+        .map(|&outcome| match pb::ApplyOutcome::try_from(outcome) {
+            Ok(pb::ApplyOutcome::Applied) => Ok(Outcome::Applied),
+            Ok(pb::ApplyOutcome::Overflow) => Ok(Outcome::Overflow),
+            _ => Err(ShardCallError::Failed(format!("unknown apply outcome {outcome}"))),
+        })
+        .collect()
+}

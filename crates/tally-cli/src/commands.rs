@@ -41,6 +41,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Ring { config } => cli.ring(config.as_deref()).await,
         Command::Locate { counter, config } => cli.locate(counter, config.as_deref()).await,
         Command::Status => cli.status().await,
+        Command::Health => cli.health().await,
     }
 }
 
@@ -84,7 +85,7 @@ impl Cli {
             .timeout(self.timeout)
             .connect()
             .await
-            .with_context(|| format!("cannot reach the coordinator at {}", self.endpoint))
+            .with_context(|| format!("cannot reach {}", self.endpoint))
     }
 
     async fn counter_client(&self) -> anyhow::Result<CounterClient<Channel>> {
@@ -308,6 +309,26 @@ impl Cli {
             let down = nodes.iter().filter(|node| !node.reachable).count();
             format!("{table}\n{} of {} nodes reachable", nodes.len() - down, nodes.len())
         });
+        Ok(())
+    }
+}
+
+impl Cli {
+    async fn health(&self) -> anyhow::Result<()> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel().await?);
+        let status = client
+            .check(self.request(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .map_err(describe)?
+            .into_inner()
+            .status();
+        self.print(json!({ "endpoint": self.endpoint, "status": status.as_str_name() }), || {
+            format!("{} {}", self.endpoint, status.as_str_name())
+        });
+        anyhow::ensure!(status == ServingStatus::Serving, "{} is not serving", self.endpoint);
         Ok(())
     }
 }

@@ -85,6 +85,9 @@ enum Command {
     },
     /// Show each shard node's health, entries and last flush.
     Status,
+    /// Check the gRPC health of the server at --endpoint (a coordinator or a
+    /// shard node): exit 0 if it is serving. For container health checks.
+    Health,
 }
 
 #[tokio::main]

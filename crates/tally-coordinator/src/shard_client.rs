@@ -171,19 +171,22 @@ async fn call<T>(
 }
 
 fn describe_status(status: &tonic::Status) -> ShardCallError {
-    if status.code() == tonic::Code::DeadlineExceeded || status.code() == tonic::Code::Cancelled {
-        return ShardCallError::Failed(format!("{:?}: {}", status.code(), status.message()));
+    // Transport errors wrap the reason several layers deep ("tcp connect
+    // error" / "transport error" / "Connection refused"): the root is what
+    // an operator needs.
+    let mut root_cause = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        root_cause = Some(error.to_string());
+        source = error.source();
     }
-    let message = status.message();
-    // Transport errors say little in the message; their source says why.
-    let source = std::error::Error::source(status)
-        .map(|source| format!(": {source}"))
-        .unwrap_or_default();
-    if message.is_empty() {
-        ShardCallError::Failed(format!("{:?}{source}", status.code()))
-    } else {
-        ShardCallError::Failed(format!("{message}{source}"))
-    }
+    let message = match (status.message(), root_cause) {
+        ("", None) => format!("{:?}", status.code()),
+        ("", Some(root)) => root,
+        (message, None) => message.to_string(),
+        (message, Some(root)) => format!("{message}: {root}"),
+    };
+    ShardCallError::Failed(message)
 }
 
 async fn batch_loop(

@@ -1,5 +1,6 @@
 //! The `tally.v1.Shard` gRPC service: the coordinator's only way in.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_proto::domain::CounterName;
@@ -17,6 +18,8 @@ pub struct ShardService {
     durability: Durability,
     store: Arc<Store>,
     flusher: Arc<Flusher>,
+    apply_calls: Arc<AtomicU64>,
+    increments_applied: Arc<AtomicU64>,
 }
 
 impl ShardService {
@@ -27,6 +30,8 @@ impl ShardService {
             durability,
             store,
             flusher,
+            apply_calls: Arc::default(),
+            increments_applied: Arc::default(),
         }
     }
 
@@ -70,6 +75,9 @@ impl pb::shard_server::Shard for ShardService {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         let (outcomes, epoch) = self.store.apply(&increments);
+        self.apply_calls.fetch_add(1, Ordering::Relaxed);
+        self.increments_applied
+            .fetch_add(increments.len() as u64, Ordering::Relaxed);
         self.flusher
             .wait_durable(epoch)
             .await
@@ -123,6 +131,8 @@ impl pb::shard_server::Shard for ShardService {
             entries: self.store.entry_count(),
             last_flush_unix_ms: self.flusher.last_flush_unix_ms(),
             durability: self.durability.as_str().to_string(),
+            apply_calls: self.apply_calls.load(Ordering::Relaxed),
+            increments_applied: self.increments_applied.load(Ordering::Relaxed),
         }))
     }
 }

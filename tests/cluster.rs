@@ -1,0 +1,669 @@
+//! The public contract, end to end, against a real in-process cluster:
+//! coordinator and shard nodes serving gRPC on loopback port 0, with real
+//! sled files in a temporary directory.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tally::cli::local_cluster::{LocalCluster, LocalClusterOptions};
+use tally::proto::pb;
+use tally::proto::pb::counter_client::CounterClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const READY: Duration = Duration::from_secs(30);
+
+struct TestCluster {
+    cluster: LocalCluster,
+    _data: tempfile::TempDir,
+}
+
+async fn start_with(configure: impl FnOnce(&mut LocalClusterOptions)) -> TestCluster {
+    let data = tempfile::tempdir().unwrap();
+    let mut options = LocalClusterOptions::new(data.path(), 3);
+    configure(&mut options);
+    let cluster = LocalCluster::start(options).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    TestCluster {
+        cluster,
+        _data: data,
+    }
+}
+
+async fn start() -> TestCluster {
+    start_with(|_| {}).await
+}
+
+fn increment(counter: &str, delta: i64, key: &str) -> pb::IncrementRequest {
+    pb::IncrementRequest {
+        counter: counter.to_string(),
+        delta,
+        idempotency_key: key.to_string(),
+    }
+}
+
+async fn get(client: &mut CounterClient<Channel>, counter: &str) -> Result<pb::GetResponse, tonic::Status> {
+    client
+        .get(pb::GetRequest {
+            counter: counter.to_string(),
+            allow_partial: false,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn value(client: &mut CounterClient<Channel>, counter: &str) -> i64 {
+    let response = get(client, counter).await.unwrap();
+    assert!(response.complete);
+    response.value
+}
+
+/// A key whose idempotency stripe is owned by `node_id`, so a test can
+/// aim an increment at one node.
+fn key_owned_by(cluster: &LocalCluster, counter: &str, node_id: &str) -> String {
+    let config = cluster.coordinator_config();
+    let ring = config.ring().unwrap();
+    (0..10_000)
+        .map(|attempt| format!("key-{attempt}"))
+        .find(|key| {
+            let stripe = tally::ring::idempotency_stripe(key, config.stripes);
+            ring.nodes()[ring.owner(counter, stripe)].id == node_id
+        })
+        .expect("some key lands on every node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_get_exact_sums() {
+    let test = start().await;
+    let client = test.cluster.counter_client().await.unwrap();
+    const TASKS: usize = 32;
+    const ROUNDS: usize = 60;
+    const COUNTERS: usize = 20;
+
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ledger: HashMap<String, i64> = HashMap::new();
+            for round in 0..ROUNDS {
+                let counter = format!("counter-{}", (task * 7 + round) % COUNTERS);
+                // Positive and negative deltas, some large.
+                let delta = match (task + round) % 4 {
+                    0 => 1,
+                    1 => -3,
+                    2 => 1_000_003,
+                    _ => -999_999,
+                };
+                if round % 5 == 0 {
+                    // Every fifth round: a batch of three, over two counters.
+                    let other = format!("counter-{}", (task + round + 1) % COUNTERS);
+                    client
+                        .increment_batch(pb::IncrementBatchRequest {
+                            increments: vec![
+                                increment(&counter, delta, ""),
+                                increment(&other, 2, ""),
+                                increment(&counter, 5, ""),
+                            ],
+                        })
+                        .await
+                        .unwrap();
+                    *ledger.entry(counter).or_default() += delta + 5;
+                    *ledger.entry(other).or_default() += 2;
+                } else {
+                    client.increment(increment(&counter, delta, "")).await.unwrap();
+                    *ledger.entry(counter).or_default() += delta;
+                }
+            }
+            ledger
+        }));
+    }
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    for task in tasks {
+        for (counter, delta) in task.await.unwrap() {
+            *expected.entry(counter).or_default() += delta;
+        }
+    }
+
+    let mut client = client.clone();
+    let names: Vec<String> = (0..COUNTERS).map(|index| format!("counter-{index}")).collect();
+    let totals = client
+        .get_batch(pb::GetBatchRequest {
+            counters: names.clone(),
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counters;
+    for (name, total) in names.iter().zip(&totals) {
+        assert_eq!(&total.counter, name);
+        assert!(total.complete);
+        assert_eq!(total.value, expected.get(name).copied().unwrap_or(0), "{name}");
+    }
+
+    // Every node got a share: one counter's stripes spread over the ring.
+    let mut nodes_with_entries = 0;
+    for shard in test.cluster.shard_configs() {
+        let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+            .await
+            .unwrap();
+        let status = shard_client.status(pb::ShardStatusRequest {}).await.unwrap().into_inner();
+        if status.entries > 0 {
+            nodes_with_entries += 1;
+        }
+    }
+    assert_eq!(nodes_with_entries, 3);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_increments_share_internal_calls() {
+    let test = start().await;
+    let client = test.cluster.counter_client().await.unwrap();
+    const TASKS: usize = 64;
+    const ROUNDS: usize = 40;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    let counter = format!("hot-{}", (task + round) % 4);
+                    client.increment(increment(&counter, 1, "")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut calls = 0;
+    let mut applied = 0;
+    for shard in test.cluster.shard_configs() {
+        let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+            .await
+            .unwrap();
+        let status = shard_client.status(pb::ShardStatusRequest {}).await.unwrap().into_inner();
+        calls += status.apply_calls;
+        applied += status.increments_applied;
+    }
+    println!("{applied} increments in {calls} internal apply calls");
+    assert_eq!(applied, (TASKS * ROUNDS) as u64);
+    assert!(
+        calls < applied,
+        "64 concurrent writers must share internal calls: {calls} calls for {applied} increments"
+    );
+    let mut client = client.clone();
+    let mut total = 0;
+    for counter in 0..4 {
+        total += value(&mut client, &format!("hot-{counter}")).await;
+    }
+    assert_eq!(total, (TASKS * ROUNDS) as i64);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn get_batch_answers_in_request_order() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    client.increment(increment("b", 2, "")).await.unwrap();
+    client.increment(increment("a", 1, "")).await.unwrap();
+    client.increment(increment("c", -3, "")).await.unwrap();
+    let order = ["c", "never-written", "a", "b", "a"];
+    let totals = client
+        .get_batch(pb::GetBatchRequest {
+            counters: order.iter().map(|name| name.to_string()).collect(),
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counters;
+    let seen: Vec<(&str, i64)> = totals.iter().map(|total| (total.counter.as_str(), total.value)).collect();
+    assert_eq!(seen, vec![("c", -3), ("never-written", 0), ("a", 1), ("b", 2), ("a", 1)]);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_resets_every_stripe_on_every_node() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    // Enough increments to touch every stripe, and so every node.
+    for _ in 0..40 {
+        client.increment(increment("gone", 3, "")).await.unwrap();
+    }
+    client.increment(increment("kept", 9, "")).await.unwrap();
+    assert_eq!(value(&mut client, "gone").await, 120);
+    client
+        .delete(pb::DeleteRequest {
+            counter: "gone".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "gone").await, 0);
+    assert_eq!(value(&mut client, "kept").await, 9);
+    // Deleting again, or a counter that never existed, is fine.
+    client.delete(pb::DeleteRequest { counter: "gone".into() }).await.unwrap();
+    client.delete(pb::DeleteRequest { counter: "never".into() }).await.unwrap();
+    // A deleted counter starts again from 0, also after a restart.
+    client.increment(increment("gone", 4, "")).await.unwrap();
+    let mut cluster = test.cluster;
+    for shard in 0..3 {
+        cluster.restart_shard(shard).await.unwrap();
+    }
+    cluster.wait_ready(READY).await.unwrap();
+    let mut client = cluster.counter_client().await.unwrap();
+    assert_eq!(value(&mut client, "gone").await, 4);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_input_is_rejected_and_changes_nothing() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let mut admin = test.cluster.admin_client().await.unwrap();
+    client.increment(increment("safe", 10, "")).await.unwrap();
+
+    let long_name = "n".repeat(257);
+    let long_key = "k".repeat(129);
+    let expect_invalid = |result: Result<_, tonic::Status>, what: &str, needle: &str| {
+        let status = result.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(status.message().contains(needle), "{what}: {:?}", status.message());
+    };
+
+    expect_invalid(
+        client.increment(increment("", 1, "")).await.map(drop),
+        "empty name",
+        "counter name is empty",
+    );
+    expect_invalid(
+        client.increment(increment(&long_name, 1, "")).await.map(drop),
+        "long name",
+        "257 bytes",
+    );
+    expect_invalid(
+        client.increment(increment("safe", 1, &long_key)).await.map(drop),
+        "long key",
+        "idempotency key is 129 bytes",
+    );
+    expect_invalid(
+        client
+            .increment_batch(pb::IncrementBatchRequest {
+                increments: vec![increment("safe", 1, ""); 10_001],
+            })
+            .await
+            .map(drop),
+        "batch too large",
+        "10001 items",
+    );
+    // One bad item: nothing of the batch is applied, and the message names it.
+    expect_invalid(
+        client
+            .increment_batch(pb::IncrementBatchRequest {
+                increments: vec![
+                    increment("safe", 100, ""),
+                    increment("other", 100, ""),
+                    increment("", 1, ""),
+                ],
+            })
+            .await
+            .map(drop),
+        "bad item",
+        "item 2: counter name is empty",
+    );
+    expect_invalid(get(&mut client, "").await.map(drop), "get empty", "empty");
+    expect_invalid(
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters: vec!["safe".into(), long_name.clone()],
+                allow_partial: false,
+            })
+            .await
+            .map(drop),
+        "get_batch long name",
+        "item 1",
+    );
+    expect_invalid(
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters: vec!["safe".into(); 10_001],
+                allow_partial: false,
+            })
+            .await
+            .map(drop),
+        "get_batch too large",
+        "10001 items",
+    );
+    expect_invalid(
+        client.delete(pb::DeleteRequest { counter: String::new() }).await.map(drop),
+        "delete empty",
+        "empty",
+    );
+    expect_invalid(
+        admin.locate(pb::LocateRequest { counter: String::new() }).await.map(drop),
+        "locate empty",
+        "empty",
+    );
+
+    // The server still serves and nothing changed.
+    assert_eq!(value(&mut client, "safe").await, 10);
+    assert_eq!(value(&mut client, "other").await, 0);
+    // Limits are inclusive: 256-byte names, 128-byte keys, 10,000 items work.
+    let max_name = "m".repeat(256);
+    client.increment(increment(&max_name, 1, &"k".repeat(128))).await.unwrap();
+    client
+        .increment_batch(pb::IncrementBatchRequest {
+            increments: vec![increment(&max_name, 1, ""); 10_000],
+        })
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, &max_name).await, 10_001);
+    // Delta 0 validates and changes nothing.
+    client.increment(increment("safe", 0, "")).await.unwrap();
+    expect_invalid(
+        client.increment(increment("", 0, "")).await.map(drop),
+        "empty name with delta 0",
+        "empty",
+    );
+    assert_eq!(value(&mut client, "safe").await, 10);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn overflow_is_out_of_range_and_applies_nothing() {
+    // One stripe: every increment of a counter lands on the same entry.
+    let test = start_with(|options| options.stripes = 1).await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    client.increment(increment("big", i64::MAX, "")).await.unwrap();
+    let status = client.increment(increment("big", 1, "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("\"big\""), "{}", status.message());
+    assert_eq!(value(&mut client, "big").await, i64::MAX);
+
+    client.increment(increment("small", i64::MIN, "")).await.unwrap();
+    let status = client.increment(increment("small", -1, "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert_eq!(value(&mut client, "small").await, i64::MIN);
+
+    // Going back into range still works.
+    client.increment(increment("big", -1, "")).await.unwrap();
+    assert_eq!(value(&mut client, "big").await, i64::MAX - 1);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_total_beyond_i64_is_out_of_range() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    // Two different stripes each hold i64::MAX: each entry fits, the sum does
+    // not. Idempotency keys pick the stripes.
+    let stripes = test.cluster.coordinator_config().stripes;
+    let stripe_of = |key: &str| tally::ring::idempotency_stripe(key, stripes);
+    let first = "key-0".to_string();
+    let second = (1..)
+        .map(|index| format!("key-{index}"))
+        .find(|key| stripe_of(key) != stripe_of(&first))
+        .unwrap();
+    client.increment(increment("huge", i64::MAX, &first)).await.unwrap();
+    client.increment(increment("huge", i64::MAX, &second)).await.unwrap();
+    let status = get(&mut client, "huge").await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("\"huge\""));
+    // Back in range once one part shrinks: the sum was exact, never wrapped.
+    client.increment(increment("huge", -i64::MAX, &first)).await.unwrap();
+    assert_eq!(value(&mut client, "huge").await, i64::MAX);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
+    let test = start().await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    for node in ["shard-1", "shard-2", "shard-3"] {
+        let key = key_owned_by(&cluster, "spread", node);
+        client.increment(increment("spread", 10, &key)).await.unwrap();
+    }
+    assert_eq!(value(&mut client, "spread").await, 30);
+
+    cluster.stop_shard(1).await.unwrap();
+    let status = get(&mut client, "spread").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shard-2"), "{}", status.message());
+    assert!(!status.message().contains("shard-1"), "{}", status.message());
+
+    let partial = client
+        .get(pb::GetRequest {
+            counter: "spread".into(),
+            allow_partial: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((partial.value, partial.complete), (20, false));
+
+    // A write owned by the down node fails and says which node.
+    let key = key_owned_by(&cluster, "spread", "shard-2");
+    let status = client.increment(increment("spread", 1, &key)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("shard-2"));
+    // Writes owned by live nodes still succeed.
+    let key = key_owned_by(&cluster, "spread", "shard-3");
+    client.increment(increment("spread", 1, &key)).await.unwrap();
+    // Delete needs every node.
+    let status = client.delete(pb::DeleteRequest { counter: "spread".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // The node comes back with its data; reads are complete again.
+    cluster.restart_shard(1).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    let after = get(&mut client, "spread").await.unwrap();
+    assert!(after.complete);
+    // Delete reached the live nodes before failing; shard-2 kept its 10.
+    assert_eq!(after.value, 10);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hung_shard_gives_deadline_exceeded() {
+    // A "shard" whose socket accepts connections into the backlog and never
+    // answers: the coordinator's calls to it hang.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nodes = vec![tally::coordinator::NodeConfig {
+        id: "hung".into(),
+        address: hung.local_addr().unwrap().to_string(),
+        weight: 1,
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let config = tally::coordinator::CoordinatorConfig::new(address, nodes);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tally::coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    tally::cli::local_cluster::wait_serving(address, READY).await.unwrap();
+
+    let mut client = CounterClient::connect(format!("http://{address}")).await.unwrap();
+    let mut request = tonic::Request::new(increment("c", 1, ""));
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.increment(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    let mut request = tonic::Request::new(pb::GetRequest {
+        counter: "c".into(),
+        allow_partial: true,
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.get(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // The coordinator itself is fine.
+    let mut admin = tally::proto::pb::admin_client::AdminClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    assert_eq!(admin.ring(pb::RingRequest {}).await.unwrap().into_inner().nodes.len(), 1);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    drop(hung);
+}
+
+#[tokio::test]
+async fn admin_reports_ring_placement_and_status() {
+    let test = start().await;
+    let mut admin = test.cluster.admin_client().await.unwrap();
+    let mut client = test.cluster.counter_client().await.unwrap();
+
+    let ring = admin.ring(pb::RingRequest {}).await.unwrap().into_inner();
+    assert_eq!(ring.stripes, 8);
+    let ids: Vec<&str> = ring.nodes.iter().map(|node| node.id.as_str()).collect();
+    assert_eq!(ids, vec!["shard-1", "shard-2", "shard-3"]);
+    let owned: f64 = ring.nodes.iter().map(|node| node.owned_fraction).sum();
+    assert!((owned - 1.0).abs() < 1e-9);
+    for node in &ring.nodes {
+        assert_eq!(node.vnodes, 4096);
+        assert!((node.owned_fraction - 1.0 / 3.0).abs() < 0.03, "{node:?}");
+    }
+
+    let located = admin
+        .locate(pb::LocateRequest {
+            counter: "page:views".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(located.stripes.len(), 8);
+    let expected_ring = test.cluster.coordinator_config().ring().unwrap();
+    for stripe in &located.stripes {
+        let owner = expected_ring.owner("page:views", stripe.stripe);
+        assert_eq!(stripe.node_id, expected_ring.nodes()[owner].id);
+        assert_eq!(stripe.hash, tally::ring::key_hash("page:views", stripe.stripe));
+    }
+
+    for _ in 0..16 {
+        client.increment(increment("page:views", 1, "")).await.unwrap();
+    }
+    let status = admin
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.nodes.len(), 3);
+    let entries: u64 = status.nodes.iter().map(|node| node.entries).sum();
+    assert_eq!(entries, 8, "16 increments over 8 stripes");
+    for node in &status.nodes {
+        assert!(node.reachable, "{node:?}");
+        assert_eq!(node.durability, "sync");
+        assert!(node.last_flush_unix_ms > 0, "{node:?}");
+    }
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_and_reflection_on_coordinator_and_shard_ports() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let test = start().await;
+    let mut endpoints = vec![(test.cluster.endpoint(), "tally.v1.Counter")];
+    for shard in test.cluster.shard_configs() {
+        endpoints.push((format!("http://{}", shard.listen), "tally.v1.Shard"));
+    }
+    for (endpoint, service) in endpoints {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = reflection
+            .server_reflection_info(futures::stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected reflection answer from {endpoint}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+        assert!(names.iter().any(|name| name == service), "{endpoint}: {names:?}");
+    }
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_restart_of_every_shard_keeps_every_count() {
+    for durability in [tally::shard::Durability::Sync, tally::shard::Durability::Async] {
+        let test = start_with(|options| options.durability = durability).await;
+        let mut cluster = test.cluster;
+        let client = cluster.counter_client().await.unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    for round in 0..25 {
+                        let counter = format!("restart-{}", (writer + round) % 5);
+                        client.increment(increment(&counter, 2, "")).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for shard in 0..3 {
+            cluster.restart_shard(shard).await.unwrap();
+        }
+        cluster.wait_ready(READY).await.unwrap();
+        let mut client = cluster.counter_client().await.unwrap();
+        let mut total = 0;
+        for counter in 0..5 {
+            total += value(&mut client, &format!("restart-{counter}")).await;
+        }
+        assert_eq!(total, 8 * 25 * 2, "{durability:?}");
+        cluster.shutdown().await.unwrap();
+        drop(test._data);
+    }
+}
+
+#[tokio::test]
+async fn a_shard_refuses_requests_meant_for_another_node() {
+    let test = start().await;
+    let shard = test.cluster.shard_configs().next().unwrap().clone();
+    let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+        .await
+        .unwrap();
+    let status = shard_client
+        .apply(pb::ApplyRequest {
+            node_id: "shard-9".into(),
+            increments: vec![pb::ShardIncrement {
+                counter: "c".into(),
+                stripe: 0,
+                delta: 1,
+                idempotency_key: String::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("shard-9"));
+    let mut client = test.cluster.counter_client().await.unwrap();
+    assert_eq!(value(&mut client, "c").await, 0);
+    test.cluster.shutdown().await.unwrap();
+}
+

@@ -42,7 +42,10 @@ fn increment(counter: &str, delta: i64, key: &str) -> pb::IncrementRequest {
     }
 }
 
-async fn get(client: &mut CounterClient<Channel>, counter: &str) -> Result<pb::GetResponse, tonic::Status> {
+async fn get(
+    client: &mut CounterClient<Channel>,
+    counter: &str,
+) -> Result<pb::GetResponse, tonic::Status> {
     client
         .get(pb::GetRequest {
             counter: counter.to_string(),
@@ -110,7 +113,10 @@ async fn concurrent_writers_get_exact_sums() {
                     *ledger.entry(counter).or_default() += delta + 5;
                     *ledger.entry(other).or_default() += 2;
                 } else {
-                    client.increment(increment(&counter, delta, "")).await.unwrap();
+                    client
+                        .increment(increment(&counter, delta, ""))
+                        .await
+                        .unwrap();
                     *ledger.entry(counter).or_default() += delta;
                 }
             }
@@ -125,7 +131,9 @@ async fn concurrent_writers_get_exact_sums() {
     }
 
     let mut client = client.clone();
-    let names: Vec<String> = (0..COUNTERS).map(|index| format!("counter-{index}")).collect();
+    let names: Vec<String> = (0..COUNTERS)
+        .map(|index| format!("counter-{index}"))
+        .collect();
     let totals = client
         .get_batch(pb::GetBatchRequest {
             counters: names.clone(),
@@ -138,16 +146,25 @@ async fn concurrent_writers_get_exact_sums() {
     for (name, total) in names.iter().zip(&totals) {
         assert_eq!(&total.counter, name);
         assert!(total.complete);
-        assert_eq!(total.value, expected.get(name).copied().unwrap_or(0), "{name}");
+        assert_eq!(
+            total.value,
+            expected.get(name).copied().unwrap_or(0),
+            "{name}"
+        );
     }
 
     // Every node got a share: one counter's stripes spread over the ring.
     let mut nodes_with_entries = 0;
     for shard in test.cluster.shard_configs() {
-        let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+        let mut shard_client =
+            pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+                .await
+                .unwrap();
+        let status = shard_client
+            .status(pb::ShardStatusRequest {})
             .await
-            .unwrap();
-        let status = shard_client.status(pb::ShardStatusRequest {}).await.unwrap().into_inner();
+            .unwrap()
+            .into_inner();
         if status.entries > 0 {
             nodes_with_entries += 1;
         }
@@ -179,10 +196,15 @@ async fn under_load_increments_share_internal_calls() {
     let mut calls = 0;
     let mut applied = 0;
     for shard in test.cluster.shard_configs() {
-        let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+        let mut shard_client =
+            pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+                .await
+                .unwrap();
+        let status = shard_client
+            .status(pb::ShardStatusRequest {})
             .await
-            .unwrap();
-        let status = shard_client.status(pb::ShardStatusRequest {}).await.unwrap().into_inner();
+            .unwrap()
+            .into_inner();
         calls += status.apply_calls;
         applied += status.increments_applied;
     }
@@ -218,8 +240,20 @@ async fn get_batch_answers_in_request_order() {
         .unwrap()
         .into_inner()
         .counters;
-    let seen: Vec<(&str, i64)> = totals.iter().map(|total| (total.counter.as_str(), total.value)).collect();
-    assert_eq!(seen, vec![("c", -3), ("never-written", 0), ("a", 1), ("b", 2), ("a", 1)]);
+    let seen: Vec<(&str, i64)> = totals
+        .iter()
+        .map(|total| (total.counter.as_str(), total.value))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("c", -3),
+            ("never-written", 0),
+            ("a", 1),
+            ("b", 2),
+            ("a", 1)
+        ]
+    );
     test.cluster.shutdown().await.unwrap();
 }
 
@@ -242,8 +276,18 @@ async fn delete_resets_every_stripe_on_every_node() {
     assert_eq!(value(&mut client, "gone").await, 0);
     assert_eq!(value(&mut client, "kept").await, 9);
     // Deleting again, or a counter that never existed, is fine.
-    client.delete(pb::DeleteRequest { counter: "gone".into() }).await.unwrap();
-    client.delete(pb::DeleteRequest { counter: "never".into() }).await.unwrap();
+    client
+        .delete(pb::DeleteRequest {
+            counter: "gone".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .delete(pb::DeleteRequest {
+            counter: "never".into(),
+        })
+        .await
+        .unwrap();
     // A deleted counter starts again from 0, also after a restart.
     client.increment(increment("gone", 4, "")).await.unwrap();
     let mut cluster = test.cluster;
@@ -268,7 +312,11 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
     let expect_invalid = |result: Result<_, tonic::Status>, what: &str, needle: &str| {
         let status = result.expect_err(what);
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
-        assert!(status.message().contains(needle), "{what}: {:?}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{what}: {:?}",
+            status.message()
+        );
     };
 
     expect_invalid(
@@ -277,12 +325,18 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
         "counter name is empty",
     );
     expect_invalid(
-        client.increment(increment(&long_name, 1, "")).await.map(drop),
+        client
+            .increment(increment(&long_name, 1, ""))
+            .await
+            .map(drop),
         "long name",
         "257 bytes",
     );
     expect_invalid(
-        client.increment(increment("safe", 1, &long_key)).await.map(drop),
+        client
+            .increment(increment("safe", 1, &long_key))
+            .await
+            .map(drop),
         "long key",
         "idempotency key is 129 bytes",
     );
@@ -335,12 +389,22 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
         "10001 items",
     );
     expect_invalid(
-        client.delete(pb::DeleteRequest { counter: String::new() }).await.map(drop),
+        client
+            .delete(pb::DeleteRequest {
+                counter: String::new(),
+            })
+            .await
+            .map(drop),
         "delete empty",
         "empty",
     );
     expect_invalid(
-        admin.locate(pb::LocateRequest { counter: String::new() }).await.map(drop),
+        admin
+            .locate(pb::LocateRequest {
+                counter: String::new(),
+            })
+            .await
+            .map(drop),
         "locate empty",
         "empty",
     );
@@ -350,7 +414,10 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
     assert_eq!(value(&mut client, "other").await, 0);
     // Limits are inclusive: 256-byte names, 128-byte keys, 10,000 items work.
     let max_name = "m".repeat(256);
-    client.increment(increment(&max_name, 1, &"k".repeat(128))).await.unwrap();
+    client
+        .increment(increment(&max_name, 1, &"k".repeat(128)))
+        .await
+        .unwrap();
     client
         .increment_batch(pb::IncrementBatchRequest {
             increments: vec![increment(&max_name, 1, ""); 10_000],
@@ -374,14 +441,23 @@ async fn overflow_is_out_of_range_and_applies_nothing() {
     // One stripe: every increment of a counter lands on the same entry.
     let test = start_with(|options| options.stripes = 1).await;
     let mut client = test.cluster.counter_client().await.unwrap();
-    client.increment(increment("big", i64::MAX, "")).await.unwrap();
+    client
+        .increment(increment("big", i64::MAX, ""))
+        .await
+        .unwrap();
     let status = client.increment(increment("big", 1, "")).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("\"big\""), "{}", status.message());
     assert_eq!(value(&mut client, "big").await, i64::MAX);
 
-    client.increment(increment("small", i64::MIN, "")).await.unwrap();
-    let status = client.increment(increment("small", -1, "")).await.unwrap_err();
+    client
+        .increment(increment("small", i64::MIN, ""))
+        .await
+        .unwrap();
+    let status = client
+        .increment(increment("small", -1, ""))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange);
     assert_eq!(value(&mut client, "small").await, i64::MIN);
 
@@ -404,13 +480,22 @@ async fn a_total_beyond_i64_is_out_of_range() {
         .map(|index| format!("key-{index}"))
         .find(|key| stripe_of(key) != stripe_of(&first))
         .unwrap();
-    client.increment(increment("huge", i64::MAX, &first)).await.unwrap();
-    client.increment(increment("huge", i64::MAX, &second)).await.unwrap();
+    client
+        .increment(increment("huge", i64::MAX, &first))
+        .await
+        .unwrap();
+    client
+        .increment(increment("huge", i64::MAX, &second))
+        .await
+        .unwrap();
     let status = get(&mut client, "huge").await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("\"huge\""));
     // Back in range once one part shrinks: the sum was exact, never wrapped.
-    client.increment(increment("huge", -i64::MAX, &first)).await.unwrap();
+    client
+        .increment(increment("huge", -i64::MAX, &first))
+        .await
+        .unwrap();
     assert_eq!(value(&mut client, "huge").await, i64::MAX);
     test.cluster.shutdown().await.unwrap();
 }
@@ -422,7 +507,10 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     let mut client = cluster.counter_client().await.unwrap();
     for node in ["shard-1", "shard-2", "shard-3"] {
         let key = key_owned_by(&cluster, "spread", node);
-        client.increment(increment("spread", 10, &key)).await.unwrap();
+        client
+            .increment(increment("spread", 10, &key))
+            .await
+            .unwrap();
     }
     assert_eq!(value(&mut client, "spread").await, 30);
 
@@ -430,7 +518,11 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     let status = get(&mut client, "spread").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shard-2"), "{}", status.message());
-    assert!(!status.message().contains("shard-1"), "{}", status.message());
+    assert!(
+        !status.message().contains("shard-1"),
+        "{}",
+        status.message()
+    );
 
     let partial = client
         .get(pb::GetRequest {
@@ -444,14 +536,25 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
 
     // A write owned by the down node fails and says which node.
     let key = key_owned_by(&cluster, "spread", "shard-2");
-    let status = client.increment(increment("spread", 1, &key)).await.unwrap_err();
+    let status = client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("shard-2"));
     // Writes owned by live nodes still succeed.
     let key = key_owned_by(&cluster, "spread", "shard-3");
-    client.increment(increment("spread", 1, &key)).await.unwrap();
+    client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap();
     // Delete needs every node.
-    let status = client.delete(pb::DeleteRequest { counter: "spread".into() }).await.unwrap_err();
+    let status = client
+        .delete(pb::DeleteRequest {
+            counter: "spread".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
 
     // The node comes back with its data; reads are complete again.
@@ -481,9 +584,13 @@ async fn a_hung_shard_gives_deadline_exceeded() {
     let server = tokio::spawn(tally::coordinator::run(config, listener, async {
         let _ = stopped.await;
     }));
-    tally::cli::local_cluster::wait_serving(address, READY).await.unwrap();
+    tally::cli::local_cluster::wait_serving(address, READY)
+        .await
+        .unwrap();
 
-    let mut client = CounterClient::connect(format!("http://{address}")).await.unwrap();
+    let mut client = CounterClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
     let mut request = tonic::Request::new(increment("c", 1, ""));
     request.set_timeout(Duration::from_millis(300));
     let status = client.increment(request).await.unwrap_err();
@@ -498,10 +605,20 @@ async fn a_hung_shard_gives_deadline_exceeded() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 
     // The coordinator itself is fine.
-    let mut admin = tally::proto::pb::admin_client::AdminClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
-    assert_eq!(admin.ring(pb::RingRequest {}).await.unwrap().into_inner().nodes.len(), 1);
+    let mut admin =
+        tally::proto::pb::admin_client::AdminClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+    assert_eq!(
+        admin
+            .ring(pb::RingRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .len(),
+        1
+    );
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     drop(hung);
@@ -536,11 +653,17 @@ async fn admin_reports_ring_placement_and_status() {
     for stripe in &located.stripes {
         let owner = expected_ring.owner("page:views", stripe.stripe);
         assert_eq!(stripe.node_id, expected_ring.nodes()[owner].id);
-        assert_eq!(stripe.hash, tally::ring::key_hash("page:views", stripe.stripe));
+        assert_eq!(
+            stripe.hash,
+            tally::ring::key_hash("page:views", stripe.stripe)
+        );
     }
 
     for _ in 0..16 {
-        client.increment(increment("page:views", 1, "")).await.unwrap();
+        client
+            .increment(increment("page:views", 1, ""))
+            .await
+            .unwrap();
     }
     let status = admin
         .cluster_status(pb::ClusterStatusRequest {})
@@ -584,7 +707,10 @@ async fn health_and_reflection_on_coordinator_and_shard_ports() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(answer.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+        assert_eq!(
+            answer.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
 
         let mut reflection = ServerReflectionClient::new(channel);
         let request = ServerReflectionRequest {
@@ -600,15 +726,25 @@ async fn health_and_reflection_on_coordinator_and_shard_ports() {
         let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
             panic!("unexpected reflection answer from {endpoint}");
         };
-        let names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
-        assert!(names.iter().any(|name| name == service), "{endpoint}: {names:?}");
+        let names: Vec<String> = list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect();
+        assert!(
+            names.iter().any(|name| name == service),
+            "{endpoint}: {names:?}"
+        );
     }
     test.cluster.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_graceful_restart_of_every_shard_keeps_every_count() {
-    for durability in [tally::shard::Durability::Sync, tally::shard::Durability::Async] {
+    for durability in [
+        tally::shard::Durability::Sync,
+        tally::shard::Durability::Async,
+    ] {
         let test = start_with(|options| options.durability = durability).await;
         let mut cluster = test.cluster;
         let client = cluster.counter_client().await.unwrap();
@@ -645,9 +781,10 @@ async fn a_graceful_restart_of_every_shard_keeps_every_count() {
 async fn a_shard_refuses_requests_meant_for_another_node() {
     let test = start().await;
     let shard = test.cluster.shard_configs().next().unwrap().clone();
-    let mut shard_client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
-        .await
-        .unwrap();
+    let mut shard_client =
+        pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+            .await
+            .unwrap();
     let status = shard_client
         .apply(pb::ApplyRequest {
             node_id: "shard-9".into(),
@@ -666,4 +803,3 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
     assert_eq!(value(&mut client, "c").await, 0);
     test.cluster.shutdown().await.unwrap();
 }
-

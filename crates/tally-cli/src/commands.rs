@@ -32,7 +32,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             shards,
             durability,
         } => dev(&data_dir, port, shards, &durability).await,
-        Command::Incr { counter, delta, key } => cli.incr(counter, delta, key).await,
+        Command::Incr {
+            counter,
+            delta,
+            key,
+        } => cli.incr(counter, delta, key).await,
         Command::Get {
             counters,
             allow_partial,
@@ -147,7 +151,12 @@ impl Cli {
                 table.add_row(vec![
                     total.counter.clone(),
                     total.value.to_string(),
-                    if total.complete { "yes" } else { "NO (partial)" }.to_string(),
+                    if total.complete {
+                        "yes"
+                    } else {
+                        "NO (partial)"
+                    }
+                    .to_string(),
                 ]);
             }
             table.to_string()
@@ -192,7 +201,9 @@ impl Cli {
             }
         };
         let health_of = |id: &str| -> Option<&pb::NodeStatus> {
-            health.as_ref().and_then(|nodes| nodes.iter().find(|node| node.id == id))
+            health
+                .as_ref()
+                .and_then(|nodes| nodes.iter().find(|node| node.id == id))
         };
         let nodes: Vec<serde_json::Value> = ring
             .nodes
@@ -259,18 +270,21 @@ impl Cli {
                 })
             })
             .collect();
-        self.print(json!({ "counter": located.counter, "stripes": stripes }), || {
-            let mut table = new_table(&["STRIPE", "NODE", "ADDRESS", "HASH"]);
-            for stripe in &located.stripes {
-                table.add_row(vec![
-                    stripe.stripe.to_string(),
-                    stripe.node_id.clone(),
-                    stripe.address.clone(),
-                    format!("{:016x}", stripe.hash),
-                ]);
-            }
-            table.to_string()
-        });
+        self.print(
+            json!({ "counter": located.counter, "stripes": stripes }),
+            || {
+                let mut table = new_table(&["STRIPE", "NODE", "ADDRESS", "HASH"]);
+                for stripe in &located.stripes {
+                    table.add_row(vec![
+                        stripe.stripe.to_string(),
+                        stripe.node_id.clone(),
+                        stripe.address.clone(),
+                        format!("{:016x}", stripe.hash),
+                    ]);
+                }
+                table.to_string()
+            },
+        );
         Ok(())
     }
 
@@ -295,19 +309,42 @@ impl Cli {
             })).collect::<Vec<_>>()
         });
         self.print(value, || {
-            let mut table = new_table(&["NODE", "ADDRESS", "HEALTH", "ENTRIES", "LAST FLUSH", "DURABILITY"]);
+            let mut table = new_table(&[
+                "NODE",
+                "ADDRESS",
+                "HEALTH",
+                "ENTRIES",
+                "LAST FLUSH",
+                "DURABILITY",
+            ]);
             for node in &nodes {
                 table.add_row(vec![
                     node.id.clone(),
                     node.address.clone(),
                     health_label(node),
-                    if node.reachable { node.entries.to_string() } else { "-".into() },
-                    if node.reachable { flush_age(node.last_flush_unix_ms) } else { "-".into() },
-                    if node.reachable { node.durability.clone() } else { "-".into() },
+                    if node.reachable {
+                        node.entries.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    if node.reachable {
+                        flush_age(node.last_flush_unix_ms)
+                    } else {
+                        "-".into()
+                    },
+                    if node.reachable {
+                        node.durability.clone()
+                    } else {
+                        "-".into()
+                    },
                 ]);
             }
             let down = nodes.iter().filter(|node| !node.reachable).count();
-            format!("{table}\n{} of {} nodes reachable", nodes.len() - down, nodes.len())
+            format!(
+                "{table}\n{} of {} nodes reachable",
+                nodes.len() - down,
+                nodes.len()
+            )
         });
         Ok(())
     }
@@ -325,17 +362,24 @@ impl Cli {
             .map_err(describe)?
             .into_inner()
             .status();
-        self.print(json!({ "endpoint": self.endpoint, "status": status.as_str_name() }), || {
-            format!("{} {}", self.endpoint, status.as_str_name())
-        });
-        anyhow::ensure!(status == ServingStatus::Serving, "{} is not serving", self.endpoint);
+        self.print(
+            json!({ "endpoint": self.endpoint, "status": status.as_str_name() }),
+            || format!("{} {}", self.endpoint, status.as_str_name()),
+        );
+        anyhow::ensure!(
+            status == ServingStatus::Serving,
+            "{} is not serving",
+            self.endpoint
+        );
         Ok(())
     }
 }
 
 fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
-    table.load_preset(presets::NOTHING).set_header(header.to_vec());
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(header.to_vec());
     table
 }
 
@@ -356,11 +400,17 @@ fn flush_age(last_flush_unix_ms: i64) -> String {
         .map_or(0, |elapsed| elapsed.as_millis() as i64);
     let age = Duration::from_millis(now_ms.saturating_sub(last_flush_unix_ms).max(0) as u64);
     // Whole seconds: "3s ago" reads better than "3s 212ms 5us ago".
-    format!("{} ago", humantime::format_duration(Duration::from_secs(age.as_secs())))
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(age.as_secs()))
+    )
 }
 
 fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {
-    Ok(CoordinatorConfig::load(path, CoordinatorOverrides::default())?)
+    Ok(CoordinatorConfig::load(
+        path,
+        CoordinatorOverrides::default(),
+    )?)
 }
 
 async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> anyhow::Result<()> {
@@ -368,7 +418,8 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     let durability = durability.parse().map_err(anyhow::Error::msg)?;
     let shard_listens = (1..=shards)
         .map(|index| {
-            let port = u16::try_from(usize::from(port) + index).context("--port is too high for this many shards")?;
+            let port = u16::try_from(usize::from(port) + index)
+                .context("--port is too high for this many shards")?;
             Ok(SocketAddr::from(([127, 0, 0, 1], port)))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -376,13 +427,23 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     options.coordinator_listen = SocketAddr::from(([127, 0, 0, 1], port));
     options.shard_listens = shard_listens;
     options.durability = durability;
+    let shutdown = tally_proto::process::shutdown_signal();
     let cluster = LocalCluster::start(options).await?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
 
-    println!("Tally dev cluster is up ({} shards, durability {}).", shards, durability.as_str());
+    println!(
+        "Tally dev cluster is up ({} shards, durability {}).",
+        shards,
+        durability.as_str()
+    );
     println!("  coordinator  {}", cluster.endpoint());
     for shard in cluster.shard_configs() {
-        println!("  {:<11}  {}  data {}", shard.node_id, shard.listen, shard.data_dir.display());
+        println!(
+            "  {:<11}  {}  data {}",
+            shard.node_id,
+            shard.listen,
+            shard.data_dir.display()
+        );
     }
     println!();
     println!("In another terminal:");
@@ -393,7 +454,7 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     println!();
     println!("Ctrl-C stops the cluster; every shard flushes first.");
 
-    tally_proto::process::shutdown_signal().await;
+    shutdown.await;
     cluster.shutdown().await?;
     println!("stopped; data kept in {}", data_dir.display());
     Ok(())

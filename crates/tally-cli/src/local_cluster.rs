@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tally_coordinator::{Coordinator, CoordinatorConfig, NodeConfig};
-use tally_proto::pb::counter_client::CounterClient;
 use tally_proto::pb::admin_client::AdminClient;
+use tally_proto::pb::counter_client::CounterClient;
 use tally_shard::{Durability, ShardConfig, ShardNode};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -104,7 +104,12 @@ impl LocalCluster {
 
         let listener = TcpListener::bind(options.coordinator_listen)
             .await
-            .with_context(|| format!("coordinator: cannot listen on {}", options.coordinator_listen))?;
+            .with_context(|| {
+                format!(
+                    "coordinator: cannot listen on {}",
+                    options.coordinator_listen
+                )
+            })?;
         let coordinator_address = listener.local_addr()?;
         let mut coordinator_config = CoordinatorConfig::new(coordinator_address, nodes);
         coordinator_config.stripes = options.stripes;
@@ -193,7 +198,9 @@ impl LocalCluster {
 
     /// The data directory that holds every shard's directory.
     pub fn data_dir(&self) -> Option<&Path> {
-        self.shards.first().and_then(|shard| shard.config.data_dir.parent())
+        self.shards
+            .first()
+            .and_then(|shard| shard.config.data_dir.parent())
     }
 }
 
@@ -212,7 +219,10 @@ async fn start_shard(config: ShardConfig, listener: TcpListener) -> anyhow::Resu
     })
 }
 
-async fn stop<E>(stop: &mut Option<oneshot::Sender<()>>, task: &mut Option<JoinHandle<Result<(), E>>>) -> anyhow::Result<()>
+async fn stop<E>(
+    stop: &mut Option<oneshot::Sender<()>>,
+    task: &mut Option<JoinHandle<Result<(), E>>>,
+) -> anyhow::Result<()>
 where
     E: std::error::Error + Send + Sync + 'static,
 {

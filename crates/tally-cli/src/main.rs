@@ -12,7 +12,12 @@ use clap::{Parser, Subcommand};
 #[command(version, propagate_version = true)]
 struct Args {
     /// The coordinator's gRPC endpoint.
-    #[arg(long, global = true, env = "TALLY_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_ENDPOINT",
+        default_value = "http://127.0.0.1:7700"
+    )]
     endpoint: String,
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]

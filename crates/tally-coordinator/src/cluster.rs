@@ -102,7 +102,11 @@ impl Cluster {
 
     /// Applies validated increments, each on its own. Returns once all are
     /// durable, or the first overflow, or every node that failed.
-    pub async fn increment(&self, increments: Vec<Increment>, deadline: Option<Instant>) -> Result<()> {
+    pub async fn increment(
+        &self,
+        increments: Vec<Increment>,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         // Group by owning node: one batcher job per node per call.
         let mut by_node: HashMap<usize, Vec<pb::ShardIncrement>> = HashMap::new();
         for increment in increments {
@@ -175,7 +179,11 @@ impl Cluster {
             match result {
                 Ok(parts) => {
                     for (sum, part) in sums.iter_mut().zip(parts) {
-                        *sum += part.entries.iter().map(|entry| i128::from(entry.value)).sum::<i128>();
+                        *sum += part
+                            .entries
+                            .iter()
+                            .map(|entry| i128::from(entry.value))
+                            .sum::<i128>();
                     }
                 }
                 Err(error) => unavailable.push((shard.node_id().to_string(), error)),
@@ -217,7 +225,11 @@ impl Cluster {
             .shards
             .iter()
             .zip(results)
-            .filter_map(|(shard, result)| result.err().map(|error| (shard.node_id().to_string(), error)))
+            .filter_map(|(shard, result)| {
+                result
+                    .err()
+                    .map(|error| (shard.node_id().to_string(), error))
+            })
             .collect();
         if unavailable.is_empty() {
             Ok(())
@@ -228,7 +240,10 @@ impl Cluster {
 }
 
 /// Runs `future` until the client's deadline, if there is one.
-async fn with_deadline<T>(deadline: Option<Instant>, future: impl std::future::Future<Output = T>) -> Result<T> {
+async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T> {
     match deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, future)
             .await

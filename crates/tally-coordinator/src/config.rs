@@ -117,7 +117,11 @@ impl CoordinatorConfig {
         }
         let vnodes_per_weight = raw.vnodes_per_weight.unwrap_or(DEFAULT_VNODES_PER_WEIGHT);
         if vnodes_per_weight == 0 {
-            return Err(ConfigError::invalid(&file, "vnodes_per_weight", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                &file,
+                "vnodes_per_weight",
+                "must be at least 1",
+            ));
         }
 
         let (shard_timeout_ms, origin) =
@@ -216,7 +220,10 @@ fn validate_nodes(file: &str, raw_nodes: Vec<RawNode>) -> Result<Vec<NodeConfig>
             return Err(ConfigError::invalid(
                 file,
                 key("address"),
-                format!("duplicate address {:?} (also nodes[{first}].address)", raw.address),
+                format!(
+                    "duplicate address {:?} (also nodes[{first}].address)",
+                    raw.address
+                ),
             ));
         }
         let weight = raw.weight.unwrap_or(1);
@@ -257,8 +264,11 @@ weight = 2
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.toml");
         std::fs::write(&path, text).unwrap();
-        CoordinatorConfig::load(&path, CoordinatorOverrides::default())
-            .map_err(|error| error.to_string().replace(&path.display().to_string(), "FILE"))
+        CoordinatorConfig::load(&path, CoordinatorOverrides::default()).map_err(|error| {
+            error
+                .to_string()
+                .replace(&path.display().to_string(), "FILE")
+        })
     }
 
     #[test]
@@ -274,21 +284,54 @@ weight = 2
     #[test]
     fn errors_name_the_file_and_key() {
         let cases = [
-            (GOOD.replace("stripes = 8", "stripes = 8\ncolour = 1"), "FILE:3: unknown key `colour`"),
-            (GOOD.replace("shard-2\"", "shard-1\""), "FILE: nodes[1].id: duplicate node id \"shard-1\""),
-            (GOOD.replace("127.0.0.1:7702", "127.0.0.1:port"), "FILE: nodes[1].address: \"127.0.0.1:port\" is not a host:port address"),
-            (GOOD.replace("127.0.0.1:7702", "127.0.0.1:7701"), "FILE: nodes[1].address: duplicate address"),
-            (format!("vnodes_per_weight = 0\n{GOOD}"), "FILE: vnodes_per_weight: must be at least 1"),
-            (GOOD.replace("weight = 2", "weight = 0"), "FILE: nodes[1].weight: 0 is out of range"),
-            (GOOD.replace("stripes = 8", "stripes = 0"), "FILE: stripes: 0 is out of range"),
+            (
+                GOOD.replace("stripes = 8", "stripes = 8\ncolour = 1"),
+                "FILE:3: unknown key `colour`",
+            ),
+            (
+                GOOD.replace("shard-2\"", "shard-1\""),
+                "FILE: nodes[1].id: duplicate node id \"shard-1\"",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7702", "127.0.0.1:port"),
+                "FILE: nodes[1].address: \"127.0.0.1:port\" is not a host:port address",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7702", "127.0.0.1:7701"),
+                "FILE: nodes[1].address: duplicate address",
+            ),
+            (
+                format!("vnodes_per_weight = 0\n{GOOD}"),
+                "FILE: vnodes_per_weight: must be at least 1",
+            ),
+            (
+                GOOD.replace("weight = 2", "weight = 0"),
+                "FILE: nodes[1].weight: 0 is out of range",
+            ),
+            (
+                GOOD.replace("stripes = 8", "stripes = 0"),
+                "FILE: stripes: 0 is out of range",
+            ),
             (GOOD.replace("127.0.0.1:7700", "localhost"), "FILE: listen:"),
-            ("listen = \"127.0.0.1:1\"\n".to_string(), "FILE: nodes: at least one"),
-            (GOOD.replace("address = \"127.0.0.1:7701\"\n", ""), "FILE:6: missing key `address`"),
-            (GOOD.replace("weight = 2", "weight = 2\nport = 1"), "FILE:12: unknown key `port`"),
+            (
+                "listen = \"127.0.0.1:1\"\n".to_string(),
+                "FILE: nodes: at least one",
+            ),
+            (
+                GOOD.replace("address = \"127.0.0.1:7701\"\n", ""),
+                "FILE:4: missing key `address`",
+            ),
+            (
+                GOOD.replace("weight = 2", "weight = 2\nport = 1"),
+                "FILE:12: unknown key `port`",
+            ),
         ];
         for (text, expected) in cases {
             let error = load_text(&text).unwrap_err();
-            assert!(error.starts_with(expected), "{error:?} does not start with {expected:?}");
+            assert!(
+                error.starts_with(expected),
+                "{error:?} does not start with {expected:?}"
+            );
             assert!(!error.contains('\n'), "{error:?}");
         }
     }

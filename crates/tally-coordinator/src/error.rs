@@ -59,7 +59,8 @@ impl CoordinatorError {
     pub fn code(&self) -> Code {
         match self {
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
-            CoordinatorError::IncrementOverflow { .. } | CoordinatorError::TotalOutOfRange { .. } => Code::OutOfRange,
+            CoordinatorError::IncrementOverflow { .. }
+            | CoordinatorError::TotalOutOfRange { .. } => Code::OutOfRange,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::DeadlineExceeded => Code::DeadlineExceeded,
         }
@@ -79,8 +80,14 @@ mod tests {
     #[test]
     fn unavailable_names_every_shard() {
         let error = CoordinatorError::Unavailable(vec![
-            ("shard-1".into(), ShardCallError::Failed("connection refused".into())),
-            ("shard-3".into(), ShardCallError::TimedOut(std::time::Duration::from_secs(5))),
+            (
+                "shard-1".into(),
+                ShardCallError::Failed("connection refused".into()),
+            ),
+            (
+                "shard-3".into(),
+                ShardCallError::TimedOut(std::time::Duration::from_secs(5)),
+            ),
         ]);
         let status = Status::from(error);
         assert_eq!(status.code(), Code::Unavailable);

@@ -51,9 +51,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let shutdown = tally_proto::process::shutdown_signal();
     println!("listening on {}", listener.local_addr()?);
-    coordinator
-        .serve(listener, tally_proto::process::shutdown_signal())
-        .await?;
+    coordinator.serve(listener, shutdown).await?;
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use tally_proto::domain::{validate_batch, CounterName, Increment};
-use tally_ring::Ring;
 use tally_proto::pb;
+use tally_ring::Ring;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Total};
@@ -56,7 +56,10 @@ impl pb::counter_server::Counter for CounterService {
         Ok(Response::new(pb::IncrementBatchResponse {}))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let deadline = request_deadline(&request);
         let request = request.into_inner();
         let counter = CounterName::try_from(request.counter)?;
@@ -85,7 +88,10 @@ impl pb::counter_server::Counter for CounterService {
         }))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let deadline = request_deadline(&request);
         let counter = CounterName::try_from(request.into_inner().counter)?;
         self.cluster.delete(counter, deadline).await?;
@@ -108,11 +114,20 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn ring(&self, _request: Request<pb::RingRequest>) -> Result<Response<pb::RingResponse>, Status> {
-        Ok(Response::new(ring_response(self.cluster.ring(), self.cluster.config())))
+    async fn ring(
+        &self,
+        _request: Request<pb::RingRequest>,
+    ) -> Result<Response<pb::RingResponse>, Status> {
+        Ok(Response::new(ring_response(
+            self.cluster.ring(),
+            self.cluster.config(),
+        )))
     }
 
-    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
         let counter = CounterName::try_from(request.into_inner().counter)?;
         Ok(Response::new(locate_response(
             self.cluster.ring(),
@@ -125,7 +140,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let budget = call_budget(self.cluster.config().shard_timeout, request_deadline(&request));
+        let budget = call_budget(
+            self.cluster.config().shard_timeout,
+            request_deadline(&request),
+        );
         let statuses = self.cluster.shards().iter().map(|shard| async move {
             let result = shard.status(budget).await;
             let mut node = pb::NodeStatus {
@@ -159,7 +177,10 @@ pub fn ring_response(ring: &Ring, config: &crate::CoordinatorConfig) -> pb::Ring
             .iter()
             .map(|node| pb::RingNode {
                 id: node.id.clone(),
-                address: config.node(&node.id).map(|node| node.address.clone()).unwrap_or_default(),
+                address: config
+                    .node(&node.id)
+                    .map(|node| node.address.clone())
+                    .unwrap_or_default(),
                 weight: node.weight,
                 vnodes: node.vnodes,
                 owned_fraction: node.owned_fraction,
@@ -185,7 +206,10 @@ pub fn locate_response(
                 pb::StripeLocation {
                     stripe: placement.stripe,
                     node_id: node.id.clone(),
-                    address: config.node(&node.id).map(|node| node.address.clone()).unwrap_or_default(),
+                    address: config
+                        .node(&node.id)
+                        .map(|node| node.address.clone())
+                        .unwrap_or_default(),
                     hash: placement.hash,
                 }
             })

@@ -64,7 +64,11 @@ impl ShardClient {
     /// A client of the node `node_id` at `address` (`host:port`). Connects
     /// lazily and reconnects on its own, so a node that is down at start is
     /// picked up when it comes back. Spawns the batcher task.
-    pub fn new(node_id: &str, address: &str, settings: BatchSettings) -> Result<Self, tonic::transport::Error> {
+    pub fn new(
+        node_id: &str,
+        address: &str,
+        settings: BatchSettings,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -97,7 +101,10 @@ impl ShardClient {
 
     /// Applies increments through the batcher. One outcome per increment, in
     /// order. The caller bounds the wait by its own deadline.
-    pub async fn apply(&self, increments: Vec<pb::ShardIncrement>) -> Result<Vec<Outcome>, ShardCallError> {
+    pub async fn apply(
+        &self,
+        increments: Vec<pb::ShardIncrement>,
+    ) -> Result<Vec<Outcome>, ShardCallError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(ApplyJob { increments, reply })
@@ -109,7 +116,11 @@ impl ShardClient {
     }
 
     /// This node's entries for each counter, in order.
-    pub async fn read(&self, counters: Vec<String>, budget: Duration) -> Result<Vec<pb::CounterEntries>, ShardCallError> {
+    pub async fn read(
+        &self,
+        counters: Vec<String>,
+        budget: Duration,
+    ) -> Result<Vec<pb::CounterEntries>, ShardCallError> {
         let expected = counters.len();
         let request = pb::ReadRequest {
             node_id: self.node_id.to_string(),
@@ -127,7 +138,11 @@ impl ShardClient {
     }
 
     /// Resets counters to 0 on this node.
-    pub async fn erase(&self, counters: Vec<String>, budget: Duration) -> Result<(), ShardCallError> {
+    pub async fn erase(
+        &self,
+        counters: Vec<String>,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
         let request = pb::EraseRequest {
             node_id: self.node_id.to_string(),
             counters,
@@ -138,9 +153,16 @@ impl ShardClient {
     }
 
     /// The node's own report of its state.
-    pub async fn status(&self, budget: Duration) -> Result<pb::ShardStatusResponse, ShardCallError> {
+    pub async fn status(
+        &self,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
         let mut grpc = self.grpc.clone();
-        let status = call(budget, grpc.status(timed(pb::ShardStatusRequest {}, budget))).await?;
+        let status = call(
+            budget,
+            grpc.status(timed(pb::ShardStatusRequest {}, budget)),
+        )
+        .await?;
         if status.node_id != *self.node_id {
             return Err(ShardCallError::Failed(format!(
                 "the node at this address is {:?}",
@@ -277,7 +299,9 @@ fn decode_outcomes(outcomes: &[i32], expected: usize) -> Result<Vec<Outcome>, Sh
         .map(|&outcome| match pb::ApplyOutcome::try_from(outcome) {
             Ok(pb::ApplyOutcome::Applied) => Ok(Outcome::Applied),
             Ok(pb::ApplyOutcome::Overflow) => Ok(Outcome::Overflow),
-            _ => Err(ShardCallError::Failed(format!("unknown apply outcome {outcome}"))),
+            _ => Err(ShardCallError::Failed(format!(
+                "unknown apply outcome {outcome}"
+            ))),
         })
         .collect()
 }

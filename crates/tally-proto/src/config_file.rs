@@ -49,7 +49,11 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// An invalid value of `key` read from `origin`.
-    pub fn invalid(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid(
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         ConfigError::Invalid {
             origin: origin.into(),
             key: key.into(),
@@ -167,21 +171,31 @@ mod tests {
         let text = "listen = \"127.0.0.1:1\"\nstripes = 8\nstripez = 9\n";
         let error = parse::<Sample>(Path::new("config/x.toml"), text).unwrap_err();
         let message = error.to_string();
-        assert!(message.starts_with("config/x.toml:3: unknown key `stripez`"), "{message}");
+        assert!(
+            message.starts_with("config/x.toml:3: unknown key `stripez`"),
+            "{message}"
+        );
         assert!(!message.contains('\n'));
     }
 
     #[test]
     fn wrong_type_names_the_line() {
         let text = "listen = \"127.0.0.1:1\"\nstripes = \"eight\"\n";
-        let message = parse::<Sample>(Path::new("c.toml"), text).unwrap_err().to_string();
+        let message = parse::<Sample>(Path::new("c.toml"), text)
+            .unwrap_err()
+            .to_string();
         assert!(message.starts_with("c.toml:2:"), "{message}");
     }
 
     #[test]
     fn missing_file_names_the_file() {
-        let message = load::<Sample>(Path::new("/nonexistent/c.toml")).unwrap_err().to_string();
-        assert!(message.starts_with("/nonexistent/c.toml: cannot read"), "{message}");
+        let message = load::<Sample>(Path::new("/nonexistent/c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("/nonexistent/c.toml: cannot read"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -194,10 +208,24 @@ mod tests {
 
     #[test]
     fn connect_addresses() {
-        for good in ["127.0.0.1:7701", "shard-1:7701", "[::1]:7701", "localhost:1"] {
+        for good in [
+            "127.0.0.1:7701",
+            "shard-1:7701",
+            "[::1]:7701",
+            "localhost:1",
+        ] {
             assert!(validate_connect_address(good).is_ok(), "{good}");
         }
-        for bad in ["", "127.0.0.1", "host:0", "host:99999", ":80", "a b:1", "[::1:80", "http://x:1"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            "host:0",
+            "host:99999",
+            ":80",
+            "a b:1",
+            "[::1:80",
+            "http://x:1",
+        ] {
             assert!(validate_connect_address(bad).is_err(), "{bad}");
         }
     }

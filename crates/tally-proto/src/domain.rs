@@ -219,7 +219,10 @@ mod tests {
             Err(ProtocolError::BatchTooLarge { length: 10_001 })
         );
         let items = vec![increment("a", ""); MAX_BATCH_ITEMS];
-        assert_eq!(validate_batch::<_, Increment>(items).unwrap().len(), MAX_BATCH_ITEMS);
+        assert_eq!(
+            validate_batch::<_, Increment>(items).unwrap().len(),
+            MAX_BATCH_ITEMS
+        );
     }
 
     #[test]

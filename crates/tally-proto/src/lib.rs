@@ -1,4 +1,5 @@
-//! Tally's wire protocols and the validated domain types at their edge.
+//! Tally's wire protocols, the validated domain types at their edge, and
+//! what every Tally binary shares at the process edge.
 //!
 //! # Layout
 //!
@@ -12,11 +13,9 @@
 //!   tracing setup, shutdown signals, reflection.
 //! - [`config_file`]: strict TOML loading shared by every binary: an error is
 //!   one line naming the file and the key.
-//! - [`domain`]: [`CounterName`](domain::CounterName),
-//!   [`IdempotencyKey`](domain::IdempotencyKey) and
-//!   [`Increment`](domain::Increment), built from the wire types with
-//!   `TryFrom`, so that a handler past the edge only sees valid input; a
-//!   [`ProtocolError`](domain::ProtocolError) becomes `INVALID_ARGUMENT`.
+//! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built
+//!   from the wire types with `TryFrom`, so that a handler past the edge only
+//!   sees valid input; a `ProtocolError` becomes `INVALID_ARGUMENT`.
 #![deny(missing_docs)]
 
 pub mod config_file;

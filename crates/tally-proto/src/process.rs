@@ -20,33 +20,31 @@ pub fn init_tracing() {
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C): the signals on which a daemon
 /// stops accepting, finishes in-flight work, flushes and exits 0.
+///
+/// The handlers are installed when this function is called, not when the
+/// future is first polled: call it before announcing readiness, so that a
+/// signal sent right after `listening on` is handled, not fatal.
+///
+/// # Panics
+///
+/// Outside a tokio runtime, or if the OS refuses signal handlers.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        let interrupt = async {
-            if let Err(error) = tokio::signal::ctrl_c().await {
-                tracing::error!(%error, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+        let mut terminate = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("received SIGINT, shutting down"),
+                _ = terminate.recv() => tracing::info!("received SIGTERM, shutting down"),
             }
-        };
-        #[cfg(unix)]
-        let terminate = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut stream) => {
-                    stream.recv().await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<()>();
-        tokio::select! {
-            () = interrupt => tracing::info!("received SIGINT, shutting down"),
-            () = terminate => tracing::info!("received SIGTERM, shutting down"),
         }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("received Ctrl-C, shutting down");
     }
 }
 

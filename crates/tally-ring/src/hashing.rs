@@ -135,8 +135,11 @@ mod tests {
     #[test]
     fn short_node_ids_get_unrelated_tokens() {
         for (left, right) in [("n1", "n12"), ("a", "aa"), ("ab", "abc")] {
-            let left: std::collections::HashSet<u64> = (0..4096).map(|index| token_hash(left, index)).collect();
-            let shared = (0..4096).filter(|&index| left.contains(&token_hash(right, index))).count();
+            let left: std::collections::HashSet<u64> =
+                (0..4096).map(|index| token_hash(left, index)).collect();
+            let shared = (0..4096)
+                .filter(|&index| left.contains(&token_hash(right, index)))
+                .count();
             assert_eq!(shared, 0, "{left:?} and {right:?}");
         }
     }

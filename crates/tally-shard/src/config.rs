@@ -37,7 +37,9 @@ impl std::str::FromStr for Durability {
         match text {
             "sync" => Ok(Durability::Sync),
             "async" => Ok(Durability::Async),
-            other => Err(format!("{other:?} is not a durability; use \"sync\" or \"async\"")),
+            other => Err(format!(
+                "{other:?} is not a durability; use \"sync\" or \"async\""
+            )),
         }
     }
 }
@@ -91,7 +93,11 @@ pub struct ShardConfig {
 impl ShardConfig {
     /// A config for tests and the dev cluster: sync durability, default
     /// flush interval.
-    pub fn new(node_id: impl Into<String>, listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        node_id: impl Into<String>,
+        listen: SocketAddr,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
         ShardConfig {
             node_id: node_id.into(),
             listen,
@@ -107,7 +113,10 @@ impl ShardConfig {
             Some(path) => config_file::load(path)?,
             None => RawShardConfig::default(),
         };
-        let file_origin = path.map_or_else(|| COMMAND_LINE.to_string(), |path| path.display().to_string());
+        let file_origin = path.map_or_else(
+            || COMMAND_LINE.to_string(),
+            |path| path.display().to_string(),
+        );
         let missing = |origin: &str, key: &str| {
             ConfigError::invalid(origin, key, "is required (in the file or as a flag)")
         };
@@ -125,11 +134,19 @@ impl ShardConfig {
         let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
         let data_dir = data_dir.ok_or_else(|| missing(origin, "data_dir"))?;
         if data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(origin, "data_dir", "must not be empty"));
+            return Err(ConfigError::invalid(
+                origin,
+                "data_dir",
+                "must not be empty",
+            ));
         }
 
         let (durability, _) = flag_or_file(overrides.durability, raw.durability, &file_origin);
-        let (flush_interval_ms, origin) = flag_or_file(overrides.flush_interval_ms, raw.flush_interval_ms, &file_origin);
+        let (flush_interval_ms, origin) = flag_or_file(
+            overrides.flush_interval_ms,
+            raw.flush_interval_ms,
+            &file_origin,
+        );
         let flush_interval_ms = flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS);
         if !(1..=60_000).contains(&flush_interval_ms) {
             return Err(ConfigError::invalid(
@@ -157,18 +174,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shard.toml");
         std::fs::write(&path, text).unwrap();
-        ShardConfig::load(Some(&path), overrides)
-            .map_err(|error| error.to_string().replace(&path.display().to_string(), "FILE"))
+        ShardConfig::load(Some(&path), overrides).map_err(|error| {
+            error
+                .to_string()
+                .replace(&path.display().to_string(), "FILE")
+        })
     }
 
-    const GOOD: &str = "node_id = \"shard-1\"\nlisten = \"127.0.0.1:7701\"\ndata_dir = \"data/shard-1\"\n";
+    const GOOD: &str =
+        "node_id = \"shard-1\"\nlisten = \"127.0.0.1:7701\"\ndata_dir = \"data/shard-1\"\n";
 
     #[test]
     fn reads_a_file_with_defaults() {
         let config = load_text(GOOD, ShardOverrides::default()).unwrap();
         assert_eq!(config.node_id, "shard-1");
         assert_eq!(config.durability, Durability::Sync);
-        assert_eq!(config.flush_interval, Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS));
+        assert_eq!(
+            config.flush_interval,
+            Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS)
+        );
     }
 
     #[test]
@@ -188,16 +212,37 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_key() {
         let cases = [
-            (format!("{GOOD}colour = 1\n"), "FILE:4: unknown key `colour`"),
-            (GOOD.replace("127.0.0.1:7701", "nowhere"), "FILE: listen: \"nowhere\" is not an ip:port address"),
-            (format!("{GOOD}durability = \"maybe\"\n"), "FILE:4: unknown variant `maybe`"),
-            (format!("{GOOD}flush_interval_ms = 0\n"), "FILE: flush_interval_ms: 0 is out of range"),
-            (GOOD.replace("shard-1\"", "shard 1\""), "FILE: node_id: node id \"shard 1\" has ' '"),
-            (GOOD.replace("node_id = \"shard-1\"\n", ""), "FILE: node_id: is required"),
+            (
+                format!("{GOOD}colour = 1\n"),
+                "FILE:4: unknown key `colour`",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7701", "nowhere"),
+                "FILE: listen: \"nowhere\" is not an ip:port address",
+            ),
+            (
+                format!("{GOOD}durability = \"maybe\"\n"),
+                "FILE:4: unknown variant `maybe`",
+            ),
+            (
+                format!("{GOOD}flush_interval_ms = 0\n"),
+                "FILE: flush_interval_ms: 0 is out of range",
+            ),
+            (
+                GOOD.replace("shard-1\"", "shard 1\""),
+                "FILE: node_id: node id \"shard 1\" has ' '",
+            ),
+            (
+                GOOD.replace("node_id = \"shard-1\"\n", ""),
+                "FILE: node_id: is required",
+            ),
         ];
         for (text, expected) in cases {
             let error = load_text(&text, ShardOverrides::default()).unwrap_err();
-            assert!(error.starts_with(expected), "{error:?} does not start with {expected:?}");
+            assert!(
+                error.starts_with(expected),
+                "{error:?} does not start with {expected:?}"
+            );
             assert!(!error.contains('\n'), "{error:?}");
         }
     }

@@ -171,5 +171,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ShardError> {
-    ShardNode::open(config).await?.serve(listener, shutdown).await
+    ShardNode::open(config)
+        .await?
+        .serve(listener, shutdown)
+        .await
 }

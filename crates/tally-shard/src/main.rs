@@ -60,12 +60,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
     let listen = config.listen;
+    // Before recovery, so that a SIGTERM while loading is a clean stop.
+    let shutdown = tally_proto::process::shutdown_signal();
     let node = ShardNode::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
-    node.serve(listener, tally_proto::process::shutdown_signal())
-        .await?;
+    node.serve(listener, shutdown).await?;
     Ok(())
 }

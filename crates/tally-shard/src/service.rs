@@ -24,7 +24,12 @@ pub struct ShardService {
 
 impl ShardService {
     /// A service over `store`, acknowledging writes through `flusher`.
-    pub fn new(node_id: &str, durability: Durability, store: Arc<Store>, flusher: Arc<Flusher>) -> Self {
+    pub fn new(
+        node_id: &str,
+        durability: Durability,
+        store: Arc<Store>,
+        flusher: Arc<Flusher>,
+    ) -> Self {
         ShardService {
             node_id: node_id.into(),
             durability,
@@ -59,7 +64,10 @@ fn check_counter_name(counter: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl pb::shard_server::Shard for ShardService {
-    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let increments = request
@@ -92,7 +100,10 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::ApplyResponse { outcomes }))
     }
 
-    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let counters = request
@@ -110,7 +121,10 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::ReadResponse { counters }))
     }
 
-    async fn erase(&self, request: Request<pb::EraseRequest>) -> Result<Response<pb::EraseResponse>, Status> {
+    async fn erase(
+        &self,
+        request: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::EraseResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();

@@ -167,14 +167,19 @@ impl Storage {
         let mut loaded = 0;
         for item in self.entries.iter() {
             let (key, value) = item.map_err(|error| self.damaged(error.to_string()))?;
-            let key = decode_key(&key).ok_or_else(|| self.damaged(format!("bad entry key {key:?}")))?;
+            let key =
+                decode_key(&key).ok_or_else(|| self.damaged(format!("bad entry key {key:?}")))?;
             let value: [u8; 8] = value
                 .as_ref()
                 .try_into()
                 .map_err(|_| self.damaged(format!("bad entry value for {:?}", key.counter)))?;
             if key.origin != self.node_id {
                 // Another node's entry: only replicas will write these.
-                tracing::warn!(origin = key.origin, counter = key.counter, "ignoring entry of another node");
+                tracing::warn!(
+                    origin = key.origin,
+                    counter = key.counter,
+                    "ignoring entry of another node"
+                );
                 continue;
             }
             store.load(key.counter, key.stripe, i64::from_be_bytes(value));
@@ -302,7 +307,8 @@ pub fn decode_key(key: &[u8]) -> Option<EntryKey<'_>> {
     let (&origin_length, rest) = key.split_first()?;
     let (origin, rest) = rest.split_at_checked(usize::from(origin_length))?;
     let (counter_length, rest) = rest.split_first_chunk::<2>()?;
-    let (counter, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*counter_length)))?;
+    let (counter, rest) =
+        rest.split_at_checked(usize::from(u16::from_be_bytes(*counter_length)))?;
     let stripe: [u8; 4] = rest.try_into().ok()?;
     Some(EntryKey {
         origin: std::str::from_utf8(origin).ok()?,
@@ -333,7 +339,7 @@ mod tests {
 
     #[test]
     fn keys_sort_by_origin_then_counter_then_stripe() {
-        let mut keys = vec![
+        let mut keys = [
             encode_key("b", "a", 0),
             encode_key("a", "b", 0),
             encode_key("a", "a", 1),
@@ -342,7 +348,10 @@ mod tests {
         keys.sort();
         let decoded: Vec<_> = keys.iter().map(|key| decode_key(key).unwrap()).collect();
         assert_eq!(
-            decoded.iter().map(|key| (key.origin, key.counter, key.stripe)).collect::<Vec<_>>(),
+            decoded
+                .iter()
+                .map(|key| (key.origin, key.counter, key.stripe))
+                .collect::<Vec<_>>(),
             vec![("a", "a", 0), ("a", "a", 1), ("a", "b", 0), ("b", "a", 0)]
         );
     }
@@ -354,9 +363,21 @@ mod tests {
             let storage = Storage::open(dir.path(), "shard-1").unwrap();
             let store = Store::new();
             store.apply(&[
-                StripeIncrement { counter: "a", stripe: 0, delta: 5 },
-                StripeIncrement { counter: "a", stripe: 2, delta: -3 },
-                StripeIncrement { counter: "gone", stripe: 0, delta: 1 },
+                StripeIncrement {
+                    counter: "a",
+                    stripe: 0,
+                    delta: 5,
+                },
+                StripeIncrement {
+                    counter: "a",
+                    stripe: 2,
+                    delta: -3,
+                },
+                StripeIncrement {
+                    counter: "gone",
+                    stripe: 0,
+                    delta: 1,
+                },
             ]);
             storage.write(&store.begin_flush().entries).unwrap();
             store.erase(&["gone"]);
@@ -385,7 +406,10 @@ mod tests {
         let error = Storage::open(dir.path(), "shard-2").unwrap_err();
         assert_eq!(
             error.to_string(),
-            format!("data directory {} belongs to node \"shard-1\", not \"shard-2\"", dir.path().display())
+            format!(
+                "data directory {} belongs to node \"shard-1\", not \"shard-2\"",
+                dir.path().display()
+            )
         );
     }
 
@@ -395,7 +419,10 @@ mod tests {
         std::fs::write(dir.path().join("precious.txt"), "mine").unwrap();
         let error = Storage::open(dir.path(), "shard-1").unwrap_err();
         assert!(matches!(error, StorageError::Foreign { .. }), "{error}");
-        assert_eq!(std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(), "mine");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
+            "mine"
+        );
         assert!(!dir.path().join("db").exists());
     }
 }

@@ -118,7 +118,11 @@ impl Store {
     pub fn load(&self, counter: &str, stripe: u32, value: i64) {
         let mut segment = self.segment(counter).lock();
         let entry = segment.counters.entry(counter.into()).or_default();
-        match entry.stripes.iter_mut().find(|(existing, _)| *existing == stripe) {
+        match entry
+            .stripes
+            .iter_mut()
+            .find(|(existing, _)| *existing == stripe)
+        {
             Some((_, stored)) => *stored = value,
             None => entry.stripes.push((stripe, value)),
         }
@@ -192,7 +196,13 @@ impl Store {
                 segment
                     .counters
                     .values()
-                    .map(|entry| entry.stripes.iter().filter(|(_, value)| *value != 0).count() as u64)
+                    .map(|entry| {
+                        entry
+                            .stripes
+                            .iter()
+                            .filter(|(_, value)| *value != 0)
+                            .count() as u64
+                    })
                     .sum::<u64>()
             })
             .sum()
@@ -244,7 +254,9 @@ impl Store {
     /// flush writes them.
     pub fn abandon_flush(&self, snapshot: &FlushSnapshot) {
         for entry in &snapshot.entries {
-            self.segment(&entry.counter).lock().mark_dirty(&entry.counter);
+            self.segment(&entry.counter)
+                .lock()
+                .mark_dirty(&entry.counter);
         }
     }
 }
@@ -316,7 +328,10 @@ mod tests {
         let store = Store::new();
         store.apply(&[increment("a", 0, i64::MAX)]);
         let (outcomes, _) = store.apply(&[increment("a", 0, 1), increment("b", 0, 1)]);
-        assert_eq!(outcomes, vec![ApplyOutcome::Overflow, ApplyOutcome::Applied]);
+        assert_eq!(
+            outcomes,
+            vec![ApplyOutcome::Overflow, ApplyOutcome::Applied]
+        );
         assert_eq!(store.read("a"), vec![(0, i64::MAX)]);
         // An overflow on a new entry leaves no empty entry behind.
         store.apply(&[increment("c", 0, i64::MIN)]);
@@ -345,7 +360,10 @@ mod tests {
         assert_eq!(snapshot.epoch, 1);
         assert_eq!(snapshot.entries.len(), 2);
         let (_, epoch) = store.apply(&[increment("b", 0, 1)]);
-        assert_eq!(epoch, 2, "changes after the flush began wait for the next one");
+        assert_eq!(
+            epoch, 2,
+            "changes after the flush began wait for the next one"
+        );
         let snapshot = store.begin_flush();
         assert_eq!(snapshot.entries.len(), 1);
         assert!(store.begin_flush().entries.is_empty());

@@ -1,0 +1,321 @@
+//! Behaviour that is about processes: the real `tally-shard`,
+//! `tally-coordinator` and `tallyctl` binaries, started from config files,
+//! stopped with signals.
+
+mod support;
+
+use std::collections::HashMap;
+
+use nix::sys::signal::Signal;
+use support::{run_to_end, Daemon, ProcessCluster};
+use tally::proto::pb;
+use tally::proto::pb::counter_client::CounterClient;
+
+async fn totals(endpoint: &str, counters: &[String]) -> Vec<pb::GetResponse> {
+    let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
+    client
+        .get_batch(pb::GetBatchRequest {
+            counters: counters.to_vec(),
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counters
+}
+
+/// Concurrent writers through the coordinator; returns the ledger of what
+/// was acknowledged.
+async fn write_load(endpoint: &str, writers: usize, rounds: usize) -> HashMap<String, i64> {
+    let client = CounterClient::connect(endpoint.to_string()).await.unwrap();
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut ledger: HashMap<String, i64> = HashMap::new();
+                for round in 0..rounds {
+                    let counter = format!("process-{}", (writer + round) % 10);
+                    let delta = if round % 3 == 0 { -7 } else { 11 };
+                    client
+                        .increment(pb::IncrementRequest {
+                            counter: counter.clone(),
+                            delta,
+                            idempotency_key: String::new(),
+                        })
+                        .await
+                        .unwrap();
+                    *ledger.entry(counter).or_default() += delta;
+                }
+                ledger
+            })
+        })
+        .collect();
+    let mut ledger = HashMap::new();
+    for task in tasks {
+        for (counter, delta) in task.await.unwrap() {
+            *ledger.entry(counter).or_default() += delta;
+        }
+    }
+    ledger
+}
+
+async fn assert_totals_match(endpoint: &str, ledger: &HashMap<String, i64>) {
+    let names: Vec<String> = ledger.keys().cloned().collect();
+    for total in totals(endpoint, &names).await {
+        assert!(total.complete, "{total:?}");
+        assert_eq!(total.value, ledger[&total.counter], "{}", total.counter);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_survive_a_graceful_restart_of_every_shard() {
+    for durability in ["sync", "async"] {
+        let mut cluster = ProcessCluster::start(durability);
+        let endpoint = cluster.coordinator.endpoint();
+        let ledger = write_load(&endpoint, 16, 40).await;
+        assert_totals_match(&endpoint, &ledger).await;
+
+        for index in 0..3 {
+            let shard = cluster.shards[index].take().unwrap();
+            let address = shard.address;
+            let log = shard.log();
+            assert!(log.contains("recovered"), "{log}");
+            shard.terminate();
+            cluster.restart_shard(index, address);
+        }
+        // Every shard process is new; the coordinator reconnects by itself.
+        assert_totals_match(&endpoint, &ledger).await;
+        for shard in cluster.shards.iter().flatten() {
+            assert!(shard.log().contains("recovered"));
+        }
+        cluster.coordinator.terminate();
+        for shard in cluster.shards.into_iter().flatten() {
+            shard.terminate();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_a_shard_cleanly_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_shard_config(dir.path(), 1, "sync");
+    let shard = Daemon::start(
+        "tally-shard",
+        "shard-1",
+        &["--config", config.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(shard.stop_with(Signal::SIGINT).success());
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallyctl_against_a_running_cluster() {
+    let cluster = ProcessCluster::start("sync");
+
+    let output = cluster.tallyctl(&["incr", "page:views", "5"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "OK page:views +5");
+    assert!(cluster
+        .tallyctl(&["incr", "page:views", "-2"])
+        .status
+        .success());
+    assert!(cluster.tallyctl(&["incr", "page:views"]).status.success());
+    assert!(cluster
+        .tallyctl(&["incr", "likes", "3", "--key", "request-1"])
+        .status
+        .success());
+
+    let output = cluster.tallyctl(&["get", "page:views", "likes", "missing"]);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], vec!["COUNTER", "VALUE", "COMPLETE"]);
+    assert_eq!(rows[1], vec!["page:views", "4", "yes"]);
+    assert_eq!(rows[2], vec!["likes", "3", "yes"]);
+    assert_eq!(rows[3], vec!["missing", "0", "yes"]);
+
+    let output = cluster.tallyctl(&["--json", "get", "page:views"]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{ "counter": "page:views", "value": 4, "complete": true }])
+    );
+
+    // Live ring: three nodes, a third each, all up.
+    let output = cluster.tallyctl(&["--json", "ring"]);
+    let ring: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(ring["stripes"], 8);
+    let nodes = ring["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for node in nodes {
+        assert_eq!(node["reachable"], true);
+        assert!((node["owned_fraction"].as_f64().unwrap() - 1.0 / 3.0).abs() < 0.03);
+    }
+    let text = stdout(&cluster.tallyctl(&["ring"]));
+    assert!(
+        text.starts_with(" NODE") || text.starts_with("NODE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shard-2") && text.contains("up") && text.contains('%'),
+        "{text}"
+    );
+
+    // Offline ring from the same config file agrees with the live one.
+    let output = run_to_end(
+        "tallyctl",
+        &[
+            "--json",
+            "ring",
+            "--config",
+            cluster.coordinator_config.to_str().unwrap(),
+        ],
+    );
+    let offline: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for (live, offline) in nodes.iter().zip(offline["nodes"].as_array().unwrap()) {
+        assert_eq!(live["id"], offline["id"]);
+        assert_eq!(live["owned_fraction"], offline["owned_fraction"]);
+        assert!(offline.get("reachable").is_none());
+    }
+
+    // Locate, live and offline, agree.
+    let live = stdout(&cluster.tallyctl(&["--json", "locate", "page:views"]));
+    let offline = stdout(&run_to_end(
+        "tallyctl",
+        &[
+            "--json",
+            "locate",
+            "page:views",
+            "--config",
+            cluster.coordinator_config.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(live, offline);
+    let located: serde_json::Value = serde_json::from_str(&live).unwrap();
+    assert_eq!(located["stripes"].as_array().unwrap().len(), 8);
+
+    let output = cluster.tallyctl(&["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entries: u64 = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| {
+            assert_eq!(node["reachable"], true);
+            node["entries"].as_u64().unwrap()
+        })
+        .sum();
+    assert!(entries >= 2, "{status}");
+    assert!(stdout(&cluster.tallyctl(&["status"])).contains("3 of 3 nodes reachable"));
+    assert!(cluster.tallyctl(&["health"]).status.success());
+
+    assert!(cluster.tallyctl(&["delete", "page:views"]).status.success());
+    assert!(stdout(&cluster.tallyctl(&["get", "page:views"])).contains(" 0 "));
+
+    // Errors: non-zero exit, one line naming the gRPC code; nothing changes.
+    let output = cluster.tallyctl(&["incr", ""]);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr(&output).trim(),
+        "tallyctl: error: INVALID_ARGUMENT: counter name is empty"
+    );
+    let output = cluster.tallyctl(&["incr", "likes", "1", "--key", &"k".repeat(129)]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("INVALID_ARGUMENT"));
+    assert!(stdout(&cluster.tallyctl(&["get", "likes"])).contains(" 3 "));
+
+    // A shard goes down: status shows it, get fails naming it, partial works.
+    let mut cluster = cluster;
+    let shard = cluster.shards[2].take().unwrap();
+    shard.terminate();
+    let text = stdout(&cluster.tallyctl(&["status"]));
+    assert!(
+        text.contains("DOWN") && text.contains("2 of 3 nodes reachable"),
+        "{text}"
+    );
+    let output = cluster.tallyctl(&["get", "likes"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("UNAVAILABLE") && stderr(&output).contains("shard-3"));
+    assert!(cluster
+        .tallyctl(&["get", "likes", "--allow-partial"])
+        .status
+        .success());
+
+    // Nothing listening: a clear error, non-zero exit.
+    let output = run_to_end(
+        "tallyctl",
+        &[
+            "--endpoint",
+            "http://127.0.0.1:1",
+            "--timeout-ms",
+            "2000",
+            "get",
+            "x",
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).starts_with("tallyctl: error: cannot reach http://127.0.0.1:1"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_locked_data_directory_is_refused_and_the_owner_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_shard_config(dir.path(), 1, "sync");
+    let mut owner = Daemon::start(
+        "tally-shard",
+        "owner",
+        &["--config", config.to_str().unwrap()],
+        dir.path(),
+    );
+    let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(
+        message.contains("is in use by another process"),
+        "{message}"
+    );
+    assert!(message.contains("shard-1"), "{message}");
+    assert!(owner.is_running());
+    let health = run_to_end("tallyctl", &["--endpoint", &owner.endpoint(), "health"]);
+    assert!(health.status.success());
+    owner.terminate();
+}
+
+#[test]
+fn a_data_directory_of_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_shard_config(dir.path(), 1, "sync");
+    let shard = Daemon::start(
+        "tally-shard",
+        "shard-1",
+        &["--config", config.to_str().unwrap()],
+        dir.path(),
+    );
+    shard.terminate();
+    let output = run_to_end(
+        "tally-shard",
+        &["--config", config.to_str().unwrap(), "--node-id", "shard-7"],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("belongs to node \"shard-1\", not \"shard-7\""),
+        "{}",
+        stderr(&output)
+    );
+}

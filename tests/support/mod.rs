@@ -1,0 +1,284 @@
+//! Process-level test harness: runs the real `tally-shard`,
+//! `tally-coordinator` and `tallyctl` binaries from config files, on
+//! loopback port 0.
+//!
+//! A daemon prints `listening on ADDRESS` on stdout once it serves; the
+//! harness reads that line instead of sleeping or guessing a port.
+
+#![allow(dead_code)] // each test file uses a part
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Longest wait for a daemon to print its address, or to exit.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary, built next to this test's executable.
+///
+/// `cargo test` builds only the binaries of packages it tests with
+/// integration tests, and `cargo test --test processes` none of the other
+/// packages' binaries: a test could run a stale one. So the first call in a
+/// test process runs `cargo build --workspace --bins` (a no-op of a fraction
+/// of a second when they are current).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let profile_dir = std::env::current_exe()
+        .expect("test executable path")
+        .parent() // deps/
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps layout")
+        .to_path_buf();
+    BUILT.get_or_init(|| {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--workspace", "--bins", "--quiet"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let output = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run cargo build");
+        assert!(
+            output.status.success(),
+            "cargo build --workspace --bins failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found after cargo build",
+        path.display()
+    );
+    path
+}
+
+/// A running daemon process. Killed (SIGKILL) if dropped while running.
+pub struct Daemon {
+    pub name: String,
+    pub address: SocketAddr,
+    child: Child,
+    stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `binary` with `args`, stderr to `log_dir/<name>.log`, and waits
+    /// for its `listening on` line.
+    pub fn start(binary_name: &str, name: &str, args: &[&str], log_dir: &Path) -> Daemon {
+        let stderr_path = log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(binary(binary_name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {binary_name}: {error}"));
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(address) = line.strip_prefix("listening on ") {
+                    let _ = sender.send(address.trim().parse::<SocketAddr>());
+                }
+            }
+        });
+        let address = match receiver.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(address)) => address,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{name} did not start ({other:?}); its log:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        Daemon {
+            name: name.to_string(),
+            address,
+            child,
+            stderr_path,
+        }
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(mut self, signal: Signal) -> ExitStatus {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        let status = wait_with_timeout(&mut self.child, START_TIMEOUT)
+            .unwrap_or_else(|| panic!("{} did not exit after {signal}", self.name));
+        std::mem::forget(self);
+        status
+    }
+
+    /// SIGTERM: the graceful stop. Asserts exit code 0.
+    pub fn terminate(self) {
+        let name = self.name.clone();
+        let log = self.stderr_path.clone();
+        let status = self.stop_with(Signal::SIGTERM);
+        assert!(
+            status.success(),
+            "{name} exited with {status} after SIGTERM; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// `http://address`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a binary to completion (bounded), for commands and startup errors.
+pub fn run_to_end(binary_name: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(binary(binary_name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_timeout(&mut child, START_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(status.is_some(), "{binary_name} {args:?} did not finish");
+    output
+}
+
+/// A shard config file for node `index` (1-based) under `dir`.
+pub fn write_shard_config(dir: &Path, index: usize, durability: &str) -> PathBuf {
+    let path = dir.join(format!("shard-{index}.toml"));
+    let data_dir = dir.join(format!("data/shard-{index}"));
+    std::fs::write(
+        &path,
+        format!(
+            "node_id = \"shard-{index}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\ndurability = \"{durability}\"\nflush_interval_ms = 20\n",
+            data_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A coordinator config file naming `shards` as its membership.
+pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    let mut text = String::from("listen = \"127.0.0.1:0\"\nstripes = 8\nshard_timeout_ms = 5000\n");
+    for (index, address) in shards.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[nodes]]\nid = \"shard-{}\"\naddress = \"{address}\"\n",
+            index + 1
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Three shards and a coordinator, each a real process, from config files
+/// in a temporary directory.
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub shards: Vec<Option<Daemon>>,
+    pub shard_configs: Vec<PathBuf>,
+    pub coordinator: Daemon,
+    pub coordinator_config: PathBuf,
+}
+
+impl ProcessCluster {
+    pub fn start(durability: &str) -> ProcessCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shards = Vec::new();
+        let mut shard_configs = Vec::new();
+        for index in 1..=3 {
+            let config = write_shard_config(dir.path(), index, durability);
+            let name = format!("shard-{index}");
+            shards.push(Some(Daemon::start(
+                "tally-shard",
+                &name,
+                &["--config", config.to_str().unwrap()],
+                dir.path(),
+            )));
+            shard_configs.push(config);
+        }
+        let addresses: Vec<SocketAddr> = shards
+            .iter()
+            .map(|shard| shard.as_ref().unwrap().address)
+            .collect();
+        let coordinator_config = write_coordinator_config(dir.path(), &addresses);
+        let coordinator = Daemon::start(
+            "tally-coordinator",
+            "coordinator",
+            &["--config", coordinator_config.to_str().unwrap()],
+            dir.path(),
+        );
+        ProcessCluster {
+            dir,
+            shards,
+            shard_configs,
+            coordinator,
+            coordinator_config,
+        }
+    }
+
+    /// Starts shard `index` (0-based) again from its config file, on the
+    /// address it had (a flag overrides the file's port 0).
+    pub fn restart_shard(&mut self, index: usize, address: SocketAddr) {
+        let config = self.shard_configs[index].clone();
+        let listen = address.to_string();
+        self.shards[index] = Some(Daemon::start(
+            "tally-shard",
+            &format!("shard-{}", index + 1),
+            &["--config", config.to_str().unwrap(), "--listen", &listen],
+            self.dir.path(),
+        ));
+    }
+
+    pub fn tallyctl(&self, args: &[&str]) -> Output {
+        let endpoint = self.coordinator.endpoint();
+        let mut full = vec!["--endpoint", endpoint.as_str()];
+        full.extend_from_slice(args);
+        run_to_end("tallyctl", &full)
+    }
+}

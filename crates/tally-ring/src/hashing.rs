@@ -28,11 +28,11 @@ const STACK_HASH_BYTES: usize = 512;
 fn hash_with_suffix(name: &str, suffix: u32, seed: u64) -> u64 {
     let name = name.as_bytes();
     let suffix = suffix.to_le_bytes();
-    if name.len() + suffix.len() <= STACK_HASH_BYTES {
-        let mut buffer = [0u8; STACK_HASH_BYTES];
-        buffer[..name.len()].copy_from_slice(name);
-        buffer[name.len()..name.len() + suffix.len()].copy_from_slice(&suffix);
-        xxh3_64_with_seed(&buffer[..name.len() + suffix.len()], seed)
+    // An ArrayVec, not a zeroed array: zeroing 512 bytes per call cost more
+    // than hashing a short name.
+    let mut buffer = arrayvec::ArrayVec::<u8, STACK_HASH_BYTES>::new();
+    if buffer.try_extend_from_slice(name).is_ok() && buffer.try_extend_from_slice(&suffix).is_ok() {
+        xxh3_64_with_seed(&buffer, seed)
     } else {
         let mut hasher = Xxh3::with_seed(seed);
         hasher.update(name);

@@ -157,34 +157,17 @@ impl Drop for Daemon {
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_timeout::ChildExt::wait_timeout(child, timeout).unwrap()
 }
 
-/// Runs a binary to completion (bounded), for commands and startup errors.
+/// Runs a binary to completion, killed after [`START_TIMEOUT`] (then its
+/// status is not success, and the test fails on what it expected).
 pub fn run_to_end(binary_name: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(binary(binary_name))
+    assert_cmd::Command::new(binary(binary_name))
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_with_timeout(&mut child, START_TIMEOUT);
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().unwrap();
-    assert!(status.is_some(), "{binary_name} {args:?} did not finish");
-    output
+        .timeout(START_TIMEOUT)
+        .output()
+        .unwrap()
 }
 
 /// A shard config file for node `index` (1-based) under `dir`.

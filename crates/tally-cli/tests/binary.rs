@@ -1,10 +1,17 @@
 //! `tallyctl` without a cluster: offline ring inspection from the shipped
 //! config, and clear errors with a non-zero exit.
 
-use std::process::Command;
+use std::time::Duration;
+
+use assert_cmd::Command;
+
+/// A binary that should exit at once is killed after this, so a test fails
+/// instead of hanging if it ever keeps running.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn tallyctl(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .timeout(EXIT_TIMEOUT)
         .args(args)
         .env_remove("TALLY_ENDPOINT")
         .output()
@@ -79,18 +86,18 @@ fn a_bad_config_is_one_line_naming_file_and_key() {
 
 #[test]
 fn no_coordinator_is_a_clear_error() {
-    let output = tallyctl(&[
-        "--endpoint",
-        "127.0.0.1:1",
-        "--timeout-ms",
-        "2000",
-        "incr",
-        "x",
-    ]);
+    // A port the OS just handed out and took back: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let output = tallyctl(&["--endpoint", &endpoint, "--timeout-ms", "2000", "incr", "x"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.starts_with("tallyctl: error: cannot reach http://127.0.0.1:1"),
+        stderr.starts_with(&format!("tallyctl: error: cannot reach http://{endpoint}")),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

@@ -2,7 +2,7 @@
 //! increments over the ring, fan reads and deletes out to every node.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -107,8 +107,9 @@ impl Cluster {
         increments: Vec<Increment>,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        // Group by owning node: one batcher job per node per call.
-        let mut by_node: HashMap<usize, Vec<pb::ShardIncrement>> = HashMap::new();
+        // Group by owning node: one batcher job per node per call. Ordered,
+        // so which error is reported does not depend on hashing.
+        let mut by_node: BTreeMap<usize, Vec<pb::ShardIncrement>> = BTreeMap::new();
         for increment in increments {
             let stripe = self.stripe_for(&increment);
             let node = self.ring.owner(increment.counter.as_str(), stripe);
@@ -134,25 +135,27 @@ impl Cluster {
         let results = with_deadline(deadline, join_all(calls)).await?;
 
         let mut unavailable = Vec::new();
+        let mut overflow = None;
         for (node, sent, result) in results {
             match result {
                 Ok(outcomes) => {
-                    if let Some((counter, delta)) = sent
-                        .into_iter()
-                        .zip(outcomes)
-                        .find_map(|(sent, outcome)| (outcome == Outcome::Overflow).then_some(sent))
-                    {
-                        return Err(CoordinatorError::IncrementOverflow { counter, delta });
+                    if overflow.is_none() {
+                        overflow = sent.into_iter().zip(outcomes).find_map(|(sent, outcome)| {
+                            (outcome == Outcome::Overflow).then_some(sent)
+                        });
                     }
                 }
                 Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
             }
         }
-        if unavailable.is_empty() {
-            Ok(())
-        } else {
-            unavailable.sort_by(|left, right| left.0.cmp(&right.0));
-            Err(CoordinatorError::Unavailable(unavailable))
+        // UNAVAILABLE first: part of the call was not applied and the client
+        // should retry; an overflow is reported once every node answered.
+        if !unavailable.is_empty() {
+            return Err(CoordinatorError::Unavailable(unavailable));
+        }
+        match overflow {
+            Some((counter, delta)) => Err(CoordinatorError::IncrementOverflow { counter, delta }),
+            None => Ok(()),
         }
     }
 

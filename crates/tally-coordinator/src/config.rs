@@ -319,7 +319,7 @@ weight = 2
             ),
             (
                 GOOD.replace("address = \"127.0.0.1:7701\"\n", ""),
-                "FILE:4: missing key `address`",
+                "FILE:4: nodes[0]: missing key `address`",
             ),
             (
                 GOOD.replace("weight = 2", "weight = 2\nport = 1"),

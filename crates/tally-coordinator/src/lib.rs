@@ -31,6 +31,7 @@ use std::sync::Arc;
 use tally_proto::pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 pub use cluster::Cluster;
 pub use config::{CoordinatorConfig, CoordinatorOverrides, NodeConfig};
@@ -101,16 +102,18 @@ impl Coordinator {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 pb::counter_server::CounterServer::new(counter)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .add_service(
+                deadline::stamp_arrival,
+            ))
+            .add_service(InterceptedService::new(
                 pb::admin_server::AdminServer::new(admin)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+                deadline::stamp_arrival,
+            ))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await?;
         tracing::info!("stopped");

@@ -7,6 +7,10 @@
 //! slot is free (`max_in_flight_batches_per_shard`). When the node is idle an
 //! increment is sent at once, alone; under load, increments gather while
 //! earlier calls are in flight. No timer adds latency.
+//!
+//! The queue is bounded by increments, not calls ([`MAX_QUEUED_INCREMENTS`]):
+//! a slow node makes callers wait for room instead of growing memory. A job
+//! whose caller has given up (deadline passed) is dropped before it is sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +25,7 @@ use crate::error::ShardCallError;
 /// How long to wait for a TCP connection to a shard.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Increments queued for one node before callers wait for room.
-const QUEUE_CAPACITY: usize = 16_384;
+pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 /// Largest internal message, matching the shard's limit.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -38,6 +42,8 @@ pub enum Outcome {
 struct ApplyJob {
     increments: Vec<pb::ShardIncrement>,
     reply: oneshot::Sender<Result<Vec<Outcome>, ShardCallError>>,
+    /// Room in the queue, given back when the job is answered or dropped.
+    queue_room: OwnedSemaphorePermit,
 }
 
 /// Client of one shard node. Cheap to clone.
@@ -46,7 +52,9 @@ pub struct ShardClient {
     node_id: Arc<str>,
     address: Arc<str>,
     grpc: GrpcShardClient<Channel>,
-    jobs: mpsc::Sender<ApplyJob>,
+    jobs: mpsc::UnboundedSender<ApplyJob>,
+    /// Permits are increments; bounds the queue (see the module docs).
+    queue_room: Arc<Semaphore>,
 }
 
 /// Batching settings for one node's client.
@@ -78,7 +86,8 @@ impl ShardClient {
         let grpc = GrpcShardClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        // Unbounded channel, bounded by `queue_room`.
+        let (jobs, queue) = mpsc::unbounded_channel();
         let node_id: Arc<str> = node_id.into();
         tokio::spawn(batch_loop(node_id.clone(), grpc.clone(), queue, settings));
         Ok(ShardClient {
@@ -86,6 +95,7 @@ impl ShardClient {
             address: address.into(),
             grpc,
             jobs,
+            queue_room: Arc::new(Semaphore::new(MAX_QUEUED_INCREMENTS)),
         })
     }
 
@@ -105,11 +115,23 @@ impl ShardClient {
         &self,
         increments: Vec<pb::ShardIncrement>,
     ) -> Result<Vec<Outcome>, ShardCallError> {
+        let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
+        // A job larger than the whole queue takes all of it.
+        let room = increments.len().min(MAX_QUEUED_INCREMENTS) as u32;
+        let queue_room = self
+            .queue_room
+            .clone()
+            .acquire_many_owned(room)
+            .await
+            .map_err(|_| shutting_down())?;
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(ApplyJob { increments, reply })
-            .await
-            .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?;
+            .send(ApplyJob {
+                increments,
+                reply,
+                queue_room,
+            })
+            .map_err(|_| shutting_down())?;
         answer
             .await
             .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?
@@ -214,29 +236,38 @@ fn describe_status(status: &tonic::Status) -> ShardCallError {
 async fn batch_loop(
     node_id: Arc<str>,
     grpc: GrpcShardClient<Channel>,
-    mut queue: mpsc::Receiver<ApplyJob>,
+    mut queue: mpsc::UnboundedReceiver<ApplyJob>,
     settings: BatchSettings,
 ) {
     let call_slots = Arc::new(Semaphore::new(settings.max_in_flight_batches));
+    // A job that did not fit in the previous call goes first in the next.
+    let mut carried: Option<ApplyJob> = None;
     loop {
         let slot = call_slots
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let Some(first) = queue.recv().await else {
-            return;
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match next_live_job(&mut queue).await {
+                Some(job) => job,
+                None => return,
+            },
         };
         let mut increment_count = first.increments.len();
         let mut jobs = vec![first];
         while increment_count < settings.max_increments_per_batch {
-            match queue.try_recv() {
-                Ok(job) => {
-                    increment_count += job.increments.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
+            let Ok(job) = queue.try_recv() else { break };
+            if job.reply.is_closed() {
+                continue;
             }
+            if increment_count + job.increments.len() > settings.max_increments_per_batch {
+                carried = Some(job);
+                break;
+            }
+            increment_count += job.increments.len();
+            jobs.push(job);
         }
         tokio::spawn(send_batch(
             node_id.clone(),
@@ -246,6 +277,17 @@ async fn batch_loop(
             settings.shard_timeout,
             slot,
         ));
+    }
+}
+
+/// The next queued job whose caller still waits; `None` once the client is
+/// dropped.
+async fn next_live_job(queue: &mut mpsc::UnboundedReceiver<ApplyJob>) -> Option<ApplyJob> {
+    loop {
+        let job = queue.recv().await?;
+        if !job.reply.is_closed() {
+            return Some(job);
+        }
     }
 }
 
@@ -259,9 +301,12 @@ async fn send_batch(
 ) {
     let mut increments = Vec::with_capacity(increment_count);
     let mut replies = Vec::with_capacity(jobs.len());
+    // Held until the call is answered: queue room covers calls in flight.
+    let mut queue_room = Vec::with_capacity(jobs.len());
     for job in jobs {
         replies.push((job.increments.len(), job.reply));
         increments.extend(job.increments);
+        queue_room.push(job.queue_room);
     }
     let request = pb::ApplyRequest {
         node_id: node_id.to_string(),

@@ -1,7 +1,13 @@
 //! The `tally-coordinator` binary's start-up errors: one line on stderr that
 //! names the file and the key, and a non-zero exit.
 
-use std::process::Command;
+use std::time::Duration;
+
+use assert_cmd::Command;
+
+/// A binary that should exit at once is killed after this, so a test fails
+/// instead of hanging if it ever keeps running.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 const GOOD: &str = r#"listen = "127.0.0.1:0"
 
@@ -21,6 +27,7 @@ fn start_with(text: &str, extra_args: &[&str]) -> (bool, String) {
     let path = dir.path().join("coordinator.toml");
     std::fs::write(&path, text).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tally-coordinator"))
+        .timeout(EXIT_TIMEOUT)
         .arg("--config")
         .arg(&path)
         .args(extra_args)
@@ -85,6 +92,7 @@ fn a_bad_flag_is_blamed_on_the_command_line() {
 #[test]
 fn a_missing_file_is_named() {
     let output = Command::new(env!("CARGO_BIN_EXE_tally-coordinator"))
+        .timeout(EXIT_TIMEOUT)
         .args(["--config", "/nonexistent/coordinator.toml"])
         .output()
         .unwrap();

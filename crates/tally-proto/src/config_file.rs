@@ -74,7 +74,12 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 
 /// Parses TOML text that was read from `path`.
 pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|error| {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        // The key path (`nodes[1].weight`) as serde walked it; "." when the
+        // error is not under a key (a syntax error, a missing key).
+        let key = error.path().to_string();
+        let error = error.into_inner();
         let line = error
             .span()
             .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
@@ -87,6 +92,12 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigEr
             .replace("missing field", "missing key")
             .replace("duplicate field", "duplicate key")
             .replace('\n', " ");
+        // An unknown key's message already names it.
+        let message = if key == "." || message.starts_with("unknown key") {
+            message
+        } else {
+            format!("{key}: {message}")
+        };
         ConfigError::Parse {
             path: path.to_path_buf(),
             line,
@@ -179,12 +190,15 @@ mod tests {
     }
 
     #[test]
-    fn wrong_type_names_the_line() {
+    fn wrong_type_names_the_line_and_key() {
         let text = "listen = \"127.0.0.1:1\"\nstripes = \"eight\"\n";
         let message = parse::<Sample>(Path::new("c.toml"), text)
             .unwrap_err()
             .to_string();
-        assert!(message.starts_with("c.toml:2:"), "{message}");
+        assert!(
+            message.starts_with("c.toml:2: stripes: invalid type"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -222,7 +222,7 @@ mod tests {
             ),
             (
                 format!("{GOOD}durability = \"maybe\"\n"),
-                "FILE:4: unknown variant `maybe`",
+                "FILE:4: durability: unknown variant `maybe`",
             ),
             (
                 format!("{GOOD}flush_interval_ms = 0\n"),

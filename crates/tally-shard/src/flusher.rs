@@ -23,8 +23,12 @@ use crate::store::Store;
 #[derive(Debug, Clone, Default)]
 struct FlushState {
     /// Every change stamped with this epoch or an earlier one has been
-    /// collected by a finished flush.
+    /// collected by a finished flush (successful or not).
     completed_epoch: u64,
+    /// Every change stamped with this epoch or an earlier one is on disk: the
+    /// last successful flush's epoch. A failed flush re-marks its changes
+    /// dirty before the next flush begins, so a later success covers them.
+    durable_epoch: u64,
     /// Why the latest flush failed, if it did.
     error: Option<Arc<str>>,
     /// Unix time in ms of the latest successful flush that wrote something.
@@ -44,8 +48,17 @@ pub struct Flusher {
     data_dir: std::path::PathBuf,
     wake: Arc<Notify>,
     state: watch::Receiver<FlushState>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), StorageError>>>,
+    /// Taken by [`Flusher::stop`]; behind a mutex so that stopping needs no
+    /// exclusive ownership (a request task may still hold a reference while
+    /// the server winds down).
+    running: parking_lot::Mutex<Option<Running>>,
+}
+
+/// The flusher task and the way to stop it.
+#[derive(Debug)]
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), StorageError>>,
 }
 
 impl Flusher {
@@ -73,8 +86,7 @@ impl Flusher {
             data_dir,
             wake,
             state,
-            stop: Some(stop),
-            task: Some(task),
+            running: parking_lot::Mutex::new(Some(Running { stop, task })),
         }
     }
 
@@ -90,13 +102,12 @@ impl Flusher {
             .wait_for(|state| state.completed_epoch >= epoch)
             .await
             .map_err(|_| FlushFailed("the node is shutting down".into()))?;
-        // A failure reported here is for this epoch or a later one. If this
-        // epoch's flush failed but a later one succeeded, the later one
-        // rewrote these changes, so success is the truth.
-        match &state.error {
-            None => Ok(()),
-            Some(error) => Err(FlushFailed(error.clone())),
+        if state.durable_epoch >= epoch {
+            return Ok(());
         }
+        Err(FlushFailed(
+            state.error.clone().unwrap_or_else(|| "flush failed".into()),
+        ))
     }
 
     /// Unix time in ms of the last flush that wrote something, 0 if none yet.
@@ -105,19 +116,19 @@ impl Flusher {
     }
 
     /// Stops the task after one last flush, and returns that flush's result.
-    pub async fn stop(mut self) -> Result<(), StorageError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.take() {
-            Some(task) => task.await.unwrap_or_else(|join_error| {
-                Err(StorageError::Damaged {
-                    dir: self.data_dir.clone(),
-                    message: format!("flusher task failed: {join_error}"),
-                })
-            }),
-            None => Ok(()),
-        }
+    /// Waiters still pending get their answer from that flush. A second call
+    /// returns at once.
+    pub async fn stop(&self) -> Result<(), StorageError> {
+        let Some(Running { stop, task }) = self.running.lock().take() else {
+            return Ok(());
+        };
+        let _ = stop.send(());
+        task.await.unwrap_or_else(|join_error| {
+            Err(StorageError::Damaged {
+                dir: self.data_dir.clone(),
+                message: format!("flusher task failed: {join_error}"),
+            })
+        })
     }
 }
 
@@ -152,6 +163,7 @@ async fn flush_once(
     if snapshot.entries.is_empty() {
         state.send_modify(|state| {
             state.completed_epoch = snapshot.epoch;
+            state.durable_epoch = snapshot.epoch;
             state.error = None;
         });
         return Ok(());
@@ -179,6 +191,7 @@ async fn flush_once(
                 .map_or(0, |elapsed| elapsed.as_millis() as i64);
             state.send_modify(|state| {
                 state.completed_epoch = snapshot.epoch;
+                state.durable_epoch = snapshot.epoch;
                 state.error = None;
                 state.last_flush_unix_ms = now;
             });

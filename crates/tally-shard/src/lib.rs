@@ -91,7 +91,12 @@ impl ShardNode {
             Ok::<_, StorageError>((storage, store, loaded_entries))
         })
         .await
-        .expect("opening the data directory does not panic")?;
+        .unwrap_or_else(|join_error| {
+            Err(StorageError::Damaged {
+                dir: config.data_dir.clone(),
+                message: format!("opening panicked: {join_error}"),
+            })
+        })?;
         let (storage, store, loaded_entries) = opened;
         tracing::info!(
             node_id = config.node_id,
@@ -154,8 +159,8 @@ impl ShardNode {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
 
-        // Every request has finished, so the flusher is ours alone again.
-        let flusher = Arc::try_unwrap(flusher).expect("the service is dropped with the server");
+        // Every connection has closed; a request task that outlived its
+        // connection still gets its answer from this last flush.
         let flushed = flusher.stop().await;
         tracing::info!(node_id = self.config.node_id, "stopped");
         served?;

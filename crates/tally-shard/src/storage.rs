@@ -19,6 +19,12 @@
 //! Tree `meta`: `format_version` (u64 BE) and `node_id`, written on first
 //! start and checked on every start, so a data directory cannot be mounted
 //! under the wrong node id by accident.
+//!
+//! File `TALLY`: a marker written once the database is set up, holding the
+//! same format version and node id. sled is only ever opened in a directory
+//! that is empty (a new node) or has this marker: a directory with anything
+//! else is refused untouched, and a marked directory whose database has no
+//! metadata is damaged, never silently started empty.
 
 use std::fs::File;
 use std::io::Write;
@@ -29,6 +35,7 @@ use crate::store::{EntrySnapshot, Store};
 /// Version of the on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
 const LOCK_FILE: &str = "LOCK";
+const MARKER_FILE: &str = "TALLY";
 const ENTRIES_TREE: &str = "entries";
 const META_TREE: &str = "meta";
 /// sled's page cache. Our own map holds every value, so sled's cache only
@@ -44,8 +51,11 @@ pub enum StorageError {
         /// The directory.
         dir: PathBuf,
     },
-    /// The directory has files that are not a Tally data directory.
-    #[error("data directory {dir} is not empty and holds no tally data; refusing to use it")]
+    /// The directory has files but no Tally marker.
+    #[error(
+        "data directory {dir} is not empty and has no TALLY marker file, so it is not a tally data \
+         directory; refusing to touch it (a new node needs an empty or missing directory)"
+    )]
     Foreign {
         /// The directory.
         dir: PathBuf,
@@ -97,6 +107,24 @@ impl Storage {
             dir: dir.to_path_buf(),
             reason,
         };
+        let damaged = |message: String| StorageError::Damaged {
+            dir: dir.to_path_buf(),
+            message,
+        };
+
+        // Look before touching anything: a directory that is not ours is
+        // left exactly as it was, not even a lock file added.
+        let marker = read_marker(dir).map_err(io)?;
+        match &marker {
+            None if has_files_other_than_lock(dir).map_err(io)? => {
+                return Err(StorageError::Foreign {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            None => {}
+            Some(text) => check_marker(dir, text, node_id)?,
+        }
+
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = File::options()
             .create(true)
@@ -116,21 +144,6 @@ impl Storage {
         }
         write_pid(&lock).map_err(io)?;
 
-        let has_database = dir.join("db").exists() || dir.join("conf").exists();
-        let has_other_files = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(Result::ok)
-            .any(|entry| entry.file_name() != LOCK_FILE);
-        if has_other_files && !has_database {
-            return Err(StorageError::Foreign {
-                dir: dir.to_path_buf(),
-            });
-        }
-
-        let damaged = |message: String| StorageError::Damaged {
-            dir: dir.to_path_buf(),
-            message,
-        };
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
@@ -146,7 +159,11 @@ impl Storage {
         let entries = db
             .open_tree(ENTRIES_TREE)
             .map_err(|error| damaged(error.to_string()))?;
-        check_meta(&db, &meta, &entries, dir, node_id)?;
+        if marker.is_none() {
+            initialize(&db, &meta, dir, node_id)?;
+        } else {
+            check_meta(&meta, dir, node_id)?;
+        }
 
         Ok(Storage {
             dir: dir.to_path_buf(),
@@ -230,10 +247,66 @@ fn write_pid(mut lock: &File) -> std::io::Result<()> {
     writeln!(lock, "{}", std::process::id())
 }
 
-fn check_meta(
+/// What the `TALLY` marker file holds.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct Marker {
+    format_version: u64,
+    node_id: String,
+}
+
+fn read_marker(dir: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(dir.join(MARKER_FILE)) {
+        Ok(text) => Ok(Some(text)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn has_files_other_than_lock(dir: &Path) -> std::io::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                if entry?.file_name() != LOCK_FILE {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+fn check_marker(dir: &Path, text: &str, node_id: &str) -> Result<(), StorageError> {
+    let marker: Marker = toml::from_str(text).map_err(|error| StorageError::Damaged {
+        dir: dir.to_path_buf(),
+        message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
+    })?;
+    if marker.format_version != FORMAT_VERSION {
+        return Err(StorageError::Damaged {
+            dir: dir.to_path_buf(),
+            message: format!(
+                "format version {}, this build reads version {FORMAT_VERSION}",
+                marker.format_version
+            ),
+        });
+    }
+    if marker.node_id != node_id {
+        return Err(StorageError::WrongNode {
+            dir: dir.to_path_buf(),
+            found: marker.node_id,
+            expected: node_id.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Sets up a new directory: metadata in sled, flushed, then the marker, so
+/// a marker always means the database was set up completely.
+fn initialize(
     db: &sled::Db,
     meta: &sled::Tree,
-    entries: &sled::Tree,
     dir: &Path,
     node_id: &str,
 ) -> Result<(), StorageError> {
@@ -241,19 +314,48 @@ fn check_meta(
         dir: dir.to_path_buf(),
         message,
     };
+    meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
+        .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
+        .and_then(|_| db.flush())
+        .map_err(|error| damaged(error.to_string()))?;
+    let marker = Marker {
+        format_version: FORMAT_VERSION,
+        node_id: node_id.to_string(),
+    };
+    let text = format!(
+        "# A Tally shard data directory. Written once at set-up; do not edit.\n{}",
+        toml::to_string(&marker).expect("a marker always serializes")
+    );
+    let io = |reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let temporary = dir.join(format!("{MARKER_FILE}.tmp"));
+    let mut file = File::create(&temporary).map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, dir.join(MARKER_FILE)).map_err(io)?;
+    File::open(dir)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
+/// Checks a marked directory's metadata. Missing metadata in a marked
+/// directory means the database lost it: damaged, not new.
+fn check_meta(meta: &sled::Tree, dir: &Path, node_id: &str) -> Result<(), StorageError> {
+    let damaged = |message: String| StorageError::Damaged {
+        dir: dir.to_path_buf(),
+        message,
+    };
     let stored_node = meta
         .get("node_id")
-        .map_err(|error| damaged(error.to_string()))?;
-    let Some(stored_node) = stored_node else {
-        if !entries.is_empty() {
-            return Err(damaged("entries without a node id".to_string()));
-        }
-        meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
-            .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
-            .and_then(|_| db.flush())
-            .map_err(|error| damaged(error.to_string()))?;
-        return Ok(());
-    };
+        .map_err(|error| damaged(error.to_string()))?
+        .ok_or_else(|| {
+            damaged(format!(
+                "the database has no metadata although {MARKER_FILE} says it was set up"
+            ))
+        })?;
     let version = meta
         .get("format_version")
         .map_err(|error| damaged(error.to_string()))?
@@ -424,5 +526,66 @@ mod tests {
             "mine"
         );
         assert!(!dir.path().join("db").exists());
+        assert!(
+            !dir.path().join(LOCK_FILE).exists(),
+            "not even a lock file is added"
+        );
+    }
+
+    #[test]
+    fn a_file_named_db_does_not_make_a_directory_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), "someone else's database").unwrap();
+        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
+        assert!(matches!(error, StorageError::Foreign { .. }), "{error}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("db")).unwrap(),
+            "someone else's database"
+        );
+    }
+
+    #[test]
+    fn a_database_that_lost_its_data_is_damaged_not_new() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path(), "shard-1").unwrap();
+            let store = Store::new();
+            store.apply(&[StripeIncrement {
+                counter: "a",
+                stripe: 0,
+                delta: 5,
+            }]);
+            storage.write(&store.begin_flush().entries).unwrap();
+        }
+        // Replace the database with garbage, as a torn disk might.
+        let database = dir.path().join("db");
+        let length = std::fs::metadata(&database).unwrap().len() as usize;
+        let garbage: Vec<u8> = (0..length.max(4096))
+            .map(|index| (index * 7 + 13) as u8)
+            .collect();
+        std::fs::write(&database, garbage).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+            {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
+        assert!(matches!(error, StorageError::Damaged { .. }), "{error}");
+    }
+
+    #[test]
+    fn the_marker_names_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Storage::open(dir.path(), "shard-1").unwrap());
+        let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
+        assert!(marker.contains("node_id = \"shard-1\""), "{marker}");
+        assert!(marker.contains("format_version = 1"), "{marker}");
+        assert!(!dir.path().join(format!("{MARKER_FILE}.tmp")).exists());
     }
 }

@@ -148,6 +148,12 @@ impl Store {
     }
 
     /// Resets counters to 0. Returns the flush epoch to wait for.
+    ///
+    /// A counter that is in memory is always waited for, even when its
+    /// entries are already 0: those zeros may not be on disk yet (a
+    /// decrement to 0 or an earlier delete still in flight), and a delete
+    /// must not be acknowledged before disk agrees. Only a counter absent
+    /// from memory, and so from disk, needs no flush.
     pub fn erase(&self, counters: &[&str]) -> u64 {
         let mut wait_epoch = 0;
         for counter in counters {
@@ -155,9 +161,6 @@ impl Store {
             let Some(entry) = segment.counters.get_mut(*counter) else {
                 continue;
             };
-            if entry.stripes.iter().all(|(_, value)| *value == 0) {
-                continue;
-            }
             for (_, value) in &mut entry.stripes {
                 *value = 0;
             }
@@ -382,6 +385,23 @@ mod tests {
         store.finish_flush(&snapshot);
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.erase(&["a"]), 0, "nothing left to erase");
+    }
+
+    #[test]
+    fn erase_of_zeros_not_yet_on_disk_waits_for_their_flush() {
+        let store = Store::new();
+        store.apply(&[increment("a", 0, 5)]);
+        store.begin_flush(); // 5 is on disk
+        store.apply(&[increment("a", 0, -5)]); // 0 in memory, not yet on disk
+        let epoch = store.erase(&["a"]);
+        assert!(epoch > 0, "the delete must wait for the zero to reach disk");
+        let snapshot = store.begin_flush();
+        assert_eq!(snapshot.epoch, epoch);
+        assert_eq!(snapshot.entries.len(), 1);
+        assert_eq!(snapshot.entries[0].value, 0);
+        // A second delete while the first one's flush is still running waits
+        // too, instead of being acknowledged at once.
+        assert!(store.erase(&["a"]) > epoch);
     }
 
     #[test]

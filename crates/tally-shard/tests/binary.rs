@@ -2,7 +2,13 @@
 //! the file (or the command line) and the key, a non-zero exit, and no data
 //! directory created.
 
-use std::process::Command;
+use std::time::Duration;
+
+use assert_cmd::Command;
+
+/// A binary that should exit at once is killed after this, so a test fails
+/// instead of hanging if it ever keeps running.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn start_with(text: &str, extra_args: &[&str]) -> (bool, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -13,6 +19,7 @@ fn start_with(text: &str, extra_args: &[&str]) -> (bool, String, tempfile::TempD
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tally-shard"))
+        .timeout(EXIT_TIMEOUT)
         .arg("--config")
         .arg(&path)
         .args(extra_args)
@@ -35,7 +42,7 @@ fn config_errors_are_one_line_naming_file_and_key() {
         ),
         (
             format!("{GOOD}durability = \"eventually\"\n"),
-            "FILE:4: unknown variant `eventually`",
+            "FILE:4: durability: unknown variant `eventually`",
         ),
         (
             format!("{GOOD}flush_interval_ms = 0\n"),

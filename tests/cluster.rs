@@ -61,6 +61,25 @@ async fn value(client: &mut CounterClient<Channel>, counter: &str) -> i64 {
     response.value
 }
 
+/// Every shard node's own status report, asked directly (not through the
+/// coordinator).
+async fn shard_statuses(cluster: &LocalCluster) -> Vec<pb::ShardStatusResponse> {
+    let mut statuses = Vec::new();
+    for shard in cluster.shard_configs() {
+        let mut client = pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+            .await
+            .unwrap();
+        statuses.push(
+            client
+                .status(pb::ShardStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    statuses
+}
+
 /// A key whose idempotency stripe is owned by `node_id`, so a test can
 /// aim an increment at one node.
 fn key_owned_by(cluster: &LocalCluster, counter: &str, node_id: &str) -> String {
@@ -154,22 +173,11 @@ async fn concurrent_writers_get_exact_sums() {
     }
 
     // Every node got a share: one counter's stripes spread over the ring.
-    let mut nodes_with_entries = 0;
-    for shard in test.cluster.shard_configs() {
-        let mut shard_client =
-            pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
-                .await
-                .unwrap();
-        let status = shard_client
-            .status(pb::ShardStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if status.entries > 0 {
-            nodes_with_entries += 1;
-        }
-    }
-    assert_eq!(nodes_with_entries, 3);
+    let statuses = shard_statuses(&test.cluster).await;
+    assert!(
+        statuses.iter().all(|status| status.entries > 0),
+        "{statuses:?}"
+    );
     test.cluster.shutdown().await.unwrap();
 }
 
@@ -193,21 +201,12 @@ async fn under_load_increments_share_internal_calls() {
     for task in tasks {
         task.await.unwrap();
     }
-    let mut calls = 0;
-    let mut applied = 0;
-    for shard in test.cluster.shard_configs() {
-        let mut shard_client =
-            pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
-                .await
-                .unwrap();
-        let status = shard_client
-            .status(pb::ShardStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        calls += status.apply_calls;
-        applied += status.increments_applied;
-    }
+    let statuses = shard_statuses(&test.cluster).await;
+    let calls: u64 = statuses.iter().map(|status| status.apply_calls).sum();
+    let applied: u64 = statuses
+        .iter()
+        .map(|status| status.increments_applied)
+        .sum();
     println!("{applied} increments in {calls} internal apply calls");
     assert_eq!(applied, (TASKS * ROUNDS) as u64);
     assert!(

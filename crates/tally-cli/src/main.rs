@@ -97,12 +97,5 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    match commands::run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tallyctl: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tally_proto::process::exit_code("tallyctl", commands::run(Args::parse()).await)
 }

@@ -31,13 +31,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     tally_proto::process::init_tracing();
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tally-coordinator: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tally_proto::process::exit_code("tally-coordinator", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -18,6 +18,22 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// A binary's exit: 0 on success; otherwise one line on stderr,
+/// `BINARY: error: ...` (the alternate form, so an `anyhow` chain reads
+/// `context: cause` on the same line), and exit code 1.
+pub fn exit_code<E: std::fmt::Display>(
+    binary: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{binary}: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C): the signals on which a daemon
 /// stops accepting, finishes in-flight work, flushes and exits 0.
 ///

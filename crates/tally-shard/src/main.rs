@@ -41,13 +41,7 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tally_proto::process::init_tracing();
-    match run(Args::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tally-shard: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tally_proto::process::exit_code("tally-shard", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

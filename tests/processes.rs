@@ -317,3 +317,75 @@ async fn acknowledged_sync_increments_survive_sigkill_of_every_shard() {
     }
     assert_totals_match(&endpoint, &ledger).await;
 }
+
+#[test]
+fn tallyctl_dev_runs_a_cluster_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev-data");
+    let mut child = std::process::Command::new(support::binary("tallyctl"))
+        .args([
+            "dev",
+            "--port",
+            "0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut endpoint = None;
+    let mut shards = 0;
+    // Read the banner up to its last line; the process prints it once every
+    // server answers its health check.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(url) = line.trim().strip_prefix("coordinator") {
+            endpoint = Some(url.trim().to_string());
+        }
+        if line.trim_start().starts_with("shard-") {
+            shards += 1;
+        }
+        if line.starts_with("Ctrl-C stops the cluster") {
+            break;
+        }
+    }
+    let endpoint = endpoint.expect("the banner names the coordinator");
+    assert_eq!(shards, 3);
+
+    let incr = run_to_end(
+        "tallyctl",
+        &["--endpoint", &endpoint, "incr", "dev:counter", "7"],
+    );
+    assert!(incr.status.success(), "{}", stderr(&incr));
+    let get = run_to_end(
+        "tallyctl",
+        &["--endpoint", &endpoint, "--json", "get", "dev:counter"],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(json[0]["value"], 7);
+
+    // Ctrl-C: every shard flushes, the process says so and exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = wait_timeout::ChildExt::wait_timeout(&mut child, support::START_TIMEOUT)
+        .unwrap()
+        .expect("tallyctl dev exits after SIGINT");
+    assert!(status.success());
+    assert!(
+        rest.iter()
+            .any(|line| line.starts_with("stopped; data kept in")),
+        "{rest:?}"
+    );
+    for shard in 1..=3 {
+        assert!(data_dir.join(format!("shard-{shard}/TALLY")).exists());
+    }
+}

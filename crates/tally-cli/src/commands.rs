@@ -416,13 +416,17 @@ fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {
 async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> anyhow::Result<()> {
     tally_proto::process::init_tracing();
     let durability = durability.parse().map_err(anyhow::Error::msg)?;
-    let shard_listens = (1..=shards)
-        .map(|index| {
-            let port = u16::try_from(usize::from(port) + index)
-                .context("--port is too high for this many shards")?;
-            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shard_listens = if port == 0 {
+        Vec::new() // LocalCluster's default: a free port each
+    } else {
+        (1..=shards)
+            .map(|index| {
+                let port = u16::try_from(usize::from(port) + index)
+                    .context("--port is too high for this many shards")?;
+                Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let mut options = LocalClusterOptions::new(data_dir, shards);
     options.coordinator_listen = SocketAddr::from(([127, 0, 0, 1], port));
     options.shard_listens = shard_listens;
@@ -447,10 +451,14 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     }
     println!();
     println!("In another terminal:");
-    println!("  cargo tallyctl incr page:views 5");
-    println!("  cargo tallyctl get page:views");
-    println!("  cargo tallyctl ring");
-    println!("  cargo tallyctl status");
+    let tallyctl = if cluster.endpoint() == "http://127.0.0.1:7700" {
+        "cargo tallyctl".to_string()
+    } else {
+        format!("cargo tallyctl --endpoint {}", cluster.endpoint())
+    };
+    for example in ["incr page:views 5", "get page:views", "ring", "status"] {
+        println!("  {tallyctl} {example}");
+    }
     println!();
     println!("Ctrl-C stops the cluster; every shard flushes first.");
 

@@ -37,7 +37,8 @@ enum Command {
         /// Directory for the shards' data (one subdirectory per shard).
         #[arg(long, default_value = "tally-dev-data")]
         data_dir: PathBuf,
-        /// The coordinator's port; shard N listens on port + N.
+        /// The coordinator's port; shard N listens on port + N. 0 picks free
+        /// ports for every server (they are printed).
         #[arg(long, default_value_t = 7700)]
         port: u16,
         /// Number of shard nodes.

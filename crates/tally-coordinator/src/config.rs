@@ -77,7 +77,8 @@ pub struct CoordinatorConfig {
     /// Internal apply calls a coordinator keeps in flight to one shard;
     /// increments arriving meanwhile gather into the next call.
     pub max_in_flight_batches_per_shard: usize,
-    /// Most increments in one internal apply call.
+    /// Most increments coalesced into one internal apply call. One public
+    /// call's share for a node is never split: a larger one goes alone.
     pub max_increments_per_shard_batch: usize,
     /// The shard nodes.
     pub nodes: Vec<NodeConfig>,

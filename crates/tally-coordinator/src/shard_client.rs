@@ -4,7 +4,9 @@
 //! Batching: every increment bound for a node goes through one queue. A
 //! batcher task takes everything queued (up to
 //! `max_increments_per_shard_batch`) into one `Apply` call as soon as a call
-//! slot is free (`max_in_flight_batches_per_shard`). When the node is idle an
+//! slot is free (`max_in_flight_batches_per_shard`). A job (one public
+//! call's increments for this node) is never split, so a job larger than the
+//! cap goes alone in a call of its own. When the node is idle an
 //! increment is sent at once, alone; under load, increments gather while
 //! earlier calls are in flight. No timer adds latency.
 //!
@@ -249,8 +251,8 @@ async fn batch_loop(
             .await
             .expect("the semaphore is never closed");
         let first = match carried.take() {
-            Some(job) => job,
-            None => match next_live_job(&mut queue).await {
+            Some(job) if !job.reply.is_closed() => job,
+            _ => match next_live_job(&mut queue).await {
                 Some(job) => job,
                 None => return,
             },

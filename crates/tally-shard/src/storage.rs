@@ -20,11 +20,14 @@
 //! start and checked on every start, so a data directory cannot be mounted
 //! under the wrong node id by accident.
 //!
-//! File `TALLY`: a marker written once the database is set up, holding the
-//! same format version and node id. sled is only ever opened in a directory
-//! that is empty (a new node) or has this marker: a directory with anything
-//! else is refused untouched, and a marked directory whose database has no
-//! metadata is damaged, never silently started empty.
+//! File `TALLY`: a marker holding the format version, the node id and a
+//! state. sled is only ever opened in a directory that is empty (a new node;
+//! `lost+found` aside) or has this marker: a directory with anything else is
+//! refused untouched. Set-up is two-phase: the marker is written as
+//! `setting_up` before sled creates any file and turned `ready` once the
+//! metadata is on disk, so a first start interrupted at any point resumes on
+//! the next start, while a `ready` directory whose database has no metadata
+//! is damaged, never silently started empty.
 
 use std::fs::File;
 use std::io::Write;
@@ -36,6 +39,9 @@ use crate::store::{EntrySnapshot, Store};
 pub const FORMAT_VERSION: u64 = 1;
 const LOCK_FILE: &str = "LOCK";
 const MARKER_FILE: &str = "TALLY";
+/// Entries of a data directory that do not make it someone else's: our own
+/// lock and half-written marker, and the directory a fresh filesystem has.
+const IGNORED_ENTRIES: [&str; 3] = [LOCK_FILE, "TALLY.tmp", "lost+found"];
 const ENTRIES_TREE: &str = "entries";
 const META_TREE: &str = "meta";
 /// sled's page cache. Our own map holds every value, so sled's cache only
@@ -114,16 +120,7 @@ impl Storage {
 
         // Look before touching anything: a directory that is not ours is
         // left exactly as it was, not even a lock file added.
-        let marker = read_marker(dir).map_err(io)?;
-        match &marker {
-            None if has_files_other_than_lock(dir).map_err(io)? => {
-                return Err(StorageError::Foreign {
-                    dir: dir.to_path_buf(),
-                })
-            }
-            None => {}
-            Some(text) => check_marker(dir, text, node_id)?,
-        }
+        inspect(dir, node_id)?;
 
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = File::options()
@@ -142,7 +139,15 @@ impl Storage {
             }
             Err(std::fs::TryLockError::Error(reason)) => return Err(io(reason)),
         }
+        // Look again under the lock: another process may have set the
+        // directory up between the first look and the lock.
+        let marker = inspect(dir, node_id)?;
         write_pid(&lock).map_err(io)?;
+        if marker.is_none() {
+            // Before sled creates any file, so an interrupted first start
+            // leaves a directory the next start recognizes as ours.
+            write_marker(dir, node_id, MarkerState::SettingUp)?;
+        }
 
         let db = sled::Config::new()
             .path(dir)
@@ -159,10 +164,9 @@ impl Storage {
         let entries = db
             .open_tree(ENTRIES_TREE)
             .map_err(|error| damaged(error.to_string()))?;
-        if marker.is_none() {
-            initialize(&db, &meta, dir, node_id)?;
-        } else {
-            check_meta(&meta, dir, node_id)?;
+        match marker.map(|marker| marker.state) {
+            None | Some(MarkerState::SettingUp) => set_up(&db, &meta, &entries, dir, node_id)?,
+            Some(MarkerState::Ready) => check_meta(&meta, dir, node_id)?,
         }
 
         Ok(Storage {
@@ -253,33 +257,39 @@ fn write_pid(mut lock: &File) -> std::io::Result<()> {
 struct Marker {
     format_version: u64,
     node_id: String,
+    state: MarkerState,
 }
 
-fn read_marker(dir: &Path) -> std::io::Result<Option<String>> {
-    match std::fs::read_to_string(dir.join(MARKER_FILE)) {
-        Ok(text) => Ok(Some(text)),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(error),
-    }
+/// How far set-up got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum MarkerState {
+    /// Written before sled created its files; metadata may be missing.
+    SettingUp,
+    /// Metadata is on disk; from now on it must be there.
+    Ready,
 }
 
-fn has_files_other_than_lock(dir: &Path) -> std::io::Result<bool> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for entry in entries {
-                if entry?.file_name() != LOCK_FILE {
-                    return Ok(true);
-                }
+/// Reads the marker, or decides the directory is new (`None`), or refuses it:
+/// without touching anything.
+fn inspect(dir: &Path, node_id: &str) -> Result<Option<Marker>, StorageError> {
+    let io = |reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(dir.join(MARKER_FILE)) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if has_foreign_entries(dir).map_err(io)? {
+                return Err(StorageError::Foreign {
+                    dir: dir.to_path_buf(),
+                });
             }
-            Ok(false)
+            return Ok(None);
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(error) => Err(error),
-    }
-}
-
-fn check_marker(dir: &Path, text: &str, node_id: &str) -> Result<(), StorageError> {
-    let marker: Marker = toml::from_str(text).map_err(|error| StorageError::Damaged {
+        Err(error) => return Err(io(error)),
+    };
+    let marker: Marker = toml::from_str(&text).map_err(|error| StorageError::Damaged {
         dir: dir.to_path_buf(),
         message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
     })?;
@@ -299,37 +309,41 @@ fn check_marker(dir: &Path, text: &str, node_id: &str) -> Result<(), StorageErro
             expected: node_id.to_string(),
         });
     }
-    Ok(())
+    Ok(Some(marker))
 }
 
-/// Sets up a new directory: metadata in sled, flushed, then the marker, so
-/// a marker always means the database was set up completely.
-fn initialize(
-    db: &sled::Db,
-    meta: &sled::Tree,
-    dir: &Path,
-    node_id: &str,
-) -> Result<(), StorageError> {
-    let damaged = |message: String| StorageError::Damaged {
-        dir: dir.to_path_buf(),
-        message,
-    };
-    meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
-        .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
-        .and_then(|_| db.flush())
-        .map_err(|error| damaged(error.to_string()))?;
-    let marker = Marker {
-        format_version: FORMAT_VERSION,
-        node_id: node_id.to_string(),
-    };
-    let text = format!(
-        "# A Tally shard data directory. Written once at set-up; do not edit.\n{}",
-        toml::to_string(&marker).expect("a marker always serializes")
-    );
+fn has_foreign_entries(dir: &Path) -> std::io::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry?.file_name();
+                if !IGNORED_ENTRIES.iter().any(|ignored| name == *ignored) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Writes the marker atomically: temporary file, fsync, rename, fsync of
+/// the directory.
+fn write_marker(dir: &Path, node_id: &str, state: MarkerState) -> Result<(), StorageError> {
     let io = |reason| StorageError::Io {
         dir: dir.to_path_buf(),
         reason,
     };
+    let marker = Marker {
+        format_version: FORMAT_VERSION,
+        node_id: node_id.to_string(),
+        state,
+    };
+    let text = format!(
+        "# A Tally shard data directory. Written by the shard; do not edit.\n{}",
+        toml::to_string(&marker).expect("a marker always serializes")
+    );
     let temporary = dir.join(format!("{MARKER_FILE}.tmp"));
     let mut file = File::create(&temporary).map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)?;
@@ -339,6 +353,37 @@ fn initialize(
         .and_then(|directory| directory.sync_all())
         .map_err(io)?;
     Ok(())
+}
+
+/// Finishes setting up a directory: metadata in sled, flushed, then the
+/// marker turned `ready`. Safe to repeat: metadata already written by an
+/// interrupted set-up is checked, not rewritten.
+fn set_up(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    entries: &sled::Tree,
+    dir: &Path,
+    node_id: &str,
+) -> Result<(), StorageError> {
+    let damaged = |message: String| StorageError::Damaged {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    let has_metadata = meta
+        .contains_key("node_id")
+        .map_err(|error| damaged(error.to_string()))?;
+    if has_metadata {
+        check_meta(meta, dir, node_id)?;
+    } else {
+        if !entries.is_empty() {
+            return Err(damaged("entries without metadata".to_string()));
+        }
+        meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
+            .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
+            .and_then(|_| db.flush())
+            .map_err(|error| damaged(error.to_string()))?;
+    }
+    write_marker(dir, node_id, MarkerState::Ready)
 }
 
 /// Checks a marked directory's metadata. Missing metadata in a marked
@@ -586,6 +631,52 @@ mod tests {
         let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
         assert!(marker.contains("node_id = \"shard-1\""), "{marker}");
         assert!(marker.contains("format_version = 1"), "{marker}");
+        assert!(marker.contains("state = \"ready\""), "{marker}");
         assert!(!dir.path().join(format!("{MARKER_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn a_first_start_interrupted_before_sled_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a crash right after the first marker write leaves.
+        std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
+        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
+        drop(Storage::open(dir.path(), "shard-1").unwrap());
+        let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
+        assert!(marker.contains("state = \"ready\""), "{marker}");
+    }
+
+    #[test]
+    fn a_first_start_interrupted_after_metadata_resumes_and_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path(), "shard-1").unwrap();
+            let store = Store::new();
+            store.apply(&[StripeIncrement {
+                counter: "a",
+                stripe: 1,
+                delta: 9,
+            }]);
+            storage.write(&store.begin_flush().entries).unwrap();
+        }
+        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        let store = Store::new();
+        assert_eq!(storage.load_into(&store).unwrap(), 1);
+        assert_eq!(store.read("a"), vec![(1, 9)]);
+        drop(storage);
+        // A setting-up marker of another node is still another node's.
+        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
+        assert!(matches!(
+            Storage::open(dir.path(), "shard-2").unwrap_err(),
+            StorageError::WrongNode { .. }
+        ));
+    }
+
+    #[test]
+    fn a_fresh_filesystems_lost_and_found_is_not_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("lost+found")).unwrap();
+        drop(Storage::open(dir.path(), "shard-1").unwrap());
     }
 }

@@ -124,24 +124,19 @@ impl Cluster {
             });
         }
         let calls = by_node.into_iter().map(|(node, increments)| async move {
-            // Kept for the error message: which increment overflowed.
-            let sent: Vec<(String, i64)> = increments
-                .iter()
-                .map(|increment| (increment.counter.clone(), increment.delta))
-                .collect();
-            let result = self.shards[node].apply(increments).await;
-            (node, sent, result)
+            (node, self.shards[node].apply(increments).await)
         });
         let results = with_deadline(deadline, join_all(calls)).await?;
 
         let mut unavailable = Vec::new();
         let mut overflow = None;
-        for (node, sent, result) in results {
+        for (node, result) in results {
             match result {
                 Ok(outcomes) => {
                     if overflow.is_none() {
-                        overflow = sent.into_iter().zip(outcomes).find_map(|(sent, outcome)| {
-                            (outcome == Outcome::Overflow).then_some(sent)
+                        overflow = outcomes.into_iter().find_map(|outcome| match outcome {
+                            Outcome::Overflow { counter, delta } => Some((counter, delta)),
+                            Outcome::Applied => None,
                         });
                     }
                 }

@@ -32,12 +32,17 @@ pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The outcome of one increment on its shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Applied and durable by the node's durability mode.
     Applied,
     /// Would overflow the stored entry; nothing applied.
-    Overflow,
+    Overflow {
+        /// The counter, as the shard reported it.
+        counter: String,
+        /// The increment.
+        delta: i64,
+    },
 }
 
 /// A group of increments from one public call, answered together.
@@ -316,7 +321,7 @@ async fn send_batch(
     };
     let result = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
         .await
-        .and_then(|response| decode_outcomes(&response.outcomes, increment_count));
+        .and_then(|response| decode_outcomes(response, increment_count));
     match result {
         Ok(outcomes) => {
             let mut outcomes = outcomes.into_iter();
@@ -334,21 +339,42 @@ async fn send_batch(
     }
 }
 
-fn decode_outcomes(outcomes: &[i32], expected: usize) -> Result<Vec<Outcome>, ShardCallError> {
-    if outcomes.len() != expected {
-        return Err(ShardCallError::Failed(format!(
-            "answered {} outcomes for {expected} increments",
-            outcomes.len()
+/// Pairs each OVERFLOW outcome with the increment the shard names for it.
+fn decode_outcomes(
+    response: pb::ApplyResponse,
+    expected: usize,
+) -> Result<Vec<Outcome>, ShardCallError> {
+    let malformed =
+        |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
+    if response.outcomes.len() != expected {
+        return Err(malformed(format!(
+            "{} outcomes for {expected} increments",
+            response.outcomes.len()
         )));
     }
-    outcomes
+    let overflow_count = response.overflowed.len();
+    let mut overflowed = response.overflowed.into_iter();
+    let outcomes = response
+        .outcomes
         .iter()
         .map(|&outcome| match pb::ApplyOutcome::try_from(outcome) {
             Ok(pb::ApplyOutcome::Applied) => Ok(Outcome::Applied),
-            Ok(pb::ApplyOutcome::Overflow) => Ok(Outcome::Overflow),
-            _ => Err(ShardCallError::Failed(format!(
-                "unknown apply outcome {outcome}"
-            ))),
+            Ok(pb::ApplyOutcome::Overflow) => {
+                let increment = overflowed
+                    .next()
+                    .ok_or_else(|| malformed("an overflow without its increment".into()))?;
+                Ok(Outcome::Overflow {
+                    counter: increment.counter,
+                    delta: increment.delta,
+                })
+            }
+            _ => Err(malformed(format!("unknown outcome {outcome}"))),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if overflowed.next().is_some() {
+        return Err(malformed(format!(
+            "{overflow_count} overflowed increments named"
+        )));
+    }
+    Ok(outcomes)
 }

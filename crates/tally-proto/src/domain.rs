@@ -71,6 +71,18 @@ impl From<ProtocolError> for tonic::Status {
 pub struct CounterName(String);
 
 impl CounterName {
+    /// Checks a name without taking ownership: the rule `TryFrom` applies,
+    /// for callers that only need to know (the shard, per increment).
+    pub fn validate(name: &str) -> Result<(), ProtocolError> {
+        if name.is_empty() {
+            return Err(ProtocolError::EmptyCounterName);
+        }
+        if name.len() > MAX_COUNTER_NAME_BYTES {
+            return Err(ProtocolError::CounterNameTooLong { length: name.len() });
+        }
+        Ok(())
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -86,12 +98,7 @@ impl TryFrom<String> for CounterName {
     type Error = ProtocolError;
 
     fn try_from(name: String) -> Result<Self, Self::Error> {
-        if name.is_empty() {
-            return Err(ProtocolError::EmptyCounterName);
-        }
-        if name.len() > MAX_COUNTER_NAME_BYTES {
-            return Err(ProtocolError::CounterNameTooLong { length: name.len() });
-        }
+        CounterName::validate(&name)?;
         Ok(CounterName(name))
     }
 }

@@ -57,9 +57,7 @@ impl ShardService {
 /// The coordinator validates names; a shard checks again because it must
 /// never store a key it cannot encode, whoever sent it.
 fn check_counter_name(counter: &str) -> Result<(), Status> {
-    CounterName::try_from(counter.to_string())
-        .map(drop)
-        .map_err(Status::from)
+    CounterName::validate(counter).map_err(Status::from)
 }
 
 #[tonic::async_trait]
@@ -90,6 +88,13 @@ impl pb::shard_server::Shard for ShardService {
             .wait_durable(epoch)
             .await
             .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        let overflowed = request
+            .increments
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| **outcome == ApplyOutcome::Overflow)
+            .map(|(increment, _)| increment.clone())
+            .collect();
         let outcomes = outcomes
             .into_iter()
             .map(|outcome| match outcome {
@@ -97,7 +102,10 @@ impl pb::shard_server::Shard for ShardService {
                 ApplyOutcome::Overflow => pb::ApplyOutcome::Overflow as i32,
             })
             .collect();
-        Ok(Response::new(pb::ApplyResponse { outcomes }))
+        Ok(Response::new(pb::ApplyResponse {
+            outcomes,
+            overflowed,
+        }))
     }
 
     async fn read(

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_proto::config_file::{self, flag_or_file, ConfigError};
+use tally_proto::config_file::{self, check_range, flag_or_file, ConfigError};
 use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
 
 /// Default stripes per counter.
@@ -108,14 +108,12 @@ impl CoordinatorConfig {
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
 
-        let stripes = raw.stripes.unwrap_or(DEFAULT_STRIPES);
-        if !(1..=MAX_STRIPES).contains(&stripes) {
-            return Err(ConfigError::invalid(
-                &file,
-                "stripes",
-                format!("{stripes} is out of range; use 1 to {MAX_STRIPES}"),
-            ));
-        }
+        let stripes = check_range(
+            &file,
+            "stripes",
+            raw.stripes.unwrap_or(DEFAULT_STRIPES),
+            1..=MAX_STRIPES,
+        )?;
         let vnodes_per_weight = raw.vnodes_per_weight.unwrap_or(DEFAULT_VNODES_PER_WEIGHT);
         if vnodes_per_weight == 0 {
             return Err(ConfigError::invalid(
@@ -127,34 +125,26 @@ impl CoordinatorConfig {
 
         let (shard_timeout_ms, origin) =
             flag_or_file(overrides.shard_timeout_ms, raw.shard_timeout_ms, &file);
-        let shard_timeout_ms = shard_timeout_ms.unwrap_or(DEFAULT_SHARD_TIMEOUT_MS);
-        if !(1..=600_000).contains(&shard_timeout_ms) {
-            return Err(ConfigError::invalid(
-                origin,
-                "shard_timeout_ms",
-                format!("{shard_timeout_ms} is out of range; use 1 to 600000"),
-            ));
-        }
-        let max_in_flight_batches_per_shard = raw
-            .max_in_flight_batches_per_shard
-            .unwrap_or(DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD);
-        if !(1..=1024).contains(&max_in_flight_batches_per_shard) {
-            return Err(ConfigError::invalid(
-                &file,
-                "max_in_flight_batches_per_shard",
-                format!("{max_in_flight_batches_per_shard} is out of range; use 1 to 1024"),
-            ));
-        }
-        let max_increments_per_shard_batch = raw
-            .max_increments_per_shard_batch
-            .unwrap_or(DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH);
-        if !(1..=100_000).contains(&max_increments_per_shard_batch) {
-            return Err(ConfigError::invalid(
-                &file,
-                "max_increments_per_shard_batch",
-                format!("{max_increments_per_shard_batch} is out of range; use 1 to 100000"),
-            ));
-        }
+        let shard_timeout_ms = check_range(
+            origin,
+            "shard_timeout_ms",
+            shard_timeout_ms.unwrap_or(DEFAULT_SHARD_TIMEOUT_MS),
+            1..=600_000,
+        )?;
+        let max_in_flight_batches_per_shard = check_range(
+            &file,
+            "max_in_flight_batches_per_shard",
+            raw.max_in_flight_batches_per_shard
+                .unwrap_or(DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD),
+            1..=1024,
+        )?;
+        let max_increments_per_shard_batch = check_range(
+            &file,
+            "max_increments_per_shard_batch",
+            raw.max_increments_per_shard_batch
+                .unwrap_or(DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH),
+            1..=100_000,
+        )?;
 
         let nodes = validate_nodes(&file, raw.nodes)?;
         let config = CoordinatorConfig {
@@ -227,14 +217,7 @@ fn validate_nodes(file: &str, raw_nodes: Vec<RawNode>) -> Result<Vec<NodeConfig>
                 ),
             ));
         }
-        let weight = raw.weight.unwrap_or(1);
-        if !(1..=1000).contains(&weight) {
-            return Err(ConfigError::invalid(
-                file,
-                key("weight"),
-                format!("{weight} is out of range; use 1 to 1000"),
-            ));
-        }
+        let weight = check_range(file, &key("weight"), raw.weight.unwrap_or(1), 1..=1000)?;
         nodes.push(NodeConfig {
             id: raw.id,
             address: raw.address,

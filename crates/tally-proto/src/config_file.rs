@@ -106,6 +106,32 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigEr
     })
 }
 
+/// `value` of `key` if it lies in `range`; otherwise an error that names
+/// where it came from and the range to use.
+pub fn check_range<T>(
+    origin: &str,
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            origin,
+            key,
+            format!(
+                "{value} is out of range; use {} to {}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
 /// A flag's value if given, else the file's, with where it came from:
 /// [`COMMAND_LINE`] or `file_origin`.
 pub fn flag_or_file<T>(flag: Option<T>, file: Option<T>, file_origin: &str) -> (Option<T>, &str) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_proto::config_file::{self, flag_or_file, ConfigError, COMMAND_LINE};
+use tally_proto::config_file::{self, check_range, flag_or_file, ConfigError, COMMAND_LINE};
 
 /// When an increment is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -147,14 +147,12 @@ impl ShardConfig {
             raw.flush_interval_ms,
             &file_origin,
         );
-        let flush_interval_ms = flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS);
-        if !(1..=60_000).contains(&flush_interval_ms) {
-            return Err(ConfigError::invalid(
-                origin,
-                "flush_interval_ms",
-                format!("{flush_interval_ms} is out of range; use 1 to 60000"),
-            ));
-        }
+        let flush_interval_ms = check_range(
+            origin,
+            "flush_interval_ms",
+            flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
+            1..=60_000,
+        )?;
 
         Ok(ShardConfig {
             node_id,

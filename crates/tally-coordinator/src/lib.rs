@@ -81,14 +81,13 @@ impl Coordinator {
     ) -> Result<(), StartError> {
         let counter = service::CounterService::new(self.cluster.clone());
         let admin = service::AdminService::new(self.cluster.clone());
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter
             .set_serving::<pb::counter_server::CounterServer<service::CounterService>>()
             .await;
         health_reporter
             .set_serving::<pb::admin_server::AdminServer<service::AdminService>>()
             .await;
-        let (reflection_v1, reflection_v1alpha) = tally_proto::process::reflection_services();
 
         let address = listener.local_addr().ok();
         tracing::info!(
@@ -97,11 +96,7 @@ impl Coordinator {
             stripes = self.cluster.config().stripes,
             "serving"
         );
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        server
             .add_service(InterceptedService::new(
                 pb::counter_server::CounterServer::new(counter)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

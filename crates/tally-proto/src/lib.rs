@@ -6,11 +6,12 @@
 //! - [`pb`]: code generated from `proto/tally/v1/*.proto`: the public
 //!   `tally.v1.Counter` and `tally.v1.Admin` services and the internal
 //!   `tally.v1.Shard` service (coordinator to shard node).
-//! - [`FILE_DESCRIPTOR_SET`] and [`process::reflection_services`]: the
+//! - [`FILE_DESCRIPTOR_SET`] and [`process::grpc_server`]: the
 //!   encoded descriptors, served by gRPC server reflection so stock tools
 //!   (grpcurl, grpc_health_probe) work without the proto files.
 //! - [`process`]: what every Tally binary does the same way at its edge:
-//!   tracing setup, shutdown signals, reflection.
+//!   tracing setup, shutdown signals, exit codes, the gRPC server with
+//!   health checking and reflection.
 //! - [`config_file`]: strict TOML loading shared by every binary: an error is
 //!   one line naming the file and the key.
 //! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built

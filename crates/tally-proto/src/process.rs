@@ -64,9 +64,26 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
+/// A gRPC server with what every Tally daemon serves besides its own
+/// services: `grpc.health.v1` (the returned reporter marks services
+/// serving) and server reflection, so stock tools work without the protos.
+pub fn grpc_server() -> (
+    tonic_health::server::HealthReporter,
+    tonic::transport::server::Router,
+) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) = reflection_services();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    (health_reporter, router)
+}
+
 /// gRPC server reflection, both the `v1` and the older `v1alpha` protocol
 /// (grpcurl asks for either), over every Tally proto file.
-pub fn reflection_services() -> (
+fn reflection_services() -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,

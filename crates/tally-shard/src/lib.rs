@@ -139,18 +139,13 @@ impl ShardNode {
             self.store.clone(),
             flusher.clone(),
         );
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter
             .set_serving::<pb::shard_server::ShardServer<service::ShardService>>()
             .await;
-        let (reflection_v1, reflection_v1alpha) = tally_proto::process::reflection_services();
 
         tracing::info!(node_id = self.config.node_id, %address, "serving");
-        let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let served = server
             .add_service(
                 pb::shard_server::ShardServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

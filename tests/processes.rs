@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 
 use nix::sys::signal::Signal;
-use support::{run_to_end, Daemon, ProcessCluster};
+use support::{run_to_end, ProcessCluster};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
 
@@ -99,12 +99,7 @@ async fn increments_survive_a_graceful_restart_of_every_shard() {
 async fn sigint_stops_a_shard_cleanly_too() {
     let dir = tempfile::tempdir().unwrap();
     let config = support::write_shard_config(dir.path(), 1, "sync");
-    let shard = Daemon::start(
-        "tally-shard",
-        "shard-1",
-        &["--config", config.to_str().unwrap()],
-        dir.path(),
-    );
+    let shard = support::start_shard("shard-1", &config, &[]);
     assert!(shard.stop_with(Signal::SIGINT).success());
 }
 
@@ -257,12 +252,7 @@ async fn tallyctl_against_a_running_cluster() {
 fn a_locked_data_directory_is_refused_and_the_owner_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let config = support::write_shard_config(dir.path(), 1, "sync");
-    let mut owner = Daemon::start(
-        "tally-shard",
-        "owner",
-        &["--config", config.to_str().unwrap()],
-        dir.path(),
-    );
+    let mut owner = support::start_shard("owner", &config, &[]);
     let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     let message = stderr(&output);
@@ -282,12 +272,7 @@ fn a_locked_data_directory_is_refused_and_the_owner_keeps_serving() {
 fn a_data_directory_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = support::write_shard_config(dir.path(), 1, "sync");
-    let shard = Daemon::start(
-        "tally-shard",
-        "shard-1",
-        &["--config", config.to_str().unwrap()],
-        dir.path(),
-    );
+    let shard = support::start_shard("shard-1", &config, &[]);
     shard.terminate();
     let output = run_to_end(
         "tally-shard",

@@ -185,6 +185,14 @@ pub fn write_shard_config(dir: &Path, index: usize, durability: &str) -> PathBuf
     path
 }
 
+/// Starts `tally-shard` from `config`, with its log in the config's
+/// directory; `extra_args` override the file.
+pub fn start_shard(name: &str, config: &Path, extra_args: &[&str]) -> Daemon {
+    let mut args = vec!["--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    Daemon::start("tally-shard", name, &args, config.parent().unwrap())
+}
+
 /// A coordinator config file naming `shards` as its membership.
 pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
     let path = dir.join("coordinator.toml");
@@ -217,12 +225,7 @@ impl ProcessCluster {
         for index in 1..=3 {
             let config = write_shard_config(dir.path(), index, durability);
             let name = format!("shard-{index}");
-            shards.push(Some(Daemon::start(
-                "tally-shard",
-                &name,
-                &["--config", config.to_str().unwrap()],
-                dir.path(),
-            )));
+            shards.push(Some(start_shard(&name, &config, &[])));
             shard_configs.push(config);
         }
         let addresses: Vec<SocketAddr> = shards
@@ -250,11 +253,10 @@ impl ProcessCluster {
     pub fn restart_shard(&mut self, index: usize, address: SocketAddr) {
         let config = self.shard_configs[index].clone();
         let listen = address.to_string();
-        self.shards[index] = Some(Daemon::start(
-            "tally-shard",
+        self.shards[index] = Some(start_shard(
             &format!("shard-{}", index + 1),
-            &["--config", config.to_str().unwrap(), "--listen", &listen],
-            self.dir.path(),
+            &config,
+            &["--listen", &listen],
         ));
     }
 

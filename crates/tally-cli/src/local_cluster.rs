@@ -7,7 +7,7 @@
 //! [`LocalCluster::wait_ready`] asks each server's gRPC health service.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -194,13 +194,6 @@ impl LocalCluster {
             stop(&mut shard.stop, &mut shard.task).await?;
         }
         Ok(())
-    }
-
-    /// The data directory that holds every shard's directory.
-    pub fn data_dir(&self) -> Option<&Path> {
-        self.shards
-            .first()
-            .and_then(|shard| shard.config.data_dir.parent())
     }
 }
 

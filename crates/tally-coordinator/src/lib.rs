@@ -67,11 +67,6 @@ impl Coordinator {
         })
     }
 
-    /// The cluster this coordinator routes to.
-    pub fn cluster(&self) -> &Arc<Cluster> {
-        &self.cluster
-    }
-
     /// Serves the public API until `shutdown` completes, then stops accepting
     /// and lets in-flight calls finish.
     pub async fn serve(

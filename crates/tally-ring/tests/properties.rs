@@ -54,23 +54,30 @@ fn owner_id<'ring>(ring: &'ring Ring, counter: &str, stripe: u32) -> &'ring str 
     &ring.nodes()[ring.owner(counter, stripe)].id
 }
 
+/// Memberships of distinct nodes with weights 1 to 3, sized within `sizes`.
+fn weighted_memberships(
+    sizes: std::ops::RangeInclusive<usize>,
+) -> impl Strategy<Value = Vec<NodeSpec>> {
+    sizes
+        .prop_flat_map(distinct_node_ids)
+        .prop_flat_map(|ids| {
+            let weights = prop::collection::vec(1_u32..=3, ids.len());
+            (Just(ids), weights)
+        })
+        .prop_map(|(ids, weights)| {
+            ids.into_iter()
+                .zip(weights)
+                .map(|(id, weight)| NodeSpec { id, weight })
+                .collect::<Vec<_>>()
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
     fn input_order_does_not_change_placement(
-        (specs, shuffled) in (2_usize..=6)
-            .prop_flat_map(distinct_node_ids)
-            .prop_flat_map(|ids| {
-                let weights = prop::collection::vec(1_u32..=3, ids.len());
-                (Just(ids), weights)
-            })
-            .prop_map(|(ids, weights)| {
-                ids.into_iter()
-                    .zip(weights)
-                    .map(|(id, weight)| NodeSpec { id, weight })
-                    .collect::<Vec<_>>()
-            })
+        (specs, shuffled) in weighted_memberships(2..=6)
             .prop_flat_map(|specs| (Just(specs.clone()), Just(specs).prop_shuffle()))
     ) {
         let ring = Ring::new(&specs, DEFAULT_VNODES_PER_WEIGHT).unwrap();
@@ -146,18 +153,7 @@ proptest! {
 
     #[test]
     fn observed_key_share_matches_owned_fraction(
-        specs in (2_usize..=5)
-            .prop_flat_map(distinct_node_ids)
-            .prop_flat_map(|ids| {
-                let weights = prop::collection::vec(1_u32..=3, ids.len());
-                (Just(ids), weights)
-            })
-            .prop_map(|(ids, weights)| {
-                ids.into_iter()
-                    .zip(weights)
-                    .map(|(id, weight)| NodeSpec { id, weight })
-                    .collect::<Vec<_>>()
-            })
+        specs in weighted_memberships(2..=5)
     ) {
         let ring = Ring::new(&specs, DEFAULT_VNODES_PER_WEIGHT).unwrap();
         let mut owned_keys = vec![0_u32; ring.nodes().len()];

@@ -74,7 +74,6 @@ pub struct ShardNode {
     config: ShardConfig,
     store: Arc<Store>,
     storage: Arc<storage::Storage>,
-    loaded_entries: u64,
 }
 
 use store::Store;
@@ -109,13 +108,7 @@ impl ShardNode {
             config,
             store: Arc::new(store),
             storage: Arc::new(storage),
-            loaded_entries,
         })
-    }
-
-    /// Entries loaded from disk at open.
-    pub fn loaded_entries(&self) -> u64 {
-        self.loaded_entries
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets

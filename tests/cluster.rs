@@ -82,16 +82,19 @@ async fn shard_statuses(cluster: &LocalCluster) -> Vec<pb::ShardStatusResponse> 
 
 /// A key whose idempotency stripe is owned by `node_id`, so a test can
 /// aim an increment at one node.
-fn key_owned_by(cluster: &LocalCluster, counter: &str, node_id: &str) -> String {
+/// The `nth` idempotency key (from 0) whose increment of `counter` lands on
+/// `node_id`.
+fn key_owned_by(cluster: &LocalCluster, counter: &str, node_id: &str, nth: usize) -> String {
     let config = cluster.coordinator_config();
     let ring = config.ring().unwrap();
-    (0..10_000)
+    (0..100_000)
         .map(|attempt| format!("key-{attempt}"))
-        .find(|key| {
+        .filter(|key| {
             let stripe = tally::ring::idempotency_stripe(key, config.stripes);
             ring.nodes()[ring.owner(counter, stripe)].id == node_id
         })
-        .expect("some key lands on every node")
+        .nth(nth)
+        .expect("keys land on every node")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,8 +494,13 @@ async fn a_total_beyond_i64_is_out_of_range() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("\"huge\""));
     // Back in range once one part shrinks: the sum was exact, never wrapped.
+    // (A new key on the first key's stripe: reusing a key is a conflict.)
+    let third = (1..)
+        .map(|index| format!("again-{index}"))
+        .find(|key| stripe_of(key) == stripe_of(&first))
+        .unwrap();
     client
-        .increment(increment("huge", -i64::MAX, &first))
+        .increment(increment("huge", -i64::MAX, &third))
         .await
         .unwrap();
     assert_eq!(value(&mut client, "huge").await, i64::MAX);
@@ -505,7 +513,7 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     let mut cluster = test.cluster;
     let mut client = cluster.counter_client().await.unwrap();
     for node in ["shard-1", "shard-2", "shard-3"] {
-        let key = key_owned_by(&cluster, "spread", node);
+        let key = key_owned_by(&cluster, "spread", node, 0);
         client
             .increment(increment("spread", 10, &key))
             .await
@@ -534,7 +542,7 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     assert_eq!((partial.value, partial.complete), (20, false));
 
     // A write owned by the down node fails and says which node.
-    let key = key_owned_by(&cluster, "spread", "shard-2");
+    let key = key_owned_by(&cluster, "spread", "shard-2", 1);
     let status = client
         .increment(increment("spread", 1, &key))
         .await
@@ -542,7 +550,7 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("shard-2"));
     // Writes owned by live nodes still succeed.
-    let key = key_owned_by(&cluster, "spread", "shard-3");
+    let key = key_owned_by(&cluster, "spread", "shard-3", 1);
     client
         .increment(increment("spread", 1, &key))
         .await
@@ -803,4 +811,153 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
     let mut client = test.cluster.counter_client().await.unwrap();
     assert_eq!(value(&mut client, "c").await, 0);
     test.cluster.shutdown().await.unwrap();
+}
+
+/// A second coordinator over the same shards, as another process of the
+/// application's fleet would reach: served until the returned sender drops.
+async fn second_coordinator(
+    cluster: &LocalCluster,
+) -> (CounterClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut config = cluster.coordinator_config().clone();
+    config.listen = address;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tally::coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    tally::cli::local_cluster::wait_serving(address, READY)
+        .await
+        .unwrap();
+    let client = CounterClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    (client, stop)
+}
+
+#[tokio::test]
+async fn a_retried_increment_is_applied_once_through_any_coordinator() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let (mut other, _stop) = second_coordinator(&test.cluster).await;
+    for _ in 0..3 {
+        client
+            .increment(increment("likes", 5, "order-1"))
+            .await
+            .unwrap();
+        other
+            .increment(increment("likes", 5, "order-1"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(value(&mut client, "likes").await, 5);
+    // The key belongs to the counter: another counter may use it too.
+    client
+        .increment(increment("views", 5, "order-1"))
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "views").await, 5);
+    // Without a key, every call counts.
+    for _ in 0..3 {
+        client.increment(increment("likes", 1, "")).await.unwrap();
+    }
+    assert_eq!(value(&mut client, "likes").await, 8);
+    let remembered: u64 = shard_statuses(&test.cluster)
+        .await
+        .iter()
+        .map(|status| status.remembered_keys)
+        .sum();
+    assert_eq!(remembered, 2);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retried_batch_applies_each_item_once() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let batch = |items: std::ops::Range<usize>| pb::IncrementBatchRequest {
+        increments: items
+            .map(|item| increment(&format!("c{}", item % 10), 1, &format!("batch-1/{item}")))
+            .collect(),
+    };
+    // The first attempt reached only half the items (as a failure mid-way
+    // would leave it); the client retries the whole batch, twice.
+    client.increment_batch(batch(0..500)).await.unwrap();
+    client.increment_batch(batch(0..1_000)).await.unwrap();
+    client.increment_batch(batch(0..1_000)).await.unwrap();
+    for counter in 0..10 {
+        assert_eq!(value(&mut client, &format!("c{counter}")).await, 100);
+    }
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_reused_for_another_delta_is_refused() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    client
+        .increment(increment("stock", -3, "pick-7"))
+        .await
+        .unwrap();
+    let status = client
+        .increment(increment("stock", -4, "pick-7"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(
+        status.message().contains("\"pick-7\"") && status.message().contains("\"stock\""),
+        "{}",
+        status.message()
+    );
+    // In a batch, the other items still apply (items are independent).
+    let status = client
+        .increment_batch(pb::IncrementBatchRequest {
+            increments: vec![
+                increment("stock", -4, "pick-7"),
+                increment("other", 1, "pick-8"),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(value(&mut client, "stock").await, -3);
+    assert_eq!(value(&mut client, "other").await, 1);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn keys_survive_a_restart_and_a_delete() {
+    let test = start().await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    let keys: Vec<String> = ["shard-1", "shard-2", "shard-3"]
+        .iter()
+        .map(|node| key_owned_by(&cluster, "visits", node, 0))
+        .collect();
+    for key in &keys {
+        client.increment(increment("visits", 1, key)).await.unwrap();
+    }
+    for index in 0..3 {
+        cluster.stop_shard(index).await.unwrap();
+        cluster.restart_shard(index).await.unwrap();
+    }
+    cluster.wait_ready(READY).await.unwrap();
+    for key in &keys {
+        client.increment(increment("visits", 1, key)).await.unwrap();
+    }
+    assert_eq!(value(&mut client, "visits").await, 3);
+    // A delete resets the value, not the memory of what was applied: a late
+    // retry of an old increment does not bring it back.
+    client
+        .delete(pb::DeleteRequest {
+            counter: "visits".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .increment(increment("visits", 1, &keys[0]))
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "visits").await, 0);
+    cluster.shutdown().await.unwrap();
 }

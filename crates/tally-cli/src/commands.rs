@@ -305,6 +305,8 @@ impl Cli {
                 "entries": node.entries,
                 "last_flush_unix_ms": node.last_flush_unix_ms,
                 "durability": node.durability,
+                "remembered_keys": node.remembered_keys,
+                "keys_forgotten_early": node.keys_forgotten_early,
                 "error": node.error,
             })).collect::<Vec<_>>()
         });
@@ -316,6 +318,7 @@ impl Cli {
                 "ENTRIES",
                 "LAST FLUSH",
                 "DURABILITY",
+                "KEYS",
             ]);
             for node in &nodes {
                 table.add_row(vec![
@@ -336,6 +339,13 @@ impl Cli {
                         node.durability.clone()
                     } else {
                         "-".into()
+                    },
+                    match (node.reachable, node.keys_forgotten_early) {
+                        (false, _) => "-".into(),
+                        (true, 0) => node.remembered_keys.to_string(),
+                        (true, early) => {
+                            format!("{} ({early} forgotten early)", node.remembered_keys)
+                        }
                     },
                 ]);
             }

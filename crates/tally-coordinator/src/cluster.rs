@@ -129,27 +129,25 @@ impl Cluster {
         let results = with_deadline(deadline, join_all(calls)).await?;
 
         let mut unavailable = Vec::new();
-        let mut overflow = None;
+        let mut refused = None;
         for (node, result) in results {
             match result {
                 Ok(outcomes) => {
-                    if overflow.is_none() {
-                        overflow = outcomes.into_iter().find_map(|outcome| match outcome {
-                            Outcome::Overflow { counter, delta } => Some((counter, delta)),
-                            Outcome::Applied => None,
-                        });
+                    if refused.is_none() {
+                        refused = outcomes.into_iter().find_map(refusal);
                     }
                 }
                 Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
             }
         }
         // UNAVAILABLE first: part of the call was not applied and the client
-        // should retry; an overflow is reported once every node answered.
+        // should retry; an overflow or key conflict is reported once every
+        // node answered.
         if !unavailable.is_empty() {
             return Err(CoordinatorError::Unavailable(unavailable));
         }
-        match overflow {
-            Some((counter, delta)) => Err(CoordinatorError::IncrementOverflow { counter, delta }),
+        match refused {
+            Some(error) => Err(error),
             None => Ok(()),
         }
     }
@@ -247,5 +245,26 @@ async fn with_deadline<T>(
             .await
             .map_err(|_| CoordinatorError::DeadlineExceeded),
         None => Ok(future.await),
+    }
+}
+
+/// The error an increment's outcome stands for, if it was refused.
+fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
+    match outcome {
+        Outcome::Applied => None,
+        Outcome::Overflow { counter, delta } => {
+            Some(CoordinatorError::IncrementOverflow { counter, delta })
+        }
+        Outcome::KeyConflict {
+            counter,
+            key,
+            delta,
+            recorded_delta,
+        } => Some(CoordinatorError::KeyConflict {
+            counter,
+            key,
+            delta,
+            recorded_delta,
+        }),
     }
 }

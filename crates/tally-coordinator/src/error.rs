@@ -32,6 +32,22 @@ pub enum CoordinatorError {
         /// The increment.
         delta: i64,
     },
+    /// An idempotency key was applied to the counter before with another
+    /// delta: two different increments share a key.
+    #[error(
+        "idempotency key {key:?} was already applied to {counter:?} with delta \
+         {recorded_delta}, not {delta}; nothing applied (use a new key for a new increment)"
+    )]
+    KeyConflict {
+        /// The counter.
+        counter: String,
+        /// The key.
+        key: String,
+        /// This increment's delta.
+        delta: i64,
+        /// The delta applied under the key before.
+        recorded_delta: i64,
+    },
     /// A counter's total does not fit in an i64.
     #[error("total of {counter:?} does not fit in an i64")]
     TotalOutOfRange {
@@ -61,6 +77,7 @@ impl CoordinatorError {
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
             CoordinatorError::IncrementOverflow { .. }
             | CoordinatorError::TotalOutOfRange { .. } => Code::OutOfRange,
+            CoordinatorError::KeyConflict { .. } => Code::AlreadyExists,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::DeadlineExceeded => Code::DeadlineExceeded,
         }

@@ -157,6 +157,8 @@ impl pb::admin_server::Admin for AdminService {
                     node.entries = status.entries;
                     node.last_flush_unix_ms = status.last_flush_unix_ms;
                     node.durability = status.durability;
+                    node.remembered_keys = status.remembered_keys;
+                    node.keys_forgotten_early = status.keys_forgotten_early;
                 }
                 Err(error) => node.error = error.to_string(),
             }

@@ -34,7 +34,8 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// The outcome of one increment on its shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Applied and durable by the node's durability mode.
+    /// Applied and durable by the node's durability mode; or a retry of an
+    /// idempotency key applied before, whose original is durable.
     Applied,
     /// Would overflow the stored entry; nothing applied.
     Overflow {
@@ -42,6 +43,18 @@ pub enum Outcome {
         counter: String,
         /// The increment.
         delta: i64,
+    },
+    /// The idempotency key was applied to the counter before with another
+    /// delta; nothing applied.
+    KeyConflict {
+        /// The counter.
+        counter: String,
+        /// The idempotency key.
+        key: String,
+        /// The delta of this increment.
+        delta: i64,
+        /// The delta applied under the key before.
+        recorded_delta: i64,
     },
 }
 
@@ -339,7 +352,8 @@ async fn send_batch(
     }
 }
 
-/// Pairs each OVERFLOW outcome with the increment the shard names for it.
+/// Pairs each OVERFLOW and CONFLICT outcome with the increment the shard
+/// names for it.
 fn decode_outcomes(
     response: pb::ApplyResponse,
     expected: usize,
@@ -352,13 +366,14 @@ fn decode_outcomes(
             response.outcomes.len()
         )));
     }
-    let overflow_count = response.overflowed.len();
+    let named = response.overflowed.len() + response.conflicts.len();
     let mut overflowed = response.overflowed.into_iter();
+    let mut conflicts = response.conflicts.into_iter();
     let outcomes = response
         .outcomes
         .iter()
         .map(|&outcome| match pb::ApplyOutcome::try_from(outcome) {
-            Ok(pb::ApplyOutcome::Applied) => Ok(Outcome::Applied),
+            Ok(pb::ApplyOutcome::Applied | pb::ApplyOutcome::Duplicate) => Ok(Outcome::Applied),
             Ok(pb::ApplyOutcome::Overflow) => {
                 let increment = overflowed
                     .next()
@@ -368,12 +383,24 @@ fn decode_outcomes(
                     delta: increment.delta,
                 })
             }
+            Ok(pb::ApplyOutcome::Conflict) => {
+                let (increment, recorded_delta) = conflicts
+                    .next()
+                    .and_then(|conflict| Some((conflict.increment?, conflict.recorded_delta)))
+                    .ok_or_else(|| malformed("a conflict without its increment".into()))?;
+                Ok(Outcome::KeyConflict {
+                    counter: increment.counter,
+                    key: increment.idempotency_key,
+                    delta: increment.delta,
+                    recorded_delta,
+                })
+            }
             _ => Err(malformed(format!("unknown outcome {outcome}"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if overflowed.next().is_some() {
+    if overflowed.next().is_some() || conflicts.next().is_some() {
         return Err(malformed(format!(
-            "{overflow_count} overflowed increments named"
+            "{named} overflowed or conflicting increments named"
         )));
     }
     Ok(outcomes)

@@ -120,10 +120,17 @@ impl IdempotencyKey {
         if key.is_empty() {
             return Ok(None);
         }
+        Self::validate(&key)?;
+        Ok(Some(IdempotencyKey(key)))
+    }
+
+    /// Checks a key's length without taking ownership: for shards, which
+    /// check again what a coordinator sent.
+    pub fn validate(key: &str) -> Result<(), ProtocolError> {
         if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
             return Err(ProtocolError::IdempotencyKeyTooLong { length: key.len() });
         }
-        Ok(Some(IdempotencyKey(key)))
+        Ok(())
     }
 
     /// The key as a string slice.

@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tally_proto::config_file::{self, check_range, flag_or_file, ConfigError, COMMAND_LINE};
 
+use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
+
 /// When an increment is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +48,10 @@ impl std::str::FromStr for Durability {
 
 /// Default for `flush_interval_ms`.
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 50;
+/// Longest `idempotency_retention_secs`: 30 days.
+const MAX_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
+/// Largest `idempotency_max_keys`: about 20 GB of memory at ~200 bytes a key.
+const MAX_KEYS_LIMIT: usize = 100_000_000;
 
 /// The file as written: every key optional here, so that flags can supply
 /// what the file leaves out; [`ShardConfig::load`] checks what is required.
@@ -57,6 +63,8 @@ struct RawShardConfig {
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
+    idempotency_retention_secs: Option<u64>,
+    idempotency_max_keys: Option<usize>,
 }
 
 /// Values from the command line, each overriding the file's.
@@ -72,6 +80,10 @@ pub struct ShardOverrides {
     pub durability: Option<Durability>,
     /// `--flush-interval-ms`
     pub flush_interval_ms: Option<u64>,
+    /// `--idempotency-retention-secs`
+    pub idempotency_retention_secs: Option<u64>,
+    /// `--idempotency-max-keys`
+    pub idempotency_max_keys: Option<usize>,
 }
 
 /// A shard node's validated configuration.
@@ -88,6 +100,8 @@ pub struct ShardConfig {
     /// Async mode: most time between an acknowledgement and its flush. Sync
     /// mode: how soon a failed flush is retried when no new write comes.
     pub flush_interval: Duration,
+    /// How long, and how many, idempotency keys are remembered.
+    pub key_retention: KeyRetention,
 }
 
 impl ShardConfig {
@@ -104,6 +118,7 @@ impl ShardConfig {
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
+            key_retention: KeyRetention::default(),
         }
     }
 
@@ -154,12 +169,39 @@ impl ShardConfig {
             1..=60_000,
         )?;
 
+        let (retention_secs, origin) = flag_or_file(
+            overrides.idempotency_retention_secs,
+            raw.idempotency_retention_secs,
+            &file_origin,
+        );
+        let retention_secs = check_range(
+            origin,
+            "idempotency_retention_secs",
+            retention_secs.unwrap_or(DEFAULT_KEY_RETENTION.as_secs()),
+            1..=MAX_RETENTION_SECS,
+        )?;
+        let (max_keys, origin) = flag_or_file(
+            overrides.idempotency_max_keys,
+            raw.idempotency_max_keys,
+            &file_origin,
+        );
+        let max_keys = check_range(
+            origin,
+            "idempotency_max_keys",
+            max_keys.unwrap_or(DEFAULT_MAX_KEYS),
+            1..=MAX_KEYS_LIMIT,
+        )?;
+
         Ok(ShardConfig {
             node_id,
             listen,
             data_dir,
             durability: durability.unwrap_or(Durability::Sync),
             flush_interval: Duration::from_millis(flush_interval_ms),
+            key_retention: KeyRetention {
+                window: Duration::from_secs(retention_secs),
+                max_keys,
+            },
         })
     }
 }
@@ -225,6 +267,18 @@ mod tests {
             (
                 format!("{GOOD}flush_interval_ms = 0\n"),
                 "FILE: flush_interval_ms: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}idempotency_retention_secs = 0\n"),
+                "FILE: idempotency_retention_secs: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}idempotency_max_keys = 0\n"),
+                "FILE: idempotency_max_keys: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}idempotency_max_keys = -5\n"),
+                "FILE:4: idempotency_max_keys: invalid value",
             ),
             (
                 GOOD.replace("shard-1\"", "shard 1\""),

@@ -33,6 +33,8 @@ struct FlushState {
     error: Option<Arc<str>>,
     /// Unix time in ms of the latest successful flush that wrote something.
     last_flush_unix_ms: i64,
+    /// Sequence number of the latest flush on disk.
+    flush_sequence: u64,
 }
 
 /// A flush failed: the changes are in memory, not on disk. They stay dirty
@@ -115,6 +117,11 @@ impl Flusher {
         self.state.borrow().last_flush_unix_ms
     }
 
+    /// Sequence number of the last flush on disk, 0 if none since start.
+    pub fn flush_sequence(&self) -> u64 {
+        self.state.borrow().flush_sequence
+    }
+
     /// Stops the task after one last flush, and returns that flush's result.
     /// Waiters still pending get their answer from that flush. A second call
     /// returns at once.
@@ -159,8 +166,18 @@ async fn flush_once(
     storage: &Arc<Storage>,
     state: &watch::Sender<FlushState>,
 ) -> Result<(), StorageError> {
+    // Forgetting old idempotency keys rides on the flush that removes them
+    // from disk.
+    let forgotten_early = store.forget_keys(unix_ms_now());
+    if forgotten_early > 0 {
+        tracing::warn!(
+            forgotten_early,
+            "idempotency keys forgotten before their retention window ended: the node holds \
+             more than idempotency_max_keys; a retry of one of them would apply again"
+        );
+    }
     let snapshot = store.begin_flush();
-    if snapshot.entries.is_empty() {
+    if snapshot.is_empty() {
         state.send_modify(|state| {
             state.completed_epoch = snapshot.epoch;
             state.durable_epoch = snapshot.epoch;
@@ -174,7 +191,7 @@ async fn flush_once(
     let written = {
         let writer = storage.clone();
         let snapshot = snapshot.clone();
-        tokio::task::spawn_blocking(move || writer.write(&snapshot.entries))
+        tokio::task::spawn_blocking(move || writer.write(&snapshot))
             .await
             .unwrap_or_else(|join_error| {
                 Err(StorageError::Damaged {
@@ -186,19 +203,24 @@ async fn flush_once(
     match written {
         Ok(()) => {
             store.finish_flush(&snapshot);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |elapsed| elapsed.as_millis() as i64);
+            let now = unix_ms_now() as i64;
+            let sequence = storage.sequence();
             state.send_modify(|state| {
                 state.completed_epoch = snapshot.epoch;
                 state.durable_epoch = snapshot.epoch;
                 state.error = None;
                 state.last_flush_unix_ms = now;
+                state.flush_sequence = sequence;
             });
             Ok(())
         }
         Err(error) => {
-            tracing::error!(%error, entries = snapshot.entries.len(), "flush failed; will retry");
+            tracing::error!(
+                %error,
+                entries = snapshot.entries.len(),
+                records = snapshot.records.len(),
+                "flush failed; will retry"
+            );
             store.abandon_flush(&snapshot);
             state.send_modify(|state| {
                 state.completed_epoch = snapshot.epoch;
@@ -207,4 +229,11 @@ async fn flush_once(
             Err(error)
         }
     }
+}
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }

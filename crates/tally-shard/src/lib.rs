@@ -11,8 +11,10 @@
 //!
 //! - [`config`]: the TOML file and flags ([`ShardConfig`], [`Durability`]).
 //! - [`store`]: the in-memory map, segmented for concurrent writers, with
-//!   dirty tracking and flush epochs for group commit.
-//! - [`storage`]: sled on disk, the key format, the data directory lock.
+//!   dirty tracking, flush epochs for group commit, and idempotency records.
+//! - [`keys`]: the on-disk key and value layout.
+//! - [`storage`]: sled on disk, the data directory lock, damage detection
+//!   and [`storage::verify`].
 //! - [`flusher`]: the write-behind task, sync and async durability.
 //! - [`service`]: the gRPC service.
 //! - [`ShardNode`] and [`run`]: open, recover, serve, shut down.
@@ -35,6 +37,7 @@
 
 pub mod config;
 pub mod flusher;
+pub mod keys;
 pub mod service;
 pub mod storage;
 pub mod store;
@@ -83,11 +86,12 @@ impl ShardNode {
     pub async fn open(config: ShardConfig) -> Result<ShardNode, ShardError> {
         let data_dir = config.data_dir.clone();
         let node_id = config.node_id.clone();
+        let retention = config.key_retention;
         let opened = tokio::task::spawn_blocking(move || {
             let storage = storage::Storage::open(&data_dir, &node_id)?;
-            let store = Store::new();
-            let loaded_entries = storage.load_into(&store)?;
-            Ok::<_, StorageError>((storage, store, loaded_entries))
+            let store = Store::with_retention(retention);
+            let report = storage.load_into(&store)?;
+            Ok::<_, StorageError>((storage, store, report))
         })
         .await
         .unwrap_or_else(|join_error| {
@@ -96,11 +100,13 @@ impl ShardNode {
                 message: format!("opening panicked: {join_error}"),
             })
         })?;
-        let (storage, store, loaded_entries) = opened;
+        let (storage, store, report) = opened;
         tracing::info!(
             node_id = config.node_id,
             data_dir = %config.data_dir.display(),
-            entries = loaded_entries,
+            entries = report.entries,
+            idempotency_keys = report.records,
+            flush_sequence = report.sequence,
             durability = config.durability.as_str(),
             "recovered"
         );
@@ -150,9 +156,23 @@ impl ShardNode {
         // Every connection has closed; a request task that outlived its
         // connection still gets its answer from this last flush.
         let flushed = flusher.stop().await;
+        // Only after a successful last flush may the files be marked as
+        // cleanly stopped.
+        let closed = match (&flushed, Arc::try_unwrap(self.storage)) {
+            (Ok(()), Ok(storage)) => tokio::task::spawn_blocking(move || storage.close())
+                .await
+                .unwrap_or_else(|join_error| {
+                    Err(StorageError::Damaged {
+                        dir: self.config.data_dir.clone(),
+                        message: format!("closing panicked: {join_error}"),
+                    })
+                }),
+            _ => Ok(()),
+        };
         tracing::info!(node_id = self.config.node_id, "stopped");
         served?;
         flushed?;
+        closed?;
         Ok(())
     }
 }

@@ -3,12 +3,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally_proto::domain::CounterName;
+use tally_proto::domain::{CounterName, IdempotencyKey};
 use tally_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::config::Durability;
-use crate::flusher::Flusher;
+use crate::flusher::{unix_ms_now, Flusher};
 use crate::store::{ApplyOutcome, Store, StripeIncrement};
 
 /// Serves one node's store.
@@ -73,14 +73,18 @@ impl pb::shard_server::Shard for ShardService {
             .iter()
             .map(|increment| {
                 check_counter_name(&increment.counter)?;
+                IdempotencyKey::validate(&increment.idempotency_key).map_err(Status::from)?;
+                let idempotency_key =
+                    Some(increment.idempotency_key.as_str()).filter(|key| !key.is_empty());
                 Ok(StripeIncrement {
                     counter: &increment.counter,
                     stripe: increment.stripe,
                     delta: increment.delta,
+                    idempotency_key,
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let (outcomes, epoch) = self.store.apply(&increments);
+        let (outcomes, epoch) = self.store.apply(&increments, unix_ms_now());
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
             .fetch_add(increments.len() as u64, Ordering::Relaxed);
@@ -88,23 +92,32 @@ impl pb::shard_server::Shard for ShardService {
             .wait_durable(epoch)
             .await
             .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
-        let overflowed = request
+        let mut overflowed = Vec::new();
+        let mut conflicts = Vec::new();
+        let outcomes = request
             .increments
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, outcome)| **outcome == ApplyOutcome::Overflow)
-            .map(|(increment, _)| increment.clone())
-            .collect();
-        let outcomes = outcomes
             .into_iter()
-            .map(|outcome| match outcome {
+            .zip(outcomes)
+            .map(|(increment, outcome)| match outcome {
                 ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
-                ApplyOutcome::Overflow => pb::ApplyOutcome::Overflow as i32,
+                ApplyOutcome::Duplicate => pb::ApplyOutcome::Duplicate as i32,
+                ApplyOutcome::Overflow => {
+                    overflowed.push(increment);
+                    pb::ApplyOutcome::Overflow as i32
+                }
+                ApplyOutcome::Conflict { recorded_delta } => {
+                    conflicts.push(pb::KeyConflict {
+                        increment: Some(increment),
+                        recorded_delta,
+                    });
+                    pb::ApplyOutcome::Conflict as i32
+                }
             })
             .collect();
         Ok(Response::new(pb::ApplyResponse {
             outcomes,
             overflowed,
+            conflicts,
         }))
     }
 
@@ -155,6 +168,9 @@ impl pb::shard_server::Shard for ShardService {
             durability: self.durability.as_str().to_string(),
             apply_calls: self.apply_calls.load(Ordering::Relaxed),
             increments_applied: self.increments_applied.load(Ordering::Relaxed),
+            remembered_keys: self.store.remembered_keys(),
+            keys_forgotten_early: self.store.keys_forgotten_early(),
+            flush_sequence: self.flusher.flush_sequence(),
         }))
     }
 }

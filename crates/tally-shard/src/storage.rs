@@ -1,24 +1,14 @@
 //! The on-disk half of a shard node: a sled database in the node's data
-//! directory, guarded by a lock file.
+//! directory, guarded by a lock file, watched by a witness file.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
-//! Tree `entries`, one key per non-zero `(origin node, counter, stripe)`:
-//!
-//! ```text
-//! key   = origin_len: u8 | origin: bytes | counter_len: u16 BE | counter: bytes | stripe: u32 BE
-//! value = i64 BE
-//! ```
-//!
-//! The origin is the node that accepted the increments. Today every entry a
-//! node stores is its own; the origin is in the key so that replicas of other
-//! nodes' entries can be stored beside them later without a format change.
-//! Keys sort by origin, then counter, then stripe, so one node's entries, and
-//! one counter's stripes, are contiguous.
-//!
-//! Tree `meta`: `format_version` (u64 BE) and `node_id`, written on first
-//! start and checked on every start, so a data directory cannot be mounted
-//! under the wrong node id by accident.
+//! Tree `data` holds counter entries, idempotency records and the flush
+//! sequence number ([`crate::keys`] has the layout). A flush writes all of
+//! them in one sled batch, atomic, then fsyncs: a counter change and the
+//! record of the key that caused it reach disk together or not at all.
+//! Tree `meta`: `format_version` (u64 BE) and `node_id`, checked on every
+//! start so a data directory cannot be mounted under the wrong node id.
 //!
 //! File `TALLY`: a marker holding the format version, the node id and a
 //! state. sled is only ever opened in a directory that is empty (a new node;
@@ -28,21 +18,46 @@
 //! metadata is on disk, so a first start interrupted at any point resumes on
 //! the next start, while a `ready` directory whose database has no metadata
 //! is damaged, never silently started empty.
+//!
+//! # Damage detection
+//!
+//! sled recovers a damaged log by stopping at the first bad record: a
+//! truncated or overwritten file opens without error and silently serves
+//! older values. So a node keeps a witness outside sled, file `FLUSHED`:
+//! after every flush is on disk, the flush's sequence number is written
+//! there (in place, no extra fsync). The database must hold at least that
+//! sequence; if it holds less, acknowledged writes are gone and the node
+//! refuses to start. A stale witness (power loss before the page cache
+//! reached disk) only weakens the check, it never raises a false alarm.
+//!
+//! sled rewrites its files when it opens them, even read-only use, so a
+//! directory is only opened in place once it is known to be sound. At a
+//! clean stop the node records a hash of sled's files in the witness; if the
+//! files still hash the same at the next start, nothing happened to them and
+//! they are opened directly. Otherwise (after a crash, or if anything
+//! changed) a scratch copy is recovered and checked first, and a damaged
+//! directory is refused with its files exactly as they were.
+//! [`verify`] runs the same check on demand (`tally-shard verify DIR`).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::store::{EntrySnapshot, Store};
+use crate::keys::{self, DataKey};
+use crate::store::{FlushSnapshot, LoadedRecord, Store};
 
 /// Version of the on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 const LOCK_FILE: &str = "LOCK";
 const MARKER_FILE: &str = "TALLY";
+const WITNESS_FILE: &str = "FLUSHED";
 /// Entries of a data directory that do not make it someone else's: our own
 /// lock and half-written marker, and the directory a fresh filesystem has.
 const IGNORED_ENTRIES: [&str; 3] = [LOCK_FILE, "TALLY.tmp", "lost+found"];
-const ENTRIES_TREE: &str = "entries";
+/// Our own files: everything else in a marked directory is sled's.
+const OWN_FILES: [&str; 4] = [LOCK_FILE, MARKER_FILE, "TALLY.tmp", WITNESS_FILE];
+const DATA_TREE: &str = "data";
 const META_TREE: &str = "meta";
 /// sled's page cache. Our own map holds every value, so sled's cache only
 /// serves writes; the default of 1 GiB would double memory for nothing.
@@ -93,6 +108,38 @@ pub enum StorageError {
         /// What was wrong.
         message: String,
     },
+    /// The check before opening found the directory damaged; its files were
+    /// not touched.
+    #[error(
+        "data directory {dir} is damaged: {problem}; refusing to start and leaving its files as \
+         they are (restore it from a backup, or move it aside to start the node empty; \
+         `tally-shard verify {dir}` reports what it holds)"
+    )]
+    Refused {
+        /// The directory.
+        dir: PathBuf,
+        /// What the check found.
+        problem: String,
+    },
+}
+
+/// What a data directory holds, as [`verify`] or a start-up check found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectoryReport {
+    /// The node the directory belongs to.
+    pub node_id: String,
+    /// Non-zero entries of this node.
+    pub entries: u64,
+    /// Entries whose origin is another node.
+    pub foreign_entries: u64,
+    /// Idempotency records.
+    pub records: u64,
+    /// Sequence number of the last flush in the database.
+    pub sequence: u64,
+    /// Sequence number of the last flush known to have completed (`FLUSHED`).
+    pub witnessed: u64,
+    /// Whether the files are exactly as the node left them at a clean stop.
+    pub clean: bool,
 }
 
 /// An open data directory.
@@ -101,7 +148,10 @@ pub struct Storage {
     dir: PathBuf,
     node_id: String,
     db: sled::Db,
-    entries: sled::Tree,
+    data: sled::Tree,
+    /// Sequence number of the last flush written; one flusher at a time.
+    sequence: parking_lot::Mutex<u64>,
+    witness: File,
     /// Held for the life of the process: the OS drops the lock if we crash.
     _lock: File,
 }
@@ -113,67 +163,46 @@ impl Storage {
             dir: dir.to_path_buf(),
             reason,
         };
-        let damaged = |message: String| StorageError::Damaged {
-            dir: dir.to_path_buf(),
-            message,
-        };
 
         // Look before touching anything: a directory that is not ours is
         // left exactly as it was, not even a lock file added.
         inspect(dir, node_id)?;
 
         std::fs::create_dir_all(dir).map_err(io)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(dir.join(LOCK_FILE))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StorageError::Locked {
-                    dir: dir.to_path_buf(),
-                })
-            }
-            Err(std::fs::TryLockError::Error(reason)) => return Err(io(reason)),
-        }
+        let lock = lock(dir)?;
         // Look again under the lock: another process may have set the
         // directory up between the first look and the lock.
         let marker = inspect(dir, node_id)?;
         write_pid(&lock).map_err(io)?;
-        if marker.is_none() {
+        let ready = marker
+            .as_ref()
+            .is_some_and(|marker| marker.state == MarkerState::Ready);
+        if ready {
+            check_before_open(dir, node_id)?;
+        } else if marker.is_none() {
             // Before sled creates any file, so an interrupted first start
             // leaves a directory the next start recognizes as ours.
             write_marker(dir, node_id, MarkerState::SettingUp)?;
         }
 
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .mode(sled::Mode::HighThroughput)
-            // We decide when to flush: sync mode after every group of
-            // increments, async mode every flush interval.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|error| damaged(error.to_string()))?;
-        let meta = db
-            .open_tree(META_TREE)
-            .map_err(|error| damaged(error.to_string()))?;
-        let entries = db
-            .open_tree(ENTRIES_TREE)
-            .map_err(|error| damaged(error.to_string()))?;
-        match marker.map(|marker| marker.state) {
-            None | Some(MarkerState::SettingUp) => set_up(&db, &meta, &entries, dir, node_id)?,
-            Some(MarkerState::Ready) => check_meta(&meta, dir, node_id)?,
+        let (db, meta, data) = open_sled(dir)?;
+        if ready {
+            check_meta(&meta, dir, node_id)?;
+        } else {
+            set_up(&db, &meta, &data, dir, node_id)?;
         }
-
+        let witness = File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join(WITNESS_FILE))
+            .map_err(io)?;
         Ok(Storage {
             dir: dir.to_path_buf(),
             node_id: node_id.to_string(),
             db,
-            entries,
+            data,
+            sequence: parking_lot::Mutex::new(0),
+            witness,
             _lock: lock,
         })
     }
@@ -183,48 +212,108 @@ impl Storage {
         &self.dir
     }
 
-    /// Loads every entry of this node into `store`. Returns how many.
-    pub fn load_into(&self, store: &Store) -> Result<u64, StorageError> {
-        let mut loaded = 0;
-        for item in self.entries.iter() {
-            let (key, value) = item.map_err(|error| self.damaged(error.to_string()))?;
-            let key =
-                decode_key(&key).ok_or_else(|| self.damaged(format!("bad entry key {key:?}")))?;
-            let value: [u8; 8] = value
-                .as_ref()
-                .try_into()
-                .map_err(|_| self.damaged(format!("bad entry value for {:?}", key.counter)))?;
-            if key.origin != self.node_id {
-                // Another node's entry: only replicas will write these.
-                tracing::warn!(
-                    origin = key.origin,
-                    counter = key.counter,
-                    "ignoring entry of another node"
-                );
-                continue;
-            }
-            store.load(key.counter, key.stripe, i64::from_be_bytes(value));
-            loaded += 1;
-        }
-        Ok(loaded)
+    /// Sequence number of the last flush written.
+    pub fn sequence(&self) -> u64 {
+        *self.sequence.lock()
     }
 
-    /// Writes entries in one atomic batch and waits until they are on disk
-    /// (fsync). Blocking.
-    pub fn write(&self, entries: &[EntrySnapshot]) -> Result<(), StorageError> {
+    /// Loads every entry and idempotency record of this node into `store`,
+    /// and checks the database against the witness.
+    pub fn load_into(&self, store: &Store) -> Result<DirectoryReport, StorageError> {
+        let mut records = Vec::new();
+        let report = scan(&self.data, &self.node_id, |item| match item {
+            Item::Entry {
+                counter,
+                stripe,
+                value,
+            } => store.load(counter, stripe, value),
+            Item::Record(record) => records.push(record),
+        })
+        .map_err(|message| self.damaged(message))?;
+        store.load_records(records);
+        let witnessed = Witness::read(&self.dir)?.flushed;
+        if report.sequence < witnessed {
+            return Err(StorageError::Refused {
+                dir: self.dir.clone(),
+                problem: rollback_problem(report.sequence, witnessed),
+            });
+        }
+        *self.sequence.lock() = report.sequence;
+        Ok(DirectoryReport {
+            witnessed,
+            ..report
+        })
+    }
+
+    /// Writes a flush's entries and records in one atomic batch, waits
+    /// until they are on disk (fsync), then moves the witness on. Blocking.
+    pub fn write(&self, snapshot: &FlushSnapshot) -> Result<(), StorageError> {
+        let mut sequence = self.sequence.lock();
+        let next = *sequence + 1;
         let mut batch = sled::Batch::default();
-        for entry in entries {
-            let key = encode_key(&self.node_id, &entry.counter, entry.stripe);
+        for entry in &snapshot.entries {
+            let key = keys::encode_entry_key(&self.node_id, &entry.counter, entry.stripe);
             if entry.value == 0 {
                 batch.remove(key);
             } else {
                 batch.insert(key, &entry.value.to_be_bytes());
             }
         }
-        self.entries
+        for record in &snapshot.records {
+            match record.record {
+                Some((delta, applied_unix_ms)) => batch.insert(
+                    &*record.key,
+                    &keys::encode_record_value(delta, applied_unix_ms),
+                ),
+                None => batch.remove(&*record.key),
+            }
+        }
+        batch.insert(&keys::SEQUENCE_KEY, &next.to_be_bytes());
+        self.data
             .apply_batch(batch)
             .map_err(|error| self.sled_error(error))?;
         self.db.flush().map_err(|error| self.sled_error(error))?;
+        *sequence = next;
+        // The flush is durable whatever happens here: a stale witness only
+        // weakens the next start's check, so a failure is not the writers'.
+        if let Err(error) = Witness::running(next).write(&self.witness) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot update {WITNESS_FILE}");
+        }
+        Ok(())
+    }
+
+    /// Closes the database after the last flush and records, in the
+    /// witness, a hash of sled's files as they are left: the next start
+    /// opens them directly if they are unchanged. Blocking.
+    pub fn close(self) -> Result<(), StorageError> {
+        let Storage {
+            dir,
+            db,
+            data,
+            sequence,
+            witness,
+            _lock,
+            ..
+        } = self;
+        let sequence = *sequence.lock();
+        drop(data);
+        db.flush().map_err(|error| StorageError::Damaged {
+            dir: dir.clone(),
+            message: error.to_string(),
+        })?;
+        drop(db);
+        let io = |reason| StorageError::Io {
+            dir: dir.clone(),
+            reason,
+        };
+        let hash = hash_sled_files(&dir).map_err(io)?;
+        Witness {
+            flushed: sequence,
+            clean: Some(hash),
+        }
+        .write(&witness)
+        .and_then(|()| witness.sync_all())
+        .map_err(io)?;
         Ok(())
     }
 
@@ -244,6 +333,328 @@ impl Storage {
             other => self.damaged(other.to_string()),
         }
     }
+}
+
+/// Checks a data directory without changing it: the marker, the lock (a
+/// running node's directory is refused), and a recovered scratch copy of
+/// the database against the witness. Blocking.
+pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
+    let text =
+        std::fs::read_to_string(dir.join(MARKER_FILE)).map_err(|reason| StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        })?;
+    let node_id = parse_marker(dir, &text)?.node_id;
+    let _lock = lock(dir)?;
+    inspect(dir, &node_id)?;
+    check_copy(dir, &node_id)
+}
+
+/// Opens sled with our settings and both trees.
+fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StorageError> {
+    let damaged = |error: sled::Error| StorageError::Damaged {
+        dir: dir.to_path_buf(),
+        message: error.to_string(),
+    };
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .mode(sled::Mode::HighThroughput)
+        // We decide when to flush: sync mode after every group of
+        // increments, async mode every flush interval.
+        .flush_every_ms(None)
+        .open()
+        .map_err(damaged)?;
+    let meta = db.open_tree(META_TREE).map_err(damaged)?;
+    let data = db.open_tree(DATA_TREE).map_err(damaged)?;
+    Ok((db, meta, data))
+}
+
+/// Takes the directory's lock file, creating it if needed.
+fn lock(dir: &Path) -> Result<File, StorageError> {
+    let io = |reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(reason)) => Err(io(reason)),
+    }
+}
+
+/// Decides whether a set-up directory may be opened in place: yes at once
+/// if its files are exactly as a clean stop left them, otherwise only once a
+/// scratch copy has recovered soundly.
+fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
+    let witness = Witness::read(dir)?;
+    if let Some(clean) = witness.clean {
+        let hash = hash_sled_files(dir).map_err(|reason| StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        })?;
+        if hash == clean {
+            return Ok(());
+        }
+        tracing::warn!(dir = %dir.display(), "files changed since the last clean stop; checking a copy");
+    } else {
+        tracing::info!(dir = %dir.display(), "the last stop was not clean; checking a copy before opening");
+    }
+    let report = check_copy(dir, node_id)?;
+    tracing::info!(
+        entries = report.entries,
+        records = report.records,
+        sequence = report.sequence,
+        "copy recovered soundly"
+    );
+    Ok(())
+}
+
+/// Recovers a copy of the directory's sled files in a scratch directory and
+/// checks it: metadata, every key and value, the flush sequence against the
+/// witness. The directory itself is only read.
+fn check_copy(dir: &Path, node_id: &str) -> Result<DirectoryReport, StorageError> {
+    let refused = |problem: String| StorageError::Refused {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    let witness = Witness::read(dir)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("tally-check-")
+        .tempdir()
+        .map_err(|reason| StorageError::Io {
+            dir: std::env::temp_dir(),
+            reason,
+        })?;
+    copy_sled_files(dir, scratch.path()).map_err(|reason| StorageError::Io {
+        dir: scratch.path().to_path_buf(),
+        reason,
+    })?;
+    let (db, meta, data) = open_sled(scratch.path()).map_err(|error| match error {
+        StorageError::Damaged { message, .. } => refused(format!("sled cannot open it: {message}")),
+        other => other,
+    })?;
+    check_meta(&meta, scratch.path(), node_id).map_err(|error| match error {
+        StorageError::WrongNode { found, .. } => {
+            refused(format!("its database belongs to node {found:?}"))
+        }
+        StorageError::Damaged { message, .. } => refused(message),
+        other => other,
+    })?;
+    let report = scan(&data, node_id, |_| {}).map_err(refused)?;
+    drop((data, meta, db));
+    if report.sequence < witness.flushed {
+        return Err(refused(rollback_problem(report.sequence, witness.flushed)));
+    }
+    let clean = match witness.clean {
+        Some(clean) => {
+            hash_sled_files(dir).map_err(|reason| StorageError::Io {
+                dir: dir.to_path_buf(),
+                reason,
+            })? == clean
+        }
+        None => false,
+    };
+    Ok(DirectoryReport {
+        witnessed: witness.flushed,
+        clean,
+        ..report
+    })
+}
+
+fn rollback_problem(sequence: u64, witnessed: u64) -> String {
+    format!(
+        "its database ends at flush {sequence}, but flush {witnessed} was completed \
+         ({WITNESS_FILE}): acknowledged writes are missing"
+    )
+}
+
+/// One decoded item of the `data` tree.
+enum Item<'a> {
+    Entry {
+        counter: &'a str,
+        stripe: u32,
+        value: i64,
+    },
+    Record(LoadedRecord),
+}
+
+/// Decodes every key and value of the `data` tree, hands this node's
+/// entries and every record to `visit`, and counts them.
+fn scan(
+    data: &sled::Tree,
+    node_id: &str,
+    mut visit: impl FnMut(Item<'_>),
+) -> Result<DirectoryReport, String> {
+    let mut report = DirectoryReport {
+        node_id: node_id.to_string(),
+        ..DirectoryReport::default()
+    };
+    for item in data.iter() {
+        let (key, value) = item.map_err(|error| error.to_string())?;
+        match keys::decode_key(&key).ok_or_else(|| format!("undecodable key {key:?}"))? {
+            DataKey::Entry(entry) => {
+                let value = keys::decode_u64(&value)
+                    .ok_or_else(|| format!("bad value for entry {:?}", entry.counter))?;
+                if entry.origin == node_id {
+                    report.entries += 1;
+                    visit(Item::Entry {
+                        counter: entry.counter,
+                        stripe: entry.stripe,
+                        value: value as i64,
+                    });
+                } else {
+                    report.foreign_entries += 1;
+                }
+            }
+            DataKey::Record { counter, .. } => {
+                let (delta, applied_unix_ms) = keys::decode_record_value(&value)
+                    .ok_or_else(|| format!("bad value for a record of {counter:?}"))?;
+                report.records += 1;
+                visit(Item::Record(LoadedRecord {
+                    key: key.as_ref().into(),
+                    counter: counter.into(),
+                    delta,
+                    applied_unix_ms,
+                }));
+            }
+            DataKey::Sequence => {
+                report.sequence = keys::decode_u64(&value).ok_or("bad flush sequence value")?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The `FLUSHED` file: the last flush known complete, and the hash of
+/// sled's files if the node stopped cleanly after it. Fixed width, written
+/// in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Witness {
+    flushed: u64,
+    clean: Option<u64>,
+}
+
+impl Witness {
+    fn running(flushed: u64) -> Self {
+        Witness {
+            flushed,
+            clean: None,
+        }
+    }
+
+    fn encode(self) -> String {
+        // 0 is never a hash we record: `hash_sled_files` avoids it.
+        format!(
+            "flushed {:020} clean {:016x}\n",
+            self.flushed,
+            self.clean.unwrap_or(0)
+        )
+    }
+
+    fn write(self, file: &File) -> std::io::Result<()> {
+        file.write_all_at(self.encode().as_bytes(), 0)
+    }
+
+    fn read(dir: &Path) -> Result<Witness, StorageError> {
+        let refused = |problem: String| StorageError::Refused {
+            dir: dir.to_path_buf(),
+            problem,
+        };
+        let text = match std::fs::read_to_string(dir.join(WITNESS_FILE)) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(refused(format!("{WITNESS_FILE} is missing")))
+            }
+            Err(reason) => {
+                return Err(StorageError::Io {
+                    dir: dir.to_path_buf(),
+                    reason,
+                })
+            }
+        };
+        let parse = || {
+            let mut words = text.strip_suffix('\n')?.split(' ');
+            let (Some("flushed"), Some(flushed), Some("clean"), Some(clean), None) = (
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+                words.next(),
+            ) else {
+                return None;
+            };
+            let clean = u64::from_str_radix(clean, 16).ok()?;
+            Some(Witness {
+                flushed: flushed.parse().ok()?,
+                clean: (clean != 0).then_some(clean),
+            })
+        };
+        parse().ok_or_else(|| refused(format!("{WITNESS_FILE} is unreadable: {text:?}")))
+    }
+}
+
+/// sled's files in a marked directory (everything but ours), as paths
+/// relative to it, sorted.
+fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&relative))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if relative.as_os_str().is_empty() && OWN_FILES.iter().any(|own| name == *own) {
+                continue;
+            }
+            let path = relative.join(&name);
+            if entry.file_type()?.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// xxh3 over sled's files: names, lengths and contents. Never 0.
+fn hash_sled_files(dir: &Path) -> std::io::Result<u64> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buffer = vec![0; 1 << 20];
+    for relative in sled_files(dir)? {
+        hasher.update(relative.as_os_str().as_encoded_bytes());
+        let mut file = File::open(dir.join(&relative))?;
+        hasher.update(&file.metadata()?.len().to_le_bytes());
+        loop {
+            let read = file.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+        }
+    }
+    Ok(hasher.digest().max(1))
+}
+
+fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    for relative in sled_files(from)? {
+        let target = to.join(&relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(from.join(&relative), target)?;
+    }
+    Ok(())
 }
 
 fn write_pid(mut lock: &File) -> std::io::Result<()> {
@@ -289,19 +700,7 @@ fn inspect(dir: &Path, node_id: &str) -> Result<Option<Marker>, StorageError> {
         }
         Err(error) => return Err(io(error)),
     };
-    let marker: Marker = toml::from_str(&text).map_err(|error| StorageError::Damaged {
-        dir: dir.to_path_buf(),
-        message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
-    })?;
-    if marker.format_version != FORMAT_VERSION {
-        return Err(StorageError::Damaged {
-            dir: dir.to_path_buf(),
-            message: format!(
-                "format version {}, this build reads version {FORMAT_VERSION}",
-                marker.format_version
-            ),
-        });
-    }
+    let marker = parse_marker(dir, &text)?;
     if marker.node_id != node_id {
         return Err(StorageError::WrongNode {
             dir: dir.to_path_buf(),
@@ -310,6 +709,24 @@ fn inspect(dir: &Path, node_id: &str) -> Result<Option<Marker>, StorageError> {
         });
     }
     Ok(Some(marker))
+}
+
+fn parse_marker(dir: &Path, text: &str) -> Result<Marker, StorageError> {
+    let marker: Marker = toml::from_str(text).map_err(|error| StorageError::Damaged {
+        dir: dir.to_path_buf(),
+        message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
+    })?;
+    if marker.format_version != FORMAT_VERSION {
+        return Err(StorageError::Damaged {
+            dir: dir.to_path_buf(),
+            message: format!(
+                "format version {}, this build reads version {FORMAT_VERSION} \
+                 (move the directory aside or delete it to start the node empty)",
+                marker.format_version
+            ),
+        });
+    }
+    Ok(marker)
 }
 
 fn has_foreign_entries(dir: &Path) -> std::io::Result<bool> {
@@ -361,7 +778,7 @@ fn write_marker(dir: &Path, node_id: &str, state: MarkerState) -> Result<(), Sto
 fn set_up(
     db: &sled::Db,
     meta: &sled::Tree,
-    entries: &sled::Tree,
+    data: &sled::Tree,
     dir: &Path,
     node_id: &str,
 ) -> Result<(), StorageError> {
@@ -375,7 +792,7 @@ fn set_up(
     if has_metadata {
         check_meta(meta, dir, node_id)?;
     } else {
-        if !entries.is_empty() {
+        if !data.is_empty() {
             return Err(damaged("entries without metadata".to_string()));
         }
         meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
@@ -383,6 +800,17 @@ fn set_up(
             .and_then(|_| db.flush())
             .map_err(|error| damaged(error.to_string()))?;
     }
+    // Nothing flushed yet; fsynced before the marker says `ready`, so a
+    // ready directory always has its witness.
+    let io = |reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let witness = File::create(dir.join(WITNESS_FILE)).map_err(io)?;
+    Witness::running(0)
+        .write(&witness)
+        .and_then(|()| witness.sync_all())
+        .map_err(io)?;
     write_marker(dir, node_id, MarkerState::Ready)
 }
 
@@ -422,119 +850,226 @@ fn check_meta(meta: &sled::Tree, dir: &Path, node_id: &str) -> Result<(), Storag
     Ok(())
 }
 
-/// A decoded entry key.
-#[derive(Debug, PartialEq, Eq)]
-pub struct EntryKey<'a> {
-    /// The node that accepted the increments.
-    pub origin: &'a str,
-    /// The counter.
-    pub counter: &'a str,
-    /// The stripe.
-    pub stripe: u32,
-}
-
-/// Encodes an entry key (see the module docs for the layout).
-///
-/// Node ids are at most 64 bytes and counter names at most 256 (checked at
-/// the edge), so the length prefixes always fit.
-pub fn encode_key(origin: &str, counter: &str, stripe: u32) -> Vec<u8> {
-    debug_assert!(origin.len() <= usize::from(u8::MAX));
-    debug_assert!(counter.len() <= usize::from(u16::MAX));
-    let mut key = Vec::with_capacity(1 + origin.len() + 2 + counter.len() + 4);
-    key.push(origin.len() as u8);
-    key.extend_from_slice(origin.as_bytes());
-    key.extend_from_slice(&(counter.len() as u16).to_be_bytes());
-    key.extend_from_slice(counter.as_bytes());
-    key.extend_from_slice(&stripe.to_be_bytes());
-    key
-}
-
-/// Decodes an entry key; `None` if it is not one [`encode_key`] wrote.
-pub fn decode_key(key: &[u8]) -> Option<EntryKey<'_>> {
-    let (&origin_length, rest) = key.split_first()?;
-    let (origin, rest) = rest.split_at_checked(usize::from(origin_length))?;
-    let (counter_length, rest) = rest.split_first_chunk::<2>()?;
-    let (counter, rest) =
-        rest.split_at_checked(usize::from(u16::from_be_bytes(*counter_length)))?;
-    let stripe: [u8; 4] = rest.try_into().ok()?;
-    Some(EntryKey {
-        origin: std::str::from_utf8(origin).ok()?,
-        counter: std::str::from_utf8(counter).ok()?,
-        stripe: u32::from_be_bytes(stripe),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::StripeIncrement;
-    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
-    proptest! {
-        #[test]
-        fn keys_round_trip(origin in "[a-z0-9-]{1,64}", counter in "\\PC{1,64}", stripe: u32) {
-            let key = encode_key(&origin, &counter, stripe);
-            let decoded = decode_key(&key).unwrap();
-            prop_assert_eq!(decoded, EntryKey { origin: &origin, counter: &counter, stripe });
-        }
-
-        #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = decode_key(&bytes);
-        }
-    }
-
-    #[test]
-    fn keys_sort_by_origin_then_counter_then_stripe() {
-        let mut keys = [
-            encode_key("b", "a", 0),
-            encode_key("a", "b", 0),
-            encode_key("a", "a", 1),
-            encode_key("a", "a", 0),
-        ];
-        keys.sort();
-        let decoded: Vec<_> = keys.iter().map(|key| decode_key(key).unwrap()).collect();
-        assert_eq!(
-            decoded
-                .iter()
-                .map(|key| (key.origin, key.counter, key.stripe))
-                .collect::<Vec<_>>(),
-            vec![("a", "a", 0), ("a", "a", 1), ("a", "b", 0), ("b", "a", 0)]
+    fn add(store: &Store, counter: &str, stripe: u32, delta: i64, key: Option<&str>) {
+        store.apply(
+            &[StripeIncrement {
+                counter,
+                stripe,
+                delta,
+                idempotency_key: key,
+            }],
+            1_000,
         );
     }
 
+    /// A directory with flushed entries and records, left as a crash leaves
+    /// it (`clean` false) or as a clean stop does.
+    fn written_directory(clean: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        let store = Store::new();
+        for round in 0..200 {
+            add(
+                &store,
+                &format!("c{}", round % 17),
+                round % 4,
+                1,
+                Some(&format!("k{round}")),
+            );
+            storage.write(&store.begin_flush()).unwrap();
+        }
+        if clean {
+            storage.close().unwrap();
+        }
+        dir
+    }
+
+    /// Every file of a directory (but the lock) with its contents.
+    fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if !path.ends_with(LOCK_FILE) {
+                    files.insert(path.clone(), std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        files
+    }
+
+    fn reopen(dir: &Path) -> Result<(Storage, Store, DirectoryReport), StorageError> {
+        let storage = Storage::open(dir, "shard-1")?;
+        let store = Store::new();
+        let report = storage.load_into(&store)?;
+        Ok((storage, store, report))
+    }
+
     #[test]
-    fn entries_survive_reopen() {
+    fn entries_and_records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let storage = Storage::open(dir.path(), "shard-1").unwrap();
             let store = Store::new();
-            store.apply(&[
-                StripeIncrement {
-                    counter: "a",
-                    stripe: 0,
-                    delta: 5,
-                },
-                StripeIncrement {
-                    counter: "a",
-                    stripe: 2,
-                    delta: -3,
-                },
-                StripeIncrement {
-                    counter: "gone",
-                    stripe: 0,
-                    delta: 1,
-                },
-            ]);
-            storage.write(&store.begin_flush().entries).unwrap();
+            add(&store, "a", 0, 5, Some("key"));
+            add(&store, "a", 2, -3, None);
+            add(&store, "gone", 0, 1, None);
+            storage.write(&store.begin_flush()).unwrap();
             store.erase(&["gone"]);
-            storage.write(&store.begin_flush().entries).unwrap();
+            storage.write(&store.begin_flush()).unwrap();
         }
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let store = Store::new();
-        assert_eq!(storage.load_into(&store).unwrap(), 2);
+        let (_storage, store, report) = reopen(dir.path()).unwrap();
+        assert_eq!(report.entries, 2);
+        assert_eq!(report.records, 1);
+        assert_eq!(report.sequence, 2);
+        assert_eq!(report.witnessed, 2);
         assert_eq!(store.read("a"), vec![(0, 5), (2, -3)]);
         assert_eq!(store.read("gone"), vec![]);
+        let (outcomes, _) = store.apply(
+            &[StripeIncrement {
+                counter: "a",
+                stripe: 0,
+                delta: 5,
+                idempotency_key: Some("key"),
+            }],
+            2_000,
+        );
+        assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn a_clean_stop_is_recognized_and_a_crash_is_checked() {
+        let dir = written_directory(true);
+        let report = verify(dir.path()).unwrap();
+        assert!(report.clean);
+        assert_eq!(report.sequence, 200);
+        assert_eq!(report.records, 200);
+        let (_storage, store, _) = reopen(dir.path()).unwrap();
+        assert_eq!(store.read("c0").iter().map(|(_, v)| v).sum::<i64>(), 12);
+
+        let crashed = written_directory(false);
+        let report = verify(crashed.path()).unwrap();
+        assert!(!report.clean);
+        assert_eq!((report.sequence, report.witnessed), (200, 200));
+        reopen(crashed.path()).unwrap();
+    }
+
+    #[test]
+    fn verify_changes_nothing_and_refuses_a_running_nodes_directory() {
+        let dir = written_directory(false);
+        let before = contents(dir.path());
+        verify(dir.path()).unwrap();
+        assert_eq!(contents(dir.path()), before);
+        let _running = Storage::open(dir.path(), "shard-1").unwrap();
+        assert!(matches!(
+            verify(dir.path()).unwrap_err(),
+            StorageError::Locked { .. }
+        ));
+    }
+
+    /// Damages a directory, then checks that opening and verifying refuse
+    /// it and leave every file as it was.
+    fn refused_untouched(clean: bool, damage: impl FnOnce(&Path)) -> String {
+        let dir = written_directory(clean);
+        damage(dir.path());
+        let before = contents(dir.path());
+        let error = reopen(dir.path()).expect_err("a damaged directory opened");
+        assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+        assert_eq!(contents(dir.path()), before, "files changed: {error}");
+        let verified = verify(dir.path()).unwrap_err();
+        assert_eq!(verified.to_string(), error.to_string());
+        assert_eq!(contents(dir.path()), before);
+        error.to_string()
+    }
+
+    fn rewrite_db(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+        let path = dir.join("db");
+        let mut bytes = std::fs::read(&path).unwrap();
+        change(&mut bytes);
+        std::fs::write(&path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_database_is_refused_untouched() {
+        for clean in [false, true] {
+            let message = refused_untouched(clean, |dir| {
+                rewrite_db(dir, |bytes| bytes.truncate(bytes.len() / 2));
+            });
+            assert!(
+                message.contains("acknowledged writes are missing"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overwritten_tail_is_refused_untouched() {
+        let message = refused_untouched(false, |dir| {
+            rewrite_db(dir, |bytes| {
+                let at = bytes.len() - 4096;
+                bytes[at..].fill(0x5a);
+            });
+        });
+        assert!(message.contains("FLUSHED"), "{message}");
+    }
+
+    #[test]
+    fn a_garbage_database_is_refused_untouched() {
+        refused_untouched(true, |dir| {
+            rewrite_db(dir, |bytes| {
+                for (index, byte) in bytes.iter_mut().enumerate() {
+                    *byte = (index * 7 + 13) as u8;
+                }
+            });
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+                {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_witness_is_refused_untouched() {
+        let message = refused_untouched(true, |dir| {
+            std::fs::remove_file(dir.join(WITNESS_FILE)).unwrap();
+        });
+        assert!(message.contains("FLUSHED is missing"), "{message}");
+        let message = refused_untouched(false, |dir| {
+            std::fs::write(dir.join(WITNESS_FILE), "zzz").unwrap();
+        });
+        assert!(message.contains("FLUSHED is unreadable"), "{message}");
+    }
+
+    #[test]
+    fn a_stale_witness_is_no_false_alarm() {
+        // Power loss may leave the witness behind the database, never ahead.
+        let dir = written_directory(false);
+        Witness::running(150)
+            .write(
+                &File::options()
+                    .write(true)
+                    .open(dir.path().join(WITNESS_FILE))
+                    .unwrap(),
+            )
+            .unwrap();
+        let (_storage, _store, report) = reopen(dir.path()).unwrap();
+        assert_eq!((report.sequence, report.witnessed), (200, 150));
     }
 
     #[test]
@@ -557,6 +1092,23 @@ mod tests {
                 "data directory {} belongs to node \"shard-1\", not \"shard-2\"",
                 dir.path().display()
             )
+        );
+    }
+
+    #[test]
+    fn an_older_format_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            "format_version = 1\nnode_id = \"shard-1\"\nstate = \"ready\"\n",
+        )
+        .unwrap();
+        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("format version 1, this build reads version 2"),
+            "{error}"
         );
     }
 
@@ -590,47 +1142,12 @@ mod tests {
     }
 
     #[test]
-    fn a_database_that_lost_its_data_is_damaged_not_new() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            let store = Store::new();
-            store.apply(&[StripeIncrement {
-                counter: "a",
-                stripe: 0,
-                delta: 5,
-            }]);
-            storage.write(&store.begin_flush().entries).unwrap();
-        }
-        // Replace the database with garbage, as a torn disk might.
-        let database = dir.path().join("db");
-        let length = std::fs::metadata(&database).unwrap().len() as usize;
-        let garbage: Vec<u8> = (0..length.max(4096))
-            .map(|index| (index * 7 + 13) as u8)
-            .collect();
-        std::fs::write(&database, garbage).unwrap();
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let path = entry.unwrap().path();
-            if path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("snap.")
-            {
-                std::fs::remove_file(path).unwrap();
-            }
-        }
-        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
-        assert!(matches!(error, StorageError::Damaged { .. }), "{error}");
-    }
-
-    #[test]
     fn the_marker_names_the_node() {
         let dir = tempfile::tempdir().unwrap();
         drop(Storage::open(dir.path(), "shard-1").unwrap());
         let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
         assert!(marker.contains("node_id = \"shard-1\""), "{marker}");
-        assert!(marker.contains("format_version = 1"), "{marker}");
+        assert!(marker.contains("format_version = 2"), "{marker}");
         assert!(marker.contains("state = \"ready\""), "{marker}");
         assert!(!dir.path().join(format!("{MARKER_FILE}.tmp")).exists());
     }
@@ -652,17 +1169,12 @@ mod tests {
         {
             let storage = Storage::open(dir.path(), "shard-1").unwrap();
             let store = Store::new();
-            store.apply(&[StripeIncrement {
-                counter: "a",
-                stripe: 1,
-                delta: 9,
-            }]);
-            storage.write(&store.begin_flush().entries).unwrap();
+            add(&store, "a", 1, 9, None);
+            storage.write(&store.begin_flush()).unwrap();
         }
         write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let store = Store::new();
-        assert_eq!(storage.load_into(&store).unwrap(), 1);
+        let (storage, store, report) = reopen(dir.path()).unwrap();
+        assert_eq!(report.entries, 1);
         assert_eq!(store.read("a"), vec![(1, 9)]);
         drop(storage);
         // A setting-up marker of another node is still another node's.

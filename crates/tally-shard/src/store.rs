@@ -11,15 +11,58 @@
 //! (its change is collected) or the flusher has not visited it yet (it will
 //! wait for the writer's lock and collect the change). A writer that saw
 //! `E + 1` may be collected early, which only makes it durable sooner.
+//!
+//! # Idempotency records
+//!
+//! An increment carrying an idempotency key leaves a record `(counter, key)
+//! -> delta` in the counter's segment, under the same lock as the change, so
+//! a concurrent retry sees either neither or both. Records are dirty-tracked
+//! like entries and collected by the same [`Store::begin_flush`] visit of the
+//! segment: a flush writes a counter change and its record in one batch, or
+//! neither. A record is forgotten once it is older than the retention
+//! window, or, oldest first, when the node remembers more than its maximum
+//! number of keys ([`KeyRetention`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+
+use crate::keys;
 
 /// Number of lock segments. A power of two well above the core count of the
 /// machines we run on, so two writers collide on a lock rarely.
 const SEGMENT_COUNT: usize = 64;
+
+/// Default for how long an idempotency key is remembered.
+pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default for how many idempotency keys one node remembers.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// How long idempotency keys are remembered.
+///
+/// A key is remembered for `window` after it was applied, unless the node
+/// holds more than `max_keys` keys: then the oldest are forgotten first,
+/// early, and counted ([`Store::keys_forgotten_early`]). A retry of a
+/// forgotten key applies again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRetention {
+    /// How long a key is remembered after it was applied.
+    pub window: Duration,
+    /// Most keys remembered at once.
+    pub max_keys: usize,
+}
+
+impl Default for KeyRetention {
+    fn default() -> Self {
+        KeyRetention {
+            window: DEFAULT_KEY_RETENTION,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
 
 /// What happened to one increment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +71,15 @@ pub enum ApplyOutcome {
     Applied,
     /// The entry would leave the i64 range; nothing changed.
     Overflow,
+    /// Its idempotency key was applied before, with the same delta: a retry.
+    /// Nothing changed.
+    Duplicate,
+    /// Its idempotency key was applied before to this counter with another
+    /// delta: two different increments share a key. Nothing changed.
+    Conflict {
+        /// The delta applied under the key.
+        recorded_delta: i64,
+    },
 }
 
 /// One increment of one stripe of a counter.
@@ -39,6 +91,32 @@ pub struct StripeIncrement<'a> {
     pub stripe: u32,
     /// Amount to add.
     pub delta: i64,
+    /// Applied at most once per key and counter, if present.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// One idempotency record as a flush must write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSnapshot {
+    /// The record's key in the `data` tree ([`keys::encode_record_key_into`]).
+    pub key: Arc<[u8]>,
+    /// `(delta, applied_unix_ms)`, or `None` if the record was forgotten.
+    pub record: Option<(i64, u64)>,
+    /// The segment it lives in, to re-mark it dirty if the flush fails.
+    segment: usize,
+}
+
+/// An idempotency record read back from disk.
+#[derive(Debug, Clone)]
+pub struct LoadedRecord {
+    /// The record's key in the `data` tree.
+    pub key: Arc<[u8]>,
+    /// The counter (decoded from the key).
+    pub counter: Box<str>,
+    /// The delta applied under the key.
+    pub delta: i64,
+    /// When it was applied.
+    pub applied_unix_ms: u64,
 }
 
 /// One entry as it must be written by a flush. A value of 0 means "remove".
@@ -59,6 +137,15 @@ pub struct FlushSnapshot {
     pub epoch: u64,
     /// Every stripe of every counter changed in or before `epoch`.
     pub entries: Vec<EntrySnapshot>,
+    /// Every idempotency record added or forgotten in or before `epoch`.
+    pub records: Vec<RecordSnapshot>,
+}
+
+impl FlushSnapshot {
+    /// Whether the flush has nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.records.is_empty()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -70,10 +157,27 @@ struct CounterEntry {
     dirty: bool,
 }
 
+/// An idempotency key applied to a counter.
+#[derive(Debug, Clone, Copy)]
+struct KeyRecord {
+    delta: i64,
+    applied_unix_ms: u64,
+    /// Tells this record from an older one under the same key that was
+    /// forgotten: only the queue entry with this number may forget it.
+    sequence: u64,
+    /// The flush epoch of the change: a retry is answered once it is durable.
+    epoch: u64,
+}
+
 #[derive(Debug, Default)]
 struct Segment {
     counters: HashMap<Box<str>, CounterEntry>,
     dirty: Vec<Box<str>>,
+    /// Keyed by the record's key in the `data` tree, which is unique per
+    /// `(counter, idempotency key)` and shared with the retention queue.
+    records: HashMap<Arc<[u8]>, KeyRecord>,
+    /// Records added or forgotten since the last flush; may repeat a key.
+    dirty_records: Vec<Arc<[u8]>>,
 }
 
 impl Segment {
@@ -87,11 +191,34 @@ impl Segment {
     }
 }
 
+/// A remembered key in the retention queue.
+#[derive(Debug)]
+struct RememberedKey {
+    applied_unix_ms: u64,
+    sequence: u64,
+    segment: usize,
+    key: Arc<[u8]>,
+}
+
+/// Every remembered key, oldest first: the order in which they are forgotten.
+#[derive(Debug, Default)]
+struct KeyQueue {
+    keys: VecDeque<RememberedKey>,
+    next_sequence: u64,
+    /// The latest time handed out, so the queue stays in time order even if
+    /// the wall clock steps back.
+    latest_unix_ms: u64,
+}
+
 /// A node's counters in memory.
 #[derive(Debug)]
 pub struct Store {
     segments: Box<[Mutex<Segment>]>,
     open_epoch: AtomicU64,
+    retention: KeyRetention,
+    /// Locked after a segment, never before one.
+    key_queue: Mutex<KeyQueue>,
+    keys_forgotten_early: AtomicU64,
 }
 
 impl Default for Store {
@@ -101,17 +228,30 @@ impl Default for Store {
 }
 
 impl Store {
-    /// An empty store. Epochs start at 1, so 0 means "nothing to wait for".
+    /// An empty store with the default key retention. Epochs start at 1, so
+    /// 0 means "nothing to wait for".
     pub fn new() -> Self {
+        Self::with_retention(KeyRetention::default())
+    }
+
+    /// An empty store remembering idempotency keys as `retention` says.
+    pub fn with_retention(retention: KeyRetention) -> Self {
         Store {
             segments: (0..SEGMENT_COUNT).map(|_| Mutex::default()).collect(),
             open_epoch: AtomicU64::new(1),
+            retention,
+            key_queue: Mutex::default(),
+            keys_forgotten_early: AtomicU64::new(0),
         }
     }
 
-    fn segment(&self, counter: &str) -> &Mutex<Segment> {
+    fn segment_index(counter: &str) -> usize {
         let hash = xxhash_rust::xxh3::xxh3_64(counter.as_bytes());
-        &self.segments[(hash as usize) % SEGMENT_COUNT]
+        (hash as usize) % SEGMENT_COUNT
+    }
+
+    fn segment(&self, counter: &str) -> &Mutex<Segment> {
+        &self.segments[Self::segment_index(counter)]
     }
 
     /// Sets an entry while loading from disk; not marked dirty.
@@ -128,23 +268,173 @@ impl Store {
         }
     }
 
+    /// Loads idempotency records read from disk, before serving. Records
+    /// older than the window stay until the first flush forgets them.
+    pub fn load_records(&self, mut records: Vec<LoadedRecord>) {
+        records.sort_by_key(|record| record.applied_unix_ms);
+        let mut queue = self.key_queue.lock();
+        for record in records {
+            let segment_index = Self::segment_index(&record.counter);
+            let sequence = queue.next_sequence;
+            queue.next_sequence += 1;
+            queue.latest_unix_ms = queue.latest_unix_ms.max(record.applied_unix_ms);
+            self.segments[segment_index].lock().records.insert(
+                record.key.clone(),
+                KeyRecord {
+                    delta: record.delta,
+                    applied_unix_ms: record.applied_unix_ms,
+                    sequence,
+                    epoch: 0,
+                },
+            );
+            queue.keys.push_back(RememberedKey {
+                applied_unix_ms: record.applied_unix_ms,
+                sequence,
+                segment: segment_index,
+                key: record.key,
+            });
+        }
+    }
+
     /// Applies increments, each on its own: one overflow does not stop the
-    /// others. Returns the outcomes in order and the flush epoch the caller
-    /// must wait for before the changes are durable (0 if nothing changed).
-    pub fn apply(&self, increments: &[StripeIncrement<'_>]) -> (Vec<ApplyOutcome>, u64) {
+    /// others. An increment whose idempotency key this node remembers for
+    /// its counter is not applied again. Returns the outcomes in order and
+    /// the flush epoch the caller must wait for before the changes (and, for
+    /// a retry, the original) are durable; 0 if there is nothing to wait for.
+    pub fn apply(
+        &self,
+        increments: &[StripeIncrement<'_>],
+        now_unix_ms: u64,
+    ) -> (Vec<ApplyOutcome>, u64) {
         let mut wait_epoch = 0;
+        let mut record_key = Vec::new();
         let outcomes = increments
             .iter()
             .map(|increment| {
-                let mut segment = self.segment(increment.counter).lock();
+                let segment_index = Self::segment_index(increment.counter);
+                let mut segment = self.segments[segment_index].lock();
+                // Read under the segment lock: see the module docs.
+                let epoch = self.open_epoch.load(Ordering::SeqCst);
+                let key = increment.idempotency_key.filter(|_| increment.delta != 0);
+                if let Some(key) = key {
+                    keys::encode_record_key_into(&mut record_key, increment.counter, key);
+                    if let Some(record) = segment.records.get(record_key.as_slice()) {
+                        // A retry may come while the original still waits
+                        // for its flush: it is answered no sooner.
+                        wait_epoch = wait_epoch.max(record.epoch);
+                        return if record.delta == increment.delta {
+                            ApplyOutcome::Duplicate
+                        } else {
+                            ApplyOutcome::Conflict {
+                                recorded_delta: record.delta,
+                            }
+                        };
+                    }
+                }
                 let outcome = apply_one(&mut segment, increment);
                 if outcome == ApplyOutcome::Applied && increment.delta != 0 {
-                    wait_epoch = wait_epoch.max(self.open_epoch.load(Ordering::SeqCst));
+                    wait_epoch = wait_epoch.max(epoch);
+                    if key.is_some() {
+                        self.remember(
+                            &mut segment,
+                            segment_index,
+                            &record_key,
+                            increment.delta,
+                            epoch,
+                            now_unix_ms,
+                        );
+                    }
                 }
                 outcome
             })
             .collect();
         (outcomes, wait_epoch)
+    }
+
+    /// Records an applied key, in its segment (held by the caller) and at the
+    /// back of the retention queue.
+    fn remember(
+        &self,
+        segment: &mut Segment,
+        segment_index: usize,
+        record_key: &[u8],
+        delta: i64,
+        epoch: u64,
+        now_unix_ms: u64,
+    ) {
+        let key: Arc<[u8]> = record_key.into();
+        let mut queue = self.key_queue.lock();
+        let applied_unix_ms = queue.latest_unix_ms.max(now_unix_ms);
+        queue.latest_unix_ms = applied_unix_ms;
+        let sequence = queue.next_sequence;
+        queue.next_sequence += 1;
+        queue.keys.push_back(RememberedKey {
+            applied_unix_ms,
+            sequence,
+            segment: segment_index,
+            key: key.clone(),
+        });
+        drop(queue);
+        segment.records.insert(
+            key.clone(),
+            KeyRecord {
+                delta,
+                applied_unix_ms,
+                sequence,
+                epoch,
+            },
+        );
+        segment.dirty_records.push(key);
+    }
+
+    /// Forgets keys older than the retention window, and the oldest keys
+    /// beyond the maximum. Returns how many were forgotten early (before
+    /// their window ended). The next flush removes them from disk.
+    pub fn forget_keys(&self, now_unix_ms: u64) -> u64 {
+        let window_ms = u64::try_from(self.retention.window.as_millis()).unwrap_or(u64::MAX);
+        let mut early = 0;
+        loop {
+            let victim = {
+                let mut queue = self.key_queue.lock();
+                let Some(oldest) = queue.keys.front() else {
+                    break;
+                };
+                let expired = oldest.applied_unix_ms.saturating_add(window_ms) <= now_unix_ms;
+                if !expired && queue.keys.len() <= self.retention.max_keys {
+                    break;
+                }
+                if !expired {
+                    early += 1;
+                }
+                queue.keys.pop_front().expect("looked at above")
+            };
+            // The queue lock is released: segments are never locked after it.
+            let mut segment = self.segments[victim.segment].lock();
+            let current = segment
+                .records
+                .get(&victim.key)
+                .is_some_and(|record| record.sequence == victim.sequence);
+            if current {
+                segment.records.remove(&victim.key);
+                segment.dirty_records.push(victim.key);
+            }
+        }
+        if early > 0 {
+            self.keys_forgotten_early
+                .fetch_add(early, Ordering::Relaxed);
+        }
+        early
+    }
+
+    /// Idempotency keys remembered now.
+    pub fn remembered_keys(&self) -> u64 {
+        self.key_queue.lock().keys.len() as u64
+    }
+
+    /// Keys forgotten before their retention window ended, since start,
+    /// because the node held more than its maximum.
+    pub fn keys_forgotten_early(&self) -> u64 {
+        self.keys_forgotten_early.load(Ordering::Relaxed)
     }
 
     /// Resets counters to 0. Returns the flush epoch to wait for.
@@ -216,8 +506,20 @@ impl Store {
     pub fn begin_flush(&self) -> FlushSnapshot {
         let epoch = self.open_epoch.fetch_add(1, Ordering::SeqCst);
         let mut entries = Vec::new();
-        for segment in self.segments.iter() {
+        let mut records = Vec::new();
+        for (segment_index, segment) in self.segments.iter().enumerate() {
             let mut segment = segment.lock();
+            for key in std::mem::take(&mut segment.dirty_records) {
+                let record = segment
+                    .records
+                    .get(&key)
+                    .map(|record| (record.delta, record.applied_unix_ms));
+                records.push(RecordSnapshot {
+                    key,
+                    record,
+                    segment: segment_index,
+                });
+            }
             let dirty = std::mem::take(&mut segment.dirty);
             for counter in dirty {
                 let Some(entry) = segment.counters.get_mut(&counter) else {
@@ -231,7 +533,11 @@ impl Store {
                 }));
             }
         }
-        FlushSnapshot { epoch, entries }
+        FlushSnapshot {
+            epoch,
+            entries,
+            records,
+        }
     }
 
     /// After a flush reached disk: drops entries that are 0 on disk and in
@@ -260,6 +566,12 @@ impl Store {
             self.segment(&entry.counter)
                 .lock()
                 .mark_dirty(&entry.counter);
+        }
+        for record in &snapshot.records {
+            self.segments[record.segment]
+                .lock()
+                .dirty_records
+                .push(record.key.clone());
         }
     }
 }
@@ -306,18 +618,22 @@ mod tests {
             counter,
             stripe,
             delta,
+            idempotency_key: None,
         }
     }
 
     #[test]
     fn applies_and_reads_by_stripe() {
         let store = Store::new();
-        let (outcomes, epoch) = store.apply(&[
-            increment("a", 0, 5),
-            increment("a", 3, -2),
-            increment("a", 0, 1),
-            increment("b", 1, 7),
-        ]);
+        let (outcomes, epoch) = store.apply(
+            &[
+                increment("a", 0, 5),
+                increment("a", 3, -2),
+                increment("a", 0, 1),
+                increment("b", 1, 7),
+            ],
+            0,
+        );
         assert_eq!(outcomes, vec![ApplyOutcome::Applied; 4]);
         assert_eq!(epoch, 1);
         assert_eq!(store.read("a"), vec![(0, 6), (3, -2)]);
@@ -329,26 +645,26 @@ mod tests {
     #[test]
     fn overflow_changes_nothing_and_others_still_apply() {
         let store = Store::new();
-        store.apply(&[increment("a", 0, i64::MAX)]);
-        let (outcomes, _) = store.apply(&[increment("a", 0, 1), increment("b", 0, 1)]);
+        store.apply(&[increment("a", 0, i64::MAX)], 0);
+        let (outcomes, _) = store.apply(&[increment("a", 0, 1), increment("b", 0, 1)], 0);
         assert_eq!(
             outcomes,
             vec![ApplyOutcome::Overflow, ApplyOutcome::Applied]
         );
         assert_eq!(store.read("a"), vec![(0, i64::MAX)]);
         // An overflow on a new entry leaves no empty entry behind.
-        store.apply(&[increment("c", 0, i64::MIN)]);
-        let (outcomes, _) = store.apply(&[increment("c", 0, -1)]);
+        store.apply(&[increment("c", 0, i64::MIN)], 0);
+        let (outcomes, _) = store.apply(&[increment("c", 0, -1)], 0);
         assert_eq!(outcomes, vec![ApplyOutcome::Overflow]);
         // A different stripe of the same counter is a different entry.
-        let (outcomes, _) = store.apply(&[increment("a", 1, 1)]);
+        let (outcomes, _) = store.apply(&[increment("a", 1, 1)], 0);
         assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
     }
 
     #[test]
     fn zero_delta_needs_no_flush() {
         let store = Store::new();
-        let (outcomes, epoch) = store.apply(&[increment("a", 0, 0)]);
+        let (outcomes, epoch) = store.apply(&[increment("a", 0, 0)], 0);
         assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
         assert_eq!(epoch, 0);
         assert!(store.begin_flush().entries.is_empty());
@@ -357,12 +673,12 @@ mod tests {
     #[test]
     fn flush_collects_each_change_once_and_closes_the_epoch() {
         let store = Store::new();
-        store.apply(&[increment("a", 0, 1), increment("a", 1, 1)]);
-        store.apply(&[increment("a", 0, 1)]);
+        store.apply(&[increment("a", 0, 1), increment("a", 1, 1)], 0);
+        store.apply(&[increment("a", 0, 1)], 0);
         let snapshot = store.begin_flush();
         assert_eq!(snapshot.epoch, 1);
         assert_eq!(snapshot.entries.len(), 2);
-        let (_, epoch) = store.apply(&[increment("b", 0, 1)]);
+        let (_, epoch) = store.apply(&[increment("b", 0, 1)], 0);
         assert_eq!(
             epoch, 2,
             "changes after the flush began wait for the next one"
@@ -375,7 +691,7 @@ mod tests {
     #[test]
     fn erase_writes_zeroes_then_frees_memory() {
         let store = Store::new();
-        store.apply(&[increment("a", 0, 3), increment("a", 2, 4)]);
+        store.apply(&[increment("a", 0, 3), increment("a", 2, 4)], 0);
         store.begin_flush();
         assert!(store.erase(&["a", "never-seen"]) > 0);
         assert_eq!(store.read("a"), vec![]);
@@ -390,9 +706,9 @@ mod tests {
     #[test]
     fn erase_of_zeros_not_yet_on_disk_waits_for_their_flush() {
         let store = Store::new();
-        store.apply(&[increment("a", 0, 5)]);
+        store.apply(&[increment("a", 0, 5)], 0);
         store.begin_flush(); // 5 is on disk
-        store.apply(&[increment("a", 0, -5)]); // 0 in memory, not yet on disk
+        store.apply(&[increment("a", 0, -5)], 0); // 0 in memory, not yet on disk
         let epoch = store.erase(&["a"]);
         assert!(epoch > 0, "the delete must wait for the zero to reach disk");
         let snapshot = store.begin_flush();
@@ -407,7 +723,7 @@ mod tests {
     #[test]
     fn abandoned_flush_is_written_again() {
         let store = Store::new();
-        store.apply(&[increment("a", 0, 3)]);
+        store.apply(&[increment("a", 0, 3)], 0);
         let failed = store.begin_flush();
         store.abandon_flush(&failed);
         let retried = store.begin_flush();
@@ -424,7 +740,7 @@ mod tests {
                     for round in 0..5_000i64 {
                         let counter = format!("c{}", round % 7);
                         let delta = if thread % 2 == 0 { 3 } else { -1 };
-                        store.apply(&[increment(&counter, (round % 4) as u32, delta)]);
+                        store.apply(&[increment(&counter, (round % 4) as u32, delta)], 0);
                         if round % 500 == 0 {
                             store.begin_flush();
                         }
@@ -440,5 +756,212 @@ mod tests {
             .map(|(_, value)| value)
             .sum();
         assert_eq!(total, 2 * 5_000 * 3 - 2 * 5_000);
+    }
+
+    fn keyed<'a>(counter: &'a str, delta: i64, key: &'a str) -> StripeIncrement<'a> {
+        StripeIncrement {
+            counter,
+            stripe: 0,
+            delta,
+            idempotency_key: Some(key),
+        }
+    }
+
+    fn total(store: &Store, counter: &str) -> i64 {
+        store.read(counter).iter().map(|(_, value)| value).sum()
+    }
+
+    #[test]
+    fn a_key_is_applied_once_per_counter() {
+        let store = Store::new();
+        let (outcomes, _) = store.apply(
+            &[
+                keyed("a", 5, "k1"),
+                keyed("a", 5, "k1"), // a retry inside the same batch
+                keyed("b", 5, "k1"), // the same key on another counter
+                keyed("a", 5, "k2"),
+            ],
+            1_000,
+        );
+        assert_eq!(
+            outcomes,
+            vec![
+                ApplyOutcome::Applied,
+                ApplyOutcome::Duplicate,
+                ApplyOutcome::Applied,
+                ApplyOutcome::Applied
+            ]
+        );
+        let (outcomes, _) = store.apply(&[keyed("a", 5, "k1")], 2_000);
+        assert_eq!(outcomes, vec![ApplyOutcome::Duplicate]);
+        assert_eq!(total(&store, "a"), 10);
+        assert_eq!(total(&store, "b"), 5);
+        assert_eq!(store.remembered_keys(), 3);
+    }
+
+    #[test]
+    fn a_key_reused_with_another_delta_is_a_conflict() {
+        let store = Store::new();
+        store.apply(&[keyed("a", 5, "k")], 0);
+        let (outcomes, _) = store.apply(&[keyed("a", 6, "k")], 0);
+        assert_eq!(outcomes, vec![ApplyOutcome::Conflict { recorded_delta: 5 }]);
+        assert_eq!(total(&store, "a"), 5);
+    }
+
+    #[test]
+    fn nothing_applied_leaves_no_record() {
+        let store = Store::new();
+        store.apply(&[increment("a", 0, i64::MAX)], 0);
+        let (outcomes, epoch) = store.apply(&[keyed("a", 1, "k"), keyed("a", 0, "z")], 0);
+        assert_eq!(
+            outcomes,
+            vec![ApplyOutcome::Overflow, ApplyOutcome::Applied]
+        );
+        assert_eq!(epoch, 0);
+        assert_eq!(store.remembered_keys(), 0, "an overflow may be retried");
+    }
+
+    #[test]
+    fn a_retry_waits_for_the_original_to_be_durable() {
+        let store = Store::new();
+        let (_, original) = store.apply(&[keyed("a", 1, "k")], 0);
+        let (outcomes, retry) = store.apply(&[keyed("a", 1, "k")], 0);
+        assert_eq!(outcomes, vec![ApplyOutcome::Duplicate]);
+        assert_eq!(retry, original);
+        store.begin_flush();
+        let (_, later) = store.apply(&[keyed("a", 1, "k")], 0);
+        assert_eq!(later, original, "an epoch already flushed returns at once");
+    }
+
+    #[test]
+    fn a_change_and_its_record_are_flushed_together() {
+        let store = Store::new();
+        store.apply(&[keyed("a", 3, "k")], 42);
+        let snapshot = store.begin_flush();
+        assert_eq!(snapshot.entries.len(), 1);
+        assert_eq!(snapshot.records.len(), 1);
+        assert_eq!(snapshot.records[0].record, Some((3, 42)));
+        let mut expected = Vec::new();
+        keys::encode_record_key_into(&mut expected, "a", "k");
+        assert_eq!(&*snapshot.records[0].key, expected.as_slice());
+        store.abandon_flush(&snapshot);
+        let retried = store.begin_flush();
+        assert_eq!(retried.entries, snapshot.entries);
+        assert_eq!(retried.records, snapshot.records);
+        assert!(store.begin_flush().is_empty());
+    }
+
+    #[test]
+    fn keys_are_forgotten_after_the_window() {
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_secs(10),
+            max_keys: 100,
+        });
+        store.apply(&[keyed("a", 1, "old")], 1_000);
+        store.apply(&[keyed("a", 1, "new")], 5_000);
+        store.begin_flush();
+        assert_eq!(store.forget_keys(10_999), 0);
+        assert_eq!(store.remembered_keys(), 2);
+        assert_eq!(store.forget_keys(11_000), 0, "expired, not early");
+        assert_eq!(store.remembered_keys(), 1);
+        let snapshot = store.begin_flush();
+        assert_eq!(snapshot.records.len(), 1);
+        assert_eq!(snapshot.records[0].record, None, "removed from disk");
+        // Forgotten: a retry applies again.
+        let (outcomes, _) = store.apply(&[keyed("a", 1, "old")], 12_000);
+        assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
+        let (outcomes, _) = store.apply(&[keyed("a", 1, "new")], 12_000);
+        assert_eq!(outcomes, vec![ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn beyond_the_maximum_the_oldest_keys_go_first_and_are_counted() {
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_secs(3600),
+            max_keys: 2,
+        });
+        for (time, key) in [(1, "k1"), (2, "k2"), (3, "k3"), (4, "k4")] {
+            store.apply(&[keyed("a", 1, key)], time);
+        }
+        assert_eq!(store.forget_keys(5), 2);
+        assert_eq!(store.keys_forgotten_early(), 2);
+        assert_eq!(store.remembered_keys(), 2);
+        let (outcomes, _) = store.apply(
+            &[
+                keyed("a", 1, "k1"),
+                keyed("a", 1, "k3"),
+                keyed("a", 1, "k4"),
+            ],
+            6,
+        );
+        assert_eq!(
+            outcomes,
+            vec![
+                ApplyOutcome::Applied,
+                ApplyOutcome::Duplicate,
+                ApplyOutcome::Duplicate
+            ]
+        );
+    }
+
+    #[test]
+    fn a_forgotten_then_reapplied_key_is_not_forgotten_by_its_old_queue_entry() {
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_millis(10),
+            max_keys: 100,
+        });
+        store.apply(&[keyed("a", 1, "k")], 0);
+        store.forget_keys(10);
+        store.apply(&[keyed("a", 1, "k")], 15);
+        assert_eq!(store.forget_keys(20), 0);
+        assert_eq!(store.remembered_keys(), 1);
+        let (outcomes, _) = store.apply(&[keyed("a", 1, "k")], 21);
+        assert_eq!(outcomes, vec![ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn loaded_records_are_remembered_and_age_from_their_time() {
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_millis(100),
+            max_keys: 100,
+        });
+        let record = |key: &str, applied_unix_ms| {
+            let mut bytes = Vec::new();
+            keys::encode_record_key_into(&mut bytes, "a", key);
+            LoadedRecord {
+                key: bytes.into(),
+                counter: "a".into(),
+                delta: 1,
+                applied_unix_ms,
+            }
+        };
+        store.load_records(vec![record("late", 500), record("early", 100)]);
+        assert_eq!(store.remembered_keys(), 2);
+        store.forget_keys(250);
+        let (outcomes, _) = store.apply(&[keyed("a", 1, "early"), keyed("a", 1, "late")], 250);
+        assert_eq!(
+            outcomes,
+            vec![ApplyOutcome::Applied, ApplyOutcome::Duplicate]
+        );
+    }
+
+    #[test]
+    fn concurrent_retries_apply_once() {
+        let store = std::sync::Arc::new(Store::new());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for round in 0..2_000 {
+                        let key = format!("key-{round}");
+                        store.apply(&[keyed("hot", 1, &key)], round);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(total(&store, "hot"), 2_000);
     }
 }

@@ -114,11 +114,15 @@ impl Daemon {
 
     /// Sends `signal` and waits for the process to exit.
     pub fn stop_with(mut self, signal: Signal) -> ExitStatus {
+        self.signal(signal)
+    }
+
+    /// Sends `signal` and waits for the process to exit, keeping the handle
+    /// (for its log, or to be replaced).
+    pub fn signal(&mut self, signal: Signal) -> ExitStatus {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-        let status = wait_with_timeout(&mut self.child, START_TIMEOUT)
-            .unwrap_or_else(|| panic!("{} did not exit after {signal}", self.name));
-        std::mem::forget(self);
-        status
+        wait_with_timeout(&mut self.child, START_TIMEOUT)
+            .unwrap_or_else(|| panic!("{} did not exit after {signal}", self.name))
     }
 
     /// SIGTERM: the graceful stop. Asserts exit code 0.
@@ -251,13 +255,16 @@ impl ProcessCluster {
     /// Starts shard `index` (0-based) again from its config file, on the
     /// address it had (a flag overrides the file's port 0).
     pub fn restart_shard(&mut self, index: usize, address: SocketAddr) {
+        self.restart_shard_with(index, address, &[]);
+    }
+
+    /// [`ProcessCluster::restart_shard`] with more flags.
+    pub fn restart_shard_with(&mut self, index: usize, address: SocketAddr, extra_args: &[&str]) {
         let config = self.shard_configs[index].clone();
         let listen = address.to_string();
-        self.shards[index] = Some(start_shard(
-            &format!("shard-{}", index + 1),
-            &config,
-            &["--listen", &listen],
-        ));
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra_args);
+        self.shards[index] = Some(start_shard(&format!("shard-{}", index + 1), &config, &args));
     }
 
     pub fn tallyctl(&self, args: &[&str]) -> Output {

@@ -1,0 +1,543 @@
+//! The crash harness: the real binaries under concurrent load, killed at
+//! random moments, and the clients' ledger compared with what the cluster
+//! holds at the end.
+//!
+//! Every client increment carries a unique idempotency key. A call that
+//! fails is retried with the same keys until it succeeds (through any
+//! coordinator); one acknowledged call in ten is sent again on purpose, as
+//! a client does when a response is lost. So in sync mode each increment
+//! must be present exactly once: a lost one means an acknowledged write was
+//! dropped, a duplicated one that a retry was applied twice.
+//!
+//! `TALLY_CRASH_CYCLES` sets the number of kills per test (default 20; the
+//! README's soak runs use more) and `TALLY_CRASH_SEED` the random seed (one is
+//! chosen and printed otherwise, so a failure can be replayed).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use support::{Daemon, ProcessCluster};
+use tally::proto::pb;
+use tally::proto::pb::counter_client::CounterClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// Distinct counters the load spreads over.
+const COUNTERS: usize = 16;
+/// Concurrent client tasks.
+const WORKERS: usize = 8;
+/// Longest a client keeps retrying one call before the test fails.
+const RETRY_LIMIT: Duration = Duration::from_secs(120);
+/// Per-call deadline, so a call to a hung process fails and is retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn cycles() -> usize {
+    std::env::var("TALLY_CRASH_CYCLES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(20)
+}
+
+fn seeded_rng(test: &str) -> fastrand::Rng {
+    let seed = std::env::var("TALLY_CRASH_SEED")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("{test}: TALLY_CRASH_SEED={seed}");
+    fastrand::Rng::with_seed(seed)
+}
+
+fn counter_name(index: usize) -> String {
+    format!("crash-{index}")
+}
+
+/// What the clients know.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Per counter, the sum of acknowledged deltas.
+    expected: HashMap<String, i64>,
+    /// Increments acknowledged (each counted once, however often sent).
+    acknowledged: u64,
+    /// Calls that failed and were retried with the same keys.
+    retried: u64,
+    /// Acknowledged calls sent again on purpose.
+    resent: u64,
+    /// When each increment was acknowledged, and its key (async mode).
+    acks: Vec<(Instant, String, String)>,
+}
+
+impl Ledger {
+    fn merge(&mut self, other: Ledger) {
+        for (counter, delta) in other.expected {
+            *self.expected.entry(counter).or_default() += delta;
+        }
+        self.acknowledged += other.acknowledged;
+        self.retried += other.retried;
+        self.resent += other.resent;
+        self.acks.extend(other.acks);
+    }
+
+    fn record(&mut self, items: &[pb::IncrementRequest]) {
+        let now = Instant::now();
+        for item in items {
+            *self.expected.entry(item.counter.clone()).or_default() += item.delta;
+            self.acknowledged += 1;
+            self.acks
+                .push((now, item.counter.clone(), item.idempotency_key.clone()));
+        }
+    }
+}
+
+/// The cluster's totals against the ledger.
+#[derive(Debug)]
+struct Outcome {
+    acknowledged: u64,
+    present: i64,
+    lost: i64,
+    duplicated: i64,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "acknowledged {}, present {}, lost {}, duplicated {}",
+            self.acknowledged, self.present, self.lost, self.duplicated
+        )
+    }
+}
+
+/// Clients of one or more coordinators, sharing a list of their endpoints
+/// that a test may change while they run.
+#[derive(Clone)]
+struct Clients {
+    endpoints: Arc<RwLock<Vec<String>>>,
+}
+
+impl Clients {
+    fn new(endpoints: Vec<String>) -> Self {
+        Clients {
+            endpoints: Arc::new(RwLock::new(endpoints)),
+        }
+    }
+
+    fn endpoint(&self, attempt: usize) -> String {
+        let endpoints = self.endpoints.read().unwrap();
+        endpoints[attempt % endpoints.len()].clone()
+    }
+}
+
+/// One client task's connections, by endpoint.
+#[derive(Default)]
+struct Connections(HashMap<String, CounterClient<Channel>>);
+
+impl Connections {
+    fn client(&mut self, endpoint: &str) -> CounterClient<Channel> {
+        self.0
+            .entry(endpoint.to_string())
+            .or_insert_with(|| {
+                let channel = Endpoint::from_shared(endpoint.to_string())
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(1))
+                    .connect_lazy();
+                CounterClient::new(channel)
+            })
+            .clone()
+    }
+
+    /// Sends one call (a unary Increment for one item, a batch otherwise).
+    async fn send(
+        &mut self,
+        endpoint: &str,
+        items: &[pb::IncrementRequest],
+    ) -> Result<(), tonic::Status> {
+        let mut client = self.client(endpoint);
+        if let [item] = items {
+            let mut request = tonic::Request::new(item.clone());
+            request.set_timeout(CALL_TIMEOUT);
+            client.increment(request).await.map(drop)
+        } else {
+            let mut request = tonic::Request::new(pb::IncrementBatchRequest {
+                increments: items.to_vec(),
+            });
+            request.set_timeout(CALL_TIMEOUT);
+            client.increment_batch(request).await.map(drop)
+        }
+    }
+
+    /// Sends until acknowledged, retrying with the same keys, rotating over
+    /// the coordinators. Returns how many attempts failed.
+    async fn send_until_acknowledged(
+        &mut self,
+        clients: &Clients,
+        items: &[pb::IncrementRequest],
+    ) -> u64 {
+        let started = Instant::now();
+        let mut failures = 0;
+        loop {
+            let endpoint = clients.endpoint(failures as usize);
+            match self.send(&endpoint, items).await {
+                Ok(()) => return failures,
+                Err(status) => {
+                    assert!(
+                        !matches!(
+                            status.code(),
+                            Code::AlreadyExists | Code::InvalidArgument | Code::OutOfRange
+                        ),
+                        "a retry was refused: {status:?}"
+                    );
+                    assert!(
+                        started.elapsed() < RETRY_LIMIT,
+                        "a call failed for {RETRY_LIMIT:?}; last error: {status:?}"
+                    );
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// How the load behaves.
+#[derive(Clone, Copy)]
+struct LoadShape {
+    /// One call in five is a batch of 2 to 20 increments.
+    batches: bool,
+    /// One acknowledged call in ten is sent again.
+    resend: bool,
+}
+
+/// Client tasks running until `stop`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Ledger>>,
+}
+
+impl Load {
+    fn start(runtime: &tokio::runtime::Runtime, clients: &Clients, shape: LoadShape) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..WORKERS)
+            .map(|worker| {
+                let clients = clients.clone();
+                let stop = stop.clone();
+                runtime.spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed(worker as u64);
+                    let mut connections = Connections::default();
+                    let mut ledger = Ledger::default();
+                    let mut sequence = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let size = if shape.batches && rng.u8(..5) == 0 {
+                            rng.usize(2..=20)
+                        } else {
+                            1
+                        };
+                        let items: Vec<pb::IncrementRequest> = (0..size)
+                            .map(|_| {
+                                sequence += 1;
+                                pb::IncrementRequest {
+                                    counter: counter_name(rng.usize(..COUNTERS)),
+                                    delta: 1,
+                                    idempotency_key: format!("w{worker}-{sequence}"),
+                                }
+                            })
+                            .collect();
+                        ledger.retried +=
+                            connections.send_until_acknowledged(&clients, &items).await;
+                        ledger.record(&items);
+                        if shape.resend && rng.u8(..10) == 0 {
+                            ledger.retried +=
+                                connections.send_until_acknowledged(&clients, &items).await;
+                            ledger.resent += 1;
+                        }
+                    }
+                    ledger
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients once their calls in flight are acknowledged.
+    fn finish(self, runtime: &tokio::runtime::Runtime) -> Ledger {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut ledger = Ledger::default();
+        for task in self.tasks {
+            ledger.merge(runtime.block_on(task).unwrap());
+        }
+        ledger
+    }
+}
+
+/// Reads every counter and compares it with the ledger.
+fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -> Outcome {
+    let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
+    let totals = runtime.block_on(async {
+        let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counters
+    });
+    let mut outcome = Outcome {
+        acknowledged: ledger.acknowledged,
+        present: 0,
+        lost: 0,
+        duplicated: 0,
+    };
+    for total in totals {
+        assert!(total.complete, "{total:?}");
+        let expected = ledger.expected.get(&total.counter).copied().unwrap_or(0);
+        outcome.present += total.value;
+        outcome.lost += (expected - total.value).max(0);
+        outcome.duplicated += (total.value - expected).max(0);
+    }
+    outcome
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Stops shard `index` with `signal` and starts it again on its address.
+fn bounce_shard(cluster: &mut ProcessCluster, index: usize, signal: Signal) -> Instant {
+    let shard = cluster.shards[index].take().unwrap();
+    let address = shard.address;
+    let at = Instant::now();
+    if signal == Signal::SIGTERM {
+        shard.terminate();
+    } else {
+        shard.stop_with(signal);
+    }
+    cluster.restart_shard(index, address);
+    at
+}
+
+#[test]
+fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
+    let mut rng = seeded_rng("sync SIGKILL");
+    let runtime = runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
+    let load = Load::start(
+        &runtime,
+        &clients,
+        LoadShape {
+            batches: true,
+            resend: true,
+        },
+    );
+    let cycles = cycles();
+    for _ in 0..cycles {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        bounce_shard(&mut cluster, rng.usize(..3), Signal::SIGKILL);
+    }
+    let ledger = load.finish(&runtime);
+    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    println!(
+        "sync mode, {cycles} shard SIGKILLs ({} calls retried, {} resent): {outcome}",
+        ledger.retried, ledger.resent
+    );
+    assert!(ledger.retried > 0, "no call ever failed: the kills missed");
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+    assert_eq!(outcome.present, outcome.acknowledged as i64);
+}
+
+#[test]
+fn async_mode_loses_at_most_the_last_flush_interval() {
+    const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+    /// A flush's own write and fsync, on top of the interval.
+    const FLUSH_SLACK: Duration = Duration::from_millis(100);
+    let mut rng = seeded_rng("async SIGKILL");
+    let runtime = runtime();
+    let mut cluster = ProcessCluster::start("async");
+    // The harness's configs flush every 20 ms; make the window visible.
+    let interval = FLUSH_INTERVAL.as_millis().to_string();
+    for index in 0..3 {
+        let address = cluster.shards[index].take().unwrap().address;
+        cluster.restart_shard_with(index, address, &["--flush-interval-ms", &interval]);
+    }
+    let config = tally::coordinator::CoordinatorConfig::load(
+        &cluster.coordinator_config,
+        Default::default(),
+    )
+    .unwrap();
+    let ring = config.ring().unwrap();
+    let owner = |counter: &str, key: &str| {
+        let stripe = tally::ring::idempotency_stripe(key, config.stripes);
+        ring.nodes()[ring.owner(counter, stripe)].id.clone()
+    };
+
+    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
+    // No resends: a resend of a lost increment would put it back.
+    let load = Load::start(
+        &runtime,
+        &clients,
+        LoadShape {
+            batches: false,
+            resend: false,
+        },
+    );
+    let cycles = cycles();
+    let mut kills = Vec::new();
+    for _ in 0..cycles {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        let index = rng.usize(..3);
+        let at = bounce_shard(&mut cluster, index, Signal::SIGKILL);
+        kills.push((at, format!("shard-{}", index + 1)));
+    }
+    let ledger = load.finish(&runtime);
+    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+
+    // Increments acknowledged by a node shortly before it was killed: the
+    // most a kill can take.
+    let at_risk = |window: Duration| {
+        ledger
+            .acks
+            .iter()
+            .filter(|(acked, counter, key)| {
+                let node = owner(counter, key);
+                kills.iter().any(|(killed, killed_node)| {
+                    *killed_node == node
+                        && *acked + window >= *killed
+                        && *acked <= *killed + FLUSH_SLACK
+                })
+            })
+            .count() as i64
+    };
+    let within_interval = at_risk(FLUSH_INTERVAL);
+    let bound = at_risk(FLUSH_INTERVAL + FLUSH_SLACK);
+    println!(
+        "async mode (flush_interval_ms = {}), {cycles} shard SIGKILLs: {outcome}; \
+         acknowledged within flush_interval_ms before a kill: {within_interval}, \
+         within flush_interval_ms + {} ms: {bound}",
+        FLUSH_INTERVAL.as_millis(),
+        FLUSH_SLACK.as_millis()
+    );
+    assert_eq!(outcome.duplicated, 0, "{outcome}");
+    assert!(
+        outcome.lost <= bound,
+        "lost {} > {bound} acknowledged within the window before a kill",
+        outcome.lost
+    );
+}
+
+#[test]
+fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
+    const BATCH: usize = 2_000;
+    let mut rng = seeded_rng("coordinator SIGKILL");
+    let runtime = runtime();
+    let cluster = ProcessCluster::start("sync");
+    let config = cluster.coordinator_config.to_str().unwrap().to_string();
+    let start_coordinator = |name: &str| {
+        Daemon::start(
+            "tally-coordinator",
+            name,
+            &["--config", &config],
+            cluster.dir.path(),
+        )
+    };
+    let mut first = start_coordinator("coordinator-a");
+    let second = cluster.coordinator.endpoint();
+    let clients = Clients::new(vec![second.clone()]);
+
+    let mut ledger = Ledger::default();
+    let mut cut = 0;
+    let cycles = cycles().min(10);
+    for cycle in 0..cycles {
+        let items: Vec<pb::IncrementRequest> = (0..BATCH)
+            .map(|item| pb::IncrementRequest {
+                counter: counter_name(item % COUNTERS),
+                delta: 1,
+                idempotency_key: format!("batch-{cycle}/{item}"),
+            })
+            .collect();
+        let endpoint = first.endpoint();
+        let sent = {
+            let items = items.clone();
+            runtime.spawn(async move { Connections::default().send(&endpoint, &items).await })
+        };
+        std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
+        first.stop_with(Signal::SIGKILL);
+        let answered = runtime.block_on(sent).unwrap();
+        if answered.is_err() {
+            // How much of the batch landed before the kill.
+            let before: i64 = ledger.acknowledged as i64;
+            let present = compare(&runtime, &second, &ledger).present;
+            if present > before && present < before + BATCH as i64 {
+                cut += 1;
+            }
+            runtime.block_on(Connections::default().send_until_acknowledged(&clients, &items));
+        }
+        ledger.record(&items);
+        first = start_coordinator("coordinator-a");
+    }
+    let outcome = compare(&runtime, &second, &ledger);
+    println!(
+        "{cycles} coordinator SIGKILLs during a {BATCH}-increment batch, {cut} cut part-way, \
+         each retried through another coordinator: {outcome}"
+    );
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+}
+
+#[test]
+fn sigterm_under_load_drops_nothing_acknowledged() {
+    let mut rng = seeded_rng("SIGTERM");
+    let runtime = runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
+    let load = Load::start(
+        &runtime,
+        &clients,
+        LoadShape {
+            batches: true,
+            resend: false,
+        },
+    );
+    let cycles = cycles().min(8);
+    for cycle in 0..cycles {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        if cycle == cycles / 2 {
+            // The coordinator too: in-flight calls finish, new ones fail
+            // until it is back on its address.
+            let address = cluster.coordinator.address.to_string();
+            let status = cluster.coordinator.signal(Signal::SIGTERM);
+            assert!(status.success(), "coordinator exited with {status}");
+            let config = cluster.coordinator_config.to_str().unwrap().to_string();
+            cluster.coordinator = Daemon::start(
+                "tally-coordinator",
+                "coordinator",
+                &["--config", &config, "--listen", &address],
+                cluster.dir.path(),
+            );
+            continue;
+        }
+        let index = rng.usize(..3);
+        bounce_shard(&mut cluster, index, Signal::SIGTERM);
+        let log = cluster.shards[index].as_ref().unwrap().log();
+        assert!(
+            !log.contains("checking a copy"),
+            "a clean stop must be recognized at the next start:\n{log}"
+        );
+    }
+    let ledger = load.finish(&runtime);
+    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    println!(
+        "{cycles} SIGTERMs under load (shards and the coordinator, {} calls retried): {outcome}",
+        ledger.retried
+    );
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+}

@@ -286,6 +286,91 @@ fn a_data_directory_of_another_node_is_refused() {
     );
 }
 
+/// Every file under `dir` but the lock, with its contents.
+fn snapshot_files(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if !path.ends_with("LOCK") {
+                files.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_data_directory_is_refused_untouched_and_verify_says_why() {
+    let mut cluster = ProcessCluster::start("sync");
+    let endpoint = cluster.coordinator.endpoint();
+    write_load(&endpoint, 8, 40).await;
+    let data_dir = cluster.dir.path().join("data/shard-1");
+    let data = data_dir.to_str().unwrap();
+    let config = cluster.shard_configs[0].clone();
+
+    // A running node's directory is not verified (its files are moving).
+    let output = run_to_end("tally-shard", &["verify", data]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("in use by another process"),
+        "{}",
+        stderr(&output)
+    );
+
+    cluster.shards[0].take().unwrap().terminate();
+    let output = run_to_end("tally-shard", &["verify", data]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = stdout(&output);
+    assert!(report.contains("node shard-1: sound"), "{report}");
+    assert!(report.contains("last stop clean"), "{report}");
+
+    // Half the database disappears, as a bad disk or a careless copy might
+    // leave it: sled alone would open it and serve older values.
+    let db = data_dir.join("db");
+    let bytes = std::fs::read(&db).unwrap();
+    std::fs::write(&db, &bytes[..bytes.len() / 2]).unwrap();
+    let before = snapshot_files(&data_dir);
+
+    let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    let last = message
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.starts_with("tally-shard: error: data directory"),
+        "{message}"
+    );
+    assert!(last.contains(data), "{message}");
+    assert!(
+        last.contains("acknowledged writes are missing"),
+        "{message}"
+    );
+    assert_eq!(snapshot_files(&data_dir), before, "the files were changed");
+
+    let output = run_to_end("tally-shard", &["verify", data]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("acknowledged writes are missing"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        snapshot_files(&data_dir),
+        before,
+        "verify changed the files"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_sync_increments_survive_sigkill_of_every_shard() {
     // sync durability acknowledges only what is on disk, so a crash (not a

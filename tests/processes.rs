@@ -459,3 +459,117 @@ fn tallyctl_dev_runs_a_cluster_until_interrupted() {
         assert!(data_dir.join(format!("shard-{shard}/TALLY")).exists());
     }
 }
+
+/// A shard whose files may not grow past `limit` bytes (RLIMIT_FSIZE, with
+/// SIGXFSZ ignored so a write past it fails with EFBIG instead of killing
+/// the process): a disk that is full, for one process, without root.
+fn start_shard_with_file_size_limit(config: &std::path::Path, limit: u64) -> support::Daemon {
+    use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+    use nix::sys::signal::{signal, SigHandler};
+    use std::os::unix::process::CommandExt;
+
+    let mut command = std::process::Command::new(support::binary("tally-shard"));
+    command.args(["--config", config.to_str().unwrap()]);
+    // SAFETY: only async-signal-safe calls (setrlimit, sigaction) between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            setrlimit(Resource::RLIMIT_FSIZE, limit, RLIM_INFINITY)?;
+            signal(Signal::SIGXFSZ, SigHandler::SigIgn)?;
+            Ok(())
+        });
+    }
+    support::Daemon::spawn(command, "shard-1", config.parent().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_loudly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard_config = support::write_shard_config(dir.path(), 1, "sync");
+    let shard = start_shard_with_file_size_limit(&shard_config, 3 << 20);
+    let coordinator_config = support::write_coordinator_config(dir.path(), &[shard.address]);
+    let coordinator = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator",
+        &["--config", coordinator_config.to_str().unwrap()],
+        dir.path(),
+    );
+    let mut client = CounterClient::connect(coordinator.endpoint())
+        .await
+        .unwrap();
+    let batch = |round: usize| pb::IncrementBatchRequest {
+        increments: (0..200)
+            .map(|item| pb::IncrementRequest {
+                counter: format!("{:0>200}", round * 200 + item),
+                delta: 1,
+                idempotency_key: format!("r{round}/{item}"),
+            })
+            .collect(),
+    };
+    // Fill the disk: distinct long counter names until a write fails.
+    let mut acknowledged = 0;
+    let mut failed = None;
+    for round in 0..2_000 {
+        match client.increment_batch(batch(round)).await {
+            Ok(_) => acknowledged = round + 1,
+            Err(status) => {
+                failed = Some((round, status));
+                break;
+            }
+        }
+    }
+    let (failed_round, status) = failed.expect("the file size limit was never reached");
+    println!("disk full after {acknowledged} batches: {status:?}");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // The node is still up, and reads still work.
+    let read = |client: &mut CounterClient<_>, round: usize| {
+        let counters = batch(round)
+            .increments
+            .into_iter()
+            .map(|item| item.counter)
+            .collect();
+        let mut client = client.clone();
+        async move {
+            client
+                .get_batch(pb::GetBatchRequest {
+                    counters,
+                    allow_partial: false,
+                })
+                .await
+                .map(|response| response.into_inner().counters)
+        }
+    };
+    let earlier = read(&mut client, 0).await.unwrap();
+    assert!(earlier.iter().all(|total| total.value == 1));
+
+    // Space comes back; the client's retry with the same keys lands once.
+    let raised = std::process::Command::new("prlimit")
+        .args(["--pid", &shard.pid().to_string(), "--fsize=unlimited"])
+        .status()
+        .unwrap();
+    assert!(raised.success());
+    let mut retries = 0;
+    while let Err(status) = client.increment_batch(batch(failed_round)).await {
+        retries += 1;
+        assert!(retries < 200, "writes never recovered: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("writes recovered after {retries} retries");
+    // Nothing acknowledged was lost, even across a crash now.
+    let address = shard.address;
+    shard.stop_with(Signal::SIGKILL);
+    let shard = support::start_shard(
+        "shard-1",
+        &shard_config,
+        &["--listen", &address.to_string()],
+    );
+    for round in 0..=failed_round {
+        let totals = read(&mut client, round).await.unwrap();
+        assert!(
+            totals.iter().all(|total| total.value == 1),
+            "round {round}: {totals:?}"
+        );
+    }
+    shard.terminate();
+    coordinator.terminate();
+}

@@ -73,16 +73,22 @@ impl Daemon {
     /// Starts `binary` with `args`, stderr to `log_dir/<name>.log`, and waits
     /// for its `listening on` line.
     pub fn start(binary_name: &str, name: &str, args: &[&str], log_dir: &Path) -> Daemon {
+        let mut command = Command::new(binary(binary_name));
+        command.args(args);
+        Self::spawn(command, name, log_dir)
+    }
+
+    /// [`Daemon::start`] for a command the caller prepared (limits, env).
+    pub fn spawn(mut command: Command, name: &str, log_dir: &Path) -> Daemon {
         let stderr_path = log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(binary(binary_name))
-            .args(args)
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|error| panic!("start {binary_name}: {error}"));
+            .unwrap_or_else(|error| panic!("start {name}: {error}"));
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
@@ -145,6 +151,11 @@ impl Daemon {
     /// `http://address`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.

@@ -147,13 +147,21 @@ pub struct DirectoryReport {
 pub struct Storage {
     dir: PathBuf,
     node_id: String,
-    db: sled::Db,
-    data: sled::Tree,
-    /// Sequence number of the last flush written; one flusher at a time.
-    sequence: parking_lot::Mutex<u64>,
+    /// One flusher at a time.
+    sled: parking_lot::Mutex<Sled>,
     witness: File,
     /// Held for the life of the process: the OS drops the lock if we crash.
     _lock: File,
+}
+
+/// The database, and where its flushes are.
+#[derive(Debug)]
+struct Sled {
+    /// `None` after a failed write: sled keeps the error of a failed write
+    /// and fails every later one, so the next flush reopens the database.
+    open: Option<(sled::Db, sled::Tree)>,
+    /// Sequence number of the last flush written.
+    sequence: u64,
 }
 
 impl Storage {
@@ -199,9 +207,10 @@ impl Storage {
         Ok(Storage {
             dir: dir.to_path_buf(),
             node_id: node_id.to_string(),
-            db,
-            data,
-            sequence: parking_lot::Mutex::new(0),
+            sled: parking_lot::Mutex::new(Sled {
+                open: Some((db, data)),
+                sequence: 0,
+            }),
             witness,
             _lock: lock,
         })
@@ -214,14 +223,16 @@ impl Storage {
 
     /// Sequence number of the last flush written.
     pub fn sequence(&self) -> u64 {
-        *self.sequence.lock()
+        self.sled.lock().sequence
     }
 
     /// Loads every entry and idempotency record of this node into `store`,
     /// and checks the database against the witness.
     pub fn load_into(&self, store: &Store) -> Result<DirectoryReport, StorageError> {
+        let mut sled = self.sled.lock();
+        let (_, data) = sled.open.as_ref().expect("open at start");
         let mut records = Vec::new();
-        let report = scan(&self.data, &self.node_id, |item| match item {
+        let report = scan(data, &self.node_id, |item| match item {
             Item::Entry {
                 counter,
                 stripe,
@@ -238,7 +249,7 @@ impl Storage {
                 problem: rollback_problem(report.sequence, witnessed),
             });
         }
-        *self.sequence.lock() = report.sequence;
+        sled.sequence = report.sequence;
         Ok(DirectoryReport {
             witnessed,
             ..report
@@ -248,8 +259,12 @@ impl Storage {
     /// Writes a flush's entries and records in one atomic batch, waits
     /// until they are on disk (fsync), then moves the witness on. Blocking.
     pub fn write(&self, snapshot: &FlushSnapshot) -> Result<(), StorageError> {
-        let mut sequence = self.sequence.lock();
-        let next = *sequence + 1;
+        let mut sled = self.sled.lock();
+        let (db, data) = match &sled.open {
+            Some(open) => open.clone(),
+            None => self.reopen(&mut sled)?,
+        };
+        let next = sled.sequence + 1;
         let mut batch = sled::Batch::default();
         for entry in &snapshot.entries {
             let key = keys::encode_entry_key(&self.node_id, &entry.counter, entry.stripe);
@@ -269,11 +284,14 @@ impl Storage {
             }
         }
         batch.insert(&keys::SEQUENCE_KEY, &next.to_be_bytes());
-        self.data
-            .apply_batch(batch)
-            .map_err(|error| self.sled_error(error))?;
-        self.db.flush().map_err(|error| self.sled_error(error))?;
-        *sequence = next;
+        if let Err(error) = data.apply_batch(batch).and_then(|()| db.flush().map(drop)) {
+            // The snapshot's changes stay dirty in memory (the flusher
+            // re-marks them) and are written again after the reopen.
+            sled.open = None;
+            drop((db, data));
+            return Err(self.sled_error(error));
+        }
+        sled.sequence = next;
         // The flush is durable whatever happens here: a stale witness only
         // weakens the next start's check, so a failure is not the writers'.
         if let Err(error) = Witness::running(next).write(&self.witness) {
@@ -288,14 +306,16 @@ impl Storage {
     pub fn close(self) -> Result<(), StorageError> {
         let Storage {
             dir,
-            db,
-            data,
-            sequence,
+            sled,
             witness,
             _lock,
             ..
         } = self;
-        let sequence = *sequence.lock();
+        let Sled { open, sequence } = sled.into_inner();
+        let Some((db, data)) = open else {
+            // The last write failed: not a clean stop.
+            return Ok(());
+        };
         drop(data);
         db.flush().map_err(|error| StorageError::Damaged {
             dir: dir.clone(),
@@ -315,6 +335,27 @@ impl Storage {
         .and_then(|()| witness.sync_all())
         .map_err(io)?;
         Ok(())
+    }
+
+    /// Opens the database again after a failed write, and finds where its
+    /// flushes are: the failed one may have reached disk after all.
+    fn reopen(&self, sled: &mut Sled) -> Result<(sled::Db, sled::Tree), StorageError> {
+        let (db, _, data) = open_sled(&self.dir)?;
+        let on_disk = data
+            .get(keys::SEQUENCE_KEY)
+            .map_err(|error| self.sled_error(error))?
+            .and_then(|value| keys::decode_u64(&value))
+            .unwrap_or(0);
+        if on_disk < sled.sequence {
+            return Err(StorageError::Refused {
+                dir: self.dir.clone(),
+                problem: rollback_problem(on_disk, sled.sequence),
+            });
+        }
+        tracing::info!(dir = %self.dir.display(), sequence = on_disk, "database reopened after a failed write");
+        sled.sequence = on_disk;
+        sled.open = Some((db.clone(), data.clone()));
+        Ok((db, data))
     }
 
     fn damaged(&self, message: String) -> StorageError {

@@ -2,12 +2,14 @@
 //! random moments, and the clients' ledger compared with what the cluster
 //! holds at the end.
 //!
-//! Every client increment carries a unique idempotency key. A call that
-//! fails is retried with the same keys until it succeeds (through any
-//! coordinator); one acknowledged call in ten is sent again on purpose, as
-//! a client does when a response is lost. So in sync mode each increment
-//! must be present exactly once: a lost one means an acknowledged write was
-//! dropped, a duplicated one that a retry was applied twice.
+//! Every client increment carries a unique idempotency key and a random
+//! delta from 1 to 1,000. A call that fails is retried with the same keys
+//! until it succeeds (through any coordinator); one acknowledged call in ten
+//! is sent again on purpose, as a client does when a response is lost. So in
+//! sync mode each increment must be present exactly once: a shortfall means
+//! an acknowledged write was dropped, an excess that a retry was applied
+//! twice. Figures are sums of deltas; random deltas keep a loss and a
+//! duplicate on the same counter from cancelling out.
 //!
 //! `TALLY_CRASH_CYCLES` sets the number of kills per test (default 20; the
 //! README's soak runs use more) and `TALLY_CRASH_SEED` the random seed (one is
@@ -43,6 +45,12 @@ fn cycles() -> usize {
         .unwrap_or(20)
 }
 
+/// Coordinator kills in the mid-batch test: fewer than shard kills, each
+/// costs a 2,000-increment batch.
+fn cycles_wanted() -> usize {
+    cycles().min(10)
+}
+
 fn seeded_rng(test: &str) -> fastrand::Rng {
     let seed = std::env::var("TALLY_CRASH_SEED")
         .ok()
@@ -62,13 +70,15 @@ struct Ledger {
     /// Per counter, the sum of acknowledged deltas.
     expected: HashMap<String, i64>,
     /// Increments acknowledged (each counted once, however often sent).
-    acknowledged: u64,
+    increments: u64,
+    /// The sum of their deltas.
+    acknowledged: i64,
     /// Calls that failed and were retried with the same keys.
     retried: u64,
     /// Acknowledged calls sent again on purpose.
     resent: u64,
-    /// When each increment was acknowledged, and its key (async mode).
-    acks: Vec<(Instant, String, String)>,
+    /// When each increment was acknowledged, its counter, key and delta.
+    acks: Vec<(Instant, String, String, i64)>,
 }
 
 impl Ledger {
@@ -76,6 +86,7 @@ impl Ledger {
         for (counter, delta) in other.expected {
             *self.expected.entry(counter).or_default() += delta;
         }
+        self.increments += other.increments;
         self.acknowledged += other.acknowledged;
         self.retried += other.retried;
         self.resent += other.resent;
@@ -86,9 +97,14 @@ impl Ledger {
         let now = Instant::now();
         for item in items {
             *self.expected.entry(item.counter.clone()).or_default() += item.delta;
-            self.acknowledged += 1;
-            self.acks
-                .push((now, item.counter.clone(), item.idempotency_key.clone()));
+            self.increments += 1;
+            self.acknowledged += item.delta;
+            self.acks.push((
+                now,
+                item.counter.clone(),
+                item.idempotency_key.clone(),
+                item.delta,
+            ));
         }
     }
 }
@@ -96,7 +112,8 @@ impl Ledger {
 /// The cluster's totals against the ledger.
 #[derive(Debug)]
 struct Outcome {
-    acknowledged: u64,
+    increments: u64,
+    acknowledged: i64,
     present: i64,
     lost: i64,
     duplicated: i64,
@@ -106,8 +123,8 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             formatter,
-            "acknowledged {}, present {}, lost {}, duplicated {}",
-            self.acknowledged, self.present, self.lost, self.duplicated
+            "acknowledged {}, present {}, lost {}, duplicated {} ({} increments)",
+            self.acknowledged, self.present, self.lost, self.duplicated, self.increments
         )
     }
 }
@@ -241,7 +258,7 @@ impl Load {
                                 sequence += 1;
                                 pb::IncrementRequest {
                                     counter: counter_name(rng.usize(..COUNTERS)),
-                                    delta: 1,
+                                    delta: rng.i64(1..=1_000),
                                     idempotency_key: format!("w{worker}-{sequence}"),
                                 }
                             })
@@ -289,6 +306,7 @@ fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -
             .counters
     });
     let mut outcome = Outcome {
+        increments: ledger.increments,
         acknowledged: ledger.acknowledged,
         present: 0,
         lost: 0,
@@ -353,14 +371,16 @@ fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
     );
     assert!(ledger.retried > 0, "no call ever failed: the kills missed");
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
-    assert_eq!(outcome.present, outcome.acknowledged as i64);
+    assert_eq!(outcome.present, outcome.acknowledged);
 }
 
 #[test]
 fn async_mode_loses_at_most_the_last_flush_interval() {
     const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-    /// A flush's own write and fsync, on top of the interval.
-    const FLUSH_SLACK: Duration = Duration::from_millis(100);
+    /// A flush's own write and fsync on top of the interval, and the flush
+    /// tick delayed behind a slow one: generous, so a loaded machine does
+    /// not fail the bound for no reason.
+    const FLUSH_SLACK: Duration = Duration::from_millis(500);
     let mut rng = seeded_rng("async SIGKILL");
     let runtime = runtime();
     let mut cluster = ProcessCluster::start("async");
@@ -408,7 +428,7 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
         ledger
             .acks
             .iter()
-            .filter(|(acked, counter, key)| {
+            .filter(|(acked, counter, key, _)| {
                 let node = owner(counter, key);
                 kills.iter().any(|(killed, killed_node)| {
                     *killed_node == node
@@ -416,7 +436,8 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
                         && *acked <= *killed + FLUSH_SLACK
                 })
             })
-            .count() as i64
+            .map(|(_, _, _, delta)| delta)
+            .sum::<i64>()
     };
     let within_interval = at_risk(FLUSH_INTERVAL);
     let bound = at_risk(FLUSH_INTERVAL + FLUSH_SLACK);
@@ -435,28 +456,50 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
     );
 }
 
+/// Increments a shard node has applied since it started, asked directly.
+fn increments_applied(runtime: &tokio::runtime::Runtime, shard: &Daemon) -> u64 {
+    runtime.block_on(async {
+        let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
+            .await
+            .unwrap();
+        client
+            .status(pb::ShardStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .increments_applied
+    })
+}
+
 #[test]
 fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
     const BATCH: usize = 2_000;
     let mut rng = seeded_rng("coordinator SIGKILL");
     let runtime = runtime();
-    let cluster = ProcessCluster::start("sync");
+    let mut cluster = ProcessCluster::start("sync");
     let config = cluster.coordinator_config.to_str().unwrap().to_string();
-    let start_coordinator = |name: &str| {
+    let dir = cluster.dir.path().to_path_buf();
+    let start_coordinator = || {
         Daemon::start(
             "tally-coordinator",
-            name,
+            "coordinator-a",
             &["--config", &config],
-            cluster.dir.path(),
+            &dir,
         )
     };
-    let mut first = start_coordinator("coordinator-a");
+    let coordinator_config = tally::coordinator::CoordinatorConfig::load(
+        &cluster.coordinator_config,
+        Default::default(),
+    )
+    .unwrap();
+    let ring = coordinator_config.ring().unwrap();
+    let mut first = start_coordinator();
     let second = cluster.coordinator.endpoint();
     let clients = Clients::new(vec![second.clone()]);
 
     let mut ledger = Ledger::default();
     let mut cut = 0;
-    let cycles = cycles().min(10);
+    let cycles = cycles_wanted();
     for cycle in 0..cycles {
         let items: Vec<pb::IncrementRequest> = (0..BATCH)
             .map(|item| pb::IncrementRequest {
@@ -466,24 +509,68 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
             })
             .collect();
         let endpoint = first.endpoint();
-        let sent = {
-            let items = items.clone();
+        let send = |items: Vec<pb::IncrementRequest>| {
             runtime.spawn(async move { Connections::default().send(&endpoint, &items).await })
         };
-        std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
-        first.stop_with(Signal::SIGKILL);
-        let answered = runtime.block_on(sent).unwrap();
-        if answered.is_err() {
-            // How much of the batch landed before the kill.
-            let before: i64 = ledger.acknowledged as i64;
-            let present = compare(&runtime, &second, &ledger).present;
-            if present > before && present < before + BATCH as i64 {
-                cut += 1;
+        let before = ledger.acknowledged;
+        if cycle % 2 == 0 {
+            // A kill at a random moment: before, during or after the
+            // batch's internal calls.
+            let sent = send(items.clone());
+            std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
+            first.stop_with(Signal::SIGKILL);
+            let _ = runtime.block_on(sent).unwrap();
+        } else {
+            // A kill known to fall mid-batch: shard-3 is stopped, the others
+            // apply their share, then the coordinator dies, and shard-3 too
+            // (the call waiting in its socket dies with it).
+            let on_others = items
+                .iter()
+                .filter(|item| {
+                    let stripe = tally::ring::idempotency_stripe(
+                        &item.idempotency_key,
+                        coordinator_config.stripes,
+                    );
+                    ring.nodes()[ring.owner(&item.counter, stripe)].id != "shard-3"
+                })
+                .count() as u64;
+            let applied = |cluster: &ProcessCluster| {
+                cluster.shards[..2]
+                    .iter()
+                    .map(|shard| increments_applied(&runtime, shard.as_ref().unwrap()))
+                    .sum::<u64>()
+            };
+            let applied_before = applied(&cluster);
+            let stopped = cluster.shards[2].take().unwrap();
+            let address = stopped.address;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(stopped.pid() as i32),
+                Signal::SIGSTOP,
+            )
+            .unwrap();
+            let sent = send(items.clone());
+            let waiting = Instant::now();
+            while applied(&cluster) < applied_before + on_others {
+                assert!(
+                    waiting.elapsed() < RETRY_LIMIT,
+                    "the batch never reached shard-1 and shard-2"
+                );
+                std::thread::sleep(Duration::from_millis(5));
             }
-            runtime.block_on(Connections::default().send_until_acknowledged(&clients, &items));
+            first.stop_with(Signal::SIGKILL);
+            stopped.stop_with(Signal::SIGKILL);
+            assert!(runtime.block_on(sent).unwrap().is_err());
+            cluster.restart_shard(2, address);
         }
+        // How much of the batch landed before the kill.
+        let present = compare(&runtime, &second, &ledger).present;
+        if present > before && present < before + BATCH as i64 {
+            cut += 1;
+        }
+        // The client cannot know; it retries through the other coordinator.
+        runtime.block_on(Connections::default().send_until_acknowledged(&clients, &items));
         ledger.record(&items);
-        first = start_coordinator("coordinator-a");
+        first = start_coordinator();
     }
     let outcome = compare(&runtime, &second, &ledger);
     println!(
@@ -491,6 +578,7 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
          each retried through another coordinator: {outcome}"
     );
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+    assert!(cut >= cycles / 2, "only {cut} batches were cut part-way");
 }
 
 #[test]

@@ -542,12 +542,22 @@ async fn a_full_disk_fails_writes_loudly_and_loses_nothing() {
     let earlier = read(&mut client, 0).await.unwrap();
     assert!(earlier.iter().all(|total| total.value == 1));
 
-    // Space comes back; the client's retry with the same keys lands once.
-    let raised = std::process::Command::new("prlimit")
-        .args(["--pid", &shard.pid().to_string(), "--fsize=unlimited"])
-        .status()
-        .unwrap();
-    assert!(raised.success());
+    // Space comes back (prlimit(2) on the running shard); the client's retry
+    // with the same keys lands once.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `unlimited` and writes nothing (null old limit).
+    let raised = unsafe {
+        libc::prlimit(
+            shard.pid() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(raised, 0, "prlimit: {}", std::io::Error::last_os_error());
     let mut retries = 0;
     while let Err(status) = client.increment_batch(batch(failed_round)).await {
         retries += 1;

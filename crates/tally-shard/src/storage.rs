@@ -43,6 +43,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::keys::{self, DataKey};
 use crate::store::{FlushSnapshot, LoadedRecord, Store};
@@ -55,8 +56,9 @@ const WITNESS_FILE: &str = "FLUSHED";
 /// Entries of a data directory that do not make it someone else's: our own
 /// lock and half-written marker, and the directory a fresh filesystem has.
 const IGNORED_ENTRIES: [&str; 3] = [LOCK_FILE, "TALLY.tmp", "lost+found"];
-/// Our own files: everything else in a marked directory is sled's.
-const OWN_FILES: [&str; 4] = [LOCK_FILE, MARKER_FILE, "TALLY.tmp", WITNESS_FILE];
+/// Where the start-up check recovers its scratch copy, inside the data
+/// directory: on the same filesystem, which the node can always write.
+const CHECK_DIR: &str = "check.tmp";
 const DATA_TREE: &str = "data";
 const META_TREE: &str = "meta";
 /// sled's page cache. Our own map holds every value, so sled's cache only
@@ -159,9 +161,36 @@ pub struct Storage {
 struct Sled {
     /// `None` after a failed write: sled keeps the error of a failed write
     /// and fails every later one, so the next flush reopens the database.
-    open: Option<(sled::Db, sled::Tree)>,
+    open: Option<Open>,
     /// Sequence number of the last flush written.
     sequence: u64,
+}
+
+/// An open database.
+#[derive(Debug, Clone)]
+struct Open {
+    db: sled::Db,
+    data: sled::Tree,
+    /// sled's log file. On Linux sled makes a flush durable with
+    /// `sync_file_range`, which neither flushes the device's write cache nor
+    /// records a grown file's size; an fsync of the file after each flush
+    /// does both.
+    log: Arc<File>,
+}
+
+impl Open {
+    fn new(dir: &Path, db: sled::Db, data: sled::Tree) -> std::io::Result<Open> {
+        let log = Arc::new(File::open(dir.join("db"))?);
+        Ok(Open { db, data, log })
+    }
+
+    /// Writes a batch and makes it durable.
+    fn write(&self, batch: sled::Batch) -> Result<(), sled::Error> {
+        self.data.apply_batch(batch)?;
+        self.db.flush()?;
+        self.log.sync_all()?;
+        Ok(())
+    }
 }
 
 impl Storage {
@@ -204,11 +233,12 @@ impl Storage {
             .write(true)
             .open(dir.join(WITNESS_FILE))
             .map_err(io)?;
+        let open = Open::new(dir, db, data).map_err(io)?;
         Ok(Storage {
             dir: dir.to_path_buf(),
             node_id: node_id.to_string(),
             sled: parking_lot::Mutex::new(Sled {
-                open: Some((db, data)),
+                open: Some(open),
                 sequence: 0,
             }),
             witness,
@@ -230,7 +260,7 @@ impl Storage {
     /// and checks the database against the witness.
     pub fn load_into(&self, store: &Store) -> Result<DirectoryReport, StorageError> {
         let mut sled = self.sled.lock();
-        let (_, data) = sled.open.as_ref().expect("open at start");
+        let data = &sled.open.as_ref().expect("open at start").data;
         let mut records = Vec::new();
         let report = scan(data, &self.node_id, |item| match item {
             Item::Entry {
@@ -260,7 +290,7 @@ impl Storage {
     /// until they are on disk (fsync), then moves the witness on. Blocking.
     pub fn write(&self, snapshot: &FlushSnapshot) -> Result<(), StorageError> {
         let mut sled = self.sled.lock();
-        let (db, data) = match &sled.open {
+        let open = match &sled.open {
             Some(open) => open.clone(),
             None => self.reopen(&mut sled)?,
         };
@@ -284,11 +314,11 @@ impl Storage {
             }
         }
         batch.insert(&keys::SEQUENCE_KEY, &next.to_be_bytes());
-        if let Err(error) = data.apply_batch(batch).and_then(|()| db.flush().map(drop)) {
+        if let Err(error) = open.write(batch) {
             // The snapshot's changes stay dirty in memory (the flusher
             // re-marks them) and are written again after the reopen.
             sled.open = None;
-            drop((db, data));
+            drop(open);
             return Err(self.sled_error(error));
         }
         sled.sequence = next;
@@ -312,7 +342,7 @@ impl Storage {
             ..
         } = self;
         let Sled { open, sequence } = sled.into_inner();
-        let Some((db, data)) = open else {
+        let Some(Open { db, data, log }) = open else {
             // The last write failed: not a clean stop.
             return Ok(());
         };
@@ -321,7 +351,7 @@ impl Storage {
             dir: dir.clone(),
             message: error.to_string(),
         })?;
-        drop(db);
+        drop((db, log));
         let io = |reason| StorageError::Io {
             dir: dir.clone(),
             reason,
@@ -339,7 +369,7 @@ impl Storage {
 
     /// Opens the database again after a failed write, and finds where its
     /// flushes are: the failed one may have reached disk after all.
-    fn reopen(&self, sled: &mut Sled) -> Result<(sled::Db, sled::Tree), StorageError> {
+    fn reopen(&self, sled: &mut Sled) -> Result<Open, StorageError> {
         let (db, _, data) = open_sled(&self.dir)?;
         let on_disk = data
             .get(keys::SEQUENCE_KEY)
@@ -354,8 +384,12 @@ impl Storage {
         }
         tracing::info!(dir = %self.dir.display(), sequence = on_disk, "database reopened after a failed write");
         sled.sequence = on_disk;
-        sled.open = Some((db.clone(), data.clone()));
-        Ok((db, data))
+        let open = Open::new(&self.dir, db, data).map_err(|reason| StorageError::Io {
+            dir: self.dir.clone(),
+            reason,
+        })?;
+        sled.open = Some(open.clone());
+        Ok(open)
     }
 
     fn damaged(&self, message: String) -> StorageError {
@@ -388,7 +422,9 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
     let node_id = parse_marker(dir, &text)?.node_id;
     let _lock = lock(dir)?;
     inspect(dir, &node_id)?;
-    check_copy(dir, &node_id)
+    // In the system's temporary directory: verify writes nothing in the
+    // directory it checks (which may be a read-only backup).
+    check_copy(dir, &node_id, &std::env::temp_dir())
 }
 
 /// Opens sled with our settings and both trees.
@@ -450,7 +486,7 @@ fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     } else {
         tracing::info!(dir = %dir.display(), "the last stop was not clean; checking a copy before opening");
     }
-    let report = check_copy(dir, node_id)?;
+    let report = check_copy(dir, node_id, dir)?;
     tracing::info!(
         entries = report.entries,
         records = report.records,
@@ -460,31 +496,41 @@ fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Recovers a copy of the directory's sled files in a scratch directory and
-/// checks it: metadata, every key and value, the flush sequence against the
-/// witness. The directory itself is only read.
-fn check_copy(dir: &Path, node_id: &str) -> Result<DirectoryReport, StorageError> {
+/// Recovers a copy of the directory's sled files in a scratch directory
+/// under `scratch_parent` and checks it: metadata, every key and value, the
+/// flush sequence against the witness. The directory's sled files are only
+/// read. The copy needs as much free space as the database.
+fn check_copy(
+    dir: &Path,
+    node_id: &str,
+    scratch_parent: &Path,
+) -> Result<DirectoryReport, StorageError> {
     let refused = |problem: String| StorageError::Refused {
         dir: dir.to_path_buf(),
         problem,
     };
     let witness = Witness::read(dir)?;
-    let scratch = tempfile::Builder::new()
-        .prefix("tally-check-")
-        .tempdir()
-        .map_err(|reason| StorageError::Io {
-            dir: std::env::temp_dir(),
-            reason,
-        })?;
-    copy_sled_files(dir, scratch.path()).map_err(|reason| StorageError::Io {
-        dir: scratch.path().to_path_buf(),
-        reason,
-    })?;
-    let (db, meta, data) = open_sled(scratch.path()).map_err(|error| match error {
+    let scratch = scratch_parent.join(CHECK_DIR);
+    let cannot_check = |reason: std::io::Error| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason: std::io::Error::new(
+            reason.kind(),
+            format!(
+                "cannot check a copy of the database in {} (needs as much free space as the \
+                 database): {reason}",
+                scratch.display()
+            ),
+        ),
+    };
+    // A copy left by a check that was killed is ours to remove.
+    remove_dir_if_present(&scratch).map_err(cannot_check)?;
+    let _cleanup = RemoveOnDrop(&scratch);
+    copy_sled_files(dir, &scratch).map_err(cannot_check)?;
+    let (db, meta, data) = open_sled(&scratch).map_err(|error| match error {
         StorageError::Damaged { message, .. } => refused(format!("sled cannot open it: {message}")),
         other => other,
     })?;
-    check_meta(&meta, scratch.path(), node_id).map_err(|error| match error {
+    check_meta(&meta, &scratch, node_id).map_err(|error| match error {
         StorageError::WrongNode { found, .. } => {
             refused(format!("its database belongs to node {found:?}"))
         }
@@ -644,8 +690,17 @@ impl Witness {
     }
 }
 
-/// sled's files in a marked directory (everything but ours), as paths
-/// relative to it, sorted.
+/// Whether a top-level name in a data directory is one of sled's files:
+/// `conf`, `db`, `snap.*` and the `blobs` directory. Anything else (ours,
+/// `lost+found`, a scratch copy) is neither hashed nor copied.
+fn is_sled_file(name: &std::ffi::OsStr) -> bool {
+    name == "conf"
+        || name == "db"
+        || name == "blobs"
+        || name.as_encoded_bytes().starts_with(b"snap.")
+}
+
+/// sled's files in a marked directory, as paths relative to it, sorted.
 fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![PathBuf::new()];
@@ -653,7 +708,7 @@ fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         for entry in std::fs::read_dir(dir.join(&relative))? {
             let entry = entry?;
             let name = entry.file_name();
-            if relative.as_os_str().is_empty() && OWN_FILES.iter().any(|own| name == *own) {
+            if relative.as_os_str().is_empty() && !is_sled_file(&name) {
                 continue;
             }
             let path = relative.join(&name);
@@ -685,6 +740,24 @@ fn hash_sled_files(dir: &Path) -> std::io::Result<u64> {
         }
     }
     Ok(hasher.digest().max(1))
+}
+
+fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a scratch directory when the check ends, however it ends.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = remove_dir_if_present(self.0) {
+            tracing::warn!(path = %self.0.display(), %error, "cannot remove the check's scratch copy");
+        }
+    }
 }
 
 fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -1227,9 +1300,30 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_filesystems_lost_and_found_is_not_foreign() {
+    fn a_fresh_filesystems_lost_and_found_is_not_foreign_nor_sleds() {
+        use std::os::unix::fs::PermissionsExt;
+
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("lost+found")).unwrap();
-        drop(Storage::open(dir.path(), "shard-1").unwrap());
+        let lost_and_found = dir.path().join("lost+found");
+        std::fs::create_dir(&lost_and_found).unwrap();
+        std::fs::write(lost_and_found.join("#1234"), "recovered").unwrap();
+        // As a freshly formatted volume has it: root's, unreadable to the
+        // node's user.
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        storage.load_into(&Store::new()).unwrap();
+        storage.close().unwrap();
+        // fsck may add to it while the node is stopped: still a clean stop.
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(lost_and_found.join("#5678"), "found later").unwrap();
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
+        assert!(verify(dir.path()).unwrap().clean);
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        storage.load_into(&Store::new()).unwrap();
+        drop(storage);
+        // Crashed: the copy check must not need it either.
+        reopen(dir.path()).unwrap();
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!dir.path().join(CHECK_DIR).exists());
     }
 }

@@ -272,14 +272,23 @@ impl Store {
     /// older than the window stay until the first flush forgets them.
     pub fn load_records(&self, mut records: Vec<LoadedRecord>) {
         records.sort_by_key(|record| record.applied_unix_ms);
-        let mut queue = self.key_queue.lock();
         for record in records {
             let segment_index = Self::segment_index(&record.counter);
+            // Segment, then queue: the documented lock order.
+            let mut segment = self.segments[segment_index].lock();
+            let mut queue = self.key_queue.lock();
             let sequence = queue.next_sequence;
             queue.next_sequence += 1;
             queue.latest_unix_ms = queue.latest_unix_ms.max(record.applied_unix_ms);
-            self.segments[segment_index].lock().records.insert(
-                record.key.clone(),
+            queue.keys.push_back(RememberedKey {
+                applied_unix_ms: record.applied_unix_ms,
+                sequence,
+                segment: segment_index,
+                key: record.key.clone(),
+            });
+            drop(queue);
+            segment.records.insert(
+                record.key,
                 KeyRecord {
                     delta: record.delta,
                     applied_unix_ms: record.applied_unix_ms,
@@ -287,12 +296,6 @@ impl Store {
                     epoch: 0,
                 },
             );
-            queue.keys.push_back(RememberedKey {
-                applied_unix_ms: record.applied_unix_ms,
-                sequence,
-                segment: segment_index,
-                key: record.key,
-            });
         }
     }
 

@@ -344,15 +344,23 @@ fn bounce_shard(cluster: &mut ProcessCluster, index: usize, signal: Signal) -> I
     at
 }
 
+/// A sync cluster of real processes with client load running on it.
+fn start_sync_load(
+    test: &str,
+    shape: LoadShape,
+) -> (fastrand::Rng, tokio::runtime::Runtime, ProcessCluster, Load) {
+    let rng = seeded_rng(test);
+    let runtime = runtime();
+    let cluster = ProcessCluster::start("sync");
+    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
+    let load = Load::start(&runtime, &clients, shape);
+    (rng, runtime, cluster, load)
+}
+
 #[test]
 fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
-    let mut rng = seeded_rng("sync SIGKILL");
-    let runtime = runtime();
-    let mut cluster = ProcessCluster::start("sync");
-    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
-    let load = Load::start(
-        &runtime,
-        &clients,
+    let (mut rng, runtime, mut cluster, load) = start_sync_load(
+        "sync SIGKILL",
         LoadShape {
             batches: true,
             resend: true,
@@ -583,13 +591,8 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
 
 #[test]
 fn sigterm_under_load_drops_nothing_acknowledged() {
-    let mut rng = seeded_rng("SIGTERM");
-    let runtime = runtime();
-    let mut cluster = ProcessCluster::start("sync");
-    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
-    let load = Load::start(
-        &runtime,
-        &clients,
+    let (mut rng, runtime, mut cluster, load) = start_sync_load(
+        "SIGTERM",
         LoadShape {
             batches: true,
             resend: false,

@@ -961,3 +961,65 @@ async fn keys_survive_a_restart_and_a_delete() {
     assert_eq!(value(&mut client, "visits").await, 0);
     cluster.shutdown().await.unwrap();
 }
+
+/// Polls the coordinator's status until `node` has `health`; bounded.
+async fn wait_for_health(cluster: &LocalCluster, node: &str, health: &str) {
+    let mut admin = cluster.admin_client().await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let mut request = tonic::Request::new(pb::ClusterStatusRequest {});
+        request.set_timeout(Duration::from_secs(5));
+        let nodes = admin
+            .cluster_status(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if nodes
+            .iter()
+            .any(|status| status.id == node && status.health == health)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < READY,
+            "{node} never became {health}: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn writes_without_a_key_go_around_a_down_node() {
+    let test = start().await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    cluster.stop_shard(1).await.unwrap();
+    wait_for_health(&cluster, "shard-2", "down").await;
+
+    // Every increment without a key succeeds, the down node's stripes
+    // included: they land on the next node of the ring.
+    for _ in 0..100 {
+        client.increment(increment("spread", 1, "")).await.unwrap();
+    }
+    // A keyed increment stays with its owner, the only node that can
+    // deduplicate it: it fails until the owner is back.
+    let key = key_owned_by(&cluster, "spread", "shard-2", 0);
+    let status = client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    cluster.restart_shard(1).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    wait_for_health(&cluster, "shard-2", "up").await;
+    client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "spread").await, 101);
+    let on_down_node = shard_statuses(&cluster).await[1].entries;
+    assert_eq!(on_down_node, 1, "only the keyed increment reached shard-2");
+    cluster.shutdown().await.unwrap();
+}

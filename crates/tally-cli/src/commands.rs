@@ -218,6 +218,8 @@ impl Cli {
                 });
                 if let Some(status) = health_of(&node.id) {
                     value["reachable"] = json!(status.reachable);
+                    value["health"] = json!(status.health);
+                    value["health_since_unix_ms"] = json!(status.health_since_unix_ms);
                 }
                 value
             })
@@ -307,6 +309,8 @@ impl Cli {
                 "durability": node.durability,
                 "remembered_keys": node.remembered_keys,
                 "keys_forgotten_early": node.keys_forgotten_early,
+                "health": node.health,
+                "health_since_unix_ms": node.health_since_unix_ms,
                 "error": node.error,
             })).collect::<Vec<_>>()
         });
@@ -393,11 +397,19 @@ fn new_table(header: &[&str]) -> Table {
     table
 }
 
+/// A node's health: the coordinator's routing view (from its probes and
+/// calls) and this status call's own answer.
 fn health_label(status: &pb::NodeStatus) -> String {
-    if status.reachable {
-        "up".to_string()
+    let down_for = if status.health_since_unix_ms > 0 {
+        format!(" for {}", age(status.health_since_unix_ms))
     } else {
-        format!("DOWN: {}", status.error)
+        String::new()
+    };
+    match (status.health.as_str(), status.reachable) {
+        ("down", true) => format!("DOWN{down_for}, answering again"),
+        ("down", false) => format!("DOWN{down_for}: {}", status.error),
+        (_, true) => "up".to_string(),
+        (_, false) => format!("DOWN: {}", status.error),
     }
 }
 
@@ -405,15 +417,17 @@ fn flush_age(last_flush_unix_ms: i64) -> String {
     if last_flush_unix_ms <= 0 {
         return "never".to_string();
     }
+    format!("{} ago", age(last_flush_unix_ms))
+}
+
+/// Time since `unix_ms`, in whole seconds ("3s" reads better than
+/// "3s 212ms 5us").
+fn age(unix_ms: i64) -> String {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64);
-    let age = Duration::from_millis(now_ms.saturating_sub(last_flush_unix_ms).max(0) as u64);
-    // Whole seconds: "3s ago" reads better than "3s 212ms 5us ago".
-    format!(
-        "{} ago",
-        humantime::format_duration(Duration::from_secs(age.as_secs()))
-    )
+    let age = Duration::from_millis(now_ms.saturating_sub(unix_ms).max(0) as u64);
+    humantime::format_duration(Duration::from_secs(age.as_secs())).to_string()
 }
 
 fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::config::CoordinatorConfig;
 use crate::deadline::call_budget;
 use crate::error::{CoordinatorError, Result, ShardCallError};
+use crate::health::{probe_loop, HealthBoard, NodeHealth};
 use crate::shard_client::{BatchSettings, Outcome, ShardClient};
 
 thread_local! {
@@ -31,6 +32,8 @@ pub struct Cluster {
     ring: Ring,
     /// Indexed like `ring.nodes()`.
     shards: Vec<ShardClient>,
+    /// Indexed like `ring.nodes()`.
+    health: Arc<HealthBoard>,
 }
 
 /// One counter's total as a read found it.
@@ -45,7 +48,8 @@ pub struct Total {
 }
 
 impl Cluster {
-    /// Builds the ring and a lazily connecting client per node.
+    /// Builds the ring and a lazily connecting client per node, and starts
+    /// probing every node's health. Needs a tokio runtime.
     pub fn new(config: CoordinatorConfig) -> std::result::Result<Arc<Self>, crate::StartError> {
         let ring = config.ring()?;
         let settings = BatchSettings {
@@ -64,11 +68,64 @@ impl Cluster {
                 ShardClient::new(&node.id, address, settings)
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let health = Arc::new(HealthBoard::new(
+            ring.nodes().iter().map(|node| Arc::from(node.id.as_str())),
+        ));
+        for (index, shard) in shards.iter().enumerate() {
+            tokio::spawn(probe_loop(
+                Arc::downgrade(&health),
+                index,
+                shard.clone(),
+                config.health_interval,
+                config.health_timeout,
+            ));
+        }
         Ok(Arc::new(Cluster {
             config,
             ring,
             shards,
+            health,
         }))
+    }
+
+    /// Node `index`'s health as this coordinator sees it.
+    pub fn health(&self, index: usize) -> NodeHealth {
+        self.health.get(index)
+    }
+
+    /// Where an increment of `(counter, stripe)` goes: its owner, unless the
+    /// owner is down and the increment has no key; then the first healthy
+    /// node after it on the ring. A keyed increment stays with its owner,
+    /// the only node that remembers its key.
+    fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
+        let hash = tally_ring::key_hash(counter, stripe);
+        let owner = self.ring.owner_of_hash(hash);
+        if keyed || self.health.is_up(owner) {
+            return owner;
+        }
+        self.ring
+            .successors(hash)
+            .find(|&node| self.health.is_up(node))
+            .unwrap_or(owner)
+    }
+
+    /// Records a call's outcome on the health board.
+    fn observe<T>(&self, node: usize, result: &std::result::Result<T, ShardCallError>) {
+        match result {
+            Ok(_) => self.health.record_success(node),
+            Err(error) => self.health.record_failure(node, &error.to_string()),
+        }
+    }
+
+    /// A call's budget for node `index`: a node known to be down gets no
+    /// more than a probe's, so one hung node does not hold every read for
+    /// the whole shard timeout, while a node that is back is still found.
+    fn budget_for(&self, index: usize, budget: std::time::Duration) -> std::time::Duration {
+        if self.health.is_up(index) {
+            budget
+        } else {
+            budget.min(self.config.health_timeout)
+        }
     }
 
     /// The configuration this cluster was built from.
@@ -112,7 +169,11 @@ impl Cluster {
         let mut by_node: BTreeMap<usize, Vec<pb::ShardIncrement>> = BTreeMap::new();
         for increment in increments {
             let stripe = self.stripe_for(&increment);
-            let node = self.ring.owner(increment.counter.as_str(), stripe);
+            let node = self.target(
+                increment.counter.as_str(),
+                stripe,
+                increment.idempotency_key.is_some(),
+            );
             by_node.entry(node).or_default().push(pb::ShardIncrement {
                 counter: increment.counter.into_string(),
                 stripe,
@@ -131,6 +192,7 @@ impl Cluster {
         let mut unavailable = Vec::new();
         let mut refused = None;
         for (node, result) in results {
+            self.observe(node, &result);
             match result {
                 Ok(outcomes) => {
                     if refused.is_none() {
@@ -164,8 +226,12 @@ impl Cluster {
         let reads = self
             .shards
             .iter()
-            .map(|shard| shard.read(names.clone(), budget));
+            .enumerate()
+            .map(|(index, shard)| shard.read(names.clone(), self.budget_for(index, budget)));
         let results = with_deadline(deadline, join_all(reads)).await?;
+        for (index, result) in results.iter().enumerate() {
+            self.observe(index, result);
+        }
 
         // i128: the parts of a counter may each fit in an i64 while the sum
         // does not; that is OUT_OF_RANGE, never a wrapped number.
@@ -212,11 +278,14 @@ impl Cluster {
     pub async fn delete(&self, counter: CounterName, deadline: Option<Instant>) -> Result<()> {
         let budget = call_budget(self.config.shard_timeout, deadline);
         let counters = vec![counter.into_string()];
-        let erases = self
-            .shards
-            .iter()
-            .map(|shard| shard.erase(counters.clone(), budget));
+        let erases =
+            self.shards.iter().enumerate().map(|(index, shard)| {
+                shard.erase(counters.clone(), self.budget_for(index, budget))
+            });
         let results = with_deadline(deadline, join_all(erases)).await?;
+        for (index, result) in results.iter().enumerate() {
+            self.observe(index, result);
+        }
         let unavailable: Vec<(String, ShardCallError)> = self
             .shards
             .iter()

@@ -21,6 +21,10 @@ pub const DEFAULT_SHARD_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD: usize = 4;
 /// Default for `max_increments_per_shard_batch`.
 pub const DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH: usize = 16_384;
+/// Default for `health_interval_ms`.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
+/// Default for `health_timeout_ms`.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +35,8 @@ struct RawCoordinatorConfig {
     shard_timeout_ms: Option<u64>,
     max_in_flight_batches_per_shard: Option<usize>,
     max_increments_per_shard_batch: Option<usize>,
+    health_interval_ms: Option<u64>,
+    health_timeout_ms: Option<u64>,
     #[serde(default)]
     nodes: Vec<RawNode>,
 }
@@ -80,6 +86,10 @@ pub struct CoordinatorConfig {
     /// Most increments coalesced into one internal apply call. One public
     /// call's share for a node is never split: a larger one goes alone.
     pub max_increments_per_shard_batch: usize,
+    /// How often each shard node is probed while it is up.
+    pub health_interval: Duration,
+    /// How long a probe waits for an answer before the node is down.
+    pub health_timeout: Duration,
     /// The shard nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -94,6 +104,8 @@ impl CoordinatorConfig {
             shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
             max_in_flight_batches_per_shard: DEFAULT_MAX_IN_FLIGHT_BATCHES_PER_SHARD,
             max_increments_per_shard_batch: DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH,
+            health_interval: Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS),
+            health_timeout: Duration::from_millis(DEFAULT_HEALTH_TIMEOUT_MS),
             nodes,
         }
     }
@@ -146,6 +158,19 @@ impl CoordinatorConfig {
             1..=100_000,
         )?;
 
+        let health_interval_ms = check_range(
+            &file,
+            "health_interval_ms",
+            raw.health_interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS),
+            10..=60_000,
+        )?;
+        let health_timeout_ms = check_range(
+            &file,
+            "health_timeout_ms",
+            raw.health_timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS),
+            10..=60_000,
+        )?;
+
         let nodes = validate_nodes(&file, raw.nodes)?;
         let config = CoordinatorConfig {
             listen,
@@ -154,6 +179,8 @@ impl CoordinatorConfig {
             shard_timeout: Duration::from_millis(shard_timeout_ms),
             max_in_flight_batches_per_shard,
             max_increments_per_shard_batch,
+            health_interval: Duration::from_millis(health_interval_ms),
+            health_timeout: Duration::from_millis(health_timeout_ms),
             nodes,
         };
         // Anything the checks above missed still fails here, not at serve.
@@ -295,6 +322,14 @@ weight = 2
             (
                 GOOD.replace("stripes = 8", "stripes = 0"),
                 "FILE: stripes: 0 is out of range",
+            ),
+            (
+                format!("health_interval_ms = 5\n{GOOD}"),
+                "FILE: health_interval_ms: 5 is out of range",
+            ),
+            (
+                format!("health_timeout_ms = 0\n{GOOD}"),
+                "FILE: health_timeout_ms: 0 is out of range",
             ),
             (GOOD.replace("127.0.0.1:7700", "localhost"), "FILE: listen:"),
             (

@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod health;
 pub mod service;
 pub mod shard_client;
 

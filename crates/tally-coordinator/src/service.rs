@@ -144,26 +144,34 @@ impl pb::admin_server::Admin for AdminService {
             self.cluster.config().shard_timeout,
             request_deadline(&request),
         );
-        let statuses = self.cluster.shards().iter().map(|shard| async move {
-            let result = shard.status(budget).await;
-            let mut node = pb::NodeStatus {
-                id: shard.node_id().to_string(),
-                address: shard.address().to_string(),
-                ..Default::default()
-            };
-            match result {
-                Ok(status) => {
-                    node.reachable = true;
-                    node.entries = status.entries;
-                    node.last_flush_unix_ms = status.last_flush_unix_ms;
-                    node.durability = status.durability;
-                    node.remembered_keys = status.remembered_keys;
-                    node.keys_forgotten_early = status.keys_forgotten_early;
+        let cluster = &self.cluster;
+        let statuses = cluster
+            .shards()
+            .iter()
+            .enumerate()
+            .map(|(index, shard)| async move {
+                let result = shard.status(budget).await;
+                let health = cluster.health(index);
+                let mut node = pb::NodeStatus {
+                    id: shard.node_id().to_string(),
+                    address: shard.address().to_string(),
+                    health: if health.up { "up" } else { "down" }.to_string(),
+                    health_since_unix_ms: health.since_unix_ms,
+                    ..Default::default()
+                };
+                match result {
+                    Ok(status) => {
+                        node.reachable = true;
+                        node.entries = status.entries;
+                        node.last_flush_unix_ms = status.last_flush_unix_ms;
+                        node.durability = status.durability;
+                        node.remembered_keys = status.remembered_keys;
+                        node.keys_forgotten_early = status.keys_forgotten_early;
+                    }
+                    Err(error) => node.error = error.to_string(),
                 }
-                Err(error) => node.error = error.to_string(),
-            }
-            node
-        });
+                node
+            });
         Ok(Response::new(pb::ClusterStatusResponse {
             nodes: join_all(statuses).await,
         }))

@@ -248,6 +248,7 @@ fn describe_status(status: &tonic::Status) -> ShardCallError {
         ("", None) => format!("{:?}", status.code()),
         ("", Some(root)) => root,
         (message, None) => message.to_string(),
+        (message, Some(root)) if root == message => root,
         (message, Some(root)) => format!("{message}: {root}"),
     };
     ShardCallError::Failed(message)

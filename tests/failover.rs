@@ -1,0 +1,213 @@
+//! Failures under load with real processes: a shard killed, a shard hung
+//! (SIGSTOP), each found by the coordinator's health checks and shown by
+//! `tallyctl status` while it lasts; increments without a key keep
+//! succeeding once the failure is found.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::ProcessCluster;
+use tally::proto::pb;
+use tally::proto::pb::counter_client::CounterClient;
+
+const WORKERS: usize = 8;
+const COUNTERS: usize = 16;
+/// Longest wait for the coordinator to see a change of health.
+const DETECTION_LIMIT: Duration = Duration::from_secs(30);
+
+/// One client call: when it started, and whether it was acknowledged.
+type Call = (Instant, bool);
+
+/// Unkeyed single increments of 1 from several tasks, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    calls: Arc<Mutex<Vec<Call>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(runtime: &tokio::runtime::Runtime, endpoint: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let _runtime = runtime.enter();
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .unwrap()
+            .connect_lazy();
+        let tasks = (0..WORKERS)
+            .map(|worker| {
+                let stop = stop.clone();
+                let calls = calls.clone();
+                let mut client = CounterClient::new(channel.clone());
+                runtime.spawn(async move {
+                    let mut round = worker;
+                    while !stop.load(Ordering::Relaxed) {
+                        round += WORKERS;
+                        let started = Instant::now();
+                        let mut request = tonic::Request::new(pb::IncrementRequest {
+                            counter: format!("failover-{}", round % COUNTERS),
+                            delta: 1,
+                            idempotency_key: String::new(),
+                        });
+                        request.set_timeout(Duration::from_secs(10));
+                        let acknowledged = client.increment(request).await.is_ok();
+                        calls.lock().unwrap().push((started, acknowledged));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, calls, tasks }
+    }
+
+    fn finish(self, runtime: &tokio::runtime::Runtime) -> Vec<Call> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            runtime.block_on(task).unwrap();
+        }
+        std::mem::take(&mut self.calls.lock().unwrap())
+    }
+}
+
+/// `tallyctl --json status`, parsed: each node's (health, reachable).
+fn status(cluster: &ProcessCluster) -> serde_json::Value {
+    let output = cluster.tallyctl(&["--json", "--timeout-ms", "2000", "status"]);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "tallyctl status: {error}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// Waits until `tallyctl status` shows `node` with `health`; returns when it
+/// did and the table line `tallyctl status` printed then.
+fn wait_for_health(cluster: &ProcessCluster, node: &str, health: &str) -> (Instant, String) {
+    let started = Instant::now();
+    loop {
+        let nodes = status(cluster);
+        let found = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|status| status["id"] == node && status["health"] == health);
+        if found {
+            let seen = Instant::now();
+            let table = cluster.tallyctl(&["--timeout-ms", "2000", "status"]);
+            let line = String::from_utf8_lossy(&table.stdout)
+                .lines()
+                .find(|line| line.contains(node))
+                .unwrap_or_default()
+                .to_string();
+            return (seen, line);
+        }
+        assert!(
+            started.elapsed() < DETECTION_LIMIT,
+            "{node} never became {health}: {nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(cluster: &ProcessCluster, index: usize, signal: Signal) {
+    let pid = cluster.shards[index].as_ref().unwrap().pid();
+    kill(Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+#[test]
+fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
+    const OUTAGE: Duration = Duration::from_secs(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cluster = ProcessCluster::start("sync");
+    let load = Load::start(&runtime, &cluster.coordinator.endpoint());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A crash.
+    let killed_at = Instant::now();
+    let shard = cluster.shards[1].take().unwrap();
+    let address = shard.address;
+    shard.stop_with(Signal::SIGKILL);
+    let (kill_seen, kill_line) = wait_for_health(&cluster, "shard-2", "down");
+    std::thread::sleep(OUTAGE);
+    cluster.restart_shard(1, address);
+    let (kill_over, _) = wait_for_health(&cluster, "shard-2", "up");
+
+    // A hang: the process accepts connections and never answers.
+    let stopped_at = Instant::now();
+    signal(&cluster, 2, Signal::SIGSTOP);
+    let (hang_seen, hang_line) = wait_for_health(&cluster, "shard-3", "down");
+    std::thread::sleep(OUTAGE);
+    signal(&cluster, 2, Signal::SIGCONT);
+    let (hang_over, _) = wait_for_health(&cluster, "shard-3", "up");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let calls = load.finish(&runtime);
+    let during = |from: Instant, to: Instant| {
+        calls
+            .iter()
+            .filter(move |(started, _)| *started >= from && *started < to)
+    };
+    let acknowledged = calls.iter().filter(|(_, ok)| *ok).count() as i64;
+    let failed = calls.len() as i64 - acknowledged;
+    let after_detection: Vec<&Call> = during(kill_seen, kill_over)
+        .chain(during(hang_seen, hang_over))
+        .collect();
+    let failed_after_detection = after_detection.iter().filter(|(_, ok)| !ok).count();
+    let before_detection = during(killed_at, kill_seen)
+        .chain(during(stopped_at, hang_seen))
+        .filter(|(_, ok)| !ok)
+        .count();
+
+    // Every acknowledged increment is there; a failed call may or may not
+    // have been applied (it has no key to retry with).
+    let counters = (0..COUNTERS)
+        .map(|index| format!("failover-{index}"))
+        .collect();
+    let read: i64 = runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counters
+            .iter()
+            .map(|total| total.value)
+            .sum()
+    });
+    let availability = 100.0 * (after_detection.len() - failed_after_detection) as f64
+        / after_detection.len().max(1) as f64;
+    println!(
+        "kill found in {} ms, hang found in {} ms; while shown down: {} calls, write availability \
+         {availability:.0}%; {before_detection} calls failed before detection; acknowledged \
+         {acknowledged}, read {read} (failed calls {failed}, applied or not)",
+        kill_seen.duration_since(killed_at).as_millis(),
+        hang_seen.duration_since(stopped_at).as_millis(),
+        after_detection.len(),
+    );
+    println!("tallyctl status during the kill: {kill_line}\ntallyctl status during the hang: {hang_line}");
+    assert!(kill_line.contains("DOWN"), "{kill_line}");
+    assert!(hang_line.contains("DOWN"), "{hang_line}");
+    assert!(after_detection.len() > 100, "too little load to judge");
+    assert_eq!(
+        failed_after_detection, 0,
+        "a write failed while the failure was known"
+    );
+    assert!(
+        (acknowledged..=acknowledged + failed).contains(&read),
+        "read {read}, acknowledged {acknowledged}, failed {failed}"
+    );
+}

@@ -211,3 +211,111 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
         "read {read}, acknowledged {acknowledged}, failed {failed}"
     );
 }
+
+/// How many times the coordinator's log says `needle`.
+fn log_count(cluster: &ProcessCluster, needle: &str) -> usize {
+    cluster.coordinator.log().matches(needle).count()
+}
+
+/// Waits until `check` holds; bounded.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < DETECTION_LIMIT, "never: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ring_size(cluster: &ProcessCluster) -> usize {
+    let output = cluster.tallyctl(&["--json", "ring"]);
+    let ring: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    ring["nodes"].as_array().unwrap().len()
+}
+
+#[test]
+fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = ProcessCluster::start("sync");
+    let dir = cluster.dir.path();
+    let coordinator = Pid::from_raw(cluster.coordinator.pid() as i32);
+    let load = Load::start(&runtime, &cluster.coordinator.endpoint());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let config = support::write_shard_config(dir, 4, "sync");
+    let added = support::start_shard("shard-4", &config, &[]);
+    let mut addresses: Vec<_> = cluster
+        .shards
+        .iter()
+        .map(|shard| shard.as_ref().unwrap().address)
+        .collect();
+    addresses.push(added.address);
+    let four_nodes = support::write_coordinator_config(dir, &addresses);
+    kill(coordinator, Signal::SIGHUP).unwrap();
+    wait_until("the ring has 4 nodes", || ring_size(&cluster) == 4);
+    assert_eq!(log_count(&cluster, "added shard-4"), 1);
+
+    // Refused, and nothing changes: a config that drops a node, then one
+    // that does not parse.
+    support::write_coordinator_config(dir, &addresses[..3]);
+    kill(coordinator, Signal::SIGHUP).unwrap();
+    wait_until("the removal is refused", || {
+        log_count(&cluster, "reload refused") == 1
+    });
+    assert!(
+        cluster
+            .coordinator
+            .log()
+            .contains("node \"shard-4\" is missing from the new config"),
+        "{}",
+        cluster.coordinator.log()
+    );
+    std::fs::write(&four_nodes, "nodes = 5\n").unwrap();
+    kill(coordinator, Signal::SIGHUP).unwrap();
+    wait_until("the broken file is refused", || {
+        log_count(&cluster, "reload refused") == 2
+    });
+    assert_eq!(ring_size(&cluster), 4);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let calls = load.finish(&runtime);
+    let acknowledged = calls.iter().filter(|(_, ok)| *ok).count() as i64;
+    let counters = (0..COUNTERS)
+        .map(|index| format!("failover-{index}"))
+        .collect();
+    let read: i64 = runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counters
+            .iter()
+            .map(|total| total.value)
+            .sum()
+    });
+    let on_added = status(&cluster)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["id"] == "shard-4")
+        .map(|node| node["entries"].as_u64().unwrap())
+        .unwrap();
+    let availability = 100.0 * acknowledged as f64 / calls.len() as f64;
+    println!(
+        "shard-4 added by SIGHUP under load ({on_added} entries on it): acknowledged \
+         {acknowledged}, read {read}, write availability {availability:.0}%"
+    );
+    assert_eq!(acknowledged, calls.len() as i64, "a write failed");
+    assert_eq!(read, acknowledged);
+    assert!(on_added > 0, "no increment reached the added node");
+}

@@ -51,6 +51,16 @@ impl Cluster {
     /// Builds the ring and a lazily connecting client per node, and starts
     /// probing every node's health. Needs a tokio runtime.
     pub fn new(config: CoordinatorConfig) -> std::result::Result<Arc<Self>, crate::StartError> {
+        Self::build(config, None)
+    }
+
+    /// [`Cluster::new`] for a reloaded membership: nodes that keep their id
+    /// and address keep their client (connection, batcher, queued work) and
+    /// their health.
+    fn build(
+        config: CoordinatorConfig,
+        previous: Option<&Cluster>,
+    ) -> std::result::Result<Arc<Self>, crate::StartError> {
         let ring = config.ring()?;
         let settings = BatchSettings {
             shard_timeout: config.shard_timeout,
@@ -65,12 +75,31 @@ impl Cluster {
                     .node(&node.id)
                     .expect("the ring is built from the config's nodes")
                     .address;
-                ShardClient::new(&node.id, address, settings)
+                let kept = previous.and_then(|previous| {
+                    previous
+                        .shards
+                        .iter()
+                        .find(|shard| shard.node_id() == node.id && shard.address() == address)
+                });
+                match kept {
+                    Some(shard) => Ok(shard.clone()),
+                    None => ShardClient::new(&node.id, address, settings),
+                }
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let health = Arc::new(HealthBoard::new(
             ring.nodes().iter().map(|node| Arc::from(node.id.as_str())),
         ));
+        if let Some(previous) = previous {
+            for (index, shard) in shards.iter().enumerate() {
+                let known = previous.shards.iter().position(|old| {
+                    old.node_id() == shard.node_id() && old.address() == shard.address()
+                });
+                if let Some(old_index) = known {
+                    health.restore(index, previous.health.get(old_index));
+                }
+            }
+        }
         for (index, shard) in shards.iter().enumerate() {
             tokio::spawn(probe_loop(
                 Arc::downgrade(&health),
@@ -301,6 +330,88 @@ impl Cluster {
         } else {
             Err(CoordinatorError::Unavailable(unavailable))
         }
+    }
+}
+
+/// The cluster the services use, swapped whole when the membership is
+/// reloaded. Calls in flight finish on the cluster they started with.
+#[derive(Debug, Clone)]
+pub struct ClusterHandle(Arc<parking_lot::RwLock<Arc<Cluster>>>);
+
+/// Why a reloaded config was not applied; the running membership stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config removes a node: its counts would vanish from reads.
+    #[error(
+        "node {0:?} is missing from the new config: removing a node would drop its counts from \
+         every read (a node leaves by a drain, not yet available); nothing changed"
+    )]
+    NodeRemoved(String),
+    /// A setting every coordinator must share changed.
+    #[error(
+        "{0} changed: it decides where keyed increments go, so every coordinator must change it \
+         at once, with a restart; nothing changed"
+    )]
+    Placement(&'static str),
+    /// The new membership does not make a ring or a client.
+    #[error("{0}; nothing changed")]
+    Invalid(#[from] crate::StartError),
+}
+
+impl ClusterHandle {
+    /// A handle on `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        ClusterHandle(Arc::new(parking_lot::RwLock::new(cluster)))
+    }
+
+    /// The cluster as it is now.
+    pub fn current(&self) -> Arc<Cluster> {
+        self.0.read().clone()
+    }
+
+    /// Applies a reloaded config's membership: nodes may be added, and may
+    /// change address or weight; none may be removed, and `stripes` and
+    /// `vnodes_per_weight` must stay. Adding a node moves no data and
+    /// changes no total (a counter is the sum over every node, wherever its
+    /// entries are); new increments start landing on it at once. Returns a
+    /// one-line summary.
+    pub fn reload(&self, config: CoordinatorConfig) -> std::result::Result<String, ReloadError> {
+        let mut current = self.0.write();
+        let old = current.config();
+        if let Some(removed) = old
+            .nodes
+            .iter()
+            .find(|node| config.node(&node.id).is_none())
+        {
+            return Err(ReloadError::NodeRemoved(removed.id.clone()));
+        }
+        if config.stripes != old.stripes {
+            return Err(ReloadError::Placement("stripes"));
+        }
+        if config.vnodes_per_weight != old.vnodes_per_weight {
+            return Err(ReloadError::Placement("vnodes_per_weight"));
+        }
+        let added: Vec<&str> = config
+            .nodes
+            .iter()
+            .filter(|node| old.node(&node.id).is_none())
+            .map(|node| node.id.as_str())
+            .collect();
+        let summary = if added.is_empty() {
+            format!(
+                "membership reloaded: {} nodes, none added",
+                config.nodes.len()
+            )
+        } else {
+            format!(
+                "membership reloaded: {} nodes, added {}",
+                config.nodes.len(),
+                added.join(", ")
+            )
+        };
+        let rebuilt = Cluster::build(config, Some(&current))?;
+        *current = rebuilt;
+        Ok(summary)
     }
 }
 

@@ -72,6 +72,11 @@ impl HealthBoard {
         self.nodes[index].lock().clone()
     }
 
+    /// Sets node `index`'s health as a previous board knew it.
+    pub fn restore(&self, index: usize, health: NodeHealth) {
+        *self.nodes[index].lock() = health;
+    }
+
     /// A call to or probe of node `index` succeeded.
     pub fn record_success(&self, index: usize) {
         let mut node = self.nodes[index].lock();

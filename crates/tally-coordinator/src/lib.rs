@@ -15,7 +15,9 @@
 //! - [`service`]: the public `Counter` and `Admin` gRPC services.
 //! - [`deadline`]: the client's deadline, from `grpc-timeout`.
 //! - [`error`]: errors and their gRPC codes.
-//! - [`Coordinator`] and [`run`]: build, serve, shut down.
+//! - [`Coordinator`] and [`run`]: build, serve, shut down;
+//!   [`ClusterHandle::reload`] applies a reloaded membership (SIGHUP in the
+//!   binary).
 #![deny(missing_docs)]
 
 pub mod cluster;
@@ -27,14 +29,13 @@ pub mod service;
 pub mod shard_client;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use tally_proto::pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, ClusterHandle, ReloadError};
 pub use config::{CoordinatorConfig, CoordinatorOverrides, NodeConfig};
 pub use error::CoordinatorError;
 
@@ -56,7 +57,7 @@ pub enum StartError {
 /// A coordinator ready to serve.
 #[derive(Debug)]
 pub struct Coordinator {
-    cluster: Arc<Cluster>,
+    cluster: ClusterHandle,
 }
 
 impl Coordinator {
@@ -64,8 +65,14 @@ impl Coordinator {
     /// down now are reached when they come up.
     pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
         Ok(Coordinator {
-            cluster: Cluster::new(config)?,
+            cluster: ClusterHandle::new(Cluster::new(config)?),
         })
+    }
+
+    /// A handle on the running membership, to reload it
+    /// ([`ClusterHandle::reload`]) while serving.
+    pub fn handle(&self) -> ClusterHandle {
+        self.cluster.clone()
     }
 
     /// Serves the public API until `shutdown` completes, then stops accepting
@@ -86,10 +93,11 @@ impl Coordinator {
             .await;
 
         let address = listener.local_addr().ok();
+        let cluster = self.cluster.current();
         tracing::info!(
             address = ?address,
-            nodes = self.cluster.shards().len(),
-            stripes = self.cluster.config().stripes,
+            nodes = cluster.shards().len(),
+            stripes = cluster.config().stripes,
             "serving"
         );
         server

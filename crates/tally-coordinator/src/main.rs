@@ -6,13 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tally_coordinator::{Coordinator, CoordinatorConfig, CoordinatorOverrides};
+use tally_coordinator::{ClusterHandle, Coordinator, CoordinatorConfig, CoordinatorOverrides};
 
 /// The Tally coordinator: routes increments to shard nodes over the ring,
 /// sums reads over every node.
 ///
 /// Prints `listening on ADDRESS` on stdout once it accepts requests; logs go
-/// to stderr (level from RUST_LOG).
+/// to stderr (level from RUST_LOG). On SIGHUP it reads the config file again
+/// and applies its membership: nodes may be added (or change address or
+/// weight), none removed; the outcome is logged.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -39,14 +41,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         shard_timeout_ms: args.shard_timeout_ms,
     };
-    let config = CoordinatorConfig::load(&args.config, overrides)?;
+    let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     let listen = config.listen;
     let coordinator = Coordinator::new(config)?;
+    reload_on_sighup(coordinator.handle(), args.config, overrides)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = tally_proto::process::shutdown_signal();
     println!("listening on {}", listener.local_addr()?);
     coordinator.serve(listener, shutdown).await?;
+    Ok(())
+}
+
+/// Reloads the membership from `path` on every SIGHUP. A bad file or a
+/// refused change is logged and changes nothing.
+fn reload_on_sighup(
+    handle: ClusterHandle,
+    path: PathBuf,
+    overrides: CoordinatorOverrides,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed now, before readiness is announced: a SIGHUP that comes
+    // right after `listening on` is a reload, not a kill.
+    let mut hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let reloaded = CoordinatorConfig::load(&path, overrides.clone())
+                .map_err(|error| error.to_string())
+                .and_then(|config| handle.reload(config).map_err(|error| error.to_string()));
+            match reloaded {
+                Ok(summary) => tracing::info!(config = %path.display(), "{summary}"),
+                Err(error) => {
+                    tracing::error!(config = %path.display(), "reload refused: {error}");
+                }
+            }
+        }
+    });
     Ok(())
 }

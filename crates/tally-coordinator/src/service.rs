@@ -2,26 +2,25 @@
 //! edge where wire types become validated domain types and errors become
 //! gRPC statuses. The work itself is in [`crate::cluster`].
 
-use std::sync::Arc;
-
 use futures::future::join_all;
 use tally_proto::domain::{validate_batch, CounterName, Increment};
 use tally_proto::pb;
 use tally_ring::Ring;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::{Cluster, Total};
+use crate::cluster::{ClusterHandle, Total};
 use crate::deadline::{call_budget, request_deadline};
 
 /// Serves `tally.v1.Counter`.
 #[derive(Debug, Clone)]
 pub struct CounterService {
-    cluster: Arc<Cluster>,
+    cluster: ClusterHandle,
 }
 
 impl CounterService {
-    /// The service over `cluster`.
-    pub fn new(cluster: Arc<Cluster>) -> Self {
+    /// The service over the cluster `cluster` holds (read per call, so a
+    /// reloaded membership takes effect for the next call).
+    pub fn new(cluster: ClusterHandle) -> Self {
         CounterService { cluster }
     }
 }
@@ -42,7 +41,10 @@ impl pb::counter_server::Counter for CounterService {
     ) -> Result<Response<pb::IncrementResponse>, Status> {
         let deadline = request_deadline(&request);
         let increment = Increment::try_from(request.into_inner())?;
-        self.cluster.increment(vec![increment], deadline).await?;
+        self.cluster
+            .current()
+            .increment(vec![increment], deadline)
+            .await?;
         Ok(Response::new(pb::IncrementResponse {}))
     }
 
@@ -52,7 +54,10 @@ impl pb::counter_server::Counter for CounterService {
     ) -> Result<Response<pb::IncrementBatchResponse>, Status> {
         let deadline = request_deadline(&request);
         let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
-        self.cluster.increment(increments, deadline).await?;
+        self.cluster
+            .current()
+            .increment(increments, deadline)
+            .await?;
         Ok(Response::new(pb::IncrementBatchResponse {}))
     }
 
@@ -65,6 +70,7 @@ impl pb::counter_server::Counter for CounterService {
         let counter = CounterName::try_from(request.counter)?;
         let total = self
             .cluster
+            .current()
             .totals(vec![counter], request.allow_partial, deadline)
             .await?
             .pop()
@@ -81,6 +87,7 @@ impl pb::counter_server::Counter for CounterService {
         let counters: Vec<CounterName> = validate_batch(request.counters)?;
         let totals = self
             .cluster
+            .current()
             .totals(counters, request.allow_partial, deadline)
             .await?;
         Ok(Response::new(pb::GetBatchResponse {
@@ -94,7 +101,7 @@ impl pb::counter_server::Counter for CounterService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let deadline = request_deadline(&request);
         let counter = CounterName::try_from(request.into_inner().counter)?;
-        self.cluster.delete(counter, deadline).await?;
+        self.cluster.current().delete(counter, deadline).await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 }
@@ -102,12 +109,12 @@ impl pb::counter_server::Counter for CounterService {
 /// Serves `tally.v1.Admin`.
 #[derive(Debug, Clone)]
 pub struct AdminService {
-    cluster: Arc<Cluster>,
+    cluster: ClusterHandle,
 }
 
 impl AdminService {
-    /// The service over `cluster`.
-    pub fn new(cluster: Arc<Cluster>) -> Self {
+    /// The service over the cluster `cluster` holds.
+    pub fn new(cluster: ClusterHandle) -> Self {
         AdminService { cluster }
     }
 }
@@ -118,9 +125,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::RingRequest>,
     ) -> Result<Response<pb::RingResponse>, Status> {
+        let cluster = self.cluster.current();
         Ok(Response::new(ring_response(
-            self.cluster.ring(),
-            self.cluster.config(),
+            cluster.ring(),
+            cluster.config(),
         )))
     }
 
@@ -129,9 +137,10 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
         let counter = CounterName::try_from(request.into_inner().counter)?;
+        let cluster = self.cluster.current();
         Ok(Response::new(locate_response(
-            self.cluster.ring(),
-            self.cluster.config(),
+            cluster.ring(),
+            cluster.config(),
             &counter,
         )))
     }
@@ -140,11 +149,8 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let budget = call_budget(
-            self.cluster.config().shard_timeout,
-            request_deadline(&request),
-        );
-        let cluster = &self.cluster;
+        let cluster = &self.cluster.current();
+        let budget = call_budget(cluster.config().shard_timeout, request_deadline(&request));
         let statuses = cluster
             .shards()
             .iter()

@@ -509,7 +509,8 @@ async fn a_total_beyond_i64_is_out_of_range() {
 
 #[tokio::test]
 async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
-    let test = start().await;
+    // Without replication: no copy of the down node's part exists.
+    let test = start_with(|options| options.replication_factor = 1).await;
     let mut cluster = test.cluster;
     let mut client = cluster.counter_client().await.unwrap();
     for node in ["shard-1", "shard-2", "shard-3"] {
@@ -1056,4 +1057,86 @@ async fn a_reload_refuses_what_would_move_keys_or_drop_counts() {
     );
     assert_eq!(handle.current().shards().len(), 3);
     assert_eq!(handle.current().ring().nodes().len(), 3);
+}
+
+/// Waits until every replica copy has advanced two replication rounds past
+/// what it was at the call: everything acknowledged before the call is then
+/// in the copies. Bounded.
+async fn wait_for_two_replication_rounds(cluster: &LocalCluster) {
+    let versions = |statuses: Vec<pb::ShardStatusResponse>| -> HashMap<(String, String), u64> {
+        statuses
+            .into_iter()
+            .flat_map(|status| {
+                status
+                    .replicas
+                    .into_iter()
+                    .map(move |copy| ((status.node_id.clone(), copy.origin), copy.version))
+            })
+            .collect()
+    };
+    let started = versions(shard_statuses(cluster).await);
+    let pairs = cluster.shard_configs().count();
+    let waiting = std::time::Instant::now();
+    loop {
+        let now = versions(shard_statuses(cluster).await);
+        let advanced = now
+            .iter()
+            .filter(|(pair, version)| **version >= started.get(*pair).copied().unwrap_or(0) + 2)
+            .count();
+        if advanced == pairs {
+            return;
+        }
+        assert!(waiting.elapsed() < READY, "replication stalled: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_read_stays_complete_while_a_shard_is_down() {
+    let test = start_with(|options| options.replication_interval = Duration::from_millis(50)).await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    for node in ["shard-1", "shard-2", "shard-3"] {
+        for nth in 0..3 {
+            let key = key_owned_by(&cluster, "replicated", node, nth);
+            client
+                .increment(increment("replicated", 10, &key))
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..30 {
+        client
+            .increment(increment("replicated", 1, ""))
+            .await
+            .unwrap();
+    }
+    wait_for_two_replication_rounds(&cluster).await;
+
+    for down in 0..3 {
+        cluster.stop_shard(down).await.unwrap();
+        let read = get(&mut client, "replicated").await.unwrap();
+        assert!(read.complete, "shard {down} down: {read:?}");
+        assert_eq!(
+            read.value, 120,
+            "shard {down} down: counted once, from its copy"
+        );
+        cluster.restart_shard(down).await.unwrap();
+        cluster.wait_ready(READY).await.unwrap();
+    }
+    // With every node up, each part is read from its own node: no entry
+    // counted twice although every one has a copy.
+    assert_eq!(value(&mut client, "replicated").await, 120);
+
+    // A node and the node holding its copy, both down: that part is
+    // missing, and only that node is named.
+    let config = cluster.coordinator_config().clone();
+    let ring = config.ring().unwrap();
+    let copy_holder = tally::coordinator::replication::replicas_of(&ring, 0, 2)[0];
+    cluster.stop_shard(0).await.unwrap();
+    cluster.stop_shard(copy_holder).await.unwrap();
+    let status = get(&mut client, "replicated").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shard-1"), "{}", status.message());
+    cluster.shutdown().await.unwrap();
 }

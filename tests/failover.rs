@@ -20,8 +20,9 @@ const COUNTERS: usize = 16;
 /// Longest wait for the coordinator to see a change of health.
 const DETECTION_LIMIT: Duration = Duration::from_secs(30);
 
-/// One client call: when it started, and whether it was acknowledged.
-type Call = (Instant, bool);
+/// One client call: when it started, when it ended, and whether it was
+/// acknowledged.
+type Call = (Instant, Instant, bool);
 
 /// Unkeyed single increments of 1 from several tasks, until stopped.
 struct Load {
@@ -55,12 +56,25 @@ impl Load {
                         });
                         request.set_timeout(Duration::from_secs(10));
                         let acknowledged = client.increment(request).await.is_ok();
-                        calls.lock().unwrap().push((started, acknowledged));
+                        calls
+                            .lock()
+                            .unwrap()
+                            .push((started, Instant::now(), acknowledged));
                     }
                 })
             })
             .collect();
         Load { stop, calls, tasks }
+    }
+
+    /// Calls acknowledged by `before`.
+    fn acknowledged_before(&self, before: Instant) -> i64 {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, ended, ok)| *ok && *ended < before)
+            .count() as i64
     }
 
     fn finish(self, runtime: &tokio::runtime::Runtime) -> Vec<Call> {
@@ -113,6 +127,31 @@ fn wait_for_health(cluster: &ProcessCluster, node: &str, health: &str) -> (Insta
     }
 }
 
+/// The sum of every test counter, and whether every part was read.
+fn total(runtime: &tokio::runtime::Runtime, cluster: &ProcessCluster) -> (bool, i64) {
+    let counters = (0..COUNTERS)
+        .map(|index| format!("failover-{index}"))
+        .collect();
+    runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        let totals = client
+            .get_batch(pb::GetBatchRequest {
+                counters,
+                allow_partial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counters;
+        (
+            totals.iter().all(|total| total.complete),
+            totals.iter().map(|total| total.value).sum(),
+        )
+    })
+}
+
 fn signal(cluster: &ProcessCluster, index: usize, signal: Signal) {
     let pid = cluster.shards[index].as_ref().unwrap().pid();
     kill(Pid::from_raw(pid as i32), signal).unwrap();
@@ -128,7 +167,9 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
         .unwrap();
     let mut cluster = ProcessCluster::start("sync");
     let load = Load::start(&runtime, &cluster.coordinator.endpoint());
-    std::thread::sleep(Duration::from_millis(300));
+    // Long enough that the read during the kill has settled increments to
+    // find in the replica.
+    std::thread::sleep(Duration::from_millis(1_500));
 
     // A crash.
     let killed_at = Instant::now();
@@ -136,6 +177,11 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);
     let (kill_seen, kill_line) = wait_for_health(&cluster, "shard-2", "down");
+    // Reads stay complete: shard-2's part comes from its replica, which has
+    // everything acknowledged well before the kill (100 ms interval, 1 s
+    // of slack for a loaded machine).
+    let settled = load.acknowledged_before(killed_at - Duration::from_secs(1));
+    let (read_complete, read_during_kill) = total(&runtime, &cluster);
     std::thread::sleep(OUTAGE);
     cluster.restart_shard(1, address);
     let (kill_over, _) = wait_for_health(&cluster, "shard-2", "up");
@@ -153,41 +199,23 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let during = |from: Instant, to: Instant| {
         calls
             .iter()
-            .filter(move |(started, _)| *started >= from && *started < to)
+            .filter(move |(started, _, _)| *started >= from && *started < to)
     };
-    let acknowledged = calls.iter().filter(|(_, ok)| *ok).count() as i64;
+    let acknowledged = calls.iter().filter(|(_, _, ok)| *ok).count() as i64;
     let failed = calls.len() as i64 - acknowledged;
     let after_detection: Vec<&Call> = during(kill_seen, kill_over)
         .chain(during(hang_seen, hang_over))
         .collect();
-    let failed_after_detection = after_detection.iter().filter(|(_, ok)| !ok).count();
+    let failed_after_detection = after_detection.iter().filter(|(_, _, ok)| !ok).count();
     let before_detection = during(killed_at, kill_seen)
         .chain(during(stopped_at, hang_seen))
-        .filter(|(_, ok)| !ok)
+        .filter(|(_, _, ok)| !ok)
         .count();
 
     // Every acknowledged increment is there; a failed call may or may not
     // have been applied (it has no key to retry with).
-    let counters = (0..COUNTERS)
-        .map(|index| format!("failover-{index}"))
-        .collect();
-    let read: i64 = runtime.block_on(async {
-        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
-            .await
-            .unwrap();
-        client
-            .get_batch(pb::GetBatchRequest {
-                counters,
-                allow_partial: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .counters
-            .iter()
-            .map(|total| total.value)
-            .sum()
-    });
+    let (complete, read) = total(&runtime, &cluster);
+    assert!(complete, "a read was incomplete with every node up");
     let availability = 100.0 * (after_detection.len() - failed_after_detection) as f64
         / after_detection.len().max(1) as f64;
     println!(
@@ -198,7 +226,20 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
         hang_seen.duration_since(stopped_at).as_millis(),
         after_detection.len(),
     );
+    println!(
+        "read while shard-2 was down: complete {read_complete}, {read_during_kill} \
+         (acknowledged 1 s before the kill: {settled})"
+    );
     println!("tallyctl status during the kill: {kill_line}\ntallyctl status during the hang: {hang_line}");
+    assert!(
+        read_complete,
+        "a read was incomplete while one shard was down"
+    );
+    assert!(settled > 0, "no load before the kill");
+    assert!(
+        read_during_kill >= settled,
+        "the replica missed increments acknowledged 1 s before the kill"
+    );
     assert!(kill_line.contains("DOWN"), "{kill_line}");
     assert!(hang_line.contains("DOWN"), "{hang_line}");
     assert!(after_detection.len() > 100, "too little load to judge");
@@ -282,27 +323,9 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     std::thread::sleep(Duration::from_millis(500));
 
     let calls = load.finish(&runtime);
-    let acknowledged = calls.iter().filter(|(_, ok)| *ok).count() as i64;
-    let counters = (0..COUNTERS)
-        .map(|index| format!("failover-{index}"))
-        .collect();
-    let read: i64 = runtime.block_on(async {
-        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
-            .await
-            .unwrap();
-        client
-            .get_batch(pb::GetBatchRequest {
-                counters,
-                allow_partial: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .counters
-            .iter()
-            .map(|total| total.value)
-            .sum()
-    });
+    let acknowledged = calls.iter().filter(|(_, _, ok)| *ok).count() as i64;
+    let (complete, read) = total(&runtime, &cluster);
+    assert!(complete, "a read was incomplete with every node up");
     let on_added = status(&cluster)["nodes"]
         .as_array()
         .unwrap()

@@ -11,6 +11,46 @@ use support::{run_to_end, ProcessCluster};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
 
+/// Waits until every replica copy has advanced two replication rounds past
+/// what it was at the call, so that everything acknowledged before the call
+/// is in the copies. Bounded.
+async fn wait_for_two_replication_rounds(cluster: &ProcessCluster) {
+    async fn versions(cluster: &ProcessCluster) -> HashMap<(String, String), u64> {
+        let mut versions = HashMap::new();
+        for shard in cluster.shards.iter().flatten() {
+            let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
+                .await
+                .unwrap();
+            let status = client
+                .status(pb::ShardStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            for copy in status.replicas {
+                versions.insert((status.node_id.clone(), copy.origin), copy.version);
+            }
+        }
+        versions
+    }
+    let started = versions(cluster).await;
+    let waiting = std::time::Instant::now();
+    loop {
+        let now = versions(cluster).await;
+        let advanced = now
+            .iter()
+            .filter(|(pair, version)| **version >= started.get(*pair).copied().unwrap_or(0) + 2)
+            .count();
+        if advanced == cluster.shards.len() {
+            return;
+        }
+        assert!(
+            waiting.elapsed() < support::START_TIMEOUT,
+            "replication stalled: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 async fn totals(endpoint: &str, counters: &[String]) -> Vec<pb::GetResponse> {
     let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
     client
@@ -230,7 +270,9 @@ async fn tallyctl_against_a_running_cluster() {
     assert!(stderr(&output).contains("INVALID_ARGUMENT"));
     assert!(stdout(&cluster.tallyctl(&["get", "likes"])).contains(" 3 "));
 
-    // A shard goes down: status shows it, get fails naming it, partial works.
+    // A shard goes down: status shows it; its part comes from its replica;
+    // with two down, get fails naming a node, and partial works.
+    wait_for_two_replication_rounds(&cluster).await;
     let mut cluster = cluster;
     let shard = cluster.shards[2].take().unwrap();
     shard.terminate();
@@ -239,9 +281,18 @@ async fn tallyctl_against_a_running_cluster() {
         text.contains("DOWN") && text.contains("2 of 3 nodes reachable"),
         "{text}"
     );
+    // Its part comes from its replica: the read is still complete.
+    let text = stdout(&cluster.tallyctl(&["get", "likes"]));
+    assert!(text.contains(" 3 ") && text.contains("yes"), "{text}");
+    // Two of three down: some part has no reachable copy.
+    cluster.shards[1].take().unwrap().terminate();
     let output = cluster.tallyctl(&["get", "likes"]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("UNAVAILABLE") && stderr(&output).contains("shard-3"));
+    assert!(
+        stderr(&output).contains("UNAVAILABLE") && stderr(&output).contains("shard-"),
+        "{}",
+        stderr(&output)
+    );
     assert!(cluster
         .tallyctl(&["get", "likes", "--allow-partial"])
         .status

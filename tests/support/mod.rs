@@ -212,9 +212,11 @@ pub fn start_shard(name: &str, config: &Path, extra_args: &[&str]) -> Daemon {
 pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
     let path = dir.join("coordinator.toml");
     // Probes every 100 ms, 500 ms to answer: failures are found fast.
+    // Replicas refreshed every 100 ms.
     let mut text = String::from(
         "listen = \"127.0.0.1:0\"\nstripes = 8\nshard_timeout_ms = 5000\n\
-         health_interval_ms = 100\nhealth_timeout_ms = 500\n",
+         health_interval_ms = 100\nhealth_timeout_ms = 500\n\
+         replication_factor = 2\nreplication_interval_ms = 100\n",
     );
     for (index, address) in shards.iter().enumerate() {
         text.push_str(&format!(

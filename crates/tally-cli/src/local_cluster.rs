@@ -38,6 +38,10 @@ pub struct LocalClusterOptions {
     pub durability: Durability,
     /// Stripes per counter.
     pub stripes: u32,
+    /// How often each node's entries are copied to its replica.
+    pub replication_interval: std::time::Duration,
+    /// Copies of each node's entries (1: none).
+    pub replication_factor: usize,
 }
 
 impl LocalClusterOptions {
@@ -51,6 +55,10 @@ impl LocalClusterOptions {
             shard_listens: Vec::new(),
             durability: Durability::Sync,
             stripes: tally_coordinator::config::DEFAULT_STRIPES,
+            replication_interval: std::time::Duration::from_millis(
+                tally_coordinator::config::DEFAULT_REPLICATION_INTERVAL_MS,
+            ),
+            replication_factor: tally_coordinator::config::DEFAULT_REPLICATION_FACTOR,
         }
     }
 }
@@ -113,6 +121,8 @@ impl LocalCluster {
         let coordinator_address = listener.local_addr()?;
         let mut coordinator_config = CoordinatorConfig::new(coordinator_address, nodes);
         coordinator_config.stripes = options.stripes;
+        coordinator_config.replication_interval = options.replication_interval;
+        coordinator_config.replication_factor = options.replication_factor;
         let coordinator = Coordinator::new(coordinator_config.clone())?;
         let (coordinator_stop, stopped) = oneshot::channel::<()>();
         let coordinator_task = tokio::spawn(coordinator.serve(listener, async {

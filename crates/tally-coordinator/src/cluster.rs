@@ -2,7 +2,7 @@
 //! increments over the ring, fan reads and deletes out to every node.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -109,12 +109,56 @@ impl Cluster {
                 config.health_timeout,
             ));
         }
-        Ok(Arc::new(Cluster {
+        let replication_interval = config.replication_interval;
+        let cluster = Arc::new(Cluster {
             config,
             ring,
             shards,
             health,
-        }))
+        });
+        if !cluster.replica_pairs().is_empty() {
+            tokio::spawn(crate::replication::replication_loop(
+                Arc::downgrade(&cluster),
+                replication_interval,
+            ));
+        }
+        Ok(cluster)
+    }
+
+    /// Every (origin, replica) pair of the membership, by node index.
+    pub fn replica_pairs(&self) -> Vec<(usize, usize)> {
+        (0..self.shards.len())
+            .flat_map(|origin| {
+                crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor)
+                    .into_iter()
+                    .map(move |replica| (origin, replica))
+            })
+            .collect()
+    }
+
+    /// Copies `origin`'s changes since `since` to `replica`, if both are
+    /// up. Returns the version the replica's copy is at now, `None` if it
+    /// needs everything next time, or the version it had (`since`) if
+    /// either node is down.
+    pub async fn replicate_pair(
+        &self,
+        origin: usize,
+        replica: usize,
+        since: u64,
+    ) -> std::result::Result<Option<u64>, ShardCallError> {
+        if !self.health.is_up(origin) || !self.health.is_up(replica) {
+            return Ok((since > 0).then_some(since));
+        }
+        let budget = self.config.shard_timeout;
+        let changes = self.shards[origin].changes(since, budget).await;
+        self.observe(origin, &changes);
+        let origin_id = self.shards[origin].node_id();
+        let answer = self.shards[replica]
+            .replicate(origin_id, since, changes?, budget)
+            .await;
+        self.observe(replica, &answer);
+        let answer = answer?;
+        Ok(answer.accepted.then_some(answer.version))
     }
 
     /// Node `index`'s health as this coordinator sees it.
@@ -265,19 +309,40 @@ impl Cluster {
         // i128: the parts of a counter may each fit in an i64 while the sum
         // does not; that is OUT_OF_RANGE, never a wrapped number.
         let mut sums = vec![0i128; names.len()];
-        let mut unavailable = Vec::new();
-        for (shard, result) in self.shards.iter().zip(results) {
+        let add = |sums: &mut Vec<i128>, counters: &[pb::CounterEntries]| {
+            for (sum, part) in sums.iter_mut().zip(counters) {
+                *sum += part
+                    .entries
+                    .iter()
+                    .map(|entry| i128::from(entry.value))
+                    .sum::<i128>();
+            }
+        };
+        // Per origin, one part: the node's own answer, else the freshest
+        // replica copy of it among the nodes that answered.
+        let mut failed = Vec::new();
+        let mut copies: HashMap<&str, &pb::ReplicaPart> = HashMap::new();
+        for (shard, result) in self.shards.iter().zip(&results) {
             match result {
-                Ok(parts) => {
-                    for (sum, part) in sums.iter_mut().zip(parts) {
-                        *sum += part
-                            .entries
-                            .iter()
-                            .map(|entry| i128::from(entry.value))
-                            .sum::<i128>();
+                Ok(response) => {
+                    add(&mut sums, &response.counters);
+                    for part in &response.replicas {
+                        let fresher = copies
+                            .get(part.origin.as_str())
+                            .is_none_or(|best| part.version > best.version);
+                        if fresher {
+                            copies.insert(&part.origin, part);
+                        }
                     }
                 }
-                Err(error) => unavailable.push((shard.node_id().to_string(), error)),
+                Err(error) => failed.push((shard.node_id(), error)),
+            }
+        }
+        let mut unavailable = Vec::new();
+        for (node_id, error) in failed {
+            match copies.get(node_id) {
+                Some(copy) => add(&mut sums, &copy.counters),
+                None => unavailable.push((node_id.to_string(), error.clone())),
             }
         }
         if !unavailable.is_empty() {

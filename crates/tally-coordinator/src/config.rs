@@ -25,6 +25,10 @@ pub const DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH: usize = 16_384;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
 /// Default for `health_timeout_ms`.
 pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1_000;
+/// Default for `replication_factor`.
+pub const DEFAULT_REPLICATION_FACTOR: usize = 2;
+/// Default for `replication_interval_ms`.
+pub const DEFAULT_REPLICATION_INTERVAL_MS: u64 = 1_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +41,8 @@ struct RawCoordinatorConfig {
     max_increments_per_shard_batch: Option<usize>,
     health_interval_ms: Option<u64>,
     health_timeout_ms: Option<u64>,
+    replication_factor: Option<usize>,
+    replication_interval_ms: Option<u64>,
     #[serde(default)]
     nodes: Vec<RawNode>,
 }
@@ -90,6 +96,12 @@ pub struct CoordinatorConfig {
     pub health_interval: Duration,
     /// How long a probe waits for an answer before the node is down.
     pub health_timeout: Duration,
+    /// Copies of each node's entries: its own, and `replication_factor - 1`
+    /// replicas on the next distinct nodes of the ring (fewer if there are
+    /// not that many other nodes).
+    pub replication_factor: usize,
+    /// How often each node's changes are copied to its replicas.
+    pub replication_interval: Duration,
     /// The shard nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -106,6 +118,8 @@ impl CoordinatorConfig {
             max_increments_per_shard_batch: DEFAULT_MAX_INCREMENTS_PER_SHARD_BATCH,
             health_interval: Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS),
             health_timeout: Duration::from_millis(DEFAULT_HEALTH_TIMEOUT_MS),
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            replication_interval: Duration::from_millis(DEFAULT_REPLICATION_INTERVAL_MS),
             nodes,
         }
     }
@@ -171,6 +185,20 @@ impl CoordinatorConfig {
             10..=60_000,
         )?;
 
+        let replication_factor = check_range(
+            &file,
+            "replication_factor",
+            raw.replication_factor.unwrap_or(DEFAULT_REPLICATION_FACTOR),
+            1..=16,
+        )?;
+        let replication_interval_ms = check_range(
+            &file,
+            "replication_interval_ms",
+            raw.replication_interval_ms
+                .unwrap_or(DEFAULT_REPLICATION_INTERVAL_MS),
+            10..=600_000,
+        )?;
+
         let nodes = validate_nodes(&file, raw.nodes)?;
         let config = CoordinatorConfig {
             listen,
@@ -181,6 +209,8 @@ impl CoordinatorConfig {
             max_increments_per_shard_batch,
             health_interval: Duration::from_millis(health_interval_ms),
             health_timeout: Duration::from_millis(health_timeout_ms),
+            replication_factor,
+            replication_interval: Duration::from_millis(replication_interval_ms),
             nodes,
         };
         // Anything the checks above missed still fails here, not at serve.
@@ -330,6 +360,10 @@ weight = 2
             (
                 format!("health_timeout_ms = 0\n{GOOD}"),
                 "FILE: health_timeout_ms: 0 is out of range",
+            ),
+            (
+                format!("replication_factor = 0\n{GOOD}"),
+                "FILE: replication_factor: 0 is out of range",
             ),
             (GOOD.replace("127.0.0.1:7700", "localhost"), "FILE: listen:"),
             (

@@ -12,6 +12,8 @@
 //! - [`cluster`]: routing, fan-out and summing ([`Cluster`]).
 //! - [`shard_client`]: one client per node, with the per-shard batcher that
 //!   sends one internal call for many increments.
+//! - [`health`]: each node's health, from probes and call outcomes.
+//! - [`replication`]: copying each node's entries to its replicas.
 //! - [`service`]: the public `Counter` and `Admin` gRPC services.
 //! - [`deadline`]: the client's deadline, from `grpc-timeout`.
 //! - [`error`]: errors and their gRPC codes.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod health;
+pub mod replication;
 pub mod service;
 pub mod shard_client;
 

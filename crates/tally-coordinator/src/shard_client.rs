@@ -157,12 +157,13 @@ impl ShardClient {
             .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?
     }
 
-    /// This node's entries for each counter, in order.
+    /// This node's entries for each counter, in order, and its replica
+    /// copies' entries for them.
     pub async fn read(
         &self,
         counters: Vec<String>,
         budget: Duration,
-    ) -> Result<Vec<pb::CounterEntries>, ShardCallError> {
+    ) -> Result<pb::ReadResponse, ShardCallError> {
         let expected = counters.len();
         let request = pb::ReadRequest {
             node_id: self.node_id.to_string(),
@@ -170,13 +171,50 @@ impl ShardClient {
         };
         let mut grpc = self.grpc.clone();
         let response = call(budget, grpc.read(timed(request, budget))).await?;
-        if response.counters.len() != expected {
+        let lengths = std::iter::once(response.counters.len())
+            .chain(response.replicas.iter().map(|part| part.counters.len()));
+        if let Some(wrong) = lengths.into_iter().find(|&length| length != expected) {
             return Err(ShardCallError::Failed(format!(
-                "answered {} counters for {expected}",
-                response.counters.len()
+                "answered {wrong} counters for {expected}"
             )));
         }
-        Ok(response.counters)
+        Ok(response)
+    }
+
+    /// This node's own entries changed since `since` (see the shard's
+    /// `Changes`).
+    pub async fn changes(
+        &self,
+        since: u64,
+        budget: Duration,
+    ) -> Result<pb::ChangesResponse, ShardCallError> {
+        let request = pb::ChangesRequest {
+            node_id: self.node_id.to_string(),
+            since,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.changes(timed(request, budget))).await
+    }
+
+    /// Stores a change set of `origin`'s entries on this node, as a replica
+    /// copy.
+    pub async fn replicate(
+        &self,
+        origin: &str,
+        base: u64,
+        changes: pb::ChangesResponse,
+        budget: Duration,
+    ) -> Result<pb::ReplicateResponse, ShardCallError> {
+        let request = pb::ReplicateRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+            base,
+            version: changes.version,
+            full: changes.full,
+            entries: changes.entries,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.replicate(timed(request, budget))).await
     }
 
     /// Resets counters to 0 on this node.

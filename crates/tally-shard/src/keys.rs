@@ -12,7 +12,11 @@
 //!            -> delta: i64 BE | applied_unix_ms: u64 BE
 //! sequence = 0x00 'S'
 //!            -> flush sequence: u64 BE
+//! replica  = 0x00 'V' | origin
+//!            -> version of this node's copy of the origin's entries: u64 BE
 //! ```
+//!
+//! Entries of another origin are a replica copy of that node's entries.
 //!
 //! An entry's origin is the node that accepted its increments (node ids are
 //! 1 to 64 bytes, so an entry never starts with 0x00). Entries sort by origin,
@@ -22,6 +26,8 @@
 pub const RECORD_PREFIX: [u8; 2] = [0, b'K'];
 /// The key holding the sequence number of the last flush written.
 pub const SEQUENCE_KEY: [u8; 2] = [0, b'S'];
+/// First bytes of every replica version key.
+pub const REPLICA_PREFIX: [u8; 2] = [0, b'V'];
 
 /// A decoded entry key.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +54,11 @@ pub enum DataKey<'a> {
     },
     /// The flush sequence number.
     Sequence,
+    /// The version of the replica copy of `origin`'s entries.
+    ReplicaVersion {
+        /// The node the copy is of.
+        origin: &'a str,
+    },
 }
 
 /// Encodes an entry key.
@@ -66,6 +77,29 @@ pub fn encode_entry_key(origin: &str, counter: &str, stripe: u32) -> Vec<u8> {
     key
 }
 
+/// The first bytes of every entry key of `origin`: its entries sort together.
+pub fn entry_prefix(origin: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(1 + origin.len());
+    prefix.push(origin.len() as u8);
+    prefix.extend_from_slice(origin.as_bytes());
+    prefix
+}
+
+/// The first bytes of every entry key of `(origin, counter)`.
+pub fn counter_prefix(origin: &str, counter: &str) -> Vec<u8> {
+    let mut prefix = entry_prefix(origin);
+    prefix.extend_from_slice(&(counter.len() as u16).to_be_bytes());
+    prefix.extend_from_slice(counter.as_bytes());
+    prefix
+}
+
+/// The key of the version of this node's copy of `origin`'s entries.
+pub fn replica_version_key(origin: &str) -> Vec<u8> {
+    let mut key = REPLICA_PREFIX.to_vec();
+    key.extend_from_slice(origin.as_bytes());
+    key
+}
+
 /// Encodes the record key of `(counter, idempotency key)` into `buffer`,
 /// replacing its contents: the hot path reuses one buffer for a whole batch.
 pub fn encode_record_key_into(buffer: &mut Vec<u8>, counter: &str, key: &str) {
@@ -81,6 +115,11 @@ pub fn encode_record_key_into(buffer: &mut Vec<u8>, counter: &str, key: &str) {
 pub fn decode_key(bytes: &[u8]) -> Option<DataKey<'_>> {
     match bytes.split_first()? {
         (0, _) if bytes == SEQUENCE_KEY => Some(DataKey::Sequence),
+        (0, _) if bytes.starts_with(&REPLICA_PREFIX) => Some(DataKey::ReplicaVersion {
+            origin: std::str::from_utf8(&bytes[REPLICA_PREFIX.len()..])
+                .ok()
+                .filter(|origin| !origin.is_empty())?,
+        }),
         (0, _) => {
             let rest = bytes.strip_prefix(&RECORD_PREFIX)?;
             let (counter, key) = split_counter(rest)?;
@@ -172,6 +211,12 @@ mod tests {
     #[test]
     fn kinds_never_collide() {
         assert_eq!(decode_key(&SEQUENCE_KEY), Some(DataKey::Sequence));
+        assert_eq!(
+            decode_key(&replica_version_key("shard-2")),
+            Some(DataKey::ReplicaVersion { origin: "shard-2" })
+        );
+        assert!(encode_entry_key("shard-2", "c", 1).starts_with(&counter_prefix("shard-2", "c")));
+        assert!(!encode_entry_key("shard-2", "cc", 1).starts_with(&counter_prefix("shard-2", "c")));
         assert_eq!(decode_key(&[0, b'X', 0, 1, b'a']), None);
         assert_eq!(decode_key(&[]), None);
     }

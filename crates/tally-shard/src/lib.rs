@@ -13,6 +13,8 @@
 //! - [`store`]: the in-memory map, segmented for concurrent writers, with
 //!   dirty tracking, flush epochs for group commit, and idempotency records.
 //! - [`keys`]: the on-disk key and value layout.
+//! - [`replicas`]: copies of other nodes' entries, for reads while they
+//!   are down.
 //! - [`storage`]: sled on disk, the data directory lock, damage detection
 //!   and [`storage::verify`].
 //! - [`flusher`]: the write-behind task, sync and async durability.
@@ -38,6 +40,7 @@
 pub mod config;
 pub mod flusher;
 pub mod keys;
+pub mod replicas;
 pub mod service;
 pub mod storage;
 pub mod store;
@@ -77,6 +80,7 @@ pub struct ShardNode {
     config: ShardConfig,
     store: Arc<Store>,
     storage: Arc<storage::Storage>,
+    replicas: Arc<replicas::Replicas>,
 }
 
 use store::Store;
@@ -90,8 +94,10 @@ impl ShardNode {
         let opened = tokio::task::spawn_blocking(move || {
             let storage = storage::Storage::open(&data_dir, &node_id)?;
             let store = Store::with_retention(retention);
-            let report = storage.load_into(&store)?;
-            Ok::<_, StorageError>((storage, store, report))
+            store.set_incarnation(storage.incarnation());
+            let replicas = replicas::Replicas::default();
+            let report = storage.load_into(&store, &replicas)?;
+            Ok::<_, StorageError>((storage, store, replicas, report))
         })
         .await
         .unwrap_or_else(|join_error| {
@@ -100,12 +106,13 @@ impl ShardNode {
                 message: format!("opening panicked: {join_error}"),
             })
         })?;
-        let (storage, store, report) = opened;
+        let (storage, store, replicas, report) = opened;
         tracing::info!(
             node_id = config.node_id,
             data_dir = %config.data_dir.display(),
             entries = report.entries,
             idempotency_keys = report.records,
+            replica_entries = report.foreign_entries,
             flush_sequence = report.sequence,
             durability = config.durability.as_str(),
             "recovered"
@@ -114,6 +121,7 @@ impl ShardNode {
             config,
             store: Arc::new(store),
             storage: Arc::new(storage),
+            replicas: Arc::new(replicas),
         })
     }
 
@@ -137,6 +145,8 @@ impl ShardNode {
             self.config.durability,
             self.store.clone(),
             flusher.clone(),
+            self.storage.clone(),
+            self.replicas.clone(),
         );
         let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter
@@ -167,7 +177,11 @@ impl ShardNode {
                         message: format!("closing panicked: {join_error}"),
                     })
                 }),
-            _ => Ok(()),
+            (Ok(()), Err(_)) => {
+                tracing::warn!("storage still in use at stop; not marked as a clean stop");
+                Ok(())
+            }
+            (Err(_), _) => Ok(()),
         };
         tracing::info!(node_id = self.config.node_id, "stopped");
         served?;

@@ -9,6 +9,8 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Durability;
 use crate::flusher::{unix_ms_now, Flusher};
+use crate::replicas::{Replicas, Verdict};
+use crate::storage::Storage;
 use crate::store::{ApplyOutcome, Store, StripeIncrement};
 
 /// Serves one node's store.
@@ -18,23 +20,34 @@ pub struct ShardService {
     durability: Durability,
     store: Arc<Store>,
     flusher: Arc<Flusher>,
+    storage: Arc<Storage>,
+    replicas: Arc<Replicas>,
+    /// One replica change (or erase of copies) at a time: its check, write
+    /// and apply must not interleave with another's.
+    replica_writes: Arc<tokio::sync::Mutex<()>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
 }
 
 impl ShardService {
-    /// A service over `store`, acknowledging writes through `flusher`.
+    /// A service over `store`, acknowledging writes through `flusher`, and
+    /// over the replica copies this node holds.
     pub fn new(
         node_id: &str,
         durability: Durability,
         store: Arc<Store>,
         flusher: Arc<Flusher>,
+        storage: Arc<Storage>,
+        replicas: Arc<Replicas>,
     ) -> Self {
         ShardService {
             node_id: node_id.into(),
             durability,
             store,
             flusher,
+            storage,
+            replicas,
+            replica_writes: Arc::default(),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
         }
@@ -139,7 +152,26 @@ impl pb::shard_server::Shard for ShardService {
                     .collect(),
             })
             .collect();
-        Ok(Response::new(pb::ReadResponse { counters }))
+        let replicas = self
+            .replicas
+            .read(&request.counters)
+            .into_iter()
+            .map(|copy| pb::ReplicaPart {
+                origin: copy.origin,
+                version: copy.version,
+                counters: copy
+                    .counters
+                    .into_iter()
+                    .map(|entries| pb::CounterEntries {
+                        entries: entries
+                            .into_iter()
+                            .map(|(stripe, value)| pb::StripeValue { stripe, value })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ReadResponse { counters, replicas }))
     }
 
     async fn erase(
@@ -150,6 +182,23 @@ impl pb::shard_server::Shard for ShardService {
         self.check_node_id(&request.node_id)?;
         let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
         let epoch = self.store.erase(&counters);
+        // Replica copies too: a delete must not come back from a copy read
+        // while the counter's origin is down.
+        let _replica_writes = self.replica_writes.lock().await;
+        let held: Vec<(String, String)> = self
+            .replicas
+            .held(&counters)
+            .into_iter()
+            .map(|(origin, counter, _)| (origin, counter))
+            .collect();
+        if !held.is_empty() {
+            let storage = self.storage.clone();
+            tokio::task::spawn_blocking(move || storage.erase_replicas(&held))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            self.replicas.erase(&counters);
+        }
         self.flusher
             .wait_durable(epoch)
             .await
@@ -171,6 +220,103 @@ impl pb::shard_server::Shard for ShardService {
             remembered_keys: self.store.remembered_keys(),
             keys_forgotten_early: self.store.keys_forgotten_early(),
             flush_sequence: self.flusher.flush_sequence(),
+            replicas: self
+                .replicas
+                .versions()
+                .into_iter()
+                .map(|(origin, version)| pb::ReplicaPart {
+                    origin,
+                    version,
+                    counters: Vec::new(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn changes(
+        &self,
+        request: Request<pb::ChangesRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let changes = self.store.changes_since(request.since);
+        Ok(Response::new(pb::ChangesResponse {
+            version: changes.version,
+            full: changes.full,
+            entries: changes
+                .entries
+                .into_iter()
+                .map(|(counter, stripe, value)| pb::EntryValue {
+                    counter: counter.into_string(),
+                    stripe,
+                    value,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        if request.origin == *self.node_id {
+            return Err(Status::invalid_argument(
+                "a node does not hold a replica copy of itself",
+            ));
+        }
+        tally_proto::config_file::validate_node_id(&request.origin)
+            .map_err(Status::invalid_argument)?;
+        for entry in &request.entries {
+            check_counter_name(&entry.counter)?;
+        }
+        let _replica_writes = self.replica_writes.lock().await;
+        match self
+            .replicas
+            .accepts(&request.origin, request.base, request.version, request.full)
+        {
+            Verdict::Apply => {}
+            Verdict::Stale => {
+                return Ok(Response::new(pb::ReplicateResponse {
+                    accepted: true,
+                    version: self.replicas.version(&request.origin),
+                }))
+            }
+            Verdict::NeedFull => {
+                return Ok(Response::new(pb::ReplicateResponse {
+                    accepted: false,
+                    version: self.replicas.version(&request.origin),
+                }))
+            }
+        }
+        // Durable first, then visible to reads.
+        let storage = self.storage.clone();
+        let request = Arc::new(request);
+        let written = {
+            let request = request.clone();
+            tokio::task::spawn_blocking(move || {
+                let entries: Vec<(&str, u32, i64)> = request
+                    .entries
+                    .iter()
+                    .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
+                    .collect();
+                storage.write_replica(&request.origin, request.full, request.version, &entries)
+            })
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+        };
+        written.map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        let entries: Vec<(&str, u32, i64)> = request
+            .entries
+            .iter()
+            .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
+            .collect();
+        self.replicas
+            .apply(&request.origin, request.version, request.full, &entries);
+        Ok(Response::new(pb::ReplicateResponse {
+            accepted: true,
+            version: request.version,
         }))
     }
 }

@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::keys::{self, DataKey};
+use crate::replicas::Replicas;
 use crate::store::{FlushSnapshot, LoadedRecord, Store};
 
 /// Version of the on-disk format this build writes and reads.
@@ -151,6 +152,7 @@ pub struct Storage {
     node_id: String,
     /// One flusher at a time.
     sled: parking_lot::Mutex<Sled>,
+    incarnation: u64,
     witness: File,
     /// Held for the life of the process: the OS drops the lock if we crash.
     _lock: File,
@@ -228,6 +230,10 @@ impl Storage {
         } else {
             set_up(&db, &meta, &data, dir, node_id)?;
         }
+        let incarnation = next_incarnation(&db, &meta).map_err(|error| StorageError::Damaged {
+            dir: dir.to_path_buf(),
+            message: error.to_string(),
+        })?;
         let witness = File::options()
             .read(true)
             .write(true)
@@ -241,6 +247,7 @@ impl Storage {
                 open: Some(open),
                 sequence: 0,
             }),
+            incarnation,
             witness,
             _lock: lock,
         })
@@ -258,7 +265,11 @@ impl Storage {
 
     /// Loads every entry and idempotency record of this node into `store`,
     /// and checks the database against the witness.
-    pub fn load_into(&self, store: &Store) -> Result<DirectoryReport, StorageError> {
+    pub fn load_into(
+        &self,
+        store: &Store,
+        replicas: &Replicas,
+    ) -> Result<DirectoryReport, StorageError> {
         let mut sled = self.sled.lock();
         let data = &sled.open.as_ref().expect("open at start").data;
         let mut records = Vec::new();
@@ -269,6 +280,13 @@ impl Storage {
                 value,
             } => store.load(counter, stripe, value),
             Item::Record(record) => records.push(record),
+            Item::Replica {
+                origin,
+                counter,
+                stripe,
+                value,
+            } => replicas.load(origin, counter, stripe, value),
+            Item::ReplicaVersion { origin, version } => replicas.load_version(origin, version),
         })
         .map_err(|message| self.damaged(message))?;
         store.load_records(records);
@@ -284,6 +302,86 @@ impl Storage {
             witnessed,
             ..report
         })
+    }
+
+    /// Stores a change set of `origin`'s entries as this node's replica copy,
+    /// with its version, in one atomic batch, durably. A full set replaces
+    /// the copy. Blocking.
+    pub fn write_replica(
+        &self,
+        origin: &str,
+        full: bool,
+        version: u64,
+        entries: &[(&str, u32, i64)],
+    ) -> Result<(), StorageError> {
+        self.write_batch(|data| {
+            let mut batch = sled::Batch::default();
+            if full {
+                for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
+                    batch.remove(key?);
+                }
+            }
+            for &(counter, stripe, value) in entries {
+                let key = keys::encode_entry_key(origin, counter, stripe);
+                if value == 0 {
+                    batch.remove(key);
+                } else {
+                    batch.insert(key, &value.to_be_bytes());
+                }
+            }
+            batch.insert(keys::replica_version_key(origin), &version.to_be_bytes());
+            Ok(batch)
+        })
+    }
+
+    /// Removes counters from replica copies: `(origin, counter)` pairs.
+    /// Blocking.
+    pub fn erase_replicas(&self, held: &[(String, String)]) -> Result<(), StorageError> {
+        self.write_batch(|data| {
+            let mut batch = sled::Batch::default();
+            for (origin, counter) in held {
+                for key in data
+                    .scan_prefix(keys::counter_prefix(origin, counter))
+                    .keys()
+                {
+                    let key = key?;
+                    // The prefix also matches longer names that extend it.
+                    if matches!(
+                        keys::decode_key(&key),
+                        Some(DataKey::Entry(entry)) if entry.counter == counter
+                    ) {
+                        batch.remove(key);
+                    }
+                }
+            }
+            Ok(batch)
+        })
+    }
+
+    /// Writes a batch built from the open database, durably, outside the
+    /// flush sequence (replica copies are not this node's own writes).
+    fn write_batch(
+        &self,
+        build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
+    ) -> Result<(), StorageError> {
+        let mut sled = self.sled.lock();
+        let open = match &sled.open {
+            Some(open) => open.clone(),
+            None => self.reopen(&mut sled)?,
+        };
+        let written = build(&open.data).and_then(|batch| open.write(batch));
+        if let Err(error) = written {
+            sled.open = None;
+            drop(open);
+            return Err(self.sled_error(error));
+        }
+        Ok(())
+    }
+
+    /// How many times this directory has been opened, this time included:
+    /// the high bits of this node's replication versions.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Writes a flush's entries and records in one atomic batch, waits
@@ -447,6 +545,18 @@ fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StorageEr
     Ok((db, meta, data))
 }
 
+/// Counts this start in the metadata, durably, and returns the count.
+fn next_incarnation(db: &sled::Db, meta: &sled::Tree) -> Result<u64, sled::Error> {
+    let previous = meta
+        .get("incarnation")?
+        .and_then(|bytes| keys::decode_u64(&bytes))
+        .unwrap_or(0);
+    let incarnation = previous + 1;
+    meta.insert("incarnation", &incarnation.to_be_bytes())?;
+    db.flush()?;
+    Ok(incarnation)
+}
+
 /// Takes the directory's lock file, creating it if needed.
 fn lock(dir: &Path) -> Result<File, StorageError> {
     let io = |reason| StorageError::Io {
@@ -573,6 +683,17 @@ enum Item<'a> {
         value: i64,
     },
     Record(LoadedRecord),
+    /// An entry of a replica copy.
+    Replica {
+        origin: &'a str,
+        counter: &'a str,
+        stripe: u32,
+        value: i64,
+    },
+    ReplicaVersion {
+        origin: &'a str,
+        version: u64,
+    },
 }
 
 /// Decodes every key and value of the `data` tree, hands this node's
@@ -601,7 +722,18 @@ fn scan(
                     });
                 } else {
                     report.foreign_entries += 1;
+                    visit(Item::Replica {
+                        origin: entry.origin,
+                        counter: entry.counter,
+                        stripe: entry.stripe,
+                        value: value as i64,
+                    });
                 }
+            }
+            DataKey::ReplicaVersion { origin } => {
+                let version = keys::decode_u64(&value)
+                    .ok_or_else(|| format!("bad replica version of {origin:?}"))?;
+                visit(Item::ReplicaVersion { origin, version });
             }
             DataKey::Record { counter, .. } => {
                 let (delta, applied_unix_ms) = keys::decode_record_value(&value)
@@ -1024,7 +1156,7 @@ mod tests {
     fn reopen(dir: &Path) -> Result<(Storage, Store, DirectoryReport), StorageError> {
         let storage = Storage::open(dir, "shard-1")?;
         let store = Store::new();
-        let report = storage.load_into(&store)?;
+        let report = storage.load_into(&store, &Replicas::default())?;
         Ok((storage, store, report))
     }
 
@@ -1058,6 +1190,51 @@ mod tests {
             2_000,
         );
         assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn replica_copies_survive_reopen_and_erase() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path(), "shard-1").unwrap();
+            assert_eq!(storage.incarnation(), 1);
+            storage
+                .write_replica("shard-2", true, 7, &[("c", 0, 5), ("cc", 1, 3)])
+                .unwrap();
+            storage
+                .write_replica("shard-2", false, 9, &[("c", 2, 4), ("cc", 1, 0)])
+                .unwrap();
+            storage
+                .write_replica("shard-3", true, 4, &[("c", 0, 1)])
+                .unwrap();
+            storage
+                .erase_replicas(&[("shard-3".into(), "c".into())])
+                .unwrap();
+        }
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        assert_eq!(storage.incarnation(), 2);
+        let replicas = Replicas::default();
+        let report = storage.load_into(&Store::new(), &replicas).unwrap();
+        assert_eq!(report.entries, 0);
+        assert_eq!(report.foreign_entries, 2);
+        assert_eq!(
+            replicas.versions(),
+            vec![("shard-2".into(), 9), ("shard-3".into(), 4)]
+        );
+        let read = replicas.read(&["c".into(), "cc".into()]);
+        let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
+        assert_eq!(shard_2.counters, vec![vec![(0, 5), (2, 4)], vec![]]);
+        // A full set replaces the copy.
+        storage
+            .write_replica("shard-2", true, 12, &[("d", 0, 1)])
+            .unwrap();
+        drop(storage);
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        let replicas = Replicas::default();
+        storage.load_into(&Store::new(), &replicas).unwrap();
+        let read = replicas.read(&["c".into(), "d".into()]);
+        let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
+        assert_eq!(shard_2.counters, vec![vec![], vec![(0, 1)]]);
     }
 
     #[test]
@@ -1311,7 +1488,9 @@ mod tests {
         // node's user.
         std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        storage.load_into(&Store::new()).unwrap();
+        storage
+            .load_into(&Store::new(), &Replicas::default())
+            .unwrap();
         storage.close().unwrap();
         // fsck may add to it while the node is stopped: still a clean stop.
         std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -1319,7 +1498,9 @@ mod tests {
         std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
         assert!(verify(dir.path()).unwrap().clean);
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        storage.load_into(&Store::new()).unwrap();
+        storage
+            .load_into(&Store::new(), &Replicas::default())
+            .unwrap();
         drop(storage);
         // Crashed: the copy check must not need it either.
         reopen(dir.path()).unwrap();

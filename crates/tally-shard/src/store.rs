@@ -155,6 +155,8 @@ struct CounterEntry {
     stripes: Vec<(u32, i64)>,
     /// Listed in its segment's `dirty` list and not yet collected by a flush.
     dirty: bool,
+    /// The replication version of its last change (see [`Store::changes_since`]).
+    changed: u64,
 }
 
 /// An idempotency key applied to a counter.
@@ -210,11 +212,43 @@ struct KeyQueue {
     latest_unix_ms: u64,
 }
 
+/// Entries removed from memory (0 on disk and in memory), remembered so that
+/// [`Store::changes_since`] can tell replicas; the oldest are dropped beyond
+/// [`REMOVED_LOG_MAX`], and a replica behind them gets a full copy.
+#[derive(Debug, Default)]
+struct RemovedLog {
+    removed: VecDeque<(u64, Box<str>, u32)>,
+    /// Changes before this version may be missing from the log.
+    horizon: u64,
+}
+
+/// Most removals remembered for replicas.
+const REMOVED_LOG_MAX: usize = 1_000_000;
+/// Bits of a replication version below the node's incarnation.
+const INCARNATION_SHIFT: u32 = 40;
+
+/// What changed in this node's own entries (see [`Store::changes_since`]).
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The version a copy is at once it has these changes.
+    pub version: u64,
+    /// `entries` is every entry; a copy drops what is not listed.
+    pub full: bool,
+    /// `(counter, stripe, value)`; a value of 0 means the entry is gone.
+    pub entries: Vec<(Box<str>, u32, i64)>,
+}
+
 /// A node's counters in memory.
 #[derive(Debug)]
 pub struct Store {
     segments: Box<[Mutex<Segment>]>,
     open_epoch: AtomicU64,
+    /// Stamped on every change of an own entry, under its segment lock, and
+    /// advanced by [`Store::changes_since`] before it looks: the flush
+    /// epoch's argument, for replication. The node's incarnation sits in the
+    /// high bits, so versions grow across restarts.
+    replication_epoch: AtomicU64,
+    removed: Mutex<RemovedLog>,
     retention: KeyRetention,
     /// Locked after a segment, never before one.
     key_queue: Mutex<KeyQueue>,
@@ -242,6 +276,65 @@ impl Store {
             retention,
             key_queue: Mutex::default(),
             keys_forgotten_early: AtomicU64::new(0),
+            replication_epoch: AtomicU64::new(1),
+            removed: Mutex::default(),
+        }
+    }
+
+    /// Sets the node's incarnation (starts so far), before serving: the high
+    /// bits of every replication version from now on.
+    pub fn set_incarnation(&self, incarnation: u64) {
+        self.replication_epoch
+            .store((incarnation << INCARNATION_SHIFT) | 1, Ordering::SeqCst);
+    }
+
+    /// This node's own entries changed after version `since` (from an
+    /// earlier call), or all of them (`full`) if `since` is 0, from another
+    /// incarnation, or older than the removal log reaches.
+    pub fn changes_since(&self, since: u64) -> Changes {
+        let version = self.replication_epoch.fetch_add(1, Ordering::SeqCst);
+        let horizon = self.removed.lock().horizon;
+        let full = since == 0
+            || since < horizon
+            || since >> INCARNATION_SHIFT != version >> INCARNATION_SHIFT;
+        let mut entries = Vec::new();
+        for segment in self.segments.iter() {
+            let segment = segment.lock();
+            for (counter, entry) in &segment.counters {
+                if full || entry.changed > since {
+                    entries.extend(
+                        entry
+                            .stripes
+                            .iter()
+                            .filter(|(_, value)| !full || *value != 0)
+                            .map(|&(stripe, value)| (counter.clone(), stripe, value)),
+                    );
+                }
+            }
+        }
+        if !full {
+            // Read after the scan: an entry removed before the scan reached
+            // its segment was logged before it was removed.
+            let seen: std::collections::HashSet<(&str, u32)> = entries
+                .iter()
+                .map(|(counter, stripe, _)| (&**counter, *stripe))
+                .collect();
+            let removed: Vec<(Box<str>, u32, i64)> = self
+                .removed
+                .lock()
+                .removed
+                .iter()
+                .filter(|(changed, counter, stripe)| {
+                    *changed > since && !seen.contains(&(&**counter, *stripe))
+                })
+                .map(|(_, counter, stripe)| (counter.clone(), *stripe, 0))
+                .collect();
+            entries.extend(removed);
+        }
+        Changes {
+            version,
+            full,
+            entries,
         }
     }
 
@@ -334,7 +427,8 @@ impl Store {
                         };
                     }
                 }
-                let outcome = apply_one(&mut segment, increment);
+                let changed = self.replication_epoch.load(Ordering::SeqCst);
+                let outcome = apply_one(&mut segment, increment, changed);
                 if outcome == ApplyOutcome::Applied && increment.delta != 0 {
                     wait_epoch = wait_epoch.max(epoch);
                     if key.is_some() {
@@ -457,6 +551,7 @@ impl Store {
             for (_, value) in &mut entry.stripes {
                 *value = 0;
             }
+            entry.changed = self.replication_epoch.load(Ordering::SeqCst);
             segment.mark_dirty(counter);
             wait_epoch = wait_epoch.max(self.open_epoch.load(Ordering::SeqCst));
         }
@@ -555,6 +650,25 @@ impl Store {
                 // Changed again since the snapshot; the next flush decides.
                 continue;
             }
+            let changed = entry.changed;
+            let gone: Vec<u32> = entry
+                .stripes
+                .iter()
+                .filter(|(_, value)| *value == 0)
+                .map(|(stripe, _)| *stripe)
+                .collect();
+            // Logged before the entry leaves memory: see `changes_since`.
+            let mut log = self.removed.lock();
+            for stripe in gone {
+                log.removed
+                    .push_back((changed, removed.counter.clone(), stripe));
+            }
+            while log.removed.len() > REMOVED_LOG_MAX {
+                if let Some((dropped, _, _)) = log.removed.pop_front() {
+                    log.horizon = log.horizon.max(dropped);
+                }
+            }
+            drop(log);
             entry.stripes.retain(|(_, value)| *value != 0);
             if entry.stripes.is_empty() {
                 segment.counters.remove(&removed.counter);
@@ -579,7 +693,7 @@ impl Store {
     }
 }
 
-fn apply_one(segment: &mut Segment, increment: &StripeIncrement<'_>) -> ApplyOutcome {
+fn apply_one(segment: &mut Segment, increment: &StripeIncrement<'_>, changed: u64) -> ApplyOutcome {
     if increment.delta == 0 {
         return ApplyOutcome::Applied;
     }
@@ -608,6 +722,7 @@ fn apply_one(segment: &mut Segment, increment: &StripeIncrement<'_>) -> ApplyOut
         Some(index) => entry.stripes[index].1 = updated,
         None => entry.stripes.push((increment.stripe, updated)),
     }
+    entry.changed = changed;
     segment.mark_dirty(increment.counter);
     ApplyOutcome::Applied
 }
@@ -966,5 +1081,44 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(total(&store, "hot"), 2_000);
+    }
+
+    fn sorted(mut entries: Vec<(Box<str>, u32, i64)>) -> Vec<(String, u32, i64)> {
+        entries.sort();
+        entries
+            .into_iter()
+            .map(|(counter, stripe, value)| (counter.into_string(), stripe, value))
+            .collect()
+    }
+
+    #[test]
+    fn changes_since_lists_what_changed_and_what_was_removed() {
+        let store = Store::new();
+        store.set_incarnation(3);
+        store.apply(&[increment("a", 0, 5), increment("b", 1, 2)], 0);
+        let first = store.changes_since(0);
+        assert!(first.full);
+        assert_eq!(first.version >> INCARNATION_SHIFT, 3);
+        assert_eq!(
+            sorted(first.entries),
+            vec![("a".into(), 0, 5), ("b".into(), 1, 2)]
+        );
+        let nothing = store.changes_since(first.version);
+        assert!(!nothing.full);
+        assert!(nothing.entries.is_empty());
+
+        // A change, and a counter deleted and dropped from memory.
+        store.apply(&[increment("a", 0, 1)], 0);
+        store.erase(&["b"]);
+        let snapshot = store.begin_flush();
+        store.finish_flush(&snapshot);
+        let changes = store.changes_since(nothing.version);
+        assert!(!changes.full);
+        assert_eq!(
+            sorted(changes.entries),
+            vec![("a".into(), 0, 6), ("b".into(), 1, 0)]
+        );
+        // From another incarnation: everything.
+        assert!(store.changes_since(5 << INCARNATION_SHIFT).full);
     }
 }

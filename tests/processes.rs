@@ -11,36 +11,46 @@ use support::{run_to_end, ProcessCluster};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
 
-/// Waits until every replica copy has advanced two replication rounds past
-/// what it was at the call, so that everything acknowledged before the call
-/// is in the copies. Bounded.
-async fn wait_for_two_replication_rounds(cluster: &ProcessCluster) {
-    async fn versions(cluster: &ProcessCluster) -> HashMap<(String, String), u64> {
-        let mut versions = HashMap::new();
+/// Waits until every node's copy holds everything the node had done at the
+/// call: each origin's replication version now, reached by a copy of it.
+/// Bounded.
+async fn wait_for_replicas_to_catch_up(cluster: &ProcessCluster) {
+    async fn statuses(cluster: &ProcessCluster) -> Vec<pb::ShardStatusResponse> {
+        let mut statuses = Vec::new();
         for shard in cluster.shards.iter().flatten() {
             let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
                 .await
                 .unwrap();
-            let status = client
-                .status(pb::ShardStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            for copy in status.replicas {
-                versions.insert((status.node_id.clone(), copy.origin), copy.version);
-            }
+            statuses.push(
+                client
+                    .status(pb::ShardStatusRequest { brief: true })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
         }
-        versions
+        statuses
     }
-    let started = versions(cluster).await;
+    let targets: HashMap<String, u64> = statuses(cluster)
+        .await
+        .into_iter()
+        .map(|status| (status.node_id, status.replication_version))
+        .collect();
     let waiting = std::time::Instant::now();
     loop {
-        let now = versions(cluster).await;
-        let advanced = now
+        let now = statuses(cluster).await;
+        let caught_up = targets
             .iter()
-            .filter(|(pair, version)| **version >= started.get(*pair).copied().unwrap_or(0) + 2)
+            .filter(|(origin, target)| {
+                now.iter().any(|status| {
+                    status
+                        .replicas
+                        .iter()
+                        .any(|copy| &copy.origin == *origin && copy.version >= **target)
+                })
+            })
             .count();
-        if advanced == cluster.shards.len() {
+        if caught_up == targets.len() {
             return;
         }
         assert!(
@@ -272,7 +282,7 @@ async fn tallyctl_against_a_running_cluster() {
 
     // A shard goes down: status shows it; its part comes from its replica;
     // with two down, get fails naming a node, and partial works.
-    wait_for_two_replication_rounds(&cluster).await;
+    wait_for_replicas_to_catch_up(&cluster).await;
     let mut cluster = cluster;
     let shard = cluster.shards[2].take().unwrap();
     shard.terminate();
@@ -284,12 +294,19 @@ async fn tallyctl_against_a_running_cluster() {
     // Its part comes from its replica: the read is still complete.
     let text = stdout(&cluster.tallyctl(&["get", "likes"]));
     assert!(text.contains(" 3 ") && text.contains("yes"), "{text}");
-    // Two of three down: some part has no reachable copy.
-    cluster.shards[1].take().unwrap().terminate();
+    // Its replica down too: shard-3's part has no reachable copy.
+    let config = tally::coordinator::CoordinatorConfig::load(
+        &cluster.coordinator_config,
+        Default::default(),
+    )
+    .unwrap();
+    let ring = config.ring().unwrap();
+    let replica = tally::coordinator::replication::replicas_of(&ring, 2, 2)[0];
+    cluster.shards[replica].take().unwrap().terminate();
     let output = cluster.tallyctl(&["get", "likes"]);
     assert!(!output.status.success());
     assert!(
-        stderr(&output).contains("UNAVAILABLE") && stderr(&output).contains("shard-"),
+        stderr(&output).contains("UNAVAILABLE") && stderr(&output).contains("shard-3"),
         "{}",
         stderr(&output)
     );

@@ -2,7 +2,7 @@
 //! increments over the ring, fan reads and deletes out to every node.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -16,6 +16,10 @@ use crate::deadline::call_budget;
 use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::health::{probe_loop, HealthBoard, NodeHealth};
 use crate::shard_client::{BatchSettings, Outcome, ShardClient};
+
+/// Bits of a shard's replication version below its incarnation (the
+/// shard's store uses the same split).
+const INCARNATION_SHIFT: u32 = 32;
 
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
@@ -116,13 +120,105 @@ impl Cluster {
             shards,
             health,
         });
-        if !cluster.replica_pairs().is_empty() {
-            tokio::spawn(crate::replication::replication_loop(
-                Arc::downgrade(&cluster),
-                replication_interval,
-            ));
-        }
+        // Also without replicas: it restores nodes that started empty.
+        tokio::spawn(crate::replication::replication_loop(
+            Arc::downgrade(&cluster),
+            replication_interval,
+        ));
         Ok(cluster)
+    }
+
+    /// The freshest copy of node `origin`'s entries among the answers of
+    /// its replicas (only they are kept current; a node that held a copy
+    /// before a membership change may hold an old one).
+    fn freshest_copy<'a>(
+        &self,
+        origin: usize,
+        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
+    ) -> Option<&'a pb::ReplicaPart> {
+        let origin_id = self.shards[origin].node_id();
+        crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor)
+            .into_iter()
+            .filter_map(|replica| results[replica].as_ref().ok())
+            .flat_map(|response| &response.replicas)
+            .filter(|part| part.origin == origin_id)
+            .max_by_key(|part| part.version)
+    }
+
+    /// The copy that may stand in for node `origin`, which did not answer:
+    /// the freshest among its replicas, if it is recent enough to hold
+    /// everything acknowledged more than one replication interval before
+    /// the node failed (as far as clocks tell: the origin stamps the scan
+    /// time, this coordinator the failure). An older copy, left by
+    /// replication that kept failing, is not a complete answer.
+    fn usable_copy<'a>(
+        &self,
+        origin: usize,
+        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
+    ) -> Option<&'a pb::ReplicaPart> {
+        let copy = self.freshest_copy(origin, results)?;
+        let health = self.health.get(origin);
+        let failed_unix_ms = if health.up || health.since_unix_ms == 0 {
+            crate::health::unix_ms_now()
+        } else {
+            health.since_unix_ms
+        };
+        // Detection lags the failure by up to a probe; allow one interval
+        // of replication and one of detection.
+        let allowance = self.config.replication_interval
+            + self.config.health_interval
+            + self.config.health_timeout;
+        let oldest = failed_unix_ms - allowance.as_millis() as i64;
+        (copy.scanned_unix_ms as i64 >= oldest).then_some(copy)
+    }
+
+    /// Nodes that said they await a restore and are up.
+    pub fn restoring_nodes(&self) -> Vec<usize> {
+        (0..self.shards.len())
+            .filter(|&node| self.health.is_up(node) && self.health.is_restoring(node))
+            .collect()
+    }
+
+    /// Adds to node `node`, which started with an empty data directory, its
+    /// earlier entries: the freshest copy among its replicas. Every replica
+    /// must answer (the freshest copy may be on the one that did not); with
+    /// no copy anywhere (a new node) the restore is empty.
+    pub async fn restore_node(&self, node: usize) -> std::result::Result<(), ShardCallError> {
+        let budget = self.config.shard_timeout;
+        let id = self.shards[node].node_id();
+        let candidates =
+            crate::replication::replicas_of(&self.ring, node, self.config.replication_factor);
+        let copies = join_all(
+            candidates
+                .iter()
+                .map(|&candidate| self.shards[candidate].copy_of(id, budget)),
+        )
+        .await;
+        let mut best: Option<pb::CopyOfResponse> = None;
+        for copy in copies {
+            let copy = copy?;
+            if copy.found && best.as_ref().is_none_or(|best| copy.version > best.version) {
+                best = Some(copy);
+            }
+        }
+        let (version, entries) = best.map_or((0, Vec::new()), |best| (best.version, best.entries));
+        let count = entries.len();
+        match self.shards[node].restore(entries, budget).await {
+            Ok(()) => {
+                tracing::info!(
+                    node_id = id,
+                    entries = count,
+                    copy_version = version,
+                    "restored a node that started empty"
+                );
+            }
+            // Another coordinator (or an earlier answer that was lost) did it.
+            Err(ShardCallError::Failed(message))
+                if message.contains("not waiting for a restore") => {}
+            Err(error) => return Err(error),
+        }
+        self.health.set_restoring(node, false);
+        Ok(())
     }
 
     /// Every (origin, replica) pair of the membership, by node index.
@@ -149,8 +245,19 @@ impl Cluster {
         if !self.health.is_up(origin) || !self.health.is_up(replica) {
             return Ok((since > 0).then_some(since));
         }
+        if self.health.is_restoring(origin) {
+            // Its copies hold its earlier entries until the restore.
+            return Ok(None);
+        }
         let budget = self.config.shard_timeout;
         let changes = self.shards[origin].changes(since, budget).await;
+        if let Err(ShardCallError::Failed(message)) = &changes {
+            if message.contains("awaits a restore") {
+                // Not a failure: the node started empty; restore it first.
+                self.health.set_restoring(origin, true);
+                return Ok(None);
+            }
+        }
         self.observe(origin, &changes);
         let origin_id = self.shards[origin].node_id();
         let answer = self.shards[replica]
@@ -183,9 +290,16 @@ impl Cluster {
     }
 
     /// Records a call's outcome on the health board.
+    ///
+    /// A timeout is the node's fault only if the call had a probe's time
+    /// at least: a call cut short by a client's tight deadline says
+    /// nothing about the node, and must not take it out of routing for
+    /// everyone.
     fn observe<T>(&self, node: usize, result: &std::result::Result<T, ShardCallError>) {
+        let least = self.config.shard_timeout.min(self.config.health_timeout);
         match result {
             Ok(_) => self.health.record_success(node),
+            Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }
@@ -319,30 +433,53 @@ impl Cluster {
             }
         };
         // Per origin, one part: the node's own answer, else the freshest
-        // replica copy of it among the nodes that answered.
-        let mut failed = Vec::new();
-        let mut copies: HashMap<&str, &pb::ReplicaPart> = HashMap::new();
-        for (shard, result) in self.shards.iter().zip(&results) {
+        // copy among the nodes that answered. A node that started empty and
+        // awaits its restore answers with what it took since; its earlier
+        // entries are still only in its copies (from before this
+        // incarnation), so its part is both.
+        let mut missing = Vec::new();
+        let mut restoring = Vec::new();
+        for (index, result) in results.iter().enumerate() {
             match result {
                 Ok(response) => {
                     add(&mut sums, &response.counters);
-                    for part in &response.replicas {
-                        let fresher = copies
-                            .get(part.origin.as_str())
-                            .is_none_or(|best| part.version > best.version);
-                        if fresher {
-                            copies.insert(&part.origin, part);
-                        }
+                    if response.restoring {
+                        restoring.push((index, response.incarnation));
                     }
                 }
-                Err(error) => failed.push((shard.node_id(), error)),
+                Err(error) => missing.push((index, error.clone())),
             }
         }
         let mut unavailable = Vec::new();
-        for (node_id, error) in failed {
-            match copies.get(node_id) {
+        for (index, error) in missing {
+            match self.usable_copy(index, &results) {
                 Some(copy) => add(&mut sums, &copy.counters),
-                None => unavailable.push((node_id.to_string(), error.clone())),
+                None => unavailable.push((self.shards[index].node_id().to_string(), error)),
+            }
+        }
+        for (index, incarnation) in restoring {
+            let node_id = self.shards[index].node_id();
+            let candidates =
+                crate::replication::replicas_of(&self.ring, index, self.config.replication_factor);
+            if candidates
+                .iter()
+                .any(|&candidate| results[candidate].is_err())
+            {
+                // The freshest copy of its earlier entries may be on a
+                // replica that did not answer.
+                unavailable.push((
+                    node_id.to_string(),
+                    ShardCallError::Failed(
+                        "restoring from its replicas, and one of them did not answer".into(),
+                    ),
+                ));
+                continue;
+            }
+            if let Some(copy) = self
+                .freshest_copy(index, &results)
+                .filter(|copy| copy.version >> INCARNATION_SHIFT < incarnation)
+            {
+                add(&mut sums, &copy.counters);
             }
         }
         if !unavailable.is_empty() {

@@ -33,6 +33,9 @@ pub struct NodeHealth {
     pub since_unix_ms: i64,
     /// Why the node is down (the last failure); empty when up.
     pub error: String,
+    /// The node started with an empty data directory and awaits a restore
+    /// from its replicas (as its last status said).
+    pub restoring: bool,
 }
 
 /// Every node's health, indexed like the ring's nodes.
@@ -55,6 +58,7 @@ impl HealthBoard {
                         up: true,
                         since_unix_ms: 0,
                         error: String::new(),
+                        restoring: false,
                     })
                 })
                 .collect(),
@@ -86,8 +90,19 @@ impl HealthBoard {
                 up: true,
                 since_unix_ms: unix_ms_now(),
                 error: String::new(),
+                restoring: node.restoring,
             };
         }
+    }
+
+    /// Whether node `index` said it awaits a restore.
+    pub fn is_restoring(&self, index: usize) -> bool {
+        self.nodes[index].lock().restoring
+    }
+
+    /// Records whether node `index` awaits a restore.
+    pub fn set_restoring(&self, index: usize, restoring: bool) {
+        self.nodes[index].lock().restoring = restoring;
     }
 
     /// A call to or probe of node `index` failed.
@@ -113,13 +128,14 @@ pub async fn probe_loop(
     let mut pause = interval;
     loop {
         tokio::time::sleep(pause).await;
-        let result = shard.status(timeout).await;
+        let result = shard.brief_status(timeout).await;
         let Some(board) = board.upgrade() else {
             return;
         };
         match result {
-            Ok(_) => {
+            Ok(status) => {
                 board.record_success(index);
+                board.set_restoring(index, status.restoring);
                 pause = interval;
             }
             Err(error) => {
@@ -130,7 +146,8 @@ pub async fn probe_loop(
     }
 }
 
-fn unix_ms_now() -> i64 {
+/// Wall-clock time in ms since the Unix epoch.
+pub fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64)

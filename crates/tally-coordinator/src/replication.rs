@@ -47,6 +47,11 @@ pub async fn replication_loop(cluster: Weak<Cluster>, interval: Duration) {
         let Some(cluster) = cluster.upgrade() else {
             return;
         };
+        for node in cluster.restoring_nodes() {
+            if let Err(error) = cluster.restore_node(node).await {
+                tracing::warn!(node, %error, "restore of a node that started empty failed; will retry");
+            }
+        }
         let rounds = cluster.replica_pairs().into_iter().map(|pair| {
             let since = progress.get(&pair).copied().unwrap_or(0);
             let cluster = Arc::clone(&cluster);

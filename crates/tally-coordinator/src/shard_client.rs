@@ -196,6 +196,35 @@ impl ShardClient {
         call(budget, grpc.changes(timed(request, budget))).await
     }
 
+    /// This node's whole copy of `origin`'s entries, if it holds one.
+    pub async fn copy_of(
+        &self,
+        origin: &str,
+        budget: Duration,
+    ) -> Result<pb::CopyOfResponse, ShardCallError> {
+        let request = pb::CopyOfRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.copy_of(timed(request, budget))).await
+    }
+
+    /// Adds its earlier entries to a node that started empty.
+    pub async fn restore(
+        &self,
+        entries: Vec<pb::EntryValue>,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
+        let request = pb::RestoreRequest {
+            node_id: self.node_id.to_string(),
+            entries,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.restore(timed(request, budget))).await?;
+        Ok(())
+    }
+
     /// Stores a change set of `origin`'s entries on this node, as a replica
     /// copy.
     pub async fn replicate(
@@ -212,6 +241,7 @@ impl ShardClient {
             version: changes.version,
             full: changes.full,
             entries: changes.entries,
+            scanned_unix_ms: changes.scanned_unix_ms,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.replicate(timed(request, budget))).await
@@ -237,10 +267,27 @@ impl ShardClient {
         &self,
         budget: Duration,
     ) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        self.status_with(false, budget).await
+    }
+
+    /// The node's status without what costs a walk over every entry: for
+    /// health probes.
+    pub async fn brief_status(
+        &self,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        self.status_with(true, budget).await
+    }
+
+    async fn status_with(
+        &self,
+        brief: bool,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
         let mut grpc = self.grpc.clone();
         let status = call(
             budget,
-            grpc.status(timed(pb::ShardStatusRequest {}, budget)),
+            grpc.status(timed(pb::ShardStatusRequest { brief }, budget)),
         )
         .await?;
         if status.node_id != *self.node_id {

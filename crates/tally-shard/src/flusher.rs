@@ -98,6 +98,15 @@ impl Flusher {
         if epoch == 0 || self.durability == Durability::Async {
             return Ok(());
         }
+        self.wait_flushed(epoch).await
+    }
+
+    /// Returns when changes stamped with `epoch` are on disk, whatever the
+    /// durability mode.
+    pub async fn wait_flushed(&self, epoch: u64) -> Result<(), FlushFailed> {
+        if epoch == 0 {
+            return Ok(());
+        }
         self.wake.notify_one();
         let mut state = self.state.clone();
         let state = state

@@ -14,6 +14,9 @@
 //!            -> flush sequence: u64 BE
 //! replica  = 0x00 'V' | origin
 //!            -> version of this node's copy of the origin's entries: u64 BE
+//! restored = 0x00 'R'
+//!            -> 0: the directory was created empty and its own entries
+//!               await a restore from replicas; 1: restored (absent: 1)
 //! ```
 //!
 //! Entries of another origin are a replica copy of that node's entries.
@@ -26,6 +29,8 @@
 pub const RECORD_PREFIX: [u8; 2] = [0, b'K'];
 /// The key holding the sequence number of the last flush written.
 pub const SEQUENCE_KEY: [u8; 2] = [0, b'S'];
+/// The key saying whether this node's own entries await a restore.
+pub const RESTORED_KEY: [u8; 2] = [0, b'R'];
 /// First bytes of every replica version key.
 pub const REPLICA_PREFIX: [u8; 2] = [0, b'V'];
 
@@ -54,6 +59,8 @@ pub enum DataKey<'a> {
     },
     /// The flush sequence number.
     Sequence,
+    /// Whether the own entries await a restore.
+    Restored,
     /// The version of the replica copy of `origin`'s entries.
     ReplicaVersion {
         /// The node the copy is of.
@@ -115,6 +122,7 @@ pub fn encode_record_key_into(buffer: &mut Vec<u8>, counter: &str, key: &str) {
 pub fn decode_key(bytes: &[u8]) -> Option<DataKey<'_>> {
     match bytes.split_first()? {
         (0, _) if bytes == SEQUENCE_KEY => Some(DataKey::Sequence),
+        (0, _) if bytes == RESTORED_KEY => Some(DataKey::Restored),
         (0, _) if bytes.starts_with(&REPLICA_PREFIX) => Some(DataKey::ReplicaVersion {
             origin: std::str::from_utf8(&bytes[REPLICA_PREFIX.len()..])
                 .ok()

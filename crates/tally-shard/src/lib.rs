@@ -81,6 +81,8 @@ pub struct ShardNode {
     store: Arc<Store>,
     storage: Arc<storage::Storage>,
     replicas: Arc<replicas::Replicas>,
+    /// Created empty: own entries await a restore from replicas.
+    awaiting_restore: bool,
 }
 
 use store::Store;
@@ -113,6 +115,7 @@ impl ShardNode {
             entries = report.entries,
             idempotency_keys = report.records,
             replica_entries = report.foreign_entries,
+            awaiting_restore = report.awaiting_restore,
             flush_sequence = report.sequence,
             durability = config.durability.as_str(),
             "recovered"
@@ -122,6 +125,7 @@ impl ShardNode {
             store: Arc::new(store),
             storage: Arc::new(storage),
             replicas: Arc::new(replicas),
+            awaiting_restore: report.awaiting_restore,
         })
     }
 
@@ -147,6 +151,7 @@ impl ShardNode {
             flusher.clone(),
             self.storage.clone(),
             self.replicas.clone(),
+            self.awaiting_restore,
         );
         let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter

@@ -21,6 +21,10 @@ use parking_lot::RwLock;
 #[derive(Debug, Default)]
 struct Copy {
     version: u64,
+    /// When the origin scanned the changes that brought the copy to
+    /// `version` (its wall clock): the copy has everything the origin
+    /// acknowledged before then.
+    scanned_unix_ms: u64,
     /// counter -> `(stripe, value)`, non-zero values only.
     counters: HashMap<Box<str>, Vec<(u32, i64)>>,
 }
@@ -31,6 +35,10 @@ pub struct Replicas {
     copies: RwLock<HashMap<Box<str>, Copy>>,
 }
 
+/// A whole copy: its version, the origin's scan time, and its
+/// `(counter, stripe, value)` entries.
+pub type WholeCopy = (u64, u64, Vec<(String, u32, i64)>);
+
 /// One copy's entries for the counters of a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyRead {
@@ -38,6 +46,8 @@ pub struct CopyRead {
     pub origin: String,
     /// The copy's version.
     pub version: u64,
+    /// The origin's scan time of that version.
+    pub scanned_unix_ms: u64,
     /// Per requested counter, in order: `(stripe, value)`.
     pub counters: Vec<Vec<(u32, i64)>>,
 }
@@ -87,7 +97,14 @@ impl Replicas {
     }
 
     /// Applies a change set the storage already holds.
-    pub fn apply(&self, origin: &str, version: u64, full: bool, entries: &[(&str, u32, i64)]) {
+    pub fn apply(
+        &self,
+        origin: &str,
+        version: u64,
+        scanned_unix_ms: u64,
+        full: bool,
+        entries: &[(&str, u32, i64)],
+    ) {
         let mut copies = self.copies.write();
         let copy = copies.entry(origin.into()).or_default();
         if full {
@@ -97,6 +114,24 @@ impl Replicas {
             set(&mut copy.counters, counter, stripe, value);
         }
         copy.version = version;
+        copy.scanned_unix_ms = scanned_unix_ms;
+    }
+
+    /// The whole copy of `origin`: its version and `(counter, stripe,
+    /// value)` entries, if this node holds one.
+    pub fn copy_of(&self, origin: &str) -> Option<WholeCopy> {
+        let copies = self.copies.read();
+        let copy = copies.get(origin)?;
+        let entries = copy
+            .counters
+            .iter()
+            .flat_map(|(counter, stripes)| {
+                stripes
+                    .iter()
+                    .map(move |&(stripe, value)| (counter.to_string(), stripe, value))
+            })
+            .collect();
+        Some((copy.version, copy.scanned_unix_ms, entries))
     }
 
     /// Loads an entry of a copy at start.
@@ -110,13 +145,12 @@ impl Replicas {
         );
     }
 
-    /// Sets a copy's version at start.
-    pub fn load_version(&self, origin: &str, version: u64) {
-        self.copies
-            .write()
-            .entry(origin.into())
-            .or_default()
-            .version = version;
+    /// Sets a copy's version and scan time at start.
+    pub fn load_version(&self, origin: &str, version: u64, scanned_unix_ms: u64) {
+        let mut copies = self.copies.write();
+        let copy = copies.entry(origin.into()).or_default();
+        copy.version = version;
+        copy.scanned_unix_ms = scanned_unix_ms;
     }
 
     /// Each copy's entries for `counters`, in order. Copies without any of
@@ -128,6 +162,7 @@ impl Replicas {
             .map(|(origin, copy)| CopyRead {
                 origin: origin.to_string(),
                 version: copy.version,
+                scanned_unix_ms: copy.scanned_unix_ms,
                 counters: counters
                     .iter()
                     .map(|counter| {
@@ -200,22 +235,23 @@ mod tests {
         let replicas = Replicas::default();
         assert_eq!(replicas.accepts("a", 5, 9, false), Verdict::NeedFull);
         assert_eq!(replicas.accepts("a", 0, 9, true), Verdict::Apply);
-        replicas.apply("a", 9, true, &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)]);
+        replicas.apply("a", 9, 0, true, &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)]);
         assert_eq!(replicas.accepts("a", 9, 12, false), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 4, 12, false), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 10, 12, false), Verdict::NeedFull);
         assert_eq!(replicas.accepts("a", 0, 9, true), Verdict::Stale);
-        replicas.apply("a", 12, false, &[("c", 1, 0), ("d", 0, 4)]);
+        replicas.apply("a", 12, 0, false, &[("c", 1, 0), ("d", 0, 4)]);
         let read = replicas.read(&["c".into(), "d".into(), "e".into()]);
         assert_eq!(
             read,
             vec![CopyRead {
                 origin: "a".into(),
                 version: 12,
+                scanned_unix_ms: 0,
                 counters: vec![vec![(0, 5)], vec![(0, 4)], vec![]],
             }]
         );
-        replicas.apply("a", 20, true, &[("e", 3, 7)]);
+        replicas.apply("a", 20, 0, true, &[("e", 3, 7)]);
         let read = replicas.read(&["c".into(), "e".into()]);
         assert_eq!(read[0].counters, vec![vec![], vec![(3, 7)]]);
     }
@@ -223,8 +259,8 @@ mod tests {
     #[test]
     fn erase_removes_a_counter_from_every_copy() {
         let replicas = Replicas::default();
-        replicas.apply("a", 1, true, &[("c", 0, 5)]);
-        replicas.apply("b", 1, true, &[("c", 2, 5), ("d", 0, 1)]);
+        replicas.apply("a", 1, 0, true, &[("c", 0, 5)]);
+        replicas.apply("b", 1, 0, true, &[("c", 2, 5), ("d", 0, 1)]);
         let mut held = replicas.held(&["c"]);
         held.sort();
         assert_eq!(

@@ -1,6 +1,6 @@
 //! The `tally.v1.Shard` gRPC service: the coordinator's only way in.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_proto::domain::{CounterName, IdempotencyKey};
@@ -25,6 +25,13 @@ pub struct ShardService {
     /// One replica change (or erase of copies) at a time: its check, write
     /// and apply must not interleave with another's.
     replica_writes: Arc<tokio::sync::Mutex<()>>,
+    /// The node started with an empty data directory: its earlier entries
+    /// (if it existed before) are only in its replicas' copies, which a
+    /// read adds to its own part, and which it must not overwrite (no
+    /// Changes) until a Restore adds them to its own entries.
+    restoring: Arc<AtomicBool>,
+    /// Own-entry writes hold it shared; a Restore holds it alone.
+    own_writes: Arc<tokio::sync::RwLock<()>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
 }
@@ -39,6 +46,7 @@ impl ShardService {
         flusher: Arc<Flusher>,
         storage: Arc<Storage>,
         replicas: Arc<Replicas>,
+        restoring: bool,
     ) -> Self {
         ShardService {
             node_id: node_id.into(),
@@ -48,8 +56,23 @@ impl ShardService {
             storage,
             replicas,
             replica_writes: Arc::default(),
+            restoring: Arc::new(AtomicBool::new(restoring)),
+            own_writes: Arc::default(),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
+        }
+    }
+
+    /// Refuses to hand out own entries while earlier ones await a restore.
+    fn check_restored(&self) -> Result<(), Status> {
+        if self.restoring.load(Ordering::SeqCst) {
+            Err(Status::failed_precondition(format!(
+                "node {} started with an empty data directory and awaits a restore from its \
+                 replicas",
+                self.node_id
+            )))
+        } else {
+            Ok(())
         }
     }
 
@@ -97,7 +120,10 @@ impl pb::shard_server::Shard for ShardService {
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let (outcomes, epoch) = self.store.apply(&increments, unix_ms_now());
+        let (outcomes, epoch) = {
+            let _writing = self.own_writes.read().await;
+            self.store.apply(&increments, unix_ms_now())
+        };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
             .fetch_add(increments.len() as u64, Ordering::Relaxed);
@@ -140,6 +166,7 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
+        let restoring = self.restoring.load(Ordering::SeqCst);
         let counters = request
             .counters
             .iter()
@@ -159,6 +186,7 @@ impl pb::shard_server::Shard for ShardService {
             .map(|copy| pb::ReplicaPart {
                 origin: copy.origin,
                 version: copy.version,
+                scanned_unix_ms: copy.scanned_unix_ms,
                 counters: copy
                     .counters
                     .into_iter()
@@ -171,7 +199,12 @@ impl pb::shard_server::Shard for ShardService {
                     .collect(),
             })
             .collect();
-        Ok(Response::new(pb::ReadResponse { counters, replicas }))
+        Ok(Response::new(pb::ReadResponse {
+            counters,
+            replicas,
+            restoring,
+            incarnation: self.store.incarnation(),
+        }))
     }
 
     async fn erase(
@@ -181,7 +214,10 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
-        let epoch = self.store.erase(&counters);
+        let epoch = {
+            let _writing = self.own_writes.read().await;
+            self.store.erase(&counters)
+        };
         // Replica copies too: a delete must not come back from a copy read
         // while the counter's origin is down.
         let _replica_writes = self.replica_writes.lock().await;
@@ -208,11 +244,13 @@ impl pb::shard_server::Shard for ShardService {
 
     async fn status(
         &self,
-        _request: Request<pb::ShardStatusRequest>,
+        request: Request<pb::ShardStatusRequest>,
     ) -> Result<Response<pb::ShardStatusResponse>, Status> {
+        let brief = request.into_inner().brief;
         Ok(Response::new(pb::ShardStatusResponse {
             node_id: self.node_id.to_string(),
-            entries: self.store.entry_count(),
+            // A walk over every entry: not for frequent probes.
+            entries: if brief { 0 } else { self.store.entry_count() },
             last_flush_unix_ms: self.flusher.last_flush_unix_ms(),
             durability: self.durability.as_str().to_string(),
             apply_calls: self.apply_calls.load(Ordering::Relaxed),
@@ -227,10 +265,97 @@ impl pb::shard_server::Shard for ShardService {
                 .map(|(origin, version)| pb::ReplicaPart {
                     origin,
                     version,
-                    counters: Vec::new(),
+                    ..Default::default()
                 })
                 .collect(),
+            restoring: self.restoring.load(Ordering::SeqCst),
+            replication_version: self.store.replication_version(),
         }))
+    }
+
+    async fn copy_of(
+        &self,
+        request: Request<pb::CopyOfRequest>,
+    ) -> Result<Response<pb::CopyOfResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let response = match self.replicas.copy_of(&request.origin) {
+            Some((version, scanned_unix_ms, entries)) => pb::CopyOfResponse {
+                found: true,
+                version,
+                scanned_unix_ms,
+                entries: entries
+                    .into_iter()
+                    .map(|(counter, stripe, value)| pb::EntryValue {
+                        counter,
+                        stripe,
+                        value,
+                    })
+                    .collect(),
+            },
+            None => pb::CopyOfResponse::default(),
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        for entry in &request.entries {
+            check_counter_name(&entry.counter)?;
+        }
+        let _replica_writes = self.replica_writes.lock().await;
+        if !self.restoring.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not waiting for a restore",
+                self.node_id
+            )));
+        }
+        // Own writes pause, and everything written so far reaches disk, so
+        // that no flush of an older value lands after the restore's batch.
+        let _paused = self.own_writes.write().await;
+        self.flusher
+            .wait_flushed(self.store.open_epoch())
+            .await
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        // The node's earlier entries are added to what it took since it
+        // started: each entry's new absolute value.
+        let mut added: Vec<(String, u32, i64)> = Vec::with_capacity(request.entries.len());
+        for entry in &request.entries {
+            let current = self.store.entry(&entry.counter, entry.stripe);
+            let value = current.checked_add(entry.value).ok_or_else(|| {
+                Status::out_of_range(format!("restoring {:?} overflows", entry.counter))
+            })?;
+            added.push((entry.counter.clone(), entry.stripe, value));
+        }
+        let storage = self.storage.clone();
+        let added = Arc::new(added);
+        {
+            let added = added.clone();
+            tokio::task::spawn_blocking(move || {
+                let entries: Vec<(&str, u32, i64)> = added
+                    .iter()
+                    .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
+                    .collect();
+                storage.restore(&entries)
+            })
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        }
+        for (counter, stripe, value) in added.iter() {
+            self.store.load(counter, *stripe, *value);
+        }
+        self.restoring.store(false, Ordering::SeqCst);
+        tracing::info!(
+            node_id = &*self.node_id,
+            entries = request.entries.len(),
+            "restored from replicas"
+        );
+        Ok(Response::new(pb::RestoreResponse {}))
     }
 
     async fn changes(
@@ -239,8 +364,19 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::ChangesResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
-        let changes = self.store.changes_since(request.since);
+        // An empty node's "everything" would replace its good copies.
+        self.check_restored()?;
+        // Taken before the scan: the copy will hold everything acknowledged
+        // before this time.
+        let scanned_unix_ms = unix_ms_now();
+        let store = self.store.clone();
+        let since = request.since;
+        // A walk over every entry: off the async workers.
+        let changes = tokio::task::spawn_blocking(move || store.changes_since(since))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?;
         Ok(Response::new(pb::ChangesResponse {
+            scanned_unix_ms,
             version: changes.version,
             full: changes.full,
             entries: changes
@@ -301,7 +437,13 @@ impl pb::shard_server::Shard for ShardService {
                     .iter()
                     .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
                     .collect();
-                storage.write_replica(&request.origin, request.full, request.version, &entries)
+                storage.write_replica(
+                    &request.origin,
+                    request.full,
+                    request.version,
+                    request.scanned_unix_ms,
+                    &entries,
+                )
             })
             .await
             .map_err(|error| Status::internal(error.to_string()))?
@@ -312,8 +454,13 @@ impl pb::shard_server::Shard for ShardService {
             .iter()
             .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
             .collect();
-        self.replicas
-            .apply(&request.origin, request.version, request.full, &entries);
+        self.replicas.apply(
+            &request.origin,
+            request.version,
+            request.scanned_unix_ms,
+            request.full,
+            &entries,
+        );
         Ok(Response::new(pb::ReplicateResponse {
             accepted: true,
             version: request.version,

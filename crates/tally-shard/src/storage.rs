@@ -143,6 +143,9 @@ pub struct DirectoryReport {
     pub witnessed: u64,
     /// Whether the files are exactly as the node left them at a clean stop.
     pub clean: bool,
+    /// The directory was created empty and its own entries await a
+    /// restore from replicas.
+    pub awaiting_restore: bool,
 }
 
 /// An open data directory.
@@ -286,7 +289,11 @@ impl Storage {
                 stripe,
                 value,
             } => replicas.load(origin, counter, stripe, value),
-            Item::ReplicaVersion { origin, version } => replicas.load_version(origin, version),
+            Item::ReplicaVersion {
+                origin,
+                version,
+                scanned_unix_ms,
+            } => replicas.load_version(origin, version, scanned_unix_ms),
         })
         .map_err(|message| self.damaged(message))?;
         store.load_records(records);
@@ -312,6 +319,7 @@ impl Storage {
         origin: &str,
         full: bool,
         version: u64,
+        scanned_unix_ms: u64,
         entries: &[(&str, u32, i64)],
     ) -> Result<(), StorageError> {
         self.write_batch(|data| {
@@ -329,7 +337,28 @@ impl Storage {
                     batch.insert(key, &value.to_be_bytes());
                 }
             }
-            batch.insert(keys::replica_version_key(origin), &version.to_be_bytes());
+            let mut value = [0; 16];
+            value[..8].copy_from_slice(&version.to_be_bytes());
+            value[8..].copy_from_slice(&scanned_unix_ms.to_be_bytes());
+            batch.insert(keys::replica_version_key(origin), &value);
+            Ok(batch)
+        })
+    }
+
+    /// Sets these own entries (absolute values) and marks the own entries
+    /// restored, in one atomic batch, durably. Blocking.
+    pub fn restore(&self, entries: &[(&str, u32, i64)]) -> Result<(), StorageError> {
+        self.write_batch(|_| {
+            let mut batch = sled::Batch::default();
+            for &(counter, stripe, value) in entries {
+                let key = keys::encode_entry_key(&self.node_id, counter, stripe);
+                if value == 0 {
+                    batch.remove(key);
+                } else {
+                    batch.insert(key, &value.to_be_bytes());
+                }
+            }
+            batch.insert(&keys::RESTORED_KEY, &1u64.to_be_bytes());
             Ok(batch)
         })
     }
@@ -378,8 +407,8 @@ impl Storage {
         Ok(())
     }
 
-    /// How many times this directory has been opened, this time included:
-    /// the high bits of this node's replication versions.
+    /// This start's number (see `next_incarnation`): the high bits of this
+    /// node's replication versions.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
     }
@@ -545,13 +574,24 @@ fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StorageEr
     Ok((db, meta, data))
 }
 
-/// Counts this start in the metadata, durably, and returns the count.
+/// Numbers this start, durably: greater than every earlier start of this
+/// directory, and, being at least the wall clock in seconds, than the
+/// starts of a directory this node lost (a replaced disk).
 fn next_incarnation(db: &sled::Db, meta: &sled::Tree) -> Result<u64, sled::Error> {
     let previous = meta
         .get("incarnation")?
         .and_then(|bytes| keys::decode_u64(&bytes))
         .unwrap_or(0);
-    let incarnation = previous + 1;
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    // A new directory takes the next second: every start of a directory
+    // this node lost was numbered at most the second it happened in.
+    let incarnation = if previous == 0 {
+        now_secs + 1
+    } else {
+        (previous + 1).max(now_secs)
+    };
     meta.insert("incarnation", &incarnation.to_be_bytes())?;
     db.flush()?;
     Ok(incarnation)
@@ -693,6 +733,7 @@ enum Item<'a> {
     ReplicaVersion {
         origin: &'a str,
         version: u64,
+        scanned_unix_ms: u64,
     },
 }
 
@@ -731,9 +772,14 @@ fn scan(
                 }
             }
             DataKey::ReplicaVersion { origin } => {
-                let version = keys::decode_u64(&value)
+                let (version, scanned_unix_ms) = keys::decode_record_value(&value)
+                    .map(|(version, scanned)| (version as u64, scanned))
                     .ok_or_else(|| format!("bad replica version of {origin:?}"))?;
-                visit(Item::ReplicaVersion { origin, version });
+                visit(Item::ReplicaVersion {
+                    origin,
+                    version,
+                    scanned_unix_ms,
+                });
             }
             DataKey::Record { counter, .. } => {
                 let (delta, applied_unix_ms) = keys::decode_record_value(&value)
@@ -748,6 +794,10 @@ fn scan(
             }
             DataKey::Sequence => {
                 report.sequence = keys::decode_u64(&value).ok_or("bad flush sequence value")?;
+            }
+            DataKey::Restored => {
+                report.awaiting_restore =
+                    keys::decode_u64(&value).ok_or("bad restored value")? == 0;
             }
         }
     }
@@ -1041,8 +1091,11 @@ fn set_up(
         if !data.is_empty() {
             return Err(damaged("entries without metadata".to_string()));
         }
+        // A directory created empty: if this node existed before, its
+        // entries are in its replicas, and it must not answer with nothing.
         meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
             .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
+            .and_then(|_| data.insert(keys::RESTORED_KEY, &0u64.to_be_bytes()))
             .and_then(|_| db.flush())
             .map_err(|error| damaged(error.to_string()))?;
     }
@@ -1195,24 +1248,29 @@ mod tests {
     #[test]
     fn replica_copies_survive_reopen_and_erase() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let first = {
             let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            assert_eq!(storage.incarnation(), 1);
+            let first = storage.incarnation();
+            assert!(first > 1_700_000_000, "wall-clock seconds: {first}");
             storage
-                .write_replica("shard-2", true, 7, &[("c", 0, 5), ("cc", 1, 3)])
+                .write_replica("shard-2", true, 7, 70, &[("c", 0, 5), ("cc", 1, 3)])
                 .unwrap();
             storage
-                .write_replica("shard-2", false, 9, &[("c", 2, 4), ("cc", 1, 0)])
+                .write_replica("shard-2", false, 9, 90, &[("c", 2, 4), ("cc", 1, 0)])
                 .unwrap();
             storage
-                .write_replica("shard-3", true, 4, &[("c", 0, 1)])
+                .write_replica("shard-3", true, 4, 40, &[("c", 0, 1)])
                 .unwrap();
             storage
                 .erase_replicas(&[("shard-3".into(), "c".into())])
                 .unwrap();
-        }
+            first
+        };
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        assert_eq!(storage.incarnation(), 2);
+        assert!(
+            storage.incarnation() > first,
+            "every start is numbered higher"
+        );
         let replicas = Replicas::default();
         let report = storage.load_into(&Store::new(), &replicas).unwrap();
         assert_eq!(report.entries, 0);
@@ -1224,9 +1282,10 @@ mod tests {
         let read = replicas.read(&["c".into(), "cc".into()]);
         let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
         assert_eq!(shard_2.counters, vec![vec![(0, 5), (2, 4)], vec![]]);
+        assert_eq!(shard_2.scanned_unix_ms, 90);
         // A full set replaces the copy.
         storage
-            .write_replica("shard-2", true, 12, &[("d", 0, 1)])
+            .write_replica("shard-2", true, 12, 120, &[("d", 0, 1)])
             .unwrap();
         drop(storage);
         let storage = Storage::open(dir.path(), "shard-1").unwrap();

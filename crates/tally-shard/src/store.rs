@@ -225,7 +225,7 @@ struct RemovedLog {
 /// Most removals remembered for replicas.
 const REMOVED_LOG_MAX: usize = 1_000_000;
 /// Bits of a replication version below the node's incarnation.
-const INCARNATION_SHIFT: u32 = 40;
+const INCARNATION_SHIFT: u32 = 32;
 
 /// What changed in this node's own entries (see [`Store::changes_since`]).
 #[derive(Debug, Default)]
@@ -279,6 +279,38 @@ impl Store {
             replication_epoch: AtomicU64::new(1),
             removed: Mutex::default(),
         }
+    }
+
+    /// The flush epoch open now: waiting for it to be flushed waits for
+    /// every change made so far.
+    pub fn open_epoch(&self) -> u64 {
+        self.open_epoch.load(Ordering::SeqCst)
+    }
+
+    /// The value of one entry (0 if absent).
+    pub fn entry(&self, counter: &str, stripe: u32) -> i64 {
+        self.segment(counter)
+            .lock()
+            .counters
+            .get(counter)
+            .and_then(|entry| {
+                entry
+                    .stripes
+                    .iter()
+                    .find(|(existing, _)| *existing == stripe)
+            })
+            .map_or(0, |(_, value)| *value)
+    }
+
+    /// The replication version now: a copy at this version or later holds
+    /// every change made before this call.
+    pub fn replication_version(&self) -> u64 {
+        self.replication_epoch.load(Ordering::SeqCst)
+    }
+
+    /// The incarnation in the high bits of this node's replication versions.
+    pub fn incarnation(&self) -> u64 {
+        self.replication_epoch.load(Ordering::SeqCst) >> INCARNATION_SHIFT
     }
 
     /// Sets the node's incarnation (starts so far), before serving: the high

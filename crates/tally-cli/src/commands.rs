@@ -46,6 +46,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Locate { counter, config } => cli.locate(counter, config.as_deref()).await,
         Command::Status => cli.status().await,
         Command::Health => cli.health().await,
+        Command::Drain { node } => cli.drain(node).await,
     }
 }
 
@@ -175,6 +176,29 @@ impl Cli {
         self.print(json!({ "counter": counter, "deleted": true }), || {
             format!("OK {counter} deleted")
         });
+        Ok(())
+    }
+
+    async fn drain(&self, node: String) -> anyhow::Result<()> {
+        let drained = self
+            .admin_client()
+            .await?
+            .drain(self.request(pb::DrainRequest {
+                node_id: node.clone(),
+            }))
+            .await
+            .map_err(describe)?
+            .into_inner();
+        self.print(
+            json!({ "node": node, "adopter": drained.adopter, "entries": drained.entries }),
+            || {
+                format!(
+                    "OK {node} drained: {} entries moved to {}; remove it from the coordinators' \
+                     config and send them SIGHUP",
+                    drained.entries, drained.adopter
+                )
+            },
+        );
         Ok(())
     }
 
@@ -311,6 +335,7 @@ impl Cli {
                 "keys_forgotten_early": node.keys_forgotten_early,
                 "health": node.health,
                 "health_since_unix_ms": node.health_since_unix_ms,
+                "drain": node.drain,
                 "error": node.error,
             })).collect::<Vec<_>>()
         });
@@ -405,11 +430,16 @@ fn health_label(status: &pb::NodeStatus) -> String {
     } else {
         String::new()
     };
-    match (status.health.as_str(), status.reachable) {
+    let label = match (status.health.as_str(), status.reachable) {
         ("down", true) => format!("DOWN{down_for}, answering again"),
         ("down", false) => format!("DOWN{down_for}: {}", status.error),
         (_, true) => "up".to_string(),
         (_, false) => format!("DOWN: {}", status.error),
+    };
+    if status.drain.is_empty() {
+        label
+    } else {
+        format!("{label} ({})", status.drain)
     }
 }
 

@@ -94,6 +94,13 @@ enum Command {
     /// Check the gRPC health of the server at --endpoint (a coordinator or a
     /// shard node): exit 0 if it is serving. For container health checks.
     Health,
+    /// Move a shard's entries to the next node of the ring, exactly once,
+    /// so that it can be removed from the coordinators' config (then
+    /// SIGHUP them). Safe to repeat: an interrupted drain resumes.
+    Drain {
+        /// The node id to drain.
+        node: String,
+    },
 }
 
 #[tokio::main]

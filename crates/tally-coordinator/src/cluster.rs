@@ -17,10 +17,6 @@ use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::health::{probe_loop, HealthBoard, NodeHealth};
 use crate::shard_client::{BatchSettings, Outcome, ShardClient};
 
-/// Bits of a shard's replication version below its incarnation (the
-/// shard's store uses the same split).
-const INCARNATION_SHIFT: u32 = 32;
-
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
     /// spreading load does not itself contend on one shared counter.
@@ -172,6 +168,100 @@ impl Cluster {
         (copy.scanned_unix_ms as i64 >= oldest).then_some(copy)
     }
 
+    /// Drains node `node_id`: moves its entries to the next node of the
+    /// ring exactly once, so that it can leave the membership. Each step is
+    /// safe to repeat, so a drain interrupted by a crash (of anything)
+    /// resumes when asked again:
+    ///
+    /// 1. the node stops taking writes (and flushes);
+    /// 2. its whole final state goes to the adopter's copy of it;
+    /// 3. it records the hand-over: reads now count the adopter's copy;
+    /// 4. the adopter adds the copy to its own entries and drops it, in one
+    ///    atomic batch (reads see before or after, never both);
+    /// 5. the node records that it is drained: a reload may now drop it.
+    ///
+    /// Returns the adopter and how many entries it took.
+    pub async fn drain(&self, node_id: &str) -> Result<(String, u64)> {
+        let node = self
+            .shards
+            .iter()
+            .position(|shard| shard.node_id() == node_id)
+            .ok_or_else(|| CoordinatorError::UnknownNode(node_id.to_string()))?;
+        let adopter = *crate::replication::replicas_of(&self.ring, node, 2)
+            .first()
+            .ok_or_else(|| {
+                CoordinatorError::Precondition("the last node cannot be drained".into())
+            })?;
+        let adopter_id = self.shards[adopter].node_id().to_string();
+        let budget = self.config.shard_timeout;
+        let failed = |node: usize, error: ShardCallError| {
+            CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
+        };
+        // Route around it here at once, and let what is already queued for
+        // it land before it stops taking writes, so that no write of this
+        // coordinator fails. Other coordinators learn it from their probes
+        // (the node refuses their writes meanwhile; nothing refused was
+        // applied).
+        self.health.set_drain(node, "draining");
+        let shard = &self.shards[node];
+        let waiting = tokio::time::Instant::now();
+        while !shard.is_idle() && waiting.elapsed() < budget {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // A node that started empty must get its earlier entries back
+        // before it can hand them on.
+        let status = shard
+            .brief_status(budget)
+            .await
+            .map_err(|error| failed(node, error))?;
+        if status.restoring {
+            self.restore_node(node)
+                .await
+                .map_err(|error| failed(node, error))?;
+        }
+        shard
+            .drain(pb::DrainPhase::StopWrites, "", budget)
+            .await
+            .map_err(|error| failed(node, error))?;
+        let status = shard
+            .brief_status(budget)
+            .await
+            .map_err(|error| failed(node, error))?;
+        let mut version = 0;
+        if status.drain == "draining" {
+            let changes = shard
+                .changes(0, budget)
+                .await
+                .map_err(|error| failed(node, error))?;
+            version = changes.version;
+            let answer = self.shards[adopter]
+                .replicate(node_id, 0, changes, budget)
+                .await
+                .map_err(|error| failed(adopter, error))?;
+            if !answer.accepted || answer.version < version {
+                return Err(CoordinatorError::Precondition(format!(
+                    "{adopter_id} did not take the final copy of {node_id}"
+                )));
+            }
+            shard
+                .drain(pb::DrainPhase::HandedOver, &adopter_id, budget)
+                .await
+                .map_err(|error| failed(node, error))?;
+        }
+        self.health.set_drain(node, "handed-over");
+        let entries = self.shards[adopter]
+            .adopt(node_id, version, budget)
+            .await
+            .map_err(|error| failed(adopter, error))?;
+        shard
+            .drain(pb::DrainPhase::Adopted, &adopter_id, budget)
+            .await
+            .map_err(|error| failed(node, error))?;
+        self.health.set_drain(node, "drained");
+        tracing::info!(node_id, adopter = adopter_id, entries, "drained");
+        Ok((adopter_id, entries))
+    }
+
     /// Nodes that said they await a restore and are up.
     pub fn restoring_nodes(&self) -> Vec<usize> {
         (0..self.shards.len())
@@ -249,12 +339,22 @@ impl Cluster {
             // Its copies hold its earlier entries until the restore.
             return Ok(None);
         }
+        if matches!(
+            self.health.drain(origin).as_str(),
+            "handed-over" | "drained"
+        ) {
+            // Its entries are with its adopter; it has no changes to give.
+            return Ok(None);
+        }
         let budget = self.config.shard_timeout;
         let changes = self.shards[origin].changes(since, budget).await;
         if let Err(ShardCallError::Failed(message)) = &changes {
             if message.contains("awaits a restore") {
                 // Not a failure: the node started empty; restore it first.
                 self.health.set_restoring(origin, true);
+                return Ok(None);
+            }
+            if message.contains("is drained") {
                 return Ok(None);
             }
         }
@@ -277,15 +377,20 @@ impl Cluster {
     /// owner is down and the increment has no key; then the first healthy
     /// node after it on the ring. A keyed increment stays with its owner,
     /// the only node that remembers its key.
+    ///
+    /// A node being drained takes no writes: every increment whose owner it
+    /// is goes to the next node that does, keyed ones too (their key is
+    /// not remembered there: see the drain's limits).
     fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
         let hash = tally_ring::key_hash(counter, stripe);
         let owner = self.ring.owner_of_hash(hash);
-        if keyed || self.health.is_up(owner) {
+        let (up, draining) = self.health.write_state(owner);
+        if !draining && (up || keyed) {
             return owner;
         }
         self.ring
             .successors(hash)
-            .find(|&node| self.health.is_up(node))
+            .find(|&node| self.health.takes_writes(node))
             .unwrap_or(owner)
     }
 
@@ -371,22 +476,52 @@ impl Cluster {
                     .unwrap_or_default(),
             });
         }
-        let calls = by_node.into_iter().map(|(node, increments)| async move {
-            (node, self.shards[node].apply(increments).await)
-        });
-        let results = with_deadline(deadline, join_all(calls)).await?;
-
         let mut unavailable = Vec::new();
         let mut refused = None;
-        for (node, result) in results {
-            self.observe(node, &result);
-            match result {
-                Ok(outcomes) => {
-                    if refused.is_none() {
-                        refused = outcomes.into_iter().find_map(refusal);
+        // A node that began a drain after this call was routed sends its
+        // increments back unapplied: route them again, once.
+        for round in 0..2 {
+            let calls =
+                std::mem::take(&mut by_node)
+                    .into_iter()
+                    .map(|(node, increments)| async move {
+                        (node, self.shards[node].apply(increments).await)
+                    });
+            let results = with_deadline(deadline, join_all(calls)).await?;
+            for (node, result) in results {
+                self.observe(node, &result);
+                match result {
+                    Ok(outcomes) => {
+                        for outcome in outcomes {
+                            match outcome {
+                                Outcome::Redirect(increment) if round == 0 => {
+                                    self.health.set_drain(node, "draining");
+                                    let again = self.target(
+                                        &increment.counter,
+                                        increment.stripe,
+                                        !increment.idempotency_key.is_empty(),
+                                    );
+                                    by_node.entry(again).or_default().push(increment);
+                                }
+                                Outcome::Redirect(_) => unavailable.push((
+                                    self.shards[node].node_id().to_string(),
+                                    ShardCallError::Failed("being drained".into()),
+                                )),
+                                other => {
+                                    if refused.is_none() {
+                                        refused = refusal(other);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        unavailable.push((self.shards[node].node_id().to_string(), error))
                     }
                 }
-                Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
+            }
+            if by_node.is_empty() {
+                break;
             }
         }
         // UNAVAILABLE first: part of the call was not applied and the client
@@ -439,12 +574,18 @@ impl Cluster {
         // incarnation), so its part is both.
         let mut missing = Vec::new();
         let mut restoring = Vec::new();
+        let mut handed_over = Vec::new();
         for (index, result) in results.iter().enumerate() {
             match result {
                 Ok(response) => {
-                    add(&mut sums, &response.counters);
+                    if response.drained_to.is_empty() {
+                        add(&mut sums, &response.counters);
+                    }
                     if response.restoring {
-                        restoring.push((index, response.incarnation));
+                        restoring.push((index, response.directory_id));
+                    }
+                    if !response.drained_to.is_empty() {
+                        handed_over.push((index, response.drained_to.as_str()));
                     }
                 }
                 Err(error) => missing.push((index, error.clone())),
@@ -457,7 +598,31 @@ impl Cluster {
                 None => unavailable.push((self.shards[index].node_id().to_string(), error)),
             }
         }
-        for (index, incarnation) in restoring {
+        // A drained node answers for nothing: its part is in its adopter's
+        // copy until the adopter adopts it, then in the adopter's own (the
+        // adopter's answer shows one or the other, never both).
+        for (index, adopter_id) in handed_over {
+            let node_id = self.shards[index].node_id();
+            let adopter = self
+                .shards
+                .iter()
+                .position(|shard| shard.node_id() == adopter_id);
+            match adopter.map(|adopter| &results[adopter]) {
+                Some(Ok(response)) => {
+                    if let Some(copy) = response.replicas.iter().find(|part| part.origin == node_id)
+                    {
+                        add(&mut sums, &copy.counters);
+                    }
+                }
+                _ => unavailable.push((
+                    node_id.to_string(),
+                    ShardCallError::Failed(format!(
+                        "drained into {adopter_id}, which did not answer"
+                    )),
+                )),
+            }
+        }
+        for (index, directory_id) in restoring {
             let node_id = self.shards[index].node_id();
             let candidates =
                 crate::replication::replicas_of(&self.ring, index, self.config.replication_factor);
@@ -475,9 +640,12 @@ impl Cluster {
                 ));
                 continue;
             }
+            // Its copies come from its lost directory: it refuses to hand
+            // out changes until restored, and the restore's replication
+            // brings the new directory's id.
             if let Some(copy) = self
                 .freshest_copy(index, &results)
-                .filter(|copy| copy.version >> INCARNATION_SHIFT < incarnation)
+                .filter(|copy| copy.directory_id != directory_id)
             {
                 add(&mut sums, &copy.counters);
             }
@@ -545,8 +713,8 @@ pub struct ClusterHandle(Arc<parking_lot::RwLock<Arc<Cluster>>>);
 pub enum ReloadError {
     /// The new config removes a node: its counts would vanish from reads.
     #[error(
-        "node {0:?} is missing from the new config: removing a node would drop its counts from \
-         every read (a node leaves by a drain, not yet available); nothing changed"
+        "node {0:?} is missing from the new config, but it is not drained: removing it would drop \
+         its counts from every read (`tallyctl drain {0}` first); nothing changed"
     )]
     NodeRemoved(String),
     /// A setting every coordinator must share changed.
@@ -580,10 +748,17 @@ impl ClusterHandle {
     pub fn reload(&self, config: CoordinatorConfig) -> std::result::Result<String, ReloadError> {
         let mut current = self.0.write();
         let old = current.config();
+        let drained = |id: &str| {
+            current
+                .shards
+                .iter()
+                .position(|shard| shard.node_id() == id)
+                .is_some_and(|index| current.health.drain(index) == "drained")
+        };
         if let Some(removed) = old
             .nodes
             .iter()
-            .find(|node| config.node(&node.id).is_none())
+            .find(|node| config.node(&node.id).is_none() && !drained(&node.id))
         {
             return Err(ReloadError::NodeRemoved(removed.id.clone()));
         }
@@ -633,7 +808,7 @@ async fn with_deadline<T>(
 /// The error an increment's outcome stands for, if it was refused.
 fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
     match outcome {
-        Outcome::Applied => None,
+        Outcome::Applied | Outcome::Redirect(_) => None,
         Outcome::Overflow { counter, delta } => {
             Some(CoordinatorError::IncrementOverflow { counter, delta })
         }

@@ -60,6 +60,12 @@ pub enum CoordinatorError {
     /// The client's deadline passed.
     #[error("deadline exceeded")]
     DeadlineExceeded,
+    /// An admin request names a node the membership does not have.
+    #[error("no node {0:?} in the membership")]
+    UnknownNode(String),
+    /// An admin request cannot be done in the cluster's state.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 fn describe_unavailable(failures: &[(String, ShardCallError)]) -> String {
@@ -80,6 +86,8 @@ impl CoordinatorError {
             CoordinatorError::KeyConflict { .. } => Code::AlreadyExists,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::DeadlineExceeded => Code::DeadlineExceeded,
+            CoordinatorError::UnknownNode(_) => Code::NotFound,
+            CoordinatorError::Precondition(_) => Code::FailedPrecondition,
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct NodeHealth {
     /// The node started with an empty data directory and awaits a restore
     /// from its replicas (as its last status said).
     pub restoring: bool,
+    /// Its drain state: "" (serving), "draining", "handed-over", "drained".
+    pub drain: String,
 }
 
 /// Every node's health, indexed like the ring's nodes.
@@ -59,6 +61,7 @@ impl HealthBoard {
                         since_unix_ms: 0,
                         error: String::new(),
                         restoring: false,
+                        drain: String::new(),
                     })
                 })
                 .collect(),
@@ -91,8 +94,32 @@ impl HealthBoard {
                 since_unix_ms: unix_ms_now(),
                 error: String::new(),
                 restoring: node.restoring,
+                drain: std::mem::take(&mut node.drain),
             };
         }
+    }
+
+    /// Whether node `index` takes writes: up, and not being drained.
+    pub fn takes_writes(&self, index: usize) -> bool {
+        let (up, draining) = self.write_state(index);
+        up && !draining
+    }
+
+    /// Whether node `index` is up, and whether it is being drained: one
+    /// lock, for the write path.
+    pub fn write_state(&self, index: usize) -> (bool, bool) {
+        let node = self.nodes[index].lock();
+        (node.up, !node.drain.is_empty())
+    }
+
+    /// Node `index`'s drain state as last seen.
+    pub fn drain(&self, index: usize) -> String {
+        self.nodes[index].lock().drain.clone()
+    }
+
+    /// Records node `index`'s drain state.
+    pub fn set_drain(&self, index: usize, drain: &str) {
+        drain.clone_into(&mut self.nodes[index].lock().drain);
     }
 
     /// Whether node `index` said it awaits a restore.
@@ -136,6 +163,7 @@ pub async fn probe_loop(
             Ok(status) => {
                 board.record_success(index);
                 board.set_restoring(index, status.restoring);
+                board.set_drain(index, &status.drain);
                 pause = interval;
             }
             Err(error) => {

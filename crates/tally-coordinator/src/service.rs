@@ -162,6 +162,7 @@ impl pb::admin_server::Admin for AdminService {
                     id: shard.node_id().to_string(),
                     address: shard.address().to_string(),
                     health: if health.up { "up" } else { "down" }.to_string(),
+                    drain: health.drain.clone(),
                     health_since_unix_ms: health.since_unix_ms,
                     ..Default::default()
                 };
@@ -181,6 +182,15 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ClusterStatusResponse {
             nodes: join_all(statuses).await,
         }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let node_id = request.into_inner().node_id;
+        let (adopter, entries) = self.cluster.current().drain(&node_id).await?;
+        Ok(Response::new(pb::DrainResponse { adopter, entries }))
     }
 }
 

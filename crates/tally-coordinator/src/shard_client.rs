@@ -44,6 +44,8 @@ pub enum Outcome {
         /// The increment.
         delta: i64,
     },
+    /// The node is being drained: nothing applied; send it elsewhere.
+    Redirect(pb::ShardIncrement),
     /// The idempotency key was applied to the counter before with another
     /// delta; nothing applied.
     KeyConflict {
@@ -119,6 +121,11 @@ impl ShardClient {
         })
     }
 
+    /// Whether no increment is queued for the node or in a call to it.
+    pub fn is_idle(&self) -> bool {
+        self.queue_room.available_permits() == MAX_QUEUED_INCREMENTS
+    }
+
     /// The node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
@@ -171,7 +178,10 @@ impl ShardClient {
         };
         let mut grpc = self.grpc.clone();
         let response = call(budget, grpc.read(timed(request, budget))).await?;
-        let lengths = std::iter::once(response.counters.len())
+        // A drained node answers for none of its own.
+        let own = (response.drained_to.is_empty()).then_some(response.counters.len());
+        let lengths = own
+            .into_iter()
             .chain(response.replicas.iter().map(|part| part.counters.len()));
         if let Some(wrong) = lengths.into_iter().find(|&length| length != expected) {
             return Err(ShardCallError::Failed(format!(
@@ -210,6 +220,41 @@ impl ShardClient {
         call(budget, grpc.copy_of(timed(request, budget))).await
     }
 
+    /// Moves this node's drain on to `phase`.
+    pub async fn drain(
+        &self,
+        phase: pb::DrainPhase,
+        adopter: &str,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
+        let request = pb::ShardDrainRequest {
+            node_id: self.node_id.to_string(),
+            phase: phase as i32,
+            adopter: adopter.to_string(),
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.drain(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// Has this node adopt its copy of the drained `origin`'s entries.
+    pub async fn adopt(
+        &self,
+        origin: &str,
+        version: u64,
+        budget: Duration,
+    ) -> Result<u64, ShardCallError> {
+        let request = pb::AdoptRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+            version,
+        };
+        let mut grpc = self.grpc.clone();
+        Ok(call(budget, grpc.adopt(timed(request, budget)))
+            .await?
+            .entries)
+    }
+
     /// Adds its earlier entries to a node that started empty.
     pub async fn restore(
         &self,
@@ -242,6 +287,7 @@ impl ShardClient {
             full: changes.full,
             entries: changes.entries,
             scanned_unix_ms: changes.scanned_unix_ms,
+            directory_id: changes.directory_id,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.replicate(timed(request, budget))).await
@@ -452,9 +498,10 @@ fn decode_outcomes(
             response.outcomes.len()
         )));
     }
-    let named = response.overflowed.len() + response.conflicts.len();
+    let named = response.overflowed.len() + response.conflicts.len() + response.redirected.len();
     let mut overflowed = response.overflowed.into_iter();
     let mut conflicts = response.conflicts.into_iter();
+    let mut redirected = response.redirected.into_iter();
     let outcomes = response
         .outcomes
         .iter()
@@ -481,10 +528,14 @@ fn decode_outcomes(
                     recorded_delta,
                 })
             }
+            Ok(pb::ApplyOutcome::Redirect) => redirected
+                .next()
+                .map(Outcome::Redirect)
+                .ok_or_else(|| malformed("a redirect without its increment".into())),
             _ => Err(malformed(format!("unknown outcome {outcome}"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if overflowed.next().is_some() || conflicts.next().is_some() {
+    if overflowed.next().is_some() || conflicts.next().is_some() || redirected.next().is_some() {
         return Err(malformed(format!(
             "{named} overflowed or conflicting increments named"
         )));

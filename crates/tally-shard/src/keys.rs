@@ -17,6 +17,12 @@
 //! restored = 0x00 'R'
 //!            -> 0: the directory was created empty and its own entries
 //!               await a restore from replicas; 1: restored (absent: 1)
+//! drain    = 0x00 'D'
+//!            -> 1: draining (no own writes); 2 | adopter id: entries in
+//!               the adopter's copy; 3 | adopter id: adopted, the node can
+//!               leave (absent: serving)
+//! adopted  = 0x00 'A' | origin
+//!            -> the drained origin's version this node adopted
 //! ```
 //!
 //! Entries of another origin are a replica copy of that node's entries.
@@ -29,6 +35,18 @@
 pub const RECORD_PREFIX: [u8; 2] = [0, b'K'];
 /// The key holding the sequence number of the last flush written.
 pub const SEQUENCE_KEY: [u8; 2] = [0, b'S'];
+/// The key holding this node's drain state.
+pub const DRAIN_KEY: [u8; 2] = [0, b'D'];
+/// First bytes of every adopted-origin marker.
+pub const ADOPTED_PREFIX: [u8; 2] = [0, b'A'];
+
+/// The key marking that this node adopted the drained `origin`'s entries.
+pub fn adopted_key(origin: &str) -> Vec<u8> {
+    let mut key = ADOPTED_PREFIX.to_vec();
+    key.extend_from_slice(origin.as_bytes());
+    key
+}
+
 /// The key saying whether this node's own entries await a restore.
 pub const RESTORED_KEY: [u8; 2] = [0, b'R'];
 /// First bytes of every replica version key.
@@ -61,6 +79,13 @@ pub enum DataKey<'a> {
     Sequence,
     /// Whether the own entries await a restore.
     Restored,
+    /// The drain state.
+    Drain,
+    /// This node adopted a drained origin's entries.
+    Adopted {
+        /// The drained node.
+        origin: &'a str,
+    },
     /// The version of the replica copy of `origin`'s entries.
     ReplicaVersion {
         /// The node the copy is of.
@@ -123,6 +148,10 @@ pub fn decode_key(bytes: &[u8]) -> Option<DataKey<'_>> {
     match bytes.split_first()? {
         (0, _) if bytes == SEQUENCE_KEY => Some(DataKey::Sequence),
         (0, _) if bytes == RESTORED_KEY => Some(DataKey::Restored),
+        (0, _) if bytes == DRAIN_KEY => Some(DataKey::Drain),
+        (0, _) if bytes.starts_with(&ADOPTED_PREFIX) => Some(DataKey::Adopted {
+            origin: std::str::from_utf8(&bytes[ADOPTED_PREFIX.len()..]).ok()?,
+        }),
         (0, _) if bytes.starts_with(&REPLICA_PREFIX) => Some(DataKey::ReplicaVersion {
             origin: std::str::from_utf8(&bytes[REPLICA_PREFIX.len()..])
                 .ok()

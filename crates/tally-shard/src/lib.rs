@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{Durability, ShardConfig, ShardOverrides};
-pub use storage::StorageError;
+pub use storage::{DrainState, StorageError};
 
 /// Largest internal request a node accepts. A full public batch (10,000
 /// increments of 256-byte names with 128-byte keys) is about 4 MiB, and the
@@ -81,8 +81,7 @@ pub struct ShardNode {
     store: Arc<Store>,
     storage: Arc<storage::Storage>,
     replicas: Arc<replicas::Replicas>,
-    /// Created empty: own entries await a restore from replicas.
-    awaiting_restore: bool,
+    state: service::NodeState,
 }
 
 use store::Store;
@@ -125,7 +124,11 @@ impl ShardNode {
             store: Arc::new(store),
             storage: Arc::new(storage),
             replicas: Arc::new(replicas),
-            awaiting_restore: report.awaiting_restore,
+            state: service::NodeState {
+                restoring: report.awaiting_restore,
+                drain: report.drain.clone(),
+                adopted: report.adopted.clone(),
+            },
         })
     }
 
@@ -151,7 +154,7 @@ impl ShardNode {
             flusher.clone(),
             self.storage.clone(),
             self.replicas.clone(),
-            self.awaiting_restore,
+            self.state.clone(),
         );
         let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter

@@ -17,14 +17,49 @@ use std::collections::HashMap;
 
 use parking_lot::RwLock;
 
+/// Where a copy stands: which of the origin's data directories it comes
+/// from, its version there, and when the origin scanned that version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStamp {
+    /// The origin's version the copy reflects.
+    pub version: u64,
+    /// When the origin scanned it (the origin's wall clock): the copy has
+    /// everything the origin acknowledged before then.
+    pub scanned_unix_ms: u64,
+    /// The origin's data directory (random id): a replaced directory's
+    /// versions start over.
+    pub directory_id: u64,
+}
+
+impl CopyStamp {
+    /// 24 bytes, big-endian: version, scan time, directory id.
+    pub fn encode(&self) -> [u8; 24] {
+        let mut value = [0; 24];
+        value[..8].copy_from_slice(&self.version.to_be_bytes());
+        value[8..16].copy_from_slice(&self.scanned_unix_ms.to_be_bytes());
+        value[16..].copy_from_slice(&self.directory_id.to_be_bytes());
+        value
+    }
+
+    /// The inverse of [`CopyStamp::encode`].
+    pub fn decode(value: &[u8]) -> Option<CopyStamp> {
+        let value: &[u8; 24] = value.try_into().ok()?;
+        let word = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().unwrap());
+        Some(CopyStamp {
+            version: word(0),
+            scanned_unix_ms: word(8),
+            directory_id: word(16),
+        })
+    }
+}
+
+/// `(counter, stripe, value)`.
+pub type EntryValue = (String, u32, i64);
+
 /// One origin's entries as this node holds them.
 #[derive(Debug, Default)]
 struct Copy {
-    version: u64,
-    /// When the origin scanned the changes that brought the copy to
-    /// `version` (its wall clock): the copy has everything the origin
-    /// acknowledged before then.
-    scanned_unix_ms: u64,
+    stamp: CopyStamp,
     /// counter -> `(stripe, value)`, non-zero values only.
     counters: HashMap<Box<str>, Vec<(u32, i64)>>,
 }
@@ -35,19 +70,13 @@ pub struct Replicas {
     copies: RwLock<HashMap<Box<str>, Copy>>,
 }
 
-/// A whole copy: its version, the origin's scan time, and its
-/// `(counter, stripe, value)` entries.
-pub type WholeCopy = (u64, u64, Vec<(String, u32, i64)>);
-
 /// One copy's entries for the counters of a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyRead {
     /// The node the copy is of.
     pub origin: String,
-    /// The copy's version.
-    pub version: u64,
-    /// The origin's scan time of that version.
-    pub scanned_unix_ms: u64,
+    /// The copy's stamp.
+    pub stamp: CopyStamp,
     /// Per requested counter, in order: `(stripe, value)`.
     pub counters: Vec<Vec<(u32, i64)>>,
 }
@@ -69,7 +98,7 @@ impl Replicas {
         self.copies
             .read()
             .get(origin)
-            .map_or(0, |copy| copy.version)
+            .map_or(0, |copy| copy.stamp.version)
     }
 
     /// `(origin, version)` of every copy, by origin.
@@ -78,18 +107,35 @@ impl Replicas {
             .copies
             .read()
             .iter()
-            .map(|(origin, copy)| (origin.to_string(), copy.version))
+            .map(|(origin, copy)| (origin.to_string(), copy.stamp.version))
             .collect();
         versions.sort();
         versions
     }
 
-    /// Whether a set of changes from `base` to `version` applies.
-    pub fn accepts(&self, origin: &str, base: u64, version: u64, full: bool) -> Verdict {
-        let current = self.version(origin);
-        if version <= current {
+    /// Whether a set of changes from `base` to `stamp` applies. A full set
+    /// from another directory of the origin (a replaced disk) always does:
+    /// its versions started over.
+    pub fn accepts(&self, origin: &str, base: u64, stamp: &CopyStamp, full: bool) -> Verdict {
+        let copies = self.copies.read();
+        let Some(copy) = copies.get(origin) else {
+            return if full {
+                Verdict::Apply
+            } else {
+                Verdict::NeedFull
+            };
+        };
+        if copy.stamp.directory_id != stamp.directory_id {
+            return if full {
+                Verdict::Apply
+            } else {
+                Verdict::NeedFull
+            };
+        }
+        let current = copy.stamp.version;
+        if stamp.version <= current {
             Verdict::Stale
-        } else if full || (current > 0 && base <= current) {
+        } else if full || base <= current {
             Verdict::Apply
         } else {
             Verdict::NeedFull
@@ -97,14 +143,7 @@ impl Replicas {
     }
 
     /// Applies a change set the storage already holds.
-    pub fn apply(
-        &self,
-        origin: &str,
-        version: u64,
-        scanned_unix_ms: u64,
-        full: bool,
-        entries: &[(&str, u32, i64)],
-    ) {
+    pub fn apply(&self, origin: &str, stamp: CopyStamp, full: bool, entries: &[(&str, u32, i64)]) {
         let mut copies = self.copies.write();
         let copy = copies.entry(origin.into()).or_default();
         if full {
@@ -113,13 +152,12 @@ impl Replicas {
         for &(counter, stripe, value) in entries {
             set(&mut copy.counters, counter, stripe, value);
         }
-        copy.version = version;
-        copy.scanned_unix_ms = scanned_unix_ms;
+        copy.stamp = stamp;
     }
 
     /// The whole copy of `origin`: its version and `(counter, stripe,
     /// value)` entries, if this node holds one.
-    pub fn copy_of(&self, origin: &str) -> Option<WholeCopy> {
+    pub fn copy_of(&self, origin: &str) -> Option<(CopyStamp, Vec<EntryValue>)> {
         let copies = self.copies.read();
         let copy = copies.get(origin)?;
         let entries = copy
@@ -131,7 +169,12 @@ impl Replicas {
                     .map(move |&(stripe, value)| (counter.to_string(), stripe, value))
             })
             .collect();
-        Some((copy.version, copy.scanned_unix_ms, entries))
+        Some((copy.stamp, entries))
+    }
+
+    /// Drops the copy of `origin` (after storage did).
+    pub fn remove(&self, origin: &str) {
+        self.copies.write().remove(origin);
     }
 
     /// Loads an entry of a copy at start.
@@ -145,12 +188,9 @@ impl Replicas {
         );
     }
 
-    /// Sets a copy's version and scan time at start.
-    pub fn load_version(&self, origin: &str, version: u64, scanned_unix_ms: u64) {
-        let mut copies = self.copies.write();
-        let copy = copies.entry(origin.into()).or_default();
-        copy.version = version;
-        copy.scanned_unix_ms = scanned_unix_ms;
+    /// Sets a copy's stamp at start.
+    pub fn load_stamp(&self, origin: &str, stamp: CopyStamp) {
+        self.copies.write().entry(origin.into()).or_default().stamp = stamp;
     }
 
     /// Each copy's entries for `counters`, in order. Copies without any of
@@ -161,8 +201,7 @@ impl Replicas {
             .iter()
             .map(|(origin, copy)| CopyRead {
                 origin: origin.to_string(),
-                version: copy.version,
-                scanned_unix_ms: copy.scanned_unix_ms,
+                stamp: copy.stamp,
                 counters: counters
                     .iter()
                     .map(|counter| {
@@ -230,28 +269,43 @@ fn set(counters: &mut HashMap<Box<str>, Vec<(u32, i64)>>, counter: &str, stripe:
 mod tests {
     use super::*;
 
+    fn at(version: u64) -> CopyStamp {
+        CopyStamp {
+            version,
+            scanned_unix_ms: 0,
+            directory_id: 7,
+        }
+    }
+
     #[test]
     fn changes_apply_in_order_and_full_sets_replace() {
         let replicas = Replicas::default();
-        assert_eq!(replicas.accepts("a", 5, 9, false), Verdict::NeedFull);
-        assert_eq!(replicas.accepts("a", 0, 9, true), Verdict::Apply);
-        replicas.apply("a", 9, 0, true, &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)]);
-        assert_eq!(replicas.accepts("a", 9, 12, false), Verdict::Apply);
-        assert_eq!(replicas.accepts("a", 4, 12, false), Verdict::Apply);
-        assert_eq!(replicas.accepts("a", 10, 12, false), Verdict::NeedFull);
-        assert_eq!(replicas.accepts("a", 0, 9, true), Verdict::Stale);
-        replicas.apply("a", 12, 0, false, &[("c", 1, 0), ("d", 0, 4)]);
+        assert_eq!(replicas.accepts("a", 5, &at(9), false), Verdict::NeedFull);
+        assert_eq!(replicas.accepts("a", 0, &at(9), true), Verdict::Apply);
+        replicas.apply("a", at(9), true, &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)]);
+        assert_eq!(replicas.accepts("a", 9, &at(12), false), Verdict::Apply);
+        assert_eq!(replicas.accepts("a", 4, &at(12), false), Verdict::Apply);
+        assert_eq!(replicas.accepts("a", 10, &at(12), false), Verdict::NeedFull);
+        assert_eq!(replicas.accepts("a", 0, &at(9), true), Verdict::Stale);
+        // A replaced directory starts over: its full set replaces the copy,
+        // its changes need one.
+        let other = CopyStamp {
+            directory_id: 8,
+            ..at(2)
+        };
+        assert_eq!(replicas.accepts("a", 0, &other, true), Verdict::Apply);
+        assert_eq!(replicas.accepts("a", 1, &other, false), Verdict::NeedFull);
+        replicas.apply("a", at(12), false, &[("c", 1, 0), ("d", 0, 4)]);
         let read = replicas.read(&["c".into(), "d".into(), "e".into()]);
         assert_eq!(
             read,
             vec![CopyRead {
                 origin: "a".into(),
-                version: 12,
-                scanned_unix_ms: 0,
+                stamp: at(12),
                 counters: vec![vec![(0, 5)], vec![(0, 4)], vec![]],
             }]
         );
-        replicas.apply("a", 20, 0, true, &[("e", 3, 7)]);
+        replicas.apply("a", at(20), true, &[("e", 3, 7)]);
         let read = replicas.read(&["c".into(), "e".into()]);
         assert_eq!(read[0].counters, vec![vec![], vec![(3, 7)]]);
     }
@@ -259,8 +313,8 @@ mod tests {
     #[test]
     fn erase_removes_a_counter_from_every_copy() {
         let replicas = Replicas::default();
-        replicas.apply("a", 1, 0, true, &[("c", 0, 5)]);
-        replicas.apply("b", 1, 0, true, &[("c", 2, 5), ("d", 0, 1)]);
+        replicas.apply("a", at(1), true, &[("c", 0, 5)]);
+        replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)]);
         let mut held = replicas.held(&["c"]);
         held.sort();
         assert_eq!(

@@ -9,9 +9,20 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Durability;
 use crate::flusher::{unix_ms_now, Flusher};
-use crate::replicas::{Replicas, Verdict};
-use crate::storage::Storage;
+use crate::replicas::{CopyStamp, Replicas, Verdict};
+use crate::storage::{DrainState, Storage};
 use crate::store::{ApplyOutcome, Store, StripeIncrement};
+
+/// What a node's data directory says about its role, as found at start.
+#[derive(Debug, Clone, Default)]
+pub struct NodeState {
+    /// Created empty; its earlier entries await a restore from replicas.
+    pub restoring: bool,
+    /// Where a drain of the node stands.
+    pub drain: DrainState,
+    /// Drained nodes whose entries it adopted.
+    pub adopted: Vec<String>,
+}
 
 /// Serves one node's store.
 #[derive(Debug, Clone)]
@@ -30,8 +41,12 @@ pub struct ShardService {
     /// read adds to its own part, and which it must not overwrite (no
     /// Changes) until a Restore adds them to its own entries.
     restoring: Arc<AtomicBool>,
-    /// Own-entry writes hold it shared; a Restore holds it alone.
+    /// Own-entry writes and reads hold it shared; a Restore, an Adopt and
+    /// the start of a drain hold it alone (so a read sees an adoption
+    /// whole, and no write slips past a drain's stop).
     own_writes: Arc<tokio::sync::RwLock<()>>,
+    drain: Arc<parking_lot::Mutex<DrainState>>,
+    adopted: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
 }
@@ -46,7 +61,7 @@ impl ShardService {
         flusher: Arc<Flusher>,
         storage: Arc<Storage>,
         replicas: Arc<Replicas>,
-        restoring: bool,
+        state: NodeState,
     ) -> Self {
         ShardService {
             node_id: node_id.into(),
@@ -56,10 +71,24 @@ impl ShardService {
             storage,
             replicas,
             replica_writes: Arc::default(),
-            restoring: Arc::new(AtomicBool::new(restoring)),
+            restoring: Arc::new(AtomicBool::new(state.restoring)),
             own_writes: Arc::default(),
+            drain: Arc::new(parking_lot::Mutex::new(state.drain)),
+            adopted: Arc::new(parking_lot::Mutex::new(state.adopted.into_iter().collect())),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
+        }
+    }
+
+    /// Refuses writes of own entries once a drain has begun. Called with
+    /// `own_writes` held shared.
+    fn check_not_draining(&self) -> Result<(), Status> {
+        match *self.drain.lock() {
+            DrainState::Serving => Ok(()),
+            _ => Err(Status::unavailable(format!(
+                "node {} is being drained: it takes no more writes",
+                self.node_id
+            ))),
         }
     }
 
@@ -122,6 +151,16 @@ impl pb::shard_server::Shard for ShardService {
             .collect::<Result<Vec<_>, Status>>()?;
         let (outcomes, epoch) = {
             let _writing = self.own_writes.read().await;
+            if self.check_not_draining().is_err() {
+                // Nothing applied: the coordinator sends them elsewhere.
+                drop(increments);
+                let count = request.increments.len();
+                return Ok(Response::new(pb::ApplyResponse {
+                    outcomes: vec![pb::ApplyOutcome::Redirect as i32; count],
+                    redirected: request.increments,
+                    ..Default::default()
+                }));
+            }
             self.store.apply(&increments, unix_ms_now())
         };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +196,7 @@ impl pb::shard_server::Shard for ShardService {
             outcomes,
             overflowed,
             conflicts,
+            redirected: Vec::new(),
         }))
     }
 
@@ -166,10 +206,19 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
+        // Own entries and copies as one view: an adoption is seen whole.
+        let _reading = self.own_writes.read().await;
         let restoring = self.restoring.load(Ordering::SeqCst);
+        let drained_to = self
+            .drain
+            .lock()
+            .adopter()
+            .map(str::to_string)
+            .unwrap_or_default();
         let counters = request
             .counters
             .iter()
+            .filter(|_| drained_to.is_empty())
             .map(|counter| pb::CounterEntries {
                 entries: self
                     .store
@@ -185,8 +234,9 @@ impl pb::shard_server::Shard for ShardService {
             .into_iter()
             .map(|copy| pb::ReplicaPart {
                 origin: copy.origin,
-                version: copy.version,
-                scanned_unix_ms: copy.scanned_unix_ms,
+                version: copy.stamp.version,
+                scanned_unix_ms: copy.stamp.scanned_unix_ms,
+                directory_id: copy.stamp.directory_id,
                 counters: copy
                     .counters
                     .into_iter()
@@ -204,6 +254,8 @@ impl pb::shard_server::Shard for ShardService {
             replicas,
             restoring,
             incarnation: self.store.incarnation(),
+            drained_to,
+            directory_id: self.storage.directory_id(),
         }))
     }
 
@@ -216,6 +268,7 @@ impl pb::shard_server::Shard for ShardService {
         let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
         let epoch = {
             let _writing = self.own_writes.read().await;
+            self.check_not_draining()?;
             self.store.erase(&counters)
         };
         // Replica copies too: a delete must not come back from a copy read
@@ -270,6 +323,7 @@ impl pb::shard_server::Shard for ShardService {
                 .collect(),
             restoring: self.restoring.load(Ordering::SeqCst),
             replication_version: self.store.replication_version(),
+            drain: self.drain.lock().as_str().to_string(),
         }))
     }
 
@@ -280,10 +334,10 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let response = match self.replicas.copy_of(&request.origin) {
-            Some((version, scanned_unix_ms, entries)) => pb::CopyOfResponse {
+            Some((stamp, entries)) => pb::CopyOfResponse {
                 found: true,
-                version,
-                scanned_unix_ms,
+                version: stamp.version,
+                scanned_unix_ms: stamp.scanned_unix_ms,
                 entries: entries
                     .into_iter()
                     .map(|(counter, stripe, value)| pb::EntryValue {
@@ -347,7 +401,7 @@ impl pb::shard_server::Shard for ShardService {
             .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
         }
         for (counter, stripe, value) in added.iter() {
-            self.store.load(counter, *stripe, *value);
+            self.store.set_flushed(counter, *stripe, *value);
         }
         self.restoring.store(false, Ordering::SeqCst);
         tracing::info!(
@@ -358,6 +412,137 @@ impl pb::shard_server::Shard for ShardService {
         Ok(Response::new(pb::RestoreResponse {}))
     }
 
+    async fn drain(
+        &self,
+        request: Request<pb::ShardDrainRequest>,
+    ) -> Result<Response<pb::ShardDrainResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let asked = match pb::DrainPhase::try_from(request.phase) {
+            Ok(pb::DrainPhase::StopWrites) => DrainState::Draining,
+            Ok(pb::DrainPhase::HandedOver) => DrainState::HandedOver {
+                adopter: request.adopter.clone(),
+            },
+            Ok(pb::DrainPhase::Adopted) => DrainState::Drained {
+                adopter: request.adopter.clone(),
+            },
+            _ => return Err(Status::invalid_argument("unknown drain phase")),
+        };
+        // Alone: no write is half-way past the check while the state moves.
+        let _paused = self.own_writes.write().await;
+        let current = self.drain.lock().clone();
+        let rank = |state: &DrainState| match state {
+            DrainState::Serving => 0,
+            DrainState::Draining => 1,
+            DrainState::HandedOver { .. } => 2,
+            DrainState::Drained { .. } => 3,
+        };
+        if let (Some(adopter), Some(wanted)) = (current.adopter(), asked.adopter()) {
+            if adopter != wanted {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is handed over to {adopter}, not {wanted}",
+                    self.node_id
+                )));
+            }
+        }
+        if rank(&asked) > rank(&current) + 1 {
+            return Err(Status::failed_precondition(format!(
+                "node {} is {:?}: drain phases go in order",
+                self.node_id,
+                current.as_str()
+            )));
+        }
+        // A repeat, or an earlier phase, changes nothing: a drain resumes
+        // after a crash.
+        if rank(&asked) == rank(&current) + 1 {
+            let storage = self.storage.clone();
+            let state = asked.clone();
+            tokio::task::spawn_blocking(move || storage.set_drain(&state))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            *self.drain.lock() = asked.clone();
+            tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
+        }
+        // Everything written before the stop is on disk before the caller
+        // takes the final copy.
+        self.flusher
+            .wait_flushed(self.store.open_epoch())
+            .await
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        Ok(Response::new(pb::ShardDrainResponse {}))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::AdoptResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.adopted.lock().contains(&request.origin) {
+            return Ok(Response::new(pb::AdoptResponse { entries: 0 }));
+        }
+        let Some((stamp, entries)) = self.replicas.copy_of(&request.origin) else {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no copy of {}",
+                self.node_id, request.origin
+            )));
+        };
+        let version = stamp.version;
+        if version < request.version {
+            return Err(Status::failed_precondition(format!(
+                "the copy of {} is at version {version}, not yet {}",
+                request.origin, request.version
+            )));
+        }
+        // Alone, like a restore: no write or read sees it half done, and no
+        // older flush lands after it.
+        let _paused = self.own_writes.write().await;
+        self.flusher
+            .wait_flushed(self.store.open_epoch())
+            .await
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        let mut own: Vec<(String, u32, i64)> = Vec::with_capacity(entries.len());
+        for (counter, stripe, value) in entries {
+            let current = self.store.entry(&counter, stripe);
+            let sum = current
+                .checked_add(value)
+                .ok_or_else(|| Status::out_of_range(format!("adopting {counter:?} overflows")))?;
+            own.push((counter, stripe, sum));
+        }
+        let storage = self.storage.clone();
+        let own = Arc::new(own);
+        {
+            let own = own.clone();
+            let origin = request.origin.clone();
+            tokio::task::spawn_blocking(move || {
+                let entries: Vec<(&str, u32, i64)> = own
+                    .iter()
+                    .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
+                    .collect();
+                storage.adopt(&origin, version, &entries)
+            })
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        }
+        for (counter, stripe, value) in own.iter() {
+            self.store.set_flushed(counter, *stripe, *value);
+        }
+        self.replicas.remove(&request.origin);
+        self.adopted.lock().insert(request.origin.clone());
+        tracing::info!(
+            node_id = &*self.node_id,
+            origin = request.origin,
+            entries = own.len(),
+            "adopted a drained node's entries"
+        );
+        Ok(Response::new(pb::AdoptResponse {
+            entries: own.len() as u64,
+        }))
+    }
+
     async fn changes(
         &self,
         request: Request<pb::ChangesRequest>,
@@ -366,6 +551,12 @@ impl pb::shard_server::Shard for ShardService {
         self.check_node_id(&request.node_id)?;
         // An empty node's "everything" would replace its good copies.
         self.check_restored()?;
+        if self.drain.lock().adopter().is_some() {
+            return Err(Status::failed_precondition(format!(
+                "node {} is drained: its entries are with another node",
+                self.node_id
+            )));
+        }
         // Taken before the scan: the copy will hold everything acknowledged
         // before this time.
         let scanned_unix_ms = unix_ms_now();
@@ -377,6 +568,7 @@ impl pb::shard_server::Shard for ShardService {
             .map_err(|error| Status::internal(error.to_string()))?;
         Ok(Response::new(pb::ChangesResponse {
             scanned_unix_ms,
+            directory_id: self.storage.directory_id(),
             version: changes.version,
             full: changes.full,
             entries: changes
@@ -407,10 +599,15 @@ impl pb::shard_server::Shard for ShardService {
         for entry in &request.entries {
             check_counter_name(&entry.counter)?;
         }
+        let stamp = CopyStamp {
+            version: request.version,
+            scanned_unix_ms: request.scanned_unix_ms,
+            directory_id: request.directory_id,
+        };
         let _replica_writes = self.replica_writes.lock().await;
         match self
             .replicas
-            .accepts(&request.origin, request.base, request.version, request.full)
+            .accepts(&request.origin, request.base, &stamp, request.full)
         {
             Verdict::Apply => {}
             Verdict::Stale => {
@@ -437,13 +634,7 @@ impl pb::shard_server::Shard for ShardService {
                     .iter()
                     .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
                     .collect();
-                storage.write_replica(
-                    &request.origin,
-                    request.full,
-                    request.version,
-                    request.scanned_unix_ms,
-                    &entries,
-                )
+                storage.write_replica(&request.origin, request.full, stamp, &entries)
             })
             .await
             .map_err(|error| Status::internal(error.to_string()))?
@@ -454,13 +645,8 @@ impl pb::shard_server::Shard for ShardService {
             .iter()
             .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
             .collect();
-        self.replicas.apply(
-            &request.origin,
-            request.version,
-            request.scanned_unix_ms,
-            request.full,
-            &entries,
-        );
+        self.replicas
+            .apply(&request.origin, stamp, request.full, &entries);
         Ok(Response::new(pb::ReplicateResponse {
             accepted: true,
             version: request.version,

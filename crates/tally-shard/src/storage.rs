@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::keys::{self, DataKey};
-use crate::replicas::Replicas;
+use crate::replicas::{CopyStamp, Replicas};
 use crate::store::{FlushSnapshot, LoadedRecord, Store};
 
 /// Version of the on-disk format this build writes and reads.
@@ -146,6 +146,81 @@ pub struct DirectoryReport {
     /// The directory was created empty and its own entries await a
     /// restore from replicas.
     pub awaiting_restore: bool,
+    /// Where a drain of this node stands.
+    pub drain: DrainState,
+    /// Drained nodes whose entries this node adopted.
+    pub adopted: Vec<String>,
+}
+
+/// Where a drain of this node stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DrainState {
+    /// Not being drained.
+    #[default]
+    Serving,
+    /// Refuses writes of its own entries; they are being handed over.
+    Draining,
+    /// Its entries are in `adopter`'s copy; it answers for none.
+    HandedOver {
+        /// The node taking them.
+        adopter: String,
+    },
+    /// `adopter` added them to its own: the node can leave the membership.
+    Drained {
+        /// The node that took them.
+        adopter: String,
+    },
+}
+
+impl DrainState {
+    /// `""`, `"draining"` or `"drained"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DrainState::Serving => "",
+            DrainState::Draining => "draining",
+            DrainState::HandedOver { .. } => "handed-over",
+            DrainState::Drained { .. } => "drained",
+        }
+    }
+
+    /// The adopter, once the entries were handed over.
+    pub fn adopter(&self) -> Option<&str> {
+        match self {
+            DrainState::HandedOver { adopter } | DrainState::Drained { adopter } => Some(adopter),
+            _ => None,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            DrainState::Serving => vec![0],
+            DrainState::Draining => vec![1],
+            DrainState::HandedOver { adopter } => {
+                let mut value = vec![2];
+                value.extend_from_slice(adopter.as_bytes());
+                value
+            }
+            DrainState::Drained { adopter } => {
+                let mut value = vec![3];
+                value.extend_from_slice(adopter.as_bytes());
+                value
+            }
+        }
+    }
+
+    fn decode(value: &[u8]) -> Option<DrainState> {
+        match value.split_first()? {
+            (0, []) => Some(DrainState::Serving),
+            (1, []) => Some(DrainState::Draining),
+            (2, adopter) => Some(DrainState::HandedOver {
+                adopter: std::str::from_utf8(adopter).ok()?.to_string(),
+            }),
+            (3, adopter) => Some(DrainState::Drained {
+                adopter: std::str::from_utf8(adopter).ok()?.to_string(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// An open data directory.
@@ -156,6 +231,7 @@ pub struct Storage {
     /// One flusher at a time.
     sled: parking_lot::Mutex<Sled>,
     incarnation: u64,
+    directory_id: u64,
     witness: File,
     /// Held for the life of the process: the OS drops the lock if we crash.
     _lock: File,
@@ -237,6 +313,10 @@ impl Storage {
             dir: dir.to_path_buf(),
             message: error.to_string(),
         })?;
+        let directory_id = directory_id(&db, &meta).map_err(|error| StorageError::Damaged {
+            dir: dir.to_path_buf(),
+            message: error.to_string(),
+        })?;
         let witness = File::options()
             .read(true)
             .write(true)
@@ -251,6 +331,7 @@ impl Storage {
                 sequence: 0,
             }),
             incarnation,
+            directory_id,
             witness,
             _lock: lock,
         })
@@ -289,11 +370,7 @@ impl Storage {
                 stripe,
                 value,
             } => replicas.load(origin, counter, stripe, value),
-            Item::ReplicaVersion {
-                origin,
-                version,
-                scanned_unix_ms,
-            } => replicas.load_version(origin, version, scanned_unix_ms),
+            Item::ReplicaVersion { origin, stamp } => replicas.load_stamp(origin, stamp),
         })
         .map_err(|message| self.damaged(message))?;
         store.load_records(records);
@@ -318,8 +395,7 @@ impl Storage {
         &self,
         origin: &str,
         full: bool,
-        version: u64,
-        scanned_unix_ms: u64,
+        stamp: CopyStamp,
         entries: &[(&str, u32, i64)],
     ) -> Result<(), StorageError> {
         self.write_batch(|data| {
@@ -337,10 +413,7 @@ impl Storage {
                     batch.insert(key, &value.to_be_bytes());
                 }
             }
-            let mut value = [0; 16];
-            value[..8].copy_from_slice(&version.to_be_bytes());
-            value[8..].copy_from_slice(&scanned_unix_ms.to_be_bytes());
-            batch.insert(keys::replica_version_key(origin), &value);
+            batch.insert(keys::replica_version_key(origin), &stamp.encode());
             Ok(batch)
         })
     }
@@ -359,6 +432,43 @@ impl Storage {
                 }
             }
             batch.insert(&keys::RESTORED_KEY, &1u64.to_be_bytes());
+            Ok(batch)
+        })
+    }
+
+    /// Records this node's drain state, durably. Blocking.
+    pub fn set_drain(&self, state: &DrainState) -> Result<(), StorageError> {
+        self.write_batch(|_| {
+            let mut batch = sled::Batch::default();
+            batch.insert(&keys::DRAIN_KEY, state.encode());
+            Ok(batch)
+        })
+    }
+
+    /// Adopts a drained `origin`'s entries: sets these own entries
+    /// (absolute values, the copy added), drops the copy, and marks the
+    /// origin adopted, in one atomic batch, durably. Blocking.
+    pub fn adopt(
+        &self,
+        origin: &str,
+        version: u64,
+        own: &[(&str, u32, i64)],
+    ) -> Result<(), StorageError> {
+        self.write_batch(|data| {
+            let mut batch = sled::Batch::default();
+            for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
+                batch.remove(key?);
+            }
+            batch.remove(keys::replica_version_key(origin));
+            for &(counter, stripe, value) in own {
+                let key = keys::encode_entry_key(&self.node_id, counter, stripe);
+                if value == 0 {
+                    batch.remove(key);
+                } else {
+                    batch.insert(key, &value.to_be_bytes());
+                }
+            }
+            batch.insert(keys::adopted_key(origin), &version.to_be_bytes());
             Ok(batch)
         })
     }
@@ -405,6 +515,11 @@ impl Storage {
             return Err(self.sled_error(error));
         }
         Ok(())
+    }
+
+    /// This data directory's random id (see `directory_id`).
+    pub fn directory_id(&self) -> u64 {
+        self.directory_id
     }
 
     /// This start's number (see `next_incarnation`): the high bits of this
@@ -574,6 +689,30 @@ fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StorageEr
     Ok((db, meta, data))
 }
 
+/// This directory's random id, made (durably) at its first start: copies
+/// of this node's entries carry it, so a copy from a lost directory is told
+/// from one of its replacement whatever the versions and clocks say.
+fn directory_id(db: &sled::Db, meta: &sled::Tree) -> Result<u64, sled::Error> {
+    if let Some(id) = meta
+        .get("directory_id")?
+        .and_then(|bytes| keys::decode_u64(&bytes))
+    {
+        return Ok(id);
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    let id = hasher.finish().max(1);
+    meta.insert("directory_id", &id.to_be_bytes())?;
+    db.flush()?;
+    Ok(id)
+}
+
 /// Numbers this start, durably: greater than every earlier start of this
 /// directory, and, being at least the wall clock in seconds, than the
 /// starts of a directory this node lost (a replaced disk).
@@ -732,8 +871,7 @@ enum Item<'a> {
     },
     ReplicaVersion {
         origin: &'a str,
-        version: u64,
-        scanned_unix_ms: u64,
+        stamp: CopyStamp,
     },
 }
 
@@ -772,14 +910,9 @@ fn scan(
                 }
             }
             DataKey::ReplicaVersion { origin } => {
-                let (version, scanned_unix_ms) = keys::decode_record_value(&value)
-                    .map(|(version, scanned)| (version as u64, scanned))
+                let stamp = CopyStamp::decode(&value)
                     .ok_or_else(|| format!("bad replica version of {origin:?}"))?;
-                visit(Item::ReplicaVersion {
-                    origin,
-                    version,
-                    scanned_unix_ms,
-                });
+                visit(Item::ReplicaVersion { origin, stamp });
             }
             DataKey::Record { counter, .. } => {
                 let (delta, applied_unix_ms) = keys::decode_record_value(&value)
@@ -795,6 +928,10 @@ fn scan(
             DataKey::Sequence => {
                 report.sequence = keys::decode_u64(&value).ok_or("bad flush sequence value")?;
             }
+            DataKey::Drain => {
+                report.drain = DrainState::decode(&value).ok_or("bad drain state")?;
+            }
+            DataKey::Adopted { origin } => report.adopted.push(origin.to_string()),
             DataKey::Restored => {
                 report.awaiting_restore =
                     keys::decode_u64(&value).ok_or("bad restored value")? == 0;
@@ -1253,13 +1390,40 @@ mod tests {
             let first = storage.incarnation();
             assert!(first > 1_700_000_000, "wall-clock seconds: {first}");
             storage
-                .write_replica("shard-2", true, 7, 70, &[("c", 0, 5), ("cc", 1, 3)])
+                .write_replica(
+                    "shard-2",
+                    true,
+                    CopyStamp {
+                        version: 7,
+                        scanned_unix_ms: 70,
+                        directory_id: 1,
+                    },
+                    &[("c", 0, 5), ("cc", 1, 3)],
+                )
                 .unwrap();
             storage
-                .write_replica("shard-2", false, 9, 90, &[("c", 2, 4), ("cc", 1, 0)])
+                .write_replica(
+                    "shard-2",
+                    false,
+                    CopyStamp {
+                        version: 9,
+                        scanned_unix_ms: 90,
+                        directory_id: 1,
+                    },
+                    &[("c", 2, 4), ("cc", 1, 0)],
+                )
                 .unwrap();
             storage
-                .write_replica("shard-3", true, 4, 40, &[("c", 0, 1)])
+                .write_replica(
+                    "shard-3",
+                    true,
+                    CopyStamp {
+                        version: 4,
+                        scanned_unix_ms: 40,
+                        directory_id: 1,
+                    },
+                    &[("c", 0, 1)],
+                )
                 .unwrap();
             storage
                 .erase_replicas(&[("shard-3".into(), "c".into())])
@@ -1282,10 +1446,19 @@ mod tests {
         let read = replicas.read(&["c".into(), "cc".into()]);
         let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
         assert_eq!(shard_2.counters, vec![vec![(0, 5), (2, 4)], vec![]]);
-        assert_eq!(shard_2.scanned_unix_ms, 90);
+        assert_eq!(shard_2.stamp.scanned_unix_ms, 90);
         // A full set replaces the copy.
         storage
-            .write_replica("shard-2", true, 12, 120, &[("d", 0, 1)])
+            .write_replica(
+                "shard-2",
+                true,
+                CopyStamp {
+                    version: 12,
+                    scanned_unix_ms: 120,
+                    directory_id: 1,
+                },
+                &[("d", 0, 1)],
+            )
             .unwrap();
         drop(storage);
         let storage = Storage::open(dir.path(), "shard-1").unwrap();

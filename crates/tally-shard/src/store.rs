@@ -379,6 +379,23 @@ impl Store {
         &self.segments[Self::segment_index(counter)]
     }
 
+    /// Sets an entry that is already on disk (a restore, an adoption): not
+    /// marked dirty, but stamped as changed, so replicas get it.
+    pub fn set_flushed(&self, counter: &str, stripe: u32, value: i64) {
+        let mut segment = self.segment(counter).lock();
+        let changed = self.replication_epoch.load(Ordering::SeqCst);
+        let entry = segment.counters.entry(counter.into()).or_default();
+        entry.changed = changed;
+        match entry
+            .stripes
+            .iter_mut()
+            .find(|(existing, _)| *existing == stripe)
+        {
+            Some((_, stored)) => *stored = value,
+            None => entry.stripes.push((stripe, value)),
+        }
+    }
+
     /// Sets an entry while loading from disk; not marked dirty.
     pub fn load(&self, counter: &str, stripe: u32, value: i64) {
         let mut segment = self.segment(counter).lock();

@@ -1358,3 +1358,30 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
         cluster.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_deleted_counter_does_not_come_back_from_a_copy() {
+    let test = start_with(|options| options.replication_interval = Duration::from_millis(50)).await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    wait_until_restored(&cluster).await;
+    spread(&cluster, &mut client, "gone").await;
+    wait_for_replicas_to_catch_up(&cluster).await;
+    client
+        .delete(pb::DeleteRequest {
+            counter: "gone".into(),
+        })
+        .await
+        .unwrap();
+    // Every node down in turn: its part comes from its copy, which the
+    // delete erased too.
+    for down in 0..3 {
+        cluster.stop_shard(down).await.unwrap();
+        let read = get(&mut client, "gone").await.unwrap();
+        assert!(read.complete, "{read:?}");
+        assert_eq!(read.value, 0, "shard {down} down: the delete came back");
+        cluster.restart_shard(down).await.unwrap();
+        cluster.wait_ready(READY).await.unwrap();
+    }
+    cluster.shutdown().await.unwrap();
+}

@@ -124,6 +124,88 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Node `node`'s part of a read, as the lists of entries to add: one
+    /// part per origin, so no entry is counted twice. Empty: it has none
+    /// (drained into another node's own).
+    ///
+    /// - Retired (some answer says it adopted the node or dropped its copy
+    ///   after a drain): its part is in the adopter's own; nothing here.
+    /// - Handed over (its answer names the adopter): the adopter's copy, at
+    ///   the final version at least.
+    /// - Restoring (started empty): its own answer plus the copy from its
+    ///   lost directory; or, if a copy from its current directory already
+    ///   exists (restored and replicated while this read ran), that copy.
+    /// - Answered: its own answer.
+    /// - No answer: the freshest recent copy from its replicas.
+    fn part_of<'a>(
+        &self,
+        node: usize,
+        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
+    ) -> std::result::Result<Vec<&'a [pb::CounterEntries]>, ShardCallError> {
+        let node_id = self.shards[node].node_id();
+        let retired = results
+            .iter()
+            .flatten()
+            .any(|response| response.retired.iter().any(|origin| origin == node_id));
+        if retired {
+            return Ok(Vec::new());
+        }
+        let handed_over_state = self.health.drain(node);
+        let response = match &results[node] {
+            Ok(response) => response,
+            Err(error) => {
+                if matches!(handed_over_state.as_str(), "handed-over" | "drained") {
+                    return Err(ShardCallError::Failed(
+                        "drained, and its adopter's copy was not read".into(),
+                    ));
+                }
+                return self
+                    .usable_copy(node, results)
+                    .map(|copy| vec![copy.counters.as_slice()])
+                    .ok_or_else(|| error.clone());
+            }
+        };
+        if !response.drained_to.is_empty() {
+            let adopter = self
+                .shards
+                .iter()
+                .position(|shard| shard.node_id() == response.drained_to);
+            let copy = adopter
+                .and_then(|adopter| results[adopter].as_ref().ok())
+                .and_then(|answer| answer.replicas.iter().find(|part| part.origin == node_id))
+                .filter(|copy| copy.version >= response.handed_over_version);
+            return copy
+                .map(|copy| vec![copy.counters.as_slice()])
+                .ok_or_else(|| {
+                    ShardCallError::Failed(format!(
+                        "drained into {}, whose answer did not hold its final copy",
+                        response.drained_to
+                    ))
+                });
+        }
+        if response.restoring {
+            let candidates =
+                crate::replication::replicas_of(&self.ring, node, self.config.replication_factor);
+            if candidates
+                .iter()
+                .any(|&candidate| results[candidate].is_err())
+            {
+                return Err(ShardCallError::Failed(
+                    "restoring from its replicas, and one of them did not answer".into(),
+                ));
+            }
+            return Ok(match self.freshest_copy(node, results) {
+                // Restored and replicated since it answered: the copy is
+                // all of it.
+                Some(copy) if copy.directory_id == response.directory_id => vec![&copy.counters],
+                // Its own answer plus its lost directory's copy.
+                Some(copy) => vec![&response.counters, &copy.counters],
+                None => vec![&response.counters],
+            });
+        }
+        Ok(vec![&response.counters])
+    }
+
     /// The freshest copy of node `origin`'s entries among the answers of
     /// its replicas (only they are kept current; a node that held a copy
     /// before a membership change may hold an old one).
@@ -187,27 +269,11 @@ impl Cluster {
             .iter()
             .position(|shard| shard.node_id() == node_id)
             .ok_or_else(|| CoordinatorError::UnknownNode(node_id.to_string()))?;
-        let adopter = *crate::replication::replicas_of(&self.ring, node, 2)
-            .first()
-            .ok_or_else(|| {
-                CoordinatorError::Precondition("the last node cannot be drained".into())
-            })?;
-        let adopter_id = self.shards[adopter].node_id().to_string();
         let budget = self.config.shard_timeout;
         let failed = |node: usize, error: ShardCallError| {
             CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
         };
-        // Route around it here at once, and let what is already queued for
-        // it land before it stops taking writes, so that no write of this
-        // coordinator fails. Other coordinators learn it from their probes
-        // (the node refuses their writes meanwhile; nothing refused was
-        // applied).
-        self.health.set_drain(node, "draining");
         let shard = &self.shards[node];
-        let waiting = tokio::time::Instant::now();
-        while !shard.is_idle() && waiting.elapsed() < budget {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
         // A node that started empty must get its earlier entries back
         // before it can hand them on.
         let status = shard
@@ -219,21 +285,61 @@ impl Cluster {
                 .await
                 .map_err(|error| failed(node, error))?;
         }
+        // A drain that got as far as the hand-over resumes with the adopter
+        // and version the node recorded, whatever the ring says now.
+        let adopter_id = if status.drain_adopter.is_empty() {
+            let successor = *crate::replication::replicas_of(&self.ring, node, 2)
+                .first()
+                .ok_or_else(|| {
+                    CoordinatorError::Precondition("the last node cannot be drained".into())
+                })?;
+            self.shards[successor].node_id().to_string()
+        } else {
+            status.drain_adopter.clone()
+        };
+        let adopter = self
+            .shards
+            .iter()
+            .position(|shard| shard.node_id() == adopter_id)
+            .ok_or_else(|| {
+                CoordinatorError::Precondition(format!(
+                    "{node_id} was handed over to {adopter_id}, which is not in the membership"
+                ))
+            })?;
+        let adopter_status = self.shards[adopter]
+            .brief_status(budget)
+            .await
+            .map_err(|error| failed(adopter, error))?;
+        if !adopter_status.drain.is_empty() {
+            return Err(CoordinatorError::Precondition(format!(
+                "{adopter_id}, which would take {node_id}'s entries, is being drained itself"
+            )));
+        }
+
+        // 1. Route around it here at once, and let what is already queued
+        // for it land, so that no write of this coordinator fails. Other
+        // coordinators learn it from their probes; meanwhile the node sends
+        // their writes back unapplied (REDIRECT) and they route them again.
+        self.health.set_drain(node, "draining");
+        let waiting = tokio::time::Instant::now();
+        while !shard.is_idle() && waiting.elapsed() < budget {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         shard
-            .drain(pb::DrainPhase::StopWrites, "", budget)
+            .drain(pb::DrainPhase::StopWrites, "", 0, budget)
             .await
             .map_err(|error| failed(node, error))?;
         let status = shard
             .brief_status(budget)
             .await
             .map_err(|error| failed(node, error))?;
-        let mut version = 0;
-        if status.drain == "draining" {
+        let version = if status.drain == "draining" {
+            // 2. Its whole final state to the adopter's copy.
             let changes = shard
                 .changes(0, budget)
                 .await
                 .map_err(|error| failed(node, error))?;
-            version = changes.version;
+            let version = changes.version;
             let answer = self.shards[adopter]
                 .replicate(node_id, 0, changes, budget)
                 .await
@@ -243,23 +349,85 @@ impl Cluster {
                     "{adopter_id} did not take the final copy of {node_id}"
                 )));
             }
+            // 3. The hand-over: reads count the adopter's copy.
             shard
-                .drain(pb::DrainPhase::HandedOver, &adopter_id, budget)
+                .drain(pb::DrainPhase::HandedOver, &adopter_id, version, budget)
                 .await
                 .map_err(|error| failed(node, error))?;
-        }
+            version
+        } else {
+            status.drain_version
+        };
         self.health.set_drain(node, "handed-over");
+
+        // 4. The adopter adds the copy to its own entries.
         let entries = self.shards[adopter]
             .adopt(node_id, version, budget)
             .await
             .map_err(|error| failed(adopter, error))?;
+        // Before the node may leave, the adopter's replicas must hold what
+        // it adopted: else a failure of the adopter now would lose it.
+        self.wait_for_copies_of(adopter).await?;
+        // Nobody else may count an old copy of it again.
+        for (other, client) in self.shards.iter().enumerate() {
+            if other != node && other != adopter {
+                client
+                    .drop_copy(node_id, budget)
+                    .await
+                    .map_err(|error| failed(other, error))?;
+            }
+        }
+        // 5. Drained: a reload may drop it now.
         shard
-            .drain(pb::DrainPhase::Adopted, &adopter_id, budget)
+            .drain(pb::DrainPhase::Adopted, &adopter_id, version, budget)
             .await
             .map_err(|error| failed(node, error))?;
         self.health.set_drain(node, "drained");
         tracing::info!(node_id, adopter = adopter_id, entries, "drained");
         Ok((adopter_id, entries))
+    }
+
+    /// Waits until every replica of node `origin` holds a copy at the
+    /// version `origin` has now (the replication loop brings it there
+    /// within an interval). Bounded; an error says to resume later.
+    async fn wait_for_copies_of(&self, origin: usize) -> Result<()> {
+        let budget = self.config.shard_timeout;
+        let origin_id = self.shards[origin].node_id();
+        let failed = |node: usize, error: ShardCallError| {
+            CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
+        };
+        let target = self.shards[origin]
+            .brief_status(budget)
+            .await
+            .map_err(|error| failed(origin, error))?
+            .replication_version;
+        let replicas =
+            crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor);
+        let limit = (self.config.replication_interval + budget) * 4;
+        let started = tokio::time::Instant::now();
+        for replica in replicas {
+            loop {
+                let status = self.shards[replica]
+                    .brief_status(budget)
+                    .await
+                    .map_err(|error| failed(replica, error))?;
+                let caught_up = status
+                    .replicas
+                    .iter()
+                    .any(|copy| copy.origin == origin_id && copy.version >= target);
+                if caught_up {
+                    break;
+                }
+                if started.elapsed() > limit {
+                    return Err(CoordinatorError::Precondition(format!(
+                        "{origin_id}'s replicas have not caught up after adopting; run the \
+                         drain again to finish it"
+                    )));
+                }
+                tokio::time::sleep(self.config.replication_interval / 4).await;
+            }
+        }
+        Ok(())
     }
 
     /// Nodes that said they await a restore and are up.
@@ -567,87 +735,15 @@ impl Cluster {
                     .sum::<i128>();
             }
         };
-        // Per origin, one part: the node's own answer, else the freshest
-        // copy among the nodes that answered. A node that started empty and
-        // awaits its restore answers with what it took since; its earlier
-        // entries are still only in its copies (from before this
-        // incarnation), so its part is both.
-        let mut missing = Vec::new();
-        let mut restoring = Vec::new();
-        let mut handed_over = Vec::new();
-        for (index, result) in results.iter().enumerate() {
-            match result {
-                Ok(response) => {
-                    if response.drained_to.is_empty() {
-                        add(&mut sums, &response.counters);
-                    }
-                    if response.restoring {
-                        restoring.push((index, response.directory_id));
-                    }
-                    if !response.drained_to.is_empty() {
-                        handed_over.push((index, response.drained_to.as_str()));
-                    }
-                }
-                Err(error) => missing.push((index, error.clone())),
-            }
-        }
         let mut unavailable = Vec::new();
-        for (index, error) in missing {
-            match self.usable_copy(index, &results) {
-                Some(copy) => add(&mut sums, &copy.counters),
-                None => unavailable.push((self.shards[index].node_id().to_string(), error)),
-            }
-        }
-        // A drained node answers for nothing: its part is in its adopter's
-        // copy until the adopter adopts it, then in the adopter's own (the
-        // adopter's answer shows one or the other, never both).
-        for (index, adopter_id) in handed_over {
-            let node_id = self.shards[index].node_id();
-            let adopter = self
-                .shards
-                .iter()
-                .position(|shard| shard.node_id() == adopter_id);
-            match adopter.map(|adopter| &results[adopter]) {
-                Some(Ok(response)) => {
-                    if let Some(copy) = response.replicas.iter().find(|part| part.origin == node_id)
-                    {
-                        add(&mut sums, &copy.counters);
+        for node in 0..self.shards.len() {
+            match self.part_of(node, &results) {
+                Ok(parts) => {
+                    for counters in parts {
+                        add(&mut sums, counters);
                     }
                 }
-                _ => unavailable.push((
-                    node_id.to_string(),
-                    ShardCallError::Failed(format!(
-                        "drained into {adopter_id}, which did not answer"
-                    )),
-                )),
-            }
-        }
-        for (index, directory_id) in restoring {
-            let node_id = self.shards[index].node_id();
-            let candidates =
-                crate::replication::replicas_of(&self.ring, index, self.config.replication_factor);
-            if candidates
-                .iter()
-                .any(|&candidate| results[candidate].is_err())
-            {
-                // The freshest copy of its earlier entries may be on a
-                // replica that did not answer.
-                unavailable.push((
-                    node_id.to_string(),
-                    ShardCallError::Failed(
-                        "restoring from its replicas, and one of them did not answer".into(),
-                    ),
-                ));
-                continue;
-            }
-            // Its copies come from its lost directory: it refuses to hand
-            // out changes until restored, and the restore's replication
-            // brings the new directory's id.
-            if let Some(copy) = self
-                .freshest_copy(index, &results)
-                .filter(|copy| copy.directory_id != directory_id)
-            {
-                add(&mut sums, &copy.counters);
+                Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
             }
         }
         if !unavailable.is_empty() {

@@ -117,9 +117,21 @@ impl HealthBoard {
         self.nodes[index].lock().drain.clone()
     }
 
-    /// Records node `index`'s drain state.
+    /// Records node `index`'s drain state. Drain states only move forward
+    /// (serving, draining, handed-over, drained): a probe that answered
+    /// before a step, or this coordinator's own earlier mark, never takes
+    /// one back.
     pub fn set_drain(&self, index: usize, drain: &str) {
-        drain.clone_into(&mut self.nodes[index].lock().drain);
+        let rank = |state: &str| match state {
+            "draining" => 1,
+            "handed-over" => 2,
+            "drained" => 3,
+            _ => 0,
+        };
+        let mut node = self.nodes[index].lock();
+        if rank(drain) > rank(&node.drain) {
+            drain.clone_into(&mut node.drain);
+        }
     }
 
     /// Whether node `index` said it awaits a restore.

@@ -225,15 +225,28 @@ impl ShardClient {
         &self,
         phase: pb::DrainPhase,
         adopter: &str,
+        version: u64,
         budget: Duration,
     ) -> Result<(), ShardCallError> {
         let request = pb::ShardDrainRequest {
             node_id: self.node_id.to_string(),
             phase: phase as i32,
             adopter: adopter.to_string(),
+            version,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.drain(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// Has this node drop its copy of the drained `origin` for good.
+    pub async fn drop_copy(&self, origin: &str, budget: Duration) -> Result<(), ShardCallError> {
+        let request = pb::DropCopyRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.drop_copy(timed(request, budget))).await?;
         Ok(())
     }
 

@@ -41,10 +41,17 @@ impl CopyStamp {
         value
     }
 
-    /// The inverse of [`CopyStamp::encode`].
+    /// The inverse of [`CopyStamp::encode`]; also reads the 8-byte
+    /// (version) and 16-byte (version, scan time) stamps of earlier builds.
     pub fn decode(value: &[u8]) -> Option<CopyStamp> {
-        let value: &[u8; 24] = value.try_into().ok()?;
-        let word = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().unwrap());
+        if !matches!(value.len(), 8 | 16 | 24) {
+            return None;
+        }
+        let word = |at: usize| {
+            value
+                .get(at..at + 8)
+                .map_or(0, |bytes| u64::from_be_bytes(bytes.try_into().unwrap()))
+        };
         Some(CopyStamp {
             version: word(0),
             scanned_unix_ms: word(8),

@@ -209,12 +209,13 @@ impl pb::shard_server::Shard for ShardService {
         // Own entries and copies as one view: an adoption is seen whole.
         let _reading = self.own_writes.read().await;
         let restoring = self.restoring.load(Ordering::SeqCst);
-        let drained_to = self
+        let (drained_to, handed_over_version) = self
             .drain
             .lock()
-            .adopter()
-            .map(str::to_string)
-            .unwrap_or_default();
+            .handed_to()
+            .map_or((String::new(), 0), |(adopter, version)| {
+                (adopter.to_string(), version)
+            });
         let counters = request
             .counters
             .iter()
@@ -256,6 +257,8 @@ impl pb::shard_server::Shard for ShardService {
             incarnation: self.store.incarnation(),
             drained_to,
             directory_id: self.storage.directory_id(),
+            handed_over_version,
+            retired: self.adopted.lock().iter().cloned().collect(),
         }))
     }
 
@@ -300,6 +303,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::ShardStatusRequest>,
     ) -> Result<Response<pb::ShardStatusResponse>, Status> {
         let brief = request.into_inner().brief;
+        // Copied out under one lock: several guards of one mutex in a
+        // single expression would deadlock.
+        let drain = self.drain.lock().clone();
         Ok(Response::new(pb::ShardStatusResponse {
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
@@ -323,7 +329,9 @@ impl pb::shard_server::Shard for ShardService {
                 .collect(),
             restoring: self.restoring.load(Ordering::SeqCst),
             replication_version: self.store.replication_version(),
-            drain: self.drain.lock().as_str().to_string(),
+            drain: drain.as_str().to_string(),
+            drain_adopter: drain.adopter().unwrap_or_default().to_string(),
+            drain_version: drain.handed_to().map_or(0, |(_, version)| version),
         }))
     }
 
@@ -370,6 +378,8 @@ impl pb::shard_server::Shard for ShardService {
         }
         // Own writes pause, and everything written so far reaches disk, so
         // that no flush of an older value lands after the restore's batch.
+        // A flush first without the lock, so the one under it is short.
+        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
         let _paused = self.own_writes.write().await;
         self.flusher
             .wait_flushed(self.store.open_epoch())
@@ -422,14 +432,16 @@ impl pb::shard_server::Shard for ShardService {
             Ok(pb::DrainPhase::StopWrites) => DrainState::Draining,
             Ok(pb::DrainPhase::HandedOver) => DrainState::HandedOver {
                 adopter: request.adopter.clone(),
+                version: request.version,
             },
             Ok(pb::DrainPhase::Adopted) => DrainState::Drained {
                 adopter: request.adopter.clone(),
+                version: request.version,
             },
             _ => return Err(Status::invalid_argument("unknown drain phase")),
         };
         // Alone: no write is half-way past the check while the state moves.
-        let _paused = self.own_writes.write().await;
+        let paused = self.own_writes.write().await;
         let current = self.drain.lock().clone();
         let rank = |state: &DrainState| match state {
             DrainState::Serving => 0,
@@ -437,10 +449,13 @@ impl pb::shard_server::Shard for ShardService {
             DrainState::HandedOver { .. } => 2,
             DrainState::Drained { .. } => 3,
         };
-        if let (Some(adopter), Some(wanted)) = (current.adopter(), asked.adopter()) {
-            if adopter != wanted {
+        if let (Some((adopter, version)), Some((wanted, asked_version))) =
+            (current.handed_to(), asked.handed_to())
+        {
+            if adopter != wanted || version != asked_version {
                 return Err(Status::failed_precondition(format!(
-                    "node {} is handed over to {adopter}, not {wanted}",
+                    "node {} is handed over to {adopter} at version {version}, not {wanted} at \
+                     {asked_version}",
                     self.node_id
                 )));
             }
@@ -465,12 +480,36 @@ impl pb::shard_server::Shard for ShardService {
             tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
         }
         // Everything written before the stop is on disk before the caller
-        // takes the final copy.
+        // takes the final copy: the epoch now covers it, and no write comes
+        // after, so the wait needs no lock.
+        let epoch = self.store.open_epoch();
+        drop(paused);
         self.flusher
-            .wait_flushed(self.store.open_epoch())
+            .wait_flushed(epoch)
             .await
             .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
         Ok(Response::new(pb::ShardDrainResponse {}))
+    }
+
+    async fn drop_copy(
+        &self,
+        request: Request<pb::DropCopyRequest>,
+    ) -> Result<Response<pb::DropCopyResponse>, Status> {
+        let request = request.into_inner();
+        self.check_node_id(&request.node_id)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.adopted.lock().contains(&request.origin) {
+            return Ok(Response::new(pb::DropCopyResponse {}));
+        }
+        let storage = self.storage.clone();
+        let origin = request.origin.clone();
+        tokio::task::spawn_blocking(move || storage.drop_copy(&origin))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        self.replicas.remove(&request.origin);
+        self.adopted.lock().insert(request.origin);
+        Ok(Response::new(pb::DropCopyResponse {}))
     }
 
     async fn adopt(
@@ -482,6 +521,12 @@ impl pb::shard_server::Shard for ShardService {
         let _replica_writes = self.replica_writes.lock().await;
         if self.adopted.lock().contains(&request.origin) {
             return Ok(Response::new(pb::AdoptResponse { entries: 0 }));
+        }
+        if *self.drain.lock() != DrainState::Serving {
+            return Err(Status::failed_precondition(format!(
+                "node {} is being drained itself: it cannot adopt {}",
+                self.node_id, request.origin
+            )));
         }
         let Some((stamp, entries)) = self.replicas.copy_of(&request.origin) else {
             return Err(Status::failed_precondition(format!(
@@ -497,7 +542,9 @@ impl pb::shard_server::Shard for ShardService {
             )));
         }
         // Alone, like a restore: no write or read sees it half done, and no
-        // older flush lands after it.
+        // older flush lands after it. A flush first without the lock, so
+        // the one under it is short.
+        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
         let _paused = self.own_writes.write().await;
         self.flusher
             .wait_flushed(self.store.open_epoch())
@@ -551,6 +598,9 @@ impl pb::shard_server::Shard for ShardService {
         self.check_node_id(&request.node_id)?;
         // An empty node's "everything" would replace its good copies.
         self.check_restored()?;
+        // Held across the scan: a hand-over cannot slip in between the
+        // check and the version this scan takes.
+        let _reading = self.own_writes.read().await;
         if self.drain.lock().adopter().is_some() {
             return Err(Status::failed_precondition(format!(
                 "node {} is drained: its entries are with another node",
@@ -605,6 +655,13 @@ impl pb::shard_server::Shard for ShardService {
             directory_id: request.directory_id,
         };
         let _replica_writes = self.replica_writes.lock().await;
+        if self.adopted.lock().contains(&request.origin) {
+            // Drained: a late push must not bring its copy back.
+            return Ok(Response::new(pb::ReplicateResponse {
+                accepted: true,
+                version: request.version,
+            }));
+        }
         match self
             .replicas
             .accepts(&request.origin, request.base, &stamp, request.full)

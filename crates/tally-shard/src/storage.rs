@@ -164,11 +164,15 @@ pub enum DrainState {
     HandedOver {
         /// The node taking them.
         adopter: String,
+        /// The version of the final copy.
+        version: u64,
     },
     /// `adopter` added them to its own: the node can leave the membership.
     Drained {
         /// The node that took them.
         adopter: String,
+        /// The version of the final copy.
+        version: u64,
     },
 }
 
@@ -183,25 +187,33 @@ impl DrainState {
         }
     }
 
-    /// The adopter, once the entries were handed over.
-    pub fn adopter(&self) -> Option<&str> {
+    /// The adopter and the final copy's version, once handed over.
+    pub fn handed_to(&self) -> Option<(&str, u64)> {
         match self {
-            DrainState::HandedOver { adopter } | DrainState::Drained { adopter } => Some(adopter),
+            DrainState::HandedOver { adopter, version }
+            | DrainState::Drained { adopter, version } => Some((adopter, *version)),
             _ => None,
         }
+    }
+
+    /// The adopter, once the entries were handed over.
+    pub fn adopter(&self) -> Option<&str> {
+        self.handed_to().map(|(adopter, _)| adopter)
     }
 
     fn encode(&self) -> Vec<u8> {
         match self {
             DrainState::Serving => vec![0],
             DrainState::Draining => vec![1],
-            DrainState::HandedOver { adopter } => {
+            DrainState::HandedOver { adopter, version } => {
                 let mut value = vec![2];
+                value.extend_from_slice(&version.to_be_bytes());
                 value.extend_from_slice(adopter.as_bytes());
                 value
             }
-            DrainState::Drained { adopter } => {
+            DrainState::Drained { adopter, version } => {
                 let mut value = vec![3];
+                value.extend_from_slice(&version.to_be_bytes());
                 value.extend_from_slice(adopter.as_bytes());
                 value
             }
@@ -212,12 +224,16 @@ impl DrainState {
         match value.split_first()? {
             (0, []) => Some(DrainState::Serving),
             (1, []) => Some(DrainState::Draining),
-            (2, adopter) => Some(DrainState::HandedOver {
-                adopter: std::str::from_utf8(adopter).ok()?.to_string(),
-            }),
-            (3, adopter) => Some(DrainState::Drained {
-                adopter: std::str::from_utf8(adopter).ok()?.to_string(),
-            }),
+            (kind @ (2 | 3), rest) => {
+                let (version, adopter) = rest.split_first_chunk::<8>()?;
+                let adopter = std::str::from_utf8(adopter).ok()?.to_string();
+                let version = u64::from_be_bytes(*version);
+                Some(if *kind == 2 {
+                    DrainState::HandedOver { adopter, version }
+                } else {
+                    DrainState::Drained { adopter, version }
+                })
+            }
             _ => None,
         }
     }
@@ -469,6 +485,20 @@ impl Storage {
                 }
             }
             batch.insert(keys::adopted_key(origin), &version.to_be_bytes());
+            Ok(batch)
+        })
+    }
+
+    /// Drops the copy of `origin` and marks it retired (no copy of it is
+    /// taken again), in one atomic batch, durably. Blocking.
+    pub fn drop_copy(&self, origin: &str) -> Result<(), StorageError> {
+        self.write_batch(|data| {
+            let mut batch = sled::Batch::default();
+            for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
+                batch.remove(key?);
+            }
+            batch.remove(keys::replica_version_key(origin));
+            batch.insert(keys::adopted_key(origin), &0u64.to_be_bytes());
             Ok(batch)
         })
     }

@@ -2,6 +2,8 @@
 //! coordinator and shard nodes serving gRPC on loopback port 0, with real
 //! sled files in a temporary directory.
 
+mod support;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -1063,26 +1065,11 @@ async fn a_reload_refuses_what_would_move_keys_or_drop_counts() {
 /// call: each origin's replication version now, reached by a copy of it.
 /// Bounded.
 async fn wait_for_replicas_to_catch_up(cluster: &LocalCluster) {
-    let targets: HashMap<String, u64> = shard_statuses(cluster)
-        .await
-        .into_iter()
-        .map(|status| (status.node_id, status.replication_version))
-        .collect();
+    let targets = support::replication_targets(&shard_statuses(cluster).await);
     let waiting = std::time::Instant::now();
     loop {
         let statuses = shard_statuses(cluster).await;
-        let caught_up = targets
-            .iter()
-            .filter(|(origin, target)| {
-                statuses.iter().any(|status| {
-                    status
-                        .replicas
-                        .iter()
-                        .any(|copy| &copy.origin == *origin && copy.version >= **target)
-                })
-            })
-            .count();
-        if caught_up == targets.len() {
+        if support::replicas_caught_up(&targets, &statuses) {
             return;
         }
         assert!(

@@ -31,26 +31,11 @@ async fn wait_for_replicas_to_catch_up(cluster: &ProcessCluster) {
         }
         statuses
     }
-    let targets: HashMap<String, u64> = statuses(cluster)
-        .await
-        .into_iter()
-        .map(|status| (status.node_id, status.replication_version))
-        .collect();
+    let targets = support::replication_targets(&statuses(cluster).await);
     let waiting = std::time::Instant::now();
     loop {
         let now = statuses(cluster).await;
-        let caught_up = targets
-            .iter()
-            .filter(|(origin, target)| {
-                now.iter().any(|status| {
-                    status
-                        .replicas
-                        .iter()
-                        .any(|copy| &copy.origin == *origin && copy.version >= **target)
-                })
-            })
-            .count();
-        if caught_up == targets.len() {
+        if support::replicas_caught_up(&targets, &now) {
             return;
         }
         assert!(

@@ -291,3 +291,30 @@ impl ProcessCluster {
         run_to_end("tallyctl", &full)
     }
 }
+
+/// Each node's replication version in `statuses`: a copy of the node at
+/// that version or later holds everything the node had done by then.
+pub fn replication_targets(
+    statuses: &[tally::proto::pb::ShardStatusResponse],
+) -> std::collections::HashMap<String, u64> {
+    statuses
+        .iter()
+        .map(|status| (status.node_id.clone(), status.replication_version))
+        .collect()
+}
+
+/// Whether every node in `targets` has a copy somewhere in `statuses` at
+/// its target version or later.
+pub fn replicas_caught_up(
+    targets: &std::collections::HashMap<String, u64>,
+    statuses: &[tally::proto::pb::ShardStatusResponse],
+) -> bool {
+    targets.iter().all(|(origin, target)| {
+        statuses.iter().any(|status| {
+            status
+                .replicas
+                .iter()
+                .any(|copy| &copy.origin == origin && copy.version >= *target)
+        })
+    })
+}

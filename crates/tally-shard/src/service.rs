@@ -80,6 +80,23 @@ impl ShardService {
         }
     }
 
+    /// A failure of this node's storage or flusher, as the coordinator
+    /// sees it: UNAVAILABLE, naming the node.
+    fn unavailable(&self, error: impl std::fmt::Display) -> Status {
+        Status::unavailable(format!("node {}: {error}", self.node_id))
+    }
+
+    /// Runs blocking storage work off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, crate::StorageError> + Send + 'static,
+    ) -> Result<T, Status> {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| self.unavailable(error))
+    }
+
     /// Refuses writes of own entries once a drain has begun. Called with
     /// `own_writes` held shared.
     fn check_not_draining(&self) -> Result<(), Status> {
@@ -169,7 +186,7 @@ impl pb::shard_server::Shard for ShardService {
         self.flusher
             .wait_durable(epoch)
             .await
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .map_err(|error| self.unavailable(error))?;
         let mut overflowed = Vec::new();
         let mut conflicts = Vec::new();
         let outcomes = request
@@ -285,16 +302,13 @@ impl pb::shard_server::Shard for ShardService {
             .collect();
         if !held.is_empty() {
             let storage = self.storage.clone();
-            tokio::task::spawn_blocking(move || storage.erase_replicas(&held))
-                .await
-                .map_err(|error| Status::internal(error.to_string()))?
-                .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            self.blocking(move || storage.erase_replicas(&held)).await?;
             self.replicas.erase(&counters);
         }
         self.flusher
             .wait_durable(epoch)
             .await
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .map_err(|error| self.unavailable(error))?;
         Ok(Response::new(pb::EraseResponse {}))
     }
 
@@ -384,7 +398,7 @@ impl pb::shard_server::Shard for ShardService {
         self.flusher
             .wait_flushed(self.store.open_epoch())
             .await
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .map_err(|error| self.unavailable(error))?;
         // The node's earlier entries are added to what it took since it
         // started: each entry's new absolute value.
         let mut added: Vec<(String, u32, i64)> = Vec::with_capacity(request.entries.len());
@@ -399,16 +413,14 @@ impl pb::shard_server::Shard for ShardService {
         let added = Arc::new(added);
         {
             let added = added.clone();
-            tokio::task::spawn_blocking(move || {
+            self.blocking(move || {
                 let entries: Vec<(&str, u32, i64)> = added
                     .iter()
                     .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
                     .collect();
                 storage.restore(&entries)
             })
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .await?;
         }
         for (counter, stripe, value) in added.iter() {
             self.store.set_flushed(counter, *stripe, *value);
@@ -472,10 +484,7 @@ impl pb::shard_server::Shard for ShardService {
         if rank(&asked) == rank(&current) + 1 {
             let storage = self.storage.clone();
             let state = asked.clone();
-            tokio::task::spawn_blocking(move || storage.set_drain(&state))
-                .await
-                .map_err(|error| Status::internal(error.to_string()))?
-                .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            self.blocking(move || storage.set_drain(&state)).await?;
             *self.drain.lock() = asked.clone();
             tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
         }
@@ -487,7 +496,7 @@ impl pb::shard_server::Shard for ShardService {
         self.flusher
             .wait_flushed(epoch)
             .await
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .map_err(|error| self.unavailable(error))?;
         Ok(Response::new(pb::ShardDrainResponse {}))
     }
 
@@ -503,10 +512,7 @@ impl pb::shard_server::Shard for ShardService {
         }
         let storage = self.storage.clone();
         let origin = request.origin.clone();
-        tokio::task::spawn_blocking(move || storage.drop_copy(&origin))
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+        self.blocking(move || storage.drop_copy(&origin)).await?;
         self.replicas.remove(&request.origin);
         self.adopted.lock().insert(request.origin);
         Ok(Response::new(pb::DropCopyResponse {}))
@@ -549,7 +555,7 @@ impl pb::shard_server::Shard for ShardService {
         self.flusher
             .wait_flushed(self.store.open_epoch())
             .await
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .map_err(|error| self.unavailable(error))?;
         let mut own: Vec<(String, u32, i64)> = Vec::with_capacity(entries.len());
         for (counter, stripe, value) in entries {
             let current = self.store.entry(&counter, stripe);
@@ -563,16 +569,14 @@ impl pb::shard_server::Shard for ShardService {
         {
             let own = own.clone();
             let origin = request.origin.clone();
-            tokio::task::spawn_blocking(move || {
+            self.blocking(move || {
                 let entries: Vec<(&str, u32, i64)> = own
                     .iter()
                     .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
                     .collect();
                 storage.adopt(&origin, version, &entries)
             })
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .await?;
         }
         for (counter, stripe, value) in own.iter() {
             self.store.set_flushed(counter, *stripe, *value);
@@ -683,9 +687,9 @@ impl pb::shard_server::Shard for ShardService {
         // Durable first, then visible to reads.
         let storage = self.storage.clone();
         let request = Arc::new(request);
-        let written = {
+        {
             let request = request.clone();
-            tokio::task::spawn_blocking(move || {
+            self.blocking(move || {
                 let entries: Vec<(&str, u32, i64)> = request
                     .entries
                     .iter()
@@ -693,10 +697,8 @@ impl pb::shard_server::Shard for ShardService {
                     .collect();
                 storage.write_replica(&request.origin, request.full, stamp, &entries)
             })
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-        };
-        written.map_err(|error| Status::unavailable(format!("node {}: {error}", self.node_id)))?;
+            .await?;
+        }
         let entries: Vec<(&str, u32, i64)> = request
             .entries
             .iter()

@@ -1,0 +1,137 @@
+//! Benchmarks for the shard node's hot path in `tally-shard`:
+//!
+//! - `shard/apply`: `Store::apply` of one batch of 1,000 increments, over
+//!   1 hot counter (every increment on one entry), 1,000 counters, and
+//!   1,000 keyed increments (each records its idempotency key);
+//! - `shard/flush_snapshot`: applying 1,000 increments to 1,000 counters and
+//!   `Store::begin_flush` collecting them (what one group commit gathers
+//!   before it writes);
+//! - `shard/keys`: encoding an entry key and an idempotency record key, and
+//!   decoding an entry key.
+//!
+//! Run with `cargo bench --bench shard` from the workspace root.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use tally_shard::keys;
+use tally_shard::store::{Store, StripeIncrement};
+
+const BATCH: usize = 1_000;
+
+fn names(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|index| format!("page:views:{index}"))
+        .collect()
+}
+
+fn bench_apply(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("shard/apply");
+    let counters = names(BATCH);
+    let request_keys: Vec<String> = (0..BATCH)
+        .map(|index| format!("request-{index:08}"))
+        .collect();
+
+    let store = Store::new();
+    let hot: Vec<StripeIncrement<'_>> = (0..BATCH)
+        .map(|_| StripeIncrement {
+            counter: &counters[0],
+            stripe: 3,
+            delta: 1,
+            idempotency_key: None,
+        })
+        .collect();
+    group.bench_function(
+        BenchmarkId::from_parameter("1000_on_one_counter"),
+        |bencher| bencher.iter(|| black_box(store.apply(black_box(&hot), 0))),
+    );
+
+    let store = Store::new();
+    let spread: Vec<StripeIncrement<'_>> = counters
+        .iter()
+        .enumerate()
+        .map(|(index, counter)| StripeIncrement {
+            counter,
+            stripe: (index % 8) as u32,
+            delta: 1,
+            idempotency_key: None,
+        })
+        .collect();
+    group.bench_function(BenchmarkId::from_parameter("1000_counters"), |bencher| {
+        bencher.iter(|| black_box(store.apply(black_box(&spread), 0)))
+    });
+
+    // Keyed: a fresh store each time (a key applies once), so the batch
+    // records 1,000 keys; the store's creation is outside the timing.
+    let keyed: Vec<StripeIncrement<'_>> = counters
+        .iter()
+        .zip(&request_keys)
+        .map(|(counter, key)| StripeIncrement {
+            counter,
+            stripe: 0,
+            delta: 1,
+            idempotency_key: Some(key),
+        })
+        .collect();
+    group.bench_function(BenchmarkId::from_parameter("1000_keyed"), |bencher| {
+        bencher.iter_batched(
+            Store::new,
+            |store| {
+                black_box(store.apply(black_box(&keyed), 0));
+                store
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+fn bench_flush_snapshot(criterion: &mut Criterion) {
+    let counters = names(BATCH);
+    let increments: Vec<StripeIncrement<'_>> = counters
+        .iter()
+        .map(|counter| StripeIncrement {
+            counter,
+            stripe: 0,
+            delta: 1,
+            idempotency_key: None,
+        })
+        .collect();
+    let store = Store::new();
+    criterion.bench_function("shard/flush_snapshot/1000_dirty_counters", |bencher| {
+        bencher.iter(|| {
+            store.apply(&increments, 0);
+            black_box(store.begin_flush())
+        })
+    });
+}
+
+fn bench_keys(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("shard/keys");
+    group.bench_function("encode_entry", |bencher| {
+        bencher.iter(|| {
+            black_box(keys::encode_entry_key(
+                black_box("shard-1"),
+                black_box("page:views:12345"),
+                black_box(3),
+            ))
+        })
+    });
+    let mut buffer = Vec::new();
+    group.bench_function("encode_record", |bencher| {
+        bencher.iter(|| {
+            keys::encode_record_key_into(
+                &mut buffer,
+                black_box("page:views:12345"),
+                black_box("request-00001234"),
+            );
+            black_box(buffer.len())
+        })
+    });
+    let encoded = keys::encode_entry_key("shard-1", "page:views:12345", 3);
+    group.bench_function("decode_entry", |bencher| {
+        bencher.iter(|| black_box(keys::decode_key(black_box(&encoded))).is_some())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_apply, bench_flush_snapshot, bench_keys);
+criterion_main!(benches);

@@ -696,7 +696,12 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
     inspect(dir, &node_id)?;
     // In the system's temporary directory: verify writes nothing in the
     // directory it checks (which may be a read-only backup).
-    check_copy(dir, &node_id, &std::env::temp_dir())
+    // Named for this run: two verifies at once must not share a copy.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let scratch = std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
+    check_copy(dir, &node_id, &scratch)
 }
 
 /// Opens sled with our settings and both trees.
@@ -805,7 +810,7 @@ fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     } else {
         tracing::info!(dir = %dir.display(), "the last stop was not clean; checking a copy before opening");
     }
-    let report = check_copy(dir, node_id, dir)?;
+    let report = check_copy(dir, node_id, &dir.join(CHECK_DIR))?;
     tracing::info!(
         entries = report.entries,
         records = report.records,
@@ -815,21 +820,17 @@ fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Recovers a copy of the directory's sled files in a scratch directory
-/// under `scratch_parent` and checks it: metadata, every key and value, the
-/// flush sequence against the witness. The directory's sled files are only
-/// read. The copy needs as much free space as the database.
-fn check_copy(
-    dir: &Path,
-    node_id: &str,
-    scratch_parent: &Path,
-) -> Result<DirectoryReport, StorageError> {
+/// Recovers a copy of the directory's sled files in the directory
+/// `scratch` (removed first if a killed check left it, and after) and checks
+/// it: metadata, every key and value, the flush sequence against the
+/// witness. The directory's sled files are only read. The copy needs as
+/// much free space as the database.
+fn check_copy(dir: &Path, node_id: &str, scratch: &Path) -> Result<DirectoryReport, StorageError> {
     let refused = |problem: String| StorageError::Refused {
         dir: dir.to_path_buf(),
         problem,
     };
     let witness = Witness::read(dir)?;
-    let scratch = scratch_parent.join(CHECK_DIR);
     let cannot_check = |reason: std::io::Error| StorageError::Io {
         dir: dir.to_path_buf(),
         reason: std::io::Error::new(
@@ -842,14 +843,14 @@ fn check_copy(
         ),
     };
     // A copy left by a check that was killed is ours to remove.
-    remove_dir_if_present(&scratch).map_err(cannot_check)?;
-    let _cleanup = RemoveOnDrop(&scratch);
-    copy_sled_files(dir, &scratch).map_err(cannot_check)?;
-    let (db, meta, data) = open_sled(&scratch).map_err(|error| match error {
+    remove_dir_if_present(scratch).map_err(cannot_check)?;
+    let _cleanup = RemoveOnDrop(scratch);
+    copy_sled_files(dir, scratch).map_err(cannot_check)?;
+    let (db, meta, data) = open_sled(scratch).map_err(|error| match error {
         StorageError::Damaged { message, .. } => refused(format!("sled cannot open it: {message}")),
         other => other,
     })?;
-    check_meta(&meta, &scratch, node_id).map_err(|error| match error {
+    check_meta(&meta, scratch, node_id).map_err(|error| match error {
         StorageError::WrongNode { found, .. } => {
             refused(format!("its database belongs to node {found:?}"))
         }

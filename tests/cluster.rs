@@ -212,7 +212,9 @@ async fn under_load_increments_share_internal_calls() {
         .iter()
         .map(|status| status.increments_applied)
         .sum();
-    println!("{applied} increments in {calls} internal apply calls");
+    support::report(&format!(
+        "{applied} increments in {calls} internal apply calls"
+    ));
     assert_eq!(applied, (TASKS * ROUNDS) as u64);
     assert!(
         calls < applied,

@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use support::{Daemon, ProcessCluster};
+use support::{runtime, Daemon, ProcessCluster};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
 use tonic::transport::{Channel, Endpoint};
@@ -56,7 +56,7 @@ fn seeded_rng(test: &str) -> fastrand::Rng {
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
-    println!("{test}: TALLY_CRASH_SEED={seed}");
+    support::report(&format!("{test}: TALLY_CRASH_SEED={seed}"));
     fastrand::Rng::with_seed(seed)
 }
 
@@ -293,18 +293,7 @@ impl Load {
 /// Reads every counter and compares it with the ledger.
 fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -> Outcome {
     let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
-    let totals = runtime.block_on(async {
-        let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
-        client
-            .get_batch(pb::GetBatchRequest {
-                counters,
-                allow_partial: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .counters
-    });
+    let totals = runtime.block_on(support::totals(endpoint, &counters));
     let mut outcome = Outcome {
         increments: ledger.increments,
         acknowledged: ledger.acknowledged,
@@ -320,14 +309,6 @@ fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -
         outcome.duplicated += (total.value - expected).max(0);
     }
     outcome
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Stops shard `index` with `signal` and starts it again on its address.
@@ -373,10 +354,10 @@ fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
     }
     let ledger = load.finish(&runtime);
     let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
-    println!(
+    support::report(&format!(
         "sync mode, {cycles} shard SIGKILLs ({} calls retried, {} resent): {outcome}",
         ledger.retried, ledger.resent
-    );
+    ));
     assert!(ledger.retried > 0, "no call ever failed: the kills missed");
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
     assert_eq!(outcome.present, outcome.acknowledged);
@@ -449,13 +430,13 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
     };
     let within_interval = at_risk(FLUSH_INTERVAL);
     let bound = at_risk(FLUSH_INTERVAL + FLUSH_SLACK);
-    println!(
+    support::report(&format!(
         "async mode (flush_interval_ms = {}), {cycles} shard SIGKILLs: {outcome}; \
          acknowledged within flush_interval_ms before a kill: {within_interval}, \
          within flush_interval_ms + {} ms: {bound}",
         FLUSH_INTERVAL.as_millis(),
         FLUSH_SLACK.as_millis()
-    );
+    ));
     assert_eq!(outcome.duplicated, 0, "{outcome}");
     assert!(
         outcome.lost <= bound,
@@ -581,10 +562,10 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
         first = start_coordinator();
     }
     let outcome = compare(&runtime, &second, &ledger);
-    println!(
+    support::report(&format!(
         "{cycles} coordinator SIGKILLs during a {BATCH}-increment batch, {cut} cut part-way, \
          each retried through another coordinator: {outcome}"
-    );
+    ));
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
     assert!(cut >= cycles / 2, "only {cut} batches were cut part-way");
 }
@@ -626,9 +607,9 @@ fn sigterm_under_load_drops_nothing_acknowledged() {
     }
     let ledger = load.finish(&runtime);
     let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
-    println!(
+    support::report(&format!(
         "{cycles} SIGTERMs under load (shards and the coordinator, {} calls retried): {outcome}",
         ledger.retried
-    );
+    ));
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
 }

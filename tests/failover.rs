@@ -156,27 +156,14 @@ fn wait_for_health(cluster: &ProcessCluster, node: &str, health: &str) -> (Insta
 
 /// The sum of every test counter, and whether every part was read.
 fn total(runtime: &tokio::runtime::Runtime, cluster: &ProcessCluster) -> (bool, i64) {
-    let counters = (0..COUNTERS)
+    let counters: Vec<String> = (0..COUNTERS)
         .map(|index| format!("failover-{index}"))
         .collect();
-    runtime.block_on(async {
-        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
-            .await
-            .unwrap();
-        let totals = client
-            .get_batch(pb::GetBatchRequest {
-                counters,
-                allow_partial: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .counters;
-        (
-            totals.iter().all(|total| total.complete),
-            totals.iter().map(|total| total.value).sum(),
-        )
-    })
+    let totals = runtime.block_on(support::totals(&cluster.coordinator.endpoint(), &counters));
+    (
+        totals.iter().all(|total| total.complete),
+        totals.iter().map(|total| total.value).sum(),
+    )
 }
 
 fn signal(cluster: &ProcessCluster, index: usize, signal: Signal) {
@@ -187,11 +174,7 @@ fn signal(cluster: &ProcessCluster, index: usize, signal: Signal) {
 #[test]
 fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     const OUTAGE: Duration = Duration::from_secs(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let mut cluster = ProcessCluster::start("sync");
     let load = Load::start(&runtime, &cluster.coordinator.endpoint());
     // Long enough that the read during the kill has settled increments to
@@ -248,19 +231,21 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     assert!(complete, "a read was incomplete with every node up");
     let availability = 100.0 * (after_detection.len() - failed_after_detection) as f64
         / after_detection.len().max(1) as f64;
-    println!(
+    support::report(&format!(
         "kill found in {} ms, hang found in {} ms; while shown down: {} calls, write availability \
          {availability:.0}%; {before_detection} calls failed before detection; acknowledged \
          {acknowledged}, read {read} (failed calls {failed}, applied or not)",
         kill_seen.duration_since(killed_at).as_millis(),
         hang_seen.duration_since(stopped_at).as_millis(),
         after_detection.len(),
-    );
-    println!(
+    ));
+    support::report(&format!(
         "read while shard-2 was down: complete {read_complete}, {read_during_kill} \
          (acknowledged 1 s before the kill: {settled})"
-    );
-    println!("tallyctl status during the kill: {kill_line}\ntallyctl status during the hang: {hang_line}");
+    ));
+    support::report(&format!(
+        "tallyctl status during the kill: {kill_line}\ntallyctl status during the hang: {hang_line}"
+    ));
     assert!(
         read_complete,
         "a read was incomplete while one shard was down"
@@ -309,11 +294,7 @@ fn ring_size(cluster: &ProcessCluster) -> usize {
 
 #[test]
 fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let cluster = ProcessCluster::start("sync");
     let dir = cluster.dir.path();
     let coordinator = Pid::from_raw(cluster.coordinator.pid() as i32);
@@ -370,10 +351,10 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
         .map(|node| node["entries"].as_u64().unwrap())
         .unwrap();
     let availability = 100.0 * acknowledged as f64 / calls.len() as f64;
-    println!(
+    support::report(&format!(
         "shard-4 added by SIGHUP under load ({on_added} entries on it): acknowledged \
          {acknowledged}, read {read}, write availability {availability:.0}%"
-    );
+    ));
     assert_eq!(acknowledged, calls.len() as i64, "a write failed");
     assert_eq!(read, acknowledged);
     assert!(on_added > 0, "no increment reached the added node");
@@ -381,11 +362,7 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
 
 #[test]
 fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let mut cluster = ProcessCluster::start("sync");
     let load = Load::start(&runtime, &cluster.coordinator.endpoint());
     std::thread::sleep(Duration::from_millis(500));
@@ -448,13 +425,13 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
     let (complete, read) = total(&runtime, &cluster);
     let availability =
         100.0 * (outside_window.len() - failed_outside) as f64 / outside_window.len().max(1) as f64;
-    println!(
+    support::report(&format!(
         "one shard killed and one drained under load: acknowledged {acknowledged}, read {read}, \
          write availability {availability:.0}% ({failed} calls failed in the {} ms before the \
          kill was seen); {}",
         kill_seen.duration_since(killed_at).as_millis(),
         said.trim()
-    );
+    ));
     assert!(complete);
     let errors: Vec<(u128, String)> = errors
         .lock()

@@ -46,19 +46,6 @@ async fn wait_for_replicas_to_catch_up(cluster: &ProcessCluster) {
     }
 }
 
-async fn totals(endpoint: &str, counters: &[String]) -> Vec<pb::GetResponse> {
-    let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
-    client
-        .get_batch(pb::GetBatchRequest {
-            counters: counters.to_vec(),
-            allow_partial: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counters
-}
-
 /// Concurrent writers through the coordinator; returns the ledger of what
 /// was acknowledged.
 async fn write_load(endpoint: &str, writers: usize, rounds: usize) -> HashMap<String, i64> {
@@ -96,7 +83,7 @@ async fn write_load(endpoint: &str, writers: usize, rounds: usize) -> HashMap<St
 
 async fn assert_totals_match(endpoint: &str, ledger: &HashMap<String, i64>) {
     let names: Vec<String> = ledger.keys().cloned().collect();
-    for total in totals(endpoint, &names).await {
+    for total in support::totals(endpoint, &names).await {
         assert!(total.complete, "{total:?}");
         assert_eq!(total.value, ledger[&total.counter], "{}", total.counter);
     }
@@ -572,7 +559,9 @@ async fn a_full_disk_fails_writes_loudly_and_loses_nothing() {
         }
     }
     let (failed_round, status) = failed.expect("the file size limit was never reached");
-    println!("disk full after {acknowledged} batches: {status:?}");
+    support::report(&format!(
+        "disk full after {acknowledged} batches: {status:?}"
+    ));
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     // The node is still up, and reads still work.
     let read = |client: &mut CounterClient<_>, round: usize| {
@@ -617,7 +606,7 @@ async fn a_full_disk_fails_writes_loudly_and_loses_nothing() {
         assert!(retries < 200, "writes never recovered: {status:?}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    println!("writes recovered after {retries} retries");
+    support::report(&format!("writes recovered after {retries} retries"));
     // Nothing acknowledged was lost, even across a crash now.
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);

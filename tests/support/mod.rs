@@ -318,3 +318,35 @@ pub fn replicas_caught_up(
         })
     })
 }
+
+/// A two-thread runtime for tests that drive load from plain `#[test]`s.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every counter's total through the coordinator at `endpoint`, in order.
+pub async fn totals(endpoint: &str, counters: &[String]) -> Vec<tally::proto::pb::GetResponse> {
+    let mut client = tally::proto::pb::counter_client::CounterClient::connect(endpoint.to_string())
+        .await
+        .unwrap();
+    client
+        .get_batch(tally::proto::pb::GetBatchRequest {
+            counters: counters.to_vec(),
+            allow_partial: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counters
+}
+
+/// Prints a test's result line where CI shows it: straight to stderr, which
+/// the test harness does not capture (it captures `println!`).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

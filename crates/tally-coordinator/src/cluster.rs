@@ -270,9 +270,7 @@ impl Cluster {
             .position(|shard| shard.node_id() == node_id)
             .ok_or_else(|| CoordinatorError::UnknownNode(node_id.to_string()))?;
         let budget = self.config.shard_timeout;
-        let failed = |node: usize, error: ShardCallError| {
-            CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
-        };
+        let failed = |node: usize, error: ShardCallError| self.unavailable(node, error);
         let shard = &self.shards[node];
         // A node that started empty must get its earlier entries back
         // before it can hand them on.
@@ -316,15 +314,11 @@ impl Cluster {
             )));
         }
 
-        // 1. Route around it here at once, and let what is already queued
-        // for it land, so that no write of this coordinator fails. Other
-        // coordinators learn it from their probes; meanwhile the node sends
-        // their writes back unapplied (REDIRECT) and they route them again.
+        // 1. Route around it here at once. Writes already on their way to
+        // it, from here or from coordinators that learn of the drain later
+        // from their probes, come back unapplied (REDIRECT) and are routed
+        // again: none fails.
         self.health.set_drain(node, "draining");
-        let waiting = tokio::time::Instant::now();
-        while !shard.is_idle() && waiting.elapsed() < budget {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
         shard
             .drain(pb::DrainPhase::StopWrites, "", 0, budget)
             .await
@@ -387,15 +381,18 @@ impl Cluster {
         Ok((adopter_id, entries))
     }
 
+    /// A call to node `node` failed: UNAVAILABLE naming it.
+    fn unavailable(&self, node: usize, error: ShardCallError) -> CoordinatorError {
+        CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
+    }
+
     /// Waits until every replica of node `origin` holds a copy at the
     /// version `origin` has now (the replication loop brings it there
     /// within an interval). Bounded; an error says to resume later.
     async fn wait_for_copies_of(&self, origin: usize) -> Result<()> {
         let budget = self.config.shard_timeout;
         let origin_id = self.shards[origin].node_id();
-        let failed = |node: usize, error: ShardCallError| {
-            CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
-        };
+        let failed = |node: usize, error: ShardCallError| self.unavailable(node, error);
         let target = self.shards[origin]
             .brief_status(budget)
             .await
@@ -870,18 +867,21 @@ impl ClusterHandle {
             .filter(|node| old.node(&node.id).is_none())
             .map(|node| node.id.as_str())
             .collect();
-        let summary = if added.is_empty() {
-            format!(
-                "membership reloaded: {} nodes, none added",
-                config.nodes.len()
-            )
-        } else {
-            format!(
-                "membership reloaded: {} nodes, added {}",
-                config.nodes.len(),
-                added.join(", ")
-            )
-        };
+        let removed: Vec<&str> = old
+            .nodes
+            .iter()
+            .filter(|node| config.node(&node.id).is_none())
+            .map(|node| node.id.as_str())
+            .collect();
+        let mut summary = format!("membership reloaded: {} nodes", config.nodes.len());
+        match (added.is_empty(), removed.is_empty()) {
+            (true, true) => summary.push_str(", none added"),
+            (false, _) => summary.push_str(&format!(", added {}", added.join(", "))),
+            (true, false) => {}
+        }
+        if !removed.is_empty() {
+            summary.push_str(&format!(", removed {} (drained)", removed.join(", ")));
+        }
         let rebuilt = Cluster::build(config, Some(&current))?;
         *current = rebuilt;
         Ok(summary)

@@ -121,11 +121,6 @@ impl ShardClient {
         })
     }
 
-    /// Whether no increment is queued for the node or in a call to it.
-    pub fn is_idle(&self) -> bool {
-        self.queue_room.available_permits() == MAX_QUEUED_INCREMENTS
-    }
-
     /// The node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id

@@ -127,7 +127,7 @@ impl ShardNode {
             state: service::NodeState {
                 restoring: report.awaiting_restore,
                 drain: report.drain.clone(),
-                adopted: report.adopted.clone(),
+                retired: report.retired.clone(),
             },
         })
     }

@@ -225,19 +225,15 @@ impl Replicas {
             .collect()
     }
 
-    /// Origins whose copy holds any of `counters`, with those counters'
-    /// stripes: what an erase must remove from storage.
-    pub fn held(&self, counters: &[&str]) -> Vec<(String, String, Vec<u32>)> {
+    /// `(origin, counter)` for every copy holding one of `counters`: what
+    /// an erase must remove from storage.
+    pub fn held(&self, counters: &[&str]) -> Vec<(String, String)> {
         let copies = self.copies.read();
         let mut held = Vec::new();
         for (origin, copy) in copies.iter() {
             for counter in counters {
-                if let Some(stripes) = copy.counters.get(*counter) {
-                    held.push((
-                        origin.to_string(),
-                        counter.to_string(),
-                        stripes.iter().map(|(stripe, _)| *stripe).collect(),
-                    ));
+                if copy.counters.contains_key(*counter) {
+                    held.push((origin.to_string(), counter.to_string()));
                 }
             }
         }
@@ -326,10 +322,7 @@ mod tests {
         held.sort();
         assert_eq!(
             held,
-            vec![
-                ("a".into(), "c".into(), vec![0]),
-                ("b".into(), "c".into(), vec![2])
-            ]
+            vec![("a".into(), "c".into()), ("b".into(), "c".into())]
         );
         replicas.erase(&["c"]);
         assert!(replicas.held(&["c"]).is_empty());

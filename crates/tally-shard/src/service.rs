@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::config::Durability;
 use crate::flusher::{unix_ms_now, Flusher};
 use crate::replicas::{CopyStamp, Replicas, Verdict};
-use crate::storage::{DrainState, Storage};
+use crate::storage::{DrainState, OwnChange, Storage};
 use crate::store::{ApplyOutcome, Store, StripeIncrement};
 
 /// What a node's data directory says about its role, as found at start.
@@ -20,8 +20,8 @@ pub struct NodeState {
     pub restoring: bool,
     /// Where a drain of the node stands.
     pub drain: DrainState,
-    /// Drained nodes whose entries it adopted.
-    pub adopted: Vec<String>,
+    /// Drained nodes it adopted, or whose copy it dropped.
+    pub retired: Vec<String>,
 }
 
 /// Serves one node's store.
@@ -46,7 +46,9 @@ pub struct ShardService {
     /// whole, and no write slips past a drain's stop).
     own_writes: Arc<tokio::sync::RwLock<()>>,
     drain: Arc<parking_lot::Mutex<DrainState>>,
-    adopted: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    /// Drained origins whose copies this node no longer takes: adopted into
+    /// its own entries, or whose copy it dropped.
+    retired: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
 }
@@ -74,7 +76,7 @@ impl ShardService {
             restoring: Arc::new(AtomicBool::new(state.restoring)),
             own_writes: Arc::default(),
             drain: Arc::new(parking_lot::Mutex::new(state.drain)),
-            adopted: Arc::new(parking_lot::Mutex::new(state.adopted.into_iter().collect())),
+            retired: Arc::new(parking_lot::Mutex::new(state.retired.into_iter().collect())),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
         }
@@ -95,6 +97,63 @@ impl ShardService {
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(|error| self.unavailable(error))
+    }
+
+    /// Returns once changes stamped with `epoch` are durable by the node's
+    /// mode.
+    async fn durable(&self, epoch: u64) -> Result<(), Status> {
+        self.flusher
+            .wait_durable(epoch)
+            .await
+            .map_err(|error| self.unavailable(error))
+    }
+
+    /// Returns once every change made so far is on disk.
+    async fn flushed(&self, epoch: u64) -> Result<(), Status> {
+        self.flusher
+            .wait_flushed(epoch)
+            .await
+            .map_err(|error| self.unavailable(error))
+    }
+
+    /// Adds `entries` to this node's own, outside the increment path (a
+    /// restore, an adoption), with `why` in the same sled batch. Own reads
+    /// and writes pause, so none sees it half done, and everything written
+    /// before is flushed first, so no older flush lands after it. Returns
+    /// how many entries were set.
+    async fn add_to_own(
+        &self,
+        entries: Vec<(String, u32, i64)>,
+        why: OwnChange,
+    ) -> Result<usize, Status> {
+        // A flush first without the pause, so the one under it is short.
+        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
+        let _paused = self.own_writes.write().await;
+        self.flushed(self.store.open_epoch()).await?;
+        let mut own = Vec::with_capacity(entries.len());
+        for (counter, stripe, value) in entries {
+            let sum = self
+                .store
+                .entry(&counter, stripe)
+                .checked_add(value)
+                .ok_or_else(|| Status::out_of_range(format!("adding to {counter:?} overflows")))?;
+            own.push((counter, stripe, sum));
+        }
+        let own = Arc::new(own);
+        let storage = self.storage.clone();
+        let written = own.clone();
+        self.blocking(move || {
+            let entries: Vec<(&str, u32, i64)> = written
+                .iter()
+                .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
+                .collect();
+            storage.set_own(&entries, &why)
+        })
+        .await?;
+        for (counter, stripe, value) in own.iter() {
+            self.store.set_flushed(counter, *stripe, *value);
+        }
+        Ok(own.len())
     }
 
     /// Refuses writes of own entries once a drain has begun. Called with
@@ -183,10 +242,7 @@ impl pb::shard_server::Shard for ShardService {
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
             .fetch_add(increments.len() as u64, Ordering::Relaxed);
-        self.flusher
-            .wait_durable(epoch)
-            .await
-            .map_err(|error| self.unavailable(error))?;
+        self.durable(epoch).await?;
         let mut overflowed = Vec::new();
         let mut conflicts = Vec::new();
         let outcomes = request
@@ -271,11 +327,10 @@ impl pb::shard_server::Shard for ShardService {
             counters,
             replicas,
             restoring,
-            incarnation: self.store.incarnation(),
             drained_to,
             directory_id: self.storage.directory_id(),
             handed_over_version,
-            retired: self.adopted.lock().iter().cloned().collect(),
+            retired: self.retired.lock().iter().cloned().collect(),
         }))
     }
 
@@ -294,21 +349,13 @@ impl pb::shard_server::Shard for ShardService {
         // Replica copies too: a delete must not come back from a copy read
         // while the counter's origin is down.
         let _replica_writes = self.replica_writes.lock().await;
-        let held: Vec<(String, String)> = self
-            .replicas
-            .held(&counters)
-            .into_iter()
-            .map(|(origin, counter, _)| (origin, counter))
-            .collect();
+        let held = self.replicas.held(&counters);
         if !held.is_empty() {
             let storage = self.storage.clone();
             self.blocking(move || storage.erase_replicas(&held)).await?;
             self.replicas.erase(&counters);
         }
-        self.flusher
-            .wait_durable(epoch)
-            .await
-            .map_err(|error| self.unavailable(error))?;
+        self.durable(epoch).await?;
         Ok(Response::new(pb::EraseResponse {}))
     }
 
@@ -390,45 +437,16 @@ impl pb::shard_server::Shard for ShardService {
                 self.node_id
             )));
         }
-        // Own writes pause, and everything written so far reaches disk, so
-        // that no flush of an older value lands after the restore's batch.
-        // A flush first without the lock, so the one under it is short.
-        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
-        let _paused = self.own_writes.write().await;
-        self.flusher
-            .wait_flushed(self.store.open_epoch())
-            .await
-            .map_err(|error| self.unavailable(error))?;
-        // The node's earlier entries are added to what it took since it
-        // started: each entry's new absolute value.
-        let mut added: Vec<(String, u32, i64)> = Vec::with_capacity(request.entries.len());
-        for entry in &request.entries {
-            let current = self.store.entry(&entry.counter, entry.stripe);
-            let value = current.checked_add(entry.value).ok_or_else(|| {
-                Status::out_of_range(format!("restoring {:?} overflows", entry.counter))
-            })?;
-            added.push((entry.counter.clone(), entry.stripe, value));
-        }
-        let storage = self.storage.clone();
-        let added = Arc::new(added);
-        {
-            let added = added.clone();
-            self.blocking(move || {
-                let entries: Vec<(&str, u32, i64)> = added
-                    .iter()
-                    .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
-                    .collect();
-                storage.restore(&entries)
-            })
-            .await?;
-        }
-        for (counter, stripe, value) in added.iter() {
-            self.store.set_flushed(counter, *stripe, *value);
-        }
+        let entries = request
+            .entries
+            .into_iter()
+            .map(|entry| (entry.counter, entry.stripe, entry.value))
+            .collect();
+        let count = self.add_to_own(entries, OwnChange::Restored).await?;
         self.restoring.store(false, Ordering::SeqCst);
         tracing::info!(
             node_id = &*self.node_id,
-            entries = request.entries.len(),
+            entries = count,
             "restored from replicas"
         );
         Ok(Response::new(pb::RestoreResponse {}))
@@ -493,10 +511,7 @@ impl pb::shard_server::Shard for ShardService {
         // after, so the wait needs no lock.
         let epoch = self.store.open_epoch();
         drop(paused);
-        self.flusher
-            .wait_flushed(epoch)
-            .await
-            .map_err(|error| self.unavailable(error))?;
+        self.flushed(epoch).await?;
         Ok(Response::new(pb::ShardDrainResponse {}))
     }
 
@@ -507,14 +522,14 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.adopted.lock().contains(&request.origin) {
+        if self.retired.lock().contains(&request.origin) {
             return Ok(Response::new(pb::DropCopyResponse {}));
         }
         let storage = self.storage.clone();
         let origin = request.origin.clone();
         self.blocking(move || storage.drop_copy(&origin)).await?;
         self.replicas.remove(&request.origin);
-        self.adopted.lock().insert(request.origin);
+        self.retired.lock().insert(request.origin);
         Ok(Response::new(pb::DropCopyResponse {}))
     }
 
@@ -525,7 +540,7 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.adopted.lock().contains(&request.origin) {
+        if self.retired.lock().contains(&request.origin) {
             return Ok(Response::new(pb::AdoptResponse { entries: 0 }));
         }
         if *self.drain.lock() != DrainState::Serving {
@@ -547,50 +562,25 @@ impl pb::shard_server::Shard for ShardService {
                 request.origin, request.version
             )));
         }
-        // Alone, like a restore: no write or read sees it half done, and no
-        // older flush lands after it. A flush first without the lock, so
-        // the one under it is short.
-        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
-        let _paused = self.own_writes.write().await;
-        self.flusher
-            .wait_flushed(self.store.open_epoch())
-            .await
-            .map_err(|error| self.unavailable(error))?;
-        let mut own: Vec<(String, u32, i64)> = Vec::with_capacity(entries.len());
-        for (counter, stripe, value) in entries {
-            let current = self.store.entry(&counter, stripe);
-            let sum = current
-                .checked_add(value)
-                .ok_or_else(|| Status::out_of_range(format!("adopting {counter:?} overflows")))?;
-            own.push((counter, stripe, sum));
-        }
-        let storage = self.storage.clone();
-        let own = Arc::new(own);
-        {
-            let own = own.clone();
-            let origin = request.origin.clone();
-            self.blocking(move || {
-                let entries: Vec<(&str, u32, i64)> = own
-                    .iter()
-                    .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
-                    .collect();
-                storage.adopt(&origin, version, &entries)
-            })
+        let count = self
+            .add_to_own(
+                entries,
+                OwnChange::Adopted {
+                    origin: request.origin.clone(),
+                    version,
+                },
+            )
             .await?;
-        }
-        for (counter, stripe, value) in own.iter() {
-            self.store.set_flushed(counter, *stripe, *value);
-        }
         self.replicas.remove(&request.origin);
-        self.adopted.lock().insert(request.origin.clone());
+        self.retired.lock().insert(request.origin.clone());
         tracing::info!(
             node_id = &*self.node_id,
             origin = request.origin,
-            entries = own.len(),
+            entries = count,
             "adopted a drained node's entries"
         );
         Ok(Response::new(pb::AdoptResponse {
-            entries: own.len() as u64,
+            entries: count as u64,
         }))
     }
 
@@ -659,7 +649,7 @@ impl pb::shard_server::Shard for ShardService {
             directory_id: request.directory_id,
         };
         let _replica_writes = self.replica_writes.lock().await;
-        if self.adopted.lock().contains(&request.origin) {
+        if self.retired.lock().contains(&request.origin) {
             // Drained: a late push must not bring its copy back.
             return Ok(Response::new(pb::ReplicateResponse {
                 accepted: true,

@@ -148,8 +148,38 @@ pub struct DirectoryReport {
     pub awaiting_restore: bool,
     /// Where a drain of this node stands.
     pub drain: DrainState,
-    /// Drained nodes whose entries this node adopted.
-    pub adopted: Vec<String>,
+    /// Drained nodes this node adopted, or whose copy it dropped.
+    pub retired: Vec<String>,
+}
+
+/// Why own entries are set outside a flush (see [`Storage::set_own`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnChange {
+    /// A node that started empty got its earlier entries back.
+    Restored,
+    /// This node took a drained node's entries from its copy of them.
+    Adopted {
+        /// The drained node.
+        origin: String,
+        /// Its final copy's version.
+        version: u64,
+    },
+}
+
+/// Adds to `batch`: drop the copy of `origin` and mark it retired, with the
+/// version it was retired at (0 when only the copy was dropped).
+fn retire_copy(
+    batch: &mut sled::Batch,
+    data: &sled::Tree,
+    origin: &str,
+    version: u64,
+) -> Result<(), sled::Error> {
+    for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
+        batch.remove(key?);
+    }
+    batch.remove(keys::replica_version_key(origin));
+    batch.insert(keys::adopted_key(origin), &version.to_be_bytes());
+    Ok(())
 }
 
 /// Where a drain of this node stands.
@@ -434,24 +464,6 @@ impl Storage {
         })
     }
 
-    /// Sets these own entries (absolute values) and marks the own entries
-    /// restored, in one atomic batch, durably. Blocking.
-    pub fn restore(&self, entries: &[(&str, u32, i64)]) -> Result<(), StorageError> {
-        self.write_batch(|_| {
-            let mut batch = sled::Batch::default();
-            for &(counter, stripe, value) in entries {
-                let key = keys::encode_entry_key(&self.node_id, counter, stripe);
-                if value == 0 {
-                    batch.remove(key);
-                } else {
-                    batch.insert(key, &value.to_be_bytes());
-                }
-            }
-            batch.insert(&keys::RESTORED_KEY, &1u64.to_be_bytes());
-            Ok(batch)
-        })
-    }
-
     /// Records this node's drain state, durably. Blocking.
     pub fn set_drain(&self, state: &DrainState) -> Result<(), StorageError> {
         self.write_batch(|_| {
@@ -461,22 +473,18 @@ impl Storage {
         })
     }
 
-    /// Adopts a drained `origin`'s entries: sets these own entries
-    /// (absolute values, the copy added), drops the copy, and marks the
-    /// origin adopted, in one atomic batch, durably. Blocking.
-    pub fn adopt(
+    /// Sets these own entries (absolute values) together with what made
+    /// them (`why`: a restore, an adoption), in one atomic batch, durably:
+    /// a crash keeps both or neither, so neither is ever done twice.
+    /// Blocking.
+    pub fn set_own(
         &self,
-        origin: &str,
-        version: u64,
-        own: &[(&str, u32, i64)],
+        entries: &[(&str, u32, i64)],
+        why: &OwnChange,
     ) -> Result<(), StorageError> {
         self.write_batch(|data| {
             let mut batch = sled::Batch::default();
-            for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
-                batch.remove(key?);
-            }
-            batch.remove(keys::replica_version_key(origin));
-            for &(counter, stripe, value) in own {
+            for &(counter, stripe, value) in entries {
                 let key = keys::encode_entry_key(&self.node_id, counter, stripe);
                 if value == 0 {
                     batch.remove(key);
@@ -484,7 +492,12 @@ impl Storage {
                     batch.insert(key, &value.to_be_bytes());
                 }
             }
-            batch.insert(keys::adopted_key(origin), &version.to_be_bytes());
+            match why {
+                OwnChange::Restored => batch.insert(&keys::RESTORED_KEY, &1u64.to_be_bytes()),
+                OwnChange::Adopted { origin, version } => {
+                    retire_copy(&mut batch, data, origin, *version)?;
+                }
+            }
             Ok(batch)
         })
     }
@@ -494,11 +507,7 @@ impl Storage {
     pub fn drop_copy(&self, origin: &str) -> Result<(), StorageError> {
         self.write_batch(|data| {
             let mut batch = sled::Batch::default();
-            for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
-                batch.remove(key?);
-            }
-            batch.remove(keys::replica_version_key(origin));
-            batch.insert(keys::adopted_key(origin), &0u64.to_be_bytes());
+            retire_copy(&mut batch, data, origin, 0)?;
             Ok(batch)
         })
     }
@@ -694,6 +703,7 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
     let node_id = parse_marker(dir, &text)?.node_id;
     let _lock = lock(dir)?;
     inspect(dir, &node_id)?;
+    let clean = unchanged_since_clean_stop(dir, &Witness::read(dir)?)?;
     // In the system's temporary directory: verify writes nothing in the
     // directory it checks (which may be a read-only backup).
     // Named for this run: two verifies at once must not share a copy.
@@ -701,7 +711,8 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos());
     let scratch = std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
-    check_copy(dir, &node_id, &scratch)
+    let report = check_copy(dir, &node_id, &scratch)?;
+    Ok(DirectoryReport { clean, ..report })
 }
 
 /// Opens sled with our settings and both trees.
@@ -798,14 +809,10 @@ fn lock(dir: &Path) -> Result<File, StorageError> {
 /// scratch copy has recovered soundly.
 fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     let witness = Witness::read(dir)?;
-    if let Some(clean) = witness.clean {
-        let hash = hash_sled_files(dir).map_err(|reason| StorageError::Io {
-            dir: dir.to_path_buf(),
-            reason,
-        })?;
-        if hash == clean {
-            return Ok(());
-        }
+    if unchanged_since_clean_stop(dir, &witness)? {
+        return Ok(());
+    }
+    if witness.clean.is_some() {
         tracing::warn!(dir = %dir.display(), "files changed since the last clean stop; checking a copy");
     } else {
         tracing::info!(dir = %dir.display(), "the last stop was not clean; checking a copy before opening");
@@ -818,6 +825,18 @@ fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
         "copy recovered soundly"
     );
     Ok(())
+}
+
+/// Whether sled's files hash as the witness recorded at a clean stop.
+fn unchanged_since_clean_stop(dir: &Path, witness: &Witness) -> Result<bool, StorageError> {
+    let Some(clean) = witness.clean else {
+        return Ok(false);
+    };
+    let hash = hash_sled_files(dir).map_err(|reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    })?;
+    Ok(hash == clean)
 }
 
 /// Recovers a copy of the directory's sled files in the directory
@@ -862,18 +881,8 @@ fn check_copy(dir: &Path, node_id: &str, scratch: &Path) -> Result<DirectoryRepo
     if report.sequence < witness.flushed {
         return Err(refused(rollback_problem(report.sequence, witness.flushed)));
     }
-    let clean = match witness.clean {
-        Some(clean) => {
-            hash_sled_files(dir).map_err(|reason| StorageError::Io {
-                dir: dir.to_path_buf(),
-                reason,
-            })? == clean
-        }
-        None => false,
-    };
     Ok(DirectoryReport {
         witnessed: witness.flushed,
-        clean,
         ..report
     })
 }
@@ -962,7 +971,7 @@ fn scan(
             DataKey::Drain => {
                 report.drain = DrainState::decode(&value).ok_or("bad drain state")?;
             }
-            DataKey::Adopted { origin } => report.adopted.push(origin.to_string()),
+            DataKey::Adopted { origin } => report.retired.push(origin.to_string()),
             DataKey::Restored => {
                 report.awaiting_restore =
                     keys::decode_u64(&value).ok_or("bad restored value")? == 0;

@@ -308,11 +308,6 @@ impl Store {
         self.replication_epoch.load(Ordering::SeqCst)
     }
 
-    /// The incarnation in the high bits of this node's replication versions.
-    pub fn incarnation(&self) -> u64 {
-        self.replication_epoch.load(Ordering::SeqCst) >> INCARNATION_SHIFT
-    }
-
     /// Sets the node's incarnation (starts so far), before serving: the high
     /// bits of every replication version from now on.
     pub fn set_incarnation(&self, incarnation: u64) {

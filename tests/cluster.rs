@@ -212,14 +212,17 @@ async fn under_load_increments_share_internal_calls() {
         .iter()
         .map(|status| status.increments_applied)
         .sum();
+    let sent = (TASKS * ROUNDS) as u64;
     support::report(&format!(
-        "{applied} increments in {calls} internal apply calls"
+        "{sent} increments reached the shards in {calls} internal apply calls, merged into \
+         {applied} entry changes"
     ));
-    assert_eq!(applied, (TASKS * ROUNDS) as u64);
     assert!(
-        calls < applied,
-        "64 concurrent writers must share internal calls: {calls} calls for {applied} increments"
+        calls < sent,
+        "64 concurrent writers must share internal calls: {calls} calls for {sent} increments"
     );
+    // Increments of one (counter, stripe) in one call are merged.
+    assert!(applied <= sent, "{applied} applied for {sent} sent");
     let mut client = client.clone();
     let mut total = 0;
     for counter in 0..4 {
@@ -470,6 +473,39 @@ async fn overflow_is_out_of_range_and_applies_nothing() {
     // Going back into range still works.
     client.increment(increment("big", -1, "")).await.unwrap();
     assert_eq!(value(&mut client, "big").await, i64::MAX - 1);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn merged_increments_overflow_one_by_one() {
+    // One stripe: concurrent increments of one counter land on one entry and
+    // are merged into shared calls. Room for exactly 10 more: 10 of the 64
+    // increments must succeed and the rest fail OUT_OF_RANGE, however they
+    // were merged.
+    let test = start_with(|options| options.stripes = 1).await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    client
+        .increment(increment("edge", i64::MAX - 10, ""))
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.increment(increment("edge", 1, "")).await })
+        })
+        .collect();
+    let (mut applied, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => applied += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((applied, refused), (10, 54));
+    assert_eq!(value(&mut client, "edge").await, i64::MAX);
     test.cluster.shutdown().await.unwrap();
 }
 
@@ -1405,4 +1441,57 @@ async fn a_deleted_counter_does_not_come_back_from_a_copy() {
         cluster.wait_ready(READY).await.unwrap();
     }
     cluster.shutdown().await.unwrap();
+}
+
+fn bench_options(cluster: &LocalCluster, prefix: &str) -> tally::cli::bench::BenchOptions {
+    tally::cli::bench::BenchOptions {
+        endpoint: cluster.endpoint(),
+        clients: 16,
+        connections: 4,
+        stop: tally::cli::bench::Stop::Calls(400),
+        counters: 50,
+        batch: 5,
+        read_percent: 20,
+        keyed: false,
+        prefix: prefix.into(),
+        timeout: Duration::from_secs(10),
+        check: true,
+        progress: false,
+    }
+}
+
+#[tokio::test]
+async fn bench_counts_and_checks_its_own_work() {
+    let test = start().await;
+    let report = tally::cli::bench::run(bench_options(&test.cluster, "b1-"))
+        .await
+        .unwrap();
+    assert_eq!(report.check, "ok", "{report:?}");
+    assert_eq!(report.calls, 400);
+    assert_eq!(report.errors, 0, "{:?}", report.first_errors);
+    let reads = report.read_latency_us.as_ref().map_or(0, |l| l.count);
+    let writes = report.write_latency_us.as_ref().map_or(0, |l| l.count);
+    assert_eq!(reads + writes, 400);
+    assert_eq!(report.increments, writes * 5);
+    assert_eq!(report.checked_counters, 50);
+    // The counters hold exactly what the bench acknowledged.
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let mut total = 0;
+    for counter in 0..50 {
+        total += value(&mut client, &format!("b1-{counter}")).await;
+    }
+    assert_eq!(total as u64, report.increments);
+
+    // A counter changed behind the bench's back fails its check.
+    client.increment(increment("b2-7", 3, "")).await.unwrap();
+    let report = tally::cli::bench::run(bench_options(&test.cluster, "b2-"))
+        .await
+        .unwrap();
+    assert!(!report.passed());
+    assert!(
+        report.check.contains("b2-7") && report.check.contains("3 extra"),
+        "{}",
+        report.check
+    );
+    test.cluster.shutdown().await.unwrap();
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use comfy_table::{presets, Table};
 use serde_json::json;
+use tally_cli::bench::{BenchOptions, Stop};
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally_coordinator::service::{locate_response, ring_response};
 use tally_coordinator::{CoordinatorConfig, CoordinatorOverrides};
@@ -47,6 +48,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Status => cli.status().await,
         Command::Health => cli.health().await,
         Command::Drain { node } => cli.drain(node).await,
+        Command::Bench {
+            clients,
+            connections,
+            duration,
+            requests,
+            counters,
+            batch,
+            reads,
+            keyed,
+            prefix,
+            no_check,
+        } => {
+            let options = BenchOptions {
+                endpoint: cli.endpoint.clone(),
+                clients,
+                connections,
+                stop: requests.map_or(Stop::After(duration), Stop::Calls),
+                counters,
+                batch,
+                read_percent: reads,
+                keyed,
+                prefix,
+                timeout: cli.timeout,
+                check: !no_check,
+                progress: !cli.json,
+            };
+            cli.bench(options).await
+        }
     }
 }
 
@@ -176,6 +205,16 @@ impl Cli {
         self.print(json!({ "counter": counter, "deleted": true }), || {
             format!("OK {counter} deleted")
         });
+        Ok(())
+    }
+
+    async fn bench(&self, options: BenchOptions) -> anyhow::Result<()> {
+        let report = tally_cli::bench::run(options).await?;
+        self.print(
+            serde_json::to_value(&report).expect("a report serializes"),
+            || report.human(),
+        );
+        anyhow::ensure!(report.passed(), "the self-check failed: {}", report.check);
         Ok(())
     }
 

@@ -6,9 +6,12 @@
 //! - [`local_cluster`]: [`LocalCluster`](local_cluster::LocalCluster), shard
 //!   nodes and a coordinator in one process on loopback. `tallyctl dev` runs
 //!   one; the integration tests run one per test on port 0.
+//! - [`bench`]: `tallyctl bench`, the load generator that checks its own
+//!   work by reading every counter back.
 //! - the `tallyctl` binary (`src/main.rs`, `src/commands.rs`): `dev`,
 //!   `incr`, `get`, `delete`, `ring`, `locate`, `status`; human tables by
 //!   default, `--json` for scripts, non-zero exit on error.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod local_cluster;

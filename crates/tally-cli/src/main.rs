@@ -94,6 +94,42 @@ enum Command {
     /// Check the gRPC health of the server at --endpoint (a coordinator or a
     /// shard node): exit 0 if it is serving. For container health checks.
     Health,
+    /// Load a cluster like redis-benchmark: throughput and latency
+    /// percentiles, then a read-back of every counter that fails the run if
+    /// any total differs from what was acknowledged.
+    Bench {
+        /// Calls in flight at once (one per client task).
+        #[arg(long, short = 'c', default_value_t = 64)]
+        clients: usize,
+        /// HTTP/2 connections the clients share (default: one per client).
+        #[arg(long, default_value_t = 0)]
+        connections: usize,
+        /// How long to run (e.g. 10s, 1m).
+        #[arg(long, short = 'd', value_parser = humantime::parse_duration, default_value = "10s", conflicts_with = "requests")]
+        duration: std::time::Duration,
+        /// Stop after this many calls instead of a duration.
+        #[arg(long, short = 'n')]
+        requests: Option<u64>,
+        /// Distinct counters, picked uniformly (1: one hot counter).
+        #[arg(long, default_value_t = 1)]
+        counters: u64,
+        /// Increments per IncrementBatch, counters per GetBatch (1: unary
+        /// Increment and Get).
+        #[arg(long, short = 'b', default_value_t = 1)]
+        batch: usize,
+        /// Share of calls that are reads, in percent.
+        #[arg(long, default_value_t = 0)]
+        reads: u8,
+        /// Give every increment its own idempotency key.
+        #[arg(long)]
+        keyed: bool,
+        /// Counter name prefix (default: one new to this run).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Skip reading the counters back at the end.
+        #[arg(long)]
+        no_check: bool,
+    },
     /// Move a shard's entries to the next node of the ring, exactly once,
     /// so that it can be removed from the coordinators' config (then
     /// SIGHUP them). Safe to repeat: an interrupted drain resumes.

@@ -905,7 +905,7 @@ async fn with_deadline<T>(
 fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
     match outcome {
         Outcome::Applied | Outcome::Redirect(_) => None,
-        Outcome::Overflow { counter, delta } => {
+        Outcome::Overflow { counter, delta, .. } => {
             Some(CoordinatorError::IncrementOverflow { counter, delta })
         }
         Outcome::KeyConflict {
@@ -913,6 +913,7 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
             key,
             delta,
             recorded_delta,
+            ..
         } => Some(CoordinatorError::KeyConflict {
             counter,
             key,

@@ -41,6 +41,8 @@ pub enum Outcome {
     Overflow {
         /// The counter, as the shard reported it.
         counter: String,
+        /// The stripe.
+        stripe: u32,
         /// The increment.
         delta: i64,
     },
@@ -51,6 +53,8 @@ pub enum Outcome {
     KeyConflict {
         /// The counter.
         counter: String,
+        /// The stripe.
+        stripe: u32,
         /// The idempotency key.
         key: String,
         /// The delta of this increment.
@@ -468,13 +472,7 @@ async fn send_batch(
         increments.extend(job.increments);
         queue_room.push(job.queue_room);
     }
-    let request = pb::ApplyRequest {
-        node_id: node_id.to_string(),
-        increments,
-    };
-    let result = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
-        .await
-        .and_then(|response| decode_outcomes(response, increment_count));
+    let result = apply_coalesced(&node_id, &mut grpc, increments, shard_timeout).await;
     match result {
         Ok(outcomes) => {
             let mut outcomes = outcomes.into_iter();
@@ -489,6 +487,170 @@ async fn send_batch(
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Sends `increments` in one Apply call with un-keyed increments of the same
+/// `(counter, stripe)` merged, and answers for each increment as if it had
+/// been sent alone.
+///
+/// Merging is sound because a shard applies one increment atomically: a
+/// merged increment that lands in range stands for its parts applied one
+/// after another in some order that keeps every step in range (take a
+/// negative part while the entry is at or above 0, else a positive one).
+/// A merged increment that would overflow says nothing about its parts, so
+/// they are sent again, unmerged, in a second call, and each gets its own
+/// outcome. Keyed increments are never merged: each is deduplicated by its
+/// own key.
+async fn apply_coalesced(
+    node_id: &str,
+    grpc: &mut GrpcShardClient<Channel>,
+    increments: Vec<pb::ShardIncrement>,
+    shard_timeout: Duration,
+) -> Result<Vec<Outcome>, ShardCallError> {
+    let plan = Coalesced::plan(increments);
+    let sent = plan.sent.len();
+    let request = pb::ApplyRequest {
+        node_id: node_id.to_string(),
+        increments: plan.sent,
+    };
+    let merged_outcomes = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
+        .await
+        .and_then(|response| decode_outcomes(response, sent))?;
+    let (mut outcomes, unmerge) = plan.members.spread(merged_outcomes);
+    if unmerge.is_empty() {
+        return Ok(outcomes);
+    }
+    let (positions, increments): (Vec<usize>, Vec<pb::ShardIncrement>) =
+        unmerge.into_iter().unzip();
+    let request = pb::ApplyRequest {
+        node_id: node_id.to_string(),
+        increments,
+    };
+    let expected = positions.len();
+    let separate = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
+        .await
+        .and_then(|response| decode_outcomes(response, expected))?;
+    for (position, outcome) in positions.into_iter().zip(separate) {
+        outcomes[position] = outcome;
+    }
+    Ok(outcomes)
+}
+
+/// One Apply call's increments after merging (see [`apply_coalesced`]).
+struct Coalesced {
+    /// What is sent, in order of each group's first member.
+    sent: Vec<pb::ShardIncrement>,
+    /// How to answer for each original increment.
+    members: Members,
+}
+
+/// For each original increment, in order: the sent increment that carries
+/// it, and its own delta.
+struct Members {
+    carrier: Vec<(u32, i64)>,
+    /// Per sent increment: how many originals it carries.
+    carried: Vec<u32>,
+}
+
+impl Coalesced {
+    fn plan(increments: Vec<pb::ShardIncrement>) -> Coalesced {
+        let count = increments.len();
+        let mut carrier = Vec::with_capacity(count);
+        let mut sums: Vec<i64> = Vec::with_capacity(count);
+        let mut carried: Vec<u32> = Vec::with_capacity(count);
+        {
+            // Open group per (counter, stripe) of un-keyed increments.
+            let mut open: std::collections::HashMap<(&str, u32), u32> =
+                std::collections::HashMap::with_capacity(count);
+            for increment in &increments {
+                let own = |sums: &mut Vec<i64>, carried: &mut Vec<u32>| {
+                    sums.push(increment.delta);
+                    carried.push(1);
+                    (sums.len() - 1) as u32
+                };
+                let group = if !increment.idempotency_key.is_empty() || count == 1 {
+                    own(&mut sums, &mut carried)
+                } else {
+                    let key = (increment.counter.as_str(), increment.stripe);
+                    let merged = open.get(&key).and_then(|&group| {
+                        let sum = sums[group as usize].checked_add(increment.delta)?;
+                        sums[group as usize] = sum;
+                        carried[group as usize] += 1;
+                        Some(group)
+                    });
+                    merged.unwrap_or_else(|| {
+                        // A new group, also when the open one's sum would
+                        // leave i64.
+                        let group = own(&mut sums, &mut carried);
+                        open.insert(key, group);
+                        group
+                    })
+                };
+                carrier.push((group, increment.delta));
+            }
+        }
+        let mut sent = Vec::with_capacity(sums.len());
+        for (increment, &(group, _)) in increments.into_iter().zip(&carrier) {
+            // A group's first member is the first to come by.
+            if group as usize == sent.len() {
+                sent.push(pb::ShardIncrement {
+                    delta: sums[group as usize],
+                    ..increment
+                });
+            }
+        }
+        Coalesced {
+            sent,
+            members: Members { carrier, carried },
+        }
+    }
+}
+
+impl Members {
+    /// Each original's outcome from its carrier's, and the originals that
+    /// must be sent again unmerged (with their position).
+    fn spread(self, merged: Vec<Outcome>) -> (Vec<Outcome>, Vec<(usize, pb::ShardIncrement)>) {
+        let mut unmerge = Vec::new();
+        let outcomes = self
+            .carrier
+            .iter()
+            .enumerate()
+            .map(|(position, &(group, delta))| {
+                let outcome = &merged[group as usize];
+                if self.carried[group as usize] == 1 {
+                    return outcome.clone();
+                }
+                match outcome {
+                    Outcome::Applied => Outcome::Applied,
+                    Outcome::Redirect(increment) => Outcome::Redirect(pb::ShardIncrement {
+                        delta,
+                        ..increment.clone()
+                    }),
+                    // Only un-keyed increments are merged: a conflict
+                    // cannot come back for a merged one; resend it alone
+                    // like an overflow rather than guess.
+                    Outcome::Overflow {
+                        counter, stripe, ..
+                    }
+                    | Outcome::KeyConflict {
+                        counter, stripe, ..
+                    } => {
+                        unmerge.push((
+                            position,
+                            pb::ShardIncrement {
+                                counter: counter.clone(),
+                                stripe: *stripe,
+                                delta,
+                                idempotency_key: String::new(),
+                            },
+                        ));
+                        Outcome::Applied // replaced by the second call's answer
+                    }
+                }
+            })
+            .collect();
+        (outcomes, unmerge)
     }
 }
 
@@ -521,6 +683,7 @@ fn decode_outcomes(
                     .ok_or_else(|| malformed("an overflow without its increment".into()))?;
                 Ok(Outcome::Overflow {
                     counter: increment.counter,
+                    stripe: increment.stripe,
                     delta: increment.delta,
                 })
             }
@@ -531,6 +694,7 @@ fn decode_outcomes(
                     .ok_or_else(|| malformed("a conflict without its increment".into()))?;
                 Ok(Outcome::KeyConflict {
                     counter: increment.counter,
+                    stripe: increment.stripe,
                     key: increment.idempotency_key,
                     delta: increment.delta,
                     recorded_delta,
@@ -549,4 +713,112 @@ fn decode_outcomes(
         )));
     }
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn increment(counter: &str, stripe: u32, delta: i64, key: &str) -> pb::ShardIncrement {
+        pb::ShardIncrement {
+            counter: counter.into(),
+            stripe,
+            delta,
+            idempotency_key: key.into(),
+        }
+    }
+
+    #[test]
+    fn unkeyed_increments_of_one_entry_merge_and_keyed_ones_do_not() {
+        let plan = Coalesced::plan(vec![
+            increment("a", 0, 1, ""),
+            increment("a", 1, 2, ""),
+            increment("a", 0, 3, ""),
+            increment("a", 0, 4, "k1"),
+            increment("b", 0, 5, ""),
+            increment("a", 0, 6, ""),
+            increment("a", 0, 7, "k1"),
+        ]);
+        assert_eq!(
+            plan.sent,
+            vec![
+                increment("a", 0, 10, ""),
+                increment("a", 1, 2, ""),
+                increment("a", 0, 4, "k1"),
+                increment("b", 0, 5, ""),
+                increment("a", 0, 7, "k1"),
+            ]
+        );
+        assert_eq!(
+            plan.members.carrier,
+            vec![(0, 1), (1, 2), (0, 3), (2, 4), (3, 5), (0, 6), (4, 7)]
+        );
+        assert_eq!(plan.members.carried, vec![3, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_sum_that_would_leave_i64_starts_a_new_group() {
+        let plan = Coalesced::plan(vec![
+            increment("a", 0, i64::MAX, ""),
+            increment("a", 0, 1, ""),
+            increment("a", 0, -5, ""),
+        ]);
+        assert_eq!(
+            plan.sent,
+            vec![increment("a", 0, i64::MAX, ""), increment("a", 0, -4, "")]
+        );
+    }
+
+    #[test]
+    fn merged_outcomes_spread_to_every_part() {
+        let plan = Coalesced::plan(vec![
+            increment("a", 0, 1, ""),
+            increment("a", 0, 2, ""),
+            increment("b", 3, 5, ""),
+            increment("b", 3, -1, ""),
+            increment("c", 0, 9, ""),
+        ]);
+        let (outcomes, unmerge) = plan.members.spread(vec![
+            Outcome::Applied,
+            Outcome::Redirect(increment("b", 3, 4, "")),
+            Outcome::Overflow {
+                counter: "c".into(),
+                stripe: 0,
+                delta: 9,
+            },
+        ]);
+        assert_eq!(
+            outcomes[..4],
+            [
+                Outcome::Applied,
+                Outcome::Applied,
+                Outcome::Redirect(increment("b", 3, 5, "")),
+                Outcome::Redirect(increment("b", 3, -1, "")),
+            ]
+        );
+        // Not merged: its own overflow stands.
+        assert!(matches!(outcomes[4], Outcome::Overflow { delta: 9, .. }));
+        assert!(unmerge.is_empty());
+    }
+
+    #[test]
+    fn a_merged_overflow_sends_its_parts_again_alone() {
+        let plan = Coalesced::plan(vec![
+            increment("x", 1, 7, ""),
+            increment("a", 2, 1, ""),
+            increment("a", 2, 2, ""),
+        ]);
+        let (_, unmerge) = plan.members.spread(vec![
+            Outcome::Applied,
+            Outcome::Overflow {
+                counter: "a".into(),
+                stripe: 2,
+                delta: 3,
+            },
+        ]);
+        assert_eq!(
+            unmerge,
+            vec![(1, increment("a", 2, 1, "")), (2, increment("a", 2, 2, ""))]
+        );
+    }
 }

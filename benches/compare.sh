@@ -102,6 +102,14 @@ cleanup() {
     done
     stop_postgres
     if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $rc -ne 0 && -d $OUT/raw ]]; then
+            # The servers' logs explain most failures: keep them (only them,
+            # not the data) before the temporary directory goes.
+            mkdir -p "$OUT/raw/logs"
+            (cd "$TMP" && find . -maxdepth 3 -type f \( -name '*.log' -o -name '*.out' \
+                -o -name '*.err' -o -name stdout \) -exec cp --parents {} "$OUT/raw/logs" \;)
+            log "server logs copied to $OUT/raw/logs"
+        fi
         if [[ $KEEP_TMP == 1 ]]; then
             log "kept $TMP"
         else
@@ -157,13 +165,13 @@ command -v python3 >/dev/null || die "python3 is needed (results and chart)"
 # ---------------------------------------------------------------------------
 # Working directory and helpers.
 
-TMP=$(mktemp -d)
-# The PostgreSQL user must be able to reach its directory inside TMP.
-chmod 711 "$TMP"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 rm -rf "$OUT/raw"
 mkdir -p "$OUT/raw"
+TMP=$(mktemp -d)
+# The PostgreSQL user must be able to reach its directory inside TMP.
+chmod 711 "$TMP"
 MEASUREMENTS=$TMP/measurements.jsonl
 : >"$MEASUREMENTS"
 
@@ -306,7 +314,7 @@ redis_measure() { # ID LABEL CHECK_KEY(1|0) [redis-benchmark options...]
     fi
     helper record "$MEASUREMENTS" "$id" redis "$label" "$rps" "$rps" "$p50" "$p99" \
         "${base[*]} -n $n"
-    log "$label: $rps ops/s"
+    log "$(printf '%s: %.0f ops/s' "$label" "$rps")"
 }
 
 # ---------------------------------------------------------------------------
@@ -370,7 +378,7 @@ pg_measure() { # ID LABEL SCRIPT_FILE [env assignments for pgbench...]
     local shown="${cmd[*]}"
     (($#)) && shown="$* $shown"
     helper record "$MEASUREMENTS" "$id" postgres "$label" "$tps" "$tps" "$p50" "$p99" "$shown"
-    log "$label: $tps tps"
+    log "$(printf '%s: %.0f tps' "$label" "$tps")"
 }
 
 # ---------------------------------------------------------------------------
@@ -467,7 +475,14 @@ tally_measure() { # ID LABEL COUNTERS BATCH
     helper record "$MEASUREMENTS" "$id" tally "$label" "$ops" "$incs" "$p50" "$p99" \
         "tallyctl --endpoint ADDR --json bench --clients $CLIENTS --duration ${DURATION}s --counters $counters --batch $batch --reads $READS" \
         "$OUT/raw/$id.json"
-    log "$label: $ops calls/s, $incs increments/s"
+    local errors
+    errors=$(helper tally-field "$OUT/raw/$id.json" errors 2>/dev/null || echo "?")
+    if [[ $errors != 0 ]]; then
+        # The read-back check passed, so nothing acknowledged was lost, but
+        # failed calls mean the figure is not clean: say so.
+        log "WARNING: $label: $errors calls failed (see $OUT/raw/$id.json)"
+    fi
+    log "$(printf '%s: %.0f calls/s, %.0f increments/s' "$label" "$ops" "$incs")"
 }
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,6 @@ use std::future::Future;
 
 use tally_proto::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 pub use cluster::{Cluster, ClusterHandle, ReloadError};
@@ -116,7 +115,7 @@ impl Coordinator {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 deadline::stamp_arrival,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
             .await?;
         tracing::info!("stopped");
         Ok(())

@@ -50,7 +50,6 @@ use std::sync::Arc;
 
 use tally_proto::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{Durability, ShardConfig, ShardOverrides};
 pub use storage::{DrainState, StorageError};
@@ -168,7 +167,7 @@ impl ShardNode {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
             .await;
 
         // Every connection has closed; a request task that outlived its

@@ -339,7 +339,9 @@ start_postgres() {
     fi
     local dir=$TMP/pg
     mkdir -p "$dir"
-    [[ $EUID -eq 0 ]] && chown "$PG_USER" "$dir"
+    if [[ $EUID -eq 0 ]]; then
+        chown "$PG_USER" "$dir"
+    fi
     PG_PORT=$(free_port)
     as_pg "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust --no-locale -E UTF8 \
         >"$dir/initdb.log" 2>&1 || die "initdb failed; see $dir/initdb.log"
@@ -376,7 +378,9 @@ pg_measure() { # ID LABEL SCRIPT_FILE [env assignments for pgbench...]
     read -r p50 p99 <<<"$parsed"
     PG_PROCESSED=$processed
     local shown="${cmd[*]}"
-    (($#)) && shown="$* $shown"
+    if (($#)); then
+        shown="$* $shown"
+    fi
     helper record "$MEASUREMENTS" "$id" postgres "$label" "$tps" "$tps" "$p50" "$p99" "$shown"
     log "$(printf '%s: %.0f tps' "$label" "$tps")"
 }
@@ -490,6 +494,16 @@ tally_measure() { # ID LABEL COUNTERS BATCH
 
 log "CLIENTS=$CLIENTS DURATION=${DURATION}s OUT=$OUT"
 
+# Build Tally first: a build failure should stop the run before the long
+# measurements, and the compiler must not compete with any of them.
+TALLYCTL=$REPO/target/release/tallyctl
+if [[ $TALLY_SKIP != 1 ]]; then
+    log "building release binaries"
+    (cd "$REPO" && cargo build --release -p tally-shard -p tally-coordinator -p tally-cli) >&2
+    "$TALLYCTL" bench --help >/dev/null 2>&1 \
+        || die "this tallyctl has no 'bench' subcommand (run with TALLY_SKIP=1 until it exists)"
+fi
+
 # Redis, every write fsynced before the reply (the durability Tally's sync
 # mode gives).
 start_redis always --appendonly yes --appendfsync always
@@ -546,11 +560,6 @@ PG_DATA=""
 if [[ $TALLY_SKIP == 1 ]]; then
     log "TALLY_SKIP=1: Tally not measured"
 else
-    log "building release binaries"
-    (cd "$REPO" && cargo build --release -p tally-shard -p tally-coordinator -p tally-cli) >&2
-    TALLYCTL=$REPO/target/release/tallyctl
-    "$TALLYCTL" bench --help >/dev/null 2>&1 \
-        || die "this tallyctl has no 'bench' subcommand (run with TALLY_SKIP=1 until it exists)"
     start_tally
     tally_measure tally_unary_hot "Tally unary, 1 hot counter" 1 1
     tally_measure tally_unary_random "Tally unary, 1M counters" 1000000 1

@@ -293,6 +293,19 @@ struct Sled {
     sequence: u64,
 }
 
+/// Entries per chunk of a replica change set (see `write_replica`).
+const REPLICA_CHUNK: usize = 4096;
+
+/// Whether a batch is made durable before the write returns.
+#[derive(Debug, Clone, Copy)]
+enum Sync {
+    /// Flush and fdatasync now.
+    Now,
+    /// Leave it to the next durable write: sled's log is written in order,
+    /// so that write makes this one durable too.
+    Later,
+}
+
 /// An open database.
 #[derive(Debug, Clone)]
 struct Open {
@@ -445,13 +458,7 @@ impl Storage {
         stamp: CopyStamp,
         entries: &[(&str, u32, i64)],
     ) -> Result<(), StorageError> {
-        self.write_batch(|data| {
-            let mut batch = sled::Batch::default();
-            if full {
-                for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
-                    batch.remove(key?);
-                }
-            }
+        let entry_batch = |entries: &[(&str, u32, i64)], batch: &mut sled::Batch| {
             for &(counter, stripe, value) in entries {
                 let key = keys::encode_entry_key(origin, counter, stripe);
                 if value == 0 {
@@ -460,6 +467,35 @@ impl Storage {
                     batch.insert(key, &value.to_be_bytes());
                 }
             }
+        };
+        // A change set goes in chunks, so that this node's own flushes,
+        // which wait for the storage lock, are not held up behind one big
+        // batch (a 70,000-entry push stalled writers for a second). Only
+        // the last chunk moves the copy's version on: after a crash part
+        // way, the copy holds some newer values under its older version,
+        // and the origin sends the changes since that version again. The
+        // values are absolute, so applying them twice is harmless. A full
+        // copy replaces the old one and stays one atomic batch.
+        let mut rest = entries;
+        if !full {
+            while rest.len() > REPLICA_CHUNK {
+                let (chunk, later) = rest.split_at(REPLICA_CHUNK);
+                rest = later;
+                self.write_batch_with(Sync::Later, |_| {
+                    let mut batch = sled::Batch::default();
+                    entry_batch(chunk, &mut batch);
+                    Ok(batch)
+                })?;
+            }
+        }
+        self.write_batch(|data| {
+            let mut batch = sled::Batch::default();
+            if full {
+                for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
+                    batch.remove(key?);
+                }
+            }
+            entry_batch(rest, &mut batch);
             batch.insert(keys::replica_version_key(origin), &stamp.encode());
             Ok(batch)
         })
@@ -543,12 +579,23 @@ impl Storage {
         &self,
         build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
     ) -> Result<(), StorageError> {
+        self.write_batch_with(Sync::Now, build)
+    }
+
+    fn write_batch_with(
+        &self,
+        sync: Sync,
+        build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
+    ) -> Result<(), StorageError> {
         let mut sled = self.sled.lock();
         let open = match &sled.open {
             Some(open) => open.clone(),
             None => self.reopen(&mut sled)?,
         };
-        let written = build(&open.data).and_then(|batch| open.write(batch));
+        let written = build(&open.data).and_then(|batch| match sync {
+            Sync::Now => open.write(batch),
+            Sync::Later => open.data.apply_batch(batch),
+        });
         if let Err(error) = written {
             sled.open = None;
             drop(open);
@@ -1421,6 +1468,39 @@ mod tests {
             2_000,
         );
         assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn a_change_set_larger_than_a_chunk_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..REPLICA_CHUNK * 2 + 10)
+            .map(|i| format!("c{i}"))
+            .collect();
+        let stamp = |version| CopyStamp {
+            version,
+            scanned_unix_ms: version,
+            directory_id: 1,
+        };
+        {
+            let storage = Storage::open(dir.path(), "shard-1").unwrap();
+            storage
+                .write_replica("shard-2", true, stamp(1), &[("c0", 0, 1)])
+                .unwrap();
+            let entries: Vec<(&str, u32, i64)> =
+                names.iter().map(|name| (name.as_str(), 3, 2)).collect();
+            storage
+                .write_replica("shard-2", false, stamp(2), &entries)
+                .unwrap();
+        }
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        let replicas = Replicas::default();
+        let report = storage.load_into(&Store::new(), &replicas).unwrap();
+        // c0 stripe 0 from the full copy, and every entry of the change set.
+        assert_eq!(report.foreign_entries, names.len() as u64 + 1);
+        assert_eq!(replicas.versions(), vec![("shard-2".into(), 2)]);
+        let last = names.last().unwrap().clone();
+        let read = replicas.read(&["c0".into(), last]);
+        assert_eq!(read[0].counters, vec![vec![(0, 1), (3, 2)], vec![(3, 2)]]);
     }
 
     #[test]

@@ -477,6 +477,31 @@ async fn overflow_is_out_of_range_and_applies_nothing() {
 }
 
 #[tokio::test]
+async fn a_batch_on_one_counter_reaches_one_node_as_one_increment() {
+    let test = start().await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let applied_before: u64 = shard_statuses(&test.cluster)
+        .await
+        .iter()
+        .map(|status| status.increments_applied)
+        .sum();
+    let increments = (1..=100).map(|delta| increment("hot", delta, "")).collect();
+    client
+        .increment_batch(pb::IncrementBatchRequest { increments })
+        .await
+        .unwrap();
+    let applied: u64 = shard_statuses(&test.cluster)
+        .await
+        .iter()
+        .map(|status| status.increments_applied)
+        .sum();
+    // One stripe for the counter within the call, merged in the batcher.
+    assert_eq!(applied - applied_before, 1);
+    assert_eq!(value(&mut client, "hot").await, 5050);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn merged_increments_overflow_one_by_one() {
     // One stripe: concurrent increments of one counter land on one entry and
     // are merged into shared calls. Room for exactly 10 more: 10 of the 64

@@ -59,10 +59,10 @@ start_daemon() {
     STARTED_MS=$((($(date +%s%N) - begin) / 1000000))
 }
 
-# start_cluster NAME SHARDS REPLICATION: shards and a coordinator under
-# $TMP/NAME; sets ENDPOINT and SHARD_PIDS.
+# start_cluster NAME SHARDS REPLICATION [STRIPES]: shards and a coordinator
+# under $TMP/NAME; sets ENDPOINT and SHARD_PIDS.
 start_cluster() {
-    local name=$1 shards=$2 replication=$3 dir=$TMP/$1 i
+    local name=$1 shards=$2 replication=$3 stripes=${4:-8} dir=$TMP/$1 i
     mkdir -p "$dir"
     local ports
     read -r -a ports <<<"$(free_ports $((shards + 1)))"
@@ -71,6 +71,7 @@ start_cluster() {
     {
         echo "listen = \"$ENDPOINT\""
         echo "replication_factor = $replication"
+        echo "stripes = $stripes"
         for ((i = 1; i <= shards; i++)); do
             printf '[[nodes]]\nid = "shard-%d"\naddress = "127.0.0.1:%d"\n' "$i" "${ports[$i]}"
         done
@@ -138,12 +139,13 @@ for shards in 3 6; do
 done
 
 # 3. Memory per entry and restart time: one shard, no replica, so that its
-# memory holds only its own entries.
-start_cluster memory 1 1
+# memory holds only its own entries; one stripe, so that an entry is a
+# counter. 3,000,000 increments over 1,000,000 counters leave ~950,000.
+start_cluster memory 1 1 1
 shard=${SHARD_PIDS[0]}
 rss_before=$(rss_kib "$shard")
 log "memory: writing 1,000,000 counters"
-bench --prefix m- --counters 1000000 --batch 1000 --clients 16 --requests 2000 --no-check >/dev/null
+bench --prefix m- --counters 1000000 --batch 1000 --clients 16 --requests 3000 --no-check >/dev/null
 stored=$(entries)
 rss_after=$(rss_kib "$shard")
 log "memory: $stored entries, RSS $rss_before -> $rss_after KiB"

@@ -474,11 +474,14 @@ async fn send_batch(
     }
     let result = apply_coalesced(&node_id, &mut grpc, increments, shard_timeout).await;
     match result {
-        Ok(outcomes) => {
-            let mut outcomes = outcomes.into_iter();
-            for (length, reply) in replies {
+        Ok(applied) => {
+            if let Some((error, positions)) = &applied.unknown {
+                tracing::warn!(node_id = &*node_id, %error, increments = positions.len(), "apply of unmerged parts failed");
+            }
+            let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
+            for ((_, reply), answer) in replies.into_iter().zip(applied.split(&lengths)) {
                 // A caller whose deadline passed has gone; that is fine.
-                let _ = reply.send(Ok(outcomes.by_ref().take(length).collect()));
+                let _ = reply.send(answer);
             }
         }
         Err(error) => {
@@ -507,7 +510,7 @@ async fn apply_coalesced(
     grpc: &mut GrpcShardClient<Channel>,
     increments: Vec<pb::ShardIncrement>,
     shard_timeout: Duration,
-) -> Result<Vec<Outcome>, ShardCallError> {
+) -> Result<Applied, ShardCallError> {
     let plan = Coalesced::plan(increments);
     let sent = plan.sent.len();
     let request = pb::ApplyRequest {
@@ -519,7 +522,10 @@ async fn apply_coalesced(
         .and_then(|response| decode_outcomes(response, sent))?;
     let (mut outcomes, unmerge) = plan.members.spread(merged_outcomes);
     if unmerge.is_empty() {
-        return Ok(outcomes);
+        return Ok(Applied {
+            outcomes,
+            unknown: None,
+        });
     }
     let (positions, increments): (Vec<usize>, Vec<pb::ShardIncrement>) =
         unmerge.into_iter().unzip();
@@ -530,11 +536,55 @@ async fn apply_coalesced(
     let expected = positions.len();
     let separate = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
         .await
-        .and_then(|response| decode_outcomes(response, expected))?;
-    for (position, outcome) in positions.into_iter().zip(separate) {
-        outcomes[position] = outcome;
+        .and_then(|response| decode_outcomes(response, expected));
+    match separate {
+        Ok(separate) => {
+            for (&position, outcome) in positions.iter().zip(separate) {
+                outcomes[position] = outcome;
+            }
+            Ok(Applied {
+                outcomes,
+                unknown: None,
+            })
+        }
+        Err(error) => Ok(Applied {
+            outcomes,
+            unknown: Some((error, positions)),
+        }),
     }
-    Ok(outcomes)
+}
+
+/// The answer to one batch: an outcome per increment, except that if the
+/// second call of [`apply_coalesced`] failed, the increments it carried
+/// (by position) may or may not have been applied.
+struct Applied {
+    outcomes: Vec<Outcome>,
+    unknown: Option<(ShardCallError, Vec<usize>)>,
+}
+
+impl Applied {
+    /// The answer for each job, given the jobs' lengths in order. Only a
+    /// job with a part whose fate is unknown fails: the others were
+    /// answered by the first call, and an error would make their callers
+    /// retry increments that were applied.
+    fn split(self, lengths: &[usize]) -> Vec<Result<Vec<Outcome>, ShardCallError>> {
+        let mut outcomes = self.outcomes.into_iter();
+        let mut start = 0;
+        lengths
+            .iter()
+            .map(|&length| {
+                let job = start..start + length;
+                start += length;
+                let mine: Vec<Outcome> = outcomes.by_ref().take(length).collect();
+                match &self.unknown {
+                    Some((error, positions)) if positions.iter().any(|p| job.contains(p)) => {
+                        Err(error.clone())
+                    }
+                    _ => Ok(mine),
+                }
+            })
+            .collect()
+    }
 }
 
 /// One Apply call's increments after merging (see [`apply_coalesced`]).
@@ -799,6 +849,18 @@ mod tests {
         // Not merged: its own overflow stands.
         assert!(matches!(outcomes[4], Outcome::Overflow { delta: 9, .. }));
         assert!(unmerge.is_empty());
+    }
+
+    #[test]
+    fn a_failed_second_call_fails_only_the_jobs_it_carried() {
+        let applied = Applied {
+            outcomes: vec![Outcome::Applied; 5],
+            unknown: Some((ShardCallError::Failed("reset".into()), vec![3])),
+        };
+        let answers = applied.split(&[2, 2, 1]);
+        assert_eq!(answers[0], Ok(vec![Outcome::Applied; 2]));
+        assert!(answers[1].is_err(), "{:?}", answers[1]);
+        assert_eq!(answers[2], Ok(vec![Outcome::Applied]));
     }
 
     #[test]

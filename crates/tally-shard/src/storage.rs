@@ -296,16 +296,6 @@ struct Sled {
 /// Entries per chunk of a replica change set (see `write_replica`).
 const REPLICA_CHUNK: usize = 4096;
 
-/// Whether a batch is made durable before the write returns.
-#[derive(Debug, Clone, Copy)]
-enum Sync {
-    /// Flush and fdatasync now.
-    Now,
-    /// Leave it to the next durable write: sled's log is written in order,
-    /// so that write makes this one durable too.
-    Later,
-}
-
 /// An open database.
 #[derive(Debug, Clone)]
 struct Open {
@@ -449,8 +439,9 @@ impl Storage {
     }
 
     /// Stores a change set of `origin`'s entries as this node's replica copy,
-    /// with its version, in one atomic batch, durably. A full set replaces
-    /// the copy. Blocking.
+    /// with its version, durably: in chunks, the version with the last one
+    /// (see the comment inside). A full set replaces the copy in one atomic
+    /// batch. Blocking.
     pub fn write_replica(
         &self,
         origin: &str,
@@ -470,18 +461,21 @@ impl Storage {
         };
         // A change set goes in chunks, so that this node's own flushes,
         // which wait for the storage lock, are not held up behind one big
-        // batch (a 70,000-entry push stalled writers for a second). Only
-        // the last chunk moves the copy's version on: after a crash part
-        // way, the copy holds some newer values under its older version,
-        // and the origin sends the changes since that version again. The
-        // values are absolute, so applying them twice is harmless. A full
-        // copy replaces the old one and stays one atomic batch.
+        // batch (a 70,000-entry push stalled writers for a second). Every
+        // chunk is durable before the next (a chunk left in sled's buffers
+        // could be lost by a reopen after a failed flush, while the version
+        // moved on), and only the last moves the copy's version on: after a
+        // crash or an error part way, the copy holds some newer values
+        // under its older version, and the origin sends the changes since
+        // that version again. The values are absolute, so writing them
+        // twice is harmless. A full copy replaces the old one and stays one
+        // atomic batch.
         let mut rest = entries;
         if !full {
             while rest.len() > REPLICA_CHUNK {
                 let (chunk, later) = rest.split_at(REPLICA_CHUNK);
                 rest = later;
-                self.write_batch_with(Sync::Later, |_| {
+                self.write_batch(|_| {
                     let mut batch = sled::Batch::default();
                     entry_batch(chunk, &mut batch);
                     Ok(batch)
@@ -579,23 +573,12 @@ impl Storage {
         &self,
         build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
     ) -> Result<(), StorageError> {
-        self.write_batch_with(Sync::Now, build)
-    }
-
-    fn write_batch_with(
-        &self,
-        sync: Sync,
-        build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
-    ) -> Result<(), StorageError> {
         let mut sled = self.sled.lock();
         let open = match &sled.open {
             Some(open) => open.clone(),
             None => self.reopen(&mut sled)?,
         };
-        let written = build(&open.data).and_then(|batch| match sync {
-            Sync::Now => open.write(batch),
-            Sync::Later => open.data.apply_batch(batch),
-        });
+        let written = build(&open.data).and_then(|batch| open.write(batch));
         if let Err(error) = written {
             sled.open = None;
             drop(open);

@@ -72,6 +72,18 @@ struct ApplyJob {
     queue_room: OwnedSemaphorePermit,
 }
 
+/// Counters from one public read for this node, answered together.
+struct ReadJob {
+    counters: Vec<String>,
+    /// How long the caller waits.
+    budget: Duration,
+    reply: oneshot::Sender<Result<pb::ReadResponse, ShardCallError>>,
+}
+
+/// Most counters gathered into one Read call (a larger public read goes
+/// alone: GetBatch allows 10,000).
+const MAX_COUNTERS_PER_READ: usize = 10_000;
+
 /// Client of one shard node. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ShardClient {
@@ -79,6 +91,9 @@ pub struct ShardClient {
     address: Arc<str>,
     grpc: GrpcShardClient<Channel>,
     jobs: mpsc::UnboundedSender<ApplyJob>,
+    /// Reads waiting for the read batcher. Unbounded: each is a public call
+    /// waiting for its answer, so the server's concurrency bounds them.
+    reads: mpsc::UnboundedSender<ReadJob>,
     /// Permits are increments; bounds the queue (see the module docs).
     queue_room: Arc<Semaphore>,
 }
@@ -116,11 +131,19 @@ impl ShardClient {
         let (jobs, queue) = mpsc::unbounded_channel();
         let node_id: Arc<str> = node_id.into();
         tokio::spawn(batch_loop(node_id.clone(), grpc.clone(), queue, settings));
+        let (reads, read_queue) = mpsc::unbounded_channel();
+        tokio::spawn(read_loop(
+            node_id.clone(),
+            grpc.clone(),
+            read_queue,
+            settings,
+        ));
         Ok(ShardClient {
             node_id,
             address: address.into(),
             grpc,
             jobs,
+            reads,
             queue_room: Arc::new(Semaphore::new(MAX_QUEUED_INCREMENTS)),
         })
     }
@@ -164,30 +187,28 @@ impl ShardClient {
     }
 
     /// This node's entries for each counter, in order, and its replica
-    /// copies' entries for them.
+    /// copies' entries for them. Concurrent reads share Read calls, like
+    /// increments share Apply calls.
     pub async fn read(
         &self,
         counters: Vec<String>,
         budget: Duration,
     ) -> Result<pb::ReadResponse, ShardCallError> {
-        let expected = counters.len();
-        let request = pb::ReadRequest {
-            node_id: self.node_id.to_string(),
-            counters,
-        };
-        let mut grpc = self.grpc.clone();
-        let response = call(budget, grpc.read(timed(request, budget))).await?;
-        // A drained node answers for none of its own.
-        let own = (response.drained_to.is_empty()).then_some(response.counters.len());
-        let lengths = own
-            .into_iter()
-            .chain(response.replicas.iter().map(|part| part.counters.len()));
-        if let Some(wrong) = lengths.into_iter().find(|&length| length != expected) {
-            return Err(ShardCallError::Failed(format!(
-                "answered {wrong} counters for {expected}"
-            )));
+        let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
+        let (reply, answer) = oneshot::channel();
+        self.reads
+            .send(ReadJob {
+                counters,
+                budget,
+                reply,
+            })
+            .map_err(|_| shutting_down())?;
+        // The shared call waits as long as its most patient caller; this
+        // one waits no longer than its own budget.
+        match tokio::time::timeout(budget, answer).await {
+            Err(_) => Err(ShardCallError::TimedOut(budget)),
+            Ok(answer) => answer.map_err(|_| shutting_down())?,
         }
-        Ok(response)
     }
 
     /// This node's own entries changed since `since` (see the shard's
@@ -397,15 +418,45 @@ fn describe_status(status: &tonic::Status) -> ShardCallError {
     ShardCallError::Failed(message)
 }
 
-async fn batch_loop(
-    node_id: Arc<str>,
-    grpc: GrpcShardClient<Channel>,
-    mut queue: mpsc::UnboundedReceiver<ApplyJob>,
-    settings: BatchSettings,
+/// Something a batcher queues: a public call's share for this node.
+trait Job: Send + 'static {
+    /// What it adds to a call (increments, counters).
+    fn size(&self) -> usize;
+    /// Whether its caller still waits for the answer.
+    fn is_live(&self) -> bool;
+}
+
+impl Job for ApplyJob {
+    fn size(&self) -> usize {
+        self.increments.len()
+    }
+    fn is_live(&self) -> bool {
+        !self.reply.is_closed()
+    }
+}
+
+impl Job for ReadJob {
+    fn size(&self) -> usize {
+        self.counters.len()
+    }
+    fn is_live(&self) -> bool {
+        !self.reply.is_closed()
+    }
+}
+
+/// Runs a batcher: as soon as one of `slots` call slots is free, takes every
+/// queued job (up to `cap` in size; a job is never split, so a bigger one
+/// goes alone) and hands them to `send` with the slot, which it holds until
+/// the call is answered. Returns once the client is dropped.
+async fn gather_loop<J: Job>(
+    mut queue: mpsc::UnboundedReceiver<J>,
+    slots: usize,
+    cap: usize,
+    mut send: impl FnMut(Vec<J>, usize, OwnedSemaphorePermit),
 ) {
-    let call_slots = Arc::new(Semaphore::new(settings.max_in_flight_batches));
+    let call_slots = Arc::new(Semaphore::new(slots));
     // A job that did not fit in the previous call goes first in the next.
-    let mut carried: Option<ApplyJob> = None;
+    let mut carried: Option<J> = None;
     loop {
         let slot = call_slots
             .clone()
@@ -413,46 +464,194 @@ async fn batch_loop(
             .await
             .expect("the semaphore is never closed");
         let first = match carried.take() {
-            Some(job) if !job.reply.is_closed() => job,
+            Some(job) if job.is_live() => job,
             _ => match next_live_job(&mut queue).await {
                 Some(job) => job,
                 None => return,
             },
         };
-        let mut increment_count = first.increments.len();
+        let mut size = first.size();
         let mut jobs = vec![first];
-        while increment_count < settings.max_increments_per_batch {
+        while size < cap {
             let Ok(job) = queue.try_recv() else { break };
-            if job.reply.is_closed() {
+            if !job.is_live() {
                 continue;
             }
-            if increment_count + job.increments.len() > settings.max_increments_per_batch {
+            if size + job.size() > cap {
                 carried = Some(job);
                 break;
             }
-            increment_count += job.increments.len();
+            size += job.size();
             jobs.push(job);
         }
-        tokio::spawn(send_batch(
-            node_id.clone(),
-            grpc.clone(),
-            jobs,
-            increment_count,
-            settings.shard_timeout,
-            slot,
-        ));
+        send(jobs, size, slot);
     }
 }
 
 /// The next queued job whose caller still waits; `None` once the client is
 /// dropped.
-async fn next_live_job(queue: &mut mpsc::UnboundedReceiver<ApplyJob>) -> Option<ApplyJob> {
+async fn next_live_job<J: Job>(queue: &mut mpsc::UnboundedReceiver<J>) -> Option<J> {
     loop {
         let job = queue.recv().await?;
-        if !job.reply.is_closed() {
+        if job.is_live() {
             return Some(job);
         }
     }
+}
+
+async fn batch_loop(
+    node_id: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    queue: mpsc::UnboundedReceiver<ApplyJob>,
+    settings: BatchSettings,
+) {
+    gather_loop(
+        queue,
+        settings.max_in_flight_batches,
+        settings.max_increments_per_batch,
+        |jobs, increment_count, slot| {
+            tokio::spawn(send_batch(
+                node_id.clone(),
+                grpc.clone(),
+                jobs,
+                increment_count,
+                settings.shard_timeout,
+                slot,
+            ));
+        },
+    )
+    .await;
+}
+
+async fn read_loop(
+    node_id: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    queue: mpsc::UnboundedReceiver<ReadJob>,
+    settings: BatchSettings,
+) {
+    gather_loop(
+        queue,
+        settings.max_in_flight_batches,
+        MAX_COUNTERS_PER_READ,
+        |jobs, counter_count, slot| {
+            tokio::spawn(send_reads(
+                node_id.clone(),
+                grpc.clone(),
+                jobs,
+                counter_count,
+                slot,
+            ));
+        },
+    )
+    .await;
+}
+
+/// One Read call for every gathered job, answered to each with its own
+/// counters (in order) and its slice of every replica copy. One call is
+/// one consistent view of the node, so each slice is too.
+async fn send_reads(
+    node_id: Arc<str>,
+    mut grpc: GrpcShardClient<Channel>,
+    jobs: Vec<ReadJob>,
+    counter_count: usize,
+    _slot: OwnedSemaphorePermit,
+) {
+    // The longest wait any caller allows; shorter callers stop waiting on
+    // their own deadline.
+    let budget = jobs.iter().map(|job| job.budget).max().unwrap_or_default();
+    let mut counters = Vec::with_capacity(counter_count);
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        replies.push((job.counters.len(), job.reply));
+        counters.extend(job.counters);
+    }
+    let request = pb::ReadRequest {
+        node_id: node_id.to_string(),
+        counters,
+    };
+    let result = call(budget, grpc.read(timed(request, budget)))
+        .await
+        .and_then(|response| check_read(response, counter_count));
+    match result {
+        Ok(response) => {
+            let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
+            for ((_, reply), part) in replies.into_iter().zip(split_read(response, &lengths)) {
+                let _ = reply.send(Ok(part));
+            }
+        }
+        Err(error) => {
+            for (_, reply) in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Checks that a Read answered for every counter asked.
+fn check_read(
+    response: pb::ReadResponse,
+    expected: usize,
+) -> Result<pb::ReadResponse, ShardCallError> {
+    // A drained node answers for none of its own.
+    let own = (response.drained_to.is_empty()).then_some(response.counters.len());
+    let lengths = own
+        .into_iter()
+        .chain(response.replicas.iter().map(|part| part.counters.len()));
+    if let Some(wrong) = lengths.into_iter().find(|&length| length != expected) {
+        return Err(ShardCallError::Failed(format!(
+            "answered {wrong} counters for {expected}"
+        )));
+    }
+    Ok(response)
+}
+
+/// Cuts one Read answer into one per job, by the jobs' counter counts.
+fn split_read(response: pb::ReadResponse, lengths: &[usize]) -> Vec<pb::ReadResponse> {
+    if let [_] = lengths {
+        return vec![response];
+    }
+    let pb::ReadResponse {
+        counters,
+        replicas,
+        restoring,
+        drained_to,
+        directory_id,
+        handed_over_version,
+        retired,
+    } = response;
+    let mut own = counters.into_iter();
+    let mut copies: Vec<_> = replicas
+        .into_iter()
+        .map(|part| {
+            let counters = part.counters.into_iter();
+            (
+                pb::ReplicaPart {
+                    counters: Vec::new(),
+                    ..part
+                },
+                counters,
+            )
+        })
+        .collect();
+    lengths
+        .iter()
+        .map(|&length| pb::ReadResponse {
+            // Empty when drained: then every job's is empty.
+            counters: own.by_ref().take(length).collect(),
+            replicas: copies
+                .iter_mut()
+                .map(|(part, counters)| pb::ReplicaPart {
+                    counters: counters.by_ref().take(length).collect(),
+                    ..part.clone()
+                })
+                .collect(),
+            restoring,
+            drained_to: drained_to.clone(),
+            directory_id,
+            handed_over_version,
+            retired: retired.clone(),
+        })
+        .collect()
 }
 
 async fn send_batch(
@@ -849,6 +1048,62 @@ mod tests {
         // Not merged: its own overflow stands.
         assert!(matches!(outcomes[4], Outcome::Overflow { delta: 9, .. }));
         assert!(unmerge.is_empty());
+    }
+
+    fn entries(values: &[i64]) -> Vec<pb::CounterEntries> {
+        values
+            .iter()
+            .map(|&value| pb::CounterEntries {
+                entries: vec![pb::StripeValue { stripe: 0, value }],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_read_is_cut_back_into_each_callers_answer() {
+        let response = pb::ReadResponse {
+            counters: entries(&[1, 2, 3]),
+            replicas: vec![pb::ReplicaPart {
+                origin: "shard-2".into(),
+                version: 7,
+                counters: entries(&[10, 20, 30]),
+                ..Default::default()
+            }],
+            directory_id: 5,
+            retired: vec!["shard-9".into()],
+            ..Default::default()
+        };
+        let parts = split_read(check_read(response, 3).unwrap(), &[2, 1]);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].counters, entries(&[1, 2]));
+        assert_eq!(parts[1].counters, entries(&[3]));
+        assert_eq!(parts[0].replicas[0].counters, entries(&[10, 20]));
+        assert_eq!(parts[1].replicas[0].counters, entries(&[30]));
+        for part in &parts {
+            assert_eq!(part.replicas[0].origin, "shard-2");
+            assert_eq!(part.replicas[0].version, 7);
+            assert_eq!(part.directory_id, 5);
+            assert_eq!(part.retired, vec!["shard-9".to_string()]);
+        }
+        // A drained node answers no own counters: each part has none.
+        let drained = pb::ReadResponse {
+            drained_to: "shard-3".into(),
+            replicas: vec![pb::ReplicaPart {
+                counters: entries(&[1, 2, 3]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let parts = split_read(check_read(drained, 3).unwrap(), &[1, 2]);
+        assert!(parts.iter().all(|part| part.counters.is_empty()));
+        assert_eq!(parts[1].replicas[0].counters, entries(&[2, 3]));
+        assert_eq!(parts[1].drained_to, "shard-3");
+        // A short answer is refused whole.
+        let short = pb::ReadResponse {
+            counters: entries(&[1]),
+            ..Default::default()
+        };
+        assert!(check_read(short, 3).is_err());
     }
 
     #[test]

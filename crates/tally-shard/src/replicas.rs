@@ -225,19 +225,20 @@ impl Replicas {
             .collect()
     }
 
-    /// `(origin, counter)` for every copy holding one of `counters`: what
-    /// an erase must remove from storage.
-    pub fn held(&self, counters: &[&str]) -> Vec<(String, String)> {
+    /// `(origin, counter)` for every copy and every one of `counters`: what
+    /// an erase must look for in storage. Every copy, not only those whose
+    /// memory holds the counter: a change set that failed part way leaves
+    /// its first chunks on disk ahead of memory until the next push.
+    pub fn erase_targets(&self, counters: &[&str]) -> Vec<(String, String)> {
         let copies = self.copies.read();
-        let mut held = Vec::new();
-        for (origin, copy) in copies.iter() {
-            for counter in counters {
-                if copy.counters.contains_key(*counter) {
-                    held.push((origin.to_string(), counter.to_string()));
-                }
-            }
-        }
-        held
+        copies
+            .keys()
+            .flat_map(|origin| {
+                counters
+                    .iter()
+                    .map(move |counter| (origin.to_string(), counter.to_string()))
+            })
+            .collect()
     }
 
     /// Removes `counters` from every copy (after storage did).
@@ -318,14 +319,20 @@ mod tests {
         let replicas = Replicas::default();
         replicas.apply("a", at(1), true, &[("c", 0, 5)]);
         replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)]);
-        let mut held = replicas.held(&["c"]);
-        held.sort();
+        replicas.apply("z", at(1), true, &[("d", 0, 1)]);
+        let mut targets = replicas.erase_targets(&["c"]);
+        targets.sort();
         assert_eq!(
-            held,
-            vec![("a".into(), "c".into()), ("b".into(), "c".into())]
+            targets,
+            vec![
+                ("a".into(), "c".into()),
+                ("b".into(), "c".into()),
+                ("z".into(), "c".into())
+            ]
         );
         replicas.erase(&["c"]);
-        assert!(replicas.held(&["c"]).is_empty());
-        assert_eq!(replicas.held(&["d"]).len(), 1);
+        let read = replicas.read(&["c".into(), "d".into()]);
+        assert!(read.iter().all(|copy| copy.counters[0].is_empty()));
+        assert!(read.iter().any(|copy| copy.counters[1] == vec![(0, 1)]));
     }
 }

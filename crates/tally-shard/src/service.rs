@@ -349,10 +349,11 @@ impl pb::shard_server::Shard for ShardService {
         // Replica copies too: a delete must not come back from a copy read
         // while the counter's origin is down.
         let _replica_writes = self.replica_writes.lock().await;
-        let held = self.replicas.held(&counters);
-        if !held.is_empty() {
+        let targets = self.replicas.erase_targets(&counters);
+        if !targets.is_empty() {
             let storage = self.storage.clone();
-            self.blocking(move || storage.erase_replicas(&held)).await?;
+            self.blocking(move || storage.erase_replicas(&targets))
+                .await?;
             self.replicas.erase(&counters);
         }
         self.durable(epoch).await?;

@@ -545,10 +545,10 @@ impl Storage {
 
     /// Removes counters from replica copies: `(origin, counter)` pairs.
     /// Blocking.
-    pub fn erase_replicas(&self, held: &[(String, String)]) -> Result<(), StorageError> {
+    pub fn erase_replicas(&self, targets: &[(String, String)]) -> Result<(), StorageError> {
         self.write_batch(|data| {
             let mut batch = sled::Batch::default();
-            for (origin, counter) in held {
+            for (origin, counter) in targets {
                 for key in data
                     .scan_prefix(keys::counter_prefix(origin, counter))
                     .keys()
@@ -1484,6 +1484,37 @@ mod tests {
         let last = names.last().unwrap().clone();
         let read = replicas.read(&["c0".into(), last]);
         assert_eq!(read[0].counters, vec![vec![(0, 1), (3, 2)], vec![(3, 2)]]);
+    }
+
+    #[test]
+    fn an_erase_reaches_copy_entries_that_memory_does_not_hold_yet() {
+        // A change set that failed part way leaves entries on disk that
+        // the in-memory copy lacks; an erase must remove them too.
+        let dir = tempfile::tempdir().unwrap();
+        let stamp = |version| CopyStamp {
+            version,
+            scanned_unix_ms: version,
+            directory_id: 1,
+        };
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        storage
+            .write_replica("shard-2", true, stamp(1), &[("d", 0, 1)])
+            .unwrap();
+        storage
+            .write_replica("shard-2", false, stamp(2), &[("c", 0, 5)])
+            .unwrap();
+        // Memory as it is after the full set only.
+        let memory = Replicas::default();
+        memory.apply("shard-2", stamp(1), true, &[("d", 0, 1)]);
+        storage
+            .erase_replicas(&memory.erase_targets(&["c"]))
+            .unwrap();
+        drop(storage);
+        let storage = Storage::open(dir.path(), "shard-1").unwrap();
+        let replicas = Replicas::default();
+        storage.load_into(&Store::new(), &replicas).unwrap();
+        let read = replicas.read(&["c".into(), "d".into()]);
+        assert_eq!(read[0].counters, vec![vec![], vec![(0, 1)]]);
     }
 
     #[test]

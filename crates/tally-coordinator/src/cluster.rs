@@ -128,10 +128,11 @@ impl Cluster {
     /// part per origin, so no entry is counted twice. Empty: it has none
     /// (drained into another node's own).
     ///
-    /// - Retired (some answer says it adopted the node or dropped its copy
-    ///   after a drain): its part is in the adopter's own; nothing here.
-    /// - Handed over (its answer names the adopter): the adopter's copy, at
-    ///   the final version at least.
+    /// - Handed over (its answer names the adopter): nothing if the
+    ///   adopter's answer says it adopted it (its part is in the adopter's
+    ///   own), else the adopter's copy, at the final version at least.
+    /// - Retired (otherwise, some answer says it adopted the node or dropped
+    ///   its copy after a drain): its part is in the adopter's own.
     /// - Restoring (started empty): its own answer plus the copy from its
     ///   lost directory; or, if a copy from its current directory already
     ///   exists (restored and replicated while this read ran), that copy.
@@ -143,15 +144,17 @@ impl Cluster {
         results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
     ) -> std::result::Result<Vec<&'a [pb::CounterEntries]>, ShardCallError> {
         let node_id = self.shards[node].node_id();
-        let retired = results
-            .iter()
-            .flatten()
-            .any(|response| response.retired.iter().any(|origin| origin == node_id));
-        if retired {
-            return Ok(Vec::new());
-        }
+        let lists =
+            |answer: &pb::ReadResponse| answer.retired.iter().any(|origin| origin == node_id);
+        let retired = results.iter().flatten().any(lists);
         let handed_over_state = self.health.drain(node);
         let response = match &results[node] {
+            // Handed over: only its adopter's answer says whether it has
+            // adopted yet. Another node may have dropped its copy (and
+            // listed it retired) after the adoption, while the adopter's
+            // answer predates it and still holds the copy.
+            Ok(response) if !response.drained_to.is_empty() => response,
+            _ if retired => return Ok(Vec::new()),
             Ok(response) => response,
             Err(error) => {
                 if matches!(handed_over_state.as_str(), "handed-over" | "drained") {
@@ -170,8 +173,12 @@ impl Cluster {
                 .shards
                 .iter()
                 .position(|shard| shard.node_id() == response.drained_to);
-            let copy = adopter
-                .and_then(|adopter| results[adopter].as_ref().ok())
+            let adopter_answer = adopter.and_then(|adopter| results[adopter].as_ref().ok());
+            if adopter_answer.is_some_and(lists) {
+                // Adopted: its part is in the adopter's own.
+                return Ok(Vec::new());
+            }
+            let copy = adopter_answer
                 .and_then(|answer| answer.replicas.iter().find(|part| part.origin == node_id))
                 .filter(|copy| copy.version >= response.handed_over_version);
             return copy
@@ -570,6 +577,7 @@ impl Cluster {
         match result {
             Ok(_) => self.health.record_success(node),
             Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
+            Err(ShardCallError::NotSent(_)) => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }
@@ -938,5 +946,77 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
             delta,
             recorded_delta,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeConfig;
+
+    fn entries(value: i64) -> Vec<pb::CounterEntries> {
+        vec![pb::CounterEntries {
+            entries: vec![pb::StripeValue { stripe: 0, value }],
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_part_follows_its_adopters_answer_only() {
+        // Nothing listens at these addresses: part_of only reads answers.
+        let nodes = ["x", "y", "z"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| NodeConfig {
+                id: id.to_string(),
+                address: format!("127.0.0.1:{}", 9 + i),
+                weight: 1,
+            })
+            .collect();
+        let cluster = Cluster::new(CoordinatorConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            nodes,
+        ))
+        .unwrap();
+        let index = |id: &str| {
+            cluster
+                .shards()
+                .iter()
+                .position(|shard| shard.node_id() == id)
+                .unwrap()
+        };
+        let mut results: Vec<std::result::Result<pb::ReadResponse, ShardCallError>> =
+            vec![Ok(pb::ReadResponse::default()); 3];
+        // x handed over to y at version 5.
+        results[index("x")] = Ok(pb::ReadResponse {
+            drained_to: "y".into(),
+            handed_over_version: 5,
+            ..Default::default()
+        });
+        // y answered before adopting: it still holds x's final copy.
+        results[index("y")] = Ok(pb::ReadResponse {
+            counters: entries(1),
+            replicas: vec![pb::ReplicaPart {
+                origin: "x".into(),
+                version: 5,
+                counters: entries(7),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        // z answered after y adopted x and z dropped its copy.
+        results[index("z")] = Ok(pb::ReadResponse {
+            counters: entries(2),
+            retired: vec!["x".into()],
+            ..Default::default()
+        });
+        let part = cluster.part_of(index("x"), &results).unwrap();
+        assert_eq!(part, vec![entries(7).as_slice()], "x's part is y's copy");
+
+        // Once y's answer says it adopted x, x's part is in y's own.
+        if let Ok(y) = &mut results[index("y")] {
+            y.replicas.clear();
+            y.retired = vec!["x".into()];
+        }
+        assert!(cluster.part_of(index("x"), &results).unwrap().is_empty());
     }
 }

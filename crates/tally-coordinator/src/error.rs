@@ -13,6 +13,11 @@ pub enum ShardCallError {
     /// The node refused or could not be reached.
     #[error("{0}")]
     Failed(String),
+    /// The caller's budget ran out while its request still waited in this
+    /// coordinator for a call slot: nothing was sent, so it says nothing
+    /// about the node's health.
+    #[error("not sent: waited {0:?} for a call slot behind earlier calls")]
+    NotSent(std::time::Duration),
 }
 
 /// Shorthand for the coordinator's results.

@@ -14,6 +14,7 @@
 //! a slow node makes callers wait for room instead of growing memory. A job
 //! whose caller has given up (deadline passed) is dropped before it is sent.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,8 +76,10 @@ struct ApplyJob {
 /// Counters from one public read for this node, answered together.
 struct ReadJob {
     counters: Vec<String>,
-    /// How long the caller waits.
-    budget: Duration,
+    /// When the caller stops waiting.
+    deadline: tokio::time::Instant,
+    /// Set once the job's Read call is sent.
+    sent: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<pb::ReadResponse, ShardCallError>>,
 }
 
@@ -196,17 +199,22 @@ impl ShardClient {
     ) -> Result<pb::ReadResponse, ShardCallError> {
         let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
         let (reply, answer) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + budget;
+        let sent = Arc::new(AtomicBool::new(false));
         self.reads
             .send(ReadJob {
                 counters,
-                budget,
+                deadline,
+                sent: sent.clone(),
                 reply,
             })
             .map_err(|_| shutting_down())?;
         // The shared call waits as long as its most patient caller; this
-        // one waits no longer than its own budget.
-        match tokio::time::timeout(budget, answer).await {
-            Err(_) => Err(ShardCallError::TimedOut(budget)),
+        // one waits no longer than its own budget. A budget spent queued
+        // here is not the node's fault.
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) if sent.load(Ordering::SeqCst) => Err(ShardCallError::TimedOut(budget)),
+            Err(_) => Err(ShardCallError::NotSent(budget)),
             Ok(answer) => answer.map_err(|_| shutting_down())?,
         }
     }
@@ -556,12 +564,16 @@ async fn send_reads(
     counter_count: usize,
     _slot: OwnedSemaphorePermit,
 ) {
-    // The longest wait any caller allows; shorter callers stop waiting on
-    // their own deadline.
-    let budget = jobs.iter().map(|job| job.budget).max().unwrap_or_default();
+    // Until the last caller's deadline; shorter callers stop waiting on
+    // their own.
+    let deadline = jobs.iter().map(|job| job.deadline).max();
+    let budget = deadline.map_or(Duration::ZERO, |deadline| {
+        deadline.saturating_duration_since(tokio::time::Instant::now())
+    });
     let mut counters = Vec::with_capacity(counter_count);
     let mut replies = Vec::with_capacity(jobs.len());
     for job in jobs {
+        job.sent.store(true, Ordering::SeqCst);
         replies.push((job.counters.len(), job.reply));
         counters.extend(job.counters);
     }
@@ -569,9 +581,16 @@ async fn send_reads(
         node_id: node_id.to_string(),
         counters,
     };
-    let result = call(budget, grpc.read(timed(request, budget)))
-        .await
-        .and_then(|response| check_read(response, counter_count));
+    let result = {
+        // A call nobody waits for any more gives its slot back at once.
+        let abandoned =
+            futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
+        tokio::select! {
+            result = call(budget, grpc.read(timed(request, budget))) => result,
+            _ = abandoned => return,
+        }
+    }
+    .and_then(|response| check_read(response, counter_count));
     match result {
         Ok(response) => {
             let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
@@ -1104,6 +1123,62 @@ mod tests {
             ..Default::default()
         };
         assert!(check_read(short, 3).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_never_left_the_queue_is_not_sent() {
+        // A node that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap().to_string();
+        let (connected, first_connection) = oneshot::channel();
+        let _held = tokio::spawn(async move {
+            let mut connected = Some(connected);
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+                if let Some(connected) = connected.take() {
+                    let _ = connected.send(());
+                }
+            }
+        });
+        let settings = BatchSettings {
+            shard_timeout: Duration::from_secs(30),
+            max_in_flight_batches: 1,
+            max_increments_per_batch: 10,
+        };
+        let client = ShardClient::new("node", &address, settings).unwrap();
+        // The first read takes the only call slot and waits on the node.
+        let first = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .read(vec!["a".into()], Duration::from_millis(1_500))
+                    .await
+            })
+        };
+        // Connecting means its call was sent and holds the slot.
+        first_connection.await.unwrap();
+        let second = client
+            .read(vec!["b".into()], Duration::from_millis(300))
+            .await;
+        assert_eq!(
+            second,
+            Err(ShardCallError::NotSent(Duration::from_millis(300)))
+        );
+        assert_eq!(
+            first.await.unwrap(),
+            Err(ShardCallError::TimedOut(Duration::from_millis(1_500)))
+        );
+        // Nobody waits for the first call any more: it gave its slot back
+        // (instead of holding it for the 30 s shard timeout), so the next
+        // read is sent.
+        let third = client
+            .read(vec!["c".into()], Duration::from_millis(1_000))
+            .await;
+        assert_eq!(
+            third,
+            Err(ShardCallError::TimedOut(Duration::from_millis(1_000)))
+        );
     }
 
     #[test]

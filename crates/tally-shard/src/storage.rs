@@ -546,8 +546,9 @@ impl Storage {
     /// Removes counters from replica copies: `(origin, counter)` pairs.
     /// Blocking.
     pub fn erase_replicas(&self, targets: &[(String, String)]) -> Result<(), StorageError> {
-        self.write_batch(|data| {
+        self.write_batch_if(|data| {
             let mut batch = sled::Batch::default();
+            let mut found = false;
             for (origin, counter) in targets {
                 for key in data
                     .scan_prefix(keys::counter_prefix(origin, counter))
@@ -560,10 +561,12 @@ impl Storage {
                         Some(DataKey::Entry(entry)) if entry.counter == counter
                     ) {
                         batch.remove(key);
+                        found = true;
                     }
                 }
             }
-            Ok(batch)
+            // Nothing to remove: no write, no sync.
+            Ok(found.then_some(batch))
         })
     }
 
@@ -573,12 +576,24 @@ impl Storage {
         &self,
         build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
     ) -> Result<(), StorageError> {
+        self.write_batch_if(|data| build(data).map(Some))
+    }
+
+    /// [`Storage::write_batch`], writing nothing if `build` finds nothing
+    /// to write.
+    fn write_batch_if(
+        &self,
+        build: impl FnOnce(&sled::Tree) -> Result<Option<sled::Batch>, sled::Error>,
+    ) -> Result<(), StorageError> {
         let mut sled = self.sled.lock();
         let open = match &sled.open {
             Some(open) => open.clone(),
             None => self.reopen(&mut sled)?,
         };
-        let written = build(&open.data).and_then(|batch| open.write(batch));
+        let written = build(&open.data).and_then(|batch| match batch {
+            Some(batch) => open.write(batch),
+            None => Ok(()),
+        });
         if let Err(error) = written {
             sled.open = None;
             drop(open);

@@ -1520,3 +1520,98 @@ async fn bench_counts_and_checks_its_own_work() {
     );
     test.cluster.shutdown().await.unwrap();
 }
+
+/// Polls every node's status until `done` holds (bounded by READY).
+async fn wait_for_statuses(
+    cluster: &LocalCluster,
+    what: &str,
+    done: impl Fn(&[pb::ShardStatusResponse]) -> bool,
+) -> Vec<pb::ShardStatusResponse> {
+    let give_up = std::time::Instant::now() + READY;
+    loop {
+        let statuses = shard_statuses(cluster).await;
+        if done(&statuses) {
+            return statuses;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "gave up waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn full_copies(statuses: &[pb::ShardStatusResponse]) -> u64 {
+    statuses
+        .iter()
+        .map(|status| status.full_copies_received)
+        .sum()
+}
+
+/// Another coordinator over the cluster's shards, replicating with
+/// `replication_factor` every 50 ms; stopped by sending on the returned
+/// channel.
+async fn replicating_coordinator(
+    cluster: &LocalCluster,
+    replication_factor: usize,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tally::coordinator::StartError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = cluster.coordinator_config().clone();
+    config.listen = listener.local_addr().unwrap();
+    config.replication_factor = replication_factor;
+    config.replication_interval = Duration::from_millis(50);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(tally::coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    (stop, running)
+}
+
+#[tokio::test]
+async fn a_new_coordinator_sends_change_sets_not_full_copies() {
+    // The cluster's own coordinator does not replicate, so every copy
+    // below comes from the coordinators this test starts.
+    let test = start_with(|options| options.replication_factor = 1).await;
+    let mut client = test.cluster.counter_client().await.unwrap();
+    let mut write = async |from: usize| {
+        for round in from..from + 40 {
+            client
+                .increment(increment(&format!("n{}", round % 10), 1, ""))
+                .await
+                .unwrap();
+        }
+        support::replication_targets(&shard_statuses(&test.cluster).await)
+    };
+    let targets = write(0).await;
+    // A first replicating coordinator: every copy starts as a full copy
+    // (3 nodes, factor 2: 3 pairs).
+    let (stop, first) = replicating_coordinator(&test.cluster, 2).await;
+    let caught_up = wait_for_statuses(&test.cluster, "the first copies", |statuses| {
+        support::replicas_caught_up(&targets, statuses)
+    })
+    .await;
+    assert_eq!(full_copies(&caught_up), 3);
+    stop.send(()).unwrap();
+    first.await.unwrap().unwrap();
+
+    // Writes that no coordinator replicates now; then a new coordinator
+    // (as after a restart or a reload) brings the copies up to date with
+    // change sets, not full copies.
+    let targets = write(40).await;
+    let (stop, second) = replicating_coordinator(&test.cluster, 2).await;
+    let caught_up = wait_for_statuses(&test.cluster, "the copies to catch up", |statuses| {
+        support::replicas_caught_up(&targets, statuses)
+    })
+    .await;
+    assert_eq!(
+        full_copies(&caught_up),
+        3,
+        "the new coordinator sent full copies"
+    );
+    stop.send(()).unwrap();
+    second.await.unwrap().unwrap();
+    test.cluster.shutdown().await.unwrap();
+}

@@ -36,6 +36,17 @@ pub struct Cluster {
     health: Arc<HealthBoard>,
 }
 
+/// Where a replication round left one (origin, replica) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// The replica's copy is at this version of the origin.
+    At(u64),
+    /// The next round must send the whole copy.
+    NeedsFull,
+    /// Nothing was sent (a node is down): as before.
+    Unchanged,
+}
+
 /// One counter's total as a read found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Total {
@@ -495,49 +506,71 @@ impl Cluster {
     }
 
     /// Copies `origin`'s changes since `since` to `replica`, if both are
-    /// up. Returns the version the replica's copy is at now, `None` if it
-    /// needs everything next time, or the version it had (`since`) if
-    /// either node is down.
+    /// up. `since`: the version the replica was last brought to; `Some(0)`
+    /// for everything; `None` if this coordinator does not know (it just
+    /// started, or reloaded its membership): then it asks the replica
+    /// which version its copy is at, so that a coordinator restart costs a
+    /// change set, not a full copy of every node.
     pub async fn replicate_pair(
         &self,
         origin: usize,
         replica: usize,
-        since: u64,
-    ) -> std::result::Result<Option<u64>, ShardCallError> {
+        since: Option<u64>,
+    ) -> std::result::Result<Copied, ShardCallError> {
         if !self.health.is_up(origin) || !self.health.is_up(replica) {
-            return Ok((since > 0).then_some(since));
+            return Ok(Copied::Unchanged);
         }
         if self.health.is_restoring(origin) {
             // Its copies hold its earlier entries until the restore.
-            return Ok(None);
+            return Ok(Copied::NeedsFull);
         }
         if matches!(
             self.health.drain(origin).as_str(),
             "handed-over" | "drained"
         ) {
             // Its entries are with its adopter; it has no changes to give.
-            return Ok(None);
+            return Ok(Copied::NeedsFull);
         }
         let budget = self.config.shard_timeout;
+        let origin_id = self.shards[origin].node_id();
+        let since = match since {
+            Some(since) => since,
+            None => {
+                // The replica checks the base of every change set against
+                // its copy, and the origin sends everything for a version
+                // from another start: a wrong guess costs a full copy, never
+                // a wrong one.
+                let status = self.shards[replica].brief_status(budget).await;
+                self.observe(replica, &status);
+                status?
+                    .replicas
+                    .iter()
+                    .find(|copy| copy.origin == origin_id)
+                    .map_or(0, |copy| copy.version)
+            }
+        };
         let changes = self.shards[origin].changes(since, budget).await;
         if let Err(ShardCallError::Failed(message)) = &changes {
             if message.contains("awaits a restore") {
                 // Not a failure: the node started empty; restore it first.
                 self.health.set_restoring(origin, true);
-                return Ok(None);
+                return Ok(Copied::NeedsFull);
             }
             if message.contains("is drained") {
-                return Ok(None);
+                return Ok(Copied::NeedsFull);
             }
         }
         self.observe(origin, &changes);
-        let origin_id = self.shards[origin].node_id();
         let answer = self.shards[replica]
             .replicate(origin_id, since, changes?, budget)
             .await;
         self.observe(replica, &answer);
         let answer = answer?;
-        Ok(answer.accepted.then_some(answer.version))
+        Ok(if answer.accepted {
+            Copied::At(answer.version)
+        } else {
+            Copied::NeedsFull
+        })
     }
 
     /// Node `index`'s health as this coordinator sees it.

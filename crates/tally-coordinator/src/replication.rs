@@ -6,8 +6,8 @@
 //! membership, like the ring. Every `replication_interval_ms`, for every
 //! (origin, replica) pair that is up, the coordinator asks the origin for
 //! its changes since the version the replica was last brought to (the
-//! first time, and whenever the replica is not at that base, everything)
-//! and hands them to the replica. Copies are only ever of whole origins at
+//! first time, the version the replica says its copy is at; whenever the
+//! replica is not at that base, everything) and hands them to the replica. Copies are only ever of whole origins at
 //! one version of theirs, and a read takes one part per origin (the origin's
 //! own answer, else the freshest copy), so nothing is counted twice.
 //!
@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tally_ring::Ring;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Copied};
 
 /// The replicas of node `origin`: the next `factor - 1` distinct nodes on
 /// the ring after its first token (fewer if there are not that many).
@@ -38,7 +38,8 @@ pub fn replicas_of(ring: &Ring, origin: usize, factor: usize) -> Vec<usize> {
 /// replaced by a reloaded membership, whose own loop takes over).
 pub async fn replication_loop(cluster: Weak<Cluster>, interval: Duration) {
     // Per (origin, replica): the origin's version the replica was last
-    // brought to; absent means "send everything".
+    // brought to (0: send everything); absent: not known yet, ask the
+    // replica (see `Cluster::replicate_pair`).
     let mut progress: HashMap<(usize, usize), u64> = HashMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,18 +54,19 @@ pub async fn replication_loop(cluster: Weak<Cluster>, interval: Duration) {
             }
         }
         let rounds = cluster.replica_pairs().into_iter().map(|pair| {
-            let since = progress.get(&pair).copied().unwrap_or(0);
+            let since = progress.get(&pair).copied();
             let cluster = Arc::clone(&cluster);
             async move { (pair, cluster.replicate_pair(pair.0, pair.1, since).await) }
         });
         for (pair, result) in join_all(rounds).await {
             match result {
-                Ok(Some(version)) => {
+                Ok(Copied::At(version)) => {
                     progress.insert(pair, version);
                 }
-                Ok(None) => {
-                    progress.remove(&pair);
+                Ok(Copied::NeedsFull) => {
+                    progress.insert(pair, 0);
                 }
+                Ok(Copied::Unchanged) => {}
                 Err(error) => {
                     tracing::debug!(origin = pair.0, replica = pair.1, %error, "replication failed");
                 }

@@ -51,6 +51,8 @@ pub struct ShardService {
     retired: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
+    /// Full replica copies received (see `ShardStatusResponse`).
+    full_copies_received: Arc<AtomicU64>,
 }
 
 impl ShardService {
@@ -79,6 +81,7 @@ impl ShardService {
             retired: Arc::new(parking_lot::Mutex::new(state.retired.into_iter().collect())),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
+            full_copies_received: Arc::default(),
         }
     }
 
@@ -376,6 +379,7 @@ impl pb::shard_server::Shard for ShardService {
             durability: self.durability.as_str().to_string(),
             apply_calls: self.apply_calls.load(Ordering::Relaxed),
             increments_applied: self.increments_applied.load(Ordering::Relaxed),
+            full_copies_received: self.full_copies_received.load(Ordering::Relaxed),
             remembered_keys: self.store.remembered_keys(),
             keys_forgotten_early: self.store.keys_forgotten_early(),
             flush_sequence: self.flusher.flush_sequence(),
@@ -697,6 +701,9 @@ impl pb::shard_server::Shard for ShardService {
             .collect();
         self.replicas
             .apply(&request.origin, stamp, request.full, &entries);
+        if request.full {
+            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Response::new(pb::ReplicateResponse {
             accepted: true,
             version: request.version,

@@ -1127,20 +1127,32 @@ async fn a_reload_refuses_what_would_move_keys_or_drop_counts() {
 /// Waits until every node's copy holds everything the node had done at the
 /// call: each origin's replication version now, reached by a copy of it.
 /// Bounded.
-async fn wait_for_replicas_to_catch_up(cluster: &LocalCluster) {
-    let targets = support::replication_targets(&shard_statuses(cluster).await);
-    let waiting = std::time::Instant::now();
+/// Polls every node's status until `done` holds (bounded by READY).
+async fn wait_for_statuses(
+    cluster: &LocalCluster,
+    what: &str,
+    done: impl Fn(&[pb::ShardStatusResponse]) -> bool,
+) -> Vec<pb::ShardStatusResponse> {
+    let give_up = std::time::Instant::now() + READY;
     loop {
         let statuses = shard_statuses(cluster).await;
-        if support::replicas_caught_up(&targets, &statuses) {
-            return;
+        if done(&statuses) {
+            return statuses;
         }
         assert!(
-            waiting.elapsed() < READY,
-            "replication stalled: {statuses:?}"
+            std::time::Instant::now() < give_up,
+            "gave up waiting for {what}: {statuses:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn wait_for_replicas_to_catch_up(cluster: &LocalCluster) {
+    let targets = support::replication_targets(&shard_statuses(cluster).await);
+    wait_for_statuses(cluster, "replication to catch up", |statuses| {
+        support::replicas_caught_up(&targets, statuses)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -1195,15 +1207,10 @@ async fn a_read_stays_complete_while_a_shard_is_down() {
 
 /// Polls until no shard says it awaits a restore; bounded.
 async fn wait_until_restored(cluster: &LocalCluster) {
-    let started = std::time::Instant::now();
-    while shard_statuses(cluster)
-        .await
-        .iter()
-        .any(|status| status.restoring)
-    {
-        assert!(started.elapsed() < READY, "a node was never restored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_statuses(cluster, "every node to be restored", |statuses| {
+        !statuses.iter().any(|status| status.restoring)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -1519,26 +1526,6 @@ async fn bench_counts_and_checks_its_own_work() {
         report.check
     );
     test.cluster.shutdown().await.unwrap();
-}
-
-/// Polls every node's status until `done` holds (bounded by READY).
-async fn wait_for_statuses(
-    cluster: &LocalCluster,
-    what: &str,
-    done: impl Fn(&[pb::ShardStatusResponse]) -> bool,
-) -> Vec<pb::ShardStatusResponse> {
-    let give_up = std::time::Instant::now() + READY;
-    loop {
-        let statuses = shard_statuses(cluster).await;
-        if done(&statuses) {
-            return statuses;
-        }
-        assert!(
-            std::time::Instant::now() < give_up,
-            "gave up waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn full_copies(statuses: &[pb::ShardStatusResponse]) -> u64 {

@@ -208,7 +208,8 @@ pub fn judge(total: i64, acknowledged: i64, uncertain: i64) -> Verdict {
 struct Shared {
     options: BenchOptions,
     ledger: Ledger,
-    /// Calls started, for `Stop::Calls` and the progress bar.
+    /// Calls started, for `Stop::Calls` and the progress bar (plus each
+    /// client's last attempt, refused when the run is over).
     started: AtomicU64,
     /// Set when the duration is over.
     stopped: AtomicBool,
@@ -239,7 +240,6 @@ struct ClientResult {
     writes: Histogram<u64>,
     reads: Histogram<u64>,
     errors: u64,
-    increments: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -295,13 +295,12 @@ pub async fn run(mut options: BenchOptions) -> anyhow::Result<BenchReport> {
     let ticker = tokio::spawn(tick(shared.clone(), progress.clone(), begin));
     let mut writes = histogram();
     let mut reads = histogram();
-    let (mut errors, mut increments) = (0, 0);
+    let mut errors = 0;
     for client in clients {
         let result = client.await.context("a bench client panicked")?;
         writes.add(&result.writes).expect("same bounds");
         reads.add(&result.reads).expect("same bounds");
         errors += result.errors;
-        increments += result.increments;
     }
     let elapsed = begin.elapsed();
     ticker.abort();
@@ -310,6 +309,8 @@ pub async fn run(mut options: BenchOptions) -> anyhow::Result<BenchReport> {
     let options = &shared.options;
     let seconds = elapsed.as_secs_f64().max(1e-9);
     let successes = writes.len() + reads.len();
+    // Every acknowledged write call carried `batch` increments.
+    let increments = writes.len() * options.batch as u64;
     let mut report = BenchReport {
         endpoint: options.endpoint.clone(),
         clients: options.clients,
@@ -376,15 +377,17 @@ fn progress_bar(options: &BenchOptions) -> ProgressBar {
 /// Moves the progress bar, and ends a timed run.
 async fn tick(shared: Arc<Shared>, progress: ProgressBar, begin: Instant) {
     let mut interval = tokio::time::interval(Duration::from_millis(100));
-    let end = match shared.options.stop {
-        Stop::After(duration) => tokio::time::Instant::from_std(begin + duration),
-        // Far enough to never come.
-        Stop::Calls(_) => tokio::time::Instant::now() + Duration::from_secs(86_400 * 365),
+    let end = async {
+        match shared.options.stop {
+            Stop::After(duration) => tokio::time::sleep_until((begin + duration).into()).await,
+            Stop::Calls(_) => std::future::pending().await,
+        }
     };
+    tokio::pin!(end);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = tokio::time::sleep_until(end) => {
+            () = &mut end => {
                 shared.stopped.store(true, Ordering::Relaxed);
                 return;
             }
@@ -400,11 +403,12 @@ async fn tick(shared: Arc<Shared>, progress: ProgressBar, begin: Instant) {
     }
 }
 
-/// Whether another call may start.
+/// Whether another call may start (counted as started if so).
 fn may_start(shared: &Shared) -> bool {
+    let started = shared.started.fetch_add(1, Ordering::Relaxed);
     match shared.options.stop {
         Stop::After(_) => !shared.stopped.load(Ordering::Relaxed),
-        Stop::Calls(calls) => shared.started.fetch_add(1, Ordering::Relaxed) < calls,
+        Stop::Calls(calls) => started < calls,
     }
 }
 
@@ -414,13 +418,9 @@ async fn client_loop(shared: Arc<Shared>, mut client: CounterClient<Channel>) ->
         writes: histogram(),
         reads: histogram(),
         errors: 0,
-        increments: 0,
     };
     let mut picked = Vec::with_capacity(options.batch);
     while may_start(&shared) {
-        if matches!(options.stop, Stop::After(_)) {
-            shared.started.fetch_add(1, Ordering::Relaxed);
-        }
         picked.clear();
         picked.extend((0..options.batch).map(|_| fastrand::usize(..options.counters as usize)));
         let is_read = options.read_percent > 0 && fastrand::u8(..100) < options.read_percent;
@@ -435,7 +435,6 @@ async fn client_loop(shared: Arc<Shared>, mut client: CounterClient<Channel>) ->
             Ok(()) if is_read => result.reads.saturating_record(micros),
             Ok(()) => {
                 result.writes.saturating_record(micros);
-                result.increments += picked.len() as u64;
                 shared.ledger.record(&picked, true);
             }
             Err(status) => {
@@ -460,9 +459,7 @@ fn counter_name(shared: &Shared, index: usize) -> String {
 }
 
 fn timed<T>(shared: &Shared, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(shared.options.timeout);
-    request
+    tally_proto::timed(message, shared.options.timeout)
 }
 
 fn increment(shared: &Shared, index: usize) -> pb::IncrementRequest {

@@ -131,9 +131,7 @@ impl Cli {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.timeout);
-        request
+        tally_proto::timed(message, self.timeout)
     }
 
     fn print(&self, value: serde_json::Value, table: impl FnOnce() -> String) {

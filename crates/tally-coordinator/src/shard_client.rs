@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_proto::pb;
 use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
+use tally_proto::{pb, timed};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
@@ -387,13 +387,6 @@ impl ShardClient {
     }
 }
 
-/// A request that tells the shard how long the caller waits.
-fn timed<T>(message: T, budget: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(budget);
-    request
-}
-
 /// Runs one internal call under `budget`.
 async fn call<T>(
     budget: Duration,
@@ -591,19 +584,9 @@ async fn send_reads(
         }
     }
     .and_then(|response| check_read(response, counter_count));
-    match result {
-        Ok(response) => {
-            let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
-            for ((_, reply), part) in replies.into_iter().zip(split_read(response, &lengths)) {
-                let _ = reply.send(Ok(part));
-            }
-        }
-        Err(error) => {
-            for (_, reply) in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
-    }
+    answer_jobs(replies, |lengths| {
+        result.map(|response| split_read(response, lengths).into_iter().map(Ok).collect())
+    });
 }
 
 /// Checks that a Read answered for every counter asked.
@@ -691,19 +674,39 @@ async fn send_batch(
         queue_room.push(job.queue_room);
     }
     let result = apply_coalesced(&node_id, &mut grpc, increments, shard_timeout).await;
-    match result {
-        Ok(applied) => {
-            if let Some((error, positions)) = &applied.unknown {
-                tracing::warn!(node_id = &*node_id, %error, increments = positions.len(), "apply of unmerged parts failed");
-            }
-            let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
-            for ((_, reply), answer) in replies.into_iter().zip(applied.split(&lengths)) {
-                // A caller whose deadline passed has gone; that is fine.
+    match &result {
+        Ok(Applied {
+            unknown: Some((error, positions)),
+            ..
+        }) => {
+            tracing::warn!(node_id = &*node_id, %error, increments = positions.len(), "apply of unmerged parts failed");
+        }
+        Err(error) => {
+            tracing::warn!(node_id = &*node_id, %error, increments = increment_count, "apply failed");
+        }
+        Ok(_) => {}
+    }
+    answer_jobs(replies, |lengths| {
+        result.map(|applied| applied.split(lengths))
+    });
+}
+
+/// Answers each job of one call, given `(its length, its reply)` in call
+/// order: with its own part of the answer `split` cuts by the lengths, or
+/// with the call's error. A caller whose deadline passed has gone; that is
+/// fine.
+fn answer_jobs<T>(
+    replies: Vec<(usize, oneshot::Sender<Result<T, ShardCallError>>)>,
+    split: impl FnOnce(&[usize]) -> Result<Vec<Result<T, ShardCallError>>, ShardCallError>,
+) {
+    let lengths: Vec<usize> = replies.iter().map(|(length, _)| *length).collect();
+    match split(&lengths) {
+        Ok(answers) => {
+            for ((_, reply), answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         }
         Err(error) => {
-            tracing::warn!(node_id = &*node_id, %error, increments = increment_count, "apply failed");
             for (_, reply) in replies {
                 let _ = reply.send(Err(error.clone()));
             }
@@ -730,14 +733,7 @@ async fn apply_coalesced(
     shard_timeout: Duration,
 ) -> Result<Applied, ShardCallError> {
     let plan = Coalesced::plan(increments);
-    let sent = plan.sent.len();
-    let request = pb::ApplyRequest {
-        node_id: node_id.to_string(),
-        increments: plan.sent,
-    };
-    let merged_outcomes = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
-        .await
-        .and_then(|response| decode_outcomes(response, sent))?;
+    let merged_outcomes = apply_call(node_id, grpc, plan.sent, shard_timeout).await?;
     let (mut outcomes, unmerge) = plan.members.spread(merged_outcomes);
     if unmerge.is_empty() {
         return Ok(Applied {
@@ -747,15 +743,7 @@ async fn apply_coalesced(
     }
     let (positions, increments): (Vec<usize>, Vec<pb::ShardIncrement>) =
         unmerge.into_iter().unzip();
-    let request = pb::ApplyRequest {
-        node_id: node_id.to_string(),
-        increments,
-    };
-    let expected = positions.len();
-    let separate = call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
-        .await
-        .and_then(|response| decode_outcomes(response, expected));
-    match separate {
+    match apply_call(node_id, grpc, increments, shard_timeout).await {
         Ok(separate) => {
             for (&position, outcome) in positions.iter().zip(separate) {
                 outcomes[position] = outcome;
@@ -770,6 +758,23 @@ async fn apply_coalesced(
             unknown: Some((error, positions)),
         }),
     }
+}
+
+/// One Apply call: an outcome per increment, in order.
+async fn apply_call(
+    node_id: &str,
+    grpc: &mut GrpcShardClient<Channel>,
+    increments: Vec<pb::ShardIncrement>,
+    shard_timeout: Duration,
+) -> Result<Vec<Outcome>, ShardCallError> {
+    let expected = increments.len();
+    let request = pb::ApplyRequest {
+        node_id: node_id.to_string(),
+        increments,
+    };
+    call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
+        .await
+        .and_then(|response| decode_outcomes(response, expected))
 }
 
 /// The answer to one batch: an outcome per increment, except that if the

@@ -30,6 +30,14 @@ pub mod pb {
     tonic::include_proto!("tally.v1");
 }
 
+/// A request that tells the server how long its caller waits (the
+/// `grpc-timeout` header): every Tally client sets one.
+pub fn timed<T>(message: T, timeout: std::time::Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 /// The encoded `FileDescriptorSet` of every Tally proto file, for
 /// `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

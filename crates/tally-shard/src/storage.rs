@@ -1468,17 +1468,21 @@ mod tests {
         assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
     }
 
+    /// A copy stamp of directory 1 scanned at `version` ms.
+    fn stamp(version: u64) -> CopyStamp {
+        CopyStamp {
+            version,
+            scanned_unix_ms: version,
+            directory_id: 1,
+        }
+    }
+
     #[test]
     fn a_change_set_larger_than_a_chunk_is_written_whole() {
         let dir = tempfile::tempdir().unwrap();
         let names: Vec<String> = (0..REPLICA_CHUNK * 2 + 10)
             .map(|i| format!("c{i}"))
             .collect();
-        let stamp = |version| CopyStamp {
-            version,
-            scanned_unix_ms: version,
-            directory_id: 1,
-        };
         {
             let storage = Storage::open(dir.path(), "shard-1").unwrap();
             storage
@@ -1506,11 +1510,6 @@ mod tests {
         // A change set that failed part way leaves entries on disk that
         // the in-memory copy lacks; an erase must remove them too.
         let dir = tempfile::tempdir().unwrap();
-        let stamp = |version| CopyStamp {
-            version,
-            scanned_unix_ms: version,
-            directory_id: 1,
-        };
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
         storage
             .write_replica("shard-2", true, stamp(1), &[("d", 0, 1)])

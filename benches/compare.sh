@@ -388,72 +388,12 @@ pg_measure() { # ID LABEL SCRIPT_FILE [env assignments for pgbench...]
 # ---------------------------------------------------------------------------
 # 2c. Tally: three shard processes and a coordinator, data in TMP.
 
-TALLY_ENDPOINT=""
-
-# Waits for a daemon's `listening on ADDRESS` line and prints ADDRESS.
-wait_listening() { # PID STDOUT_FILE NAME
-    local pid=$1 file=$2 name=$3 line i
-    for ((i = 0; i < 1200; i++)); do
-        line=$(grep -m 1 '^listening on ' "$file" 2>/dev/null || true)
-        if [[ -n $line ]]; then
-            echo "${line#listening on }"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$name exited before listening: $(tail -n 5 "$file.err")"
-        sleep 0.05
-    done
-    die "$name not listening after 60 s"
-}
-
-# Polls `tallyctl health` until the server at ADDRESS says SERVING.
-wait_healthy() { # ADDRESS NAME
-    local i
-    for ((i = 0; i < 300; i++)); do
-        "$TALLYCTL" --endpoint "$1" --timeout-ms 1000 health >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    die "$2 at $1 not healthy after 30 s"
-}
+# shellcheck source=benches/tally-cluster.sh
+source "$REPO/benches/tally-cluster.sh"
 
 start_tally() {
-    local dir=$TMP/tally i pid address nodes=""
-    mkdir -p "$dir"
-    # Shards: the repository's shard-1.toml with id, address, data directory
-    # and durability rewritten. Port 0: each shard binds a free port itself
-    # and prints it, so there is no race between picking and binding a port.
-    for i in 1 2 3; do
-        sed -e "s|^node_id = .*|node_id = \"shard-$i\"|" \
-            -e 's|^listen = .*|listen = "127.0.0.1:0"|' \
-            -e "s|^data_dir = .*|data_dir = \"$dir/data/shard-$i\"|" \
-            -e 's|^durability = .*|durability = "sync"|' \
-            "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
-        grep -q '^durability = "sync"' "$dir/shard-$i.toml" \
-            || die "config/shard-1.toml has no durability line to rewrite"
-        grep -q "^data_dir = \"$dir/data/shard-$i\"" "$dir/shard-$i.toml" \
-            || die "config/shard-1.toml has no data_dir line to rewrite"
-        (cd "$dir" && exec "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml") \
-            >"$dir/shard-$i.out" 2>"$dir/shard-$i.out.err" &
-        pid=$!
-        PIDS+=("$pid")
-        address=$(wait_listening "$pid" "$dir/shard-$i.out" "shard-$i")
-        wait_healthy "$address" "shard-$i"
-        log "tally shard-$i on $address"
-        nodes+=$(printf '\n[[nodes]]\nid = "shard-%s"\naddress = "%s"\nweight = 1\n' "$i" "$address")
-        nodes+=$'\n'
-    done
-    # Coordinator: the repository's coordinator.toml up to its [[nodes]]
-    # list, listen rewritten, then the shards just started.
-    awk '/^\[\[nodes\]\]/ { exit }
-         /^listen = / { print "listen = \"127.0.0.1:0\""; next }
-         { print }' "$REPO/config/coordinator.toml" >"$dir/coordinator.toml"
-    printf '%s' "$nodes" >>"$dir/coordinator.toml"
-    (cd "$dir" && exec "$REPO/target/release/tally-coordinator" --config "$dir/coordinator.toml") \
-        >"$dir/coordinator.out" 2>"$dir/coordinator.out.err" &
-    pid=$!
-    PIDS+=("$pid")
-    TALLY_ENDPOINT=$(wait_listening "$pid" "$dir/coordinator.out" coordinator)
-    wait_healthy "$TALLY_ENDPOINT" coordinator
-    log "tally coordinator on $TALLY_ENDPOINT (3 shards, durability sync)"
+    tally_start_cluster "$TMP/tally" 3
+    log "tally coordinator on $TALLY_ENDPOINT (3 shards at ${TALLY_SHARD_ADDRESSES[*]}, durability sync)"
 }
 
 tally_measure() { # ID LABEL COUNTERS BATCH

@@ -23,6 +23,7 @@ TMP=$(mktemp -d)
 PIDS=()
 
 log() { printf '[scale] %s\n' "$*" >&2; }
+die() { printf '[scale] FAILED: %s\n' "$*" >&2; exit 1; }
 
 cleanup() {
     local pid
@@ -32,73 +33,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in sockets))
-EOF
-}
-
-# Starts a daemon and waits for its `listening on` line (printed once it
-# serves). Sets STARTED_PID and STARTED_MS (ms from launch to serving).
-start_daemon() {
-    local log=$1
-    shift
-    local begin
-    begin=$(date +%s%N)
-    "$@" >"$log" 2>"$log.err" &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-    until grep -q '^listening on' "$log" 2>/dev/null; do
-        kill -0 "$STARTED_PID" 2>/dev/null || { cat "$log.err" >&2; log "$1 died"; exit 1; }
-        sleep 0.01
-    done
-    STARTED_MS=$((($(date +%s%N) - begin) / 1000000))
-}
+# shellcheck source=benches/tally-cluster.sh
+source "$REPO/benches/tally-cluster.sh"
 
 # start_cluster NAME SHARDS REPLICATION [STRIPES]: shards and a coordinator
-# under $TMP/NAME; sets ENDPOINT and SHARD_PIDS.
+# under $TMP/NAME (see tally-cluster.sh).
 start_cluster() {
-    local name=$1 shards=$2 replication=$3 stripes=${4:-8} dir=$TMP/$1 i
-    mkdir -p "$dir"
-    local ports
-    read -r -a ports <<<"$(free_ports $((shards + 1)))"
-    ENDPOINT=127.0.0.1:${ports[0]}
-    SHARD_PIDS=()
-    {
-        echo "listen = \"$ENDPOINT\""
-        echo "replication_factor = $replication"
-        echo "stripes = $stripes"
-        for ((i = 1; i <= shards; i++)); do
-            printf '[[nodes]]\nid = "shard-%d"\naddress = "127.0.0.1:%d"\n' "$i" "${ports[$i]}"
-        done
-    } >"$dir/coordinator.toml"
-    for ((i = 1; i <= shards; i++)); do
-        start_daemon "$dir/shard-$i.log" "$BIN/tally-shard" --node-id "shard-$i" \
-            --listen "127.0.0.1:${ports[$i]}" --data-dir "$dir/shard-$i" --durability sync
-        SHARD_PIDS+=("$STARTED_PID")
-    done
-    start_daemon "$dir/coordinator.log" "$BIN/tally-coordinator" --config "$dir/coordinator.toml"
-    COORDINATOR_PID=$STARTED_PID
-}
-
-stop_cluster() {
-    local pid
-    for pid in "${SHARD_PIDS[@]}" "$COORDINATOR_PID"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${SHARD_PIDS[@]}" "$COORDINATOR_PID"; do wait "$pid" 2>/dev/null || true; done
+    tally_start_cluster "$TMP/$1" "$2" "replication_factor=$3" "stripes=${4:-8}"
 }
 
 bench() {
-    "$BIN/tallyctl" --endpoint "$ENDPOINT" --json --timeout-ms 30000 bench "$@"
+    "$BIN/tallyctl" --endpoint "$TALLY_ENDPOINT" --json --timeout-ms 30000 bench "$@"
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 entries() {
-    "$BIN/tallyctl" --endpoint "$ENDPOINT" --json status |
+    "$BIN/tallyctl" --endpoint "$TALLY_ENDPOINT" --json status |
         python3 -c 'import json,sys; print(sum(n["entries"] for n in json.load(sys.stdin)["nodes"]))'
 }
 
@@ -120,7 +71,7 @@ for counters in 1 1000 1000000; do
             "$(bench --clients "$CLIENTS" --duration "${DURATION}s" --counters "$counters" --batch "$batch")"
     done
 done
-stop_cluster
+tally_stop_cluster
 
 # 2. Read latency with 3 and 6 shards.
 for shards in 3 6; do
@@ -135,14 +86,14 @@ for shards in 3 6; do
         "$(bench --prefix "$prefix" --no-check --clients 8 --duration "${DURATION}s" --counters 1000 --batch 1000 --reads 100)"
     record "get+writes shards=$shards" \
         "$(bench --clients "$CLIENTS" --duration "${DURATION}s" --counters 1000 --reads 50)"
-    stop_cluster
+    tally_stop_cluster
 done
 
 # 3. Memory per entry and restart time: one shard, no replica, so that its
 # memory holds only its own entries; one stripe, so that an entry is a
 # counter. 3,000,000 increments over 1,000,000 counters leave ~950,000.
 start_cluster memory 1 1 1
-shard=${SHARD_PIDS[0]}
+shard=${TALLY_SHARD_PIDS[0]}
 rss_before=$(rss_kib "$shard")
 log "memory: writing 1,000,000 counters"
 bench --prefix m- --counters 1000000 --batch 1000 --clients 16 --requests 3000 --no-check >/dev/null
@@ -150,29 +101,26 @@ stored=$(entries)
 rss_after=$(rss_kib "$shard")
 log "memory: $stored entries, RSS $rss_before -> $rss_after KiB"
 
-# restart SIGNAL: stops the shard with SIGNAL and starts it again; sets
-# RESTART_MS, the time from launch to serving.
+# restart SIGNAL: stops the shard with SIGNAL and starts it again on its
+# address; sets RESTART_MS, the time from launch to serving.
 restart() {
-    local signal=$1 dir=$TMP/memory address
-    address=$(sed -n 's/^address = "\(.*\)"/\1/p' "$dir/coordinator.toml")
-    kill "-$signal" "$shard"
+    kill "-$1" "$shard"
     wait "$shard" 2>/dev/null || true
-    start_daemon "$dir/shard-1.restart-$signal.log" "$BIN/tally-shard" --node-id shard-1 \
-        --listen "$address" --data-dir "$dir/shard-1" --durability sync
-    shard=$STARTED_PID
-    SHARD_PIDS=("$shard")
-    RESTART_MS=$STARTED_MS
+    tally_start_shard "$TMP/memory" 1 "${TALLY_SHARD_ADDRESSES[0]}"
+    shard=$TALLY_PID
+    TALLY_SHARD_PIDS=("$shard")
+    RESTART_MS=$TALLY_START_MS
 }
 restart TERM
 clean_ms=$RESTART_MS
 rss_loaded=$(rss_kib "$shard")
 restart KILL
 crash_ms=$RESTART_MS
-[[ $(entries) == "$stored" ]] || { log "entries changed across restarts"; exit 1; }
+[[ $(entries) == "$stored" ]] || die "entries changed across restarts"
 record "memory" "$(python3 -c 'import json,sys; print(json.dumps(dict(zip(
     ["entries","rss_before_kib","rss_after_writes_kib","rss_after_restart_kib","restart_clean_ms","restart_after_kill_ms"],
     map(int, sys.argv[1:])))))' "$stored" "$rss_before" "$rss_after" "$rss_loaded" "$clean_ms" "$crash_ms")"
-stop_cluster
+tally_stop_cluster
 
 python3 - "$RESULTS" >"$OUT/scale.md" <<'EOF'
 import json, sys

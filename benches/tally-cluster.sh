@@ -1,0 +1,108 @@
+# shellcheck shell=bash disable=SC2034  # sets variables for the caller
+# benches/tally-cluster.sh: a Tally cluster of real processes on loopback,
+# for compare.sh and scale.sh. Sourced, not run. The caller defines REPO,
+# a PIDS array (every process started here is added; the caller's exit trap
+# stops them) and die MESSAGE.
+#
+# Configs are the repository's config/shard-1.toml and
+# config/coordinator.toml with ids, addresses, data directories and any
+# given keys rewritten. Every server listens on port 0 and is found by the
+# `listening on ADDRESS` line it prints once it serves, so there is no race
+# between picking a port and binding it, and no sleep decides readiness.
+
+# Waits for a daemon's `listening on ADDRESS` line and prints ADDRESS.
+tally_wait_listening() { # PID STDOUT_FILE NAME
+    local pid=$1 file=$2 name=$3 line i
+    for ((i = 0; i < 6000; i++)); do
+        line=$(grep -m 1 '^listening on ' "$file" 2>/dev/null || true)
+        if [[ -n $line ]]; then
+            echo "${line#listening on }"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || die "$name exited before listening: $(tail -n 5 "$file.err")"
+        sleep 0.01
+    done
+    die "$name not listening after 60 s"
+}
+
+# Starts shard-I with its data in DIR/data/shard-I, listening on ADDRESS
+# (127.0.0.1:0: a free port). Sets TALLY_PID, TALLY_ADDRESS and
+# TALLY_START_MS (from launch to serving, which includes recovery).
+tally_start_shard() { # DIR I ADDRESS
+    local dir=$1 i=$2 address=$3 begin
+    sed -e "s|^node_id = .*|node_id = \"shard-$i\"|" \
+        -e "s|^listen = .*|listen = \"$address\"|" \
+        -e "s|^data_dir = .*|data_dir = \"$dir/data/shard-$i\"|" \
+        -e 's|^durability = .*|durability = "sync"|' \
+        "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
+    grep -q "^data_dir = \"$dir/data/shard-$i\"" "$dir/shard-$i.toml" \
+        || die "config/shard-1.toml has no data_dir line to rewrite"
+    begin=$(date +%s%N)
+    (cd "$dir" && exec "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml") \
+        >"$dir/shard-$i.out" 2>"$dir/shard-$i.out.err" &
+    TALLY_PID=$!
+    PIDS+=("$TALLY_PID")
+    TALLY_ADDRESS=$(tally_wait_listening "$TALLY_PID" "$dir/shard-$i.out" "shard-$i")
+    TALLY_START_MS=$((($(date +%s%N) - begin) / 1000000))
+}
+
+# Starts SHARDS shard nodes and a coordinator under DIR. KEY=VALUE
+# arguments set coordinator keys (values as TOML: stripes=1). Sets
+# TALLY_ENDPOINT, TALLY_COORDINATOR_PID, and the arrays TALLY_SHARD_PIDS and
+# TALLY_SHARD_ADDRESSES.
+tally_start_cluster() { # DIR SHARDS [KEY=VALUE...]
+    local dir=$1 shards=$2 i nodes=""
+    shift 2
+    mkdir -p "$dir"
+    TALLY_SHARD_PIDS=()
+    TALLY_SHARD_ADDRESSES=()
+    for ((i = 1; i <= shards; i++)); do
+        tally_start_shard "$dir" "$i" 127.0.0.1:0
+        TALLY_SHARD_PIDS+=("$TALLY_PID")
+        TALLY_SHARD_ADDRESSES+=("$TALLY_ADDRESS")
+        nodes+=$(printf '\n[[nodes]]\nid = "shard-%s"\naddress = "%s"\nweight = 1\n' "$i" "$TALLY_ADDRESS")
+        nodes+=$'\n'
+    done
+    # The repository's coordinator.toml up to its [[nodes]] list, with the
+    # given keys replaced (or added), then the shards just started.
+    local overrides
+    overrides=$(printf '%s\n' 'listen="127.0.0.1:0"' "$@")
+    awk -v overrides="$overrides" '
+        BEGIN {
+            n = split(overrides, lines, "\n")
+            for (i = 1; i <= n; i++) {
+                if (lines[i] == "") continue
+                eq = index(lines[i], "=")
+                value[substr(lines[i], 1, eq - 1)] = substr(lines[i], eq + 1)
+            }
+        }
+        /^\[\[nodes\]\]/ { exit }
+        {
+            key = $1
+            if ($2 == "=" && (key in value)) {
+                print key " = " value[key]
+                done[key] = 1
+                next
+            }
+            print
+        }
+        END { for (key in value) if (!(key in done)) print key " = " value[key] }
+    ' "$REPO/config/coordinator.toml" >"$dir/coordinator.toml"
+    printf '%s' "$nodes" >>"$dir/coordinator.toml"
+    (cd "$dir" && exec "$REPO/target/release/tally-coordinator" --config "$dir/coordinator.toml") \
+        >"$dir/coordinator.out" 2>"$dir/coordinator.out.err" &
+    TALLY_COORDINATOR_PID=$!
+    PIDS+=("$TALLY_COORDINATOR_PID")
+    TALLY_ENDPOINT=$(tally_wait_listening "$TALLY_COORDINATOR_PID" "$dir/coordinator.out" coordinator)
+}
+
+# Stops the cluster started last (SIGTERM: a clean stop) and waits for it.
+tally_stop_cluster() {
+    local pid
+    for pid in "${TALLY_SHARD_PIDS[@]}" "$TALLY_COORDINATOR_PID"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${TALLY_SHARD_PIDS[@]}" "$TALLY_COORDINATOR_PID"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}

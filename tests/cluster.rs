@@ -879,19 +879,38 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
     test.cluster.shutdown().await.unwrap();
 }
 
+/// A running coordinator this test started: its address, the sender that
+/// stops it (dropping it does too), and its task.
+type OtherCoordinator = (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tally::coordinator::StartError>>,
+);
+
+/// Another coordinator over the cluster's shards, on a port of its own,
+/// with `configure` applied to a copy of the cluster's coordinator config.
+async fn other_coordinator(
+    cluster: &LocalCluster,
+    configure: impl FnOnce(&mut tally::coordinator::CoordinatorConfig),
+) -> OtherCoordinator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut config = cluster.coordinator_config().clone();
+    config.listen = address;
+    configure(&mut config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(tally::coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    (address, stop, running)
+}
+
 /// A second coordinator over the same shards, as another process of the
 /// application's fleet would reach: served until the returned sender drops.
 async fn second_coordinator(
     cluster: &LocalCluster,
 ) -> (CounterClient<Channel>, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let mut config = cluster.coordinator_config().clone();
-    config.listen = address;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tally::coordinator::run(config, listener, async {
-        let _ = stopped.await;
-    }));
+    let (address, stop, _running) = other_coordinator(cluster, |_| {}).await;
     tally::cli::local_cluster::wait_serving(address, READY)
         .await
         .unwrap();
@@ -1535,33 +1554,15 @@ fn full_copies(statuses: &[pb::ShardStatusResponse]) -> u64 {
         .sum()
 }
 
-/// Another coordinator over the cluster's shards, replicating with
-/// `replication_factor` every 50 ms; stopped by sending on the returned
-/// channel.
-async fn replicating_coordinator(
-    cluster: &LocalCluster,
-    replication_factor: usize,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), tally::coordinator::StartError>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = cluster.coordinator_config().clone();
-    config.listen = listener.local_addr().unwrap();
-    config.replication_factor = replication_factor;
-    config.replication_interval = Duration::from_millis(50);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(tally::coordinator::run(config, listener, async {
-        let _ = stopped.await;
-    }));
-    (stop, running)
-}
-
 #[tokio::test]
 async fn a_new_coordinator_sends_change_sets_not_full_copies() {
     // The cluster's own coordinator does not replicate, so every copy
     // below comes from the coordinators this test starts.
     let test = start_with(|options| options.replication_factor = 1).await;
+    let replicating = |config: &mut tally::coordinator::CoordinatorConfig| {
+        config.replication_factor = 2;
+        config.replication_interval = Duration::from_millis(50);
+    };
     let mut client = test.cluster.counter_client().await.unwrap();
     let mut write = async |from: usize| {
         for round in from..from + 40 {
@@ -1575,7 +1576,7 @@ async fn a_new_coordinator_sends_change_sets_not_full_copies() {
     let targets = write(0).await;
     // A first replicating coordinator: every copy starts as a full copy
     // (3 nodes, factor 2: 3 pairs).
-    let (stop, first) = replicating_coordinator(&test.cluster, 2).await;
+    let (_, stop, first) = other_coordinator(&test.cluster, replicating).await;
     let caught_up = wait_for_statuses(&test.cluster, "the first copies", |statuses| {
         support::replicas_caught_up(&targets, statuses)
     })
@@ -1588,7 +1589,7 @@ async fn a_new_coordinator_sends_change_sets_not_full_copies() {
     // (as after a restart or a reload) brings the copies up to date with
     // change sets, not full copies.
     let targets = write(40).await;
-    let (stop, second) = replicating_coordinator(&test.cluster, 2).await;
+    let (_, stop, second) = other_coordinator(&test.cluster, replicating).await;
     let caught_up = wait_for_statuses(&test.cluster, "the copies to catch up", |statuses| {
         support::replicas_caught_up(&targets, statuses)
     })

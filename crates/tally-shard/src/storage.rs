@@ -1468,6 +1468,13 @@ mod tests {
         assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
     }
 
+    /// Loads a node's directory, for the replica copies it holds.
+    fn load_copies(storage: &Storage) -> (DirectoryReport, Replicas) {
+        let replicas = Replicas::default();
+        let report = storage.load_into(&Store::new(), &replicas).unwrap();
+        (report, replicas)
+    }
+
     /// A copy stamp of directory 1 scanned at `version` ms.
     fn stamp(version: u64) -> CopyStamp {
         CopyStamp {
@@ -1495,8 +1502,7 @@ mod tests {
                 .unwrap();
         }
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let replicas = Replicas::default();
-        let report = storage.load_into(&Store::new(), &replicas).unwrap();
+        let (report, replicas) = load_copies(&storage);
         // c0 stripe 0 from the full copy, and every entry of the change set.
         assert_eq!(report.foreign_entries, names.len() as u64 + 1);
         assert_eq!(replicas.versions(), vec![("shard-2".into(), 2)]);
@@ -1525,8 +1531,7 @@ mod tests {
             .unwrap();
         drop(storage);
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let replicas = Replicas::default();
-        storage.load_into(&Store::new(), &replicas).unwrap();
+        let (_, replicas) = load_copies(&storage);
         let read = replicas.read(&["c".into(), "d".into()]);
         assert_eq!(read[0].counters, vec![vec![], vec![(0, 1)]]);
     }
@@ -1584,8 +1589,7 @@ mod tests {
             storage.incarnation() > first,
             "every start is numbered higher"
         );
-        let replicas = Replicas::default();
-        let report = storage.load_into(&Store::new(), &replicas).unwrap();
+        let (report, replicas) = load_copies(&storage);
         assert_eq!(report.entries, 0);
         assert_eq!(report.foreign_entries, 2);
         assert_eq!(
@@ -1611,8 +1615,7 @@ mod tests {
             .unwrap();
         drop(storage);
         let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let replicas = Replicas::default();
-        storage.load_into(&Store::new(), &replicas).unwrap();
+        let (_, replicas) = load_copies(&storage);
         let read = replicas.read(&["c".into(), "d".into()]);
         let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
         assert_eq!(shard_2.counters, vec![vec![], vec![(0, 1)]]);

@@ -3,17 +3,19 @@
 //! - `shard/apply`: `Store::apply` of one batch of 1,000 increments, over
 //!   1 hot counter (every increment on one entry), 1,000 counters, and
 //!   1,000 keyed increments (each records its idempotency key);
-//! - `shard/flush_snapshot`: applying 1,000 increments to 1,000 counters and
-//!   `Store::begin_flush` collecting them (what one group commit gathers
-//!   before it writes);
-//! - `shard/keys`: encoding an entry key and an idempotency record key, and
-//!   decoding an entry key.
+//! - `shard/flush_snapshot`: applying 1,000 increments to 1,000 counters,
+//!   `Store::begin_flush` collecting them and encoding the log frame's body
+//!   (what one group commit does before it writes);
+//! - `shard/checkpoint`: capturing every checkpoint bucket of 100,000
+//!   counters (what a checkpoint round does, a few segments per turn);
+//! - `shard/keys`: encoding an idempotency record key.
 //!
 //! Run with `cargo bench --bench shard` from the workspace root.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use tally_shard::keys;
-use tally_shard::store::{Store, StripeIncrement};
+use tally_shard::store::{
+    encode_record_key_into, OwnChanges, Store, StripeIncrement, SEGMENT_COUNT,
+};
 
 const BATCH: usize = 1_000;
 
@@ -96,29 +98,50 @@ fn bench_flush_snapshot(criterion: &mut Criterion) {
         })
         .collect();
     let store = Store::new();
+    let mut changes = OwnChanges::default();
+    let mut frame = Vec::new();
     criterion.bench_function("shard/flush_snapshot/1000_dirty_counters", |bencher| {
         bencher.iter(|| {
             store.apply(&increments, 0);
-            black_box(store.begin_flush())
+            store.begin_flush(&mut changes, 0..0, &mut Vec::new());
+            frame.clear();
+            changes.encode_into(&mut frame);
+            black_box(frame.len())
+        })
+    });
+}
+
+fn bench_checkpoint(criterion: &mut Criterion) {
+    let counters = names(100_000);
+    let increments: Vec<StripeIncrement<'_>> = counters
+        .iter()
+        .map(|counter| StripeIncrement {
+            counter,
+            stripe: 0,
+            delta: 1,
+            idempotency_key: None,
+        })
+        .collect();
+    let store = Store::new();
+    store.apply(&increments, 0);
+    let mut changes = OwnChanges::default();
+    store.begin_flush(&mut changes, 0..0, &mut Vec::new());
+    criterion.bench_function("shard/checkpoint/capture_100000_counters", |bencher| {
+        bencher.iter(|| {
+            store.mark_all_for_checkpoint();
+            let mut captured = Vec::new();
+            store.begin_flush(&mut changes, 0..SEGMENT_COUNT, &mut captured);
+            black_box(captured.len())
         })
     });
 }
 
 fn bench_keys(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("shard/keys");
-    group.bench_function("encode_entry", |bencher| {
-        bencher.iter(|| {
-            black_box(keys::encode_entry_key(
-                black_box("shard-1"),
-                black_box("page:views:12345"),
-                black_box(3),
-            ))
-        })
-    });
     let mut buffer = Vec::new();
     group.bench_function("encode_record", |bencher| {
         bencher.iter(|| {
-            keys::encode_record_key_into(
+            encode_record_key_into(
                 &mut buffer,
                 black_box("page:views:12345"),
                 black_box("request-00001234"),
@@ -126,12 +149,14 @@ fn bench_keys(criterion: &mut Criterion) {
             black_box(buffer.len())
         })
     });
-    let encoded = keys::encode_entry_key("shard-1", "page:views:12345", 3);
-    group.bench_function("decode_entry", |bencher| {
-        bencher.iter(|| black_box(keys::decode_key(black_box(&encoded))).is_some())
-    });
     group.finish();
 }
 
-criterion_group!(benches, bench_apply, bench_flush_snapshot, bench_keys);
+criterion_group!(
+    benches,
+    bench_apply,
+    bench_flush_snapshot,
+    bench_checkpoint,
+    bench_keys
+);
 criterion_main!(benches);

@@ -368,47 +368,73 @@ async fn a_damaged_data_directory_is_refused_untouched_and_verify_says_why() {
     assert!(output.status.success(), "{}", stderr(&output));
     let report = stdout(&output);
     assert!(report.contains("node shard-1: sound"), "{report}");
-    assert!(report.contains("last stop clean"), "{report}");
+    assert!(
+        report.contains("checkpoint files as its last round left them"),
+        "{report}"
+    );
 
-    // Half the database disappears, as a bad disk or a careless copy might
-    // leave it: sled alone would open it and serve older values.
-    let db = data_dir.join("db");
-    let bytes = std::fs::read(&db).unwrap();
-    std::fs::write(&db, &bytes[..bytes.len() / 2]).unwrap();
+    // The end of the log disappears, as a bad disk or a careless copy might
+    // leave it: frames the node acknowledged are gone.
+    let segment = last_log_segment(&data_dir);
+    let bytes = std::fs::read(&segment).unwrap();
+    std::fs::write(&segment, &bytes[..bytes.len() / 2]).unwrap();
     let before = snapshot_files(&data_dir);
 
-    let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
-    assert!(!output.status.success());
-    let message = stderr(&output);
-    let last = message
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        last.starts_with("tally-shard: error: data directory"),
-        "{message}"
-    );
-    assert!(last.contains(data), "{message}");
-    assert!(
-        last.contains("acknowledged writes are missing"),
-        "{message}"
-    );
-    assert_eq!(snapshot_files(&data_dir), before, "the files were changed");
+    let refused = |expected: &str| {
+        let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
+        assert!(!output.status.success());
+        let message = stderr(&output);
+        let last = message
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            last.starts_with("tally-shard: error: data directory"),
+            "{message}"
+        );
+        assert!(last.contains(data), "{message}");
+        assert!(last.contains(expected), "{message}");
+        assert_eq!(snapshot_files(&data_dir), before, "the files were changed");
 
-    let output = run_to_end("tally-shard", &["verify", data]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("acknowledged writes are missing"),
-        "{}",
-        stderr(&output)
-    );
-    assert_eq!(
-        snapshot_files(&data_dir),
-        before,
-        "verify changed the files"
-    );
+        let output = run_to_end("tally-shard", &["verify", data]);
+        assert!(!output.status.success());
+        assert!(stderr(&output).contains(expected), "{}", stderr(&output));
+        assert_eq!(
+            snapshot_files(&data_dir),
+            before,
+            "verify changed the files"
+        );
+    };
+    refused("acknowledged writes are missing");
+
+    // A frame damaged in the middle of the log (a flipped byte) is damage
+    // too, not the end of the log.
+    std::fs::write(&segment, &bytes).unwrap();
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    std::fs::write(&segment, &flipped).unwrap();
+    let before = snapshot_files(&data_dir);
+    let refused = |expected: &str| {
+        let output = run_to_end("tally-shard", &["--config", config.to_str().unwrap()]);
+        assert!(!output.status.success());
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{message}");
+        assert_eq!(snapshot_files(&data_dir), before, "the files were changed");
+    };
+    refused("bad frame");
+}
+
+/// The newest segment of a shard's log.
+fn last_log_segment(data_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(data_dir.join("log"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    segments.sort();
+    segments.pop().expect("a log segment")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,18 @@ pub fn exit_code<E: std::fmt::Display>(
     }
 }
 
+/// Ignores SIGXFSZ, so that a write beyond the process's file size limit
+/// (`RLIMIT_FSIZE`) fails with `EFBIG`, an error the caller handles, instead
+/// of killing the process (the signal's default).
+pub fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler
+    // code and touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C): the signals on which a daemon
 /// stops accepting, finishes in-flight work, flushes and exits 0.
 ///

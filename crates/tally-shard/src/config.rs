@@ -14,11 +14,12 @@ use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// After the flush that contains it is on disk (group commit: one fsync
-    /// serves every increment that arrived while the previous one ran).
+    /// Once the log write that holds it is on disk (group commit: one
+    /// write and one fdatasync serve every increment that arrived while the
+    /// previous one ran).
     Sync,
-    /// Once in memory; on disk within the flush interval. A crash may lose
-    /// that window.
+    /// Once in memory; in the log within the flush interval. A crash may
+    /// lose that window.
     Async,
 }
 
@@ -48,6 +49,13 @@ impl std::str::FromStr for Durability {
 
 /// Default for `flush_interval_ms`.
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 50;
+/// Default for `log_segment_bytes`: 16 MiB.
+pub const DEFAULT_LOG_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Default for `checkpoint_log_bytes`: 64 MiB, replayed in well under a
+/// second at a start after a crash.
+pub const DEFAULT_CHECKPOINT_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// Default for `checkpoint_interval_ms`: one minute.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// Longest `idempotency_retention_secs`: 30 days.
 const MAX_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
 /// Largest `idempotency_max_keys`: about 20 GB of memory at ~200 bytes a key.
@@ -65,6 +73,9 @@ struct RawShardConfig {
     flush_interval_ms: Option<u64>,
     idempotency_retention_secs: Option<u64>,
     idempotency_max_keys: Option<usize>,
+    log_segment_bytes: Option<u64>,
+    checkpoint_log_bytes: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
 }
 
 /// Values from the command line, each overriding the file's.
@@ -84,6 +95,12 @@ pub struct ShardOverrides {
     pub idempotency_retention_secs: Option<u64>,
     /// `--idempotency-max-keys`
     pub idempotency_max_keys: Option<usize>,
+    /// `--log-segment-bytes`
+    pub log_segment_bytes: Option<u64>,
+    /// `--checkpoint-log-bytes`
+    pub checkpoint_log_bytes: Option<u64>,
+    /// `--checkpoint-interval-ms`
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 /// A shard node's validated configuration.
@@ -93,15 +110,22 @@ pub struct ShardConfig {
     pub node_id: String,
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
-    /// Where sled keeps this node's data.
+    /// Where this node keeps its log and checkpoint.
     pub data_dir: PathBuf,
     /// When increments are acknowledged.
     pub durability: Durability,
-    /// Async mode: most time between an acknowledgement and its flush. Sync
-    /// mode: how soon a failed flush is retried when no new write comes.
+    /// Async mode: most time between an acknowledgement and its write to
+    /// the log. Both modes: how soon a failed write is tried again when no
+    /// new one comes.
     pub flush_interval: Duration,
     /// How long, and how many, idempotency keys are remembered.
     pub key_retention: KeyRetention,
+    /// A new log segment starts once the current one holds this many bytes.
+    pub log_segment_bytes: u64,
+    /// A checkpoint starts once the log holds this many bytes...
+    pub checkpoint_log_bytes: u64,
+    /// ... or this long after the last one began, if anything changed.
+    pub checkpoint_interval: Duration,
 }
 
 impl ShardConfig {
@@ -119,6 +143,9 @@ impl ShardConfig {
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
             key_retention: KeyRetention::default(),
+            log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
+            checkpoint_log_bytes: DEFAULT_CHECKPOINT_LOG_BYTES,
+            checkpoint_interval: Duration::from_millis(DEFAULT_CHECKPOINT_INTERVAL_MS),
         }
     }
 
@@ -192,6 +219,40 @@ impl ShardConfig {
             1..=MAX_KEYS_LIMIT,
         )?;
 
+        let (segment_bytes, origin) = flag_or_file(
+            overrides.log_segment_bytes,
+            raw.log_segment_bytes,
+            &file_origin,
+        );
+        let log_segment_bytes = check_range(
+            origin,
+            "log_segment_bytes",
+            segment_bytes.unwrap_or(DEFAULT_LOG_SEGMENT_BYTES),
+            4096..=1 << 30,
+        )?;
+        let (checkpoint_bytes, origin) = flag_or_file(
+            overrides.checkpoint_log_bytes,
+            raw.checkpoint_log_bytes,
+            &file_origin,
+        );
+        let checkpoint_log_bytes = check_range(
+            origin,
+            "checkpoint_log_bytes",
+            checkpoint_bytes.unwrap_or(DEFAULT_CHECKPOINT_LOG_BYTES),
+            4096..=1 << 40,
+        )?;
+        let (checkpoint_interval_ms, origin) = flag_or_file(
+            overrides.checkpoint_interval_ms,
+            raw.checkpoint_interval_ms,
+            &file_origin,
+        );
+        let checkpoint_interval_ms = check_range(
+            origin,
+            "checkpoint_interval_ms",
+            checkpoint_interval_ms.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS),
+            10..=86_400_000,
+        )?;
+
         Ok(ShardConfig {
             node_id,
             listen,
@@ -202,6 +263,9 @@ impl ShardConfig {
                 window: Duration::from_secs(retention_secs),
                 max_keys,
             },
+            log_segment_bytes,
+            checkpoint_log_bytes,
+            checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
         })
     }
 }
@@ -279,6 +343,18 @@ mod tests {
             (
                 format!("{GOOD}idempotency_max_keys = -5\n"),
                 "FILE:4: idempotency_max_keys: invalid value",
+            ),
+            (
+                format!("{GOOD}log_segment_bytes = 100\n"),
+                "FILE: log_segment_bytes: 100 is out of range",
+            ),
+            (
+                format!("{GOOD}checkpoint_log_bytes = 0\n"),
+                "FILE: checkpoint_log_bytes: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}checkpoint_interval_ms = 1\n"),
+                "FILE: checkpoint_interval_ms: 1 is out of range",
             ),
             (
                 GOOD.replace("shard-1\"", "shard 1\""),

@@ -1,5 +1,6 @@
-//! The Tally shard node: keeps counters in memory, writes them behind to
-//! sled, and recovers them on restart.
+//! The Tally shard node: keeps counters in memory, makes every change
+//! durable in an append-only log, checkpoints to sled in the background, and
+//! recovers from both on restart.
 //!
 //! A node holds entries `(counter, stripe) -> i64`. A counter's value is the
 //! sum of its entries over every node, so a node never needs to know what the
@@ -10,14 +11,20 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file and flags ([`ShardConfig`], [`Durability`]).
-//! - [`store`]: the in-memory map, segmented for concurrent writers, with
-//!   dirty tracking, flush epochs for group commit, and idempotency records.
-//! - [`keys`]: the on-disk key and value layout.
+//! - [`store`]: the in-memory counters, segmented for concurrent writers,
+//!   with dirty tracking, flush epochs for group commit, idempotency
+//!   records and checkpoint captures; [`table`] packs each segment's
+//!   counters into one arena.
 //! - [`replicas`]: copies of other nodes' entries, for reads while they
 //!   are down.
-//! - [`storage`]: sled on disk, the data directory lock, damage detection
-//!   and [`storage::verify`].
-//! - [`flusher`]: the write-behind task, sync and async durability.
+//! - [`log`]: the append-only, checksummed log (segments, frames, the
+//!   recovery scan); [`change`]: what each kind of frame records and how it
+//!   is applied; [`codec`]: their byte encoding.
+//! - [`journal`]: the log thread (group commit) and the checkpoint rounds
+//!   it drives; [`checkpoint`]: the sled checkpoint and its thread.
+//! - [`meta`]: the node's identity, starts, drain and restore state.
+//! - [`storage`]: the data directory (lock, marker, witness), recovery and
+//!   [`storage::verify`]; [`legacy`]: migration of format 2 directories.
 //! - [`service`]: the gRPC service.
 //! - [`ShardNode`] and [`run`]: open, recover, serve, shut down.
 //!
@@ -37,13 +44,19 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod change;
+pub mod checkpoint;
+pub mod codec;
 pub mod config;
-pub mod flusher;
-pub mod keys;
+pub mod journal;
+pub mod legacy;
+pub mod log;
+pub mod meta;
 pub mod replicas;
 pub mod service;
 pub mod storage;
 pub mod store;
+pub mod table;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,7 +65,8 @@ use tally_proto::pb;
 use tokio::net::TcpListener;
 
 pub use config::{Durability, ShardConfig, ShardOverrides};
-pub use storage::{DrainState, StorageError};
+pub use meta::DrainState;
+pub use storage::StorageError;
 
 /// Largest internal request a node accepts. A full public batch (10,000
 /// increments of 256-byte names with 128-byte keys) is about 4 MiB, and the
@@ -68,36 +82,37 @@ pub enum ShardError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// The listener has no local address.
+    /// The listener has no local address, or a thread cannot start.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
 }
 
-/// A node whose data is loaded and locked, ready to serve.
-#[derive(Debug)]
+/// A node whose data is recovered and locked, ready to serve.
 pub struct ShardNode {
     config: ShardConfig,
-    store: Arc<Store>,
-    storage: Arc<storage::Storage>,
-    replicas: Arc<replicas::Replicas>,
-    state: service::NodeState,
+    recovered: storage::Recovered,
 }
 
-use store::Store;
+impl std::fmt::Debug for ShardNode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ShardNode")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
 
 impl ShardNode {
-    /// Locks the data directory and loads every entry into memory.
+    /// Locks the data directory and recovers its state: the checkpoint, then
+    /// the log after it.
     pub async fn open(config: ShardConfig) -> Result<ShardNode, ShardError> {
         let data_dir = config.data_dir.clone();
         let node_id = config.node_id.clone();
         let retention = config.key_retention;
-        let opened = tokio::task::spawn_blocking(move || {
-            let storage = storage::Storage::open(&data_dir, &node_id)?;
-            let store = Store::with_retention(retention);
-            store.set_incarnation(storage.incarnation());
-            let replicas = replicas::Replicas::default();
-            let report = storage.load_into(&store, &replicas)?;
-            Ok::<_, StorageError>((storage, store, replicas, report))
+        let segment_bytes = config.log_segment_bytes;
+        let started = std::time::Instant::now();
+        let recovered = tokio::task::spawn_blocking(move || {
+            storage::Storage::open(&data_dir, &node_id, retention, segment_bytes)
         })
         .await
         .unwrap_or_else(|join_error| {
@@ -106,7 +121,7 @@ impl ShardNode {
                 message: format!("opening panicked: {join_error}"),
             })
         })?;
-        let (storage, store, replicas, report) = opened;
+        let report = &recovered.report;
         tracing::info!(
             node_id = config.node_id,
             data_dir = %config.data_dir.display(),
@@ -114,46 +129,59 @@ impl ShardNode {
             idempotency_keys = report.records,
             replica_entries = report.foreign_entries,
             awaiting_restore = report.awaiting_restore,
-            flush_sequence = report.sequence,
+            checkpoint_position = report.checkpoint_position,
+            log_frames = report.log_frames,
+            last_frame = report.last_seq,
             durability = config.durability.as_str(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
-        Ok(ShardNode {
-            config,
-            store: Arc::new(store),
-            storage: Arc::new(storage),
-            replicas: Arc::new(replicas),
-            state: service::NodeState {
-                restoring: report.awaiting_restore,
-                drain: report.drain.clone(),
-                retired: report.retired.clone(),
-            },
-        })
+        Ok(ShardNode { config, recovered })
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets
     /// in-flight requests finish (each durable or failed, never dropped after
-    /// an acknowledgement), flushes, and releases the data directory.
+    /// an acknowledgement), writes the last changes and a last checkpoint,
+    /// and releases the data directory.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ShardError> {
         let address = listener.local_addr()?;
-        let flusher = Arc::new(flusher::Flusher::start(
-            self.store.clone(),
-            self.storage.clone(),
-            self.config.durability,
-            self.config.flush_interval,
-        ));
+        let storage::Recovered {
+            storage,
+            state,
+            log,
+            witness,
+            checkpoint,
+            checkpoint_position,
+            checkpoint_hash,
+            ..
+        } = self.recovered;
+        let journal = Arc::new(journal::Journal::start(
+            state.clone(),
+            journal::JournalParts {
+                dir: storage.dir().to_path_buf(),
+                log,
+                witness,
+                checkpoint_position,
+                checkpoint,
+                checkpoint_hash,
+            },
+            journal::LogSettings {
+                durability: self.config.durability,
+                flush_interval: self.config.flush_interval,
+                segment_bytes: self.config.log_segment_bytes,
+                checkpoint_bytes: self.config.checkpoint_log_bytes,
+                checkpoint_interval: self.config.checkpoint_interval,
+            },
+        )?);
         let service = service::ShardService::new(
             &self.config.node_id,
             self.config.durability,
-            self.store.clone(),
-            flusher.clone(),
-            self.storage.clone(),
-            self.replicas.clone(),
-            self.state.clone(),
+            state,
+            journal.clone(),
         );
         let (health_reporter, server) = tally_proto::process::grpc_server();
         health_reporter
@@ -171,28 +199,37 @@ impl ShardNode {
             .await;
 
         // Every connection has closed; a request task that outlived its
-        // connection still gets its answer from this last flush.
-        let flushed = flusher.stop().await;
-        // Only after a successful last flush may the files be marked as
-        // cleanly stopped.
-        let closed = match (&flushed, Arc::try_unwrap(self.storage)) {
-            (Ok(()), Ok(storage)) => tokio::task::spawn_blocking(move || storage.close())
+        // connection still gets its answer from this last write.
+        let stopping = journal.clone();
+        let stopped = tokio::task::spawn_blocking(move || stopping.stop())
+            .await
+            .unwrap_or_else(|join_error| {
+                Err(StorageError::Damaged {
+                    dir: self.config.data_dir.clone(),
+                    message: format!("stopping panicked: {join_error}"),
+                })
+            });
+        // Only after a successful last write may the directory be marked
+        // for a start without a copy check.
+        let closed = match &stopped {
+            Ok(Some(stopped)) => {
+                let stopped = *stopped;
+                tokio::task::spawn_blocking(move || {
+                    storage.close(stopped.last_seq, stopped.checkpoint_hash)
+                })
                 .await
                 .unwrap_or_else(|join_error| {
                     Err(StorageError::Damaged {
                         dir: self.config.data_dir.clone(),
                         message: format!("closing panicked: {join_error}"),
                     })
-                }),
-            (Ok(()), Err(_)) => {
-                tracing::warn!("storage still in use at stop; not marked as a clean stop");
-                Ok(())
+                })
             }
-            (Err(_), _) => Ok(()),
+            _ => Ok(()),
         };
         tracing::info!(node_id = self.config.node_id, "stopped");
         served?;
-        flushed?;
+        stopped?;
         closed?;
         Ok(())
     }

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tally_shard::{Durability, ShardConfig, ShardNode, ShardOverrides};
 
-/// A Tally shard node: keeps counters in memory, writes them to sled.
+/// A Tally shard node: keeps counters in memory, makes every change durable
+/// in its log, checkpoints them to sled.
 ///
 /// Without a subcommand it serves: it prints `listening on ADDRESS` on
 /// stdout once it has recovered its data and accepts requests; logs go to
@@ -23,9 +24,10 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Checks a stopped node's data directory without changing it: recovers
-    /// a scratch copy of its database and compares it with the last flush
-    /// the node completed. Exit 0 if sound, 1 (with the reason) if not.
+    /// Checks a stopped node's data directory without changing it: loads a
+    /// scratch copy of its checkpoint and reads its log through, checking
+    /// every frame, as a start would. Exit 0 if sound, 1 (with the reason)
+    /// if not.
     Verify {
         /// The data directory (data_dir in the node's config).
         data_dir: PathBuf,
@@ -58,6 +60,15 @@ struct ServeArgs {
     /// Most idempotency keys remembered; beyond it the oldest are forgotten.
     #[arg(long)]
     idempotency_max_keys: Option<usize>,
+    /// A new log segment starts once the current one holds this many bytes.
+    #[arg(long)]
+    log_segment_bytes: Option<u64>,
+    /// A checkpoint starts once the log holds this many bytes after the last.
+    #[arg(long)]
+    checkpoint_log_bytes: Option<u64>,
+    /// ... or this many milliseconds after the last one began.
+    #[arg(long)]
+    checkpoint_interval_ms: Option<u64>,
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -80,21 +91,38 @@ async fn verify(data_dir: PathBuf) -> anyhow::Result<()> {
         .await
         .context("verify panicked")??;
     println!("node {}: sound", report.node_id);
+    if report.format_version != tally_shard::storage::FORMAT_VERSION {
+        println!(
+            "format version {} (migrated to {} at the node's next start)",
+            report.format_version,
+            tally_shard::storage::FORMAT_VERSION
+        );
+    }
     println!("entries {}", report.entries);
     if report.foreign_entries > 0 {
         println!("entries of other nodes {}", report.foreign_entries);
     }
     println!("idempotency records {}", report.records);
     println!(
-        "flush sequence {} (last completed: {})",
-        report.sequence, report.witnessed
+        "log: {} frames read, {} bytes, last frame {} (last known durable: {})",
+        report.log_frames, report.log_bytes, report.last_seq, report.witnessed
+    );
+    if report.torn_bytes > 0 {
+        println!(
+            "log: {} bytes of a torn last write (cut at the next start)",
+            report.torn_bytes
+        );
+    }
+    println!(
+        "checkpoint covers frames up to {}",
+        report.checkpoint_position
     );
     println!(
-        "last stop {}",
-        if report.clean {
-            "clean"
+        "checkpoint files {}",
+        if report.checkpoint_unchanged {
+            "as its last round left them"
         } else {
-            "not clean (crash or kill)"
+            "changed since its last round (a start checks a copy first)"
         }
     );
     Ok(())
@@ -109,8 +137,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         flush_interval_ms: args.flush_interval_ms,
         idempotency_retention_secs: args.idempotency_retention_secs,
         idempotency_max_keys: args.idempotency_max_keys,
+        log_segment_bytes: args.log_segment_bytes,
+        checkpoint_log_bytes: args.checkpoint_log_bytes,
+        checkpoint_interval_ms: args.checkpoint_interval_ms,
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
+    // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG
+    // and be handled like a full disk, not kill the process with SIGXFSZ.
+    tally_proto::process::ignore_file_size_signal();
     let listen = config.listen;
     // Before recovery, so that a SIGTERM while loading is a clean stop.
     let shutdown = tally_proto::process::shutdown_signal();

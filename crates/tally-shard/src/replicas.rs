@@ -10,16 +10,20 @@
 //!
 //! A coordinator copies changes from the origin ([`crate::store::Store::changes_since`])
 //! to the copies ([`Replicas::accepts`], then [`Replicas::apply`] once the
-//! storage holds them). A change set is accepted if the copy is at least at
+//! log holds them). A change set is accepted if the copy is at least at
 //! its base and behind its version; a full set if it is newer than the copy.
 
 use std::collections::HashMap;
 
 use parking_lot::RwLock;
 
+use crate::store::{capture_buckets, CapturedBucket, Placement, SEGMENT_COUNT};
+use crate::table::Table;
+
 /// Where a copy stands: which of the origin's data directories it comes
 /// from, its version there, and when the origin scanned that version.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CopyStamp {
     /// The origin's version the copy reflects.
     pub version: u64,
@@ -63,18 +67,101 @@ impl CopyStamp {
 /// `(counter, stripe, value)`.
 pub type EntryValue = (String, u32, i64);
 
-/// One origin's entries as this node holds them.
-#[derive(Debug, Default)]
+/// One origin's entries as this node holds them: a compact table per
+/// segment (the same placement as own entries, so checkpoint buckets line
+/// up), and which buckets changed since their last checkpoint capture.
+#[derive(Debug)]
 struct Copy {
     stamp: CopyStamp,
-    /// counter -> `(stripe, value)`, non-zero values only.
-    counters: HashMap<Box<str>, Vec<(u32, i64)>>,
+    segments: Vec<Table>,
+    checkpoint_dirty: Vec<u64>,
+}
+
+impl Default for Copy {
+    fn default() -> Self {
+        Copy {
+            stamp: CopyStamp::default(),
+            segments: vec![Table::default(); SEGMENT_COUNT],
+            checkpoint_dirty: vec![0; SEGMENT_COUNT],
+        }
+    }
+}
+
+impl Copy {
+    /// Sets one entry; 0 removes it, and a counter with no stripe left.
+    fn set(&mut self, counter: &str, stripe: u32, value: i64) {
+        let Ok(stripe) = u16::try_from(stripe) else {
+            return;
+        };
+        let placement = Placement::of(counter.as_bytes());
+        let table = &mut self.segments[placement.segment];
+        match table.find(counter) {
+            Some(slot) if value == 0 => {
+                if table.get(slot, stripe).is_none() {
+                    return;
+                }
+                let slot = table.set(slot, stripe, 0);
+                if table.stripes(slot).all(|(_, value)| value == 0) {
+                    table.remove(slot);
+                }
+            }
+            Some(slot) => {
+                table.set(slot, stripe, value);
+            }
+            None if value == 0 => return,
+            None => {
+                table.insert(counter, stripe, value, 0);
+            }
+        }
+        self.checkpoint_dirty[placement.segment] |= 1 << placement.sub;
+    }
+
+    fn clear(&mut self) {
+        for table in &mut self.segments {
+            table.clear();
+        }
+        self.checkpoint_dirty.fill(u64::MAX);
+    }
+
+    fn read(&self, counter: &str) -> Vec<(u32, i64)> {
+        let table = &self.segments[Placement::of(counter.as_bytes()).segment];
+        let mut entries: Vec<(u32, i64)> = table
+            .find(counter)
+            .map(|slot| {
+                table
+                    .stripes(slot)
+                    .filter(|(_, value)| *value != 0)
+                    .map(|(stripe, value)| (u32::from(stripe), value))
+                    .collect()
+            })
+            .unwrap_or_default();
+        entries.sort_unstable();
+        entries
+    }
+
+    fn entries(&self) -> impl Iterator<Item = EntryValue> + '_ {
+        self.segments.iter().flat_map(|table| {
+            table.slots().flat_map(move |slot| {
+                let counter = table.name(slot);
+                table
+                    .stripes(slot)
+                    .filter(|(_, value)| *value != 0)
+                    .map(move |(stripe, value)| (counter.to_string(), u32::from(stripe), value))
+            })
+        })
+    }
 }
 
 /// Every replica copy this node holds, by origin.
+///
+/// Only the log thread changes copies, after the change is in the log
+/// (see [`crate::journal`]); requests read them.
 #[derive(Debug, Default)]
 pub struct Replicas {
     copies: RwLock<HashMap<Box<str>, Copy>>,
+    /// Origins whose copy was dropped since the last checkpoint capture: the
+    /// checkpoint deletes their buckets.
+    dropped: parking_lot::Mutex<Vec<String>>,
 }
 
 /// One copy's entries for the counters of a read.
@@ -120,6 +207,19 @@ impl Replicas {
         versions
     }
 
+    /// `(origin, stamp)` of every copy, by origin: what a checkpoint's
+    /// metadata records.
+    pub fn stamps(&self) -> Vec<(String, CopyStamp)> {
+        let mut stamps: Vec<(String, CopyStamp)> = self
+            .copies
+            .read()
+            .iter()
+            .map(|(origin, copy)| (origin.to_string(), copy.stamp))
+            .collect();
+        stamps.sort_by(|a, b| a.0.cmp(&b.0));
+        stamps
+    }
+
     /// Whether a set of changes from `base` to `stamp` applies. A full set
     /// from another directory of the origin (a replaced disk) always does:
     /// its versions started over.
@@ -149,15 +249,15 @@ impl Replicas {
         }
     }
 
-    /// Applies a change set the storage already holds.
+    /// Applies a change set the log already holds.
     pub fn apply(&self, origin: &str, stamp: CopyStamp, full: bool, entries: &[(&str, u32, i64)]) {
         let mut copies = self.copies.write();
         let copy = copies.entry(origin.into()).or_default();
         if full {
-            copy.counters.clear();
+            copy.clear();
         }
         for &(counter, stripe, value) in entries {
-            set(&mut copy.counters, counter, stripe, value);
+            copy.set(counter, stripe, value);
         }
         copy.stamp = stamp;
     }
@@ -167,35 +267,26 @@ impl Replicas {
     pub fn copy_of(&self, origin: &str) -> Option<(CopyStamp, Vec<EntryValue>)> {
         let copies = self.copies.read();
         let copy = copies.get(origin)?;
-        let entries = copy
-            .counters
-            .iter()
-            .flat_map(|(counter, stripes)| {
-                stripes
-                    .iter()
-                    .map(move |&(stripe, value)| (counter.to_string(), stripe, value))
-            })
-            .collect();
-        Some((copy.stamp, entries))
+        Some((copy.stamp, copy.entries().collect()))
     }
 
-    /// Drops the copy of `origin` (after storage did).
+    /// Drops the copy of `origin` (after the log recorded it).
     pub fn remove(&self, origin: &str) {
-        self.copies.write().remove(origin);
+        if self.copies.write().remove(origin).is_some() {
+            self.dropped.lock().push(origin.to_string());
+        }
     }
 
-    /// Loads an entry of a copy at start.
+    /// Sets an entry of a copy while recovering.
     pub fn load(&self, origin: &str, counter: &str, stripe: u32, value: i64) {
-        let mut copies = self.copies.write();
-        set(
-            &mut copies.entry(origin.into()).or_default().counters,
-            counter,
-            stripe,
-            value,
-        );
+        self.copies
+            .write()
+            .entry(origin.into())
+            .or_default()
+            .set(counter, stripe, value);
     }
 
-    /// Sets a copy's stamp at start.
+    /// Sets a copy's stamp while recovering.
     pub fn load_stamp(&self, origin: &str, stamp: CopyStamp) {
         self.copies.write().entry(origin.into()).or_default().stamp = stamp;
     }
@@ -209,63 +300,113 @@ impl Replicas {
             .map(|(origin, copy)| CopyRead {
                 origin: origin.to_string(),
                 stamp: copy.stamp,
-                counters: counters
-                    .iter()
-                    .map(|counter| {
-                        let mut entries = copy
-                            .counters
-                            .get(counter.as_str())
-                            .cloned()
-                            .unwrap_or_default();
-                        entries.sort_unstable();
-                        entries
-                    })
-                    .collect(),
+                counters: counters.iter().map(|counter| copy.read(counter)).collect(),
             })
             .collect()
     }
 
-    /// `(origin, counter)` for every copy and every one of `counters`: what
-    /// an erase must look for in storage. Every copy, not only those whose
-    /// memory holds the counter: a change set that failed part way leaves
-    /// its first chunks on disk ahead of memory until the next push.
-    pub fn erase_targets(&self, counters: &[&str]) -> Vec<(String, String)> {
-        let copies = self.copies.read();
-        copies
-            .keys()
-            .flat_map(|origin| {
-                counters
-                    .iter()
-                    .map(move |counter| (origin.to_string(), counter.to_string()))
-            })
-            .collect()
-    }
-
-    /// Removes `counters` from every copy (after storage did).
-    pub fn erase(&self, counters: &[&str]) {
+    /// Removes `counters` from every copy (after the log recorded it).
+    /// Returns whether any copy held one.
+    pub fn erase(&self, counters: &[&str]) -> bool {
         let mut copies = self.copies.write();
+        let mut found = false;
         for copy in copies.values_mut() {
             for counter in counters {
-                copy.counters.remove(*counter);
+                let placement = Placement::of(counter.as_bytes());
+                let table = &mut copy.segments[placement.segment];
+                if let Some(slot) = table.find(counter) {
+                    table.remove(slot);
+                    copy.checkpoint_dirty[placement.segment] |= 1 << placement.sub;
+                    found = true;
+                }
             }
         }
+        found
     }
-}
 
-fn set(counters: &mut HashMap<Box<str>, Vec<(u32, i64)>>, counter: &str, stripe: u32, value: i64) {
-    if value == 0 {
-        if let Some(stripes) = counters.get_mut(counter) {
-            stripes.retain(|(existing, _)| *existing != stripe);
-            if stripes.is_empty() {
-                counters.remove(counter);
-            }
-        }
-        return;
+    /// Whether any copy holds one of `counters`.
+    pub fn holds_any(&self, counters: &[&str]) -> bool {
+        let copies = self.copies.read();
+        copies.values().any(|copy| {
+            counters.iter().any(|counter| {
+                copy.segments[Placement::of(counter.as_bytes()).segment]
+                    .find(counter)
+                    .is_some()
+            })
+        })
     }
-    let stripes = counters.entry(counter.into()).or_default();
-    match stripes.iter_mut().find(|(existing, _)| *existing == stripe) {
-        Some((_, stored)) => *stored = value,
-        None => stripes.push((stripe, value)),
+
+    /// Entries held in all copies (non-zero stripes), for status pages.
+    pub fn entry_count(&self) -> u64 {
+        let copies = self.copies.read();
+        copies
+            .values()
+            .flat_map(|copy| copy.segments.iter())
+            .map(|table| {
+                table
+                    .slots()
+                    .map(|slot| table.stripes(slot).filter(|(_, v)| *v != 0).count() as u64)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Bytes the copies' tables hold, for memory measurements.
+    pub fn table_bytes(&self) -> u64 {
+        let copies = self.copies.read();
+        copies
+            .values()
+            .flat_map(|copy| copy.segments.iter())
+            .map(|table| table.memory_bytes() as u64)
+            .sum()
+    }
+
+    /// Marks every bucket of every copy for the next checkpoint.
+    pub fn mark_all_for_checkpoint(&self) {
+        for copy in self.copies.write().values_mut() {
+            copy.checkpoint_dirty.fill(u64::MAX);
+        }
+    }
+
+    /// The origins of the copies held, by name.
+    pub fn origins(&self) -> Vec<String> {
+        let mut origins: Vec<String> = self
+            .copies
+            .read()
+            .keys()
+            .map(|origin| origin.to_string())
+            .collect();
+        origins.sort();
+        origins
+    }
+
+    /// Encodes the marked buckets of `origin`'s copy in `segments`, and
+    /// clears their marks.
+    pub fn capture(
+        &self,
+        origin: &str,
+        segments: std::ops::Range<usize>,
+        into: &mut Vec<CapturedBucket>,
+    ) {
+        let mut copies = self.copies.write();
+        let Some(copy) = copies.get_mut(origin) else {
+            return;
+        };
+        for segment in segments {
+            let marked = std::mem::take(&mut copy.checkpoint_dirty[segment]);
+            capture_buckets(
+                &copy.segments[segment],
+                std::iter::empty(),
+                segment,
+                marked,
+                into,
+            );
+        }
+    }
+
+    /// Origins dropped since the last call: their buckets are to be deleted.
+    pub fn take_dropped(&self) -> Vec<String> {
+        std::mem::take(&mut self.dropped.lock())
     }
 }
 
@@ -320,19 +461,43 @@ mod tests {
         replicas.apply("a", at(1), true, &[("c", 0, 5)]);
         replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)]);
         replicas.apply("z", at(1), true, &[("d", 0, 1)]);
-        let mut targets = replicas.erase_targets(&["c"]);
-        targets.sort();
-        assert_eq!(
-            targets,
-            vec![
-                ("a".into(), "c".into()),
-                ("b".into(), "c".into()),
-                ("z".into(), "c".into())
-            ]
-        );
-        replicas.erase(&["c"]);
+        assert!(replicas.holds_any(&["c"]));
+        assert!(replicas.erase(&["c"]));
+        assert!(!replicas.holds_any(&["c"]));
+        assert!(!replicas.erase(&["c"]), "nothing left to erase");
         let read = replicas.read(&["c".into(), "d".into()]);
         assert!(read.iter().all(|copy| copy.counters[0].is_empty()));
         assert!(read.iter().any(|copy| copy.counters[1] == vec![(0, 1)]));
+        assert_eq!(replicas.entry_count(), 2);
+    }
+
+    #[test]
+    fn captures_cover_changes_and_deletions() {
+        let replicas = Replicas::default();
+        replicas.apply("a", at(1), true, &[("c", 0, 5), ("d", 1, 2)]);
+        let mut captured = Vec::new();
+        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+        // A full set marks every bucket: the empty ones are deletions.
+        assert_eq!(captured.len(), crate::store::BUCKET_COUNT);
+        assert_eq!(
+            captured
+                .iter()
+                .filter(|bucket| !bucket.contents.is_empty())
+                .count(),
+            if Placement::of(b"c").bucket() == Placement::of(b"d").bucket() {
+                1
+            } else {
+                2
+            }
+        );
+        captured.clear();
+        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+        assert!(captured.is_empty(), "marks are cleared");
+        replicas.apply("a", at(2), false, &[("c", 0, 0)]);
+        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+        assert_eq!(captured.len(), 1);
+        assert_eq!(captured[0].bucket, Placement::of(b"c").bucket());
+        replicas.remove("a");
+        assert_eq!(replicas.take_dropped(), vec!["a".to_string()]);
     }
 }

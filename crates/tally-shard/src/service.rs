@@ -1,54 +1,33 @@
 //! The `tally.v1.Shard` gRPC service: the coordinator's only way in.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_proto::domain::{CounterName, IdempotencyKey};
 use tally_proto::pb;
 use tonic::{Request, Response, Status};
 
+use crate::change::{Change, Entry, OwnChange};
 use crate::config::Durability;
-use crate::flusher::{unix_ms_now, Flusher};
-use crate::replicas::{CopyStamp, Replicas, Verdict};
-use crate::storage::{DrainState, OwnChange, Storage};
-use crate::store::{ApplyOutcome, Store, StripeIncrement};
+use crate::journal::{unix_ms_now, Journal, NodeState};
+use crate::meta::DrainState;
+use crate::replicas::{CopyStamp, Verdict};
+use crate::store::{ApplyOutcome, StripeIncrement, MAX_STRIPES};
 
-/// What a node's data directory says about its role, as found at start.
-#[derive(Debug, Clone, Default)]
-pub struct NodeState {
-    /// Created empty; its earlier entries await a restore from replicas.
-    pub restoring: bool,
-    /// Where a drain of the node stands.
-    pub drain: DrainState,
-    /// Drained nodes it adopted, or whose copy it dropped.
-    pub retired: Vec<String>,
-}
-
-/// Serves one node's store.
+/// Serves one node's state.
 #[derive(Debug, Clone)]
 pub struct ShardService {
     node_id: Arc<str>,
     durability: Durability,
-    store: Arc<Store>,
-    flusher: Arc<Flusher>,
-    storage: Arc<Storage>,
-    replicas: Arc<Replicas>,
+    state: NodeState,
+    journal: Arc<Journal>,
     /// One replica change (or erase of copies) at a time: its check, write
     /// and apply must not interleave with another's.
     replica_writes: Arc<tokio::sync::Mutex<()>>,
-    /// The node started with an empty data directory: its earlier entries
-    /// (if it existed before) are only in its replicas' copies, which a
-    /// read adds to its own part, and which it must not overwrite (no
-    /// Changes) until a Restore adds them to its own entries.
-    restoring: Arc<AtomicBool>,
     /// Own-entry writes and reads hold it shared; a Restore, an Adopt and
     /// the start of a drain hold it alone (so a read sees an adoption
     /// whole, and no write slips past a drain's stop).
     own_writes: Arc<tokio::sync::RwLock<()>>,
-    drain: Arc<parking_lot::Mutex<DrainState>>,
-    /// Drained origins whose copies this node no longer takes: adopted into
-    /// its own entries, or whose copy it dropped.
-    retired: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
     apply_calls: Arc<AtomicU64>,
     increments_applied: Arc<AtomicU64>,
     /// Full replica copies received (see `ShardStatusResponse`).
@@ -56,113 +35,82 @@ pub struct ShardService {
 }
 
 impl ShardService {
-    /// A service over `store`, acknowledging writes through `flusher`, and
-    /// over the replica copies this node holds.
+    /// A service over `state`, making changes durable through `journal`.
     pub fn new(
         node_id: &str,
         durability: Durability,
-        store: Arc<Store>,
-        flusher: Arc<Flusher>,
-        storage: Arc<Storage>,
-        replicas: Arc<Replicas>,
         state: NodeState,
+        journal: Arc<Journal>,
     ) -> Self {
         ShardService {
             node_id: node_id.into(),
             durability,
-            store,
-            flusher,
-            storage,
-            replicas,
+            state,
+            journal,
             replica_writes: Arc::default(),
-            restoring: Arc::new(AtomicBool::new(state.restoring)),
             own_writes: Arc::default(),
-            drain: Arc::new(parking_lot::Mutex::new(state.drain)),
-            retired: Arc::new(parking_lot::Mutex::new(state.retired.into_iter().collect())),
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
             full_copies_received: Arc::default(),
         }
     }
 
-    /// A failure of this node's storage or flusher, as the coordinator
-    /// sees it: UNAVAILABLE, naming the node.
+    /// A failure of this node's log, as the coordinator sees it:
+    /// UNAVAILABLE, naming the node.
     fn unavailable(&self, error: impl std::fmt::Display) -> Status {
         Status::unavailable(format!("node {}: {error}", self.node_id))
-    }
-
-    /// Runs blocking storage work off the async workers.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> Result<T, crate::StorageError> + Send + 'static,
-    ) -> Result<T, Status> {
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(|error| self.unavailable(error))
     }
 
     /// Returns once changes stamped with `epoch` are durable by the node's
     /// mode.
     async fn durable(&self, epoch: u64) -> Result<(), Status> {
-        self.flusher
+        self.journal
             .wait_durable(epoch)
             .await
             .map_err(|error| self.unavailable(error))
     }
 
-    /// Returns once every change made so far is on disk.
+    /// Returns once every change stamped with `epoch` is in the log.
     async fn flushed(&self, epoch: u64) -> Result<(), Status> {
-        self.flusher
+        self.journal
             .wait_flushed(epoch)
             .await
             .map_err(|error| self.unavailable(error))
     }
 
+    /// Writes `change` to the log, then applies it.
+    async fn submit(&self, change: Change) -> Result<(), Status> {
+        self.journal
+            .submit(change)
+            .await
+            .map_err(|error| self.unavailable(error))
+    }
+
     /// Adds `entries` to this node's own, outside the increment path (a
-    /// restore, an adoption), with `why` in the same sled batch. Own reads
-    /// and writes pause, so none sees it half done, and everything written
-    /// before is flushed first, so no older flush lands after it. Returns
-    /// how many entries were set.
-    async fn add_to_own(
-        &self,
-        entries: Vec<(String, u32, i64)>,
-        why: OwnChange,
-    ) -> Result<usize, Status> {
-        // A flush first without the pause, so the one under it is short.
-        let _ = self.flusher.wait_flushed(self.store.open_epoch()).await;
+    /// restore, an adoption), with `why` in the same log frame. Own reads
+    /// and writes pause, so none sees it half done; the log thread writes
+    /// every own change made before in the frame ahead of it. Returns how
+    /// many entries were set.
+    async fn add_to_own(&self, entries: Vec<Entry>, why: OwnChange) -> Result<usize, Status> {
         let _paused = self.own_writes.write().await;
-        self.flushed(self.store.open_epoch()).await?;
+        let store = &self.state.store;
         let mut own = Vec::with_capacity(entries.len());
         for (counter, stripe, value) in entries {
-            let sum = self
-                .store
+            let sum = store
                 .entry(&counter, stripe)
                 .checked_add(value)
                 .ok_or_else(|| Status::out_of_range(format!("adding to {counter:?} overflows")))?;
             own.push((counter, stripe, sum));
         }
-        let own = Arc::new(own);
-        let storage = self.storage.clone();
-        let written = own.clone();
-        self.blocking(move || {
-            let entries: Vec<(&str, u32, i64)> = written
-                .iter()
-                .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
-                .collect();
-            storage.set_own(&entries, &why)
-        })
-        .await?;
-        for (counter, stripe, value) in own.iter() {
-            self.store.set_flushed(counter, *stripe, *value);
-        }
-        Ok(own.len())
+        let count = own.len();
+        self.submit(Change::SetOwn { why, entries: own }).await?;
+        Ok(count)
     }
 
     /// Refuses writes of own entries once a drain has begun. Called with
     /// `own_writes` held shared.
     fn check_not_draining(&self) -> Result<(), Status> {
-        match *self.drain.lock() {
+        match self.state.meta.lock().drain {
             DrainState::Serving => Ok(()),
             _ => Err(Status::unavailable(format!(
                 "node {} is being drained: it takes no more writes",
@@ -171,9 +119,17 @@ impl ShardService {
         }
     }
 
+    fn restoring(&self) -> bool {
+        self.state.meta.lock().awaiting_restore
+    }
+
+    fn is_retired(&self, origin: &str) -> bool {
+        self.state.meta.lock().retired.contains_key(origin)
+    }
+
     /// Refuses to hand out own entries while earlier ones await a restore.
     fn check_restored(&self) -> Result<(), Status> {
-        if self.restoring.load(Ordering::SeqCst) {
+        if self.restoring() {
             Err(Status::failed_precondition(format!(
                 "node {} started with an empty data directory and awaits a restore from its \
                  replicas",
@@ -204,6 +160,30 @@ fn check_counter_name(counter: &str) -> Result<(), Status> {
     CounterName::validate(counter).map_err(Status::from)
 }
 
+/// Stripes are below [`MAX_STRIPES`] (coordinators use at most 1,024).
+fn check_stripe(stripe: u32) -> Result<(), Status> {
+    if stripe < MAX_STRIPES {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "stripe {stripe} is out of range: a shard stores stripes 0 to {}",
+            MAX_STRIPES - 1
+        )))
+    }
+}
+
+/// Checks and moves entries of a request into log entries.
+fn entries(values: Vec<pb::EntryValue>) -> Result<Vec<Entry>, Status> {
+    values
+        .into_iter()
+        .map(|entry| {
+            check_counter_name(&entry.counter)?;
+            check_stripe(entry.stripe)?;
+            Ok((entry.counter, entry.stripe, entry.value))
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl pb::shard_server::Shard for ShardService {
     async fn apply(
@@ -217,6 +197,7 @@ impl pb::shard_server::Shard for ShardService {
             .iter()
             .map(|increment| {
                 check_counter_name(&increment.counter)?;
+                check_stripe(increment.stripe)?;
                 IdempotencyKey::validate(&increment.idempotency_key).map_err(Status::from)?;
                 let idempotency_key =
                     Some(increment.idempotency_key.as_str()).filter(|key| !key.is_empty());
@@ -240,7 +221,7 @@ impl pb::shard_server::Shard for ShardService {
                     ..Default::default()
                 }));
             }
-            self.store.apply(&increments, unix_ms_now())
+            self.state.store.apply(&increments, unix_ms_now())
         };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
@@ -284,20 +265,25 @@ impl pb::shard_server::Shard for ShardService {
         self.check_node_id(&request.node_id)?;
         // Own entries and copies as one view: an adoption is seen whole.
         let _reading = self.own_writes.read().await;
-        let restoring = self.restoring.load(Ordering::SeqCst);
-        let (drained_to, handed_over_version) = self
-            .drain
-            .lock()
-            .handed_to()
-            .map_or((String::new(), 0), |(adopter, version)| {
-                (adopter.to_string(), version)
-            });
+        let (restoring, handed_to, retired, directory_id) = {
+            let meta = self.state.meta.lock();
+            (
+                meta.awaiting_restore,
+                meta.drain
+                    .handed_to()
+                    .map(|(adopter, version)| (adopter.to_string(), version)),
+                meta.retired.keys().cloned().collect::<Vec<_>>(),
+                meta.directory_id,
+            )
+        };
+        let (drained_to, handed_over_version) = handed_to.unwrap_or_default();
         let counters = request
             .counters
             .iter()
             .filter(|_| drained_to.is_empty())
             .map(|counter| pb::CounterEntries {
                 entries: self
+                    .state
                     .store
                     .read(counter)
                     .into_iter()
@@ -306,6 +292,7 @@ impl pb::shard_server::Shard for ShardService {
             })
             .collect();
         let replicas = self
+            .state
             .replicas
             .read(&request.counters)
             .into_iter()
@@ -331,9 +318,9 @@ impl pb::shard_server::Shard for ShardService {
             replicas,
             restoring,
             drained_to,
-            directory_id: self.storage.directory_id(),
+            directory_id,
             handed_over_version,
-            retired: self.retired.lock().iter().cloned().collect(),
+            retired,
         }))
     }
 
@@ -343,21 +330,24 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::EraseResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
+        for counter in &request.counters {
+            check_counter_name(counter)?;
+        }
         let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
         let epoch = {
             let _writing = self.own_writes.read().await;
             self.check_not_draining()?;
-            self.store.erase(&counters)
+            self.state.store.erase(&counters)
         };
         // Replica copies too: a delete must not come back from a copy read
-        // while the counter's origin is down.
+        // while the counter's origin is down. A delete that finds nothing
+        // in the copies writes nothing.
         let _replica_writes = self.replica_writes.lock().await;
-        let targets = self.replicas.erase_targets(&counters);
-        if !targets.is_empty() {
-            let storage = self.storage.clone();
-            self.blocking(move || storage.erase_replicas(&targets))
-                .await?;
-            self.replicas.erase(&counters);
+        if self.state.replicas.holds_any(&counters) {
+            self.submit(Change::EraseCopies {
+                counters: request.counters.clone(),
+            })
+            .await?;
         }
         self.durable(epoch).await?;
         Ok(Response::new(pb::EraseResponse {}))
@@ -368,22 +358,39 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::ShardStatusRequest>,
     ) -> Result<Response<pb::ShardStatusResponse>, Status> {
         let brief = request.into_inner().brief;
-        // Copied out under one lock: several guards of one mutex in a
-        // single expression would deadlock.
-        let drain = self.drain.lock().clone();
+        let meta = self.state.meta.lock().clone();
+        let stats = self.journal.stats();
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
         Ok(Response::new(pb::ShardStatusResponse {
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
-            entries: if brief { 0 } else { self.store.entry_count() },
-            last_flush_unix_ms: self.flusher.last_flush_unix_ms(),
+            entries: if brief {
+                0
+            } else {
+                self.state.store.entry_count()
+            },
+            replica_entries: if brief {
+                0
+            } else {
+                self.state.replicas.entry_count()
+            },
+            last_flush_unix_ms: load(&stats.last_flush_unix_ms) as i64,
             durability: self.durability.as_str().to_string(),
             apply_calls: self.apply_calls.load(Ordering::Relaxed),
             increments_applied: self.increments_applied.load(Ordering::Relaxed),
             full_copies_received: self.full_copies_received.load(Ordering::Relaxed),
-            remembered_keys: self.store.remembered_keys(),
-            keys_forgotten_early: self.store.keys_forgotten_early(),
-            flush_sequence: self.flusher.flush_sequence(),
+            remembered_keys: self.state.store.remembered_keys(),
+            keys_forgotten_early: self.state.store.keys_forgotten_early(),
+            flush_sequence: load(&stats.last_seq),
+            log_bytes: load(&stats.log_bytes),
+            log_segments: load(&stats.log_segments),
+            log_commits: load(&stats.commits),
+            checkpoint_position: load(&stats.checkpoint_position),
+            last_checkpoint_unix_ms: load(&stats.last_checkpoint_unix_ms) as i64,
+            checkpoints: load(&stats.checkpoints),
+            checkpoint_failures: load(&stats.checkpoint_failures),
             replicas: self
+                .state
                 .replicas
                 .versions()
                 .into_iter()
@@ -393,11 +400,11 @@ impl pb::shard_server::Shard for ShardService {
                     ..Default::default()
                 })
                 .collect(),
-            restoring: self.restoring.load(Ordering::SeqCst),
-            replication_version: self.store.replication_version(),
-            drain: drain.as_str().to_string(),
-            drain_adopter: drain.adopter().unwrap_or_default().to_string(),
-            drain_version: drain.handed_to().map_or(0, |(_, version)| version),
+            restoring: meta.awaiting_restore,
+            replication_version: self.state.store.replication_version(),
+            drain: meta.drain.as_str().to_string(),
+            drain_adopter: meta.drain.adopter().unwrap_or_default().to_string(),
+            drain_version: meta.drain.handed_to().map_or(0, |(_, version)| version),
         }))
     }
 
@@ -407,7 +414,7 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::CopyOfResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
-        let response = match self.replicas.copy_of(&request.origin) {
+        let response = match self.state.replicas.copy_of(&request.origin) {
             Some((stamp, entries)) => pb::CopyOfResponse {
                 found: true,
                 version: stamp.version,
@@ -432,23 +439,15 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::RestoreResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
-        for entry in &request.entries {
-            check_counter_name(&entry.counter)?;
-        }
+        let entries = entries(request.entries)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if !self.restoring.load(Ordering::SeqCst) {
+        if !self.restoring() {
             return Err(Status::failed_precondition(format!(
                 "node {} is not waiting for a restore",
                 self.node_id
             )));
         }
-        let entries = request
-            .entries
-            .into_iter()
-            .map(|entry| (entry.counter, entry.stripe, entry.value))
-            .collect();
         let count = self.add_to_own(entries, OwnChange::Restored).await?;
-        self.restoring.store(false, Ordering::SeqCst);
         tracing::info!(
             node_id = &*self.node_id,
             entries = count,
@@ -477,13 +476,7 @@ impl pb::shard_server::Shard for ShardService {
         };
         // Alone: no write is half-way past the check while the state moves.
         let paused = self.own_writes.write().await;
-        let current = self.drain.lock().clone();
-        let rank = |state: &DrainState| match state {
-            DrainState::Serving => 0,
-            DrainState::Draining => 1,
-            DrainState::HandedOver { .. } => 2,
-            DrainState::Drained { .. } => 3,
-        };
+        let current = self.state.meta.lock().drain.clone();
         if let (Some((adopter, version)), Some((wanted, asked_version))) =
             (current.handed_to(), asked.handed_to())
         {
@@ -495,7 +488,7 @@ impl pb::shard_server::Shard for ShardService {
                 )));
             }
         }
-        if rank(&asked) > rank(&current) + 1 {
+        if asked.rank() > current.rank() + 1 {
             return Err(Status::failed_precondition(format!(
                 "node {} is {:?}: drain phases go in order",
                 self.node_id,
@@ -504,17 +497,14 @@ impl pb::shard_server::Shard for ShardService {
         }
         // A repeat, or an earlier phase, changes nothing: a drain resumes
         // after a crash.
-        if rank(&asked) == rank(&current) + 1 {
-            let storage = self.storage.clone();
-            let state = asked.clone();
-            self.blocking(move || storage.set_drain(&state)).await?;
-            *self.drain.lock() = asked.clone();
+        if asked.rank() == current.rank() + 1 {
+            self.submit(Change::Drain(asked.clone())).await?;
             tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
         }
-        // Everything written before the stop is on disk before the caller
-        // takes the final copy: the epoch now covers it, and no write comes
-        // after, so the wait needs no lock.
-        let epoch = self.store.open_epoch();
+        // Everything written before the stop is in the log before the
+        // caller takes the final copy: the epoch now covers it, and no write
+        // comes after, so the wait needs no lock.
+        let epoch = self.state.store.open_epoch();
         drop(paused);
         self.flushed(epoch).await?;
         Ok(Response::new(pb::ShardDrainResponse {}))
@@ -526,15 +516,16 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::DropCopyResponse>, Status> {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
+        tally_proto::config_file::validate_node_id(&request.origin)
+            .map_err(Status::invalid_argument)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.retired.lock().contains(&request.origin) {
+        if self.is_retired(&request.origin) {
             return Ok(Response::new(pb::DropCopyResponse {}));
         }
-        let storage = self.storage.clone();
-        let origin = request.origin.clone();
-        self.blocking(move || storage.drop_copy(&origin)).await?;
-        self.replicas.remove(&request.origin);
-        self.retired.lock().insert(request.origin);
+        self.submit(Change::DropCopy {
+            origin: request.origin,
+        })
+        .await?;
         Ok(Response::new(pb::DropCopyResponse {}))
     }
 
@@ -545,16 +536,16 @@ impl pb::shard_server::Shard for ShardService {
         let request = request.into_inner();
         self.check_node_id(&request.node_id)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.retired.lock().contains(&request.origin) {
+        if self.is_retired(&request.origin) {
             return Ok(Response::new(pb::AdoptResponse { entries: 0 }));
         }
-        if *self.drain.lock() != DrainState::Serving {
+        if self.state.meta.lock().drain != DrainState::Serving {
             return Err(Status::failed_precondition(format!(
                 "node {} is being drained itself: it cannot adopt {}",
                 self.node_id, request.origin
             )));
         }
-        let Some((stamp, entries)) = self.replicas.copy_of(&request.origin) else {
+        let Some((stamp, entries)) = self.state.replicas.copy_of(&request.origin) else {
             return Err(Status::failed_precondition(format!(
                 "node {} holds no copy of {}",
                 self.node_id, request.origin
@@ -576,8 +567,6 @@ impl pb::shard_server::Shard for ShardService {
                 },
             )
             .await?;
-        self.replicas.remove(&request.origin);
-        self.retired.lock().insert(request.origin.clone());
         tracing::info!(
             node_id = &*self.node_id,
             origin = request.origin,
@@ -600,7 +589,11 @@ impl pb::shard_server::Shard for ShardService {
         // Held across the scan: a hand-over cannot slip in between the
         // check and the version this scan takes.
         let _reading = self.own_writes.read().await;
-        if self.drain.lock().adopter().is_some() {
+        let (drained, directory_id) = {
+            let meta = self.state.meta.lock();
+            (meta.drain.adopter().is_some(), meta.directory_id)
+        };
+        if drained {
             return Err(Status::failed_precondition(format!(
                 "node {} is drained: its entries are with another node",
                 self.node_id
@@ -609,7 +602,7 @@ impl pb::shard_server::Shard for ShardService {
         // Taken before the scan: the copy will hold everything acknowledged
         // before this time.
         let scanned_unix_ms = unix_ms_now();
-        let store = self.store.clone();
+        let store = self.state.store.clone();
         let since = request.since;
         // A walk over every entry: off the async workers.
         let changes = tokio::task::spawn_blocking(move || store.changes_since(since))
@@ -617,7 +610,7 @@ impl pb::shard_server::Shard for ShardService {
             .map_err(|error| Status::internal(error.to_string()))?;
         Ok(Response::new(pb::ChangesResponse {
             scanned_unix_ms,
-            directory_id: self.storage.directory_id(),
+            directory_id,
             version: changes.version,
             full: changes.full,
             entries: changes
@@ -645,16 +638,14 @@ impl pb::shard_server::Shard for ShardService {
         }
         tally_proto::config_file::validate_node_id(&request.origin)
             .map_err(Status::invalid_argument)?;
-        for entry in &request.entries {
-            check_counter_name(&entry.counter)?;
-        }
         let stamp = CopyStamp {
             version: request.version,
             scanned_unix_ms: request.scanned_unix_ms,
             directory_id: request.directory_id,
         };
+        let entries = entries(request.entries)?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.retired.lock().contains(&request.origin) {
+        if self.is_retired(&request.origin) {
             // Drained: a late push must not bring its copy back.
             return Ok(Response::new(pb::ReplicateResponse {
                 accepted: true,
@@ -662,6 +653,7 @@ impl pb::shard_server::Shard for ShardService {
             }));
         }
         match self
+            .state
             .replicas
             .accepts(&request.origin, request.base, &stamp, request.full)
         {
@@ -669,38 +661,24 @@ impl pb::shard_server::Shard for ShardService {
             Verdict::Stale => {
                 return Ok(Response::new(pb::ReplicateResponse {
                     accepted: true,
-                    version: self.replicas.version(&request.origin),
+                    version: self.state.replicas.version(&request.origin),
                 }))
             }
             Verdict::NeedFull => {
                 return Ok(Response::new(pb::ReplicateResponse {
                     accepted: false,
-                    version: self.replicas.version(&request.origin),
+                    version: self.state.replicas.version(&request.origin),
                 }))
             }
         }
-        // Durable first, then visible to reads.
-        let storage = self.storage.clone();
-        let request = Arc::new(request);
-        {
-            let request = request.clone();
-            self.blocking(move || {
-                let entries: Vec<(&str, u32, i64)> = request
-                    .entries
-                    .iter()
-                    .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
-                    .collect();
-                storage.write_replica(&request.origin, request.full, stamp, &entries)
-            })
-            .await?;
-        }
-        let entries: Vec<(&str, u32, i64)> = request
-            .entries
-            .iter()
-            .map(|entry| (entry.counter.as_str(), entry.stripe, entry.value))
-            .collect();
-        self.replicas
-            .apply(&request.origin, stamp, request.full, &entries);
+        // In the log first, then visible to reads.
+        self.submit(Change::Replica {
+            origin: request.origin,
+            stamp,
+            full: request.full,
+            entries,
+        })
+        .await?;
         if request.full {
             self.full_copies_received.fetch_add(1, Ordering::Relaxed);
         }

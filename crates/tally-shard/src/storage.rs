@@ -1,43 +1,42 @@
-//! The on-disk half of a shard node: a sled database in the node's data
-//! directory, guarded by a lock file, watched by a witness file.
+//! A shard node's data directory: what is in it, how a node opens it
+//! (recovery), checks it ([`verify`]) and leaves it ([`Storage::close`]).
 //!
-//! # Format (version 2)
+//! # Layout (format version 3)
 //!
-//! Tree `data` holds counter entries, idempotency records and the flush
-//! sequence number ([`crate::keys`] has the layout). A flush writes all of
-//! them in one sled batch, atomic, then fsyncs: a counter change and the
-//! record of the key that caused it reach disk together or not at all.
-//! Tree `meta`: `format_version` (u64 BE) and `node_id`, checked on every
-//! start so a data directory cannot be mounted under the wrong node id.
+//! ```text
+//! DATA_DIR/
+//!   LOCK         an OS file lock, held while a node runs (released if it dies)
+//!   TALLY        marker: format version, node id, setting_up or ready
+//!   LOGGED       witness: the last log frame known durable, and a hash of
+//!                the checkpoint's files as its last finished round left them
+//!   log/         the log (crate::log): every change, checksummed
+//!   checkpoint/  the checkpoint (crate::checkpoint): sled, the state as of a
+//!                log position
+//! ```
 //!
-//! File `TALLY`: a marker holding the format version, the node id and a
-//! state. sled is only ever opened in a directory that is empty (a new node;
-//! `lost+found` aside) or has this marker: a directory with anything else is
-//! refused untouched. Set-up is two-phase: the marker is written as
-//! `setting_up` before sled creates any file and turned `ready` once the
-//! metadata is on disk, so a first start interrupted at any point resumes on
-//! the next start, while a `ready` directory whose database has no metadata
-//! is damaged, never silently started empty.
+//! A directory is used only if it is empty (a new node; `lost+found` aside)
+//! or has the marker: anything else is refused untouched. Set-up is
+//! two-phase: the marker is written `setting_up` first, then the log with
+//! its first frame (`Created`, with the directory's random id), then the
+//! witness, then the marker turns `ready`; an interrupted set-up starts over.
+//! A directory of format version 2 (sled alone) is migrated at its first
+//! start ([`crate::legacy`]).
 //!
-//! # Damage detection
+//! # Recovery
 //!
-//! sled recovers a damaged log by stopping at the first bad record: a
-//! truncated or overwritten file opens without error and silently serves
-//! older values. So a node keeps a witness outside sled, file `FLUSHED`:
-//! after every flush is on disk, the flush's sequence number is written
-//! there (in place, no extra fsync). The database must hold at least that
-//! sequence; if it holds less, acknowledged writes are gone and the node
-//! refuses to start. A stale witness (power loss before the page cache
-//! reached disk) only weakens the check, it never raises a false alarm.
-//!
-//! sled rewrites its files when it opens them, even read-only use, so a
-//! directory is only opened in place once it is known to be sound. At a
-//! clean stop the node records a hash of sled's files in the witness; if the
-//! files still hash the same at the next start, nothing happened to them and
-//! they are opened directly. Otherwise (after a crash, or if anything
-//! changed) a scratch copy is recovered and checked first, and a damaged
-//! directory is refused with its files exactly as they were.
-//! [`verify`] runs the same check on demand (`tally-shard verify DIR`).
+//! 1. The checkpoint is loaded into memory. If its files hash as the
+//!    witness recorded after the last finished round (always so after a
+//!    clean stop), they are opened in place; otherwise a scratch copy of
+//!    them (`DATA_DIR/check.tmp`) is opened and loaded, and the files
+//!    themselves are left for the checkpoint thread: sled rewrites files it
+//!    opens, so damaged files must not be opened before they are known to
+//!    be sound.
+//! 2. The log is read from the checkpoint's position: every frame after it
+//!    is applied again (frames carry absolute values). A torn tail is cut;
+//!    a bad frame before the tail, a gap after the checkpoint, or a log that
+//!    ends before the witness's frame is damage: the node refuses to start
+//!    with one line naming the directory, and changes nothing.
+//! 3. A `Start` frame numbers this start (the incarnation) before serving.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -45,26 +44,26 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::keys::{self, DataKey};
-use crate::replicas::{CopyStamp, Replicas};
-use crate::store::{FlushSnapshot, LoadedRecord, Store};
+use crate::change::Change;
+use crate::checkpoint::{self, Checkpoint, CHECKPOINT_DIR};
+use crate::journal::NodeState;
+use crate::log::{self, Frame, FrameKind, LogEnd, LogError, LogWriter, LOG_DIR};
+use crate::meta::{DrainState, NodeMeta};
+use crate::replicas::Replicas;
+use crate::store::{KeyRetention, OwnChanges, Store};
 
 /// Version of the on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u64 = 2;
+pub const FORMAT_VERSION: u64 = 3;
 const LOCK_FILE: &str = "LOCK";
 const MARKER_FILE: &str = "TALLY";
-const WITNESS_FILE: &str = "FLUSHED";
+const WITNESS_FILE: &str = "LOGGED";
 /// Entries of a data directory that do not make it someone else's: our own
 /// lock and half-written marker, and the directory a fresh filesystem has.
 const IGNORED_ENTRIES: [&str; 3] = [LOCK_FILE, "TALLY.tmp", "lost+found"];
-/// Where the start-up check recovers its scratch copy, inside the data
-/// directory: on the same filesystem, which the node can always write.
+/// Where the start-up check recovers its scratch copy of the checkpoint,
+/// inside the data directory: on the same filesystem, which the node can
+/// always write.
 const CHECK_DIR: &str = "check.tmp";
-const DATA_TREE: &str = "data";
-const META_TREE: &str = "meta";
-/// sled's page cache. Our own map holds every value, so sled's cache only
-/// serves writes; the default of 1 GiB would double memory for nothing.
-const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Why a data directory cannot be used. Every variant names the directory.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +101,7 @@ pub enum StorageError {
         /// Why. Not a `source`: the message already says it, once.
         reason: std::io::Error,
     },
-    /// sled refused to open or read the database, or a key or value does not
-    /// decode: the files are damaged or from an incompatible version.
+    /// A file does not decode or is of an unknown format.
     #[error("data directory {dir} is unreadable or damaged: {message}")]
     Damaged {
         /// The directory.
@@ -126,23 +124,34 @@ pub enum StorageError {
     },
 }
 
-/// What a data directory holds, as [`verify`] or a start-up check found it.
+/// What a data directory holds, as [`verify`] or a start found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirectoryReport {
     /// The node the directory belongs to.
     pub node_id: String,
+    /// The directory's format version (an older one is migrated at start).
+    pub format_version: u64,
     /// Non-zero entries of this node.
     pub entries: u64,
-    /// Entries whose origin is another node.
+    /// Entries of replica copies of other nodes.
     pub foreign_entries: u64,
     /// Idempotency records.
     pub records: u64,
-    /// Sequence number of the last flush in the database.
-    pub sequence: u64,
-    /// Sequence number of the last flush known to have completed (`FLUSHED`).
+    /// The last log frame the checkpoint covers.
+    pub checkpoint_position: u64,
+    /// The last whole frame of the log.
+    pub last_seq: u64,
+    /// The last frame known durable (the witness).
     pub witnessed: u64,
-    /// Whether the files are exactly as the node left them at a clean stop.
-    pub clean: bool,
+    /// Frames read from the log.
+    pub log_frames: u64,
+    /// Bytes of log.
+    pub log_bytes: u64,
+    /// Bytes after the last whole frame: a torn write, cut at the next start.
+    pub torn_bytes: u64,
+    /// Whether the checkpoint's files are as its last finished round (or a
+    /// clean stop) left them, so a start opens them without a copy check.
+    pub checkpoint_unchanged: bool,
     /// The directory was created empty and its own entries await a
     /// restore from replicas.
     pub awaiting_restore: bool,
@@ -152,908 +161,41 @@ pub struct DirectoryReport {
     pub retired: Vec<String>,
 }
 
-/// Why own entries are set outside a flush (see [`Storage::set_own`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OwnChange {
-    /// A node that started empty got its earlier entries back.
-    Restored,
-    /// This node took a drained node's entries from its copy of them.
-    Adopted {
-        /// The drained node.
-        origin: String,
-        /// Its final copy's version.
-        version: u64,
-    },
-}
-
-/// Adds to `batch`: drop the copy of `origin` and mark it retired, with the
-/// version it was retired at (0 when only the copy was dropped).
-fn retire_copy(
-    batch: &mut sled::Batch,
-    data: &sled::Tree,
-    origin: &str,
-    version: u64,
-) -> Result<(), sled::Error> {
-    for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
-        batch.remove(key?);
-    }
-    batch.remove(keys::replica_version_key(origin));
-    batch.insert(keys::adopted_key(origin), &version.to_be_bytes());
-    Ok(())
-}
-
-/// Where a drain of this node stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum DrainState {
-    /// Not being drained.
-    #[default]
-    Serving,
-    /// Refuses writes of its own entries; they are being handed over.
-    Draining,
-    /// Its entries are in `adopter`'s copy; it answers for none.
-    HandedOver {
-        /// The node taking them.
-        adopter: String,
-        /// The version of the final copy.
-        version: u64,
-    },
-    /// `adopter` added them to its own: the node can leave the membership.
-    Drained {
-        /// The node that took them.
-        adopter: String,
-        /// The version of the final copy.
-        version: u64,
-    },
-}
-
-impl DrainState {
-    /// `""`, `"draining"` or `"drained"`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DrainState::Serving => "",
-            DrainState::Draining => "draining",
-            DrainState::HandedOver { .. } => "handed-over",
-            DrainState::Drained { .. } => "drained",
-        }
-    }
-
-    /// The adopter and the final copy's version, once handed over.
-    pub fn handed_to(&self) -> Option<(&str, u64)> {
-        match self {
-            DrainState::HandedOver { adopter, version }
-            | DrainState::Drained { adopter, version } => Some((adopter, *version)),
-            _ => None,
-        }
-    }
-
-    /// The adopter, once the entries were handed over.
-    pub fn adopter(&self) -> Option<&str> {
-        self.handed_to().map(|(adopter, _)| adopter)
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        match self {
-            DrainState::Serving => vec![0],
-            DrainState::Draining => vec![1],
-            DrainState::HandedOver { adopter, version } => {
-                let mut value = vec![2];
-                value.extend_from_slice(&version.to_be_bytes());
-                value.extend_from_slice(adopter.as_bytes());
-                value
-            }
-            DrainState::Drained { adopter, version } => {
-                let mut value = vec![3];
-                value.extend_from_slice(&version.to_be_bytes());
-                value.extend_from_slice(adopter.as_bytes());
-                value
-            }
-        }
-    }
-
-    fn decode(value: &[u8]) -> Option<DrainState> {
-        match value.split_first()? {
-            (0, []) => Some(DrainState::Serving),
-            (1, []) => Some(DrainState::Draining),
-            (kind @ (2 | 3), rest) => {
-                let (version, adopter) = rest.split_first_chunk::<8>()?;
-                let adopter = std::str::from_utf8(adopter).ok()?.to_string();
-                let version = u64::from_be_bytes(*version);
-                Some(if *kind == 2 {
-                    DrainState::HandedOver { adopter, version }
-                } else {
-                    DrainState::Drained { adopter, version }
-                })
-            }
-            _ => None,
-        }
-    }
-}
-
-/// An open data directory.
-#[derive(Debug)]
-pub struct Storage {
-    dir: PathBuf,
-    node_id: String,
-    /// One flusher at a time.
-    sled: parking_lot::Mutex<Sled>,
-    incarnation: u64,
-    directory_id: u64,
-    witness: File,
-    /// Held for the life of the process: the OS drops the lock if we crash.
-    _lock: File,
-}
-
-/// The database, and where its flushes are.
-#[derive(Debug)]
-struct Sled {
-    /// `None` after a failed write: sled keeps the error of a failed write
-    /// and fails every later one, so the next flush reopens the database.
-    open: Option<Open>,
-    /// Sequence number of the last flush written.
-    sequence: u64,
-}
-
-/// Entries per chunk of a replica change set (see `write_replica`).
-const REPLICA_CHUNK: usize = 4096;
-
-/// An open database.
-#[derive(Debug, Clone)]
-struct Open {
-    db: sled::Db,
-    data: sled::Tree,
-    /// sled's log file. On Linux sled makes a flush durable with
-    /// `sync_file_range`, which neither flushes the device's write cache nor
-    /// records a grown file's size; an fdatasync of the file after each
-    /// flush does both (the size is metadata a read needs, so fdatasync
-    /// writes it; timestamps, which fsync would add, are not needed).
-    log: Arc<File>,
-}
-
-impl Open {
-    fn new(dir: &Path, db: sled::Db, data: sled::Tree) -> std::io::Result<Open> {
-        let log = Arc::new(File::open(dir.join("db"))?);
-        Ok(Open { db, data, log })
-    }
-
-    /// Writes a batch and makes it durable.
-    fn write(&self, batch: sled::Batch) -> Result<(), sled::Error> {
-        self.data.apply_batch(batch)?;
-        self.db.flush()?;
-        self.log.sync_data()?;
-        Ok(())
-    }
-}
-
-impl Storage {
-    /// Opens (or creates) the data directory of `node_id`. Blocking.
-    pub fn open(dir: &Path, node_id: &str) -> Result<Storage, StorageError> {
-        let io = |reason| StorageError::Io {
-            dir: dir.to_path_buf(),
-            reason,
-        };
-
-        // Look before touching anything: a directory that is not ours is
-        // left exactly as it was, not even a lock file added.
-        inspect(dir, node_id)?;
-
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let lock = lock(dir)?;
-        // Look again under the lock: another process may have set the
-        // directory up between the first look and the lock.
-        let marker = inspect(dir, node_id)?;
-        write_pid(&lock).map_err(io)?;
-        let ready = marker
-            .as_ref()
-            .is_some_and(|marker| marker.state == MarkerState::Ready);
-        if ready {
-            check_before_open(dir, node_id)?;
-        } else if marker.is_none() {
-            // Before sled creates any file, so an interrupted first start
-            // leaves a directory the next start recognizes as ours.
-            write_marker(dir, node_id, MarkerState::SettingUp)?;
-        }
-
-        let (db, meta, data) = open_sled(dir)?;
-        if ready {
-            check_meta(&meta, dir, node_id)?;
-        } else {
-            set_up(&db, &meta, &data, dir, node_id)?;
-        }
-        let incarnation = next_incarnation(&db, &meta).map_err(|error| StorageError::Damaged {
-            dir: dir.to_path_buf(),
-            message: error.to_string(),
-        })?;
-        let directory_id = directory_id(&db, &meta).map_err(|error| StorageError::Damaged {
-            dir: dir.to_path_buf(),
-            message: error.to_string(),
-        })?;
-        let witness = File::options()
-            .read(true)
-            .write(true)
-            .open(dir.join(WITNESS_FILE))
-            .map_err(io)?;
-        let open = Open::new(dir, db, data).map_err(io)?;
-        Ok(Storage {
-            dir: dir.to_path_buf(),
-            node_id: node_id.to_string(),
-            sled: parking_lot::Mutex::new(Sled {
-                open: Some(open),
-                sequence: 0,
-            }),
-            incarnation,
-            directory_id,
-            witness,
-            _lock: lock,
-        })
-    }
-
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Sequence number of the last flush written.
-    pub fn sequence(&self) -> u64 {
-        self.sled.lock().sequence
-    }
-
-    /// Loads every entry and idempotency record of this node into `store`,
-    /// and checks the database against the witness.
-    pub fn load_into(
-        &self,
-        store: &Store,
-        replicas: &Replicas,
-    ) -> Result<DirectoryReport, StorageError> {
-        let mut sled = self.sled.lock();
-        let data = &sled.open.as_ref().expect("open at start").data;
-        let mut records = Vec::new();
-        let report = scan(data, &self.node_id, |item| match item {
-            Item::Entry {
-                counter,
-                stripe,
-                value,
-            } => store.load(counter, stripe, value),
-            Item::Record(record) => records.push(record),
-            Item::Replica {
-                origin,
-                counter,
-                stripe,
-                value,
-            } => replicas.load(origin, counter, stripe, value),
-            Item::ReplicaVersion { origin, stamp } => replicas.load_stamp(origin, stamp),
-        })
-        .map_err(|message| self.damaged(message))?;
-        store.load_records(records);
-        let witnessed = Witness::read(&self.dir)?.flushed;
-        if report.sequence < witnessed {
-            return Err(StorageError::Refused {
-                dir: self.dir.clone(),
-                problem: rollback_problem(report.sequence, witnessed),
-            });
-        }
-        sled.sequence = report.sequence;
-        Ok(DirectoryReport {
-            witnessed,
-            ..report
-        })
-    }
-
-    /// Stores a change set of `origin`'s entries as this node's replica copy,
-    /// with its version, durably: in chunks, the version with the last one
-    /// (see the comment inside). A full set replaces the copy in one atomic
-    /// batch. Blocking.
-    pub fn write_replica(
-        &self,
-        origin: &str,
-        full: bool,
-        stamp: CopyStamp,
-        entries: &[(&str, u32, i64)],
-    ) -> Result<(), StorageError> {
-        let entry_batch = |entries: &[(&str, u32, i64)], batch: &mut sled::Batch| {
-            for &(counter, stripe, value) in entries {
-                let key = keys::encode_entry_key(origin, counter, stripe);
-                if value == 0 {
-                    batch.remove(key);
-                } else {
-                    batch.insert(key, &value.to_be_bytes());
-                }
-            }
-        };
-        // A change set goes in chunks, so that this node's own flushes,
-        // which wait for the storage lock, are not held up behind one big
-        // batch (a 70,000-entry push stalled writers for a second). Every
-        // chunk is durable before the next (a chunk left in sled's buffers
-        // could be lost by a reopen after a failed flush, while the version
-        // moved on), and only the last moves the copy's version on: after a
-        // crash or an error part way, the copy holds some newer values
-        // under its older version, and the origin sends the changes since
-        // that version again. The values are absolute, so writing them
-        // twice is harmless. A full copy replaces the old one and stays one
-        // atomic batch.
-        let mut rest = entries;
-        if !full {
-            while rest.len() > REPLICA_CHUNK {
-                let (chunk, later) = rest.split_at(REPLICA_CHUNK);
-                rest = later;
-                self.write_batch(|_| {
-                    let mut batch = sled::Batch::default();
-                    entry_batch(chunk, &mut batch);
-                    Ok(batch)
-                })?;
-            }
-        }
-        self.write_batch(|data| {
-            let mut batch = sled::Batch::default();
-            if full {
-                for key in data.scan_prefix(keys::entry_prefix(origin)).keys() {
-                    batch.remove(key?);
-                }
-            }
-            entry_batch(rest, &mut batch);
-            batch.insert(keys::replica_version_key(origin), &stamp.encode());
-            Ok(batch)
-        })
-    }
-
-    /// Records this node's drain state, durably. Blocking.
-    pub fn set_drain(&self, state: &DrainState) -> Result<(), StorageError> {
-        self.write_batch(|_| {
-            let mut batch = sled::Batch::default();
-            batch.insert(&keys::DRAIN_KEY, state.encode());
-            Ok(batch)
-        })
-    }
-
-    /// Sets these own entries (absolute values) together with what made
-    /// them (`why`: a restore, an adoption), in one atomic batch, durably:
-    /// a crash keeps both or neither, so neither is ever done twice.
-    /// Blocking.
-    pub fn set_own(
-        &self,
-        entries: &[(&str, u32, i64)],
-        why: &OwnChange,
-    ) -> Result<(), StorageError> {
-        self.write_batch(|data| {
-            let mut batch = sled::Batch::default();
-            for &(counter, stripe, value) in entries {
-                let key = keys::encode_entry_key(&self.node_id, counter, stripe);
-                if value == 0 {
-                    batch.remove(key);
-                } else {
-                    batch.insert(key, &value.to_be_bytes());
-                }
-            }
-            match why {
-                OwnChange::Restored => batch.insert(&keys::RESTORED_KEY, &1u64.to_be_bytes()),
-                OwnChange::Adopted { origin, version } => {
-                    retire_copy(&mut batch, data, origin, *version)?;
-                }
-            }
-            Ok(batch)
-        })
-    }
-
-    /// Drops the copy of `origin` and marks it retired (no copy of it is
-    /// taken again), in one atomic batch, durably. Blocking.
-    pub fn drop_copy(&self, origin: &str) -> Result<(), StorageError> {
-        self.write_batch(|data| {
-            let mut batch = sled::Batch::default();
-            retire_copy(&mut batch, data, origin, 0)?;
-            Ok(batch)
-        })
-    }
-
-    /// Removes counters from replica copies: `(origin, counter)` pairs.
-    /// Blocking.
-    pub fn erase_replicas(&self, targets: &[(String, String)]) -> Result<(), StorageError> {
-        self.write_batch_if(|data| {
-            let mut batch = sled::Batch::default();
-            let mut found = false;
-            for (origin, counter) in targets {
-                for key in data
-                    .scan_prefix(keys::counter_prefix(origin, counter))
-                    .keys()
-                {
-                    let key = key?;
-                    // The prefix also matches longer names that extend it.
-                    if matches!(
-                        keys::decode_key(&key),
-                        Some(DataKey::Entry(entry)) if entry.counter == counter
-                    ) {
-                        batch.remove(key);
-                        found = true;
-                    }
-                }
-            }
-            // Nothing to remove: no write, no sync.
-            Ok(found.then_some(batch))
-        })
-    }
-
-    /// Writes a batch built from the open database, durably, outside the
-    /// flush sequence (replica copies are not this node's own writes).
-    fn write_batch(
-        &self,
-        build: impl FnOnce(&sled::Tree) -> Result<sled::Batch, sled::Error>,
-    ) -> Result<(), StorageError> {
-        self.write_batch_if(|data| build(data).map(Some))
-    }
-
-    /// [`Storage::write_batch`], writing nothing if `build` finds nothing
-    /// to write.
-    fn write_batch_if(
-        &self,
-        build: impl FnOnce(&sled::Tree) -> Result<Option<sled::Batch>, sled::Error>,
-    ) -> Result<(), StorageError> {
-        let mut sled = self.sled.lock();
-        let open = match &sled.open {
-            Some(open) => open.clone(),
-            None => self.reopen(&mut sled)?,
-        };
-        let written = build(&open.data).and_then(|batch| match batch {
-            Some(batch) => open.write(batch),
-            None => Ok(()),
-        });
-        if let Err(error) = written {
-            sled.open = None;
-            drop(open);
-            return Err(self.sled_error(error));
-        }
-        Ok(())
-    }
-
-    /// This data directory's random id (see `directory_id`).
-    pub fn directory_id(&self) -> u64 {
-        self.directory_id
-    }
-
-    /// This start's number (see `next_incarnation`): the high bits of this
-    /// node's replication versions.
-    pub fn incarnation(&self) -> u64 {
-        self.incarnation
-    }
-
-    /// Writes a flush's entries and records in one atomic batch, waits
-    /// until they are on disk (fsync), then moves the witness on. Blocking.
-    pub fn write(&self, snapshot: &FlushSnapshot) -> Result<(), StorageError> {
-        let mut sled = self.sled.lock();
-        let open = match &sled.open {
-            Some(open) => open.clone(),
-            None => self.reopen(&mut sled)?,
-        };
-        let next = sled.sequence + 1;
-        let mut batch = sled::Batch::default();
-        for entry in &snapshot.entries {
-            let key = keys::encode_entry_key(&self.node_id, &entry.counter, entry.stripe);
-            if entry.value == 0 {
-                batch.remove(key);
-            } else {
-                batch.insert(key, &entry.value.to_be_bytes());
-            }
-        }
-        for record in &snapshot.records {
-            match record.record {
-                Some((delta, applied_unix_ms)) => batch.insert(
-                    &*record.key,
-                    &keys::encode_record_value(delta, applied_unix_ms),
-                ),
-                None => batch.remove(&*record.key),
-            }
-        }
-        batch.insert(&keys::SEQUENCE_KEY, &next.to_be_bytes());
-        if let Err(error) = open.write(batch) {
-            // The snapshot's changes stay dirty in memory (the flusher
-            // re-marks them) and are written again after the reopen.
-            sled.open = None;
-            drop(open);
-            return Err(self.sled_error(error));
-        }
-        sled.sequence = next;
-        // The flush is durable whatever happens here: a stale witness only
-        // weakens the next start's check, so a failure is not the writers'.
-        if let Err(error) = Witness::running(next).write(&self.witness) {
-            tracing::warn!(dir = %self.dir.display(), %error, "cannot update {WITNESS_FILE}");
-        }
-        Ok(())
-    }
-
-    /// Closes the database after the last flush and records, in the
-    /// witness, a hash of sled's files as they are left: the next start
-    /// opens them directly if they are unchanged. Blocking.
-    pub fn close(self) -> Result<(), StorageError> {
-        let Storage {
-            dir,
-            sled,
-            witness,
-            _lock,
-            ..
-        } = self;
-        let Sled { open, sequence } = sled.into_inner();
-        let Some(Open { db, data, log }) = open else {
-            // The last write failed: not a clean stop.
-            return Ok(());
-        };
-        drop(data);
-        db.flush().map_err(|error| StorageError::Damaged {
-            dir: dir.clone(),
-            message: error.to_string(),
-        })?;
-        drop((db, log));
-        let io = |reason| StorageError::Io {
-            dir: dir.clone(),
-            reason,
-        };
-        let hash = hash_sled_files(&dir).map_err(io)?;
-        Witness {
-            flushed: sequence,
-            clean: Some(hash),
-        }
-        .write(&witness)
-        .and_then(|()| witness.sync_all())
-        .map_err(io)?;
-        Ok(())
-    }
-
-    /// Opens the database again after a failed write, and finds where its
-    /// flushes are: the failed one may have reached disk after all.
-    fn reopen(&self, sled: &mut Sled) -> Result<Open, StorageError> {
-        let (db, _, data) = open_sled(&self.dir)?;
-        let on_disk = data
-            .get(keys::SEQUENCE_KEY)
-            .map_err(|error| self.sled_error(error))?
-            .and_then(|value| keys::decode_u64(&value))
-            .unwrap_or(0);
-        if on_disk < sled.sequence {
-            return Err(StorageError::Refused {
-                dir: self.dir.clone(),
-                problem: rollback_problem(on_disk, sled.sequence),
-            });
-        }
-        tracing::info!(dir = %self.dir.display(), sequence = on_disk, "database reopened after a failed write");
-        sled.sequence = on_disk;
-        let open = Open::new(&self.dir, db, data).map_err(|reason| StorageError::Io {
-            dir: self.dir.clone(),
-            reason,
-        })?;
-        sled.open = Some(open.clone());
-        Ok(open)
-    }
-
-    fn damaged(&self, message: String) -> StorageError {
-        StorageError::Damaged {
-            dir: self.dir.clone(),
-            message,
-        }
-    }
-
-    fn sled_error(&self, error: sled::Error) -> StorageError {
-        match error {
-            sled::Error::Io(reason) => StorageError::Io {
-                dir: self.dir.clone(),
-                reason,
-            },
-            other => self.damaged(other.to_string()),
-        }
-    }
-}
-
-/// Checks a data directory without changing it: the marker, the lock (a
-/// running node's directory is refused), and a recovered scratch copy of
-/// the database against the witness. Blocking.
-pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
-    let text =
-        std::fs::read_to_string(dir.join(MARKER_FILE)).map_err(|reason| StorageError::Io {
-            dir: dir.to_path_buf(),
-            reason,
-        })?;
-    let node_id = parse_marker(dir, &text)?.node_id;
-    let _lock = lock(dir)?;
-    inspect(dir, &node_id)?;
-    let clean = unchanged_since_clean_stop(dir, &Witness::read(dir)?)?;
-    // In the system's temporary directory: verify writes nothing in the
-    // directory it checks (which may be a read-only backup).
-    // Named for this run: two verifies at once must not share a copy.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos());
-    let scratch = std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
-    let report = check_copy(dir, &node_id, &scratch)?;
-    Ok(DirectoryReport { clean, ..report })
-}
-
-/// Opens sled with our settings and both trees.
-fn open_sled(dir: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StorageError> {
-    let damaged = |error: sled::Error| StorageError::Damaged {
-        dir: dir.to_path_buf(),
-        message: error.to_string(),
-    };
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(SLED_CACHE_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        // We decide when to flush: sync mode after every group of
-        // increments, async mode every flush interval.
-        .flush_every_ms(None)
-        .open()
-        .map_err(damaged)?;
-    let meta = db.open_tree(META_TREE).map_err(damaged)?;
-    let data = db.open_tree(DATA_TREE).map_err(damaged)?;
-    Ok((db, meta, data))
-}
-
-/// This directory's random id, made (durably) at its first start: copies
-/// of this node's entries carry it, so a copy from a lost directory is told
-/// from one of its replacement whatever the versions and clocks say.
-fn directory_id(db: &sled::Db, meta: &sled::Tree) -> Result<u64, sled::Error> {
-    if let Some(id) = meta
-        .get("directory_id")?
-        .and_then(|bytes| keys::decode_u64(&bytes))
-    {
-        return Ok(id);
-    }
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos()),
-    );
-    hasher.write_u32(std::process::id());
-    let id = hasher.finish().max(1);
-    meta.insert("directory_id", &id.to_be_bytes())?;
-    db.flush()?;
-    Ok(id)
-}
-
-/// Numbers this start, durably: greater than every earlier start of this
-/// directory, and, being at least the wall clock in seconds, than the
-/// starts of a directory this node lost (a replaced disk).
-fn next_incarnation(db: &sled::Db, meta: &sled::Tree) -> Result<u64, sled::Error> {
-    let previous = meta
-        .get("incarnation")?
-        .and_then(|bytes| keys::decode_u64(&bytes))
-        .unwrap_or(0);
-    let now_secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
-    // A new directory takes the next second: every start of a directory
-    // this node lost was numbered at most the second it happened in.
-    let incarnation = if previous == 0 {
-        now_secs + 1
-    } else {
-        (previous + 1).max(now_secs)
-    };
-    meta.insert("incarnation", &incarnation.to_be_bytes())?;
-    db.flush()?;
-    Ok(incarnation)
-}
-
-/// Takes the directory's lock file, creating it if needed.
-fn lock(dir: &Path) -> Result<File, StorageError> {
-    let io = |reason| StorageError::Io {
-        dir: dir.to_path_buf(),
-        reason,
-    };
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(io)?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked {
-            dir: dir.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(reason)) => Err(io(reason)),
-    }
-}
-
-/// Decides whether a set-up directory may be opened in place: yes at once
-/// if its files are exactly as a clean stop left them, otherwise only once a
-/// scratch copy has recovered soundly.
-fn check_before_open(dir: &Path, node_id: &str) -> Result<(), StorageError> {
-    let witness = Witness::read(dir)?;
-    if unchanged_since_clean_stop(dir, &witness)? {
-        return Ok(());
-    }
-    if witness.clean.is_some() {
-        tracing::warn!(dir = %dir.display(), "files changed since the last clean stop; checking a copy");
-    } else {
-        tracing::info!(dir = %dir.display(), "the last stop was not clean; checking a copy before opening");
-    }
-    let report = check_copy(dir, node_id, &dir.join(CHECK_DIR))?;
-    tracing::info!(
-        entries = report.entries,
-        records = report.records,
-        sequence = report.sequence,
-        "copy recovered soundly"
-    );
-    Ok(())
-}
-
-/// Whether sled's files hash as the witness recorded at a clean stop.
-fn unchanged_since_clean_stop(dir: &Path, witness: &Witness) -> Result<bool, StorageError> {
-    let Some(clean) = witness.clean else {
-        return Ok(false);
-    };
-    let hash = hash_sled_files(dir).map_err(|reason| StorageError::Io {
-        dir: dir.to_path_buf(),
-        reason,
-    })?;
-    Ok(hash == clean)
-}
-
-/// Recovers a copy of the directory's sled files in the directory
-/// `scratch` (removed first if a killed check left it, and after) and checks
-/// it: metadata, every key and value, the flush sequence against the
-/// witness. The directory's sled files are only read. The copy needs as
-/// much free space as the database.
-fn check_copy(dir: &Path, node_id: &str, scratch: &Path) -> Result<DirectoryReport, StorageError> {
-    let refused = |problem: String| StorageError::Refused {
-        dir: dir.to_path_buf(),
-        problem,
-    };
-    let witness = Witness::read(dir)?;
-    let cannot_check = |reason: std::io::Error| StorageError::Io {
-        dir: dir.to_path_buf(),
-        reason: std::io::Error::new(
-            reason.kind(),
-            format!(
-                "cannot check a copy of the database in {} (needs as much free space as the \
-                 database): {reason}",
-                scratch.display()
-            ),
-        ),
-    };
-    // A copy left by a check that was killed is ours to remove.
-    remove_dir_if_present(scratch).map_err(cannot_check)?;
-    let _cleanup = RemoveOnDrop(scratch);
-    copy_sled_files(dir, scratch).map_err(cannot_check)?;
-    let (db, meta, data) = open_sled(scratch).map_err(|error| match error {
-        StorageError::Damaged { message, .. } => refused(format!("sled cannot open it: {message}")),
-        other => other,
-    })?;
-    check_meta(&meta, scratch, node_id).map_err(|error| match error {
-        StorageError::WrongNode { found, .. } => {
-            refused(format!("its database belongs to node {found:?}"))
-        }
-        StorageError::Damaged { message, .. } => refused(message),
-        other => other,
-    })?;
-    let report = scan(&data, node_id, |_| {}).map_err(refused)?;
-    drop((data, meta, db));
-    if report.sequence < witness.flushed {
-        return Err(refused(rollback_problem(report.sequence, witness.flushed)));
-    }
-    Ok(DirectoryReport {
-        witnessed: witness.flushed,
-        ..report
-    })
-}
-
-fn rollback_problem(sequence: u64, witnessed: u64) -> String {
-    format!(
-        "its database ends at flush {sequence}, but flush {witnessed} was completed \
-         ({WITNESS_FILE}): acknowledged writes are missing"
-    )
-}
-
-/// One decoded item of the `data` tree.
-enum Item<'a> {
-    Entry {
-        counter: &'a str,
-        stripe: u32,
-        value: i64,
-    },
-    Record(LoadedRecord),
-    /// An entry of a replica copy.
-    Replica {
-        origin: &'a str,
-        counter: &'a str,
-        stripe: u32,
-        value: i64,
-    },
-    ReplicaVersion {
-        origin: &'a str,
-        stamp: CopyStamp,
-    },
-}
-
-/// Decodes every key and value of the `data` tree, hands this node's
-/// entries and every record to `visit`, and counts them.
-fn scan(
-    data: &sled::Tree,
-    node_id: &str,
-    mut visit: impl FnMut(Item<'_>),
-) -> Result<DirectoryReport, String> {
-    let mut report = DirectoryReport {
-        node_id: node_id.to_string(),
-        ..DirectoryReport::default()
-    };
-    for item in data.iter() {
-        let (key, value) = item.map_err(|error| error.to_string())?;
-        match keys::decode_key(&key).ok_or_else(|| format!("undecodable key {key:?}"))? {
-            DataKey::Entry(entry) => {
-                let value = keys::decode_u64(&value)
-                    .ok_or_else(|| format!("bad value for entry {:?}", entry.counter))?;
-                if entry.origin == node_id {
-                    report.entries += 1;
-                    visit(Item::Entry {
-                        counter: entry.counter,
-                        stripe: entry.stripe,
-                        value: value as i64,
-                    });
-                } else {
-                    report.foreign_entries += 1;
-                    visit(Item::Replica {
-                        origin: entry.origin,
-                        counter: entry.counter,
-                        stripe: entry.stripe,
-                        value: value as i64,
-                    });
-                }
-            }
-            DataKey::ReplicaVersion { origin } => {
-                let stamp = CopyStamp::decode(&value)
-                    .ok_or_else(|| format!("bad replica version of {origin:?}"))?;
-                visit(Item::ReplicaVersion { origin, stamp });
-            }
-            DataKey::Record { counter, .. } => {
-                let (delta, applied_unix_ms) = keys::decode_record_value(&value)
-                    .ok_or_else(|| format!("bad value for a record of {counter:?}"))?;
-                report.records += 1;
-                visit(Item::Record(LoadedRecord {
-                    key: key.as_ref().into(),
-                    counter: counter.into(),
-                    delta,
-                    applied_unix_ms,
-                }));
-            }
-            DataKey::Sequence => {
-                report.sequence = keys::decode_u64(&value).ok_or("bad flush sequence value")?;
-            }
-            DataKey::Drain => {
-                report.drain = DrainState::decode(&value).ok_or("bad drain state")?;
-            }
-            DataKey::Adopted { origin } => report.retired.push(origin.to_string()),
-            DataKey::Restored => {
-                report.awaiting_restore =
-                    keys::decode_u64(&value).ok_or("bad restored value")? == 0;
-            }
-        }
-    }
-    Ok(report)
-}
-
-/// The `FLUSHED` file: the last flush known complete, and the hash of
-/// sled's files if the node stopped cleanly after it. Fixed width, written
-/// in place.
+/// The `LOGGED` file: the last log frame known durable, and the hash of the
+/// checkpoint's files as the last finished round left them (0: unknown)
+/// with that round's position.
+/// Fixed width, written in place after every commit, without an fsync of
+/// its own: after a power loss it may lag the log, never lead it, which
+/// only weakens the check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Witness {
-    flushed: u64,
-    clean: Option<u64>,
+pub struct Witness {
+    /// The last durable frame.
+    pub logged: u64,
+    /// The checkpoint files' hash after its last finished round, and that
+    /// round's position.
+    pub checkpoint: Option<(u64, u64)>,
 }
 
 impl Witness {
-    fn running(flushed: u64) -> Self {
+    /// A witness with no checkpoint hash.
+    pub fn running(logged: u64) -> Self {
         Witness {
-            flushed,
-            clean: None,
+            logged,
+            checkpoint: None,
         }
     }
 
     fn encode(self) -> String {
         // 0 is never a hash we record: `hash_sled_files` avoids it.
+        let (hash, position) = self.checkpoint.unwrap_or((0, 0));
         format!(
-            "flushed {:020} clean {:016x}\n",
-            self.flushed,
-            self.clean.unwrap_or(0)
+            "logged {:020} checkpoint {hash:016x} position {position:020}\n",
+            self.logged
         )
     }
 
-    fn write(self, file: &File) -> std::io::Result<()> {
+    /// Writes it in place.
+    pub fn write(self, file: &File) -> std::io::Result<()> {
         file.write_all_at(self.encode().as_bytes(), 0)
     }
 
@@ -1075,42 +217,484 @@ impl Witness {
             }
         };
         let parse = || {
-            let mut words = text.strip_suffix('\n')?.split(' ');
-            let (Some("flushed"), Some(flushed), Some("clean"), Some(clean), None) = (
-                words.next(),
-                words.next(),
-                words.next(),
-                words.next(),
-                words.next(),
-            ) else {
+            let words: Vec<&str> = text.strip_suffix('\n')?.split(' ').collect();
+            let ["logged", logged, "checkpoint", hash, "position", position] = words[..] else {
                 return None;
             };
-            let clean = u64::from_str_radix(clean, 16).ok()?;
+            let hash = u64::from_str_radix(hash, 16).ok()?;
+            let position: u64 = position.parse().ok()?;
             Some(Witness {
-                flushed: flushed.parse().ok()?,
-                clean: (clean != 0).then_some(clean),
+                logged: logged.parse().ok()?,
+                checkpoint: (hash != 0).then_some((hash, position)),
             })
         };
         parse().ok_or_else(|| refused(format!("{WITNESS_FILE} is unreadable: {text:?}")))
     }
 }
 
-/// Whether a top-level name in a data directory is one of sled's files:
-/// `conf`, `db`, `snap.*` and the `blobs` directory. Anything else (ours,
-/// `lost+found`, a scratch copy) is neither hashed nor copied.
-fn is_sled_file(name: &std::ffi::OsStr) -> bool {
+/// An open data directory: held locked for the life of the node.
+#[derive(Debug)]
+pub struct Storage {
+    dir: PathBuf,
+    /// Held for the life of the process: the OS drops the lock if we crash.
+    _lock: File,
+}
+
+/// A data directory opened and recovered: everything a node needs to serve.
+pub struct Recovered {
+    /// The directory, locked.
+    pub storage: Storage,
+    /// The counters, copies and metadata, as the log holds them.
+    pub state: NodeState,
+    /// The log, open for writing after its last frame.
+    pub log: LogWriter,
+    /// The witness file.
+    pub witness: File,
+    /// The checkpoint database, if it was opened in place.
+    pub checkpoint: Option<Checkpoint>,
+    /// The checkpoint's position.
+    pub checkpoint_position: u64,
+    /// The checkpoint files' hash after its last finished round and that
+    /// round's position, if they are still as it left them.
+    pub checkpoint_hash: Option<(u64, u64)>,
+    /// What the directory held.
+    pub report: DirectoryReport,
+}
+
+impl Storage {
+    /// Opens (or creates) the data directory of `node_id` and recovers its
+    /// state. Blocking.
+    pub fn open(
+        dir: &Path,
+        node_id: &str,
+        retention: KeyRetention,
+        segment_bytes: u64,
+    ) -> Result<Recovered, StorageError> {
+        let io = |reason| StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        // Look before touching anything: a directory that is not ours is
+        // left exactly as it was, not even a lock file added.
+        inspect(dir, node_id)?;
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = lock(dir)?;
+        // Look again under the lock: another process may have set the
+        // directory up between the first look and the lock.
+        let marker = inspect(dir, node_id)?;
+        write_pid(&lock).map_err(io)?;
+        match marker {
+            Some(Marker {
+                state: MarkerState::Ready,
+                format_version: FORMAT_VERSION,
+                ..
+            }) => {}
+            Some(Marker {
+                state: MarkerState::Ready,
+                format_version: crate::legacy::FORMAT_VERSION,
+                ..
+            }) => crate::legacy::migrate(dir, node_id)?,
+            _ => set_up(dir, node_id)?,
+        }
+        // What an interrupted migration or check may have left.
+        crate::legacy::remove_leftovers(dir).map_err(io)?;
+        remove_dir_if_present(&dir.join(CHECK_DIR)).map_err(io)?;
+
+        let witness = Witness::read(dir)?;
+        let store = Store::with_retention(retention);
+        let replicas = Replicas::default();
+        let checkpoint_dir = dir.join(CHECKPOINT_DIR);
+        let unchanged = checkpoint_unchanged(dir, &witness)?;
+        let (checkpoint, loaded) = if !checkpoint_dir.exists() {
+            (None, checkpoint::Loaded::default())
+        } else if let (true, Some((_, position))) = (unchanged, witness.checkpoint) {
+            // sled rewrites files it opens: the log is checked first, so that
+            // a directory refused for a damaged log is left untouched.
+            check_log(dir, position, witness.logged)?;
+            let opened =
+                Checkpoint::open(&checkpoint_dir).map_err(|error| StorageError::Damaged {
+                    dir: dir.to_path_buf(),
+                    message: format!("the checkpoint cannot be opened: {error}"),
+                })?;
+            let loaded = opened
+                .load(&store, &replicas)
+                .map_err(|problem| refused(dir, problem))?;
+            (Some(opened), loaded)
+        } else {
+            tracing::info!(dir = %dir.display(), "the checkpoint changed since its last round; checking a copy before opening");
+            let loaded = load_copy(dir, &dir.join(CHECK_DIR), &store, &replicas)?;
+            (None, loaded)
+        };
+        let (position, mut meta) = checkpoint_meta(dir, node_id, loaded.meta)?;
+        let end = replay_log(dir, position, witness.logged, &store, &replicas, &mut meta)?;
+        store.finish_loading();
+
+        let mut log = LogWriter::open(&dir.join(LOG_DIR), &end, segment_bytes).map_err(io)?;
+        if end.torn_bytes > 0 {
+            tracing::warn!(dir = %dir.display(), torn_bytes = end.torn_bytes, last_frame = end.last_seq, "cut a torn write at the end of the log");
+        }
+        // Number this start, durably, before serving.
+        let start = Change::Start {
+            incarnation: meta.next_incarnation(),
+        };
+        log.append(start.kind(), |buffer| start.encode(buffer));
+        log.commit().map_err(io)?;
+        start.apply(&store, &replicas, &mut meta);
+        store.set_incarnation(meta.incarnation);
+        let witness_file = File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join(WITNESS_FILE))
+            .map_err(io)?;
+        let checkpoint_hash = witness.checkpoint.filter(|_| unchanged);
+        Witness {
+            logged: log.last_seq(),
+            checkpoint: checkpoint_hash,
+        }
+        .write(&witness_file)
+        .map_err(io)?;
+        let report = DirectoryReport {
+            node_id: node_id.to_string(),
+            format_version: FORMAT_VERSION,
+            entries: store.entry_count(),
+            foreign_entries: replicas.entry_count(),
+            records: store.remembered_keys(),
+            checkpoint_position: position,
+            last_seq: end.last_seq,
+            witnessed: witness.logged,
+            log_frames: end.frames,
+            log_bytes: end.bytes,
+            torn_bytes: end.torn_bytes,
+            checkpoint_unchanged: unchanged,
+            awaiting_restore: meta.awaiting_restore,
+            drain: meta.drain.clone(),
+            retired: meta.retired.keys().cloned().collect(),
+        };
+        Ok(Recovered {
+            storage: Storage {
+                dir: dir.to_path_buf(),
+                _lock: lock,
+            },
+            state: NodeState {
+                store: Arc::new(store),
+                replicas: Arc::new(replicas),
+                meta: Arc::new(parking_lot::Mutex::new(meta)),
+            },
+            log,
+            witness: witness_file,
+            checkpoint,
+            checkpoint_position: position,
+            checkpoint_hash,
+            report,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Releases the directory after a stop. With `checkpoint_hash` (the
+    /// checkpoint's files after the last round, closed, and its position),
+    /// the next start opens them without a copy check. Blocking.
+    pub fn close(
+        self,
+        last_seq: u64,
+        checkpoint_hash: Option<(u64, u64)>,
+    ) -> Result<(), StorageError> {
+        let io = |reason| StorageError::Io {
+            dir: self.dir.clone(),
+            reason,
+        };
+        let file = File::options()
+            .write(true)
+            .open(self.dir.join(WITNESS_FILE))
+            .map_err(io)?;
+        Witness {
+            logged: last_seq,
+            checkpoint: checkpoint_hash,
+        }
+        .write(&file)
+        .and_then(|()| file.sync_all())
+        .map_err(io)
+    }
+}
+
+fn refused(dir: &Path, problem: String) -> StorageError {
+    StorageError::Refused {
+        dir: dir.to_path_buf(),
+        problem,
+    }
+}
+
+/// The checkpoint's position and the node's metadata, checked against
+/// this node and this build; a directory never checkpointed starts at 0.
+fn checkpoint_meta(
+    dir: &Path,
+    node_id: &str,
+    meta: Option<checkpoint::CheckpointMeta>,
+) -> Result<(u64, NodeMeta), StorageError> {
+    let Some(meta) = meta else {
+        return Ok((
+            0,
+            NodeMeta {
+                node_id: node_id.to_string(),
+                ..NodeMeta::default()
+            },
+        ));
+    };
+    if meta.format_version != FORMAT_VERSION {
+        return Err(refused(
+            dir,
+            format!(
+                "its checkpoint is of format version {}, this build reads version {FORMAT_VERSION}",
+                meta.format_version
+            ),
+        ));
+    }
+    if meta.node.node_id != node_id {
+        return Err(StorageError::WrongNode {
+            dir: dir.to_path_buf(),
+            found: meta.node.node_id,
+            expected: node_id.to_string(),
+        });
+    }
+    Ok((meta.position, meta.node))
+}
+
+/// Applies one log frame to memory (recovery).
+fn replay(
+    frame: Frame<'_>,
+    store: &Store,
+    replicas: &Replicas,
+    meta: &mut NodeMeta,
+) -> Result<(), String> {
+    match frame.kind {
+        FrameKind::Own => {
+            let (counters, records) =
+                OwnChanges::decode(frame.body).map_err(|error| error.to_string())?;
+            for logged in counters {
+                for (stripe, value) in logged.stripes {
+                    store.load(logged.counter, u32::from(stripe), value);
+                }
+            }
+            for logged in records {
+                store.load_record(logged.key, logged.record);
+            }
+        }
+        kind => Change::decode(kind, frame.body)
+            .map_err(|error| error.to_string())?
+            .apply(store, replicas, meta),
+    }
+    Ok(())
+}
+
+/// Reads the log through, checking every frame, without applying any.
+fn check_log(dir: &Path, position: u64, witnessed: u64) -> Result<LogEnd, StorageError> {
+    // Frames are decoded (not applied) so that a frame that checks out but
+    // does not decode is found too.
+    scan_log(dir, position, witnessed, |frame| match frame.kind {
+        FrameKind::Own => OwnChanges::decode(frame.body)
+            .map(drop)
+            .map_err(|error| error.to_string()),
+        kind => Change::decode(kind, frame.body)
+            .map(drop)
+            .map_err(|error| error.to_string()),
+    })
+}
+
+/// Reads the log after `position` into memory.
+fn replay_log(
+    dir: &Path,
+    position: u64,
+    witnessed: u64,
+    store: &Store,
+    replicas: &Replicas,
+    meta: &mut NodeMeta,
+) -> Result<LogEnd, StorageError> {
+    scan_log(dir, position, witnessed, |frame| {
+        replay(frame, store, replicas, meta)
+    })
+}
+
+/// [`log::scan`] of the directory's log, its errors naming the directory.
+fn scan_log(
+    dir: &Path,
+    position: u64,
+    witnessed: u64,
+    visit: impl FnMut(Frame<'_>) -> Result<(), String>,
+) -> Result<LogEnd, StorageError> {
+    let log_dir = dir.join(LOG_DIR);
+    if !log_dir.is_dir() {
+        return Err(refused(
+            dir,
+            format!("its log ({}) is missing", log_dir.display()),
+        ));
+    }
+    log::scan(&log_dir, position, witnessed, visit).map_err(|error| match error {
+        LogError::Damaged(problem) => refused(dir, problem),
+        LogError::Io(reason) => StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        },
+    })
+}
+
+/// Copies the checkpoint's files into `scratch` (removed first if a killed
+/// check left it, and after), opens the copy and loads it. The real files
+/// are only read. The copy needs as much free space as the checkpoint.
+fn load_copy(
+    dir: &Path,
+    scratch: &Path,
+    store: &Store,
+    replicas: &Replicas,
+) -> Result<checkpoint::Loaded, StorageError> {
+    let cannot_check = |reason: std::io::Error| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason: std::io::Error::new(
+            reason.kind(),
+            format!(
+                "cannot check a copy of the checkpoint in {} (needs as much free space as the \
+                 checkpoint): {reason}",
+                scratch.display()
+            ),
+        ),
+    };
+    remove_dir_if_present(scratch).map_err(cannot_check)?;
+    let _cleanup = RemoveOnDrop(scratch);
+    copy_sled_files(&dir.join(CHECKPOINT_DIR), scratch).map_err(cannot_check)?;
+    let copy = Checkpoint::open(scratch)
+        .map_err(|error| refused(dir, format!("sled cannot open its checkpoint: {error}")))?;
+    let loaded = copy
+        .load(store, replicas)
+        .map_err(|problem| refused(dir, problem))?;
+    tracing::info!(
+        entries = loaded.entries,
+        records = loaded.records,
+        copy_entries = loaded.copy_entries,
+        "checkpoint copy recovered soundly"
+    );
+    Ok(loaded)
+}
+
+/// Checks a stopped node's data directory without changing it: the marker,
+/// the lock (a running node's directory is refused), a copy of the
+/// checkpoint (in the system's temporary directory) and the log, read
+/// through as a start would. Blocking.
+pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
+    let text =
+        std::fs::read_to_string(dir.join(MARKER_FILE)).map_err(|reason| StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        })?;
+    let marker = parse_marker(dir, &text)?;
+    let node_id = marker.node_id;
+    let _lock = lock(dir)?;
+    inspect(dir, &node_id)?;
+    if marker.format_version == crate::legacy::FORMAT_VERSION {
+        return crate::legacy::verify(dir, &node_id);
+    }
+    let witness = Witness::read(dir)?;
+    let unchanged = checkpoint_unchanged(dir, &witness)?;
+    let store = Store::new();
+    let replicas = Replicas::default();
+    let loaded = if dir.join(CHECKPOINT_DIR).exists() {
+        // Named for this run: two verifies at once must not share a copy.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos());
+        let scratch =
+            std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
+        load_copy(dir, &scratch, &store, &replicas)?
+    } else {
+        checkpoint::Loaded::default()
+    };
+    let (position, mut meta) = checkpoint_meta(dir, &node_id, loaded.meta)?;
+    let end = replay_log(dir, position, witness.logged, &store, &replicas, &mut meta)?;
+    store.finish_loading();
+    Ok(DirectoryReport {
+        node_id,
+        format_version: FORMAT_VERSION,
+        entries: store.entry_count(),
+        foreign_entries: replicas.entry_count(),
+        records: store.remembered_keys(),
+        checkpoint_position: position,
+        last_seq: end.last_seq,
+        witnessed: witness.logged,
+        log_frames: end.frames,
+        log_bytes: end.bytes,
+        torn_bytes: end.torn_bytes,
+        checkpoint_unchanged: unchanged,
+        awaiting_restore: meta.awaiting_restore,
+        drain: meta.drain,
+        retired: meta.retired.into_keys().collect(),
+    })
+}
+
+/// Whether the checkpoint's files hash as the witness recorded.
+fn checkpoint_unchanged(dir: &Path, witness: &Witness) -> Result<bool, StorageError> {
+    let Some((recorded, _)) = witness.checkpoint else {
+        return Ok(false);
+    };
+    let hash = hash_sled_files(&dir.join(CHECKPOINT_DIR)).map_err(|reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    })?;
+    Ok(hash == recorded)
+}
+
+/// Takes the directory's lock file, creating it if needed.
+pub(crate) fn lock(dir: &Path) -> Result<File, StorageError> {
+    let io = |reason| StorageError::Io {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(reason)) => Err(io(reason)),
+    }
+}
+
+fn write_pid(mut lock: &File) -> std::io::Result<()> {
+    lock.set_len(0)?;
+    writeln!(lock, "{}", std::process::id())
+}
+
+/// Whether a top-level name in a sled directory is one of sled's files:
+/// `conf`, `db`, `snap.*` and the `blobs` directory.
+pub(crate) fn is_sled_file(name: &std::ffi::OsStr) -> bool {
     name == "conf"
         || name == "db"
         || name == "blobs"
         || name.as_encoded_bytes().starts_with(b"snap.")
 }
 
-/// sled's files in a marked directory, as paths relative to it, sorted.
+/// sled's files in a directory, as paths relative to it, sorted; none if
+/// the directory does not exist.
 fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&relative))? {
+        let entries = match std::fs::read_dir(dir.join(&relative)) {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound
+                    && relative.as_os_str().is_empty() =>
+            {
+                return Ok(files)
+            }
+            entries => entries?,
+        };
+        for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
             if relative.as_os_str().is_empty() && !is_sled_file(&name) {
@@ -1128,8 +712,8 @@ fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// xxh3 over sled's files: names, lengths and contents. Never 0.
-fn hash_sled_files(dir: &Path) -> std::io::Result<u64> {
+/// xxh3 over a sled directory's files: names, lengths and contents. Never 0.
+pub(crate) fn hash_sled_files(dir: &Path) -> std::io::Result<u64> {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buffer = vec![0; 1 << 20];
     for relative in sled_files(dir)? {
@@ -1147,25 +731,8 @@ fn hash_sled_files(dir: &Path) -> std::io::Result<u64> {
     Ok(hasher.digest().max(1))
 }
 
-fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
-        _ => Ok(()),
-    }
-}
-
-/// Removes a scratch directory when the check ends, however it ends.
-struct RemoveOnDrop<'a>(&'a Path);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Err(error) = remove_dir_if_present(self.0) {
-            tracing::warn!(path = %self.0.display(), %error, "cannot remove the check's scratch copy");
-        }
-    }
-}
-
-fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
     for relative in sled_files(from)? {
         let target = to.join(&relative);
         if let Some(parent) = target.parent() {
@@ -1176,27 +743,40 @@ fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_pid(mut lock: &File) -> std::io::Result<()> {
-    lock.set_len(0)?;
-    writeln!(lock, "{}", std::process::id())
+pub(crate) fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a scratch directory when the check ends, however it ends.
+pub(crate) struct RemoveOnDrop<'a>(pub(crate) &'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = remove_dir_if_present(self.0) {
+            tracing::warn!(path = %self.0.display(), %error, "cannot remove a scratch copy");
+        }
+    }
 }
 
 /// What the `TALLY` marker file holds.
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct Marker {
-    format_version: u64,
-    node_id: String,
-    state: MarkerState,
+pub(crate) struct Marker {
+    pub(crate) format_version: u64,
+    pub(crate) node_id: String,
+    pub(crate) state: MarkerState,
 }
 
 /// How far set-up got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-enum MarkerState {
-    /// Written before sled created its files; metadata may be missing.
+pub(crate) enum MarkerState {
+    /// Written before anything else; the rest may be missing.
     SettingUp,
-    /// Metadata is on disk; from now on it must be there.
+    /// Set up: from now on everything must be there.
     Ready,
 }
 
@@ -1235,13 +815,17 @@ fn parse_marker(dir: &Path, text: &str) -> Result<Marker, StorageError> {
         dir: dir.to_path_buf(),
         message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
     })?;
-    if marker.format_version != FORMAT_VERSION {
+    let readable = marker.format_version == FORMAT_VERSION
+        || (marker.format_version == crate::legacy::FORMAT_VERSION
+            && marker.state == MarkerState::Ready);
+    if !readable {
         return Err(StorageError::Damaged {
             dir: dir.to_path_buf(),
             message: format!(
-                "format version {}, this build reads version {FORMAT_VERSION} \
-                 (move the directory aside or delete it to start the node empty)",
-                marker.format_version
+                "format version {}, this build reads version {FORMAT_VERSION} (and migrates \
+                 version {}) (move the directory aside or delete it to start the node empty)",
+                marker.format_version,
+                crate::legacy::FORMAT_VERSION
             ),
         });
     }
@@ -1266,7 +850,11 @@ fn has_foreign_entries(dir: &Path) -> std::io::Result<bool> {
 
 /// Writes the marker atomically: temporary file, fsync, rename, fsync of
 /// the directory.
-fn write_marker(dir: &Path, node_id: &str, state: MarkerState) -> Result<(), StorageError> {
+pub(crate) fn write_marker(
+    dir: &Path,
+    node_id: &str,
+    state: MarkerState,
+) -> Result<(), StorageError> {
     let io = |reason| StorageError::Io {
         dir: dir.to_path_buf(),
         reason,
@@ -1291,604 +879,37 @@ fn write_marker(dir: &Path, node_id: &str, state: MarkerState) -> Result<(), Sto
     Ok(())
 }
 
-/// Finishes setting up a directory: metadata in sled, flushed, then the
-/// marker turned `ready`. Safe to repeat: metadata already written by an
-/// interrupted set-up is checked, not rewritten.
-fn set_up(
-    db: &sled::Db,
-    meta: &sled::Tree,
-    data: &sled::Tree,
-    dir: &Path,
-    node_id: &str,
-) -> Result<(), StorageError> {
-    let damaged = |message: String| StorageError::Damaged {
-        dir: dir.to_path_buf(),
-        message,
-    };
-    let has_metadata = meta
-        .contains_key("node_id")
-        .map_err(|error| damaged(error.to_string()))?;
-    if has_metadata {
-        check_meta(meta, dir, node_id)?;
-    } else {
-        if !data.is_empty() {
-            return Err(damaged("entries without metadata".to_string()));
-        }
-        // A directory created empty: if this node existed before, its
-        // entries are in its replicas, and it must not answer with nothing.
-        meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
-            .and_then(|_| meta.insert("node_id", node_id.as_bytes()))
-            .and_then(|_| data.insert(keys::RESTORED_KEY, &0u64.to_be_bytes()))
-            .and_then(|_| db.flush())
-            .map_err(|error| damaged(error.to_string()))?;
-    }
-    // Nothing flushed yet; fsynced before the marker says `ready`, so a
-    // ready directory always has its witness.
+/// Writes the witness file anew, durably.
+pub(crate) fn write_witness(dir: &Path, witness: Witness) -> std::io::Result<()> {
+    let file = File::create(dir.join(WITNESS_FILE))?;
+    witness.write(&file)?;
+    file.sync_all()
+}
+
+/// Sets a new directory up (or one whose set-up was interrupted: nothing in
+/// it was ever acknowledged, so it starts over): marker `setting_up`, a
+/// log whose first frame records the directory's creation, the witness,
+/// marker `ready`.
+fn set_up(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     let io = |reason| StorageError::Io {
         dir: dir.to_path_buf(),
         reason,
     };
-    let witness = File::create(dir.join(WITNESS_FILE)).map_err(io)?;
-    Witness::running(0)
-        .write(&witness)
-        .and_then(|()| witness.sync_all())
-        .map_err(io)?;
-    write_marker(dir, node_id, MarkerState::Ready)
-}
-
-/// Checks a marked directory's metadata. Missing metadata in a marked
-/// directory means the database lost it: damaged, not new.
-fn check_meta(meta: &sled::Tree, dir: &Path, node_id: &str) -> Result<(), StorageError> {
-    let damaged = |message: String| StorageError::Damaged {
+    write_marker(dir, node_id, MarkerState::SettingUp)?;
+    remove_dir_if_present(&dir.join(LOG_DIR)).map_err(io)?;
+    remove_dir_if_present(&dir.join(CHECKPOINT_DIR)).map_err(io)?;
+    let log_dir = dir.join(LOG_DIR);
+    log::create(&log_dir).map_err(io)?;
+    let end = log::scan(&log_dir, 0, 0, |_| Ok(())).map_err(|error| StorageError::Damaged {
         dir: dir.to_path_buf(),
-        message,
+        message: error.to_string(),
+    })?;
+    let mut log = LogWriter::open(&log_dir, &end, u64::MAX).map_err(io)?;
+    let created = Change::Created {
+        directory_id: crate::meta::new_directory_id(),
     };
-    let stored_node = meta
-        .get("node_id")
-        .map_err(|error| damaged(error.to_string()))?
-        .ok_or_else(|| {
-            damaged(format!(
-                "the database has no metadata although {MARKER_FILE} says it was set up"
-            ))
-        })?;
-    let version = meta
-        .get("format_version")
-        .map_err(|error| damaged(error.to_string()))?
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
-        .map(u64::from_be_bytes);
-    if version != Some(FORMAT_VERSION) {
-        return Err(damaged(format!(
-            "format version {version:?}, this build reads version {FORMAT_VERSION}"
-        )));
-    }
-    let stored_node = String::from_utf8_lossy(&stored_node).into_owned();
-    if stored_node != node_id {
-        return Err(StorageError::WrongNode {
-            dir: dir.to_path_buf(),
-            found: stored_node,
-            expected: node_id.to_string(),
-        });
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::StripeIncrement;
-    use std::collections::BTreeMap;
-
-    fn add(store: &Store, counter: &str, stripe: u32, delta: i64, key: Option<&str>) {
-        store.apply(
-            &[StripeIncrement {
-                counter,
-                stripe,
-                delta,
-                idempotency_key: key,
-            }],
-            1_000,
-        );
-    }
-
-    /// A directory with flushed entries and records, left as a crash leaves
-    /// it (`clean` false) or as a clean stop does.
-    fn written_directory(clean: bool) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let store = Store::new();
-        for round in 0..200 {
-            add(
-                &store,
-                &format!("c{}", round % 17),
-                round % 4,
-                1,
-                Some(&format!("k{round}")),
-            );
-            storage.write(&store.begin_flush()).unwrap();
-        }
-        if clean {
-            storage.close().unwrap();
-        }
-        dir
-    }
-
-    /// Every file of a directory (but the lock) with its contents.
-    fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-        let mut files = BTreeMap::new();
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(path) = pending.pop() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    pending.push(path);
-                } else if !path.ends_with(LOCK_FILE) {
-                    files.insert(path.clone(), std::fs::read(&path).unwrap());
-                }
-            }
-        }
-        files
-    }
-
-    fn reopen(dir: &Path) -> Result<(Storage, Store, DirectoryReport), StorageError> {
-        let storage = Storage::open(dir, "shard-1")?;
-        let store = Store::new();
-        let report = storage.load_into(&store, &Replicas::default())?;
-        Ok((storage, store, report))
-    }
-
-    #[test]
-    fn entries_and_records_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            let store = Store::new();
-            add(&store, "a", 0, 5, Some("key"));
-            add(&store, "a", 2, -3, None);
-            add(&store, "gone", 0, 1, None);
-            storage.write(&store.begin_flush()).unwrap();
-            store.erase(&["gone"]);
-            storage.write(&store.begin_flush()).unwrap();
-        }
-        let (_storage, store, report) = reopen(dir.path()).unwrap();
-        assert_eq!(report.entries, 2);
-        assert_eq!(report.records, 1);
-        assert_eq!(report.sequence, 2);
-        assert_eq!(report.witnessed, 2);
-        assert_eq!(store.read("a"), vec![(0, 5), (2, -3)]);
-        assert_eq!(store.read("gone"), vec![]);
-        let (outcomes, _) = store.apply(
-            &[StripeIncrement {
-                counter: "a",
-                stripe: 0,
-                delta: 5,
-                idempotency_key: Some("key"),
-            }],
-            2_000,
-        );
-        assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
-    }
-
-    /// Loads a node's directory, for the replica copies it holds.
-    fn load_copies(storage: &Storage) -> (DirectoryReport, Replicas) {
-        let replicas = Replicas::default();
-        let report = storage.load_into(&Store::new(), &replicas).unwrap();
-        (report, replicas)
-    }
-
-    /// A copy stamp of directory 1 scanned at `version` ms.
-    fn stamp(version: u64) -> CopyStamp {
-        CopyStamp {
-            version,
-            scanned_unix_ms: version,
-            directory_id: 1,
-        }
-    }
-
-    #[test]
-    fn a_change_set_larger_than_a_chunk_is_written_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let names: Vec<String> = (0..REPLICA_CHUNK * 2 + 10)
-            .map(|i| format!("c{i}"))
-            .collect();
-        {
-            let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            storage
-                .write_replica("shard-2", true, stamp(1), &[("c0", 0, 1)])
-                .unwrap();
-            let entries: Vec<(&str, u32, i64)> =
-                names.iter().map(|name| (name.as_str(), 3, 2)).collect();
-            storage
-                .write_replica("shard-2", false, stamp(2), &entries)
-                .unwrap();
-        }
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let (report, replicas) = load_copies(&storage);
-        // c0 stripe 0 from the full copy, and every entry of the change set.
-        assert_eq!(report.foreign_entries, names.len() as u64 + 1);
-        assert_eq!(replicas.versions(), vec![("shard-2".into(), 2)]);
-        let last = names.last().unwrap().clone();
-        let read = replicas.read(&["c0".into(), last]);
-        assert_eq!(read[0].counters, vec![vec![(0, 1), (3, 2)], vec![(3, 2)]]);
-    }
-
-    #[test]
-    fn an_erase_reaches_copy_entries_that_memory_does_not_hold_yet() {
-        // A change set that failed part way leaves entries on disk that
-        // the in-memory copy lacks; an erase must remove them too.
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        storage
-            .write_replica("shard-2", true, stamp(1), &[("d", 0, 1)])
-            .unwrap();
-        storage
-            .write_replica("shard-2", false, stamp(2), &[("c", 0, 5)])
-            .unwrap();
-        // Memory as it is after the full set only.
-        let memory = Replicas::default();
-        memory.apply("shard-2", stamp(1), true, &[("d", 0, 1)]);
-        storage
-            .erase_replicas(&memory.erase_targets(&["c"]))
-            .unwrap();
-        drop(storage);
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let (_, replicas) = load_copies(&storage);
-        let read = replicas.read(&["c".into(), "d".into()]);
-        assert_eq!(read[0].counters, vec![vec![], vec![(0, 1)]]);
-    }
-
-    #[test]
-    fn replica_copies_survive_reopen_and_erase() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = {
-            let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            let first = storage.incarnation();
-            assert!(first > 1_700_000_000, "wall-clock seconds: {first}");
-            storage
-                .write_replica(
-                    "shard-2",
-                    true,
-                    CopyStamp {
-                        version: 7,
-                        scanned_unix_ms: 70,
-                        directory_id: 1,
-                    },
-                    &[("c", 0, 5), ("cc", 1, 3)],
-                )
-                .unwrap();
-            storage
-                .write_replica(
-                    "shard-2",
-                    false,
-                    CopyStamp {
-                        version: 9,
-                        scanned_unix_ms: 90,
-                        directory_id: 1,
-                    },
-                    &[("c", 2, 4), ("cc", 1, 0)],
-                )
-                .unwrap();
-            storage
-                .write_replica(
-                    "shard-3",
-                    true,
-                    CopyStamp {
-                        version: 4,
-                        scanned_unix_ms: 40,
-                        directory_id: 1,
-                    },
-                    &[("c", 0, 1)],
-                )
-                .unwrap();
-            storage
-                .erase_replicas(&[("shard-3".into(), "c".into())])
-                .unwrap();
-            first
-        };
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        assert!(
-            storage.incarnation() > first,
-            "every start is numbered higher"
-        );
-        let (report, replicas) = load_copies(&storage);
-        assert_eq!(report.entries, 0);
-        assert_eq!(report.foreign_entries, 2);
-        assert_eq!(
-            replicas.versions(),
-            vec![("shard-2".into(), 9), ("shard-3".into(), 4)]
-        );
-        let read = replicas.read(&["c".into(), "cc".into()]);
-        let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
-        assert_eq!(shard_2.counters, vec![vec![(0, 5), (2, 4)], vec![]]);
-        assert_eq!(shard_2.stamp.scanned_unix_ms, 90);
-        // A full set replaces the copy.
-        storage
-            .write_replica(
-                "shard-2",
-                true,
-                CopyStamp {
-                    version: 12,
-                    scanned_unix_ms: 120,
-                    directory_id: 1,
-                },
-                &[("d", 0, 1)],
-            )
-            .unwrap();
-        drop(storage);
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        let (_, replicas) = load_copies(&storage);
-        let read = replicas.read(&["c".into(), "d".into()]);
-        let shard_2 = read.iter().find(|copy| copy.origin == "shard-2").unwrap();
-        assert_eq!(shard_2.counters, vec![vec![], vec![(0, 1)]]);
-    }
-
-    #[test]
-    fn a_clean_stop_is_recognized_and_a_crash_is_checked() {
-        let dir = written_directory(true);
-        let report = verify(dir.path()).unwrap();
-        assert!(report.clean);
-        assert_eq!(report.sequence, 200);
-        assert_eq!(report.records, 200);
-        let (_storage, store, _) = reopen(dir.path()).unwrap();
-        assert_eq!(store.read("c0").iter().map(|(_, v)| v).sum::<i64>(), 12);
-
-        let crashed = written_directory(false);
-        let report = verify(crashed.path()).unwrap();
-        assert!(!report.clean);
-        assert_eq!((report.sequence, report.witnessed), (200, 200));
-        reopen(crashed.path()).unwrap();
-    }
-
-    #[test]
-    fn verify_changes_nothing_and_refuses_a_running_nodes_directory() {
-        let dir = written_directory(false);
-        let before = contents(dir.path());
-        verify(dir.path()).unwrap();
-        assert_eq!(contents(dir.path()), before);
-        let _running = Storage::open(dir.path(), "shard-1").unwrap();
-        assert!(matches!(
-            verify(dir.path()).unwrap_err(),
-            StorageError::Locked { .. }
-        ));
-    }
-
-    /// Damages a directory, then checks that opening and verifying refuse
-    /// it and leave every file as it was.
-    fn refused_untouched(clean: bool, damage: impl FnOnce(&Path)) -> String {
-        let dir = written_directory(clean);
-        damage(dir.path());
-        let before = contents(dir.path());
-        let error = reopen(dir.path()).expect_err("a damaged directory opened");
-        assert!(matches!(error, StorageError::Refused { .. }), "{error}");
-        assert_eq!(contents(dir.path()), before, "files changed: {error}");
-        let verified = verify(dir.path()).unwrap_err();
-        assert_eq!(verified.to_string(), error.to_string());
-        assert_eq!(contents(dir.path()), before);
-        error.to_string()
-    }
-
-    fn rewrite_db(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) {
-        let path = dir.join("db");
-        let mut bytes = std::fs::read(&path).unwrap();
-        change(&mut bytes);
-        std::fs::write(&path, bytes).unwrap();
-    }
-
-    #[test]
-    fn a_truncated_database_is_refused_untouched() {
-        for clean in [false, true] {
-            let message = refused_untouched(clean, |dir| {
-                rewrite_db(dir, |bytes| bytes.truncate(bytes.len() / 2));
-            });
-            assert!(
-                message.contains("acknowledged writes are missing"),
-                "{message}"
-            );
-        }
-    }
-
-    #[test]
-    fn an_overwritten_tail_is_refused_untouched() {
-        let message = refused_untouched(false, |dir| {
-            rewrite_db(dir, |bytes| {
-                let at = bytes.len() - 4096;
-                bytes[at..].fill(0x5a);
-            });
-        });
-        assert!(message.contains("FLUSHED"), "{message}");
-    }
-
-    #[test]
-    fn a_garbage_database_is_refused_untouched() {
-        refused_untouched(true, |dir| {
-            rewrite_db(dir, |bytes| {
-                for (index, byte) in bytes.iter_mut().enumerate() {
-                    *byte = (index * 7 + 13) as u8;
-                }
-            });
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("snap.")
-                {
-                    std::fs::remove_file(path).unwrap();
-                }
-            }
-        });
-    }
-
-    #[test]
-    fn a_missing_or_unreadable_witness_is_refused_untouched() {
-        let message = refused_untouched(true, |dir| {
-            std::fs::remove_file(dir.join(WITNESS_FILE)).unwrap();
-        });
-        assert!(message.contains("FLUSHED is missing"), "{message}");
-        let message = refused_untouched(false, |dir| {
-            std::fs::write(dir.join(WITNESS_FILE), "zzz").unwrap();
-        });
-        assert!(message.contains("FLUSHED is unreadable"), "{message}");
-    }
-
-    #[test]
-    fn a_stale_witness_is_no_false_alarm() {
-        // Power loss may leave the witness behind the database, never ahead.
-        let dir = written_directory(false);
-        Witness::running(150)
-            .write(
-                &File::options()
-                    .write(true)
-                    .open(dir.path().join(WITNESS_FILE))
-                    .unwrap(),
-            )
-            .unwrap();
-        let (_storage, _store, report) = reopen(dir.path()).unwrap();
-        assert_eq!((report.sequence, report.witnessed), (200, 150));
-    }
-
-    #[test]
-    fn a_held_directory_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let _first = Storage::open(dir.path(), "shard-1").unwrap();
-        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
-        assert!(matches!(error, StorageError::Locked { .. }), "{error}");
-        assert!(error.to_string().contains("in use by another process"));
-    }
-
-    #[test]
-    fn another_nodes_directory_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Storage::open(dir.path(), "shard-1").unwrap());
-        let error = Storage::open(dir.path(), "shard-2").unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            format!(
-                "data directory {} belongs to node \"shard-1\", not \"shard-2\"",
-                dir.path().display()
-            )
-        );
-    }
-
-    #[test]
-    fn an_older_format_is_refused_with_advice() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(MARKER_FILE),
-            "format_version = 1\nnode_id = \"shard-1\"\nstate = \"ready\"\n",
-        )
-        .unwrap();
-        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("format version 1, this build reads version 2"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn a_foreign_directory_is_refused_and_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("precious.txt"), "mine").unwrap();
-        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
-        assert!(matches!(error, StorageError::Foreign { .. }), "{error}");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
-            "mine"
-        );
-        assert!(!dir.path().join("db").exists());
-        assert!(
-            !dir.path().join(LOCK_FILE).exists(),
-            "not even a lock file is added"
-        );
-    }
-
-    #[test]
-    fn a_file_named_db_does_not_make_a_directory_ours() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("db"), "someone else's database").unwrap();
-        let error = Storage::open(dir.path(), "shard-1").unwrap_err();
-        assert!(matches!(error, StorageError::Foreign { .. }), "{error}");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("db")).unwrap(),
-            "someone else's database"
-        );
-    }
-
-    #[test]
-    fn the_marker_names_the_node() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Storage::open(dir.path(), "shard-1").unwrap());
-        let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
-        assert!(marker.contains("node_id = \"shard-1\""), "{marker}");
-        assert!(marker.contains("format_version = 2"), "{marker}");
-        assert!(marker.contains("state = \"ready\""), "{marker}");
-        assert!(!dir.path().join(format!("{MARKER_FILE}.tmp")).exists());
-    }
-
-    #[test]
-    fn a_first_start_interrupted_before_sled_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        // What a crash right after the first marker write leaves.
-        std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
-        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
-        drop(Storage::open(dir.path(), "shard-1").unwrap());
-        let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
-        assert!(marker.contains("state = \"ready\""), "{marker}");
-    }
-
-    #[test]
-    fn a_first_start_interrupted_after_metadata_resumes_and_keeps_data() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let storage = Storage::open(dir.path(), "shard-1").unwrap();
-            let store = Store::new();
-            add(&store, "a", 1, 9, None);
-            storage.write(&store.begin_flush()).unwrap();
-        }
-        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
-        let (storage, store, report) = reopen(dir.path()).unwrap();
-        assert_eq!(report.entries, 1);
-        assert_eq!(store.read("a"), vec![(1, 9)]);
-        drop(storage);
-        // A setting-up marker of another node is still another node's.
-        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
-        assert!(matches!(
-            Storage::open(dir.path(), "shard-2").unwrap_err(),
-            StorageError::WrongNode { .. }
-        ));
-    }
-
-    #[test]
-    fn a_fresh_filesystems_lost_and_found_is_not_foreign_nor_sleds() {
-        use std::os::unix::fs::PermissionsExt;
-
-        let dir = tempfile::tempdir().unwrap();
-        let lost_and_found = dir.path().join("lost+found");
-        std::fs::create_dir(&lost_and_found).unwrap();
-        std::fs::write(lost_and_found.join("#1234"), "recovered").unwrap();
-        // As a freshly formatted volume has it: root's, unreadable to the
-        // node's user.
-        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        storage
-            .load_into(&Store::new(), &Replicas::default())
-            .unwrap();
-        storage.close().unwrap();
-        // fsck may add to it while the node is stopped: still a clean stop.
-        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::write(lost_and_found.join("#5678"), "found later").unwrap();
-        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
-        assert!(verify(dir.path()).unwrap().clean);
-        let storage = Storage::open(dir.path(), "shard-1").unwrap();
-        storage
-            .load_into(&Store::new(), &Replicas::default())
-            .unwrap();
-        drop(storage);
-        // Crashed: the copy check must not need it either.
-        reopen(dir.path()).unwrap();
-        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert!(!dir.path().join(CHECK_DIR).exists());
-    }
+    log.append(created.kind(), |buffer| created.encode(buffer));
+    log.commit().map_err(io)?;
+    write_witness(dir, Witness::running(log.last_seq())).map_err(io)?;
+    write_marker(dir, node_id, MarkerState::Ready)
 }

@@ -1,16 +1,18 @@
 //! The in-memory counters: a map from `(counter, stripe)` to i64, split into
-//! segments so that concurrent writers rarely share a lock.
+//! segments so that concurrent writers rarely share a lock, each segment a
+//! compact [`Table`].
 //!
-//! The store also tracks which counters changed since the last flush, and
-//! hands out *flush epochs* for group commit: every change is stamped with the
-//! epoch that is open while it is made, and [`Store::begin_flush`] closes that
-//! epoch and collects every change stamped with it. Why this is exact: a
-//! writer reads the open epoch while it holds its segment's lock, and the
-//! flusher closes the epoch *before* it takes any segment lock. So a writer
-//! that saw epoch `E` either finished before the flusher visited its segment
-//! (its change is collected) or the flusher has not visited it yet (it will
-//! wait for the writer's lock and collect the change). A writer that saw
-//! `E + 1` may be collected early, which only makes it durable sooner.
+//! The store also tracks which counters changed since the last group commit,
+//! and hands out *flush epochs*: every change is stamped with the epoch that
+//! is open while it is made, and [`Store::begin_flush`] closes that epoch
+//! and collects every change stamped with it into the next log frame. Why
+//! this is exact: a writer reads the open epoch while it holds its segment's
+//! lock, and the flusher closes the epoch *before* it takes any segment lock.
+//! So a writer that saw epoch `E` either finished before the flusher visited
+//! its segment (its change is collected) or the flusher has not visited it
+//! yet (it will wait for the writer's lock and collect the change). A writer
+//! that saw `E + 1` may be collected early, which only makes it durable
+//! sooner.
 //!
 //! # Idempotency records
 //!
@@ -18,10 +20,23 @@
 //! -> delta` in the counter's segment, under the same lock as the change, so
 //! a concurrent retry sees either neither or both. Records are dirty-tracked
 //! like entries and collected by the same [`Store::begin_flush`] visit of the
-//! segment: a flush writes a counter change and its record in one batch, or
-//! neither. A record is forgotten once it is older than the retention
-//! window, or, oldest first, when the node remembers more than its maximum
-//! number of keys ([`KeyRetention`]).
+//! segment: one log frame holds a counter change and its record, or neither.
+//! A record is forgotten once it is older than the retention window, or,
+//! oldest first, when the node remembers more than its maximum number of
+//! keys ([`KeyRetention`]).
+//!
+//! # Checkpoint captures
+//!
+//! The checkpoint ([`crate::checkpoint`]) stores the counters in buckets:
+//! 64 per segment, chosen by a hash of the counter's name (of the record's
+//! key for idempotency records). Every change marks its bucket; a capture,
+//! taken during a [`Store::begin_flush`] visit of a segment and so under the
+//! same lock, encodes the segment's marked buckets. Captured that way, a
+//! bucket holds exactly what the log holds up to the frame being collected:
+//! never a change the log does not have yet. Replaying the log from an
+//! earlier frame over it is then harmless (the frames carry absolute values),
+//! which is what makes a checkpoint taken a few segments at a time, while
+//! writers run, sound.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,16 +45,51 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::keys;
+use crate::codec::{self, Malformed, Reader};
+use crate::table::{Slot, Table, DIRTY};
 
 /// Number of lock segments. A power of two well above the core count of the
 /// machines we run on, so two writers collide on a lock rarely.
-const SEGMENT_COUNT: usize = 64;
+pub const SEGMENT_COUNT: usize = 64;
+/// Checkpoint buckets per segment (one bit each in a `u64`).
+pub const BUCKETS_PER_SEGMENT: usize = 64;
+/// Checkpoint buckets in all: a bucket id fits a `u16`.
+pub const BUCKET_COUNT: usize = SEGMENT_COUNT * BUCKETS_PER_SEGMENT;
+/// Stripes a shard stores per counter: stripe ids below this. Coordinators
+/// use at most 1,024.
+pub const MAX_STRIPES: u32 = 4096;
 
 /// Default for how long an idempotency key is remembered.
 pub const DEFAULT_KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 /// Default for how many idempotency keys one node remembers.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+/// Where a counter (or a record's key) lives: its segment and its bucket
+/// within the segment, from an xxh3 of the name. Fixed by the data format:
+/// checkpoint buckets are stored under these numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The lock segment (and the high bits of the bucket id).
+    pub segment: usize,
+    /// The bucket within the segment.
+    pub sub: usize,
+}
+
+impl Placement {
+    /// The placement of a counter (or record key) by its bytes.
+    pub fn of(bytes: &[u8]) -> Placement {
+        let hash = xxhash_rust::xxh3::xxh3_64(bytes);
+        Placement {
+            segment: ((hash >> 32) as usize) % SEGMENT_COUNT,
+            sub: ((hash >> 40) as usize) % BUCKETS_PER_SEGMENT,
+        }
+    }
+
+    /// The bucket id, `segment × 64 + sub`.
+    pub fn bucket(self) -> u16 {
+        (self.segment * BUCKETS_PER_SEGMENT + self.sub) as u16
+    }
+}
 
 /// How long idempotency keys are remembered.
 ///
@@ -87,7 +137,7 @@ pub enum ApplyOutcome {
 pub struct StripeIncrement<'a> {
     /// The counter.
     pub counter: &'a str,
-    /// The stripe of the counter.
+    /// The stripe of the counter, below [`MAX_STRIPES`].
     pub stripe: u32,
     /// Amount to add.
     pub delta: i64,
@@ -95,68 +145,174 @@ pub struct StripeIncrement<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// One idempotency record as a flush must write it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordSnapshot {
-    /// The record's key in the `data` tree ([`keys::encode_record_key_into`]).
-    pub key: Arc<[u8]>,
-    /// `(delta, applied_unix_ms)`, or `None` if the record was forgotten.
-    pub record: Option<(i64, u64)>,
-    /// The segment it lives in, to re-mark it dirty if the flush fails.
-    segment: usize,
+/// The key of an idempotency record: `counter_len: u16 BE | counter | key`,
+/// unique per `(counter, idempotency key)`.
+pub fn encode_record_key_into(buffer: &mut Vec<u8>, counter: &str, key: &str) {
+    debug_assert!(counter.len() <= usize::from(u16::MAX));
+    buffer.clear();
+    buffer.extend_from_slice(&(counter.len() as u16).to_be_bytes());
+    buffer.extend_from_slice(counter.as_bytes());
+    buffer.extend_from_slice(key.as_bytes());
 }
 
-/// An idempotency record read back from disk.
-#[derive(Debug, Clone)]
-pub struct LoadedRecord {
-    /// The record's key in the `data` tree.
-    pub key: Arc<[u8]>,
-    /// The counter (decoded from the key).
-    pub counter: Box<str>,
-    /// The delta applied under the key.
-    pub delta: i64,
-    /// When it was applied.
-    pub applied_unix_ms: u64,
+/// Splits a record key into its counter and idempotency key.
+pub fn decode_record_key(bytes: &[u8]) -> Option<(&str, &str)> {
+    let (length, rest) = bytes.split_first_chunk::<2>()?;
+    let (counter, key) = rest.split_at_checked(usize::from(u16::from_be_bytes(*length)))?;
+    Some((
+        std::str::from_utf8(counter).ok()?,
+        std::str::from_utf8(key).ok()?,
+    ))
 }
 
-/// One entry as it must be written by a flush. A value of 0 means "remove".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntrySnapshot {
-    /// The counter.
-    pub counter: Box<str>,
-    /// The stripe.
-    pub stripe: u32,
-    /// The value at the time of the snapshot.
-    pub value: i64,
-}
-
-/// The changes one flush must write.
+/// The changes one group commit writes: the body of an own-entries frame
+/// of the log. Buffers are reused from one flush to the next.
+///
+/// ```text
+/// body    = counters: varint | counter* | records: varint | record*
+/// counter = name: bytes | stripes: varint | (stripe: varint | value: zigzag)*
+///           (every stripe of a changed counter, zeros included)
+/// record  = key: bytes (see `encode_record_key_into`)
+///           | 1 | delta: zigzag | applied_unix_ms: varint   (remembered)
+///           | 0                                              (forgotten)
+/// ```
 #[derive(Debug, Default)]
-pub struct FlushSnapshot {
+pub struct OwnChanges {
     /// The epoch this flush makes durable.
     pub epoch: u64,
-    /// Every stripe of every counter changed in or before `epoch`.
-    pub entries: Vec<EntrySnapshot>,
-    /// Every idempotency record added or forgotten in or before `epoch`.
-    pub records: Vec<RecordSnapshot>,
+    counters: usize,
+    entries: Vec<u8>,
+    records: usize,
+    record_bytes: Vec<u8>,
+    /// Some stripe was written as 0: [`Store::finish_flush`] has work.
+    zeros: bool,
 }
 
-impl FlushSnapshot {
+/// One entry of an own-entries frame, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedCounter<'a> {
+    /// The counter.
+    pub counter: &'a str,
+    /// Every stripe it has, `(stripe, value)`.
+    pub stripes: Vec<(u16, i64)>,
+}
+
+/// One idempotency record change of an own-entries frame, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRecord<'a> {
+    /// The record's key ([`encode_record_key_into`]).
+    pub key: &'a [u8],
+    /// `(delta, applied_unix_ms)`, or `None` if it was forgotten.
+    pub record: Option<(i64, u64)>,
+}
+
+impl OwnChanges {
     /// Whether the flush has nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.records.is_empty()
+        self.counters == 0 && self.records == 0
+    }
+
+    /// Counters and records collected.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.counters, self.records)
+    }
+
+    /// Appends the frame body.
+    pub fn encode_into(&self, buffer: &mut Vec<u8>) {
+        codec::put_varint(buffer, self.counters as u64);
+        buffer.extend_from_slice(&self.entries);
+        codec::put_varint(buffer, self.records as u64);
+        buffer.extend_from_slice(&self.record_bytes);
+    }
+
+    fn clear(&mut self) {
+        self.epoch = 0;
+        self.counters = 0;
+        self.entries.clear();
+        self.records = 0;
+        self.record_bytes.clear();
+        self.zeros = false;
+    }
+
+    /// Decodes a frame body written by [`OwnChanges::encode_into`].
+    pub fn decode(
+        body: &[u8],
+    ) -> Result<(Vec<LoggedCounter<'_>>, Vec<LoggedRecord<'_>>), Malformed> {
+        let mut reader = Reader::new(body);
+        let counters = decode_counters(&mut reader)?;
+        let count = reader.count("record count")?;
+        let mut records = Vec::with_capacity(count);
+        for _ in 0..count {
+            let key = reader.bytes("record key")?;
+            decode_record_key(key).ok_or(Malformed { what: "record key" })?;
+            let record = match reader.byte("record kind")? {
+                1 => Some((
+                    reader.signed("record delta")?,
+                    reader.varint("record time")?,
+                )),
+                0 => None,
+                _ => {
+                    return Err(Malformed {
+                        what: "record kind",
+                    })
+                }
+            };
+            records.push(LoggedRecord { key, record });
+        }
+        reader.finish("own changes")?;
+        Ok((counters, records))
     }
 }
 
-#[derive(Debug, Default)]
-struct CounterEntry {
-    /// `(stripe, value)`; a counter has few stripes on one node, so a vector
-    /// beats a map.
-    stripes: Vec<(u32, i64)>,
-    /// Listed in its segment's `dirty` list and not yet collected by a flush.
-    dirty: bool,
-    /// The replication version of its last change (see [`Store::changes_since`]).
-    changed: u64,
+/// Appends one counter and its stripes (zeros included) from a table.
+/// Returns whether a stripe is 0.
+fn encode_counter(buffer: &mut Vec<u8>, table: &Table, slot: Slot) -> bool {
+    codec::put_bytes(buffer, table.name(slot).as_bytes());
+    codec::put_varint(buffer, table.stripes(slot).count() as u64);
+    let mut zero = false;
+    for (stripe, value) in table.stripes(slot) {
+        zero |= value == 0;
+        codec::put_varint(buffer, u64::from(stripe));
+        codec::put_signed(buffer, value);
+    }
+    zero
+}
+
+/// Decodes `count: varint | counter*` (see [`OwnChanges`]).
+pub fn decode_counters<'a>(reader: &mut Reader<'a>) -> Result<Vec<LoggedCounter<'a>>, Malformed> {
+    let count = reader.count("counter count")?;
+    let mut counters = Vec::with_capacity(count);
+    for _ in 0..count {
+        let counter = reader.str("counter name")?;
+        if counter.is_empty() || counter.len() > 256 {
+            return Err(Malformed {
+                what: "counter name",
+            });
+        }
+        let stripe_count = reader.count("stripe count")?;
+        let mut stripes = Vec::with_capacity(stripe_count);
+        for _ in 0..stripe_count {
+            let stripe: u16 = reader.small("stripe")?;
+            if u32::from(stripe) >= MAX_STRIPES {
+                return Err(Malformed { what: "stripe" });
+            }
+            stripes.push((stripe, reader.signed("value")?));
+        }
+        counters.push(LoggedCounter { counter, stripes });
+    }
+    Ok(counters)
+}
+
+/// A checkpoint bucket as captured: its id and its encoded contents (see
+/// [`crate::checkpoint`]); empty contents mean "delete the bucket".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedBucket {
+    /// `segment × 64 + sub`.
+    pub bucket: u16,
+    /// `counters: varint | counter* | records: varint | record*`, as in a
+    /// frame but without zero stripes and forgotten records; empty if the
+    /// bucket holds nothing.
+    pub contents: Vec<u8>,
 }
 
 /// An idempotency key applied to a counter.
@@ -171,33 +327,113 @@ struct KeyRecord {
     epoch: u64,
 }
 
-/// The segments' maps: foldhash. SipHash (std's default) was 11% of a
-/// start loading 950,000 entries, and apply ran 2.2× faster without it.
-/// foldhash seeds each map randomly, so colliding names cannot be computed
-/// offline; unlike SipHash it does not claim to resist an attacker who
-/// probes one process's timing, a trade made for callers that are the
-/// operator's own application services.
+/// The records map: foldhash. SipHash (std's default) was 11% of a start
+/// loading 950,000 entries, and apply ran 2.2× faster without it. foldhash
+/// seeds each map randomly, so colliding names cannot be computed offline;
+/// unlike SipHash it does not claim to resist an attacker who probes one
+/// process's timing, a trade made for callers that are the operator's own
+/// application services.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
 struct Segment {
-    counters: FastMap<Box<str>, CounterEntry>,
-    dirty: Vec<Box<str>>,
-    /// Keyed by the record's key in the `data` tree, which is unique per
-    /// `(counter, idempotency key)` and shared with the retention queue.
+    table: Table,
+    /// Offsets of records marked [`DIRTY`], not yet collected (a record may
+    /// have moved since: [`Table::resolve`]).
+    dirty: Vec<u32>,
+    /// Keyed by the record key, which is unique per `(counter, idempotency
+    /// key)` and shared with the retention queue.
     records: FastMap<Arc<[u8]>, KeyRecord>,
     /// Records added or forgotten since the last flush; may repeat a key.
     dirty_records: Vec<Arc<[u8]>>,
+    /// Buckets changed since their last checkpoint capture, one bit each.
+    checkpoint_dirty: u64,
 }
 
 impl Segment {
-    fn mark_dirty(&mut self, counter: &str) {
-        if let Some(entry) = self.counters.get_mut(counter) {
-            if !entry.dirty {
-                entry.dirty = true;
-                self.dirty.push(counter.into());
-            }
+    fn mark_dirty(&mut self, slot: Slot, sub: usize) {
+        if self.table.flags(slot) & DIRTY == 0 {
+            self.table.set_flag(slot, DIRTY, true);
+            self.dirty.push(slot.offset());
         }
+        self.checkpoint_dirty |= 1 << sub;
+    }
+
+    fn mark_record(&mut self, key: Arc<[u8]>) {
+        self.checkpoint_dirty |= 1 << Placement::of(&key).sub;
+        self.dirty_records.push(key);
+    }
+
+    /// Encodes the segment's marked buckets and clears their marks.
+    fn capture(&mut self, segment: usize, into: &mut Vec<CapturedBucket>) {
+        let marked = std::mem::take(&mut self.checkpoint_dirty);
+        let records = self
+            .records
+            .iter()
+            .map(|(key, record)| (&**key, record.delta, record.applied_unix_ms));
+        capture_buckets(&self.table, records, segment, marked, into);
+    }
+}
+
+/// Encodes the buckets of one segment marked in `marked` (a bit per
+/// bucket), from its table and its idempotency records `(key, delta,
+/// applied_unix_ms)`: zero stripes and all-zero counters left out, an empty
+/// bucket as empty contents (a delete). Shared by own entries and replica
+/// copies (which have no records).
+pub(crate) fn capture_buckets<'a>(
+    table: &Table,
+    records: impl Iterator<Item = (&'a [u8], i64, u64)>,
+    segment: usize,
+    marked: u64,
+    into: &mut Vec<CapturedBucket>,
+) {
+    if marked == 0 {
+        return;
+    }
+    let mut counters: Vec<(usize, Vec<u8>)> = vec![(0, Vec::new()); BUCKETS_PER_SEGMENT];
+    for slot in table.slots() {
+        let name = table.name(slot);
+        let sub = Placement::of(name.as_bytes()).sub;
+        let live = || table.stripes(slot).filter(|(_, value)| *value != 0);
+        if marked & (1 << sub) == 0 || live().next().is_none() {
+            continue;
+        }
+        let (count, bytes) = &mut counters[sub];
+        *count += 1;
+        codec::put_bytes(bytes, name.as_bytes());
+        codec::put_varint(bytes, live().count() as u64);
+        for (stripe, value) in live() {
+            codec::put_varint(bytes, u64::from(stripe));
+            codec::put_signed(bytes, value);
+        }
+    }
+    let mut keyed: Vec<(usize, Vec<u8>)> = vec![(0, Vec::new()); BUCKETS_PER_SEGMENT];
+    for (key, delta, applied_unix_ms) in records {
+        let sub = Placement::of(key).sub;
+        if marked & (1 << sub) == 0 {
+            continue;
+        }
+        let (count, bytes) = &mut keyed[sub];
+        *count += 1;
+        codec::put_bytes(bytes, key);
+        codec::put_signed(bytes, delta);
+        codec::put_varint(bytes, applied_unix_ms);
+    }
+    for sub in (0..BUCKETS_PER_SEGMENT).filter(|sub| marked & (1 << sub) != 0) {
+        let (counter_count, counter_bytes) = &counters[sub];
+        let (record_count, record_bytes) = &keyed[sub];
+        let mut contents = Vec::new();
+        if *counter_count + *record_count > 0 {
+            contents.reserve(counter_bytes.len() + record_bytes.len() + 10);
+            codec::put_varint(&mut contents, *counter_count as u64);
+            contents.extend_from_slice(counter_bytes);
+            codec::put_varint(&mut contents, *record_count as u64);
+            contents.extend_from_slice(record_bytes);
+        }
+        into.push(CapturedBucket {
+            bucket: Placement { segment, sub }.bucket(),
+            contents,
+        });
     }
 }
 
@@ -220,12 +456,12 @@ struct KeyQueue {
     latest_unix_ms: u64,
 }
 
-/// Entries removed from memory (0 on disk and in memory), remembered so that
-/// [`Store::changes_since`] can tell replicas; the oldest are dropped beyond
-/// [`REMOVED_LOG_MAX`], and a replica behind them gets a full copy.
+/// Entries removed from memory (0 in the log and in memory), remembered so
+/// that [`Store::changes_since`] can tell replicas; the oldest are dropped
+/// beyond [`REMOVED_LOG_MAX`], and a replica behind them gets a full copy.
 #[derive(Debug, Default)]
 struct RemovedLog {
-    removed: VecDeque<(u64, Box<str>, u32)>,
+    removed: VecDeque<(u64, Box<str>, u16)>,
     /// Changes before this version may be missing from the log.
     horizon: u64,
 }
@@ -254,7 +490,8 @@ pub struct Store {
     /// Stamped on every change of an own entry, under its segment lock, and
     /// advanced by [`Store::changes_since`] before it looks: the flush
     /// epoch's argument, for replication. The node's incarnation sits in the
-    /// high bits, so versions grow across restarts.
+    /// high bits, so versions grow across restarts; records keep the low
+    /// bits.
     replication_epoch: AtomicU64,
     removed: Mutex<RemovedLog>,
     retention: KeyRetention,
@@ -295,19 +532,23 @@ impl Store {
         self.open_epoch.load(Ordering::SeqCst)
     }
 
+    fn segment_of(&self, counter: &str) -> (&Mutex<Segment>, Placement) {
+        let placement = Placement::of(counter.as_bytes());
+        (&self.segments[placement.segment], placement)
+    }
+
     /// The value of one entry (0 if absent).
     pub fn entry(&self, counter: &str, stripe: u32) -> i64 {
-        self.segment(counter)
-            .lock()
-            .counters
-            .get(counter)
-            .and_then(|entry| {
-                entry
-                    .stripes
-                    .iter()
-                    .find(|(existing, _)| *existing == stripe)
-            })
-            .map_or(0, |(_, value)| *value)
+        let (segment, _) = self.segment_of(counter);
+        let segment = segment.lock();
+        let Ok(stripe) = u16::try_from(stripe) else {
+            return 0;
+        };
+        segment
+            .table
+            .find(counter)
+            .and_then(|slot| segment.table.get(slot, stripe))
+            .unwrap_or(0)
     }
 
     /// The replication version now: a copy at this version or later holds
@@ -323,6 +564,10 @@ impl Store {
             .store((incarnation << INCARNATION_SHIFT) | 1, Ordering::SeqCst);
     }
 
+    fn changed_stamp(&self) -> u32 {
+        self.replication_epoch.load(Ordering::SeqCst) as u32
+    }
+
     /// This node's own entries changed after version `since` (from an
     /// earlier call), or all of them (`full`) if `since` is 0, from another
     /// incarnation, or older than the removal log reaches.
@@ -332,17 +577,19 @@ impl Store {
         let full = since == 0
             || since < horizon
             || since >> INCARNATION_SHIFT != version >> INCARNATION_SHIFT;
+        let since_low = since as u32;
         let mut entries = Vec::new();
         for segment in self.segments.iter() {
             let segment = segment.lock();
-            for (counter, entry) in &segment.counters {
-                if full || entry.changed > since {
+            let table = &segment.table;
+            for slot in table.slots() {
+                if full || table.changed(slot) > since_low {
+                    let counter: Box<str> = table.name(slot).into();
                     entries.extend(
-                        entry
-                            .stripes
-                            .iter()
+                        table
+                            .stripes(slot)
                             .filter(|(_, value)| !full || *value != 0)
-                            .map(|&(stripe, value)| (counter.clone(), stripe, value)),
+                            .map(|(stripe, value)| (counter.clone(), u32::from(stripe), value)),
                     );
                 }
             }
@@ -360,9 +607,9 @@ impl Store {
                 .removed
                 .iter()
                 .filter(|(changed, counter, stripe)| {
-                    *changed > since && !seen.contains(&(&**counter, *stripe))
+                    *changed > since && !seen.contains(&(&**counter, u32::from(*stripe)))
                 })
-                .map(|(_, counter, stripe)| (counter.clone(), *stripe, 0))
+                .map(|(_, counter, stripe)| (counter.clone(), u32::from(*stripe), 0))
                 .collect();
             entries.extend(removed);
         }
@@ -373,75 +620,104 @@ impl Store {
         }
     }
 
-    fn segment_index(counter: &str) -> usize {
-        let hash = xxhash_rust::xxh3::xxh3_64(counter.as_bytes());
-        (hash as usize) % SEGMENT_COUNT
+    /// Sets an entry to a value already in the log (a restore, an adoption
+    /// written by the log thread): not dirty, but stamped as changed, so
+    /// replicas get it, and marked for the next checkpoint.
+    pub fn set_logged(&self, counter: &str, stripe: u32, value: i64) {
+        let changed = self.changed_stamp();
+        self.set_entry(counter, stripe, value, Some(changed));
     }
 
-    fn segment(&self, counter: &str) -> &Mutex<Segment> {
-        &self.segments[Self::segment_index(counter)]
-    }
-
-    /// Sets an entry that is already on disk (a restore, an adoption): not
-    /// marked dirty, but stamped as changed, so replicas get it.
-    pub fn set_flushed(&self, counter: &str, stripe: u32, value: i64) {
-        let mut segment = self.segment(counter).lock();
-        let changed = self.replication_epoch.load(Ordering::SeqCst);
-        let entry = segment.counters.entry(counter.into()).or_default();
-        entry.changed = changed;
-        match entry
-            .stripes
-            .iter_mut()
-            .find(|(existing, _)| *existing == stripe)
-        {
-            Some((_, stored)) => *stored = value,
-            None => entry.stripes.push((stripe, value)),
-        }
-    }
-
-    /// Sets an entry while loading from disk; not marked dirty.
+    /// Sets an entry while recovering (from the checkpoint or the log): not
+    /// dirty, not stamped. A value of 0 removes the stripe, and a counter
+    /// whose stripes are all 0 leaves memory.
     pub fn load(&self, counter: &str, stripe: u32, value: i64) {
-        let mut segment = self.segment(counter).lock();
-        let entry = segment.counters.entry(counter.into()).or_default();
-        match entry
-            .stripes
-            .iter_mut()
-            .find(|(existing, _)| *existing == stripe)
-        {
-            Some((_, stored)) => *stored = value,
-            None => entry.stripes.push((stripe, value)),
+        self.set_entry(counter, stripe, value, None);
+    }
+
+    fn set_entry(&self, counter: &str, stripe: u32, value: i64, changed: Option<u32>) {
+        let Ok(stripe) = u16::try_from(stripe) else {
+            return;
+        };
+        let (segment, placement) = self.segment_of(counter);
+        let mut segment = segment.lock();
+        let table = &mut segment.table;
+        let slot = match table.find(counter) {
+            // Setting an absent stripe to 0 changes nothing.
+            Some(slot) if value == 0 && table.get(slot, stripe).is_none() => return,
+            Some(slot) => table.set(slot, stripe, value),
+            None if value == 0 => return,
+            None => table.insert(counter, stripe, value, changed.unwrap_or(0)),
+        };
+        match changed {
+            Some(changed) => {
+                table.set_changed(slot, changed);
+                segment.checkpoint_dirty |= 1 << placement.sub;
+            }
+            None => {
+                // Loading: a counter at 0 everywhere is not kept.
+                if table.flags(slot) & DIRTY == 0 && table.stripes(slot).all(|(_, v)| v == 0) {
+                    table.remove(slot);
+                }
+            }
         }
     }
 
-    /// Loads idempotency records read from disk, before serving. Records
-    /// older than the window stay until the first flush forgets them.
-    pub fn load_records(&self, mut records: Vec<LoadedRecord>) {
-        records.sort_by_key(|record| record.applied_unix_ms);
-        for record in records {
-            let segment_index = Self::segment_index(&record.counter);
-            // Segment, then queue: the documented lock order.
-            let mut segment = self.segments[segment_index].lock();
-            let mut queue = self.key_queue.lock();
-            let sequence = queue.next_sequence;
-            queue.next_sequence += 1;
-            queue.latest_unix_ms = queue.latest_unix_ms.max(record.applied_unix_ms);
-            queue.keys.push_back(RememberedKey {
-                applied_unix_ms: record.applied_unix_ms,
-                sequence,
-                segment: segment_index,
-                key: record.key.clone(),
-            });
-            drop(queue);
-            segment.records.insert(
-                record.key,
-                KeyRecord {
-                    delta: record.delta,
-                    applied_unix_ms: record.applied_unix_ms,
+    /// Sets (or, with `None`, forgets) an idempotency record while
+    /// recovering. Records are aged from their time by [`Store::forget_keys`].
+    pub fn load_record(&self, key: &[u8], record: Option<(i64, u64)>) {
+        let Some((counter, _)) = decode_record_key(key) else {
+            return;
+        };
+        let (segment, placement) = self.segment_of(counter);
+        let mut segment = segment.lock();
+        match record {
+            Some((delta, applied_unix_ms)) => {
+                let key: Arc<[u8]> = key.into();
+                // Segment, then queue: the documented lock order.
+                let mut queue = self.key_queue.lock();
+                let sequence = queue.next_sequence;
+                queue.next_sequence += 1;
+                queue.latest_unix_ms = queue.latest_unix_ms.max(applied_unix_ms);
+                queue.keys.push_back(RememberedKey {
+                    applied_unix_ms,
                     sequence,
-                    epoch: 0,
-                },
-            );
+                    segment: placement.segment,
+                    key: key.clone(),
+                });
+                drop(queue);
+                segment.records.insert(
+                    key,
+                    KeyRecord {
+                        delta,
+                        applied_unix_ms,
+                        sequence,
+                        epoch: 0,
+                    },
+                );
+            }
+            None => {
+                segment.records.remove(key);
+            }
         }
+    }
+
+    /// After recovery: puts the retention queue in time order (records came
+    /// from the checkpoint and the log in no particular order), and drops
+    /// queue entries of records that the log forgot.
+    pub fn finish_loading(&self) {
+        let mut queue = self.key_queue.lock();
+        let mut keys: Vec<RememberedKey> = queue.keys.drain(..).collect();
+        drop(queue);
+        keys.retain(|remembered| {
+            self.segments[remembered.segment]
+                .lock()
+                .records
+                .get(&remembered.key)
+                .is_some_and(|record| record.sequence == remembered.sequence)
+        });
+        keys.sort_by_key(|remembered| (remembered.applied_unix_ms, remembered.sequence));
+        self.key_queue.lock().keys = keys.into();
     }
 
     /// Applies increments, each on its own: one overflow does not stop the
@@ -449,6 +725,8 @@ impl Store {
     /// its counter is not applied again. Returns the outcomes in order and
     /// the flush epoch the caller must wait for before the changes (and, for
     /// a retry, the original) are durable; 0 if there is nothing to wait for.
+    ///
+    /// Stripes must be below [`MAX_STRIPES`] (the service checks).
     pub fn apply(
         &self,
         increments: &[StripeIncrement<'_>],
@@ -459,13 +737,13 @@ impl Store {
         let outcomes = increments
             .iter()
             .map(|increment| {
-                let segment_index = Self::segment_index(increment.counter);
-                let mut segment = self.segments[segment_index].lock();
+                let (segment, placement) = self.segment_of(increment.counter);
+                let mut segment = segment.lock();
                 // Read under the segment lock: see the module docs.
                 let epoch = self.open_epoch.load(Ordering::SeqCst);
                 let key = increment.idempotency_key.filter(|_| increment.delta != 0);
                 if let Some(key) = key {
-                    keys::encode_record_key_into(&mut record_key, increment.counter, key);
+                    encode_record_key_into(&mut record_key, increment.counter, key);
                     if let Some(record) = segment.records.get(record_key.as_slice()) {
                         // A retry may come while the original still waits
                         // for its flush: it is answered no sooner.
@@ -479,14 +757,14 @@ impl Store {
                         };
                     }
                 }
-                let changed = self.replication_epoch.load(Ordering::SeqCst);
-                let outcome = apply_one(&mut segment, increment, changed);
+                let changed = self.changed_stamp();
+                let outcome = apply_one(&mut segment, placement, increment, changed);
                 if outcome == ApplyOutcome::Applied && increment.delta != 0 {
                     wait_epoch = wait_epoch.max(epoch);
                     if key.is_some() {
                         self.remember(
                             &mut segment,
-                            segment_index,
+                            placement.segment,
                             &record_key,
                             increment.delta,
                             epoch,
@@ -533,12 +811,12 @@ impl Store {
                 epoch,
             },
         );
-        segment.dirty_records.push(key);
+        segment.mark_record(key);
     }
 
     /// Forgets keys older than the retention window, and the oldest keys
     /// beyond the maximum. Returns how many were forgotten early (before
-    /// their window ended). The next flush removes them from disk.
+    /// their window ended). The next flush logs their removal.
     pub fn forget_keys(&self, now_unix_ms: u64) -> u64 {
         let window_ms = u64::try_from(self.retention.window.as_millis()).unwrap_or(u64::MAX);
         let mut early = 0;
@@ -565,7 +843,7 @@ impl Store {
                 .is_some_and(|record| record.sequence == victim.sequence);
             if current {
                 segment.records.remove(&victim.key);
-                segment.dirty_records.push(victim.key);
+                segment.mark_record(victim.key);
             }
         }
         if early > 0 {
@@ -589,22 +867,25 @@ impl Store {
     /// Resets counters to 0. Returns the flush epoch to wait for.
     ///
     /// A counter that is in memory is always waited for, even when its
-    /// entries are already 0: those zeros may not be on disk yet (a
+    /// entries are already 0: those zeros may not be logged yet (a
     /// decrement to 0 or an earlier delete still in flight), and a delete
-    /// must not be acknowledged before disk agrees. Only a counter absent
-    /// from memory, and so from disk, needs no flush.
+    /// must not be acknowledged before the log agrees. Only a counter absent
+    /// from memory, and so from the log's state, needs no flush.
     pub fn erase(&self, counters: &[&str]) -> u64 {
         let mut wait_epoch = 0;
+        let changed = self.changed_stamp();
         for counter in counters {
-            let mut segment = self.segment(counter).lock();
-            let Some(entry) = segment.counters.get_mut(*counter) else {
+            let (segment, placement) = self.segment_of(counter);
+            let mut segment = segment.lock();
+            let Some(mut slot) = segment.table.find(counter) else {
                 continue;
             };
-            for (_, value) in &mut entry.stripes {
-                *value = 0;
+            let stripes: Vec<u16> = segment.table.stripes(slot).map(|(s, _)| s).collect();
+            for stripe in stripes {
+                slot = segment.table.set(slot, stripe, 0);
             }
-            entry.changed = self.replication_epoch.load(Ordering::SeqCst);
-            segment.mark_dirty(counter);
+            segment.table.set_changed(slot, changed);
+            segment.mark_dirty(slot, placement.sub);
             wait_epoch = wait_epoch.max(self.open_epoch.load(Ordering::SeqCst));
         }
         wait_epoch
@@ -612,16 +893,17 @@ impl Store {
 
     /// This node's non-zero `(stripe, value)` entries of a counter, by stripe.
     pub fn read(&self, counter: &str) -> Vec<(u32, i64)> {
-        let segment = self.segment(counter).lock();
+        let (segment, _) = self.segment_of(counter);
+        let segment = segment.lock();
         let mut entries: Vec<(u32, i64)> = segment
-            .counters
-            .get(counter)
-            .map(|entry| {
-                entry
-                    .stripes
-                    .iter()
-                    .copied()
+            .table
+            .find(counter)
+            .map(|slot| {
+                segment
+                    .table
+                    .stripes(slot)
                     .filter(|(_, value)| *value != 0)
+                    .map(|(stripe, value)| (u32::from(stripe), value))
                     .collect()
             })
             .unwrap_or_default();
@@ -637,12 +919,12 @@ impl Store {
             .map(|segment| {
                 let segment = segment.lock();
                 segment
-                    .counters
-                    .values()
-                    .map(|entry| {
-                        entry
-                            .stripes
-                            .iter()
+                    .table
+                    .slots()
+                    .map(|slot| {
+                        segment
+                            .table
+                            .stripes(slot)
                             .filter(|(_, value)| *value != 0)
                             .count() as u64
                     })
@@ -651,69 +933,106 @@ impl Store {
             .sum()
     }
 
-    /// Closes the open epoch and collects every change made in it (and any
-    /// earlier one not yet collected).
-    pub fn begin_flush(&self) -> FlushSnapshot {
-        let epoch = self.open_epoch.fetch_add(1, Ordering::SeqCst);
-        let mut entries = Vec::new();
-        let mut records = Vec::new();
-        for (segment_index, segment) in self.segments.iter().enumerate() {
-            let mut segment = segment.lock();
-            for key in std::mem::take(&mut segment.dirty_records) {
-                let record = segment
-                    .records
-                    .get(&key)
-                    .map(|record| (record.delta, record.applied_unix_ms));
-                records.push(RecordSnapshot {
-                    key,
-                    record,
-                    segment: segment_index,
-                });
-            }
-            let dirty = std::mem::take(&mut segment.dirty);
-            for counter in dirty {
-                let Some(entry) = segment.counters.get_mut(&counter) else {
-                    continue;
-                };
-                entry.dirty = false;
-                entries.extend(entry.stripes.iter().map(|&(stripe, value)| EntrySnapshot {
-                    counter: counter.clone(),
-                    stripe,
-                    value,
-                }));
-            }
-        }
-        FlushSnapshot {
-            epoch,
-            entries,
-            records,
+    /// Bytes the counters' tables hold (arenas and indexes), for status
+    /// pages and memory measurements.
+    pub fn table_bytes(&self) -> u64 {
+        self.segments
+            .iter()
+            .map(|segment| segment.lock().table.memory_bytes() as u64)
+            .sum()
+    }
+
+    /// Marks every bucket for the next checkpoint (after one failed, or for
+    /// a first checkpoint of everything).
+    pub fn mark_all_for_checkpoint(&self) {
+        for segment in self.segments.iter() {
+            segment.lock().checkpoint_dirty = u64::MAX;
         }
     }
 
-    /// After a flush reached disk: drops entries that are 0 on disk and in
-    /// memory, so deleted counters do not hold memory.
-    pub fn finish_flush(&self, snapshot: &FlushSnapshot) {
-        for removed in snapshot.entries.iter().filter(|entry| entry.value == 0) {
-            let mut segment = self.segment(&removed.counter).lock();
-            let Some(entry) = segment.counters.get_mut(&removed.counter) else {
+    /// Closes the open epoch and collects every change made in it (and any
+    /// earlier one not yet collected) into `into`; while visiting the
+    /// segments in `capture`, also encodes their marked checkpoint buckets
+    /// into `captured` (see the module docs).
+    pub fn begin_flush(
+        &self,
+        into: &mut OwnChanges,
+        capture: std::ops::Range<usize>,
+        captured: &mut Vec<CapturedBucket>,
+    ) {
+        into.clear();
+        into.epoch = self.open_epoch.fetch_add(1, Ordering::SeqCst);
+        for (index, segment) in self.segments.iter().enumerate() {
+            let mut segment = segment.lock();
+            let segment = &mut *segment;
+            for key in std::mem::take(&mut segment.dirty_records) {
+                into.records += 1;
+                codec::put_bytes(&mut into.record_bytes, &key);
+                match segment.records.get(&key) {
+                    Some(record) => {
+                        into.record_bytes.push(1);
+                        codec::put_signed(&mut into.record_bytes, record.delta);
+                        codec::put_varint(&mut into.record_bytes, record.applied_unix_ms);
+                    }
+                    None => into.record_bytes.push(0),
+                }
+            }
+            for offset in std::mem::take(&mut segment.dirty) {
+                let slot = segment.table.resolve(Slot::from_offset(offset));
+                if segment.table.flags(slot) & DIRTY == 0 {
+                    continue;
+                }
+                segment.table.set_flag(slot, DIRTY, false);
+                into.counters += 1;
+                into.zeros |= encode_counter(&mut into.entries, &segment.table, slot);
+            }
+            if capture.contains(&index) {
+                segment.capture(index, captured);
+            }
+            // No offsets are held now: a good moment to reclaim dead bytes.
+            if segment.table.is_wasteful() {
+                segment.table.compact();
+            }
+        }
+    }
+
+    /// After a flush reached the log: drops entries that are 0 in the log
+    /// and in memory, so deleted counters do not hold memory.
+    pub fn finish_flush(&self, flushed: &OwnChanges) {
+        if !flushed.zeros {
+            return;
+        }
+        let mut body = Vec::new();
+        flushed.encode_into(&mut body);
+        let Ok((counters, _)) = OwnChanges::decode(&body) else {
+            debug_assert!(false, "our own encoding decodes");
+            return;
+        };
+        for logged in counters
+            .iter()
+            .filter(|c| c.stripes.iter().any(|(_, v)| *v == 0))
+        {
+            let (segment, _) = self.segment_of(logged.counter);
+            let mut segment = segment.lock();
+            let Some(slot) = segment.table.find(logged.counter) else {
                 continue;
             };
-            if entry.dirty {
+            if segment.table.flags(slot) & DIRTY != 0 {
                 // Changed again since the snapshot; the next flush decides.
                 continue;
             }
-            let changed = entry.changed;
-            let gone: Vec<u32> = entry
-                .stripes
-                .iter()
-                .filter(|(_, value)| *value == 0)
-                .map(|(stripe, _)| *stripe)
-                .collect();
+            if segment.table.stripes(slot).any(|(_, value)| value != 0) {
+                // Zero stripes stay until the whole counter is 0.
+                continue;
+            }
+            let changed = u64::from(segment.table.changed(slot))
+                | (self.replication_epoch.load(Ordering::SeqCst) >> INCARNATION_SHIFT
+                    << INCARNATION_SHIFT);
             // Logged before the entry leaves memory: see `changes_since`.
             let mut log = self.removed.lock();
-            for stripe in gone {
+            for (stripe, _) in segment.table.stripes(slot) {
                 log.removed
-                    .push_back((changed, removed.counter.clone(), stripe));
+                    .push_back((changed, logged.counter.into(), stripe));
             }
             while log.removed.len() > REMOVED_LOG_MAX {
                 if let Some((dropped, _, _)) = log.removed.pop_front() {
@@ -721,61 +1040,65 @@ impl Store {
                 }
             }
             drop(log);
-            entry.stripes.retain(|(_, value)| *value != 0);
-            if entry.stripes.is_empty() {
-                segment.counters.remove(&removed.counter);
-            }
+            segment.table.remove(slot);
         }
     }
 
-    /// After a flush failed: marks its counters dirty again, so the next
-    /// flush writes them.
-    pub fn abandon_flush(&self, snapshot: &FlushSnapshot) {
-        for entry in &snapshot.entries {
-            self.segment(&entry.counter)
-                .lock()
-                .mark_dirty(&entry.counter);
+    /// After a flush failed: marks its counters and records dirty again, so
+    /// the next flush writes them, and their buckets for the checkpoint.
+    pub fn abandon_flush(&self, failed: &OwnChanges) {
+        let mut body = Vec::new();
+        failed.encode_into(&mut body);
+        let Ok((counters, records)) = OwnChanges::decode(&body) else {
+            debug_assert!(false, "our own encoding decodes");
+            return;
+        };
+        for logged in counters {
+            let (segment, placement) = self.segment_of(logged.counter);
+            let mut segment = segment.lock();
+            if let Some(slot) = segment.table.find(logged.counter) {
+                segment.mark_dirty(slot, placement.sub);
+            }
         }
-        for record in &snapshot.records {
-            self.segments[record.segment]
-                .lock()
-                .dirty_records
-                .push(record.key.clone());
+        for logged in records {
+            let Some((counter, _)) = decode_record_key(logged.key) else {
+                continue;
+            };
+            let (segment, _) = self.segment_of(counter);
+            let mut segment = segment.lock();
+            let key = segment
+                .records
+                .get_key_value(logged.key)
+                .map_or_else(|| Arc::from(logged.key), |(key, _)| key.clone());
+            segment.mark_record(key);
         }
     }
 }
 
-fn apply_one(segment: &mut Segment, increment: &StripeIncrement<'_>, changed: u64) -> ApplyOutcome {
+fn apply_one(
+    segment: &mut Segment,
+    placement: Placement,
+    increment: &StripeIncrement<'_>,
+    changed: u32,
+) -> ApplyOutcome {
     if increment.delta == 0 {
         return ApplyOutcome::Applied;
     }
-    // Look up by &str first: only a new counter pays for an owned key.
-    if !segment.counters.contains_key(increment.counter) {
-        segment
-            .counters
-            .insert(increment.counter.into(), CounterEntry::default());
-    }
-    let entry = segment
-        .counters
-        .get_mut(increment.counter)
-        .expect("inserted above");
-    let position = entry
-        .stripes
-        .iter()
-        .position(|(stripe, _)| *stripe == increment.stripe);
-    let current = position.map_or(0, |index| entry.stripes[index].1);
-    let Some(updated) = current.checked_add(increment.delta) else {
-        if entry.stripes.is_empty() {
-            segment.counters.remove(increment.counter);
+    let stripe = u16::try_from(increment.stripe).expect("stripes are checked by the service");
+    let slot = match segment.table.find(increment.counter) {
+        Some(slot) => {
+            let current = segment.table.get(slot, stripe).unwrap_or(0);
+            let Some(updated) = current.checked_add(increment.delta) else {
+                return ApplyOutcome::Overflow;
+            };
+            segment.table.set(slot, stripe, updated)
         }
-        return ApplyOutcome::Overflow;
+        None => segment
+            .table
+            .insert(increment.counter, stripe, increment.delta, changed),
     };
-    match position {
-        Some(index) => entry.stripes[index].1 = updated,
-        None => entry.stripes.push((increment.stripe, updated)),
-    }
-    entry.changed = changed;
-    segment.mark_dirty(increment.counter);
+    segment.table.set_changed(slot, changed);
+    segment.mark_dirty(slot, placement.sub);
     ApplyOutcome::Applied
 }
 
@@ -790,6 +1113,44 @@ mod tests {
             delta,
             idempotency_key: None,
         }
+    }
+
+    /// Collects a flush, capturing nothing.
+    fn flush(store: &Store) -> OwnChanges {
+        let mut changes = OwnChanges::default();
+        store.begin_flush(&mut changes, 0..0, &mut Vec::new());
+        changes
+    }
+
+    fn entries(changes: &OwnChanges) -> Vec<(String, u16, i64)> {
+        let mut body = Vec::new();
+        changes.encode_into(&mut body);
+        let (counters, _) = OwnChanges::decode(&body).unwrap();
+        let mut entries: Vec<_> = counters
+            .into_iter()
+            .flat_map(|logged| {
+                let counter = logged.counter.to_string();
+                logged
+                    .stripes
+                    .into_iter()
+                    .map(move |(stripe, value)| (counter.clone(), stripe, value))
+            })
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    /// `(record key, (delta, applied) or forgotten)`.
+    type Records = Vec<(Vec<u8>, Option<(i64, u64)>)>;
+
+    fn records(changes: &OwnChanges) -> Records {
+        let mut body = Vec::new();
+        changes.encode_into(&mut body);
+        let (_, records) = OwnChanges::decode(&body).unwrap();
+        records
+            .into_iter()
+            .map(|logged| (logged.key.to_vec(), logged.record))
+            .collect()
     }
 
     #[test]
@@ -837,7 +1198,7 @@ mod tests {
         let (outcomes, epoch) = store.apply(&[increment("a", 0, 0)], 0);
         assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
         assert_eq!(epoch, 0);
-        assert!(store.begin_flush().entries.is_empty());
+        assert!(flush(&store).is_empty());
     }
 
     #[test]
@@ -845,46 +1206,49 @@ mod tests {
         let store = Store::new();
         store.apply(&[increment("a", 0, 1), increment("a", 1, 1)], 0);
         store.apply(&[increment("a", 0, 1)], 0);
-        let snapshot = store.begin_flush();
-        assert_eq!(snapshot.epoch, 1);
-        assert_eq!(snapshot.entries.len(), 2);
+        let changes = flush(&store);
+        assert_eq!(changes.epoch, 1);
+        assert_eq!(
+            entries(&changes),
+            vec![("a".into(), 0, 2), ("a".into(), 1, 1)]
+        );
         let (_, epoch) = store.apply(&[increment("b", 0, 1)], 0);
         assert_eq!(
             epoch, 2,
             "changes after the flush began wait for the next one"
         );
-        let snapshot = store.begin_flush();
-        assert_eq!(snapshot.entries.len(), 1);
-        assert!(store.begin_flush().entries.is_empty());
+        assert_eq!(entries(&flush(&store)), vec![("b".into(), 0, 1)]);
+        assert!(flush(&store).is_empty());
     }
 
     #[test]
     fn erase_writes_zeroes_then_frees_memory() {
         let store = Store::new();
         store.apply(&[increment("a", 0, 3), increment("a", 2, 4)], 0);
-        store.begin_flush();
+        flush(&store);
         assert!(store.erase(&["a", "never-seen"]) > 0);
         assert_eq!(store.read("a"), vec![]);
-        let snapshot = store.begin_flush();
-        assert!(snapshot.entries.iter().all(|entry| entry.value == 0));
-        assert_eq!(snapshot.entries.len(), 2);
-        store.finish_flush(&snapshot);
+        let changes = flush(&store);
+        assert_eq!(
+            entries(&changes),
+            vec![("a".into(), 0, 0), ("a".into(), 2, 0)]
+        );
+        store.finish_flush(&changes);
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.erase(&["a"]), 0, "nothing left to erase");
     }
 
     #[test]
-    fn erase_of_zeros_not_yet_on_disk_waits_for_their_flush() {
+    fn erase_of_zeros_not_yet_logged_waits_for_their_flush() {
         let store = Store::new();
         store.apply(&[increment("a", 0, 5)], 0);
-        store.begin_flush(); // 5 is on disk
-        store.apply(&[increment("a", 0, -5)], 0); // 0 in memory, not yet on disk
+        flush(&store); // 5 is in the log
+        store.apply(&[increment("a", 0, -5)], 0); // 0 in memory, not yet logged
         let epoch = store.erase(&["a"]);
-        assert!(epoch > 0, "the delete must wait for the zero to reach disk");
-        let snapshot = store.begin_flush();
-        assert_eq!(snapshot.epoch, epoch);
-        assert_eq!(snapshot.entries.len(), 1);
-        assert_eq!(snapshot.entries[0].value, 0);
+        assert!(epoch > 0, "the delete must wait for the zero to be logged");
+        let changes = flush(&store);
+        assert_eq!(changes.epoch, epoch);
+        assert_eq!(entries(&changes), vec![("a".into(), 0, 0)]);
         // A second delete while the first one's flush is still running waits
         // too, instead of being acknowledged at once.
         assert!(store.erase(&["a"]) > epoch);
@@ -894,10 +1258,22 @@ mod tests {
     fn abandoned_flush_is_written_again() {
         let store = Store::new();
         store.apply(&[increment("a", 0, 3)], 0);
-        let failed = store.begin_flush();
+        let failed = flush(&store);
         store.abandon_flush(&failed);
-        let retried = store.begin_flush();
-        assert_eq!(retried.entries, failed.entries);
+        let retried = flush(&store);
+        assert_eq!(entries(&retried), entries(&failed));
+    }
+
+    #[test]
+    fn a_counter_that_gains_stripes_while_dirty_is_collected_once() {
+        let store = Store::new();
+        for stripe in 0..10 {
+            store.apply(&[increment("grows", stripe, 1)], 0);
+        }
+        let changes = flush(&store);
+        assert_eq!(changes.counts(), (1, 0));
+        assert_eq!(entries(&changes).len(), 10);
+        assert!(flush(&store).is_empty());
     }
 
     #[test]
@@ -912,7 +1288,7 @@ mod tests {
                         let delta = if thread % 2 == 0 { 3 } else { -1 };
                         store.apply(&[increment(&counter, (round % 4) as u32, delta)], 0);
                         if round % 500 == 0 {
-                            store.begin_flush();
+                            flush(&store);
                         }
                     }
                 })
@@ -998,7 +1374,7 @@ mod tests {
         let (outcomes, retry) = store.apply(&[keyed("a", 1, "k")], 0);
         assert_eq!(outcomes, vec![ApplyOutcome::Duplicate]);
         assert_eq!(retry, original);
-        store.begin_flush();
+        flush(&store);
         let (_, later) = store.apply(&[keyed("a", 1, "k")], 0);
         assert_eq!(later, original, "an epoch already flushed returns at once");
     }
@@ -1007,18 +1383,16 @@ mod tests {
     fn a_change_and_its_record_are_flushed_together() {
         let store = Store::new();
         store.apply(&[keyed("a", 3, "k")], 42);
-        let snapshot = store.begin_flush();
-        assert_eq!(snapshot.entries.len(), 1);
-        assert_eq!(snapshot.records.len(), 1);
-        assert_eq!(snapshot.records[0].record, Some((3, 42)));
+        let changes = flush(&store);
+        assert_eq!(entries(&changes), vec![("a".into(), 0, 3)]);
         let mut expected = Vec::new();
-        keys::encode_record_key_into(&mut expected, "a", "k");
-        assert_eq!(&*snapshot.records[0].key, expected.as_slice());
-        store.abandon_flush(&snapshot);
-        let retried = store.begin_flush();
-        assert_eq!(retried.entries, snapshot.entries);
-        assert_eq!(retried.records, snapshot.records);
-        assert!(store.begin_flush().is_empty());
+        encode_record_key_into(&mut expected, "a", "k");
+        assert_eq!(records(&changes), vec![(expected, Some((3, 42)))]);
+        store.abandon_flush(&changes);
+        let retried = flush(&store);
+        assert_eq!(entries(&retried), entries(&changes));
+        assert_eq!(records(&retried), records(&changes));
+        assert!(flush(&store).is_empty());
     }
 
     #[test]
@@ -1029,14 +1403,15 @@ mod tests {
         });
         store.apply(&[keyed("a", 1, "old")], 1_000);
         store.apply(&[keyed("a", 1, "new")], 5_000);
-        store.begin_flush();
+        flush(&store);
         assert_eq!(store.forget_keys(10_999), 0);
         assert_eq!(store.remembered_keys(), 2);
         assert_eq!(store.forget_keys(11_000), 0, "expired, not early");
         assert_eq!(store.remembered_keys(), 1);
-        let snapshot = store.begin_flush();
-        assert_eq!(snapshot.records.len(), 1);
-        assert_eq!(snapshot.records[0].record, None, "removed from disk");
+        let changes = flush(&store);
+        let logged = records(&changes);
+        assert_eq!(logged.len(), 1);
+        assert_eq!(logged[0].1, None, "logged as forgotten");
         // Forgotten: a retry applies again.
         let (outcomes, _) = store.apply(&[keyed("a", 1, "old")], 12_000);
         assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
@@ -1095,17 +1470,16 @@ mod tests {
             window: Duration::from_millis(100),
             max_keys: 100,
         });
-        let record = |key: &str, applied_unix_ms| {
+        let key = |key: &str| {
             let mut bytes = Vec::new();
-            keys::encode_record_key_into(&mut bytes, "a", key);
-            LoadedRecord {
-                key: bytes.into(),
-                counter: "a".into(),
-                delta: 1,
-                applied_unix_ms,
-            }
+            encode_record_key_into(&mut bytes, "a", key);
+            bytes
         };
-        store.load_records(vec![record("late", 500), record("early", 100)]);
+        store.load_record(&key("late"), Some((1, 500)));
+        store.load_record(&key("early"), Some((1, 100)));
+        store.load_record(&key("gone"), Some((1, 100)));
+        store.load_record(&key("gone"), None);
+        store.finish_loading();
         assert_eq!(store.remembered_keys(), 2);
         store.forget_keys(250);
         let (outcomes, _) = store.apply(&[keyed("a", 1, "early"), keyed("a", 1, "late")], 250);
@@ -1162,8 +1536,8 @@ mod tests {
         // A change, and a counter deleted and dropped from memory.
         store.apply(&[increment("a", 0, 1)], 0);
         store.erase(&["b"]);
-        let snapshot = store.begin_flush();
-        store.finish_flush(&snapshot);
+        let changes = flush(&store);
+        store.finish_flush(&changes);
         let changes = store.changes_since(nothing.version);
         assert!(!changes.full);
         assert_eq!(
@@ -1172,5 +1546,75 @@ mod tests {
         );
         // From another incarnation: everything.
         assert!(store.changes_since(5 << INCARNATION_SHIFT).full);
+    }
+
+    /// Decodes captured buckets into `(counter, stripe, value)` entries and
+    /// record keys.
+    /// `(counter, stripe, value)` entries and record keys.
+    type Captured = (Vec<(String, u16, i64)>, Vec<Vec<u8>>);
+
+    fn decode_captures(captured: &[CapturedBucket]) -> Captured {
+        let mut entries = Vec::new();
+        let mut keys = Vec::new();
+        for bucket in captured {
+            if bucket.contents.is_empty() {
+                continue;
+            }
+            let mut reader = Reader::new(&bucket.contents);
+            for logged in decode_counters(&mut reader).unwrap() {
+                assert_eq!(
+                    Placement::of(logged.counter.as_bytes()).bucket(),
+                    bucket.bucket
+                );
+                for (stripe, value) in logged.stripes {
+                    entries.push((logged.counter.to_string(), stripe, value));
+                }
+            }
+            for _ in 0..reader.count("n").unwrap() {
+                let key = reader.bytes("key").unwrap().to_vec();
+                reader.signed("delta").unwrap();
+                reader.varint("time").unwrap();
+                let (counter, _) = decode_record_key(&key).unwrap();
+                let segment = Placement::of(counter.as_bytes()).segment;
+                let sub = Placement::of(&key).sub;
+                assert_eq!(Placement { segment, sub }.bucket(), bucket.bucket);
+                keys.push(key);
+            }
+            reader.finish("bucket").unwrap();
+        }
+        entries.sort();
+        keys.sort();
+        (entries, keys)
+    }
+
+    #[test]
+    fn a_capture_holds_what_its_flush_logs_and_clears_its_marks() {
+        let store = Store::new();
+        for index in 0..200 {
+            store.apply(&[keyed(&format!("c{index}"), 2, &format!("k{index}"))], 1);
+        }
+        store.apply(&[increment("z", 1, 5)], 1);
+        store.apply(&[increment("z", 1, -5)], 1); // zero: not in a bucket
+        let mut changes = OwnChanges::default();
+        let mut captured = Vec::new();
+        store.begin_flush(&mut changes, 0..SEGMENT_COUNT, &mut captured);
+        let (entries, keys) = decode_captures(&captured);
+        assert_eq!(entries.len(), 200);
+        assert!(entries
+            .iter()
+            .all(|(_, stripe, value)| (*stripe, *value) == (0, 2)));
+        assert_eq!(keys.len(), 200);
+        // Marks are cleared: a second capture finds nothing.
+        let mut again = Vec::new();
+        store.begin_flush(&mut changes, 0..SEGMENT_COUNT, &mut again);
+        assert!(again.is_empty());
+        // A capture of part of the segments takes only those.
+        store.mark_all_for_checkpoint();
+        let mut part = Vec::new();
+        store.begin_flush(&mut changes, 0..1, &mut part);
+        assert_eq!(part.len(), BUCKETS_PER_SEGMENT);
+        assert!(part
+            .iter()
+            .all(|bucket| usize::from(bucket.bucket) < BUCKETS_PER_SEGMENT));
     }
 }

@@ -1,0 +1,385 @@
+//! Every change of a node's state other than a group commit of increments:
+//! what a log frame of each kind records, how it is encoded, and how it is
+//! applied to memory. The log thread applies a change once its frame is
+//! durable, and recovery applies the same frames again with the same code,
+//! so memory and the log cannot disagree about what a change means.
+//!
+//! ```text
+//! Replica     = origin: bytes | version: varint | scanned_unix_ms: varint
+//!               | directory_id: varint | full: u8 | entries
+//! EraseCopies = count: varint | counter: bytes*
+//! SetOwn      = 0 (restored) | 1 (adopted) origin: bytes version: varint
+//!               | entries (absolute values)
+//! Drain       = drain state: bytes (JSON)
+//! DropCopy    = origin: bytes
+//! Created     = directory_id: varint
+//! Start       = incarnation: varint
+//! entries     = count: varint | (counter: bytes | stripe: varint | value: zigzag)*
+//! ```
+//!
+//! Every value is absolute, so applying a frame twice (recovery replays
+//! frames a checkpoint may already hold) changes nothing the second time.
+
+use crate::codec::{self, Malformed, Reader};
+use crate::log::FrameKind;
+use crate::meta::{DrainState, NodeMeta};
+use crate::replicas::{CopyStamp, Replicas};
+use crate::store::{Store, MAX_STRIPES};
+
+/// `(counter, stripe, value)`.
+pub type Entry = (String, u32, i64);
+
+/// Why own entries are set outside the increment path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnChange {
+    /// A node that started empty got its earlier entries back.
+    Restored,
+    /// This node took a drained node's entries from its copy of them.
+    Adopted {
+        /// The drained node.
+        origin: String,
+        /// Its final copy's version.
+        version: u64,
+    },
+}
+
+/// A change of a node's state, as one log frame records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A replica change set (or, `full`, a whole copy) of `origin`'s entries.
+    Replica {
+        /// The node the copy is of.
+        origin: String,
+        /// Where the copy stands once this is applied.
+        stamp: CopyStamp,
+        /// The entries are every entry: the copy drops the rest.
+        full: bool,
+        /// Absolute values; 0 removes an entry.
+        entries: Vec<Entry>,
+    },
+    /// Counters removed from every replica copy (a delete).
+    EraseCopies {
+        /// The counters.
+        counters: Vec<String>,
+    },
+    /// Own entries set to absolute values, with what made them.
+    SetOwn {
+        /// A restore or an adoption.
+        why: OwnChange,
+        /// The values.
+        entries: Vec<Entry>,
+    },
+    /// A drain step of this node.
+    Drain(DrainState),
+    /// A drained node's copy is dropped and the node retired.
+    DropCopy {
+        /// The drained node.
+        origin: String,
+    },
+    /// The data directory was created (the first frame of its log): it
+    /// awaits a restore of the node's earlier entries, if any.
+    Created {
+        /// The new directory's random id.
+        directory_id: u64,
+    },
+    /// The node started.
+    Start {
+        /// The number of this start.
+        incarnation: u64,
+    },
+}
+
+fn put_entries(buffer: &mut Vec<u8>, entries: &[Entry]) {
+    codec::put_varint(buffer, entries.len() as u64);
+    for (counter, stripe, value) in entries {
+        codec::put_bytes(buffer, counter.as_bytes());
+        codec::put_varint(buffer, u64::from(*stripe));
+        codec::put_signed(buffer, *value);
+    }
+}
+
+fn counter_name<'a>(reader: &mut Reader<'a>) -> Result<&'a str, Malformed> {
+    let counter = reader.str("counter name")?;
+    if counter.is_empty() || counter.len() > 256 {
+        return Err(Malformed {
+            what: "counter name",
+        });
+    }
+    Ok(counter)
+}
+
+fn node_id(reader: &mut Reader<'_>) -> Result<String, Malformed> {
+    let id = reader.str("node id")?;
+    tally_proto::config_file::validate_node_id(id).map_err(|_| Malformed { what: "node id" })?;
+    Ok(id.to_string())
+}
+
+fn entries(reader: &mut Reader<'_>) -> Result<Vec<Entry>, Malformed> {
+    let count = reader.count("entry count")?;
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let counter = counter_name(reader)?.to_string();
+        let stripe: u32 = reader.small("stripe")?;
+        if stripe >= MAX_STRIPES {
+            return Err(Malformed { what: "stripe" });
+        }
+        entries.push((counter, stripe, reader.signed("value")?));
+    }
+    Ok(entries)
+}
+
+impl Change {
+    /// The kind of frame that records it.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Change::Replica { .. } => FrameKind::Replica,
+            Change::EraseCopies { .. } => FrameKind::EraseCopies,
+            Change::SetOwn { .. } => FrameKind::SetOwn,
+            Change::Drain(_) => FrameKind::Drain,
+            Change::DropCopy { .. } => FrameKind::DropCopy,
+            Change::Created { .. } => FrameKind::Created,
+            Change::Start { .. } => FrameKind::Start,
+        }
+    }
+
+    /// Appends the frame body.
+    pub fn encode(&self, buffer: &mut Vec<u8>) {
+        match self {
+            Change::Replica {
+                origin,
+                stamp,
+                full,
+                entries,
+            } => {
+                codec::put_bytes(buffer, origin.as_bytes());
+                codec::put_varint(buffer, stamp.version);
+                codec::put_varint(buffer, stamp.scanned_unix_ms);
+                codec::put_varint(buffer, stamp.directory_id);
+                buffer.push(u8::from(*full));
+                put_entries(buffer, entries);
+            }
+            Change::EraseCopies { counters } => {
+                codec::put_varint(buffer, counters.len() as u64);
+                for counter in counters {
+                    codec::put_bytes(buffer, counter.as_bytes());
+                }
+            }
+            Change::SetOwn { why, entries } => {
+                match why {
+                    OwnChange::Restored => buffer.push(0),
+                    OwnChange::Adopted { origin, version } => {
+                        buffer.push(1);
+                        codec::put_bytes(buffer, origin.as_bytes());
+                        codec::put_varint(buffer, *version);
+                    }
+                }
+                put_entries(buffer, entries);
+            }
+            Change::Drain(state) => {
+                let json = serde_json::to_vec(state).expect("a drain state serializes");
+                codec::put_bytes(buffer, &json);
+            }
+            Change::DropCopy { origin } => codec::put_bytes(buffer, origin.as_bytes()),
+            Change::Created { directory_id } => codec::put_varint(buffer, *directory_id),
+            Change::Start { incarnation } => codec::put_varint(buffer, *incarnation),
+        }
+    }
+
+    /// Decodes a frame body of `kind` (not [`FrameKind::Own`]).
+    pub fn decode(kind: FrameKind, body: &[u8]) -> Result<Change, Malformed> {
+        let mut reader = Reader::new(body);
+        let change = match kind {
+            FrameKind::Own => {
+                return Err(Malformed {
+                    what: "change kind",
+                })
+            }
+            FrameKind::Replica => {
+                let origin = node_id(&mut reader)?;
+                let stamp = CopyStamp {
+                    version: reader.varint("version")?,
+                    scanned_unix_ms: reader.varint("scan time")?,
+                    directory_id: reader.varint("directory id")?,
+                };
+                let full = match reader.byte("full")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Malformed { what: "full" }),
+                };
+                Change::Replica {
+                    origin,
+                    stamp,
+                    full,
+                    entries: entries(&mut reader)?,
+                }
+            }
+            FrameKind::EraseCopies => {
+                let count = reader.count("counter count")?;
+                let counters = (0..count)
+                    .map(|_| counter_name(&mut reader).map(str::to_string))
+                    .collect::<Result<_, _>>()?;
+                Change::EraseCopies { counters }
+            }
+            FrameKind::SetOwn => {
+                let why = match reader.byte("why")? {
+                    0 => OwnChange::Restored,
+                    1 => OwnChange::Adopted {
+                        origin: node_id(&mut reader)?,
+                        version: reader.varint("version")?,
+                    },
+                    _ => return Err(Malformed { what: "why" }),
+                };
+                Change::SetOwn {
+                    why,
+                    entries: entries(&mut reader)?,
+                }
+            }
+            FrameKind::Drain => {
+                let json = reader.bytes("drain state")?;
+                Change::Drain(serde_json::from_slice(json).map_err(|_| Malformed {
+                    what: "drain state",
+                })?)
+            }
+            FrameKind::DropCopy => Change::DropCopy {
+                origin: node_id(&mut reader)?,
+            },
+            FrameKind::Created => Change::Created {
+                directory_id: reader.varint("directory id")?,
+            },
+            FrameKind::Start => Change::Start {
+                incarnation: reader.varint("incarnation")?,
+            },
+        };
+        reader.finish("frame")?;
+        Ok(change)
+    }
+
+    /// Applies the change to memory. Called by the log thread once the
+    /// change is in the log, and by recovery for every frame replayed.
+    pub fn apply(&self, store: &Store, replicas: &Replicas, meta: &mut NodeMeta) {
+        match self {
+            Change::Replica {
+                origin,
+                stamp,
+                full,
+                entries,
+            } => {
+                let entries: Vec<(&str, u32, i64)> = entries
+                    .iter()
+                    .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
+                    .collect();
+                replicas.apply(origin, *stamp, *full, &entries);
+            }
+            Change::EraseCopies { counters } => {
+                let counters: Vec<&str> = counters.iter().map(String::as_str).collect();
+                replicas.erase(&counters);
+            }
+            Change::SetOwn { why, entries } => {
+                for (counter, stripe, value) in entries {
+                    store.set_logged(counter, *stripe, *value);
+                }
+                match why {
+                    OwnChange::Restored => meta.awaiting_restore = false,
+                    OwnChange::Adopted { origin, version } => {
+                        replicas.remove(origin);
+                        meta.retired.insert(origin.clone(), *version);
+                    }
+                }
+            }
+            Change::Drain(state) => meta.drain = state.clone(),
+            Change::DropCopy { origin } => {
+                replicas.remove(origin);
+                meta.retired.entry(origin.clone()).or_insert(0);
+            }
+            Change::Created { directory_id } => {
+                meta.directory_id = *directory_id;
+                meta.awaiting_restore = true;
+            }
+            Change::Start { incarnation } => meta.incarnation = *incarnation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_change_round_trips() {
+        let changes = [
+            Change::Replica {
+                origin: "shard-2".into(),
+                stamp: CopyStamp {
+                    version: 9 << 32 | 4,
+                    scanned_unix_ms: 1_700_000_000_000,
+                    directory_id: u64::MAX,
+                },
+                full: true,
+                entries: vec![("c".into(), 3, -5), ("d".into(), 0, i64::MIN)],
+            },
+            Change::EraseCopies {
+                counters: vec!["a".into(), "b".into()],
+            },
+            Change::SetOwn {
+                why: OwnChange::Adopted {
+                    origin: "shard-3".into(),
+                    version: 12,
+                },
+                entries: vec![("a".into(), 1, 1)],
+            },
+            Change::SetOwn {
+                why: OwnChange::Restored,
+                entries: vec![],
+            },
+            Change::Drain(DrainState::Drained {
+                adopter: "shard-2".into(),
+                version: 3,
+            }),
+            Change::DropCopy {
+                origin: "shard-4".into(),
+            },
+            Change::Created { directory_id: 77 },
+            Change::Start {
+                incarnation: 1_700_000_001,
+            },
+        ];
+        for change in changes {
+            let mut body = Vec::new();
+            change.encode(&mut body);
+            assert_eq!(Change::decode(change.kind(), &body).unwrap(), change);
+            // Damaged bodies are errors, never panics.
+            for cut in 0..body.len() {
+                let _ = Change::decode(change.kind(), &body[..cut]);
+            }
+        }
+    }
+
+    #[test]
+    fn applying_twice_changes_nothing_more() {
+        let store = Store::new();
+        let replicas = Replicas::default();
+        let mut meta = NodeMeta::default();
+        let changes = [
+            Change::Replica {
+                origin: "shard-2".into(),
+                stamp: CopyStamp {
+                    version: 2,
+                    ..CopyStamp::default()
+                },
+                full: false,
+                entries: vec![("c".into(), 1, 4)],
+            },
+            Change::SetOwn {
+                why: OwnChange::Restored,
+                entries: vec![("a".into(), 0, 10)],
+            },
+        ];
+        for _ in 0..2 {
+            for change in &changes {
+                change.apply(&store, &replicas, &mut meta);
+            }
+        }
+        assert_eq!(store.read("a"), vec![(0, 10)]);
+        assert_eq!(replicas.read(&["c".into()])[0].counters, vec![vec![(1, 4)]]);
+    }
+}

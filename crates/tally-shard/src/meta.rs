@@ -1,0 +1,158 @@
+//! What a node knows about itself besides its counters: its identity, its
+//! starts, a drain of it, the drained nodes it retired, whether it awaits a
+//! restore. Changed only through the log ([`crate::change`]) and saved with
+//! every checkpoint.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a drain of this node stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DrainState {
+    /// Not being drained.
+    #[default]
+    Serving,
+    /// Refuses writes of its own entries; they are being handed over.
+    Draining,
+    /// Its entries are in `adopter`'s copy; it answers for none.
+    HandedOver {
+        /// The node taking them.
+        adopter: String,
+        /// The version of the final copy.
+        version: u64,
+    },
+    /// `adopter` added them to its own: the node can leave the membership.
+    Drained {
+        /// The node that took them.
+        adopter: String,
+        /// The version of the final copy.
+        version: u64,
+    },
+}
+
+impl DrainState {
+    /// `""`, `"draining"`, `"handed-over"` or `"drained"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DrainState::Serving => "",
+            DrainState::Draining => "draining",
+            DrainState::HandedOver { .. } => "handed-over",
+            DrainState::Drained { .. } => "drained",
+        }
+    }
+
+    /// How far along: each step comes after the one before.
+    pub fn rank(&self) -> u8 {
+        match self {
+            DrainState::Serving => 0,
+            DrainState::Draining => 1,
+            DrainState::HandedOver { .. } => 2,
+            DrainState::Drained { .. } => 3,
+        }
+    }
+
+    /// The adopter and the final copy's version, once handed over.
+    pub fn handed_to(&self) -> Option<(&str, u64)> {
+        match self {
+            DrainState::HandedOver { adopter, version }
+            | DrainState::Drained { adopter, version } => Some((adopter, *version)),
+            _ => None,
+        }
+    }
+
+    /// The adopter, once the entries were handed over.
+    pub fn adopter(&self) -> Option<&str> {
+        self.handed_to().map(|(adopter, _)| adopter)
+    }
+}
+
+/// A node's state besides its counters and copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMeta {
+    /// The node this directory belongs to.
+    pub node_id: String,
+    /// This data directory's random id, made at its first start: copies of
+    /// this node's entries carry it, so a copy from a lost directory is told
+    /// from one of its replacement whatever the versions and clocks say.
+    pub directory_id: u64,
+    /// The number of this start: greater than every earlier start of this
+    /// directory and, being at least the wall clock in seconds, than the
+    /// starts of a directory this node lost. The high bits of its
+    /// replication versions.
+    pub incarnation: u64,
+    /// The directory was created empty: its own entries (if the node
+    /// existed before) are in its replicas' copies until a restore.
+    pub awaiting_restore: bool,
+    /// Where a drain of this node stands.
+    pub drain: DrainState,
+    /// Drained nodes whose copies this node no longer takes, with the
+    /// version it adopted (0: only its copy was dropped).
+    pub retired: BTreeMap<String, u64>,
+}
+
+impl NodeMeta {
+    /// The incarnation for the next start: after every earlier one, and at
+    /// least the wall clock in seconds (a new directory takes the next
+    /// second: every start of a directory this node lost was numbered at
+    /// most the second it happened in).
+    pub fn next_incarnation(&self) -> u64 {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        if self.incarnation == 0 {
+            now_secs + 1
+        } else {
+            (self.incarnation + 1).max(now_secs)
+        }
+    }
+}
+
+/// A random id for a new data directory (never 0).
+pub fn new_directory_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_as_json_with_full_u64s() {
+        let meta = NodeMeta {
+            node_id: "shard-1".into(),
+            directory_id: u64::MAX - 3,
+            incarnation: 1_700_000_000,
+            awaiting_restore: true,
+            drain: DrainState::HandedOver {
+                adopter: "shard-2".into(),
+                version: u64::MAX,
+            },
+            retired: [("shard-9".to_string(), 7)].into(),
+        };
+        let text = serde_json::to_string(&meta).unwrap();
+        assert_eq!(serde_json::from_str::<NodeMeta>(&text).unwrap(), meta);
+    }
+
+    #[test]
+    fn incarnations_grow() {
+        let meta = NodeMeta::default();
+        let first = meta.next_incarnation();
+        assert!(first > 1_700_000_000);
+        let later = NodeMeta {
+            incarnation: first + 100,
+            ..meta
+        };
+        assert_eq!(later.next_incarnation(), first + 101);
+    }
+}

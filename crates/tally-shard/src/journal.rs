@@ -50,6 +50,8 @@ use crate::store::{CapturedBucket, OwnChanges, Store, SEGMENT_COUNT};
 const OWN_SEGMENTS_PER_TURN: usize = 4;
 /// Segments of a replica copy captured per turn.
 const COPY_SEGMENTS_PER_TURN: usize = 16;
+/// Free space a checkpoint round needs at least.
+const MIN_CHECKPOINT_ROOM: u64 = 8 * 1024 * 1024;
 
 /// When checkpoints run and how the log is cut into segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +182,8 @@ pub struct JournalParts {
     /// The checkpoint files' hash after their last round and its position,
     /// if unchanged.
     pub checkpoint_hash: Option<(u64, u64)>,
+    /// This start's frame, if it is not in the log yet: written first.
+    pub pending_start: Option<Change>,
 }
 
 /// How the log thread left the log at a stop: what [`crate::storage::Storage::close`]
@@ -223,6 +227,7 @@ impl Journal {
             log: parts.log,
             witness: parts.witness,
             checkpoint_hash: parts.checkpoint_hash,
+            pending_start: parts.pending_start,
             dir: parts.dir,
             own: OwnChanges::default(),
             captured: Vec::new(),
@@ -360,6 +365,8 @@ struct LogThread {
     /// The checkpoint's files' hash after their last finished round, and
     /// its position.
     checkpoint_hash: Option<(u64, u64)>,
+    /// This start's frame, until it is in the log.
+    pending_start: Option<Change>,
     dir: PathBuf,
     /// Reused from turn to turn.
     own: OwnChanges,
@@ -444,6 +451,9 @@ impl LogThread {
         let store = self.state.store.clone();
         store.begin_flush(&mut self.own, own_capture.clone(), &mut self.captured);
         let last_before = self.log.last_seq();
+        if let Some(start) = &self.pending_start {
+            self.log.append(start.kind(), |buffer| start.encode(buffer));
+        }
         let own_frame = (!self.own.is_empty()).then(|| {
             let own = &self.own;
             self.log
@@ -485,6 +495,10 @@ impl LogThread {
                 });
                 {
                     let mut meta = self.state.meta.lock();
+                    if let Some(start) = self.pending_start.take() {
+                        start.apply(&store, &self.state.replicas, &mut meta);
+                        tracing::info!("this start is now recorded in the log");
+                    }
                     for request in &requests {
                         request
                             .change
@@ -541,9 +555,37 @@ impl LogThread {
         let due = logged_since
             && (log_bytes >= self.settings.checkpoint_bytes
                 || self.last_round_started.elapsed() >= self.settings.checkpoint_interval);
-        if due {
-            self.start_round();
+        if !due {
+            return;
         }
+        // sled must never meet a full disk in the middle of a round (what
+        // it leaves then may not open again): a round starts only with
+        // room for twice the checkpoint, and the log keeps everything
+        // meanwhile.
+        match self.room_for_checkpoint() {
+            Ok(()) => self.start_round(),
+            Err(message) => {
+                self.last_round_started = Instant::now();
+                tracing::warn!("checkpoint postponed: {message}");
+            }
+        }
+    }
+
+    /// Whether the disk has room for a checkpoint round.
+    fn room_for_checkpoint(&self) -> Result<(), String> {
+        let checkpoint_bytes =
+            crate::storage::sled_files_bytes(&self.dir.join(checkpoint::CHECKPOINT_DIR))
+                .map_err(|error| format!("cannot size the checkpoint: {error}"))?;
+        let needed = (2 * checkpoint_bytes).max(MIN_CHECKPOINT_ROOM);
+        let stat = nix::sys::statvfs::statvfs(&self.dir)
+            .map_err(|error| format!("cannot read the free space: {error}"))?;
+        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        if free < needed {
+            return Err(format!(
+                "{free} bytes free, {needed} needed (twice the checkpoint's {checkpoint_bytes})"
+            ));
+        }
+        Ok(())
     }
 
     fn start_round(&mut self) {

@@ -157,6 +157,7 @@ impl ShardNode {
             checkpoint,
             checkpoint_position,
             checkpoint_hash,
+            pending_start,
             ..
         } = self.recovered;
         let journal = Arc::new(journal::Journal::start(
@@ -168,6 +169,7 @@ impl ShardNode {
                 checkpoint_position,
                 checkpoint,
                 checkpoint_hash,
+                pending_start,
             },
             journal::LogSettings {
                 durability: self.config.durability,

@@ -186,6 +186,11 @@ pub struct LogEnd {
     pub bytes: u64,
 }
 
+/// A `position` for [`scan`] that is not known yet: the log is checked
+/// through, nothing is replayed, and its start is not compared with a
+/// checkpoint.
+pub const UNKNOWN_POSITION: u64 = u64::MAX;
+
 /// Reads and checks the log in `dir` (the log directory), and calls
 /// `replay` with every frame after `position` (the checkpoint's), in order.
 /// `witnessed` is the last frame the node knew durable: a log that ends
@@ -228,7 +233,7 @@ pub fn scan(
             )));
         }
         if index == 0 {
-            if first_seq > position + 1 {
+            if position != UNKNOWN_POSITION && first_seq > position + 1 {
                 return Err(damaged(format!(
                     "the log starts at frame {first_seq}, but the checkpoint covers only up to \
                      frame {position}: frames {} to {} are missing",
@@ -309,7 +314,7 @@ pub fn scan(
             end.last_seq
         )));
     }
-    if end.last_seq < position {
+    if position != UNKNOWN_POSITION && end.last_seq < position {
         return Err(damaged(format!(
             "the log ends at frame {}, before the checkpoint's position {position}",
             end.last_seq

@@ -589,10 +589,21 @@ impl pb::shard_server::Shard for ShardService {
         // Held across the scan: a hand-over cannot slip in between the
         // check and the version this scan takes.
         let _reading = self.own_writes.read().await;
-        let (drained, directory_id) = {
+        let (drained, directory_id, recorded) = {
             let meta = self.state.meta.lock();
-            (meta.drain.adopter().is_some(), meta.directory_id)
+            (
+                meta.drain.adopter().is_some(),
+                meta.directory_id,
+                meta.incarnation,
+            )
         };
+        if recorded != self.state.store.incarnation() {
+            // Versions of an unrecorded start could be handed out again by
+            // the next one.
+            return Err(
+                self.unavailable("this start is not recorded in the log yet (is its disk full?)")
+            );
+        }
         if drained {
             return Err(Status::failed_precondition(format!(
                 "node {} is drained: its entries are with another node",

@@ -257,6 +257,9 @@ pub struct Recovered {
     /// The checkpoint files' hash after its last finished round and that
     /// round's position, if they are still as it left them.
     pub checkpoint_hash: Option<(u64, u64)>,
+    /// This start's frame, if it could not be written yet (a full disk):
+    /// the log thread writes it first.
+    pub pending_start: Option<Change>,
     /// What the directory held.
     pub report: DirectoryReport,
 }
@@ -282,7 +285,10 @@ impl Storage {
         // Look again under the lock: another process may have set the
         // directory up between the first look and the lock.
         let marker = inspect(dir, node_id)?;
-        write_pid(&lock).map_err(io)?;
+        if let Err(error) = write_pid(&lock) {
+            // Only a help for operators; a full disk must not stop a start.
+            tracing::warn!(dir = %dir.display(), %error, "cannot write the pid into the lock file");
+        }
         match marker {
             Some(Marker {
                 state: MarkerState::Ready,
@@ -301,16 +307,17 @@ impl Storage {
         remove_dir_if_present(&dir.join(CHECK_DIR)).map_err(io)?;
 
         let witness = Witness::read(dir)?;
-        let store = Store::with_retention(retention);
-        let replicas = Replicas::default();
+        // sled rewrites files it opens: the log is checked through first, so
+        // that a directory refused for a damaged log is left untouched.
+        let recorded_position = witness
+            .checkpoint
+            .map_or(log::UNKNOWN_POSITION, |(_, position)| position);
+        check_log(dir, recorded_position, witness.logged)?;
         let checkpoint_dir = dir.join(CHECKPOINT_DIR);
         let unchanged = checkpoint_unchanged(dir, &witness)?;
-        let (checkpoint, loaded) = if !checkpoint_dir.exists() {
-            (None, checkpoint::Loaded::default())
-        } else if let (true, Some((_, position))) = (unchanged, witness.checkpoint) {
-            // sled rewrites files it opens: the log is checked first, so that
-            // a directory refused for a damaged log is left untouched.
-            check_log(dir, position, witness.logged)?;
+        let open_in_place = || {
+            let store = Store::with_retention(retention);
+            let replicas = Replicas::default();
             let opened =
                 Checkpoint::open(&checkpoint_dir).map_err(|error| StorageError::Damaged {
                     dir: dir.to_path_buf(),
@@ -319,11 +326,34 @@ impl Storage {
             let loaded = opened
                 .load(&store, &replicas)
                 .map_err(|problem| refused(dir, problem))?;
-            (Some(opened), loaded)
+            Ok::<_, StorageError>((store, replicas, Some(opened), loaded))
+        };
+        let (store, replicas, checkpoint, loaded) = if !checkpoint_dir.exists() {
+            (
+                Store::with_retention(retention),
+                Replicas::default(),
+                None,
+                checkpoint::Loaded::default(),
+            )
+        } else if unchanged {
+            open_in_place()?
         } else {
             tracing::info!(dir = %dir.display(), "the checkpoint changed since its last round; checking a copy before opening");
-            let loaded = load_copy(dir, &dir.join(CHECK_DIR), &store, &replicas)?;
-            (None, loaded)
+            let store = Store::with_retention(retention);
+            let replicas = Replicas::default();
+            match load_copy(dir, &dir.join(CHECK_DIR), &store, &replicas) {
+                Ok(loaded) => (store, replicas, None, loaded),
+                Err(StorageError::Io { reason, .. }) if no_space(&reason) => {
+                    // A full disk must not keep the node down: its log is
+                    // checked, and a checkpoint that does not hold what the
+                    // log lacks is still found (the log would start after
+                    // its position). Only the promise that damaged
+                    // checkpoint files are left untouched is given up.
+                    tracing::warn!(dir = %dir.display(), %reason, "no room for a copy of the checkpoint; opening it in place");
+                    open_in_place()?
+                }
+                Err(error) => return Err(error),
+            }
         };
         let (position, mut meta) = checkpoint_meta(dir, node_id, loaded.meta)?;
         let end = replay_log(dir, position, witness.logged, &store, &replicas, &mut meta)?;
@@ -333,14 +363,25 @@ impl Storage {
         if end.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), torn_bytes = end.torn_bytes, last_frame = end.last_seq, "cut a torn write at the end of the log");
         }
-        // Number this start, durably, before serving.
-        let start = Change::Start {
-            incarnation: meta.next_incarnation(),
-        };
+        // Number this start, durably, before serving. On a full disk the
+        // node still starts (reads work); the log thread records the start
+        // before anything else, and until then the node hands out no
+        // replication versions (see `Store::set_incarnation`).
+        let incarnation = meta.next_incarnation();
+        let start = Change::Start { incarnation };
         log.append(start.kind(), |buffer| start.encode(buffer));
-        log.commit().map_err(io)?;
-        start.apply(&store, &replicas, &mut meta);
-        store.set_incarnation(meta.incarnation);
+        let pending_start = match log.commit() {
+            Ok(()) => {
+                start.apply(&store, &replicas, &mut meta);
+                None
+            }
+            Err(reason) if no_space(&reason) => {
+                tracing::warn!(dir = %dir.display(), %reason, "no room to record this start in the log; serving reads, and recording it once there is room");
+                Some(start)
+            }
+            Err(reason) => return Err(io(reason)),
+        };
+        store.set_incarnation(incarnation);
         let witness_file = File::options()
             .read(true)
             .write(true)
@@ -385,6 +426,7 @@ impl Storage {
             checkpoint,
             checkpoint_position: position,
             checkpoint_hash,
+            pending_start,
             report,
         })
     }
@@ -489,6 +531,17 @@ fn replay(
     Ok(())
 }
 
+/// Whether an I/O error means the disk (or the process's file size limit)
+/// has no room.
+pub(crate) fn no_space(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::FileTooLarge
+    )
+}
+
 /// Reads the log through, checking every frame, without applying any.
 fn check_log(dir: &Path, position: u64, witnessed: u64) -> Result<LogEnd, StorageError> {
     // Frames are decoded (not applied) so that a frame that checks out but
@@ -563,8 +616,10 @@ fn load_copy(
     remove_dir_if_present(scratch).map_err(cannot_check)?;
     let _cleanup = RemoveOnDrop(scratch);
     copy_sled_files(&dir.join(CHECKPOINT_DIR), scratch).map_err(cannot_check)?;
-    let copy = Checkpoint::open(scratch)
-        .map_err(|error| refused(dir, format!("sled cannot open its checkpoint: {error}")))?;
+    let copy = Checkpoint::open(scratch).map_err(|error| match error {
+        sled::Error::Io(reason) if no_space(&reason) => cannot_check(reason),
+        error => refused(dir, format!("sled cannot open its checkpoint: {error}")),
+    })?;
     let loaded = copy
         .load(store, replicas)
         .map_err(|problem| refused(dir, problem))?;
@@ -710,6 +765,14 @@ fn sled_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Bytes of a sled directory's files (0 if it does not exist).
+pub(crate) fn sled_files_bytes(dir: &Path) -> std::io::Result<u64> {
+    sled_files(dir)?
+        .into_iter()
+        .map(|relative| std::fs::metadata(dir.join(relative)).map(|metadata| metadata.len()))
+        .sum()
 }
 
 /// xxh3 over a sled directory's files: names, lengths and contents. Never 0.

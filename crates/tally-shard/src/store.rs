@@ -564,6 +564,11 @@ impl Store {
             .store((incarnation << INCARNATION_SHIFT) | 1, Ordering::SeqCst);
     }
 
+    /// The incarnation set by [`Store::set_incarnation`].
+    pub fn incarnation(&self) -> u64 {
+        self.replication_epoch.load(Ordering::SeqCst) >> INCARNATION_SHIFT
+    }
+
     fn changed_stamp(&self) -> u32 {
         self.replication_epoch.load(Ordering::SeqCst) as u32
     }

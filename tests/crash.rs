@@ -311,18 +311,38 @@ fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -
     outcome
 }
 
+/// What a stop of a shard interrupted, read from its log.
+#[derive(Debug, Default, Clone, Copy)]
+struct Interrupted {
+    /// A checkpoint round was running.
+    checkpoint: bool,
+}
+
 /// Stops shard `index` with `signal` and starts it again on its address.
-fn bounce_shard(cluster: &mut ProcessCluster, index: usize, signal: Signal) -> Instant {
+fn bounce_shard(
+    cluster: &mut ProcessCluster,
+    index: usize,
+    signal: Signal,
+) -> (Instant, Interrupted) {
     let shard = cluster.shards[index].take().unwrap();
     let address = shard.address;
     let at = Instant::now();
-    if signal == Signal::SIGTERM {
+    let log = if signal == Signal::SIGTERM {
+        let log = shard.log();
         shard.terminate();
+        log
     } else {
-        shard.stop_with(signal);
-    }
+        let mut shard = shard;
+        shard.signal(signal);
+        shard.log()
+    };
+    let started = log.rfind("checkpoint started");
+    let finished = log.rfind("checkpoint finished");
+    let interrupted = Interrupted {
+        checkpoint: started.is_some() && finished < started,
+    };
     cluster.restart_shard(index, address);
-    at
+    (at, interrupted)
 }
 
 /// A sync cluster of real processes with client load running on it.
@@ -348,19 +368,64 @@ fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
         },
     );
     let cycles = cycles();
+    let mut during_checkpoints = 0;
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
-        bounce_shard(&mut cluster, rng.usize(..3), Signal::SIGKILL);
+        let (_, interrupted) = bounce_shard(&mut cluster, rng.usize(..3), Signal::SIGKILL);
+        during_checkpoints += usize::from(interrupted.checkpoint);
     }
     let ledger = load.finish(&runtime);
     let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
     support::report(&format!(
-        "sync mode, {cycles} shard SIGKILLs ({} calls retried, {} resent): {outcome}",
+        "sync mode, {cycles} shard SIGKILLs ({during_checkpoints} during a checkpoint; {} calls \
+         retried, {} resent): {outcome}",
         ledger.retried, ledger.resent
     ));
     assert!(ledger.retried > 0, "no call ever failed: the kills missed");
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
     assert_eq!(outcome.present, outcome.acknowledged);
+}
+
+#[test]
+fn crashes_at_each_step_of_a_checkpoint_lose_and_duplicate_nothing() {
+    let (_rng, runtime, mut cluster, load) = start_sync_load(
+        "crash points",
+        LoadShape {
+            batches: true,
+            resend: true,
+        },
+    );
+    let mut reached = Vec::new();
+    for point in tally::shard::crash_point::POINTS {
+        // shard-1 runs with the hook until it crashes itself there.
+        let address = cluster.shards[0]
+            .take()
+            .unwrap()
+            .stop_with_address(Signal::SIGKILL);
+        cluster.restart_shard_with_env(0, address, &[], &[("TALLY_SHARD_CRASH_AT", point)]);
+        let started = Instant::now();
+        let shard = cluster.shards[0].as_mut().unwrap();
+        while shard.is_running() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "shard-1 never reached {point}:\n{}",
+                shard.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let log = shard.log();
+        assert!(log.contains(&format!("crashing at {point}")), "{log}");
+        reached.push(point);
+        cluster.restart_shard(0, address);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let ledger = load.finish(&runtime);
+    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    support::report(&format!(
+        "crashes at {reached:?} ({} calls retried, {} resent): {outcome}",
+        ledger.retried, ledger.resent
+    ));
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
 }
 
 #[test]
@@ -405,7 +470,7 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
         let index = rng.usize(..3);
-        let at = bounce_shard(&mut cluster, index, Signal::SIGKILL);
+        let (at, _) = bounce_shard(&mut cluster, index, Signal::SIGKILL);
         kills.push((at, format!("shard-{}", index + 1)));
     }
     let ledger = load.finish(&runtime);

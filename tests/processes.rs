@@ -526,22 +526,30 @@ fn tallyctl_dev_runs_a_cluster_until_interrupted() {
     }
 }
 
-/// A shard whose files may not grow past `limit` bytes (RLIMIT_FSIZE, with
-/// SIGXFSZ ignored so a write past it fails with EFBIG instead of killing
-/// the process): a disk that is full, for one process, without root.
+/// A shard whose files may not grow past `limit` bytes (RLIMIT_FSIZE): a
+/// write past it fails with EFBIG, or, if the process did not ignore
+/// SIGXFSZ itself, kills it. One log segment large enough to reach the
+/// limit, and no checkpoint that would delete it.
 fn start_shard_with_file_size_limit(config: &std::path::Path, limit: u64) -> support::Daemon {
     use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
-    use nix::sys::signal::{signal, SigHandler};
     use std::os::unix::process::CommandExt;
 
     let mut command = std::process::Command::new(support::binary("tally-shard"));
-    command.args(["--config", config.to_str().unwrap()]);
-    // SAFETY: only async-signal-safe calls (setrlimit, sigaction) between
-    // fork and exec.
+    command.args([
+        "--config",
+        config.to_str().unwrap(),
+        "--log-segment-bytes",
+        "67108864",
+        "--checkpoint-log-bytes",
+        "1073741824",
+        "--checkpoint-interval-ms",
+        "3600000",
+    ]);
+    // SAFETY: only an async-signal-safe call (setrlimit) between fork and
+    // exec.
     unsafe {
         command.pre_exec(move || {
             setrlimit(Resource::RLIMIT_FSIZE, limit, RLIM_INFINITY)?;
-            signal(Signal::SIGXFSZ, SigHandler::SigIgn)?;
             Ok(())
         });
     }
@@ -549,7 +557,7 @@ fn start_shard_with_file_size_limit(config: &std::path::Path, limit: u64) -> sup
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_writes_loudly_and_loses_nothing() {
+async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let shard_config = support::write_shard_config(dir.path(), 1, "sync");
     let shard = start_shard_with_file_size_limit(&shard_config, 3 << 20);

@@ -131,6 +131,14 @@ impl Daemon {
             .unwrap_or_else(|| panic!("{} did not exit after {signal}", self.name))
     }
 
+    /// Sends `signal`, waits for the exit, and returns the address the
+    /// daemon listened on (to start a successor there).
+    pub fn stop_with_address(self, signal: Signal) -> SocketAddr {
+        let address = self.address;
+        self.stop_with(signal);
+        address
+    }
+
     /// SIGTERM: the graceful stop. Asserts exit code 0.
     pub fn terminate(self) {
         let name = self.name.clone();
@@ -185,14 +193,19 @@ pub fn run_to_end(binary_name: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A shard config file for node `index` (1-based) under `dir`.
+/// A shard config file for node `index` (1-based) under `dir`. Its log
+/// segments are small and its checkpoints frequent, so that every process
+/// test also runs through checkpoints and segment deletions.
 pub fn write_shard_config(dir: &Path, index: usize, durability: &str) -> PathBuf {
     let path = dir.join(format!("shard-{index}.toml"));
     let data_dir = dir.join(format!("data/shard-{index}"));
     std::fs::write(
         &path,
         format!(
-            "node_id = \"shard-{index}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\ndurability = \"{durability}\"\nflush_interval_ms = 20\n",
+            "node_id = \"shard-{index}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n\
+             durability = \"{durability}\"\nflush_interval_ms = 20\n\
+             log_segment_bytes = 65536\ncheckpoint_interval_ms = 100\n\
+             checkpoint_log_bytes = 262144\n",
             data_dir.display().to_string()
         ),
     )
@@ -277,11 +290,29 @@ impl ProcessCluster {
 
     /// [`ProcessCluster::restart_shard`] with more flags.
     pub fn restart_shard_with(&mut self, index: usize, address: SocketAddr, extra_args: &[&str]) {
+        self.restart_shard_with_env(index, address, extra_args, &[]);
+    }
+
+    /// [`ProcessCluster::restart_shard`] with more flags and environment
+    /// variables.
+    pub fn restart_shard_with_env(
+        &mut self,
+        index: usize,
+        address: SocketAddr,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) {
         let config = self.shard_configs[index].clone();
         let listen = address.to_string();
-        let mut args = vec!["--listen", listen.as_str()];
-        args.extend_from_slice(extra_args);
-        self.shards[index] = Some(start_shard(&format!("shard-{}", index + 1), &config, &args));
+        let mut command = Command::new(binary("tally-shard"));
+        command.args(["--config", config.to_str().unwrap(), "--listen", &listen]);
+        command.args(extra_args);
+        command.envs(env.iter().copied());
+        self.shards[index] = Some(Daemon::spawn(
+            command,
+            &format!("shard-{}", index + 1),
+            config.parent().unwrap(),
+        ));
     }
 
     pub fn tallyctl(&self, args: &[&str]) -> Output {

@@ -323,9 +323,9 @@ pub fn run(
         }
         let written = match (&job, &database, &failed) {
             (_, _, Some(_)) | (_, None, _) => Ok(()),
-            (Job::Buckets { origin, buckets }, Some(db), None) => {
-                db.write_buckets(origin.as_deref(), buckets)
-            }
+            (Job::Buckets { origin, buckets }, Some(db), None) => db
+                .write_buckets(origin.as_deref(), buckets)
+                .inspect(|()| crate::crash_point::reached("checkpoint-buckets")),
             (Job::DeleteCopy(origin), Some(db), None) => db.delete_copy(origin),
             (Job::Finish(meta), Some(db), None) => db.finish(meta),
             (Job::Abort, _, _) => Ok(()),
@@ -339,6 +339,7 @@ pub fn run(
         let outcome = match job {
             Job::Finish(meta) => Some(match failed.take() {
                 None => {
+                    crate::crash_point::reached("checkpoint-durable");
                     settled = true;
                     RoundOutcome::Done {
                         position: meta.position,

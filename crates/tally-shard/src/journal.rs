@@ -468,18 +468,8 @@ impl LogThread {
         let epoch = self.own.epoch;
         match committed {
             Ok(()) => {
-                if self.log.has_pending() {
-                    debug_assert!(false, "a commit leaves nothing pending");
-                }
-                let witness = Witness {
-                    logged: self.log.last_seq(),
-                    checkpoint: self.checkpoint_hash,
-                };
-                if let Err(error) = witness.write(&self.witness) {
-                    // The frames are durable whatever happens here: a stale
-                    // witness only weakens the next start's check.
-                    tracing::warn!(%error, "cannot update the witness file");
-                }
+                crate::crash_point::reached("log-synced");
+                self.write_witness();
                 store.finish_flush(&self.own);
                 let now = unix_ms_now();
                 if own_frame.is_some() {
@@ -590,7 +580,11 @@ impl LogThread {
 
     fn start_round(&mut self) {
         self.last_round_started = Instant::now();
-        tracing::debug!(log_bytes = self.log.bytes(), "checkpoint started");
+        tracing::info!(
+            log_bytes = self.log.bytes(),
+            last_frame = self.log.last_seq(),
+            "checkpoint started"
+        );
         self.round = Some(Round {
             position: None,
             next_segment: 0,
@@ -712,6 +706,9 @@ impl LogThread {
                 RoundOutcome::Done { position, hash } => {
                     self.checkpoint_position = position;
                     self.checkpoint_hash = hash.map(|hash| (hash, position));
+                    // Recorded before any segment goes: a start after a
+                    // crash then opens the checkpoint without a copy.
+                    self.write_witness();
                     self.pending_deletes.clear();
                     self.stats
                         .checkpoint_position
@@ -721,7 +718,11 @@ impl LogThread {
                         .store(unix_ms_now(), Ordering::Relaxed);
                     self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                     match self.log.drop_through(position) {
-                        Ok(dropped) => tracing::debug!(position, dropped, "checkpoint finished"),
+                        Ok(dropped) => tracing::info!(
+                            position,
+                            segments_deleted = dropped,
+                            "checkpoint finished"
+                        ),
                         Err(error) => {
                             tracing::warn!(%error, position, "cannot delete log segments a checkpoint covers")
                         }
@@ -738,6 +739,20 @@ impl LogThread {
                 }
                 RoundOutcome::Aborted => {}
             }
+        }
+    }
+
+    /// Records the last durable frame and the checkpoint's hash in the
+    /// witness file.
+    fn write_witness(&self) {
+        let witness = Witness {
+            logged: self.log.last_seq(),
+            checkpoint: self.checkpoint_hash,
+        };
+        if let Err(error) = witness.write(&self.witness) {
+            // The frames are durable whatever happens here: a stale witness
+            // only weakens the next start's check.
+            tracing::warn!(%error, "cannot update the witness file");
         }
     }
 

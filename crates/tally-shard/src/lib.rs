@@ -26,6 +26,8 @@
 //! - [`storage`]: the data directory (lock, marker, witness), recovery and
 //!   [`storage::verify`]; [`legacy`]: migration of format 2 directories.
 //! - [`service`]: the gRPC service.
+//! - [`crash_point`]: a test hook that crashes the process at a chosen
+//!   moment.
 //! - [`ShardNode`] and [`run`]: open, recover, serve, shut down.
 //!
 //! # Examples
@@ -48,6 +50,7 @@ pub mod change;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod crash_point;
 pub mod journal;
 pub mod legacy;
 pub mod log;

@@ -509,6 +509,7 @@ impl LogWriter {
         while self.segments.len() > 1 && self.segments[1].0 <= position + 1 {
             let (first_seq, _) = self.segments[0];
             std::fs::remove_file(self.dir.join(segment_name(first_seq)))?;
+            crate::crash_point::reached("segment-deleted");
             self.segments.remove(0);
             dropped += 1;
         }

@@ -307,14 +307,17 @@ impl Storage {
         remove_dir_if_present(&dir.join(CHECK_DIR)).map_err(io)?;
 
         let witness = Witness::read(dir)?;
-        // sled rewrites files it opens: the log is checked through first, so
-        // that a directory refused for a damaged log is left untouched.
-        let recorded_position = witness
-            .checkpoint
-            .map_or(log::UNKNOWN_POSITION, |(_, position)| position);
-        check_log(dir, recorded_position, witness.logged)?;
         let checkpoint_dir = dir.join(CHECKPOINT_DIR);
         let unchanged = checkpoint_unchanged(dir, &witness)?;
+        // sled rewrites files it opens: the log is checked through first, so
+        // that a directory refused for a damaged log is left untouched. The
+        // witness's position is the checkpoint's only if its files are as
+        // that round left them.
+        let recorded_position = match witness.checkpoint {
+            Some((_, position)) if unchanged => position,
+            _ => log::UNKNOWN_POSITION,
+        };
+        check_log(dir, recorded_position, witness.logged)?;
         let open_in_place = || {
             let store = Store::with_retention(retention);
             let replicas = Replicas::default();

@@ -123,6 +123,8 @@ struct Request {
 struct InboxState {
     wake: bool,
     stop: bool,
+    /// Stop as a crash would: no last write, no last checkpoint (tests).
+    crash: bool,
     requests: Vec<Request>,
 }
 
@@ -336,6 +338,25 @@ impl Journal {
     }
 }
 
+#[cfg(test)]
+impl Journal {
+    /// Stops the log thread as a crash would, in a test: at once, without a
+    /// last write or checkpoint. The checkpoint thread finishes the job it
+    /// has.
+    pub fn crash(&self) {
+        let Some(handle) = self.thread.lock().take() else {
+            return;
+        };
+        {
+            let mut inbox = self.inbox.state.lock();
+            inbox.crash = true;
+            inbox.stop = true;
+        }
+        self.inbox.ready.notify_one();
+        let _ = handle.join();
+    }
+}
+
 impl Drop for Journal {
     fn drop(&mut self) {
         let _ = self.stop();
@@ -396,7 +417,7 @@ impl LogThread {
     fn run(mut self) -> Result<Stopped, StorageError> {
         let mut next_tick = Instant::now() + self.settings.flush_interval;
         loop {
-            let (requests, stopping) = {
+            let (requests, stopping, crashing) = {
                 let mut inbox = self.inbox.state.lock();
                 while !(inbox.stop || inbox.wake || !inbox.requests.is_empty()) {
                     if self
@@ -409,8 +430,12 @@ impl LogThread {
                     }
                 }
                 inbox.wake = false;
-                (std::mem::take(&mut inbox.requests), inbox.stop)
+                (std::mem::take(&mut inbox.requests), inbox.stop, inbox.crash)
             };
+            if crashing {
+                self.close_checkpointer();
+                return Ok(Stopped::default());
+            }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + self.settings.flush_interval;
             }

@@ -979,3 +979,429 @@ fn set_up(dir: &Path, node_id: &str) -> Result<(), StorageError> {
     write_witness(dir, Witness::running(log.last_seq())).map_err(io)?;
     write_marker(dir, node_id, MarkerState::Ready)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+    use crate::journal::{Journal, JournalParts, LogSettings};
+    use crate::replicas::CopyStamp;
+    use crate::store::StripeIncrement;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn open(dir: &Path) -> Result<Recovered, StorageError> {
+        Storage::open(dir, "shard-1", KeyRetention::default(), 4096)
+    }
+
+    /// A node's storage with its log thread running, as a started node has.
+    struct Running {
+        storage: Storage,
+        state: NodeState,
+        journal: Journal,
+        runtime: tokio::runtime::Runtime,
+    }
+
+    fn start(dir: &Path, checkpoint_interval: Duration) -> Running {
+        let recovered = open(dir).unwrap();
+        let journal = Journal::start(
+            recovered.state.clone(),
+            JournalParts {
+                dir: dir.to_path_buf(),
+                log: recovered.log,
+                witness: recovered.witness,
+                checkpoint_position: recovered.checkpoint_position,
+                checkpoint: recovered.checkpoint,
+                checkpoint_hash: recovered.checkpoint_hash,
+                pending_start: recovered.pending_start,
+            },
+            LogSettings {
+                durability: Durability::Sync,
+                flush_interval: Duration::from_millis(5),
+                segment_bytes: 4096,
+                checkpoint_bytes: 1 << 40,
+                checkpoint_interval,
+            },
+        )
+        .unwrap();
+        Running {
+            storage: recovered.storage,
+            state: recovered.state,
+            journal,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    impl Running {
+        fn add(&self, counter: &str, stripe: u32, delta: i64, key: Option<&str>) {
+            let (_, epoch) = self.state.store.apply(
+                &[StripeIncrement {
+                    counter,
+                    stripe,
+                    delta,
+                    idempotency_key: key,
+                }],
+                crate::journal::unix_ms_now(),
+            );
+            self.runtime
+                .block_on(self.journal.wait_durable(epoch))
+                .unwrap();
+        }
+
+        fn submit(&self, change: Change) {
+            self.runtime.block_on(self.journal.submit(change)).unwrap();
+        }
+
+        /// A clean stop: a last checkpoint, the witness records it.
+        fn stop(self) {
+            let stopped = self.journal.stop().unwrap().unwrap();
+            self.storage
+                .close(stopped.last_seq, stopped.checkpoint_hash)
+                .unwrap();
+        }
+
+        /// A crash: the log thread stops without a last checkpoint and the
+        /// witness is not closed.
+        fn crash(self) {
+            self.journal.crash();
+        }
+    }
+
+    fn total(state: &NodeState, counter: &str) -> i64 {
+        state
+            .store
+            .read(counter)
+            .iter()
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    /// A directory with entries, records, a replica copy and a drain step,
+    /// checkpointed part way, left by a clean stop or a crash.
+    fn written_directory(clean: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_millis(20));
+        for round in 0..200 {
+            node.add(
+                &format!("c{}", round % 17),
+                round % 4,
+                1,
+                Some(&format!("k{round}")),
+            );
+        }
+        node.submit(Change::Replica {
+            origin: "shard-2".into(),
+            stamp: CopyStamp {
+                version: 9,
+                scanned_unix_ms: 90,
+                directory_id: 5,
+            },
+            full: true,
+            entries: vec![("c0".into(), 1, 40), ("d".into(), 0, 2)],
+        });
+        node.submit(Change::Drain(DrainState::Draining));
+        node.add("c0", 0, 100, None);
+        if clean {
+            node.stop();
+        } else {
+            node.crash();
+        }
+        dir
+    }
+
+    fn check_written(recovered: &Recovered) {
+        let state = &recovered.state;
+        assert_eq!(total(state, "c0"), 12 + 100);
+        assert_eq!(state.store.remembered_keys(), 200);
+        assert_eq!(
+            state.replicas.read(&["c0".into(), "d".into()])[0].counters,
+            vec![vec![(1, 40)], vec![(0, 2)]]
+        );
+        assert_eq!(state.replicas.versions(), vec![("shard-2".into(), 9)]);
+        assert_eq!(state.meta.lock().drain, DrainState::Draining);
+        // A retry of a key applied before is not applied again.
+        let (outcomes, _) = state.store.apply(
+            &[StripeIncrement {
+                counter: "c3",
+                stripe: 3,
+                delta: 1,
+                idempotency_key: Some("k3"),
+            }],
+            2_000,
+        );
+        assert_eq!(outcomes, vec![crate::store::ApplyOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn everything_survives_a_clean_stop_and_a_crash() {
+        let clean = written_directory(true);
+        let report = verify(clean.path()).unwrap();
+        assert!(report.checkpoint_unchanged);
+        assert_eq!(report.checkpoint_position, report.last_seq, "{report:?}");
+        let recovered = open(clean.path()).unwrap();
+        assert!(recovered.report.checkpoint_unchanged);
+        check_written(&recovered);
+        drop(recovered);
+
+        let crashed = written_directory(false);
+        let report = verify(crashed.path()).unwrap();
+        assert!(!report.checkpoint_unchanged || report.checkpoint_position < report.last_seq);
+        let recovered = open(crashed.path()).unwrap();
+        check_written(&recovered);
+        assert!(!crashed.path().join(CHECK_DIR).exists());
+    }
+
+    #[test]
+    fn every_start_is_numbered_higher() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path()).unwrap();
+        let incarnation = first.state.meta.lock().incarnation;
+        assert!(
+            incarnation > 1_700_000_000,
+            "wall-clock seconds: {incarnation}"
+        );
+        assert!(
+            first.state.meta.lock().awaiting_restore,
+            "a new directory awaits a restore"
+        );
+        drop(first);
+        let second = open(dir.path()).unwrap();
+        assert!(second.state.meta.lock().incarnation > incarnation);
+        assert_eq!(
+            second.state.store.incarnation(),
+            second.state.meta.lock().incarnation
+        );
+    }
+
+    /// Every file of a directory (but the lock) with its contents.
+    fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if !path.ends_with(LOCK_FILE) {
+                    files.insert(path.clone(), std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        files
+    }
+
+    /// Damages a directory, then checks that opening and verifying refuse
+    /// it and leave every file as it was.
+    fn refused_untouched(clean: bool, damage: impl FnOnce(&Path)) -> String {
+        let dir = written_directory(clean);
+        damage(dir.path());
+        let before = contents(dir.path());
+        let error = open(dir.path()).err().expect("a damaged directory opened");
+        assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+        assert!(contents(dir.path()) == before, "files changed: {error}");
+        let verified = verify(dir.path()).unwrap_err();
+        assert_eq!(verified.to_string(), error.to_string());
+        assert!(contents(dir.path()) == before, "verify changed files");
+        error.to_string()
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        log::list_segments(&dir.join(LOG_DIR))
+            .unwrap()
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect()
+    }
+
+    #[test]
+    fn a_log_cut_short_is_refused_untouched() {
+        for clean in [false, true] {
+            let message = refused_untouched(clean, |dir| {
+                let last = segments(dir).pop().unwrap();
+                let bytes = std::fs::read(&last).unwrap();
+                std::fs::write(&last, &bytes[..bytes.len() - 5]).unwrap();
+            });
+            assert!(
+                message.contains("acknowledged writes are missing"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_frame_before_the_last_segment_is_refused_untouched() {
+        let message = refused_untouched(false, |dir| {
+            let all = segments(dir);
+            assert!(all.len() > 1, "the test needs several segments");
+            let first = &all[0];
+            let mut bytes = std::fs::read(first).unwrap();
+            let at = bytes.len() - 3;
+            bytes[at] ^= 1;
+            std::fs::write(first, bytes).unwrap();
+        });
+        assert!(message.contains("bad frame"), "{message}");
+    }
+
+    #[test]
+    fn missing_log_segments_are_refused_untouched() {
+        let message = refused_untouched(false, |dir| {
+            let all = segments(dir);
+            std::fs::remove_file(&all[0]).unwrap();
+        });
+        assert!(message.contains("missing"), "{message}");
+    }
+
+    #[test]
+    fn a_garbage_checkpoint_is_refused_untouched() {
+        // After a clean stop the log holds only what came after the last
+        // checkpoint: without the checkpoint, frames are missing. (A log
+        // that still holds every frame would rebuild the state by itself.)
+        {
+            refused_untouched(true, |dir| {
+                let db = dir.join(CHECKPOINT_DIR).join("db");
+                let mut bytes = std::fs::read(&db).unwrap();
+                for (index, byte) in bytes.iter_mut().enumerate() {
+                    *byte = (index * 7 + 13) as u8;
+                }
+                std::fs::write(&db, bytes).unwrap();
+                for entry in std::fs::read_dir(dir.join(CHECKPOINT_DIR)).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("snap.")
+                    {
+                        std::fs::remove_file(path).unwrap();
+                    }
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_witness_is_refused_untouched() {
+        let message = refused_untouched(true, |dir| {
+            std::fs::remove_file(dir.join(WITNESS_FILE)).unwrap();
+        });
+        assert!(message.contains("LOGGED is missing"), "{message}");
+        let message = refused_untouched(false, |dir| {
+            std::fs::write(dir.join(WITNESS_FILE), "zzz").unwrap();
+        });
+        assert!(message.contains("LOGGED is unreadable"), "{message}");
+    }
+
+    #[test]
+    fn a_stale_witness_is_no_false_alarm() {
+        // Power loss may leave the witness behind the log, never ahead.
+        let dir = written_directory(false);
+        let file = File::options()
+            .write(true)
+            .open(dir.path().join(WITNESS_FILE))
+            .unwrap();
+        Witness::running(3).write(&file).unwrap();
+        check_written(&open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_held_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path()).unwrap();
+        let error = open(dir.path()).err().unwrap();
+        assert!(matches!(error, StorageError::Locked { .. }), "{error}");
+        assert!(error.to_string().contains("in use by another process"));
+        assert!(matches!(
+            verify(dir.path()).unwrap_err(),
+            StorageError::Locked { .. }
+        ));
+    }
+
+    #[test]
+    fn another_nodes_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let error = Storage::open(dir.path(), "shard-2", KeyRetention::default(), 4096)
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "data directory {} belongs to node \"shard-1\", not \"shard-2\"",
+                dir.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_unknown_format_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            "format_version = 1\nnode_id = \"shard-1\"\nstate = \"ready\"\n",
+        )
+        .unwrap();
+        let error = open(dir.path()).err().unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("format version 1, this build reads version 3"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("precious.txt"), "mine").unwrap();
+        let error = open(dir.path()).err().unwrap();
+        assert!(matches!(error, StorageError::Foreign { .. }), "{error}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("precious.txt")).unwrap(),
+            "mine"
+        );
+        assert!(!dir.path().join(LOG_DIR).exists());
+        assert!(
+            !dir.path().join(LOCK_FILE).exists(),
+            "not even a lock file is added"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_set_up_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a crash right after the first marker write leaves.
+        std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
+        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
+        drop(open(dir.path()).unwrap());
+        let marker = std::fs::read_to_string(dir.path().join(MARKER_FILE)).unwrap();
+        assert!(marker.contains("state = \"ready\""), "{marker}");
+        assert!(marker.contains("format_version = 3"), "{marker}");
+        // A setting-up marker of another node is still another node's.
+        write_marker(dir.path(), "shard-1", MarkerState::SettingUp).unwrap();
+        assert!(matches!(
+            Storage::open(dir.path(), "shard-2", KeyRetention::default(), 4096)
+                .err()
+                .unwrap(),
+            StorageError::WrongNode { .. }
+        ));
+    }
+
+    #[test]
+    fn a_fresh_filesystems_lost_and_found_is_not_foreign() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let lost_and_found = dir.path().join("lost+found");
+        std::fs::create_dir(&lost_and_found).unwrap();
+        std::fs::write(lost_and_found.join("#1234"), "recovered").unwrap();
+        // As a freshly formatted volume has it: root's, unreadable to the
+        // node's user.
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o000)).unwrap();
+        drop(open(dir.path()).unwrap());
+        open(dir.path()).unwrap();
+        std::fs::set_permissions(&lost_and_found, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}

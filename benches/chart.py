@@ -16,8 +16,8 @@ import math
 import sys
 from xml.sax.saxutils import escape
 
-COLORS = {"tally": "#1b9e77", "redis": "#d95f02", "postgres": "#386cb0"}
-NAMES = {"tally": "Tally", "redis": "Redis", "postgres": "PostgreSQL"}
+COLORS = {"tally": "#1b9e77", "ceiling": "#a6d8c8", "redis": "#d95f02", "postgres": "#386cb0"}
+NAMES = {"tally": "Tally", "ceiling": "Ceiling", "redis": "Redis", "postgres": "PostgreSQL"}
 
 PLOT_W = 440  # the bars' axis
 VALUE_W = 250  # room right of the longest bar for its value
@@ -50,11 +50,12 @@ def value_text(m):
 
 
 def render(results):
-    # Grouped by system (Tally first), in run order within a system.
-    order = {"tally": 0, "redis": 1, "postgres": 2}
+    # Grouped by system (Tally first, then its in-memory ceiling), in run
+    # order within a system.
+    order = {"tally": 0, "ceiling": 1, "redis": 2, "postgres": 3}
     rows = sorted(
         (m for m in results["measurements"] if bar_value(m)),
-        key=lambda m: order.get(m["system"], 3),
+        key=lambda m: order.get(m["system"], len(order)),
     )
     if not rows:
         raise SystemExit("chart.py: no measurement with a value")
@@ -131,13 +132,13 @@ def render(results):
     # Legend: only the systems that were measured.
     lx = label_w
     ly = bottom + 30
-    for system in ("tally", "redis", "postgres"):
+    for system in ("tally", "ceiling", "redis", "postgres"):
         if any(m["system"] == system for m in rows):
             out.append(
                 f"<rect x='{lx}' y='{ly - 10}' width='12' height='12' fill='{COLORS[system]}'/>"
             )
             out.append(f"<text x='{lx + 18}' y='{ly}'>{NAMES[system]}</text>")
-            lx += 110
+            lx += 100
     out.append(
         f"<text x='{width - 16}' y='{ly}' text-anchor='end' fill='#777' font-size='11'>"
         "batch/pipeline rows count each increment</text>"

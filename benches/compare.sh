@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # benches/compare.sh: Tally against Redis and PostgreSQL doing the same job,
-# counting increments, on this machine, with the same number of clients.
+# counting increments, on this machine, with the same number of clients;
+# against a ceiling for its unary calls; and the memory each needs per
+# counter.
 #
 # Usage (from anywhere; paths are resolved against the repository):
 #   benches/compare.sh                      # CLIENTS=64, DURATION=10 seconds
@@ -8,20 +10,46 @@
 #   TALLY_SKIP=1 benches/compare.sh         # Redis and PostgreSQL only
 #
 # Environment:
-#   CLIENTS     concurrent connections / client tasks for every tool (64)
-#   DURATION    seconds each measurement runs (10)
-#   OUT         output directory (target/compare in the repository)
-#   TALLY_SKIP  1: skip building and measuring Tally
-#   READS       --reads passed to `tallyctl bench` (0: increments only, as
-#               the Redis and PostgreSQL runs only write)
-#   KEEP_TMP    1: keep the temporary directory (logs, data) for inspection
+#   CLIENTS       concurrent connections / client tasks for every tool (64)
+#   DURATION      seconds each measurement runs (10)
+#   OUT           output directory (target/compare in the repository)
+#   TALLY_SKIP    1: skip building and measuring Tally (and the ceiling)
+#   READS         --reads passed to `tallyctl bench` (0: increments only, as
+#                 the Redis and PostgreSQL runs only write)
+#   MEM_COUNTERS  counters written for the memory rows (1000000)
+#   KEEP_TMP      1: keep the temporary directory (logs, data) for inspection
 #
-# What it does: installs redis-server and postgresql from Debian when missing,
-# starts private servers on free loopback ports with their data in a fresh
-# temporary directory (never the system services), measures, stops every
-# process it started (exit trap), and writes OUT/results.json,
-# OUT/results.md and OUT/compare.svg (benches/chart.py), plus the raw output
-# of every tool in OUT/raw/.
+# What it measures:
+#   - Throughput rows: redis-benchmark, pgbench and `tallyctl bench` against
+#     a Tally cluster of separate processes (3 shards, 1 coordinator, sync).
+#   - Ceiling rows: `examples/ceiling.rs`, a trivial in-memory
+#     tally.v1.Counter server on the coordinator's own stack (tonic, same
+#     server plumbing, one hop, no disk), driven exactly like Tally's unary
+#     rows; Tally's unary figures are reported as a fraction of it.
+#   - h2load rows: h2load (nghttp2) sends unary Increment calls to Tally and
+#     to the ceiling, one hot counter, with 8 connections x 8 streams and
+#     with CLIENTS connections x 1 stream, beside `tallyctl bench` at the same
+#     concurrency, so that the load generator's own cost shows. h2load runs
+#     a fixed number of calls (-n, sized from a 1 s calibration run to last
+#     about DURATION seconds), not -D: with -D the calls in flight at the end
+#     reach the server uncounted, so the counter could only bound the count.
+#   - Memory rows: resident memory per counter at MEM_COUNTERS counters,
+#     each written once: Redis (INCR of distinct keys through redis-cli
+#     --pipe; VmRSS and INFO used_memory) and Tally (3 shards,
+#     replication_factor 2; VmRSS summed over the shard processes, after the
+#     writes and replication settled, and again after restarting every
+#     shard), as (RSS after - RSS before the writes) / counters.
+#
+# Every row checks itself: Redis's key, PostgreSQL's row and the h2load
+# counters must grow by exactly what the tool counted, `tallyctl bench`
+# reads every counter back, and the memory rows read every counter back.
+#
+# What it does: installs redis-server, postgresql and nghttp2-client (h2load)
+# from Debian when missing, starts private servers on free loopback ports with
+# their data in a fresh temporary directory (never the system services),
+# measures, stops every process it started (exit trap), and writes
+# OUT/results.json, OUT/results.md and OUT/compare.svg (benches/chart.py),
+# plus the raw output of every tool in OUT/raw/.
 #
 # Everything runs on one machine: the load generators share the CPU with the
 # server they measure, for every system alike.
@@ -32,6 +60,7 @@ CLIENTS=${CLIENTS:-64}
 DURATION=${DURATION:-10}
 TALLY_SKIP=${TALLY_SKIP:-0}
 READS=${READS:-0}
+MEM_COUNTERS=${MEM_COUNTERS:-1000000}
 KEEP_TMP=${KEEP_TMP:-0}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,6 +68,7 @@ OUT=${OUT:-$REPO/target/compare}
 
 [[ $CLIENTS =~ ^[1-9][0-9]*$ ]] || { echo "CLIENTS must be a positive integer" >&2; exit 2; }
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || { echo "DURATION must be a positive integer (seconds)" >&2; exit 2; }
+[[ $MEM_COUNTERS =~ ^[1-9][0-9]*$ ]] || { echo "MEM_COUNTERS must be a positive integer" >&2; exit 2; }
 
 log() { printf '[compare] %s\n' "$*" >&2; }
 die() { printf '[compare] FAILED: %s\n' "$*" >&2; exit 1; }
@@ -73,9 +103,14 @@ stop_pid() {
     done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+
+# Drops a process that has exited (and been waited for) from PIDS.
+forget_pid() {
     local kept=() p
     for p in "${PIDS[@]}"; do
-        [[ $p == "$pid" ]] || kept+=("$p")
+        [[ $p == "$1" ]] || kept+=("$p")
     done
     PIDS=("${kept[@]}")
 }
@@ -152,6 +187,9 @@ fi
 if ! command -v pgbench >/dev/null || ! command -v psql >/dev/null; then
     missing+=(postgresql-client)
 fi
+if ! command -v h2load >/dev/null; then
+    missing+=(nghttp2-client)
+fi
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian"
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
@@ -161,6 +199,7 @@ fi
 
 PG_BIN=$(pg_bin_dir) || die "no PostgreSQL server under /usr/lib/postgresql/*/bin"
 command -v python3 >/dev/null || die "python3 is needed (results and chart)"
+command -v h2load >/dev/null || die "no h2load after installing nghttp2-client"
 
 # ---------------------------------------------------------------------------
 # Working directory and helpers.
@@ -174,6 +213,8 @@ TMP=$(mktemp -d)
 chmod 711 "$TMP"
 MEASUREMENTS=$TMP/measurements.jsonl
 : >"$MEASUREMENTS"
+MEMORY=$TMP/memory.jsonl
+: >"$MEMORY"
 
 # Small Python helpers for parsing tool output and assembling JSON (bash is
 # a poor JSON writer). Standard library only.
@@ -209,7 +250,8 @@ def pg_latency(prefix):
 def num(text):
     return None if text in ("", None) else float(text)
 
-def record(path, ident, system, label, ops, incs, p50, p99, command, extra_json=""):
+def record(path, ident, system, label, ops, incs, p50, p99, command, extra_json="",
+           extra_key="tally"):
     entry = {
         "id": ident,
         "system": system,
@@ -221,7 +263,7 @@ def record(path, ident, system, label, ops, incs, p50, p99, command, extra_json=
     }
     if extra_json:
         with open(extra_json) as f:
-            entry["tally"] = json.load(f)
+            entry[extra_key] = json.load(f)
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -233,15 +275,113 @@ def tally_field(path, field):
         value = value[part]
     print(value)
 
+def varint(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+def grpc_body(counter, delta, path):
+    # One gRPC message, tally.v1.IncrementRequest{counter, delta}, written by
+    # hand (no protoc): field 1 string (tag 0x0a, length, bytes), field 2
+    # sint64 (tag 0x10, zigzag varint); framed as gRPC sends it: a 0 byte
+    # (not compressed), the message length (4 bytes, big-endian), the message.
+    name, delta = counter.encode(), int(delta)
+    message = b"\x0a" + varint(len(name)) + name
+    if delta:
+        message += b"\x10" + varint(((delta << 1) ^ (delta >> 63)) & (2**64 - 1))
+    with open(path, "wb") as f:
+        f.write(b"\x00" + len(message).to_bytes(4, "big") + message)
+
+def h2load(path, log=""):
+    # h2load's summary: the request counts and the wall time; latency
+    # percentiles from its --log-file (start, HTTP status, microseconds).
+    counts, seconds = None, None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("finished in "):
+                value = line.split()[2].rstrip(",")
+                for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
+                    if value.endswith(unit):
+                        seconds = float(value[: -len(unit)]) * scale
+                        break
+            elif line.startswith("requests: "):
+                words = line.replace(",", "").split()
+                counts = {words[i + 1]: int(words[i]) for i in range(1, len(words) - 1, 2)}
+    if counts is None or seconds is None:
+        raise SystemExit(f"cannot read h2load output {path}")
+    values = []
+    if log:
+        with open(log) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    values.append(int(fields[2]))
+    values.sort()
+    p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
+    print(counts["total"], counts["started"], counts["done"], counts["succeeded"],
+          counts["failed"], counts["errored"], counts["timeout"], seconds,
+          "" if p50 is None else p50 / 1000.0, "" if p99 is None else p99 / 1000.0)
+
+def get_value(path):
+    # `tallyctl --json get COUNTER`: one complete total.
+    with open(path) as f:
+        [total] = json.load(f)
+    if not total["complete"]:
+        raise SystemExit(f"{path}: total is not complete")
+    print(total["value"])
+
+def entries(path):
+    # `tallyctl --json status`: own entries summed over nodes, and how many
+    # nodes are up.
+    with open(path) as f:
+        nodes = json.load(f)["nodes"]
+    print(sum(n["entries"] for n in nodes),
+          sum(1 for n in nodes if n["reachable"] and n["health"] == "up"), len(nodes))
+
+def resp_incr(prefix, count):
+    # INCR PREFIX0 .. PREFIX{count-1} in Redis's protocol, for redis-cli --pipe.
+    out = sys.stdout.buffer
+    for i in range(int(count)):
+        key = f"{prefix}{i}".encode()
+        out.write(b"*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (len(key), key))
+
+def memory(path, ident, system, label, counters, before_kib, after_kib, formula,
+           extra_json="{}"):
+    before, after, counters = int(before_kib), int(after_kib), int(counters)
+    entry = {
+        "id": ident, "system": system, "label": label, "counters": counters,
+        "rss_before_kib": before, "rss_after_kib": after,
+        "bytes_per_counter": (after - before) * 1024 / counters,
+        "formula": formula,
+    }
+    entry.update(json.loads(extra_json))
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
 command, args = sys.argv[1], sys.argv[2:]
 {"redis-csv": redis_csv, "pg-latency": pg_latency, "record": record,
- "tally-field": tally_field}[command](*args)
+ "tally-field": tally_field, "grpc-body": grpc_body, "h2load": h2load,
+ "get-value": get_value, "entries": entries, "resp-incr": resp_incr,
+ "memory": memory}[command](*args)
 PY
 helper() { python3 "$HELPER" "$@"; }
 
 # A free loopback port: bind port 0 and report what the kernel picked.
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Resident memory of a process, in KiB (VmRSS in /proc/PID/status).
+rss_kib() {
+    local rss
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null) || true
+    [[ -n $rss ]] || die "no VmRSS for process $1 (did it exit?)"
+    echo "$rss"
 }
 
 # ---------------------------------------------------------------------------
@@ -396,10 +536,14 @@ start_tally() {
     log "tally coordinator on $TALLY_ENDPOINT (3 shards at ${TALLY_SHARD_ADDRESSES[*]}, durability sync)"
 }
 
-tally_measure() { # ID LABEL COUNTERS BATCH
-    local id=$1 label=$2 counters=$3 batch=$4
-    local cmd=("$TALLYCTL" --endpoint "$TALLY_ENDPOINT" --json bench --clients "$CLIENTS"
-        --duration "${DURATION}s" --counters "$counters" --batch "$batch" --reads "$READS")
+# Runs `tallyctl bench` against ENDPOINT and records it as SYSTEM's row.
+# Extra arguments go to `tallyctl bench` (e.g. --connections 8).
+bench_measure() { # SYSTEM ENDPOINT ID LABEL COUNTERS BATCH CLIENTS [bench options...]
+    local system=$1 endpoint=$2 id=$3 label=$4 counters=$5 batch=$6 clients=$7
+    shift 7
+    local args=(--clients "$clients" --duration "${DURATION}s" --counters "$counters"
+        --batch "$batch" --reads "$READS" "$@")
+    local cmd=("$TALLYCTL" --endpoint "$endpoint" --json bench "${args[@]}")
     local rc=0
     "${cmd[@]}" >"$OUT/raw/$id.json" 2>"$OUT/raw/$id.stderr" || rc=$?
     if [[ $rc -ne 0 ]]; then
@@ -416,9 +560,8 @@ tally_measure() { # ID LABEL COUNTERS BATCH
     p99=$(helper tally-field "$OUT/raw/$id.json" write_latency_us.p99)
     p50=$(python3 -c "print($p50 / 1000.0)")
     p99=$(python3 -c "print($p99 / 1000.0)")
-    helper record "$MEASUREMENTS" "$id" tally "$label" "$ops" "$incs" "$p50" "$p99" \
-        "tallyctl --endpoint ADDR --json bench --clients $CLIENTS --duration ${DURATION}s --counters $counters --batch $batch --reads $READS" \
-        "$OUT/raw/$id.json"
+    helper record "$MEASUREMENTS" "$id" "$system" "$label" "$ops" "$incs" "$p50" "$p99" \
+        "tallyctl --endpoint ADDR --json bench ${args[*]}" "$OUT/raw/$id.json"
     local errors
     errors=$(helper tally-field "$OUT/raw/$id.json" errors 2>/dev/null || echo "?")
     if [[ $errors != 0 ]]; then
@@ -429,10 +572,323 @@ tally_measure() { # ID LABEL COUNTERS BATCH
     log "$(printf '%s: %.0f calls/s, %.0f increments/s' "$label" "$ops" "$incs")"
 }
 
+tally_measure() { # ID LABEL COUNTERS BATCH [bench options...]
+    bench_measure tally "$TALLY_ENDPOINT" "$1" "$2" "$3" "$4" "$CLIENTS" "${@:5}"
+}
+
+# A counter's value through the public API of ENDPOINT (Tally or ceiling).
+counter_value() { # ENDPOINT COUNTER
+    local file=$TMP/get.json
+    "$TALLYCTL" --endpoint "$1" --json get "$2" >"$file" 2>"$TMP/get.stderr" \
+        || die "tallyctl get $2 at $1 failed: $(cat "$TMP/get.stderr")"
+    helper get-value "$file" || die "cannot read $2 from $(cat "$file")"
+}
+
+# h2load: unary Increment of one hot counter, CONNECTIONS x STREAMS calls in
+# flight, one h2load thread. The body is a gRPC-framed IncrementRequest
+# written by the helper; gRPC needs POST (-d), content-type
+# application/grpc and `te: trailers`.
+#
+# h2load counts HTTP, not gRPC: a gRPC error is an HTTP 200 whose trailers
+# carry grpc-status, so h2load counts it a success. The self-check catches
+# that: the counter must grow by exactly the successes times the delta. For
+# the check to be exact, the measured run sends a fixed number of calls
+# (-n), all of which complete before h2load exits; with -D, the calls in
+# flight when time is up (up to CONNECTIONS x STREAMS) reach the server but
+# are not counted, so the growth could only be bounded. -n is sized from a
+# 1 s calibration run (-D 1, on another counter, so that its stragglers
+# cannot land in the measured one) to last about DURATION seconds.
+h2load_measure() { # SYSTEM ENDPOINT ID LABEL CONNECTIONS STREAMS
+    local system=$1 endpoint=$2 id=$3 label=$4 connections=$5 streams=$6
+    local url="http://$endpoint/tally.v1.Counter/Increment" delta=1 counter
+    counter="h2load-$id-$(date +%s%N)"
+    helper grpc-body "$counter-calibrate" "$delta" "$TMP/$id.calibrate.body"
+    helper grpc-body "$counter" "$delta" "$TMP/$id.body"
+    local base=(h2load -t 1 -c "$connections" -m "$streams"
+        -H 'content-type: application/grpc' -H 'te: trailers')
+    "${base[@]}" -D 1 -d "$TMP/$id.calibrate.body" "$url" >"$OUT/raw/$id.calibrate.txt" 2>&1 \
+        || die "$label: h2load calibration failed: $(tail -n 5 "$OUT/raw/$id.calibrate.txt")"
+    local parsed total started completed succeeded failed errored timeout seconds p50 p99
+    parsed=$(helper h2load "$OUT/raw/$id.calibrate.txt") || die "$label: cannot read h2load output"
+    read -r total started completed succeeded failed errored timeout seconds p50 p99 <<<"$parsed"
+    ((succeeded > 0)) || die "$label: no call succeeded in the calibration run ($OUT/raw/$id.calibrate.txt)"
+    local n
+    n=$(python3 -c "print(max(10 * $connections * $streams, round($succeeded / $seconds * $DURATION)))")
+    log "$label: -n $n (calibrated at $(python3 -c "print(round($succeeded / $seconds))") calls/s)"
+    local before after
+    before=$(counter_value "$endpoint" "$counter")
+    "${base[@]}" -n "$n" -d "$TMP/$id.body" --log-file "$TMP/$id.h2log" "$url" \
+        >"$OUT/raw/$id.txt" 2>&1 || die "$label: h2load failed: $(tail -n 5 "$OUT/raw/$id.txt")"
+    parsed=$(helper h2load "$OUT/raw/$id.txt" "$TMP/$id.h2log") || die "$label: cannot read h2load output"
+    read -r total started completed succeeded failed errored timeout seconds p50 p99 <<<"$parsed"
+    ((total == n && started == n && completed == n && succeeded == n && failed == 0 \
+        && errored == 0 && timeout == 0)) \
+        || die "$label: h2load: asked for $n calls: $total total, $started started, $completed done, $succeeded succeeded, $failed failed, $errored errored, $timeout timed out"
+    after=$(counter_value "$endpoint" "$counter")
+    # Self-check: every call h2load counted applied its delta, once.
+    ((after - before == succeeded * delta)) \
+        || die "$label: counter grew by $((after - before)), h2load counted $succeeded successes of +$delta (gRPC errors look like HTTP 200 to h2load)"
+    local ops
+    ops=$(python3 -c "print($succeeded / $seconds)")
+    python3 -c 'import json, sys; print(json.dumps(dict(zip(
+        ["calls", "succeeded", "seconds", "connections", "streams", "counter_growth"],
+        [int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]),
+         int(sys.argv[5]), int(sys.argv[6])]))))' \
+        "$n" "$succeeded" "$seconds" "$connections" "$streams" "$((after - before))" \
+        >"$TMP/$id.h2load.json"
+    helper record "$MEASUREMENTS" "$id" "$system" "$label" "$ops" "$ops" "$p50" "$p99" \
+        "${base[*]} -n $n -d BODY http://ADDR/tally.v1.Counter/Increment" \
+        "$TMP/$id.h2load.json" h2load
+    log "$(printf '%s: %.0f calls/s (counter grew by %d = calls counted)' "$label" "$ops" "$((after - before))")"
+}
+
+# ---------------------------------------------------------------------------
+# 2d. The ceiling: examples/ceiling.rs, started like a daemon.
+
+CEILING_PID=""
+CEILING_ENDPOINT=""
+
+start_ceiling() {
+    local dir=$TMP/ceiling
+    mkdir -p "$dir"
+    "$REPO/target/release/examples/ceiling" --listen 127.0.0.1:0 \
+        >"$dir/ceiling.out" 2>"$dir/ceiling.out.err" &
+    CEILING_PID=$!
+    PIDS+=("$CEILING_PID")
+    CEILING_ENDPOINT=$(tally_wait_listening "$CEILING_PID" "$dir/ceiling.out" ceiling)
+    log "ceiling on $CEILING_ENDPOINT (examples/ceiling.rs: in memory, one hop)"
+}
+
+# ---------------------------------------------------------------------------
+# 2e. Memory: resident memory per counter at MEM_COUNTERS counters.
+
+MEM_PREFIX="counter:"
+FILL=$REPO/target/release/examples/fill
+MEM_SHOWN=$(python3 -c "print(f'{$MEM_COUNTERS:,}')")
+
+# Redis: INCR of MEM_COUNTERS distinct keys (the same names Tally gets),
+# pipelined through redis-cli --pipe, into a fresh server without
+# persistence.
+redis_memory() {
+    start_redis memory --appendonly no
+    local used_before used_after rss_before rss_after
+    used_memory() {
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory | tr -d '\r' \
+            | sed -n 's/^used_memory://p'
+    }
+    rss_before=$(rss_kib "$REDIS_PID")
+    used_before=$(used_memory)
+    helper resp-incr "$MEM_PREFIX" "$MEM_COUNTERS" \
+        | redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --pipe >"$OUT/raw/redis_memory.txt" 2>&1 \
+        || die "redis-cli --pipe failed: $(tail -n 3 "$OUT/raw/redis_memory.txt")"
+    # Self-check: no error, one reply per INCR, one key per counter, each 1.
+    grep -q "^errors: 0, replies: $MEM_COUNTERS\$" "$OUT/raw/redis_memory.txt" \
+        || die "redis memory fill: $(tail -n 1 "$OUT/raw/redis_memory.txt"), expected $MEM_COUNTERS replies without error"
+    local keys first last
+    keys=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" dbsize)
+    first=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" get "${MEM_PREFIX}0")
+    last=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" get "${MEM_PREFIX}$((MEM_COUNTERS - 1))")
+    [[ $keys == "$MEM_COUNTERS" && $first == 1 && $last == 1 ]] \
+        || die "redis memory fill: $keys keys (first $first, last $last), expected $MEM_COUNTERS keys of 1"
+    rss_after=$(rss_kib "$REDIS_PID")
+    used_after=$(used_memory)
+    helper memory "$MEMORY" redis_memory redis \
+        "Redis, $MEM_SHOWN keys (INCR once each), no persistence" \
+        "$MEM_COUNTERS" "$rss_before" "$rss_after" \
+        "(VmRSS after - VmRSS before the INCRs) / keys" \
+        "{\"used_memory_before\": $used_before, \"used_memory_after\": $used_after, \"used_memory_bytes_per_counter\": $(python3 -c "print(($used_after - $used_before) / $MEM_COUNTERS)")}"
+    log "redis memory: VmRSS $rss_before -> $rss_after KiB, used_memory $used_before -> $used_after bytes, $MEM_COUNTERS keys"
+    stop_redis
+}
+
+# Sum of VmRSS over the current shard processes, in KiB.
+tally_shards_rss_kib() {
+    local pid rss total=0
+    for pid in "${TALLY_SHARD_PIDS[@]}"; do
+        rss=$(rss_kib "$pid")
+        total=$((total + rss))
+    done
+    echo "$total"
+}
+
+# `tallyctl status`: prints "ENTRIES UP NODES" (own entries summed).
+tally_entries() {
+    "$TALLYCTL" --endpoint "$TALLY_ENDPOINT" --json status >"$TMP/status.json" 2>"$TMP/status.stderr" \
+        || die "tallyctl status failed: $(cat "$TMP/status.stderr")"
+    helper entries "$TMP/status.json"
+}
+
+# Waits until the cluster has nothing left to do after the writes, i.e. the
+# replicas have caught up. The shards' replication versions are not in the
+# public API (`tallyctl status`), so this watches what copying costs instead.
+# Replication runs every replication_interval_ms (1 s in the shipped config);
+# a round that carries changes makes the origin scan them and the replica
+# write them to its storage: CPU, and resident memory on the replica. So the
+# cluster counts as settled after QUIET consecutive seconds (3 replication
+# intervals, at least 3 s) in which the shards and the coordinator used at
+# most 100 ms of CPU per second together, and the shards' summed VmRSS moved
+# by at most 4 MiB. What is left then is health probes and replication
+# rounds that find nothing to copy (they still scan every entry: 20-40 ms
+# per second at 1,000,000 entries here). Copying 4,096-entry chunks costs far
+# more than that. Gives up after 120 s. Sets SETTLE_S; appends the per-second
+# CPU and RSS trace to OUT/raw/tally_memory_settle.txt.
+tally_settle() { # WHAT INTERVAL_MS
+    local what=$1 interval_ms=$2 begin quiet=0 needed last now ticks i trace=""
+    local rss_last rss_now moved
+    needed=$(((3 * interval_ms + 999) / 1000))
+    ((needed >= 3)) || needed=3
+    begin=$(date +%s%N)
+    cpu_ticks() {
+        local total=0 stat pid fields
+        for pid in "${TALLY_SHARD_PIDS[@]}" "$TALLY_COORDINATOR_PID"; do
+            # utime and stime, fields 14 and 15 of /proc/PID/stat: the 12th
+            # and 13th after the command name (in parentheses).
+            stat=$(cat "/proc/$pid/stat") || die "process $pid exited"
+            read -r -a fields <<<"${stat##*) }"
+            total=$((total + fields[11] + fields[12]))
+        done
+        echo "$total"
+    }
+    local hz
+    hz=$(getconf CLK_TCK)
+    last=$(cpu_ticks)
+    rss_last=$(tally_shards_rss_kib)
+    for ((i = 0; i < 120; i++)); do
+        sleep 1
+        now=$(cpu_ticks)
+        rss_now=$(tally_shards_rss_kib)
+        ticks=$((now - last))
+        moved=$((rss_now - rss_last))
+        last=$now
+        rss_last=$rss_now
+        trace+=" $((ticks * 1000 / hz))ms/${moved}KiB"
+        if ((ticks * 1000 <= 100 * hz && moved <= 4096 && moved >= -4096)); then
+            quiet=$((quiet + 1))
+            ((quiet < needed)) || break
+        else
+            quiet=0
+        fi
+    done
+    printf '%s: per second, CPU of shards + coordinator / change of shard VmRSS:%s\n' \
+        "$what" "$trace" >>"$OUT/raw/tally_memory_settle.txt"
+    ((quiet >= needed)) || die "$what: the cluster was still busy after 120 s (per second:$trace)"
+    SETTLE_S=$(python3 -c "print(round(($(date +%s%N) - $begin) / 1e9, 1))")
+    log "$what: settled after ${SETTLE_S} s ($needed s in a row under 100 ms of CPU and 4 MiB of RSS change per second)"
+}
+
+# Tally: a fresh cluster of 3 shards with the shipped coordinator config
+# (replication_factor 2), MEM_COUNTERS counters written once each by
+# examples/fill.rs (IncrementBatch of 1,000 consecutive names: one entry per
+# counter), then every shard restarted. `tallyctl bench --counters N` would
+# not do: it picks counters at random, so covering all of them takes ~14
+# increments per counter (coupon collector), which land on several stripes
+# each (one entry per stripe), and a memory figure per counter would depend
+# on how often each was written.
+tally_memory() {
+    local dir=$TMP/tally-memory available
+    # A few hundred bytes per counter are expected; ask for 2 KiB per
+    # counter rather than let the OOM killer pick a victim on a shared
+    # machine if that ever regresses.
+    available=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+    ((available >= MEM_COUNTERS * 2)) \
+        || die "the Tally memory rows need ~$((MEM_COUNTERS * 2 / 1024)) MiB free, $((available / 1024)) MiB available; run with a smaller MEM_COUNTERS"
+    tally_start_cluster "$dir" 3
+    local replication stripes interval_ms
+    replication=$(sed -n 's/^replication_factor = //p' "$dir/coordinator.toml")
+    stripes=$(sed -n 's/^stripes = //p' "$dir/coordinator.toml")
+    interval_ms=$(sed -n 's/^replication_interval_ms = //p' "$dir/coordinator.toml")
+    [[ $interval_ms =~ ^[0-9]+$ ]] || interval_ms=1000 # the documented default
+    [[ $replication == 2 ]] \
+        || die "memory rows are defined for replication_factor 2; config/coordinator.toml has ${replication:-none}"
+    log "tally memory cluster on $TALLY_ENDPOINT: 3 shards, replication_factor $replication, stripes $stripes"
+    local entries up nodes rss_before rss_after rss_restart settle_writes settle_restart
+    read -r entries up nodes <<<"$(tally_entries)"
+    ((entries == 0 && up == 3)) || die "fresh memory cluster: $entries entries, $up of $nodes nodes up"
+    rss_before=$(tally_shards_rss_kib)
+    "$FILL" write --endpoint "$TALLY_ENDPOINT" --prefix "$MEM_PREFIX" --counters "$MEM_COUNTERS" \
+        --batch 1000 --in-flight 4 >"$OUT/raw/tally_memory_fill.json" 2>"$OUT/raw/tally_memory_fill.stderr" \
+        || die "filling $MEM_COUNTERS counters failed: $(cat "$OUT/raw/tally_memory_fill.stderr")"
+    log "tally memory: wrote $MEM_COUNTERS counters: $(cat "$OUT/raw/tally_memory_fill.json")"
+    tally_settle "tally memory, after the writes" "$interval_ms"
+    settle_writes=$SETTLE_S
+    # One entry per counter (each was incremented once, in one call).
+    read -r entries up nodes <<<"$(tally_entries)"
+    ((entries == MEM_COUNTERS)) || die "after writing $MEM_COUNTERS counters once each, status shows $entries entries"
+    rss_after=$(tally_shards_rss_kib)
+    # Self-check after measuring (reads allocate too): every counter is 1.
+    "$FILL" check --endpoint "$TALLY_ENDPOINT" --prefix "$MEM_PREFIX" --counters "$MEM_COUNTERS" \
+        --batch 10000 >>"$OUT/raw/tally_memory_fill.json" 2>"$OUT/raw/tally_memory_fill.stderr" \
+        || die "read-back after the writes: $(cat "$OUT/raw/tally_memory_fill.stderr")"
+    log "tally memory: shards VmRSS $rss_before -> $rss_after KiB; $entries entries; every counter reads 1"
+
+    # Restart every shard, one after the other, on its address.
+    local i pid pids=() restart_ms=()
+    for ((i = 0; i < 3; i++)); do
+        pid=${TALLY_SHARD_PIDS[i]}
+        kill -TERM "$pid"
+        local waited
+        for ((waited = 0; waited < 600; waited++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -0 "$pid" 2>/dev/null && die "shard-$((i + 1)) did not stop within 60 s of SIGTERM"
+        local status=0
+        wait "$pid" || status=$?
+        forget_pid "$pid"
+        ((status == 0)) || die "shard-$((i + 1)) exited with status $status on SIGTERM; see $dir/shard-$((i + 1)).out.err"
+        tally_start_shard "$dir" "$((i + 1))" "${TALLY_SHARD_ADDRESSES[i]}"
+        pids+=("$TALLY_PID")
+        restart_ms+=("$TALLY_START_MS")
+    done
+    TALLY_SHARD_PIDS=("${pids[@]}")
+    log "tally memory: restarted every shard (to serving: ${restart_ms[*]} ms)"
+    # The coordinator finds them up again within a probe interval.
+    for ((i = 0; i < 100; i++)); do
+        read -r entries up nodes <<<"$(tally_entries)"
+        ((up == 3)) && break
+        sleep 0.1
+    done
+    ((up == 3)) || die "after the restarts, $up of $nodes shards are up"
+    tally_settle "tally memory, after the restarts" "$interval_ms"
+    settle_restart=$SETTLE_S
+    read -r entries up nodes <<<"$(tally_entries)"
+    ((entries == MEM_COUNTERS)) || die "after the restarts, status shows $entries entries, expected $MEM_COUNTERS"
+    rss_restart=$(tally_shards_rss_kib)
+    "$FILL" check --endpoint "$TALLY_ENDPOINT" --prefix "$MEM_PREFIX" --counters "$MEM_COUNTERS" \
+        --batch 10000 >>"$OUT/raw/tally_memory_fill.json" 2>"$OUT/raw/tally_memory_fill.stderr" \
+        || die "read-back after the restarts: $(cat "$OUT/raw/tally_memory_fill.stderr")"
+    log "tally memory: after restarting every shard, VmRSS $rss_restart KiB; every counter reads 1"
+
+    local extra
+    extra=$(printf '{"shards": 3, "replication_factor": %s, "stripes": %s, "entries": %s, "settle_s": %s, "fill": %s}' \
+        "$replication" "$stripes" "$entries" "$settle_writes" "$(head -n 1 "$OUT/raw/tally_memory_fill.json")")
+    helper memory "$MEMORY" tally_memory_written tally \
+        "Tally, $MEM_SHOWN counters (written once each), 3 shards, replication 2, after the writes" \
+        "$MEM_COUNTERS" "$rss_before" "$rss_after" \
+        "(sum of shards' VmRSS after the writes and replication - sum before the writes) / counters" \
+        "$extra"
+    extra=$(printf '{"shards": 3, "replication_factor": %s, "stripes": %s, "entries": %s, "settle_s": %s, "restart_ms": [%s]}' \
+        "$replication" "$stripes" "$entries" "$settle_restart" "$(IFS=,; echo "${restart_ms[*]}")")
+    helper memory "$MEMORY" tally_memory_restarted tally \
+        "Tally, $MEM_SHOWN counters, 3 shards, replication 2, after restarting every shard" \
+        "$MEM_COUNTERS" "$rss_before" "$rss_restart" \
+        "(sum of shards' VmRSS after restarting every shard - sum before the writes) / counters" \
+        "$extra"
+    local pid_left
+    for pid_left in "$TALLY_COORDINATOR_PID" "${TALLY_SHARD_PIDS[@]}"; do
+        stop_pid "$pid_left"
+    done
+}
+
 # ---------------------------------------------------------------------------
 # 3. Measurements, one system at a time so that none competes for the CPU.
 
-log "CLIENTS=$CLIENTS DURATION=${DURATION}s OUT=$OUT"
+log "CLIENTS=$CLIENTS DURATION=${DURATION}s MEM_COUNTERS=$MEM_COUNTERS OUT=$OUT"
+
+# h2load's fixed concurrency: 8 connections x 8 streams (64 calls in flight).
+H2_CONNECTIONS=8
+H2_STREAMS=8
+H2_INFLIGHT=$((H2_CONNECTIONS * H2_STREAMS))
 
 # Build Tally first: a build failure should stop the run before the long
 # measurements, and the compiler must not compete with any of them.
@@ -440,6 +896,8 @@ TALLYCTL=$REPO/target/release/tallyctl
 if [[ $TALLY_SKIP != 1 ]]; then
     log "building release binaries"
     (cd "$REPO" && cargo build --release -p tally-shard -p tally-coordinator -p tally-cli) >&2
+    # The ceiling server and the memory rows' writer (examples/*.rs).
+    (cd "$REPO" && cargo build --release --example ceiling --example fill) >&2
     "$TALLYCTL" bench --help >/dev/null 2>&1 \
         || die "this tallyctl has no 'bench' subcommand (run with TALLY_SKIP=1 until it exists)"
 fi
@@ -502,18 +960,53 @@ if [[ $TALLY_SKIP == 1 ]]; then
 else
     start_tally
     tally_measure tally_unary_hot "Tally unary, 1 hot counter" 1 1
+    # The same calls from h2load, and from tallyctl bench at h2load's
+    # concurrency (H2_CONNECTIONS connections x H2_STREAMS streams).
+    bench_measure tally "$TALLY_ENDPOINT" tally_unary_hot_h2conc \
+        "Tally unary, 1 hot counter, $H2_INFLIGHT calls on $H2_CONNECTIONS connections" 1 1 \
+        "$H2_INFLIGHT" --connections "$H2_CONNECTIONS"
+    h2load_measure tally "$TALLY_ENDPOINT" h2load_tally_hot \
+        "h2load: Tally unary, 1 hot counter, $H2_CONNECTIONS conns x $H2_STREAMS streams" \
+        "$H2_CONNECTIONS" "$H2_STREAMS"
+    h2load_measure tally "$TALLY_ENDPOINT" h2load_tally_hot_clients \
+        "h2load: Tally unary, 1 hot counter, $CLIENTS conns x 1 stream" "$CLIENTS" 1
     tally_measure tally_unary_random "Tally unary, 1M counters" 1000000 1
     tally_measure tally_batch100_hot "Tally batch 100, 1 hot counter" 1 100
     tally_measure tally_batch100_random "Tally batch 100, 1M counters" 1000000 100
     for pid in "${PIDS[@]}"; do
         stop_pid "$pid"
     done
+
+    # The ceiling: the same unary calls against an in-memory server on the
+    # same stack, so Tally's figures read as a fraction of what the stack
+    # allows on this machine.
+    start_ceiling
+    bench_measure ceiling "$CEILING_ENDPOINT" ceiling_unary_hot "Ceiling unary, 1 hot counter" \
+        1 1 "$CLIENTS"
+    bench_measure ceiling "$CEILING_ENDPOINT" ceiling_unary_hot_h2conc \
+        "Ceiling unary, 1 hot counter, $H2_INFLIGHT calls on $H2_CONNECTIONS connections" 1 1 \
+        "$H2_INFLIGHT" --connections "$H2_CONNECTIONS"
+    h2load_measure ceiling "$CEILING_ENDPOINT" h2load_ceiling_hot \
+        "h2load: Ceiling unary, 1 hot counter, $H2_CONNECTIONS conns x $H2_STREAMS streams" \
+        "$H2_CONNECTIONS" "$H2_STREAMS"
+    h2load_measure ceiling "$CEILING_ENDPOINT" h2load_ceiling_hot_clients \
+        "h2load: Ceiling unary, 1 hot counter, $CLIENTS conns x 1 stream" "$CLIENTS" 1
+    bench_measure ceiling "$CEILING_ENDPOINT" ceiling_unary_random "Ceiling unary, 1M counters" \
+        1000000 1 "$CLIENTS"
+    stop_pid "$CEILING_PID"
+fi
+
+# Memory per counter: Redis, then Tally (each alone on the machine).
+redis_memory
+if [[ $TALLY_SKIP != 1 ]]; then
+    tally_memory
 fi
 
 # ---------------------------------------------------------------------------
 # 4-5. Machine, results, table, chart.
 
-export CMP_NPROC CMP_FREE CMP_CPU CMP_REDIS CMP_PG CMP_GIT CMP_DIRTY CMP_DATE CMP_KERNEL
+export CMP_NPROC CMP_FREE CMP_CPU CMP_REDIS CMP_PG CMP_GIT CMP_DIRTY CMP_DATE CMP_KERNEL CMP_H2LOAD
+CMP_H2LOAD=$(h2load --version | head -n 1)
 CMP_NPROC=$(nproc)
 CMP_FREE=$(free -g)
 CMP_CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
@@ -524,12 +1017,15 @@ CMP_DIRTY=$([[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]] && echo tr
 CMP_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 CMP_KERNEL=$(uname -r)
 
-python3 - "$MEASUREMENTS" "$OUT" "$CLIENTS" "$DURATION" "$TALLY_SKIP" <<'PY'
+python3 - "$MEASUREMENTS" "$OUT" "$CLIENTS" "$DURATION" "$TALLY_SKIP" "$MEMORY" \
+    "$H2_CONNECTIONS" "$H2_STREAMS" <<'PY'
 import json, os, sys
 
-path, out, clients, duration, tally_skip = sys.argv[1:]
+path, out, clients, duration, tally_skip, memory_path, h2c, h2m = sys.argv[1:]
 measurements = [json.loads(line) for line in open(path) if line.strip()]
+memory = [json.loads(line) for line in open(memory_path) if line.strip()]
 by_id = {m["id"]: m for m in measurements}
+memory_by_id = {m["id"]: m for m in memory}
 env = os.environ
 machine = {
     "nproc": int(env["CMP_NPROC"]),
@@ -541,6 +1037,7 @@ machine = {
     "git_rev": env["CMP_GIT"],
     "git_dirty": env["CMP_DIRTY"] == "true",
     "date": env["CMP_DATE"],
+    "h2load_version": env["CMP_H2LOAD"],
 }
 
 def ratio(label, num_id, num_field, den_id, den_field):
@@ -560,13 +1057,52 @@ ratios = [
           "increments_per_sec", "redis_one_always_p100", "ops_per_sec"),
     ratio("Tally unary hot / PostgreSQL one row (sync commit)", "tally_unary_hot",
           "ops_per_sec", "pg_one_sync", "ops_per_sec"),
+    # Tally against the ceiling (the same stack, in memory, one hop).
+    ratio("Tally unary hot / ceiling unary hot (tallyctl bench)", "tally_unary_hot",
+          "ops_per_sec", "ceiling_unary_hot", "ops_per_sec"),
+    ratio("Tally unary 1M counters / ceiling unary 1M counters (tallyctl bench)",
+          "tally_unary_random", "ops_per_sec", "ceiling_unary_random", "ops_per_sec"),
+    ratio(f"Tally unary hot / ceiling unary hot (h2load, {h2c} conns x {h2m} streams)",
+          "h2load_tally_hot", "ops_per_sec", "h2load_ceiling_hot", "ops_per_sec"),
+    ratio(f"Tally unary hot / ceiling unary hot (h2load, {clients} conns x 1 stream)",
+          "h2load_tally_hot_clients", "ops_per_sec", "h2load_ceiling_hot_clients",
+          "ops_per_sec"),
+    # The load generators against each other, same server, same concurrency.
+    ratio(f"h2load / tallyctl bench, Tally, {int(h2c) * int(h2m)} calls on {h2c} connections",
+          "h2load_tally_hot", "ops_per_sec", "tally_unary_hot_h2conc", "ops_per_sec"),
+    ratio(f"h2load / tallyctl bench, Tally, {clients} calls on {clients} connections",
+          "h2load_tally_hot_clients", "ops_per_sec", "tally_unary_hot", "ops_per_sec"),
+    ratio(f"h2load / tallyctl bench, ceiling, {int(h2c) * int(h2m)} calls on {h2c} connections",
+          "h2load_ceiling_hot", "ops_per_sec", "ceiling_unary_hot_h2conc", "ops_per_sec"),
+    ratio(f"h2load / tallyctl bench, ceiling, {clients} calls on {clients} connections",
+          "h2load_ceiling_hot_clients", "ops_per_sec", "ceiling_unary_hot", "ops_per_sec"),
+]
+
+def memory_ratio(label, num_id, den_id, den_field="bytes_per_counter"):
+    num, den = memory_by_id.get(num_id), memory_by_id.get(den_id)
+    value = None
+    if num and den and den.get(den_field):
+        value = num["bytes_per_counter"] / den[den_field]
+    return {"label": label, "numerator": f"{num_id}.bytes_per_counter",
+            "denominator": f"{den_id}.{den_field}", "value": value}
+
+memory_ratios = [
+    memory_ratio("Tally after the writes / Redis (RSS per counter)",
+                 "tally_memory_written", "redis_memory"),
+    memory_ratio("Tally after restarting every shard / Redis (RSS per counter)",
+                 "tally_memory_restarted", "redis_memory"),
+    memory_ratio("Tally after restarting every shard / Redis used_memory per key",
+                 "tally_memory_restarted", "redis_memory", "used_memory_bytes_per_counter"),
 ]
 results = {
     "settings": {"clients": int(clients), "duration_s": int(duration),
-                 "tally_skipped": tally_skip == "1"},
+                 "tally_skipped": tally_skip == "1",
+                 "h2load_connections": int(h2c), "h2load_streams": int(h2m)},
     "machine": machine,
     "measurements": measurements,
     "ratios": ratios,
+    "memory": memory,
+    "memory_ratios": memory_ratios,
 }
 with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -576,12 +1112,16 @@ def fmt(value, digits=0):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 lines = [
-    f"# Tally vs Redis vs PostgreSQL: increments, {clients} clients, {duration} s each",
+    f"# Tally vs Redis vs PostgreSQL (and a ceiling): increments, {clients} clients, "
+    f"{duration} s each",
     "",
     f"{machine['date']}, git {machine['git_rev'][:12]}{' (dirty)' if machine['git_dirty'] else ''}; "
     f"{machine['nproc']} CPUs ({machine['cpu_model']}), kernel {machine['kernel']}; "
-    f"{machine['redis_version']}; {machine['postgres_version']}. "
-    "Load generators run on the same machine as the servers.",
+    f"{machine['redis_version']}; {machine['postgres_version']}; {machine['h2load_version']}. "
+    "Load generators run on the same machine as the servers. "
+    "Ceiling: examples/ceiling.rs, an in-memory tally.v1.Counter server on the "
+    "coordinator's stack (one hop, no disk). h2load rows: unary Increment, a fixed "
+    "number of calls sized to last about the duration, checked against the counter.",
     "",
     "| Measurement | ops/s | increments/s | p50 ms | p99 ms |",
     "| --- | ---: | ---: | ---: | ---: |",
@@ -594,6 +1134,31 @@ lines += ["", "| Ratio | value |", "| --- | ---: |"]
 for r in ratios:
     shown = "n/a" if r["value"] is None else f"{r['value']:.2f}x"
     lines.append(f"| {r['label']} | {shown} |")
+if memory:
+    lines += [
+        "",
+        "Memory per counter, each counter written once: bytes per counter = "
+        "(VmRSS after - VmRSS before the writes) / counters; Tally's VmRSS is "
+        "summed over its shard processes (the coordinator holds no counters).",
+        "",
+        "| Memory | counters | VmRSS before KiB | VmRSS after KiB | bytes/counter | notes |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for m in memory:
+        if m["system"] == "redis":
+            note = (f"INFO used_memory {m['used_memory_before']:,} -> "
+                    f"{m['used_memory_after']:,} B: {m['used_memory_bytes_per_counter']:.0f} B/key")
+        else:
+            note = (f"{m['entries']:,} entries, stripes {m['stripes']}, "
+                    f"settled {m['settle_s']} s")
+            if "restart_ms" in m:
+                note += ", restarts to serving " + "/".join(str(x) for x in m["restart_ms"]) + " ms"
+        lines.append(f"| {m['label']} | {m['counters']:,} | {m['rss_before_kib']:,} "
+                     f"| {m['rss_after_kib']:,} | {m['bytes_per_counter']:,.0f} | {note} |")
+    lines += ["", "| Memory ratio | value |", "| --- | ---: |"]
+    for r in memory_ratios:
+        shown = "n/a" if r["value"] is None else f"{r['value']:.2f}x"
+        lines.append(f"| {r['label']} | {shown} |")
 lines += ["", "```", "$ free -g", machine["free_g"], "```", ""]
 text = "\n".join(lines)
 with open(os.path.join(out, "results.md"), "w") as f:

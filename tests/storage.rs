@@ -391,3 +391,87 @@ async fn a_full_tmpfs_fails_writes_keeps_reads_and_heals() {
 async fn a_full_ext4_fails_writes_keeps_reads_and_heals() {
     a_really_full_disk("ext4").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_push_is_logged_with_its_pair_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let filesystem = match SmallFilesystem::mount(dir.path(), "tmpfs", 16) {
+        Ok(filesystem) => filesystem,
+        Err(reason) => {
+            support::report(&format!("skipped the replica push test: {reason}"));
+            return;
+        }
+    };
+    // shard-1 on the ordinary disk; shard-2, its replica, on a tmpfs that
+    // is then filled: shard-2 stays up (its status answers) but cannot
+    // write a copy.
+    let shard_1 = shard(
+        dir.path(),
+        "shard-1",
+        &dir.path().join("data-1"),
+        "127.0.0.1:0",
+        &[],
+    );
+    let shard_2 = shard(
+        dir.path(),
+        "shard-2",
+        &filesystem.mount_point.join("data-2"),
+        "127.0.0.1:0",
+        &[],
+    );
+    let filler = filesystem.mount_point.join("filler");
+    let status = std::process::Command::new("fallocate")
+        .args([
+            "-l",
+            &filesystem.free_bytes().to_string(),
+            filler.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let coordinator = coordinator(dir.path(), &[shard_1.address, shard_2.address], 8, 2);
+    let mut client = CounterClient::connect(coordinator.endpoint())
+        .await
+        .unwrap();
+    let mut waited = 0;
+    loop {
+        // Writes to shard-1 keep giving shard-2 something to copy.
+        let _ = client
+            .increment(pb::IncrementRequest {
+                counter: format!("c{waited}"),
+                delta: 1,
+                idempotency_key: String::new(),
+            })
+            .await;
+        let log = coordinator.log();
+        if log.contains("copying a node's entries to its replica failed") {
+            let line = log
+                .lines()
+                .find(|line| line.contains("copying a node's entries to its replica failed"))
+                .unwrap();
+            assert!(line.contains("WARN"), "{line}");
+            assert!(line.contains("replica=\"shard-2\""), "{line}");
+            assert!(line.contains("origin=\"shard-1\""), "{line}");
+            break;
+        }
+        waited += 1;
+        assert!(waited < 400, "no failed push was logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let output = support::run_to_end(
+        "tallyctl",
+        &["--endpoint", &coordinator.endpoint(), "--json", "status"],
+    );
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let shard_1_status = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["id"] == "shard-1")
+        .unwrap()
+        .clone();
+    assert!(
+        shard_1_status["replication_failures"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+}

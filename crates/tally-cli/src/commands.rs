@@ -374,6 +374,9 @@ impl Cli {
                 "health_since_unix_ms": node.health_since_unix_ms,
                 "drain": node.drain,
                 "error": node.error,
+                "replication_failures": node.replication_failures,
+                "log_bytes": node.log_bytes,
+                "last_checkpoint_unix_ms": node.last_checkpoint_unix_ms,
             })).collect::<Vec<_>>()
         });
         self.print(value, || {
@@ -383,6 +386,7 @@ impl Cli {
                 "HEALTH",
                 "ENTRIES",
                 "LAST FLUSH",
+                "CHECKPOINT",
                 "DURABILITY",
                 "KEYS",
             ]);
@@ -402,6 +406,15 @@ impl Cli {
                         "-".into()
                     },
                     if node.reachable {
+                        format!(
+                            "{} (log {})",
+                            flush_age(node.last_checkpoint_unix_ms),
+                            humansize(node.log_bytes)
+                        )
+                    } else {
+                        "-".into()
+                    },
+                    if node.reachable {
                         node.durability.clone()
                     } else {
                         "-".into()
@@ -416,11 +429,19 @@ impl Cli {
                 ]);
             }
             let down = nodes.iter().filter(|node| !node.reachable).count();
-            format!(
+            let mut text = format!(
                 "{table}\n{} of {} nodes reachable",
                 nodes.len() - down,
                 nodes.len()
-            )
+            );
+            for node in nodes.iter().filter(|node| node.replication_failures > 0) {
+                text.push_str(&format!(
+                    "\n{}: {} copies of its entries to its replicas failed (see the \
+                     coordinator's log)",
+                    node.id, node.replication_failures
+                ));
+            }
+            text
         });
         Ok(())
     }
@@ -485,6 +506,22 @@ fn flush_age(last_flush_unix_ms: i64) -> String {
         return "never".to_string();
     }
     format!("{} ago", age(last_flush_unix_ms))
+}
+
+/// Bytes as KiB, MiB or GiB.
+fn humansize(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Time since `unix_ms`, in whole seconds ("3s" reads better than

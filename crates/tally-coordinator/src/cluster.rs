@@ -578,6 +578,12 @@ impl Cluster {
         self.health.get(index)
     }
 
+    /// Counts a failed copy of node `origin`'s entries to a replica (shown
+    /// by `ClusterStatus`).
+    pub fn record_replication_failure(&self, origin: usize) {
+        self.health.record_replication_failure(origin);
+    }
+
     /// Where an increment of `(counter, stripe)` goes: its owner, unless the
     /// owner is down and the increment has no key; then the first healthy
     /// node after it on the ring. A keyed increment stays with its owner,

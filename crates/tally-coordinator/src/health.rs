@@ -38,6 +38,9 @@ pub struct NodeHealth {
     pub restoring: bool,
     /// Its drain state: "" (serving), "draining", "handed-over", "drained".
     pub drain: String,
+    /// Copies of its entries to its replicas that failed since this
+    /// coordinator started.
+    pub replication_failures: u64,
 }
 
 /// Every node's health, indexed like the ring's nodes.
@@ -62,6 +65,7 @@ impl HealthBoard {
                         error: String::new(),
                         restoring: false,
                         drain: String::new(),
+                        replication_failures: 0,
                     })
                 })
                 .collect(),
@@ -72,6 +76,11 @@ impl HealthBoard {
     /// Whether node `index` is up.
     pub fn is_up(&self, index: usize) -> bool {
         self.nodes[index].lock().up
+    }
+
+    /// Counts a failed copy of node `origin`'s entries to a replica.
+    pub fn record_replication_failure(&self, origin: usize) {
+        self.nodes[origin].lock().replication_failures += 1;
     }
 
     /// Node `index`'s health.
@@ -89,13 +98,9 @@ impl HealthBoard {
         let mut node = self.nodes[index].lock();
         if !node.up {
             tracing::info!(node_id = &*self.ids[index], "shard node is up again");
-            *node = NodeHealth {
-                up: true,
-                since_unix_ms: unix_ms_now(),
-                error: String::new(),
-                restoring: node.restoring,
-                drain: std::mem::take(&mut node.drain),
-            };
+            node.up = true;
+            node.since_unix_ms = unix_ms_now();
+            node.error.clear();
         }
     }
 

@@ -68,7 +68,16 @@ pub async fn replication_loop(cluster: Weak<Cluster>, interval: Duration) {
                 }
                 Ok(Copied::Unchanged) => {}
                 Err(error) => {
-                    tracing::debug!(origin = pair.0, replica = pair.1, %error, "replication failed");
+                    // A replica falling behind weakens reads while the
+                    // origin is down: an operator must see it.
+                    let nodes = cluster.ring().nodes();
+                    tracing::warn!(
+                        origin = nodes[pair.0].id,
+                        replica = nodes[pair.1].id,
+                        %error,
+                        "copying a node's entries to its replica failed; will retry"
+                    );
+                    cluster.record_replication_failure(pair.0);
                 }
             }
         }

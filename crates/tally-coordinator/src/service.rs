@@ -164,6 +164,7 @@ impl pb::admin_server::Admin for AdminService {
                     health: if health.up { "up" } else { "down" }.to_string(),
                     drain: health.drain.clone(),
                     health_since_unix_ms: health.since_unix_ms,
+                    replication_failures: health.replication_failures,
                     ..Default::default()
                 };
                 match result {
@@ -174,6 +175,8 @@ impl pb::admin_server::Admin for AdminService {
                         node.durability = status.durability;
                         node.remembered_keys = status.remembered_keys;
                         node.keys_forgotten_early = status.keys_forgotten_early;
+                        node.log_bytes = status.log_bytes;
+                        node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
                     }
                     Err(error) => node.error = error.to_string(),
                 }

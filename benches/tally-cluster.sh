@@ -38,7 +38,7 @@ tally_start_shard() { # DIR I ADDRESS
     grep -q "^data_dir = \"$dir/data/shard-$i\"" "$dir/shard-$i.toml" \
         || die "config/shard-1.toml has no data_dir line to rewrite"
     begin=$(date +%s%N)
-    (cd "$dir" && exec "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml") \
+    (cd "$dir" && exec env ${SHARD_ENV:-} "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml") \
         >"$dir/shard-$i.out" 2>"$dir/shard-$i.out.err" &
     TALLY_PID=$!
     PIDS+=("$TALLY_PID")

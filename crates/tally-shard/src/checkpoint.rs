@@ -49,6 +49,13 @@ use crate::store::{decode_counters, CapturedBucket, Store};
 
 /// The checkpoint's directory inside a data directory.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
+/// Where a fresh checkpoint is written after a failed write abandoned the
+/// current one.
+const FRESH_DIR: &str = "checkpoint.next";
+/// Where the abandoned checkpoint goes while a fresh one takes its place.
+const OLD_DIR: &str = "checkpoint.old";
+/// The checkpoint thread closes sled after this long without a job.
+const CLOSE_AFTER: std::time::Duration = std::time::Duration::from_secs(6);
 const TREE: &str = "checkpoint";
 const META_KEY: &[u8] = b"M";
 const OWN_PREFIX: u8 = b'B';
@@ -56,6 +63,8 @@ const COPY_PREFIX: u8 = b'C';
 /// sled's page cache. Nothing is read back while the node runs, so the
 /// cache only serves writes.
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the idle checkpoint thread returns free memory to the system.
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The checkpoint's metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +127,19 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens (or creates) the checkpoint database in `dir`.
     pub fn open(dir: &Path) -> Result<Checkpoint, sled::Error> {
+        // A snapshot file sled began and could not finish (an open that
+        // failed on a full disk) would be read as the newest snapshot, and
+        // every later open would report corrupted data. sled never reads a
+        // snapshot it is still generating, so these are safe to remove.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("snap.") && name.ends_with(".generating") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
@@ -294,83 +316,277 @@ pub enum RoundOutcome {
     Failed(String),
     /// Abandoned on request.
     Aborted,
+    /// The database was closed between rounds; its files hash to `hash`
+    /// (they are as the last finished round left them).
+    Closed {
+        /// The files' hash.
+        hash: u64,
+    },
+}
+
+/// The checkpoint thread's state.
+struct Thread {
+    /// The data directory.
+    data_dir: PathBuf,
+    /// The open database, if any: opened at a round's first job, closed
+    /// once idle.
+    database: Option<Checkpoint>,
+    /// A sled write failed: that database is abandoned (never flushed nor
+    /// dropped: after an error sled may block forever in either), and the
+    /// next round is written whole into a fresh directory that then
+    /// replaces `checkpoint/`.
+    broken: bool,
+    /// The round in progress writes into a fresh directory.
+    fresh: bool,
+    /// A round is in progress (a job came since the last Finish or Abort).
+    in_round: bool,
+    /// The first error of the round in progress.
+    failed: Option<String>,
+    /// sled's files are as a finished round left them.
+    settled: bool,
 }
 
 /// Runs on the checkpoint thread: takes jobs until the sender is dropped.
-/// The database is `opened` at start, or opened at the first job (and again
-/// after a failure). Returns the hash of sled's files once it is closed, if
-/// the last round was durable and nothing was written after it.
+/// `opened` is the database a start opened in place, if it did. Returns
+/// the hash of sled's files once closed, if the last round was durable and
+/// nothing was written after it.
 pub fn run(
-    dir: PathBuf,
+    data_dir: PathBuf,
     opened: Option<Checkpoint>,
     jobs: mpsc::Receiver<Job>,
     outcomes: mpsc::Sender<RoundOutcome>,
 ) -> Option<u64> {
-    // Whether sled's files are as a finished round left them.
-    let mut settled = opened.is_some();
-    let mut database = opened;
-    // The first error of the round in progress.
-    let mut failed: Option<String> = None;
-    for job in jobs {
-        if database.is_none() && failed.is_none() {
-            match Checkpoint::open(&dir) {
-                Ok(opened) => database = Some(opened),
-                Err(error) => failed = Some(format!("cannot open the checkpoint: {error}")),
-            }
-        }
-        if matches!(job, Job::Buckets { .. } | Job::DeleteCopy(_)) {
-            settled = false;
-        }
-        let written = match (&job, &database, &failed) {
-            (_, _, Some(_)) | (_, None, _) => Ok(()),
-            (Job::Buckets { origin, buckets }, Some(db), None) => db
-                .write_buckets(origin.as_deref(), buckets)
-                .inspect(|()| crate::crash_point::reached("checkpoint-buckets")),
-            (Job::DeleteCopy(origin), Some(db), None) => db.delete_copy(origin),
-            (Job::Finish(meta), Some(db), None) => db.finish(meta),
-            (Job::Abort, _, _) => Ok(()),
-        };
-        if let Err(error) = written {
-            // sled keeps the error of a failed write; the database is
-            // opened again for the next round.
-            failed = Some(error.to_string());
-            database = None;
-        }
-        let outcome = match job {
-            Job::Finish(meta) => Some(match failed.take() {
-                None => {
-                    crate::crash_point::reached("checkpoint-durable");
-                    settled = true;
-                    RoundOutcome::Done {
-                        position: meta.position,
-                        hash: crate::storage::hash_sled_files(&dir).ok(),
+    let mut thread = Thread {
+        data_dir,
+        settled: opened.is_some(),
+        database: opened,
+        broken: false,
+        fresh: false,
+        in_round: false,
+        failed: None,
+    };
+    let mut idle = std::time::Duration::ZERO;
+    loop {
+        let job = match jobs.recv_timeout(TRIM_INTERVAL) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                idle += TRIM_INTERVAL;
+                if idle >= CLOSE_AFTER && !thread.in_round && thread.database.is_some() {
+                    // sled holds about its files' size in memory while open:
+                    // between rounds it is closed.
+                    if let Some(hash) = thread.close() {
+                        let _ = outcomes.send(RoundOutcome::Closed { hash });
                     }
                 }
-                Some(error) => {
-                    settled = false;
-                    RoundOutcome::Failed(error)
-                }
-            }),
-            Job::Abort => {
-                failed = None;
-                Some(RoundOutcome::Aborted)
+                // Replication's large transient buffers (a full copy sent
+                // or received) are freed by the threads that used them;
+                // this thread gives their pages back while it idles.
+                tally_proto::process::release_free_memory();
+                continue;
             }
-            _ => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if let Some(outcome) = outcome {
+        idle = std::time::Duration::ZERO;
+        if let Some(outcome) = thread.handle(job) {
+            // A round's captures were large and are gone now.
+            tally_proto::process::release_free_memory();
             if outcomes.send(outcome).is_err() {
                 break;
             }
         }
     }
-    let db = database?;
-    if let Err(error) = db.sync() {
-        tracing::warn!(%error, "checkpoint: last sync failed");
+    if thread.broken {
         return None;
     }
-    drop(db);
-    // Hashed once sled has closed its files (it writes as it closes).
-    settled
-        .then(|| crate::storage::hash_sled_files(&dir).ok())
-        .flatten()
+    thread.close()
+}
+
+impl Thread {
+    fn current_dir(&self) -> PathBuf {
+        self.data_dir.join(CHECKPOINT_DIR)
+    }
+
+    fn fresh_dir(&self) -> PathBuf {
+        self.data_dir.join(FRESH_DIR)
+    }
+
+    /// Syncs and closes the database; returns its files' hash if they are
+    /// as a finished round left them.
+    fn close(&mut self) -> Option<u64> {
+        let db = self.database.take()?;
+        if let Err(error) = db.sync() {
+            tracing::warn!(%error, "checkpoint: last sync failed");
+            // Abandoned, as after any error.
+            std::mem::forget(db);
+            self.broken = true;
+            return None;
+        }
+        drop(db);
+        // Hashed once sled has closed its files (it writes as it closes).
+        if self.settled {
+            crate::storage::hash_sled_files(&self.current_dir()).ok()
+        } else {
+            None
+        }
+    }
+
+    /// Opens the database a round writes into, at the round's first job.
+    fn begin_round(&mut self) -> Result<(), String> {
+        self.in_round = true;
+        self.settled = false;
+        self.fresh = self.broken;
+        if self.fresh {
+            let fresh = self.fresh_dir();
+            crate::storage::remove_dir_if_present(&fresh)
+                .map_err(|error| format!("cannot clear {}: {error}", fresh.display()))?;
+            self.database = Some(
+                Checkpoint::open(&fresh)
+                    .map_err(|error| format!("cannot create a fresh checkpoint: {error}"))?,
+            );
+        } else if self.database.is_none() {
+            self.database = Some(
+                Checkpoint::open(&self.current_dir())
+                    .map_err(|error| format!("cannot open the checkpoint: {error}"))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// After a sled error: the database is abandoned, never touched again.
+    fn abandon(&mut self, error: String) {
+        if let Some(db) = self.database.take() {
+            std::mem::forget(db);
+        }
+        self.broken = true;
+        self.failed.get_or_insert(error);
+    }
+
+    fn handle(&mut self, job: Job) -> Option<RoundOutcome> {
+        if !self.in_round && !matches!(job, Job::Abort) {
+            if let Err(error) = self.begin_round() {
+                self.abandon(error);
+            }
+        }
+        if self.failed.is_none() {
+            if let Some(db) = &self.database {
+                #[cfg(test)]
+                if tests::fail_here(&self.data_dir) {
+                    self.abandon("a failure the test asked for".into());
+                    return self.handle(job);
+                }
+                let written = match &job {
+                    Job::Buckets { origin, buckets } => db
+                        .write_buckets(origin.as_deref(), buckets)
+                        .inspect(|()| crate::crash_point::reached("checkpoint-buckets")),
+                    Job::DeleteCopy(origin) => db.delete_copy(origin),
+                    Job::Finish(meta) => db.finish(meta),
+                    Job::Abort => Ok(()),
+                };
+                if let Err(error) = written {
+                    self.abandon(error.to_string());
+                }
+            }
+        }
+        match job {
+            Job::Finish(meta) => {
+                self.in_round = false;
+                Some(match self.failed.take() {
+                    None => {
+                        crate::crash_point::reached("checkpoint-durable");
+                        if self.fresh {
+                            if let Err(error) = self.replace_with_fresh() {
+                                self.abandon(error.clone());
+                                self.failed = None;
+                                return Some(RoundOutcome::Failed(error));
+                            }
+                        }
+                        self.broken = false;
+                        self.settled = true;
+                        RoundOutcome::Done {
+                            position: meta.position,
+                            hash: crate::storage::hash_sled_files(&self.current_dir()).ok(),
+                        }
+                    }
+                    Some(error) => RoundOutcome::Failed(error),
+                })
+            }
+            Job::Abort => {
+                self.in_round = false;
+                self.failed = None;
+                Some(RoundOutcome::Aborted)
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts a fresh checkpoint, durable, in place of the abandoned one:
+    /// `checkpoint/` becomes `checkpoint.old/`, the fresh one becomes
+    /// `checkpoint/`, the old one goes. A crash in between is settled at
+    /// the next start ([`settle_directories`]).
+    fn replace_with_fresh(&mut self) -> Result<(), String> {
+        // Closed first: sled opens files by path later.
+        let db = self.database.take().expect("a fresh round has a database");
+        drop(db);
+        let (current, fresh, old) = (
+            self.current_dir(),
+            self.fresh_dir(),
+            self.data_dir.join(OLD_DIR),
+        );
+        let io =
+            |error: std::io::Error| format!("cannot put the fresh checkpoint in place: {error}");
+        crate::storage::remove_dir_if_present(&old).map_err(io)?;
+        if current.exists() {
+            std::fs::rename(&current, &old).map_err(io)?;
+        }
+        std::fs::rename(&fresh, &current).map_err(io)?;
+        File::open(&self.data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+        if let Err(error) = crate::storage::remove_dir_if_present(&old) {
+            tracing::warn!(%error, "cannot remove the abandoned checkpoint");
+        }
+        tracing::info!("a fresh checkpoint replaced the one a failed write abandoned");
+        Ok(())
+    }
+}
+
+/// Settles what a crash during [`Thread::replace_with_fresh`] left, before
+/// a start opens the checkpoint: a fresh checkpoint is in place only once
+/// the old one was moved aside (it was durable before that), so with
+/// `checkpoint/` present any `checkpoint.next/` is unfinished.
+pub fn settle_directories(data_dir: &Path) -> std::io::Result<()> {
+    let (current, fresh, old) = (
+        data_dir.join(CHECKPOINT_DIR),
+        data_dir.join(FRESH_DIR),
+        data_dir.join(OLD_DIR),
+    );
+    if !current.exists() && old.exists() && fresh.exists() {
+        std::fs::rename(&fresh, &current)?;
+        File::open(data_dir)?.sync_all()?;
+    }
+    crate::storage::remove_dir_if_present(&fresh)?;
+    crate::storage::remove_dir_if_present(&old)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+
+    /// The data directory whose checkpoint thread fails its next write.
+    static FAIL_NEXT_WRITE: parking_lot::Mutex<Option<PathBuf>> = parking_lot::Mutex::new(None);
+
+    /// Makes the next checkpoint write for `data_dir` fail, as a sled
+    /// error would.
+    pub(crate) fn fail_next_write(data_dir: &Path) {
+        *FAIL_NEXT_WRITE.lock() = Some(data_dir.to_path_buf());
+    }
+
+    pub(super) fn fail_here(data_dir: &Path) -> bool {
+        let mut armed = FAIL_NEXT_WRITE.lock();
+        if armed.as_deref() == Some(data_dir) {
+            *armed = None;
+            return true;
+        }
+        false
+    }
 }

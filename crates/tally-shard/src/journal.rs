@@ -211,11 +211,11 @@ impl Journal {
         let stats = Arc::new(LogStats::default());
         let (jobs, job_receiver) = mpsc::channel();
         let (outcome_sender, outcomes) = mpsc::channel();
-        let checkpoint_dir = parts.dir.join(checkpoint::CHECKPOINT_DIR);
+        let data_dir = parts.dir.clone();
         let opened = parts.checkpoint;
         let checkpointer = std::thread::Builder::new()
             .name("tally-checkpoint".into())
-            .spawn(move || checkpoint::run(checkpoint_dir, opened, job_receiver, outcome_sender))?;
+            .spawn(move || checkpoint::run(data_dir, opened, job_receiver, outcome_sender))?;
         stats
             .checkpoint_position
             .store(parts.checkpoint_position, Ordering::Relaxed);
@@ -726,7 +726,9 @@ impl LogThread {
                     Err(_) => return,
                 }
             };
-            self.awaiting_outcome = false;
+            if !matches!(outcome, RoundOutcome::Closed { .. }) {
+                self.awaiting_outcome = false;
+            }
             match outcome {
                 RoundOutcome::Done { position, hash } => {
                     self.checkpoint_position = position;
@@ -763,6 +765,16 @@ impl LogThread {
                     self.state.replicas.mark_all_for_checkpoint();
                 }
                 RoundOutcome::Aborted => {}
+                RoundOutcome::Closed { hash } => {
+                    // Closing rewrote sled's files; a start after a crash
+                    // still opens them without a copy.
+                    if let Some((_, position)) = self.checkpoint_hash {
+                        self.checkpoint_hash = Some((hash, position));
+                        self.write_witness();
+                    }
+                    // Not an answer to a round.
+                    continue;
+                }
             }
         }
     }
@@ -810,15 +822,21 @@ impl LogThread {
                 reason: std::io::Error::other(error.to_string()),
             });
         }
-        // A round in flight finishes first; then one more covers the rest.
+        // A round in flight finishes first (it may have begun at an earlier
+        // frame); then one more covers the rest, so that a start after this
+        // stop replays nothing.
         self.take_checkpoint_outcomes(true);
-        if self.log.last_seq() > self.checkpoint_position && self.jobs.is_some() {
+        for _ in 0..2 {
+            if self.log.last_seq() <= self.checkpoint_position || self.jobs.is_none() {
+                break;
+            }
             if self.round.is_none() {
                 self.start_round();
             }
-            if self.turn(Vec::new(), true).is_ok() {
-                self.take_checkpoint_outcomes(true);
+            if self.turn(Vec::new(), true).is_err() {
+                break;
             }
+            self.take_checkpoint_outcomes(true);
         }
         let position = self.checkpoint_position;
         let checkpoint_hash = self.close_checkpointer().map(|hash| (hash, position));

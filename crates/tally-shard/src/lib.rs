@@ -124,6 +124,9 @@ impl ShardNode {
                 message: format!("opening panicked: {join_error}"),
             })
         })?;
+        // Recovery's buffers (log segments read whole, a checkpoint copy)
+        // are free now.
+        tally_proto::process::release_free_memory();
         let report = &recovered.report;
         tracing::info!(
             node_id = config.node_id,

@@ -49,6 +49,8 @@ const SEGMENT_HEADER: usize = 32;
 const FRAME_HEADER: usize = 8;
 /// Bytes of a payload before the body: sequence and kind.
 const PAYLOAD_HEADER: usize = 9;
+/// A write buffer larger than this is not kept for the next group.
+const KEPT_BUFFER_BYTES: usize = 4 << 20;
 /// Largest frame accepted on reading: a full replica copy of millions of
 /// entries fits; a damaged length field asking for more is a bad frame.
 const MAX_FRAME: usize = 1 << 30;
@@ -469,6 +471,10 @@ impl LogWriter {
             self.pending_chain = self.chain;
         }
         self.pending.clear();
+        if self.pending.capacity() > KEPT_BUFFER_BYTES {
+            // A large frame (a full replica copy) passed: its buffer goes.
+            self.pending = Vec::new();
+        }
         result
     }
 

@@ -75,8 +75,17 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
     text.parse()
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    tally_proto::process::tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime")
+        .block_on(run())
+}
+
+async fn run() -> ExitCode {
     tally_proto::process::init_tracing();
     let args = Args::parse();
     let result = match args.command {

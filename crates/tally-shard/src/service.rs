@@ -374,6 +374,11 @@ impl pb::shard_server::Shard for ShardService {
             } else {
                 self.state.replicas.entry_count()
             },
+            table_bytes: if brief {
+                0
+            } else {
+                self.state.store.table_bytes() + self.state.replicas.table_bytes()
+            },
             last_flush_unix_ms: load(&stats.last_flush_unix_ms) as i64,
             durability: self.durability.as_str().to_string(),
             apply_calls: self.apply_calls.load(Ordering::Relaxed),

@@ -302,9 +302,11 @@ impl Storage {
             }) => crate::legacy::migrate(dir, node_id)?,
             _ => set_up(dir, node_id)?,
         }
-        // What an interrupted migration or check may have left.
+        // What an interrupted migration, check or checkpoint replacement
+        // may have left.
         crate::legacy::remove_leftovers(dir).map_err(io)?;
         remove_dir_if_present(&dir.join(CHECK_DIR)).map_err(io)?;
+        checkpoint::settle_directories(dir).map_err(io)?;
 
         let witness = Witness::read(dir)?;
         let checkpoint_dir = dir.join(CHECKPOINT_DIR);
@@ -1154,6 +1156,64 @@ mod tests {
         assert!(!crashed.path().join(CHECK_DIR).exists());
     }
 
+    /// Waits until `done` holds of the log thread's figures.
+    fn wait_for(node: &Running, what: &str, done: impl Fn(&crate::journal::LogStats) -> bool) {
+        let started = std::time::Instant::now();
+        while !done(node.journal.stats()) {
+            assert!(started.elapsed() < Duration::from_secs(30), "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_failed_checkpoint_write_is_healed_by_a_fresh_checkpoint() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_millis(10));
+        node.add("a", 0, 1, Some("k1"));
+        wait_for(&node, "a first checkpoint", |stats| {
+            stats.checkpoints.load(Relaxed) > 0
+        });
+        // The next round's write fails: sled's database is abandoned, and
+        // a fresh one replaces it whole.
+        crate::checkpoint::tests::fail_next_write(dir.path());
+        for round in 0..50 {
+            node.add("a", 0, 1, Some(&format!("k{round}/2")));
+        }
+        wait_for(&node, "the failure", |stats| {
+            stats.checkpoint_failures.load(Relaxed) > 0
+        });
+        let failed_at = node.journal.stats().checkpoints.load(Relaxed);
+        node.add("b", 1, 5, None);
+        wait_for(&node, "a checkpoint after the failure", |stats| {
+            stats.checkpoints.load(Relaxed) > failed_at
+        });
+        assert!(!dir.path().join("checkpoint.next").exists());
+        assert!(!dir.path().join("checkpoint.old").exists());
+        node.crash();
+        let recovered = open(dir.path()).unwrap();
+        assert_eq!(total(&recovered.state, "a"), 51);
+        assert_eq!(total(&recovered.state, "b"), 5);
+        assert_eq!(recovered.state.store.remembered_keys(), 51);
+        drop(recovered);
+        let report = verify(dir.path()).unwrap();
+        assert!(report.checkpoint_position > 0, "{report:?}");
+    }
+
+    #[test]
+    fn a_crash_while_a_fresh_checkpoint_replaces_the_old_one_is_settled() {
+        let dir = written_directory(true);
+        let data = dir.path();
+        // As a crash between the two renames leaves it: the fresh (durable)
+        // checkpoint beside the old one, moved aside.
+        crate::storage::copy_sled_files(&data.join(CHECKPOINT_DIR), &data.join("checkpoint.next"))
+            .unwrap();
+        std::fs::rename(data.join(CHECKPOINT_DIR), data.join("checkpoint.old")).unwrap();
+        check_written(&open(data).unwrap());
+        assert!(!data.join("checkpoint.next").exists());
+        assert!(!data.join("checkpoint.old").exists());
+    }
+
     #[test]
     fn every_start_is_numbered_higher() {
         let dir = tempfile::tempdir().unwrap();
@@ -1196,7 +1256,11 @@ mod tests {
     /// Damages a directory, then checks that opening and verifying refuse
     /// it and leave every file as it was.
     fn refused_untouched(clean: bool, damage: impl FnOnce(&Path)) -> String {
-        let dir = written_directory(clean);
+        refused_untouched_in(written_directory(clean), damage)
+    }
+
+    /// [`refused_untouched`] of a directory the caller wrote.
+    fn refused_untouched_in(dir: tempfile::TempDir, damage: impl FnOnce(&Path)) -> String {
         damage(dir.path());
         let before = contents(dir.path());
         let error = open(dir.path()).err().expect("a damaged directory opened");
@@ -1247,11 +1311,19 @@ mod tests {
 
     #[test]
     fn missing_log_segments_are_refused_untouched() {
-        let message = refused_untouched(false, |dir| {
+        // No checkpoint: the whole log is needed, over several segments.
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_secs(3600));
+        for round in 0..1000 {
+            node.add(&format!("c{}", round % 17), 0, 1, None);
+        }
+        node.crash();
+        let message = refused_untouched_in(dir, |dir| {
             let all = segments(dir);
-            std::fs::remove_file(&all[0]).unwrap();
+            assert!(all.len() > 2, "the test needs three segments");
+            std::fs::remove_file(&all[1]).unwrap();
         });
-        assert!(message.contains("missing"), "{message}");
+        assert!(message.contains("does not continue"), "{message}");
     }
 
     #[test]

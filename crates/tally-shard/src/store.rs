@@ -226,12 +226,19 @@ impl OwnChanges {
     }
 
     fn clear(&mut self) {
+        /// A buffer larger than this (a burst) is not kept for the next flush.
+        const KEPT: usize = 4 << 20;
         self.epoch = 0;
         self.counters = 0;
         self.entries.clear();
         self.records = 0;
         self.record_bytes.clear();
         self.zeros = false;
+        for buffer in [&mut self.entries, &mut self.record_bytes] {
+            if buffer.capacity() > KEPT {
+                *buffer = Vec::new();
+            }
+        }
     }
 
     /// Decodes a frame body written by [`OwnChanges::encode_into`].

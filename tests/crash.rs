@@ -3,7 +3,8 @@
 //! holds at the end.
 //!
 //! Every client increment carries a unique idempotency key and a random
-//! delta from 1 to 1,000. A call that fails is retried with the same keys
+//! delta from 1 to 1,000; one in ten goes to a counter written only once
+//! (so a lost frame that no later write repeats is seen). A call that fails is retried with the same keys
 //! until it succeeds (through any coordinator); one acknowledged call in ten
 //! is sent again on purpose, as a client does when a response is lost. So in
 //! sync mode each increment must be present exactly once: a shortfall means
@@ -257,7 +258,15 @@ impl Load {
                             .map(|_| {
                                 sequence += 1;
                                 pb::IncrementRequest {
-                                    counter: counter_name(rng.usize(..COUNTERS)),
+                                    // One in ten goes to a counter of its
+                                    // own, written once: a crash that
+                                    // loses a frame no later write
+                                    // repeats shows there.
+                                    counter: if rng.u8(..10) == 0 {
+                                        format!("crash-once-{worker}-{sequence}")
+                                    } else {
+                                        counter_name(rng.usize(..COUNTERS))
+                                    },
                                     delta: rng.i64(1..=1_000),
                                     idempotency_key: format!("w{worker}-{sequence}"),
                                 }
@@ -292,8 +301,18 @@ impl Load {
 
 /// Reads every counter and compares it with the ledger.
 fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -> Outcome {
-    let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
-    let totals = runtime.block_on(support::totals(endpoint, &counters));
+    let mut counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
+    counters.extend(
+        ledger
+            .expected
+            .keys()
+            .filter(|counter| counter.starts_with("crash-once-"))
+            .cloned(),
+    );
+    let totals: Vec<_> = counters
+        .chunks(tally::proto::domain::MAX_BATCH_ITEMS)
+        .flat_map(|chunk| runtime.block_on(support::totals(endpoint, chunk)))
+        .collect();
     let mut outcome = Outcome {
         increments: ledger.increments,
         acknowledged: ledger.acknowledged,

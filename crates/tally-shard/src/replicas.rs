@@ -89,7 +89,8 @@ impl Default for Copy {
 
 impl Copy {
     /// Sets one entry; 0 removes it, and a counter with no stripe left.
-    fn set(&mut self, counter: &str, stripe: u32, value: i64) {
+    /// Marked for the next checkpoint unless loaded from it.
+    fn set(&mut self, counter: &str, stripe: u32, value: i64, mark: bool) {
         let Ok(stripe) = u16::try_from(stripe) else {
             return;
         };
@@ -113,7 +114,9 @@ impl Copy {
                 table.insert(counter, stripe, value, 0);
             }
         }
-        self.checkpoint_dirty[placement.segment] |= 1 << placement.sub;
+        if mark {
+            self.checkpoint_dirty[placement.segment] |= 1 << placement.sub;
+        }
     }
 
     fn clear(&mut self) {
@@ -257,7 +260,7 @@ impl Replicas {
             copy.clear();
         }
         for &(counter, stripe, value) in entries {
-            copy.set(counter, stripe, value);
+            copy.set(counter, stripe, value, true);
         }
         copy.stamp = stamp;
     }
@@ -277,13 +280,14 @@ impl Replicas {
         }
     }
 
-    /// Sets an entry of a copy while recovering.
+    /// Sets an entry of a copy from the checkpoint while recovering (not
+    /// marked for the next checkpoint: it holds it).
     pub fn load(&self, origin: &str, counter: &str, stripe: u32, value: i64) {
         self.copies
             .write()
             .entry(origin.into())
             .or_default()
-            .set(counter, stripe, value);
+            .set(counter, stripe, value, false);
     }
 
     /// Sets a copy's stamp while recovering.

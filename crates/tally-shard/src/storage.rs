@@ -522,11 +522,11 @@ fn replay(
                 OwnChanges::decode(frame.body).map_err(|error| error.to_string())?;
             for logged in counters {
                 for (stripe, value) in logged.stripes {
-                    store.load(logged.counter, u32::from(stripe), value);
+                    store.replay(logged.counter, u32::from(stripe), value);
                 }
             }
             for logged in records {
-                store.load_record(logged.key, logged.record);
+                store.replay_record(logged.key, logged.record);
             }
         }
         kind => Change::decode(kind, frame.body)
@@ -1198,6 +1198,55 @@ mod tests {
         drop(recovered);
         let report = verify(dir.path()).unwrap();
         assert!(report.checkpoint_position > 0, "{report:?}");
+    }
+
+    #[test]
+    fn what_a_start_replays_is_in_the_next_checkpoint() {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Written, no checkpoint, crash: the next start replays it all.
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_secs(3600));
+        for round in 0..300 {
+            node.add(
+                &format!("c{}", round % 30),
+                0,
+                1,
+                Some(&format!("k{round}")),
+            );
+        }
+        node.submit(Change::Replica {
+            origin: "shard-2".into(),
+            stamp: CopyStamp {
+                version: 9,
+                scanned_unix_ms: 90,
+                directory_id: 5,
+            },
+            full: true,
+            entries: vec![("d".into(), 0, 2)],
+        });
+        node.crash();
+        // Started again, a checkpoint covers the replayed frames and the
+        // log before it goes; then another crash.
+        let node = start(dir.path(), Duration::from_millis(10));
+        node.add("other", 0, 1, None);
+        wait_for(&node, "a checkpoint", |stats| {
+            stats.checkpoints.load(Relaxed) > 0
+        });
+        let position = node.journal.stats().checkpoint_position.load(Relaxed);
+        assert!(
+            position > 300,
+            "the checkpoint covers the replayed frames: {position}"
+        );
+        node.crash();
+        let first = log::list_segments(&dir.path().join(LOG_DIR)).unwrap()[0].0;
+        assert!(first > 1, "the replayed frames' segments were deleted");
+        let recovered = open(dir.path()).unwrap();
+        assert_eq!(total(&recovered.state, "c7"), 10);
+        assert_eq!(recovered.state.store.remembered_keys(), 300);
+        assert_eq!(
+            recovered.state.replicas.read(&["d".into()])[0].counters,
+            vec![vec![(0, 2)]]
+        );
     }
 
     #[test]

@@ -637,22 +637,32 @@ impl Store {
     /// replicas get it, and marked for the next checkpoint.
     pub fn set_logged(&self, counter: &str, stripe: u32, value: i64) {
         let changed = self.changed_stamp();
-        self.set_entry(counter, stripe, value, Some(changed));
+        self.set_entry(counter, stripe, value, Some(changed), true);
     }
 
-    /// Sets an entry while recovering (from the checkpoint or the log): not
-    /// dirty, not stamped. A value of 0 removes the stripe, and a counter
-    /// whose stripes are all 0 leaves memory.
+    /// Sets an entry from the checkpoint while recovering: not dirty, not
+    /// stamped, not marked (the checkpoint holds it). A value of 0 removes
+    /// the stripe, and a counter whose stripes are all 0 leaves memory.
     pub fn load(&self, counter: &str, stripe: u32, value: i64) {
-        self.set_entry(counter, stripe, value, None);
+        self.set_entry(counter, stripe, value, None, false);
     }
 
-    fn set_entry(&self, counter: &str, stripe: u32, value: i64, changed: Option<u32>) {
+    /// Sets an entry from a log frame while recovering: as [`Store::load`],
+    /// but marked for the next checkpoint, which must hold it before the
+    /// log that has it goes.
+    pub fn replay(&self, counter: &str, stripe: u32, value: i64) {
+        self.set_entry(counter, stripe, value, None, true);
+    }
+
+    fn set_entry(&self, counter: &str, stripe: u32, value: i64, changed: Option<u32>, mark: bool) {
         let Ok(stripe) = u16::try_from(stripe) else {
             return;
         };
         let (segment, placement) = self.segment_of(counter);
         let mut segment = segment.lock();
+        if mark {
+            segment.checkpoint_dirty |= 1 << placement.sub;
+        }
         let table = &mut segment.table;
         let slot = match table.find(counter) {
             // Setting an absent stripe to 0 changes nothing.
@@ -662,10 +672,7 @@ impl Store {
             None => table.insert(counter, stripe, value, changed.unwrap_or(0)),
         };
         match changed {
-            Some(changed) => {
-                table.set_changed(slot, changed);
-                segment.checkpoint_dirty |= 1 << placement.sub;
-            }
+            Some(changed) => table.set_changed(slot, changed),
             None => {
                 // Loading: a counter at 0 everywhere is not kept.
                 if table.flags(slot) & DIRTY == 0 && table.stripes(slot).all(|(_, v)| v == 0) {
@@ -675,14 +682,28 @@ impl Store {
         }
     }
 
-    /// Sets (or, with `None`, forgets) an idempotency record while
-    /// recovering. Records are aged from their time by [`Store::forget_keys`].
+    /// Sets (or, with `None`, forgets) an idempotency record from the
+    /// checkpoint while recovering. Records are aged from their time by
+    /// [`Store::forget_keys`].
     pub fn load_record(&self, key: &[u8], record: Option<(i64, u64)>) {
+        self.set_record(key, record, false);
+    }
+
+    /// [`Store::load_record`] from a log frame: marked for the next
+    /// checkpoint.
+    pub fn replay_record(&self, key: &[u8], record: Option<(i64, u64)>) {
+        self.set_record(key, record, true);
+    }
+
+    fn set_record(&self, key: &[u8], record: Option<(i64, u64)>, mark: bool) {
         let Some((counter, _)) = decode_record_key(key) else {
             return;
         };
         let (segment, placement) = self.segment_of(counter);
         let mut segment = segment.lock();
+        if mark {
+            segment.checkpoint_dirty |= 1 << Placement::of(key).sub;
+        }
         match record {
             Some((delta, applied_unix_ms)) => {
                 let key: Arc<[u8]> = key.into();

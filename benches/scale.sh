@@ -4,9 +4,12 @@
 #   1. throughput with 1, 1,000 and 1,000,000 distinct counters (3 shards);
 #   2. Get and GetBatch(1000) latency with 3 and 6 shards, alone and under a
 #      concurrent write load;
-#   3. a shard's resident memory per stored entry at ~1,000,000 entries, and
-#      the time for that shard to restart and serve (after SIGTERM, and after
-#      SIGKILL, which adds the start-up copy check).
+#   3. restart time of a shard holding a third of 1,000,000 counters (3
+#      shards, replication factor 2, every counter written once): after
+#      SIGTERM (a last checkpoint: nothing to replay), and after SIGKILL
+#      (the log since the last checkpoint replayed, and the checkpoint
+#      loaded from a checked copy if a round was running), with resident
+#      memory per stored entry.
 #
 # Usage: benches/scale.sh            (CLIENTS=64, DURATION=10)
 #        DURATION=3 benches/scale.sh  (a quick look)
@@ -89,37 +92,52 @@ for shards in 3 6; do
     tally_stop_cluster
 done
 
-# 3. Memory per entry and restart time: one shard, no replica, so that its
-# memory holds only its own entries; one stripe, so that an entry is a
-# counter. 3,000,000 increments over 1,000,000 counters leave ~950,000.
-start_cluster memory 1 1 1
-shard=${TALLY_SHARD_PIDS[0]}
-rss_before=$(rss_kib "$shard")
+# 3. Restart time and memory: 3 shards (the shipped replication factor 2),
+# 1,000,000 counters written once each (examples/fill.rs: one entry per
+# counter), then the shard holding the most entries restarted.
+(cd "$REPO" && cargo build --release --quiet --example fill)
+start_cluster memory 3 2
 log "memory: writing 1,000,000 counters"
-bench --prefix m- --counters 1000000 --batch 1000 --clients 16 --requests 3000 --no-check >/dev/null
+"$REPO/target/release/examples/fill" write --endpoint "$TALLY_ENDPOINT" --prefix m- --counters 1000000 >/dev/null
+# The shard with the most own entries and copies: the largest data directory.
+index=0
+largest=0
+for i in 1 2 3; do
+    size=$(du -sk "$TMP/memory/data/shard-$i" | cut -f1)
+    if ((size > largest)); then largest=$size; index=$((i - 1)); fi
+done
+shard=${TALLY_SHARD_PIDS[$index]}
 stored=$(entries)
 rss_after=$(rss_kib "$shard")
-log "memory: $stored entries, RSS $rss_before -> $rss_after KiB"
+log "memory: $stored entries in all; restarting shard-$((index + 1)) (RSS $rss_after KiB)"
 
 # restart SIGNAL: stops the shard with SIGNAL and starts it again on its
 # address; sets RESTART_MS, the time from launch to serving.
 restart() {
     kill "-$1" "$shard"
     wait "$shard" 2>/dev/null || true
-    tally_start_shard "$TMP/memory" 1 "${TALLY_SHARD_ADDRESSES[0]}"
+    tally_start_shard "$TMP/memory" $((index + 1)) "${TALLY_SHARD_ADDRESSES[$index]}"
     shard=$TALLY_PID
-    TALLY_SHARD_PIDS=("$shard")
+    TALLY_SHARD_PIDS[index]=$shard
     RESTART_MS=$TALLY_START_MS
 }
 restart TERM
 clean_ms=$RESTART_MS
+# Once its checkpoint thread has closed sled (6 s without a round).
+sleep 8
 rss_loaded=$(rss_kib "$shard")
+# More writes, so that the SIGKILL leaves log to replay.
+"$REPO/target/release/examples/fill" write --endpoint "$TALLY_ENDPOINT" --prefix m2- --counters 300000 >/dev/null
 restart KILL
 crash_ms=$RESTART_MS
-[[ $(entries) == "$stored" ]] || die "entries changed across restarts"
+shard_entries=$(grep -o ' entries=[0-9]*' "$TMP/memory/shard-$((index + 1)).out.err" | tail -n 1 | cut -d= -f2)
+replica_entries=$(grep -o ' replica_entries=[0-9]*' "$TMP/memory/shard-$((index + 1)).out.err" | tail -n 1 | cut -d= -f2)
+replayed=$(grep -o ' log_frames=[0-9]*' "$TMP/memory/shard-$((index + 1)).out.err" | tail -n 1 | cut -d= -f2)
+"$REPO/target/release/examples/fill" check --endpoint "$TALLY_ENDPOINT" --prefix m- --counters 1000000 >/dev/null \
+    || die "counters changed across restarts"
 record "memory" "$(python3 -c 'import json,sys; print(json.dumps(dict(zip(
-    ["entries","rss_before_kib","rss_after_writes_kib","rss_after_restart_kib","restart_clean_ms","restart_after_kill_ms"],
-    map(int, sys.argv[1:])))))' "$stored" "$rss_before" "$rss_after" "$rss_loaded" "$clean_ms" "$crash_ms")"
+    ["entries","shard_entries","shard_replica_entries","log_frames_replayed","rss_after_writes_kib","rss_after_restart_kib","restart_clean_ms","restart_after_kill_ms"],
+    map(int, sys.argv[1:])))))' "$stored" "$shard_entries" "$replica_entries" "$replayed" "$rss_after" "$rss_loaded" "$clean_ms" "$crash_ms")"
 tally_stop_cluster
 
 python3 - "$RESULTS" >"$OUT/scale.md" <<'EOF'
@@ -134,12 +152,13 @@ for r in rows:
     print(f'| {r["name"]} | {r["ops_per_sec"]:,.0f} | {r["increments_per_sec"]:,.0f} | '
           f'{lat(r["write_latency_us"])} | {lat(r["read_latency_us"])} |')
 m = next(r for r in rows if r["name"] == "memory")
-per_entry = (m["rss_after_writes_kib"] - m["rss_before_kib"]) * 1024 / m["entries"]
-per_entry_loaded = m["rss_after_restart_kib"] * 1024 / m["entries"]
+held = m["shard_entries"] + m["shard_replica_entries"]
 print()
-print(f'Memory: {m["entries"]:,} entries; resident memory grew by {per_entry:.0f} bytes per entry '
-      f'while writing; after a restart the whole process holds {per_entry_loaded:.0f} bytes per entry.')
-print(f'Restart to serving with {m["entries"]:,} entries: {m["restart_clean_ms"]} ms after SIGTERM, '
-      f'{m["restart_after_kill_ms"]} ms after SIGKILL (includes the copy check).')
+print(f'Restart of the shard holding the most (of {m["entries"]:,} entries in all, 3 shards, '
+      f'replication factor 2): {m["shard_entries"]:,} own entries and {m["shard_replica_entries"]:,} '
+      f'replica entries. To serving: {m["restart_clean_ms"]} ms after SIGTERM, '
+      f'{m["restart_after_kill_ms"]} ms after SIGKILL ({m["log_frames_replayed"]:,} log frames read).')
+print(f'Its resident memory: {m["rss_after_writes_kib"] * 1024 / held:.0f} bytes per entry held after the writes, '
+      f'{m["rss_after_restart_kib"] * 1024 / held:.0f} after the clean restart (whole process).')
 EOF
 cat "$OUT/scale.md"

@@ -55,7 +55,10 @@ const FRESH_DIR: &str = "checkpoint.next";
 /// Where the abandoned checkpoint goes while a fresh one takes its place.
 const OLD_DIR: &str = "checkpoint.old";
 /// The checkpoint thread closes sled after this long without a job.
+#[cfg(not(test))]
 const CLOSE_AFTER: std::time::Duration = std::time::Duration::from_secs(6);
+#[cfg(test)]
+const CLOSE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 const TREE: &str = "checkpoint";
 const META_KEY: &[u8] = b"M";
 const OWN_PREFIX: u8 = b'B';
@@ -64,7 +67,10 @@ const COPY_PREFIX: u8 = b'C';
 /// cache only serves writes.
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// How often the idle checkpoint thread returns free memory to the system.
+#[cfg(not(test))]
 const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+#[cfg(test)]
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The checkpoint's metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,7 +300,12 @@ pub enum Job {
     /// Delete the buckets of a dropped copy.
     DeleteCopy(String),
     /// The round is complete: write the metadata and make it durable.
-    Finish(CheckpointMeta),
+    Finish {
+        /// The metadata, with the round's position.
+        meta: CheckpointMeta,
+        /// The round captured every bucket (all were marked when it began).
+        everything: bool,
+    },
     /// The round is abandoned (its log frame failed): write nothing more
     /// of it.
     Abort,
@@ -374,8 +385,16 @@ pub fn run(
                 if idle >= CLOSE_AFTER && !thread.in_round && thread.database.is_some() {
                     // sled holds about its files' size in memory while open:
                     // between rounds it is closed.
-                    if let Some(hash) = thread.close() {
-                        let _ = outcomes.send(RoundOutcome::Closed { hash });
+                    let closed = match thread.close() {
+                        Ok(Some(hash)) => Some(RoundOutcome::Closed { hash }),
+                        Ok(None) => None,
+                        // Abandoned: the next round must hold everything.
+                        Err(error) => Some(RoundOutcome::Failed(error)),
+                    };
+                    if let Some(outcome) = closed {
+                        if outcomes.send(outcome).is_err() {
+                            break;
+                        }
                     }
                 }
                 // Replication's large transient buffers (a full copy sent
@@ -398,7 +417,7 @@ pub fn run(
     if thread.broken {
         return None;
     }
-    thread.close()
+    thread.close().ok().flatten()
 }
 
 impl Thread {
@@ -411,23 +430,36 @@ impl Thread {
     }
 
     /// Syncs and closes the database; returns its files' hash if they are
-    /// as a finished round left them.
-    fn close(&mut self) -> Option<u64> {
-        let db = self.database.take()?;
-        if let Err(error) = db.sync() {
-            tracing::warn!(%error, "checkpoint: last sync failed");
-            // Abandoned, as after any error.
+    /// as a finished round left them. A failed sync abandons the database,
+    /// as any sled error does.
+    fn close(&mut self) -> Result<Option<u64>, String> {
+        let Some(db) = self.database.take() else {
+            return Ok(None);
+        };
+        #[cfg(test)]
+        let synced = if tests::fail_here(&self.data_dir) {
+            Err(sled::Error::Unsupported(
+                "a failure the test asked for".into(),
+            ))
+        } else {
+            db.sync()
+        };
+        #[cfg(not(test))]
+        let synced = db.sync();
+        if let Err(error) = synced {
+            let error = format!("closing the checkpoint: {error}");
+            tracing::warn!(%error, "checkpoint abandoned");
             std::mem::forget(db);
             self.broken = true;
-            return None;
+            return Err(error);
         }
         drop(db);
         // Hashed once sled has closed its files (it writes as it closes).
-        if self.settled {
+        Ok(if self.settled {
             crate::storage::hash_sled_files(&self.current_dir()).ok()
         } else {
             None
-        }
+        })
     }
 
     /// Opens the database a round writes into, at the round's first job.
@@ -479,7 +511,18 @@ impl Thread {
                         .write_buckets(origin.as_deref(), buckets)
                         .inspect(|()| crate::crash_point::reached("checkpoint-buckets")),
                     Job::DeleteCopy(origin) => db.delete_copy(origin),
-                    Job::Finish(meta) => db.finish(meta),
+                    Job::Finish { meta, everything } => {
+                        if self.fresh && !everything {
+                            // A fresh checkpoint replaces the whole one: it
+                            // must hold everything, not a round's changes.
+                            self.abandon(
+                                "a fresh checkpoint needs a round that captured everything".into(),
+                            );
+                            Ok(())
+                        } else {
+                            db.finish(meta)
+                        }
+                    }
                     Job::Abort => Ok(()),
                 };
                 if let Err(error) = written {
@@ -488,7 +531,7 @@ impl Thread {
             }
         }
         match job {
-            Job::Finish(meta) => {
+            Job::Finish { meta, .. } => {
                 self.in_round = false;
                 Some(match self.failed.take() {
                     None => {
@@ -572,21 +615,24 @@ pub fn settle_directories(data_dir: &Path) -> std::io::Result<()> {
 pub(crate) mod tests {
     use std::path::{Path, PathBuf};
 
-    /// The data directory whose checkpoint thread fails its next write.
-    static FAIL_NEXT_WRITE: parking_lot::Mutex<Option<PathBuf>> = parking_lot::Mutex::new(None);
+    /// The data directories whose checkpoint thread fails its next write
+    /// (tests run at once, each with its own directory).
+    static FAIL_NEXT_WRITE: parking_lot::Mutex<Vec<PathBuf>> = parking_lot::Mutex::new(Vec::new());
 
     /// Makes the next checkpoint write for `data_dir` fail, as a sled
     /// error would.
     pub(crate) fn fail_next_write(data_dir: &Path) {
-        *FAIL_NEXT_WRITE.lock() = Some(data_dir.to_path_buf());
+        FAIL_NEXT_WRITE.lock().push(data_dir.to_path_buf());
     }
 
     pub(super) fn fail_here(data_dir: &Path) -> bool {
         let mut armed = FAIL_NEXT_WRITE.lock();
-        if armed.as_deref() == Some(data_dir) {
-            *armed = None;
-            return true;
+        match armed.iter().position(|dir| dir == data_dir) {
+            Some(index) => {
+                armed.remove(index);
+                true
+            }
+            None => false,
         }
-        false
     }
 }

@@ -240,6 +240,8 @@ impl Journal {
             outcomes,
             checkpointer: Some(checkpointer),
             awaiting_outcome: false,
+            next_round_captures_everything: false,
+            appended_at_last_round: 0,
             pending_deletes: Vec::new(),
         };
         thread.publish_stats();
@@ -366,6 +368,9 @@ impl Drop for Journal {
 /// What a checkpoint round still has to capture.
 #[derive(Debug)]
 struct Round {
+    /// Every bucket was marked when the round began (after a failure): the
+    /// round alone holds everything, as a fresh checkpoint must.
+    everything: bool,
     /// The round's position: the frame of its first capture (set on the
     /// first turn).
     position: Option<u64>,
@@ -402,6 +407,10 @@ struct LogThread {
     /// A finished round's outcome is not in yet. No round starts before it
     /// is: a failed round's buckets must be captured again by the next.
     awaiting_outcome: bool,
+    /// Every bucket is marked: the next round captures everything.
+    next_round_captures_everything: bool,
+    /// [`LogWriter::appended_bytes`] when the last round began.
+    appended_at_last_round: u64,
     /// Copies dropped whose buckets the next finished round deletes.
     pending_deletes: Vec<String>,
 }
@@ -455,7 +464,6 @@ impl LogThread {
         capture_everything: bool,
     ) -> Result<(), FlushFailed> {
         self.inbox.wake_pending.store(false, Ordering::SeqCst);
-        self.take_checkpoint_outcomes(false);
         let forgotten_early = self.state.store.forget_keys(unix_ms_now());
         if forgotten_early > 0 {
             tracing::warn!(
@@ -528,6 +536,9 @@ impl LogThread {
                     own_capture,
                     capture_everything,
                 );
+                // After the writers are answered: a durable round's
+                // segment deletions are off the acknowledgement path.
+                self.take_checkpoint_outcomes(false);
                 self.publish_stats();
                 Ok(())
             }
@@ -553,6 +564,7 @@ impl LogThread {
                     // the round is abandoned, and the next captures all.
                     self.abort_round();
                 }
+                self.take_checkpoint_outcomes(false);
                 self.publish_stats();
                 Err(error)
             }
@@ -566,9 +578,12 @@ impl LogThread {
             return;
         }
         let logged_since = self.log.last_seq() > self.checkpoint_position;
-        let log_bytes = self.log.bytes();
+        // Bytes written since the last round began, not the log's size: the
+        // segment being written is never deleted, and may alone be larger
+        // than the threshold.
+        let written = self.log.appended_bytes() - self.appended_at_last_round;
         let due = logged_since
-            && (log_bytes >= self.settings.checkpoint_bytes
+            && (written >= self.settings.checkpoint_bytes
                 || self.last_round_started.elapsed() >= self.settings.checkpoint_interval);
         if !due {
             return;
@@ -605,12 +620,15 @@ impl LogThread {
 
     fn start_round(&mut self) {
         self.last_round_started = Instant::now();
+        self.appended_at_last_round = self.log.appended_bytes();
+        let everything = std::mem::take(&mut self.next_round_captures_everything);
         tracing::info!(
             log_bytes = self.log.bytes(),
             last_frame = self.log.last_seq(),
             "checkpoint started"
         );
         self.round = Some(Round {
+            everything,
             position: None,
             next_segment: 0,
             copies: self
@@ -694,15 +712,24 @@ impl LogThread {
             node: self.state.meta.lock().clone(),
             copies: self.state.replicas.stamps().into_iter().collect(),
         };
-        let _ = jobs.send(Job::Finish(meta));
+        let _ = jobs.send(Job::Finish {
+            meta,
+            everything: round.everything,
+        });
         self.round = None;
         self.awaiting_outcome = true;
     }
 
-    fn abort_round(&mut self) {
-        self.round = None;
+    /// Marks every bucket: the next round captures everything.
+    fn mark_everything(&mut self) {
         self.state.store.mark_all_for_checkpoint();
         self.state.replicas.mark_all_for_checkpoint();
+        self.next_round_captures_everything = true;
+    }
+
+    fn abort_round(&mut self) {
+        self.round = None;
+        self.mark_everything();
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(Job::Abort);
             self.awaiting_outcome = true;
@@ -761,8 +788,7 @@ impl LogThread {
                         .checkpoint_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, "checkpoint failed; the log keeps everything and the next checkpoint writes every bucket");
-                    self.state.store.mark_all_for_checkpoint();
-                    self.state.replicas.mark_all_for_checkpoint();
+                    self.mark_everything();
                 }
                 RoundOutcome::Aborted => {}
                 RoundOutcome::Closed { hash } => {
@@ -828,6 +854,11 @@ impl LogThread {
         self.take_checkpoint_outcomes(true);
         for _ in 0..2 {
             if self.log.last_seq() <= self.checkpoint_position || self.jobs.is_none() {
+                break;
+            }
+            if let Err(message) = self.room_for_checkpoint() {
+                // The log keeps everything; sled must not meet a full disk.
+                tracing::warn!("no last checkpoint: {message}");
                 break;
             }
             if self.round.is_none() {

@@ -375,6 +375,14 @@ pub struct LogWriter {
     pending: Vec<u8>,
     pending_last_seq: u64,
     pending_chain: u32,
+    /// A failed write may have left bytes after the last durable frame,
+    /// and cutting them did not succeed or is not known durable: done
+    /// before anything else is written (a new segment must not start
+    /// behind a segment with a stale tail, which a start would read as
+    /// damage).
+    tail_to_cut: bool,
+    /// Bytes of frames written since the writer opened.
+    appended: u64,
 }
 
 impl LogWriter {
@@ -390,24 +398,17 @@ impl LogWriter {
             std::fs::remove_file(dir.join(segment_name(first_seq)))?;
             segments.pop();
         }
+        // `scan` records a zero length only for a torn header after the
+        // first segment, dropped above.
         let &(first_seq, length) = segments.last().expect("a log has a segment");
-        let file = if length == 0 {
-            // The only segment is torn at its header: start it again.
-            std::fs::remove_file(dir.join(segment_name(first_seq)))?;
-            let file = create_segment(dir, first_seq, end.chain)?;
-            segments.last_mut().expect("one").1 = SEGMENT_HEADER as u64;
-            file
-        } else {
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .open(dir.join(segment_name(first_seq)))?;
-            if file.metadata()?.len() != length {
-                file.set_len(length)?;
-                file.sync_all()?;
-            }
-            file
-        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join(segment_name(first_seq)))?;
+        if file.metadata()?.len() != length {
+            file.set_len(length)?;
+            file.sync_all()?;
+        }
         Ok(LogWriter {
             dir: dir.to_path_buf(),
             file,
@@ -418,6 +419,8 @@ impl LogWriter {
             pending: Vec::new(),
             pending_last_seq: end.last_seq,
             pending_chain: end.chain,
+            tail_to_cut: false,
+            appended: 0,
         })
     }
 
@@ -458,15 +461,15 @@ impl LogWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let result = self.write_pending();
+        let result = self.cut_tail().and_then(|()| self.write_pending());
         if result.is_ok() {
             self.last_seq = self.pending_last_seq;
             self.chain = self.pending_chain;
+            self.appended += self.pending.len() as u64;
         } else {
-            let durable = self.segments.last().expect("a segment").1;
-            // Best effort: what stays behind no longer checks out anyway
-            // (the next frame is chained to the last durable one).
-            let _ = self.file.set_len(durable);
+            self.tail_to_cut = true;
+            // Now if it can be; else before the next write.
+            let _ = self.cut_tail();
             self.pending_last_seq = self.last_seq;
             self.pending_chain = self.chain;
         }
@@ -476,6 +479,17 @@ impl LogWriter {
             self.pending = Vec::new();
         }
         result
+    }
+
+    /// Cuts what a failed write left after the last durable frame, durably.
+    fn cut_tail(&mut self) -> std::io::Result<()> {
+        if self.tail_to_cut {
+            let durable = self.segments.last().expect("a segment").1;
+            self.file.set_len(durable)?;
+            self.file.sync_data()?;
+            self.tail_to_cut = false;
+        }
+        Ok(())
     }
 
     fn write_pending(&mut self) -> std::io::Result<()> {
@@ -495,6 +509,11 @@ impl LogWriter {
     /// The last durable frame's sequence number.
     pub fn last_seq(&self) -> u64 {
         self.last_seq
+    }
+
+    /// Bytes of frames written since the writer opened.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended
     }
 
     /// Bytes of log on disk.

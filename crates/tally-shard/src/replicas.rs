@@ -119,6 +119,16 @@ impl Copy {
         }
     }
 
+    /// Reclaims the dead bytes of removed and moved records (no offsets
+    /// into a copy's tables are held between calls).
+    fn compact_wasteful(&mut self) {
+        for table in &mut self.segments {
+            if table.is_wasteful() {
+                table.compact();
+            }
+        }
+    }
+
     fn clear(&mut self) {
         for table in &mut self.segments {
             table.clear();
@@ -263,6 +273,7 @@ impl Replicas {
             copy.set(counter, stripe, value, true);
         }
         copy.stamp = stamp;
+        copy.compact_wasteful();
     }
 
     /// The whole copy of `origin`: its version and `(counter, stripe,
@@ -324,6 +335,7 @@ impl Replicas {
                     found = true;
                 }
             }
+            copy.compact_wasteful();
         }
         found
     }

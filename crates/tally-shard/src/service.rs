@@ -184,6 +184,257 @@ fn entries(values: Vec<pb::EntryValue>) -> Result<Vec<Entry>, Status> {
         .collect()
 }
 
+/// Handlers that hold a lock across a log write. Each runs on its own task
+/// to its end ([`ShardService::to_the_end`]).
+impl ShardService {
+    /// Runs `work` on its own task to its end, whatever becomes of the call:
+    /// tonic drops a handler at its deadline or when the client resets the
+    /// stream, and a handler that holds a lock (writes paused for a restore,
+    /// one replica change at a time) across a log write must not release it
+    /// while its change is still queued: a write could then slip in between
+    /// the values it read and the frame that sets them.
+    async fn to_the_end<T, F>(&self, work: impl FnOnce(ShardService) -> F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        tokio::spawn(work(self.clone()))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+    }
+
+    async fn erase_to_the_end(
+        &self,
+        request: pb::EraseRequest,
+    ) -> Result<pb::EraseResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        for counter in &request.counters {
+            check_counter_name(counter)?;
+        }
+        let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
+        let epoch = {
+            let _writing = self.own_writes.read().await;
+            self.check_not_draining()?;
+            self.state.store.erase(&counters)
+        };
+        // Replica copies too: a delete must not come back from a copy read
+        // while the counter's origin is down. A delete that finds nothing
+        // in the copies writes nothing.
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.state.replicas.holds_any(&counters) {
+            self.submit(Change::EraseCopies {
+                counters: request.counters.clone(),
+            })
+            .await?;
+        }
+        self.durable(epoch).await?;
+        Ok(pb::EraseResponse {})
+    }
+
+    async fn restore_to_the_end(
+        &self,
+        request: pb::RestoreRequest,
+    ) -> Result<pb::RestoreResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        let entries = entries(request.entries)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if !self.restoring() {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not waiting for a restore",
+                self.node_id
+            )));
+        }
+        let count = self.add_to_own(entries, OwnChange::Restored).await?;
+        tracing::info!(
+            node_id = &*self.node_id,
+            entries = count,
+            "restored from replicas"
+        );
+        Ok(pb::RestoreResponse {})
+    }
+
+    async fn drain_to_the_end(
+        &self,
+        request: pb::ShardDrainRequest,
+    ) -> Result<pb::ShardDrainResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        let asked = match pb::DrainPhase::try_from(request.phase) {
+            Ok(pb::DrainPhase::StopWrites) => DrainState::Draining,
+            Ok(pb::DrainPhase::HandedOver) => DrainState::HandedOver {
+                adopter: request.adopter.clone(),
+                version: request.version,
+            },
+            Ok(pb::DrainPhase::Adopted) => DrainState::Drained {
+                adopter: request.adopter.clone(),
+                version: request.version,
+            },
+            _ => return Err(Status::invalid_argument("unknown drain phase")),
+        };
+        // Alone: no write is half-way past the check while the state moves.
+        let paused = self.own_writes.write().await;
+        let current = self.state.meta.lock().drain.clone();
+        if let (Some((adopter, version)), Some((wanted, asked_version))) =
+            (current.handed_to(), asked.handed_to())
+        {
+            if adopter != wanted || version != asked_version {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is handed over to {adopter} at version {version}, not {wanted} at \
+                     {asked_version}",
+                    self.node_id
+                )));
+            }
+        }
+        if asked.rank() > current.rank() + 1 {
+            return Err(Status::failed_precondition(format!(
+                "node {} is {:?}: drain phases go in order",
+                self.node_id,
+                current.as_str()
+            )));
+        }
+        // A repeat, or an earlier phase, changes nothing: a drain resumes
+        // after a crash.
+        if asked.rank() == current.rank() + 1 {
+            self.submit(Change::Drain(asked.clone())).await?;
+            tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
+        }
+        // Everything written before the stop is in the log before the
+        // caller takes the final copy: the epoch now covers it, and no write
+        // comes after, so the wait needs no lock.
+        let epoch = self.state.store.open_epoch();
+        drop(paused);
+        self.flushed(epoch).await?;
+        Ok(pb::ShardDrainResponse {})
+    }
+
+    async fn drop_copy_to_the_end(
+        &self,
+        request: pb::DropCopyRequest,
+    ) -> Result<pb::DropCopyResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        tally_proto::config_file::validate_node_id(&request.origin)
+            .map_err(Status::invalid_argument)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.is_retired(&request.origin) {
+            return Ok(pb::DropCopyResponse {});
+        }
+        self.submit(Change::DropCopy {
+            origin: request.origin,
+        })
+        .await?;
+        Ok(pb::DropCopyResponse {})
+    }
+
+    async fn adopt_to_the_end(
+        &self,
+        request: pb::AdoptRequest,
+    ) -> Result<pb::AdoptResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.is_retired(&request.origin) {
+            return Ok(pb::AdoptResponse { entries: 0 });
+        }
+        if self.state.meta.lock().drain != DrainState::Serving {
+            return Err(Status::failed_precondition(format!(
+                "node {} is being drained itself: it cannot adopt {}",
+                self.node_id, request.origin
+            )));
+        }
+        let Some((stamp, entries)) = self.state.replicas.copy_of(&request.origin) else {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no copy of {}",
+                self.node_id, request.origin
+            )));
+        };
+        let version = stamp.version;
+        if version < request.version {
+            return Err(Status::failed_precondition(format!(
+                "the copy of {} is at version {version}, not yet {}",
+                request.origin, request.version
+            )));
+        }
+        let count = self
+            .add_to_own(
+                entries,
+                OwnChange::Adopted {
+                    origin: request.origin.clone(),
+                    version,
+                },
+            )
+            .await?;
+        tracing::info!(
+            node_id = &*self.node_id,
+            origin = request.origin,
+            entries = count,
+            "adopted a drained node's entries"
+        );
+        Ok(pb::AdoptResponse {
+            entries: count as u64,
+        })
+    }
+
+    async fn replicate_to_the_end(
+        &self,
+        request: pb::ReplicateRequest,
+    ) -> Result<pb::ReplicateResponse, Status> {
+        self.check_node_id(&request.node_id)?;
+        if request.origin == *self.node_id {
+            return Err(Status::invalid_argument(
+                "a node does not hold a replica copy of itself",
+            ));
+        }
+        tally_proto::config_file::validate_node_id(&request.origin)
+            .map_err(Status::invalid_argument)?;
+        let stamp = CopyStamp {
+            version: request.version,
+            scanned_unix_ms: request.scanned_unix_ms,
+            directory_id: request.directory_id,
+        };
+        let entries = entries(request.entries)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.is_retired(&request.origin) {
+            // Drained: a late push must not bring its copy back.
+            return Ok(pb::ReplicateResponse {
+                accepted: true,
+                version: request.version,
+            });
+        }
+        match self
+            .state
+            .replicas
+            .accepts(&request.origin, request.base, &stamp, request.full)
+        {
+            Verdict::Apply => {}
+            Verdict::Stale => {
+                return Ok(pb::ReplicateResponse {
+                    accepted: true,
+                    version: self.state.replicas.version(&request.origin),
+                })
+            }
+            Verdict::NeedFull => {
+                return Ok(pb::ReplicateResponse {
+                    accepted: false,
+                    version: self.state.replicas.version(&request.origin),
+                })
+            }
+        }
+        // In the log first, then visible to reads.
+        self.submit(Change::Replica {
+            origin: request.origin,
+            stamp,
+            full: request.full,
+            entries,
+        })
+        .await?;
+        if request.full {
+            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(pb::ReplicateResponse {
+            accepted: true,
+            version: request.version,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::shard_server::Shard for ShardService {
     async fn apply(
@@ -329,28 +580,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::EraseRequest>,
     ) -> Result<Response<pb::EraseResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        for counter in &request.counters {
-            check_counter_name(counter)?;
-        }
-        let counters: Vec<&str> = request.counters.iter().map(String::as_str).collect();
-        let epoch = {
-            let _writing = self.own_writes.read().await;
-            self.check_not_draining()?;
-            self.state.store.erase(&counters)
-        };
-        // Replica copies too: a delete must not come back from a copy read
-        // while the counter's origin is down. A delete that finds nothing
-        // in the copies writes nothing.
-        let _replica_writes = self.replica_writes.lock().await;
-        if self.state.replicas.holds_any(&counters) {
-            self.submit(Change::EraseCopies {
-                counters: request.counters.clone(),
-            })
-            .await?;
-        }
-        self.durable(epoch).await?;
-        Ok(Response::new(pb::EraseResponse {}))
+        self.to_the_end(move |service| async move { service.erase_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn status(
@@ -443,22 +675,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::RestoreRequest>,
     ) -> Result<Response<pb::RestoreResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        let entries = entries(request.entries)?;
-        let _replica_writes = self.replica_writes.lock().await;
-        if !self.restoring() {
-            return Err(Status::failed_precondition(format!(
-                "node {} is not waiting for a restore",
-                self.node_id
-            )));
-        }
-        let count = self.add_to_own(entries, OwnChange::Restored).await?;
-        tracing::info!(
-            node_id = &*self.node_id,
-            entries = count,
-            "restored from replicas"
-        );
-        Ok(Response::new(pb::RestoreResponse {}))
+        self.to_the_end(move |service| async move { service.restore_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn drain(
@@ -466,53 +685,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::ShardDrainRequest>,
     ) -> Result<Response<pb::ShardDrainResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        let asked = match pb::DrainPhase::try_from(request.phase) {
-            Ok(pb::DrainPhase::StopWrites) => DrainState::Draining,
-            Ok(pb::DrainPhase::HandedOver) => DrainState::HandedOver {
-                adopter: request.adopter.clone(),
-                version: request.version,
-            },
-            Ok(pb::DrainPhase::Adopted) => DrainState::Drained {
-                adopter: request.adopter.clone(),
-                version: request.version,
-            },
-            _ => return Err(Status::invalid_argument("unknown drain phase")),
-        };
-        // Alone: no write is half-way past the check while the state moves.
-        let paused = self.own_writes.write().await;
-        let current = self.state.meta.lock().drain.clone();
-        if let (Some((adopter, version)), Some((wanted, asked_version))) =
-            (current.handed_to(), asked.handed_to())
-        {
-            if adopter != wanted || version != asked_version {
-                return Err(Status::failed_precondition(format!(
-                    "node {} is handed over to {adopter} at version {version}, not {wanted} at \
-                     {asked_version}",
-                    self.node_id
-                )));
-            }
-        }
-        if asked.rank() > current.rank() + 1 {
-            return Err(Status::failed_precondition(format!(
-                "node {} is {:?}: drain phases go in order",
-                self.node_id,
-                current.as_str()
-            )));
-        }
-        // A repeat, or an earlier phase, changes nothing: a drain resumes
-        // after a crash.
-        if asked.rank() == current.rank() + 1 {
-            self.submit(Change::Drain(asked.clone())).await?;
-            tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
-        }
-        // Everything written before the stop is in the log before the
-        // caller takes the final copy: the epoch now covers it, and no write
-        // comes after, so the wait needs no lock.
-        let epoch = self.state.store.open_epoch();
-        drop(paused);
-        self.flushed(epoch).await?;
-        Ok(Response::new(pb::ShardDrainResponse {}))
+        self.to_the_end(move |service| async move { service.drain_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn drop_copy(
@@ -520,18 +695,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::DropCopyRequest>,
     ) -> Result<Response<pb::DropCopyResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        tally_proto::config_file::validate_node_id(&request.origin)
-            .map_err(Status::invalid_argument)?;
-        let _replica_writes = self.replica_writes.lock().await;
-        if self.is_retired(&request.origin) {
-            return Ok(Response::new(pb::DropCopyResponse {}));
-        }
-        self.submit(Change::DropCopy {
-            origin: request.origin,
-        })
-        .await?;
-        Ok(Response::new(pb::DropCopyResponse {}))
+        self.to_the_end(move |service| async move { service.drop_copy_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn adopt(
@@ -539,48 +705,9 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::AdoptRequest>,
     ) -> Result<Response<pb::AdoptResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        let _replica_writes = self.replica_writes.lock().await;
-        if self.is_retired(&request.origin) {
-            return Ok(Response::new(pb::AdoptResponse { entries: 0 }));
-        }
-        if self.state.meta.lock().drain != DrainState::Serving {
-            return Err(Status::failed_precondition(format!(
-                "node {} is being drained itself: it cannot adopt {}",
-                self.node_id, request.origin
-            )));
-        }
-        let Some((stamp, entries)) = self.state.replicas.copy_of(&request.origin) else {
-            return Err(Status::failed_precondition(format!(
-                "node {} holds no copy of {}",
-                self.node_id, request.origin
-            )));
-        };
-        let version = stamp.version;
-        if version < request.version {
-            return Err(Status::failed_precondition(format!(
-                "the copy of {} is at version {version}, not yet {}",
-                request.origin, request.version
-            )));
-        }
-        let count = self
-            .add_to_own(
-                entries,
-                OwnChange::Adopted {
-                    origin: request.origin.clone(),
-                    version,
-                },
-            )
-            .await?;
-        tracing::info!(
-            node_id = &*self.node_id,
-            origin = request.origin,
-            entries = count,
-            "adopted a drained node's entries"
-        );
-        Ok(Response::new(pb::AdoptResponse {
-            entries: count as u64,
-        }))
+        self.to_the_end(move |service| async move { service.adopt_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 
     async fn changes(
@@ -646,61 +773,8 @@ impl pb::shard_server::Shard for ShardService {
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
         let request = request.into_inner();
-        self.check_node_id(&request.node_id)?;
-        if request.origin == *self.node_id {
-            return Err(Status::invalid_argument(
-                "a node does not hold a replica copy of itself",
-            ));
-        }
-        tally_proto::config_file::validate_node_id(&request.origin)
-            .map_err(Status::invalid_argument)?;
-        let stamp = CopyStamp {
-            version: request.version,
-            scanned_unix_ms: request.scanned_unix_ms,
-            directory_id: request.directory_id,
-        };
-        let entries = entries(request.entries)?;
-        let _replica_writes = self.replica_writes.lock().await;
-        if self.is_retired(&request.origin) {
-            // Drained: a late push must not bring its copy back.
-            return Ok(Response::new(pb::ReplicateResponse {
-                accepted: true,
-                version: request.version,
-            }));
-        }
-        match self
-            .state
-            .replicas
-            .accepts(&request.origin, request.base, &stamp, request.full)
-        {
-            Verdict::Apply => {}
-            Verdict::Stale => {
-                return Ok(Response::new(pb::ReplicateResponse {
-                    accepted: true,
-                    version: self.state.replicas.version(&request.origin),
-                }))
-            }
-            Verdict::NeedFull => {
-                return Ok(Response::new(pb::ReplicateResponse {
-                    accepted: false,
-                    version: self.state.replicas.version(&request.origin),
-                }))
-            }
-        }
-        // In the log first, then visible to reads.
-        self.submit(Change::Replica {
-            origin: request.origin,
-            stamp,
-            full: request.full,
-            entries,
-        })
-        .await?;
-        if request.full {
-            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Response::new(pb::ReplicateResponse {
-            accepted: true,
-            version: request.version,
-        }))
+        self.to_the_end(move |service| async move { service.replicate_to_the_end(request).await })
+            .await
+            .map(Response::new)
     }
 }

@@ -1250,6 +1250,36 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_close_between_rounds_is_healed_by_a_fresh_checkpoint() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_millis(10));
+        for round in 0..50 {
+            node.add("a", 0, 1, Some(&format!("k{round}")));
+        }
+        wait_for(&node, "a first checkpoint", |stats| {
+            stats.checkpoints.load(Relaxed) > 0
+        });
+        // The idle checkpoint thread closes sled; that sync fails.
+        crate::checkpoint::tests::fail_next_write(dir.path());
+        wait_for(&node, "the failed close", |stats| {
+            stats.checkpoint_failures.load(Relaxed) > 0
+        });
+        let before = node.journal.stats().checkpoints.load(Relaxed);
+        node.add("b", 0, 1, None);
+        wait_for(&node, "a fresh checkpoint", |stats| {
+            stats.checkpoints.load(Relaxed) > before
+        });
+        // Covered by the fresh checkpoint, the log before it went: what
+        // the old checkpoint held must be in the fresh one.
+        node.crash();
+        let recovered = open(dir.path()).unwrap();
+        assert_eq!(total(&recovered.state, "a"), 50);
+        assert_eq!(total(&recovered.state, "b"), 1);
+        assert_eq!(recovered.state.store.remembered_keys(), 50);
+    }
+
+    #[test]
     fn a_crash_while_a_fresh_checkpoint_replaces_the_old_one_is_settled() {
         let dir = written_directory(true);
         let data = dir.path();

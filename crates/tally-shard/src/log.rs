@@ -620,6 +620,19 @@ mod tests {
         assert!(error.to_string().contains("are missing"), "{error}");
     }
 
+    /// Cuts `bytes` off the end of the last segment, as a crash in the
+    /// middle of a write leaves it.
+    fn cut_last_segment(dir: &Path, bytes: u64) {
+        let path = last_segment(dir);
+        let length = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(length - bytes)
+            .unwrap();
+    }
+
     fn last_segment(dir: &Path) -> PathBuf {
         list_segments(dir).unwrap().pop().unwrap().1
     }
@@ -633,14 +646,7 @@ mod tests {
         write(&mut log, &[b"three"]);
         drop(log);
         // A crash in the middle of the last write.
-        let path = last_segment(dir.path());
-        let length = std::fs::metadata(&path).unwrap().len();
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(length - 3)
-            .unwrap();
+        cut_last_segment(dir.path(), 3);
         let (seen, end) = frames(dir.path(), 0, 2).unwrap();
         assert_eq!(seen.len(), 2);
         assert!(end.torn_bytes > 0);
@@ -658,14 +664,7 @@ mod tests {
         let mut log = writer(dir.path(), 1 << 20);
         write(&mut log, &[b"one", b"two", b"three"]);
         drop(log);
-        let path = last_segment(dir.path());
-        let length = std::fs::metadata(&path).unwrap().len();
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(length - 3)
-            .unwrap();
+        cut_last_segment(dir.path(), 3);
         let error = frames(dir.path(), 0, 3).unwrap_err();
         assert!(
             error

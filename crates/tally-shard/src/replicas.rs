@@ -137,19 +137,7 @@ impl Copy {
     }
 
     fn read(&self, counter: &str) -> Vec<(u32, i64)> {
-        let table = &self.segments[Placement::of(counter.as_bytes()).segment];
-        let mut entries: Vec<(u32, i64)> = table
-            .find(counter)
-            .map(|slot| {
-                table
-                    .stripes(slot)
-                    .filter(|(_, value)| *value != 0)
-                    .map(|(stripe, value)| (u32::from(stripe), value))
-                    .collect()
-            })
-            .unwrap_or_default();
-        entries.sort_unstable();
-        entries
+        self.segments[Placement::of(counter.as_bytes()).segment].read(counter)
     }
 
     fn entries(&self) -> impl Iterator<Item = EntryValue> + '_ {

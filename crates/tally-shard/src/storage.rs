@@ -161,6 +161,37 @@ pub struct DirectoryReport {
     pub retired: Vec<String>,
 }
 
+impl DirectoryReport {
+    /// What a recovery (a start's or `verify`'s) found.
+    fn recovered(
+        store: &Store,
+        replicas: &Replicas,
+        meta: &NodeMeta,
+        position: u64,
+        end: &LogEnd,
+        witness: &Witness,
+        checkpoint_unchanged: bool,
+    ) -> DirectoryReport {
+        DirectoryReport {
+            node_id: meta.node_id.clone(),
+            format_version: FORMAT_VERSION,
+            entries: store.entry_count(),
+            foreign_entries: replicas.entry_count(),
+            records: store.remembered_keys(),
+            checkpoint_position: position,
+            last_seq: end.last_seq,
+            witnessed: witness.logged,
+            log_frames: end.frames,
+            log_bytes: end.bytes,
+            torn_bytes: end.torn_bytes,
+            checkpoint_unchanged,
+            awaiting_restore: meta.awaiting_restore,
+            drain: meta.drain.clone(),
+            retired: meta.retired.keys().cloned().collect(),
+        }
+    }
+}
+
 /// The `LOGGED` file: the last log frame known durable, and the hash of the
 /// checkpoint's files as the last finished round left them (0: unknown)
 /// with that round's position.
@@ -399,23 +430,9 @@ impl Storage {
         }
         .write(&witness_file)
         .map_err(io)?;
-        let report = DirectoryReport {
-            node_id: node_id.to_string(),
-            format_version: FORMAT_VERSION,
-            entries: store.entry_count(),
-            foreign_entries: replicas.entry_count(),
-            records: store.remembered_keys(),
-            checkpoint_position: position,
-            last_seq: end.last_seq,
-            witnessed: witness.logged,
-            log_frames: end.frames,
-            log_bytes: end.bytes,
-            torn_bytes: end.torn_bytes,
-            checkpoint_unchanged: unchanged,
-            awaiting_restore: meta.awaiting_restore,
-            drain: meta.drain.clone(),
-            retired: meta.retired.keys().cloned().collect(),
-        };
+        let report = DirectoryReport::recovered(
+            &store, &replicas, &meta, position, &end, &witness, unchanged,
+        );
         Ok(Recovered {
             storage: Storage {
                 dir: dir.to_path_buf(),
@@ -672,23 +689,9 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
     let (position, mut meta) = checkpoint_meta(dir, &node_id, loaded.meta)?;
     let end = replay_log(dir, position, witness.logged, &store, &replicas, &mut meta)?;
     store.finish_loading();
-    Ok(DirectoryReport {
-        node_id,
-        format_version: FORMAT_VERSION,
-        entries: store.entry_count(),
-        foreign_entries: replicas.entry_count(),
-        records: store.remembered_keys(),
-        checkpoint_position: position,
-        last_seq: end.last_seq,
-        witnessed: witness.logged,
-        log_frames: end.frames,
-        log_bytes: end.bytes,
-        torn_bytes: end.torn_bytes,
-        checkpoint_unchanged: unchanged,
-        awaiting_restore: meta.awaiting_restore,
-        drain: meta.drain,
-        retired: meta.retired.into_keys().collect(),
-    })
+    Ok(DirectoryReport::recovered(
+        &store, &replicas, &meta, position, &end, &witness, unchanged,
+    ))
 }
 
 /// Whether the checkpoint's files hash as the witness recorded.

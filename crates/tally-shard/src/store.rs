@@ -927,21 +927,7 @@ impl Store {
     /// This node's non-zero `(stripe, value)` entries of a counter, by stripe.
     pub fn read(&self, counter: &str) -> Vec<(u32, i64)> {
         let (segment, _) = self.segment_of(counter);
-        let segment = segment.lock();
-        let mut entries: Vec<(u32, i64)> = segment
-            .table
-            .find(counter)
-            .map(|slot| {
-                segment
-                    .table
-                    .stripes(slot)
-                    .filter(|(_, value)| *value != 0)
-                    .map(|(stripe, value)| (u32::from(stripe), value))
-                    .collect()
-            })
-            .unwrap_or_default();
-        entries.sort_unstable();
-        entries
+        segment.lock().table.read(counter)
     }
 
     /// Number of non-zero `(counter, stripe)` entries. Walks every segment:

@@ -230,6 +230,22 @@ impl Table {
             })
     }
 
+    /// `name`'s non-zero stripes, `(stripe, value)` by stripe: what a read
+    /// answers.
+    pub fn read(&self, name: &str) -> Vec<(u32, i64)> {
+        let mut entries: Vec<(u32, i64)> = self
+            .find(name)
+            .map(|slot| {
+                self.stripes(slot)
+                    .filter(|(_, value)| *value != 0)
+                    .map(|(stripe, value)| (u32::from(stripe), value))
+                    .collect()
+            })
+            .unwrap_or_default();
+        entries.sort_unstable();
+        entries
+    }
+
     /// The value of one stripe, if the record has it.
     pub fn get(&self, slot: Slot, stripe: u16) -> Option<i64> {
         self.stripes(slot)

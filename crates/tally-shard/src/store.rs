@@ -609,21 +609,26 @@ impl Store {
         if !full {
             // Read after the scan: an entry removed before the scan reached
             // its segment was logged before it was removed.
-            let seen: std::collections::HashSet<(&str, u32)> = entries
-                .iter()
-                .map(|(counter, stripe, _)| (&**counter, *stripe))
-                .collect();
-            let removed: Vec<(Box<str>, u32, i64)> = self
+            let removed: Vec<(Box<str>, u16)> = self
                 .removed
                 .lock()
                 .removed
                 .iter()
-                .filter(|(changed, counter, stripe)| {
-                    *changed > since && !seen.contains(&(&**counter, u32::from(*stripe)))
-                })
-                .map(|(_, counter, stripe)| (counter.clone(), u32::from(*stripe), 0))
+                .filter(|(changed, _, _)| *changed > since)
+                .map(|(_, counter, stripe)| (counter.clone(), *stripe))
                 .collect();
-            entries.extend(removed);
+            if !removed.is_empty() {
+                let seen: std::collections::HashSet<(&str, u32)> = entries
+                    .iter()
+                    .map(|(counter, stripe, _)| (&**counter, *stripe))
+                    .collect();
+                let removed: Vec<(Box<str>, u32, i64)> = removed
+                    .into_iter()
+                    .filter(|(counter, stripe)| !seen.contains(&(&**counter, u32::from(*stripe))))
+                    .map(|(counter, stripe)| (counter, u32::from(stripe), 0))
+                    .collect();
+                entries.extend(removed);
+            }
         }
         Changes {
             version,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::future::join_all;
-use tally_proto::domain::{CounterName, Increment};
+use tally_proto::domain::{CounterName, IdempotencyKey, Increment};
 use tally_proto::pb;
 use tally_ring::Ring;
 use tokio::time::Instant;
@@ -668,57 +668,14 @@ impl Cluster {
         increments: Vec<Increment>,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        // Group by owning node: one batcher job per node per call. Ordered,
-        // so which error is reported does not depend on hashing.
-        let mut by_node: BTreeMap<usize, Vec<pb::ShardIncrement>> = BTreeMap::new();
-        // Un-keyed increments of a counter seen earlier in this call take
-        // the same stripe: one ring lookup per counter per call, and the
-        // batcher merges them into one (load still rotates over stripes
-        // from call to call). Profiling a batch of 100 on one hot counter
-        // showed ring lookups as the coordinator's top symbol (7%).
-        let placements = {
-            let mut placed: HashMap<&str, (u32, usize)> = HashMap::new();
-            increments
-                .iter()
-                .map(|increment| {
-                    let keyed = increment.idempotency_key.is_some();
-                    let counter = increment.counter.as_str();
-                    if let Some(&earlier) = placed.get(counter).filter(|_| !keyed) {
-                        return earlier;
-                    }
-                    let stripe = self.stripe_for(increment);
-                    let node = self.target(counter, stripe, keyed);
-                    if !keyed && increments.len() > 1 {
-                        placed.insert(counter, (stripe, node));
-                    }
-                    (stripe, node)
-                })
-                .collect::<Vec<_>>()
-        };
-        for (increment, (stripe, node)) in increments.into_iter().zip(placements) {
-            by_node.entry(node).or_default().push(pb::ShardIncrement {
-                counter: increment.counter.into_string(),
-                stripe,
-                delta: increment.delta,
-                idempotency_key: increment
-                    .idempotency_key
-                    .map(|key| key.as_str().to_string())
-                    .unwrap_or_default(),
-            });
-        }
+        let mut by_node = self.route(increments);
         let mut unavailable = Vec::new();
         let mut refused = None;
         // A node that began a drain after this call was routed sends its
         // increments back unapplied: route them again, once.
         for round in 0..2 {
-            let calls =
-                std::mem::take(&mut by_node)
-                    .into_iter()
-                    .map(|(node, increments)| async move {
-                        (node, self.shards[node].apply(increments).await)
-                    });
-            let results = with_deadline(deadline, join_all(calls)).await?;
-            for (node, result) in results {
+            let calls = std::mem::take(&mut by_node);
+            let mut settle = |node: usize, result: std::result::Result<Vec<Outcome>, _>| {
                 self.observe(node, &result);
                 match result {
                     Ok(outcomes) => {
@@ -749,6 +706,21 @@ impl Cluster {
                         unavailable.push((self.shards[node].node_id().to_string(), error))
                     }
                 }
+            };
+            if calls.len() == 1 {
+                // One node (every unary call): nothing to fan out and join.
+                let (node, increments) = calls.into_iter().next().expect("one node");
+                settle(
+                    node,
+                    with_deadline(deadline, self.shards[node].apply(increments)).await?,
+                );
+            } else {
+                let calls = calls.into_iter().map(|(node, increments)| async move {
+                    (node, self.shards[node].apply(increments).await)
+                });
+                for (node, result) in with_deadline(deadline, join_all(calls)).await? {
+                    settle(node, result);
+                }
             }
             if by_node.is_empty() {
                 break;
@@ -764,6 +736,53 @@ impl Cluster {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+
+    /// Where each increment goes, grouped by node: one batcher job per node
+    /// per call. Ordered, so which error is reported does not depend on
+    /// hashing.
+    fn route(&self, increments: Vec<Increment>) -> BTreeMap<usize, Vec<pb::ShardIncrement>> {
+        let mut by_node: BTreeMap<usize, Vec<pb::ShardIncrement>> = BTreeMap::new();
+        if increments.len() == 1 {
+            // A unary call: no other increment to share a placement with.
+            let increment = increments.into_iter().next().expect("one increment");
+            let stripe = self.stripe_for(&increment);
+            let keyed = increment.idempotency_key.is_some();
+            let node = self.target(increment.counter.as_str(), stripe, keyed);
+            by_node.insert(node, vec![shard_increment(increment, stripe)]);
+            return by_node;
+        }
+        // Un-keyed increments of a counter seen earlier in this call take
+        // the same stripe: one ring lookup per counter per call, and the
+        // batcher merges them into one (load still rotates over stripes
+        // from call to call). Profiling a batch of 100 on one hot counter
+        // showed ring lookups as the coordinator's top symbol (7%).
+        let placements = {
+            let mut placed: HashMap<&str, (u32, usize)> = HashMap::new();
+            increments
+                .iter()
+                .map(|increment| {
+                    let keyed = increment.idempotency_key.is_some();
+                    let counter = increment.counter.as_str();
+                    if let Some(&earlier) = placed.get(counter).filter(|_| !keyed) {
+                        return earlier;
+                    }
+                    let stripe = self.stripe_for(increment);
+                    let node = self.target(counter, stripe, keyed);
+                    if !keyed {
+                        placed.insert(counter, (stripe, node));
+                    }
+                    (stripe, node)
+                })
+                .collect::<Vec<_>>()
+        };
+        for (increment, (stripe, node)) in increments.into_iter().zip(placements) {
+            by_node
+                .entry(node)
+                .or_default()
+                .push(shard_increment(increment, stripe));
+        }
+        by_node
     }
 
     /// Sums counters over every node, one call per node for all of them.
@@ -963,6 +982,19 @@ async fn with_deadline<T>(
             .await
             .map_err(|_| CoordinatorError::DeadlineExceeded),
         None => Ok(future.await),
+    }
+}
+
+/// The internal form of a validated increment, for `stripe`.
+fn shard_increment(increment: Increment, stripe: u32) -> pb::ShardIncrement {
+    pb::ShardIncrement {
+        counter: increment.counter.into_string(),
+        stripe,
+        delta: increment.delta,
+        idempotency_key: increment
+            .idempotency_key
+            .map(IdempotencyKey::into_string)
+            .unwrap_or_default(),
     }
 }
 

@@ -24,11 +24,25 @@ fn margin(timeout: Duration) -> Duration {
 struct Arrival(Instant);
 
 /// A tonic interceptor that records the request's arrival time; install it
-/// on every public service.
+/// on every public service. Only a request with a deadline needs it: the
+/// others skip the clock read and the allocation of the stamp.
 pub fn stamp_arrival(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    request.extensions_mut().insert(Arrival(Instant::now()));
+    if request.metadata().contains_key(GRPC_TIMEOUT) {
+        request.extensions_mut().insert(Arrival(Instant::now()));
+    }
     Ok(request)
 }
+
+/// What [`stamp_arrival`] does, on a request before tonic has made it a
+/// [`tonic::Request`] (the server's own dispatch, `crate::dispatch`).
+pub(crate) fn stamp_http_arrival<B>(request: &mut tonic::codegen::http::Request<B>) {
+    if request.headers().contains_key(GRPC_TIMEOUT) {
+        request.extensions_mut().insert(Arrival(Instant::now()));
+    }
+}
+
+/// The header that carries the client's timeout.
+const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -55,7 +69,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 pub fn request_deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
     let timeout = request
         .metadata()
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)?;
     let arrival = request
@@ -96,6 +110,26 @@ mod tests {
         for bad in ["", "m", "10", "10x", "-1S", "123456789S", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_deadline_counts_from_the_arrival_stamp() {
+        use tonic::codegen::http;
+        let mut request = http::Request::builder()
+            .header(GRPC_TIMEOUT, "1S")
+            .body(())
+            .unwrap();
+        let before = Instant::now();
+        stamp_http_arrival(&mut request);
+        let after = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = request_deadline(&tonic::Request::from_http(request)).unwrap();
+        let budget = Duration::from_millis(950);
+        assert!(before + budget <= deadline && deadline <= after + budget);
+        // Without a timeout there is nothing to stamp.
+        let mut request = http::Request::new(());
+        stamp_http_arrival(&mut request);
+        assert!(request.extensions().get::<Arrival>().is_none());
     }
 
     #[test]

@@ -25,6 +25,7 @@
 pub mod cluster;
 pub mod config;
 pub mod deadline;
+mod dispatch;
 pub mod error;
 pub mod health;
 pub mod replication;
@@ -86,7 +87,7 @@ impl Coordinator {
     ) -> Result<(), StartError> {
         let counter = service::CounterService::new(self.cluster.clone());
         let admin = service::AdminService::new(self.cluster.clone());
-        let (health_reporter, server) = tally_proto::process::grpc_server();
+        let (health_reporter, routes) = tally_proto::process::grpc_routes();
         health_reporter
             .set_serving::<pb::counter_server::CounterServer<service::CounterService>>()
             .await;
@@ -102,20 +103,24 @@ impl Coordinator {
             stripes = cluster.config().stripes,
             "serving"
         );
-        server
-            .add_service(InterceptedService::new(
-                pb::counter_server::CounterServer::new(counter)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                deadline::stamp_arrival,
-            ))
+        let counter = pb::counter_server::CounterServer::new(counter)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // Counter calls never reach the router (see `dispatch`).
+        let routes = routes
             .add_service(InterceptedService::new(
                 pb::admin_server::AdminServer::new(admin)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 deadline::stamp_arrival,
             ))
-            .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
+            .prepare();
+        tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                dispatch::Dispatch::new(counter, routes),
+                tally_proto::process::incoming(listener),
+                shutdown,
+            )
             .await?;
         tracing::info!("stopped");
         Ok(())

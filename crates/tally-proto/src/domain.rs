@@ -137,6 +137,11 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key as an owned string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// One validated increment.

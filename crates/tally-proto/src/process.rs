@@ -119,13 +119,21 @@ pub fn grpc_server() -> (
     tonic_health::server::HealthReporter,
     tonic::transport::server::Router,
 ) {
+    let (health_reporter, routes) = grpc_routes();
+    let router = tonic::transport::Server::builder().add_routes(routes);
+    (health_reporter, router)
+}
+
+/// The routes [`grpc_server`] starts from (health checking and reflection),
+/// for a server that dispatches some calls itself before the router (the
+/// coordinator's hot `Counter` calls) and passes it the others.
+pub fn grpc_routes() -> (tonic_health::server::HealthReporter, tonic::service::Routes) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (reflection_v1, reflection_v1alpha) = reflection_services();
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    (health_reporter, router)
+    (health_reporter, routes)
 }
 
 /// The connections a server accepts on `listener`, with Nagle's algorithm

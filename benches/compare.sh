@@ -26,6 +26,8 @@
 #     tally.v1.Counter server on the coordinator's own stack (tonic, same
 #     server plumbing, one hop, no disk), driven exactly like Tally's unary
 #     rows; Tally's unary figures are reported as a fraction of it.
+#   - Async rows: Tally's unary rows again with durability = "async", for
+#     the sync/async ratio.
 #   - h2load rows: h2load (nghttp2) sends unary Increment calls to Tally and
 #     to the ceiling, one hot counter, with 8 connections x 8 streams and
 #     with CLIENTS connections x 1 stream, beside `tallyctl bench` at the same
@@ -531,9 +533,9 @@ pg_measure() { # ID LABEL SCRIPT_FILE [env assignments for pgbench...]
 # shellcheck source=benches/tally-cluster.sh
 source "$REPO/benches/tally-cluster.sh"
 
-start_tally() {
-    tally_start_cluster "$TMP/tally" 3
-    log "tally coordinator on $TALLY_ENDPOINT (3 shards at ${TALLY_SHARD_ADDRESSES[*]}, durability sync)"
+start_tally() { # [DURABILITY]
+    TALLY_DURABILITY=${1:-sync} tally_start_cluster "$TMP/tally-${1:-sync}" 3
+    log "tally coordinator on $TALLY_ENDPOINT (3 shards at ${TALLY_SHARD_ADDRESSES[*]}, durability ${1:-sync})"
 }
 
 # Runs `tallyctl bench` against ENDPOINT and records it as SYSTEM's row.
@@ -977,6 +979,18 @@ else
         stop_pid "$pid"
     done
 
+    # The same unary calls with durability = "async": what sync durability
+    # costs, side by side.
+    start_tally async
+    bench_measure tally "$TALLY_ENDPOINT" tally_async_unary_hot \
+        "Tally unary, 1 hot counter, async" 1 1 "$CLIENTS"
+    h2load_measure tally "$TALLY_ENDPOINT" h2load_tally_async_hot \
+        "h2load: Tally unary, 1 hot counter, async, $H2_CONNECTIONS conns x $H2_STREAMS streams" \
+        "$H2_CONNECTIONS" "$H2_STREAMS"
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+
     # The ceiling: the same unary calls against an in-memory server on the
     # same stack, so Tally's figures read as a fraction of what the stack
     # allows on this machine.
@@ -1057,6 +1071,11 @@ ratios = [
           "increments_per_sec", "redis_one_always_p100", "ops_per_sec"),
     ratio("Tally unary hot / PostgreSQL one row (sync commit)", "tally_unary_hot",
           "ops_per_sec", "pg_one_sync", "ops_per_sec"),
+    # What sync durability costs (the same cluster, async).
+    ratio("Tally unary hot, sync / async (tallyctl bench)", "tally_unary_hot", "ops_per_sec",
+          "tally_async_unary_hot", "ops_per_sec"),
+    ratio(f"Tally unary hot, sync / async (h2load, {h2c} conns x {h2m} streams)",
+          "h2load_tally_hot", "ops_per_sec", "h2load_tally_async_hot", "ops_per_sec"),
     # Tally against the ceiling (the same stack, in memory, one hop).
     ratio("Tally unary hot / ceiling unary hot (tallyctl bench)", "tally_unary_hot",
           "ops_per_sec", "ceiling_unary_hot", "ops_per_sec"),

@@ -26,14 +26,14 @@ tally_wait_listening() { # PID STDOUT_FILE NAME
 }
 
 # Starts shard-I with its data in DIR/data/shard-I, listening on ADDRESS
-# (127.0.0.1:0: a free port). Sets TALLY_PID, TALLY_ADDRESS and
+# (127.0.0.1:0: a free port), with TALLY_DURABILITY (default sync). Sets TALLY_PID, TALLY_ADDRESS and
 # TALLY_START_MS (from launch to serving, which includes recovery).
 tally_start_shard() { # DIR I ADDRESS
     local dir=$1 i=$2 address=$3 begin
     sed -e "s|^node_id = .*|node_id = \"shard-$i\"|" \
         -e "s|^listen = .*|listen = \"$address\"|" \
         -e "s|^data_dir = .*|data_dir = \"$dir/data/shard-$i\"|" \
-        -e 's|^durability = .*|durability = "sync"|' \
+        -e "s|^durability = .*|durability = \"${TALLY_DURABILITY:-sync}\"|" \
         "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
     grep -q "^data_dir = \"$dir/data/shard-$i\"" "$dir/shard-$i.toml" \
         || die "config/shard-1.toml has no data_dir line to rewrite"

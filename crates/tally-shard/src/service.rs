@@ -417,6 +417,12 @@ impl ShardService {
                 })
             }
         }
+        // Counted before the copy becomes visible, so a status that shows
+        // the copy also counts it (the journal makes it visible before
+        // `submit` returns).
+        if request.full {
+            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
+        }
         // In the log first, then visible to reads.
         self.submit(Change::Replica {
             origin: request.origin,
@@ -425,9 +431,6 @@ impl ShardService {
             entries,
         })
         .await?;
-        if request.full {
-            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(pb::ReplicateResponse {
             accepted: true,
             version: request.version,

@@ -581,18 +581,13 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
             .collect(),
     };
     // Fill the disk: distinct long counter names until a write fails.
-    let mut acknowledged = 0;
-    let mut failed = None;
-    for round in 0..2_000 {
-        match client.increment_batch(batch(round)).await {
-            Ok(_) => acknowledged = round + 1,
-            Err(status) => {
-                failed = Some((round, status));
-                break;
-            }
-        }
-    }
-    let (failed_round, status) = failed.expect("the file size limit was never reached");
+    let (acknowledged, status) = support::write_until_refused(
+        &mut client,
+        batch,
+        2_000,
+        "the file size limit was never reached",
+    )
+    .await;
     support::report(&format!(
         "disk full after {acknowledged} batches: {status:?}"
     ));
@@ -635,7 +630,7 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
     };
     assert_eq!(raised, 0, "prlimit: {}", std::io::Error::last_os_error());
     let mut retries = 0;
-    while let Err(status) = client.increment_batch(batch(failed_round)).await {
+    while let Err(status) = client.increment_batch(batch(acknowledged)).await {
         retries += 1;
         assert!(retries < 200, "writes never recovered: {status:?}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -649,7 +644,7 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
         &shard_config,
         &["--listen", &address.to_string()],
     );
-    for round in 0..=failed_round {
+    for round in 0..=acknowledged {
         let totals = read(&mut client, round).await.unwrap();
         assert!(
             totals.iter().all(|total| total.value == 1),

@@ -314,18 +314,9 @@ async fn a_really_full_disk(kind: &str) {
         .unwrap();
     assert!(status.success(), "fallocate failed");
 
-    let mut acknowledged = 0;
-    let mut failed = None;
-    for round in 0..5_000 {
-        match client.increment_batch(batch(round)).await {
-            Ok(_) => acknowledged = round + 1,
-            Err(status) => {
-                failed = Some((round, status));
-                break;
-            }
-        }
-    }
-    let (failed_round, status) = failed.expect("the filesystem never filled");
+    let (acknowledged, status) =
+        support::write_until_refused(&mut client, batch, 5_000, "the filesystem never filled")
+            .await;
     support::report(&format!(
         "{kind}: full after {acknowledged} batches ({} bytes free): {status:?}",
         filesystem.free_bytes()
@@ -333,7 +324,7 @@ async fn a_really_full_disk(kind: &str) {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(acknowledged > 0);
     // Still full: writes keep failing, reads work.
-    assert!(client.increment_batch(batch(failed_round)).await.is_err());
+    assert!(client.increment_batch(batch(acknowledged)).await.is_err());
     assert_eq!(read_round(&mut client, 0).await.unwrap(), vec![1; 200]);
 
     // A restart while the disk is still full works, and loses nothing.
@@ -358,7 +349,7 @@ async fn a_really_full_disk(kind: &str) {
     // the same keys lands once.
     std::fs::remove_file(&filler).unwrap();
     let mut retries = 0;
-    while let Err(status) = client.increment_batch(batch(failed_round)).await {
+    while let Err(status) = client.increment_batch(batch(acknowledged)).await {
         retries += 1;
         assert!(retries < 200, "writes never recovered: {status:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -366,7 +357,7 @@ async fn a_really_full_disk(kind: &str) {
     // And again across a crash now.
     node.stop_with(Signal::SIGKILL);
     let node = shard(dir.path(), "shard-1", &data_dir, &address, &flags);
-    for round in 0..=failed_round {
+    for round in 0..=acknowledged {
         let read = loop {
             match read_round(&mut client, round).await {
                 Ok(read) => break read,

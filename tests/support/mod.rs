@@ -375,6 +375,23 @@ pub async fn totals(endpoint: &str, counters: &[String]) -> Vec<tally::proto::pb
         .counters
 }
 
+/// Sends `batch(0)`, `batch(1)`, … until one is refused (at most `rounds`):
+/// returns the refused round (so the number acknowledged before it) and its
+/// status. Panics with `never` if every round was acknowledged.
+pub async fn write_until_refused(
+    client: &mut tally::proto::pb::counter_client::CounterClient<tonic::transport::Channel>,
+    batch: impl Fn(usize) -> tally::proto::pb::IncrementBatchRequest,
+    rounds: usize,
+    never: &str,
+) -> (usize, tonic::Status) {
+    for round in 0..rounds {
+        if let Err(status) = client.increment_batch(batch(round)).await {
+            return (round, status);
+        }
+    }
+    panic!("{never}");
+}
+
 /// Prints a test's result line where CI shows it: straight to stderr, which
 /// the test harness does not capture (it captures `println!`).
 pub fn report(line: &str) {

@@ -115,7 +115,7 @@ impl Coordinator {
                 deadline::stamp_arrival,
             ))
             .prepare();
-        tonic::transport::Server::builder()
+        tally_proto::process::server_builder()
             .serve_with_incoming_shutdown(
                 dispatch::Dispatch::new(counter, routes),
                 tally_proto::process::incoming(listener),

@@ -141,6 +141,23 @@ pub fn flag_or_file<T>(flag: Option<T>, file: Option<T>, file_origin: &str) -> (
     }
 }
 
+/// A numeric setting from the command line or the file (the flag wins), or
+/// `default`, checked against `range`; an error names where it came from.
+pub fn ranged_setting<T>(
+    flag: Option<T>,
+    file: Option<T>,
+    file_origin: &str,
+    key: &str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    let (value, origin) = flag_or_file(flag, file, file_origin);
+    check_range(origin, key, value.unwrap_or(default), range)
+}
+
 /// Checks a node id: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`;
 /// ids appear in storage keys, logs and error messages, so they stay plain.
 pub fn validate_node_id(node_id: &str) -> Result<(), String> {

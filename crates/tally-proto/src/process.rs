@@ -120,8 +120,14 @@ pub fn grpc_server() -> (
     tonic::transport::server::Router,
 ) {
     let (health_reporter, routes) = grpc_routes();
-    let router = tonic::transport::Server::builder().add_routes(routes);
+    let router = server_builder().add_routes(routes);
     (health_reporter, router)
+}
+
+/// The server builder every daemon starts from, so that a server-wide
+/// setting reaches the coordinator's own dispatch as well as the router.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
 }
 
 /// The routes [`grpc_server`] starts from (health checking and reflection),

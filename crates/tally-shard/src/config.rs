@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_proto::config_file::{self, check_range, flag_or_file, ConfigError, COMMAND_LINE};
+use tally_proto::config_file::{self, flag_or_file, ranged_setting, ConfigError, COMMAND_LINE};
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
 
@@ -184,72 +184,52 @@ impl ShardConfig {
         }
 
         let (durability, _) = flag_or_file(overrides.durability, raw.durability, &file_origin);
-        let (flush_interval_ms, origin) = flag_or_file(
+        let flush_interval_ms = ranged_setting(
             overrides.flush_interval_ms,
             raw.flush_interval_ms,
             &file_origin,
-        );
-        let flush_interval_ms = check_range(
-            origin,
             "flush_interval_ms",
-            flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
+            DEFAULT_FLUSH_INTERVAL_MS,
             1..=60_000,
         )?;
-
-        let (retention_secs, origin) = flag_or_file(
+        let retention_secs = ranged_setting(
             overrides.idempotency_retention_secs,
             raw.idempotency_retention_secs,
             &file_origin,
-        );
-        let retention_secs = check_range(
-            origin,
             "idempotency_retention_secs",
-            retention_secs.unwrap_or(DEFAULT_KEY_RETENTION.as_secs()),
+            DEFAULT_KEY_RETENTION.as_secs(),
             1..=MAX_RETENTION_SECS,
         )?;
-        let (max_keys, origin) = flag_or_file(
+        let max_keys = ranged_setting(
             overrides.idempotency_max_keys,
             raw.idempotency_max_keys,
             &file_origin,
-        );
-        let max_keys = check_range(
-            origin,
             "idempotency_max_keys",
-            max_keys.unwrap_or(DEFAULT_MAX_KEYS),
+            DEFAULT_MAX_KEYS,
             1..=MAX_KEYS_LIMIT,
         )?;
-
-        let (segment_bytes, origin) = flag_or_file(
+        let log_segment_bytes = ranged_setting(
             overrides.log_segment_bytes,
             raw.log_segment_bytes,
             &file_origin,
-        );
-        let log_segment_bytes = check_range(
-            origin,
             "log_segment_bytes",
-            segment_bytes.unwrap_or(DEFAULT_LOG_SEGMENT_BYTES),
+            DEFAULT_LOG_SEGMENT_BYTES,
             4096..=1 << 30,
         )?;
-        let (checkpoint_bytes, origin) = flag_or_file(
+        let checkpoint_log_bytes = ranged_setting(
             overrides.checkpoint_log_bytes,
             raw.checkpoint_log_bytes,
             &file_origin,
-        );
-        let checkpoint_log_bytes = check_range(
-            origin,
             "checkpoint_log_bytes",
-            checkpoint_bytes.unwrap_or(DEFAULT_CHECKPOINT_LOG_BYTES),
+            DEFAULT_CHECKPOINT_LOG_BYTES,
             4096..=1 << 40,
         )?;
-        let (checkpoint_interval_ms, origin) = flag_or_file(
+        let checkpoint_interval_ms = ranged_setting(
             overrides.checkpoint_interval_ms,
             raw.checkpoint_interval_ms,
             &file_origin,
-        );
-        let checkpoint_interval_ms = check_range(
-            origin,
             "checkpoint_interval_ms",
-            checkpoint_interval_ms.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS),
+            DEFAULT_CHECKPOINT_INTERVAL_MS,
             10..=86_400_000,
         )?;
 

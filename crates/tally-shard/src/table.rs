@@ -83,12 +83,10 @@ fn name_bytes_at(arena: &[u8], offset: u32) -> &[u8] {
 }
 
 fn name_at(arena: &[u8], offset: u32) -> &str {
-    let bytes = name_bytes_at(arena, offset);
-    // SAFETY: names enter the arena only through `append`, which copies a
-    // `&str` byte for byte, and records are only ever copied whole; so the
-    // bytes at a record's name are valid UTF-8. (Checking costs ~4% of a
-    // loaded shard's CPU: every index probe compares a name.)
-    unsafe { std::str::from_utf8_unchecked(bytes) }
+    // Names enter the arena only as `&str`, so this holds for a live
+    // record; the check keeps a stale or wrong offset a panic, not a bad
+    // `&str`. (Index probes compare bytes and never come here.)
+    std::str::from_utf8(name_bytes_at(arena, offset)).expect("a record's name is UTF-8")
 }
 
 impl Table {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tally::cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
+use tally::proto::shard_error::{reason_of, Reason};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -873,9 +874,107 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&status), Some(Reason::WrongNode));
     assert!(status.message().contains("shard-9"));
     let mut client = test.cluster.counter_client().await.unwrap();
     assert_eq!(value(&mut client, "c").await, 0);
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
+    // Coordinators decide on the reason in a refusal's details, never on its
+    // words: each refusal a coordinator acts on carries its reason and code.
+    let test = start().await;
+    let shard = test.cluster.shard_configs().next().unwrap().clone();
+    let node_id = shard.node_id.clone();
+    let mut shard_client =
+        pb::shard_client::ShardClient::connect(format!("http://{}", shard.listen))
+            .await
+            .unwrap();
+    // A fresh node awaits its (empty) restore until the coordinator sends
+    // it, or this test does: the second restore is refused either way.
+    let restore_request = pb::RestoreRequest {
+        node_id: node_id.clone(),
+        entries: Vec::new(),
+    };
+    let _ = shard_client.restore(restore_request.clone()).await;
+    let restore = shard_client.restore(restore_request).await.unwrap_err();
+    let adopt = shard_client
+        .adopt(pb::AdoptRequest {
+            node_id: node_id.clone(),
+            origin: "shard-9".into(),
+            version: 1,
+        })
+        .await
+        .unwrap_err();
+    let replicate_itself = shard_client
+        .replicate(pb::ReplicateRequest {
+            node_id: node_id.clone(),
+            origin: node_id.clone(),
+            full: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let bad_stripe = shard_client
+        .apply(pb::ApplyRequest {
+            node_id: node_id.clone(),
+            increments: vec![pb::ShardIncrement {
+                counter: "c".into(),
+                stripe: u32::MAX,
+                delta: 1,
+                idempotency_key: String::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    for (status, reason, code) in [
+        (
+            &restore,
+            Reason::NotAwaitingRestore,
+            Code::FailedPrecondition,
+        ),
+        (&adopt, Reason::CopyMissing, Code::FailedPrecondition),
+        (
+            &replicate_itself,
+            Reason::InvalidRequest,
+            Code::InvalidArgument,
+        ),
+        (&bad_stripe, Reason::InvalidRequest, Code::InvalidArgument),
+    ] {
+        assert_eq!(reason_of(status), Some(reason), "{status:?}");
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+
+    // Drained through the coordinator: the node refuses its changes as
+    // drained, and its writes as draining.
+    let mut admin = pb::admin_client::AdminClient::connect(test.cluster.endpoint())
+        .await
+        .unwrap();
+    admin
+        .drain(pb::DrainRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .unwrap();
+    let changes = shard_client
+        .changes(pb::ChangesRequest {
+            node_id: node_id.clone(),
+            since: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&changes), Some(Reason::Drained), "{changes:?}");
+    let erase = shard_client
+        .erase(pb::EraseRequest {
+            node_id: node_id.clone(),
+            counters: vec!["c".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&erase), Some(Reason::Draining), "{erase:?}");
+    assert_eq!(erase.code(), Code::Unavailable);
     test.cluster.shutdown().await.unwrap();
 }
 
@@ -1331,7 +1430,7 @@ async fn a_drain_moves_a_nodes_entries_once_and_routes_around_it() {
     assert!(drained.entries > 0);
     assert_eq!(value(&mut client, "drained").await, 60);
     let after = shard_statuses(&cluster).await;
-    assert_eq!(after[1].drain, "drained");
+    assert_eq!(after[1].drain_state(), pb::DrainState::Drained);
     // The adopter's own entries now hold shard-2's 20 as well as its own.
     let adopter = after
         .iter()
@@ -1458,7 +1557,10 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
             60,
             "resumed after {steps_done} steps"
         );
-        assert_eq!(shard_statuses(&cluster).await[1].drain, "drained");
+        assert_eq!(
+            shard_statuses(&cluster).await[1].drain_state(),
+            pb::DrainState::Drained
+        );
         cluster.shutdown().await.unwrap();
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use tally_proto::domain::{CounterName, IdempotencyKey, Increment};
 use tally_proto::pb;
+use tally_proto::shard_error::Reason;
 use tally_ring::Ring;
 use tokio::time::Instant;
 
@@ -168,7 +169,7 @@ impl Cluster {
             _ if retired => return Ok(Vec::new()),
             Ok(response) => response,
             Err(error) => {
-                if matches!(handed_over_state.as_str(), "handed-over" | "drained") {
+                if handed_over_state.handed_over() {
                     return Err(ShardCallError::Failed(
                         "drained, and its adopter's copy was not read".into(),
                     ));
@@ -326,7 +327,7 @@ impl Cluster {
             .brief_status(budget)
             .await
             .map_err(|error| failed(adopter, error))?;
-        if !adopter_status.drain.is_empty() {
+        if adopter_status.drain_state() != pb::DrainState::Serving {
             return Err(CoordinatorError::Precondition(format!(
                 "{adopter_id}, which would take {node_id}'s entries, is being drained itself"
             )));
@@ -336,7 +337,7 @@ impl Cluster {
         // it, from here or from coordinators that learn of the drain later
         // from their probes, come back unapplied (REDIRECT) and are routed
         // again: none fails.
-        self.health.set_drain(node, "draining");
+        self.health.set_drain(node, pb::DrainState::Draining);
         shard
             .drain(pb::DrainPhase::StopWrites, "", 0, budget)
             .await
@@ -345,7 +346,7 @@ impl Cluster {
             .brief_status(budget)
             .await
             .map_err(|error| failed(node, error))?;
-        let version = if status.drain == "draining" {
+        let version = if status.drain_state() == pb::DrainState::Draining {
             // 2. Its whole final state to the adopter's copy.
             let changes = shard
                 .changes(0, budget)
@@ -370,7 +371,7 @@ impl Cluster {
         } else {
             status.drain_version
         };
-        self.health.set_drain(node, "handed-over");
+        self.health.set_drain(node, pb::DrainState::HandedOver);
 
         // 4. The adopter adds the copy to its own entries.
         let entries = self.shards[adopter]
@@ -394,7 +395,7 @@ impl Cluster {
             .drain(pb::DrainPhase::Adopted, &adopter_id, version, budget)
             .await
             .map_err(|error| failed(node, error))?;
-        self.health.set_drain(node, "drained");
+        self.health.set_drain(node, pb::DrainState::Drained);
         tracing::info!(node_id, adopter = adopter_id, entries, "drained");
         Ok((adopter_id, entries))
     }
@@ -486,8 +487,7 @@ impl Cluster {
                 );
             }
             // Another coordinator (or an earlier answer that was lost) did it.
-            Err(ShardCallError::Failed(message))
-                if message.contains("not waiting for a restore") => {}
+            Err(error) if error.reason() == Some(Reason::NotAwaitingRestore) => {}
             Err(error) => return Err(error),
         }
         self.health.set_restoring(node, false);
@@ -524,10 +524,7 @@ impl Cluster {
             // Its copies hold its earlier entries until the restore.
             return Ok(Copied::NeedsFull);
         }
-        if matches!(
-            self.health.drain(origin).as_str(),
-            "handed-over" | "drained"
-        ) {
+        if self.health.drain(origin).handed_over() {
             // Its entries are with its adopter; it has no changes to give.
             return Ok(Copied::NeedsFull);
         }
@@ -550,15 +547,14 @@ impl Cluster {
             }
         };
         let changes = self.shards[origin].changes(since, budget).await;
-        if let Err(ShardCallError::Failed(message)) = &changes {
-            if message.contains("awaits a restore") {
+        match changes.as_ref().err().and_then(ShardCallError::reason) {
+            Some(Reason::AwaitsRestore) => {
                 // Not a failure: the node started empty; restore it first.
                 self.health.set_restoring(origin, true);
                 return Ok(Copied::NeedsFull);
             }
-            if message.contains("is drained") {
-                return Ok(Copied::NeedsFull);
-            }
+            Some(Reason::Drained) => return Ok(Copied::NeedsFull),
+            _ => {}
         }
         self.observe(origin, &changes);
         let answer = self.shards[replica]
@@ -682,7 +678,7 @@ impl Cluster {
                         for outcome in outcomes {
                             match outcome {
                                 Outcome::Redirect(increment) if round == 0 => {
-                                    self.health.set_drain(node, "draining");
+                                    self.health.set_drain(node, pb::DrainState::Draining);
                                     let again = self.target(
                                         &increment.counter,
                                         increment.stripe,
@@ -930,7 +926,7 @@ impl ClusterHandle {
                 .shards
                 .iter()
                 .position(|shard| shard.node_id() == id)
-                .is_some_and(|index| current.health.drain(index) == "drained")
+                .is_some_and(|index| current.health.drain(index) == pb::DrainState::Drained)
         };
         if let Some(removed) = old
             .nodes

@@ -2,6 +2,7 @@
 //! at the service boundary.
 
 use tally_proto::domain::ProtocolError;
+use tally_proto::shard_error::Reason;
 use tonic::{Code, Status};
 
 /// Why a call to one shard node failed.
@@ -10,7 +11,16 @@ pub enum ShardCallError {
     /// The node did not answer within the shard timeout.
     #[error("timed out after {0:?}")]
     TimedOut(std::time::Duration),
-    /// The node refused or could not be reached.
+    /// The node refused the call, and said why.
+    #[error("{message}")]
+    Refused {
+        /// Why: what the coordinator decides on.
+        reason: Reason,
+        /// The node's words, for people.
+        message: String,
+    },
+    /// The node could not be reached, answered without a reason, or gave
+    /// an answer this coordinator cannot use.
     #[error("{0}")]
     Failed(String),
     /// The caller's budget ran out while its request still waited in this
@@ -18,6 +28,16 @@ pub enum ShardCallError {
     /// about the node's health.
     #[error("not sent: waited {0:?} for a call slot behind earlier calls")]
     NotSent(std::time::Duration),
+}
+
+impl ShardCallError {
+    /// The node's reason, if it refused the call.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            ShardCallError::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
 }
 
 /// Shorthand for the coordinator's results.
@@ -82,7 +102,8 @@ fn describe_unavailable(failures: &[(String, ShardCallError)]) -> String {
 }
 
 impl CoordinatorError {
-    /// The gRPC code of this error: DESIGN.md's error table, in one place.
+    /// The gRPC code of this error: the public error table (docs/API.md), in
+    /// one place.
     pub fn code(&self) -> Code {
         match self {
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
+use tally_proto::pb;
 
 use crate::shard_client::ShardClient;
 
@@ -36,8 +37,8 @@ pub struct NodeHealth {
     /// The node started with an empty data directory and awaits a restore
     /// from its replicas (as its last status said).
     pub restoring: bool,
-    /// Its drain state: "" (serving), "draining", "handed-over", "drained".
-    pub drain: String,
+    /// Its drain state, as last seen.
+    pub drain: pb::DrainState,
     /// Copies of its entries to its replicas that failed since this
     /// coordinator started.
     pub replication_failures: u64,
@@ -64,7 +65,7 @@ impl HealthBoard {
                         since_unix_ms: 0,
                         error: String::new(),
                         restoring: false,
-                        drain: String::new(),
+                        drain: pb::DrainState::Serving,
                         replication_failures: 0,
                     })
                 })
@@ -114,29 +115,21 @@ impl HealthBoard {
     /// lock, for the write path.
     pub fn write_state(&self, index: usize) -> (bool, bool) {
         let node = self.nodes[index].lock();
-        (node.up, !node.drain.is_empty())
+        (node.up, node.drain != pb::DrainState::Serving)
     }
 
     /// Node `index`'s drain state as last seen.
-    pub fn drain(&self, index: usize) -> String {
-        self.nodes[index].lock().drain.clone()
+    pub fn drain(&self, index: usize) -> pb::DrainState {
+        self.nodes[index].lock().drain
     }
 
     /// Records node `index`'s drain state. Drain states only move forward
     /// (serving, draining, handed-over, drained): a probe that answered
     /// before a step, or this coordinator's own earlier mark, never takes
     /// one back.
-    pub fn set_drain(&self, index: usize, drain: &str) {
-        let rank = |state: &str| match state {
-            "draining" => 1,
-            "handed-over" => 2,
-            "drained" => 3,
-            _ => 0,
-        };
+    pub fn set_drain(&self, index: usize, drain: pb::DrainState) {
         let mut node = self.nodes[index].lock();
-        if rank(drain) > rank(&node.drain) {
-            drain.clone_into(&mut node.drain);
-        }
+        node.drain = node.drain.max(drain);
     }
 
     /// Whether node `index` said it awaits a restore.
@@ -180,7 +173,7 @@ pub async fn probe_loop(
             Ok(status) => {
                 board.record_success(index);
                 board.set_restoring(index, status.restoring);
-                board.set_drain(index, &status.drain);
+                board.set_drain(index, status.drain_state());
                 pause = interval;
             }
             Err(error) => {

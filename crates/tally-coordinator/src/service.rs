@@ -162,7 +162,7 @@ impl pb::admin_server::Admin for AdminService {
                     id: shard.node_id().to_string(),
                     address: shard.address().to_string(),
                     health: if health.up { "up" } else { "down" }.to_string(),
-                    drain: health.drain.clone(),
+                    drain: health.drain.public_name().to_string(),
                     health_since_unix_ms: health.since_unix_ms,
                     replication_failures: health.replication_failures,
                     ..Default::default()
@@ -172,7 +172,7 @@ impl pb::admin_server::Admin for AdminService {
                         node.reachable = true;
                         node.entries = status.entries;
                         node.last_flush_unix_ms = status.last_flush_unix_ms;
-                        node.durability = status.durability;
+                        node.durability = status.durability_mode().public_name().to_string();
                         node.remembered_keys = status.remembered_keys;
                         node.keys_forgotten_early = status.keys_forgotten_early;
                         node.log_bytes = status.log_bytes;

@@ -418,7 +418,10 @@ fn describe_status(status: &tonic::Status) -> ShardCallError {
         (message, Some(root)) if root == message => root,
         (message, Some(root)) => format!("{message}: {root}"),
     };
-    ShardCallError::Failed(message)
+    match tally_proto::shard_error::reason_of(status) {
+        Some(reason) => ShardCallError::Refused { reason, message },
+        None => ShardCallError::Failed(message),
+    }
 }
 
 /// Something a batcher queues: a public call's share for this node.

@@ -1,6 +1,6 @@
 //! Validated domain types: what a request means once its input is known good.
 //!
-//! Limits are the public contract's (DESIGN.md): a counter name is 1 to 256
+//! Limits are the public contract's (docs/API.md): a counter name is 1 to 256
 //! bytes, an idempotency key at most 128 bytes, a batch at most 10,000 items.
 
 use std::fmt;
@@ -188,6 +188,39 @@ where
             })
         })
         .collect()
+}
+
+/// Drain states, in order: each comes after the one before, and a node's
+/// state only moves forward.
+impl pb::DrainState {
+    /// How the public `NodeStatus.drain` spells it: `""`, `"draining"`,
+    /// `"handed-over"` or `"drained"`.
+    pub fn public_name(self) -> &'static str {
+        match self {
+            pb::DrainState::Serving => "",
+            pb::DrainState::Draining => "draining",
+            pb::DrainState::HandedOver => "handed-over",
+            pb::DrainState::Drained => "drained",
+        }
+    }
+
+    /// Whether the node's entries have left it (handed over or adopted):
+    /// its adopter answers for them.
+    pub fn handed_over(self) -> bool {
+        self >= pb::DrainState::HandedOver
+    }
+}
+
+impl pb::Durability {
+    /// How the public `NodeStatus.durability` spells it: `"sync"`,
+    /// `"async"`, or `""` if unknown.
+    pub fn public_name(self) -> &'static str {
+        match self {
+            pb::Durability::Unspecified => "",
+            pb::Durability::Sync => "sync",
+            pb::Durability::Async => "async",
+        }
+    }
 }
 
 #[cfg(test)]

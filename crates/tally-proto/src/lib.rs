@@ -14,6 +14,8 @@
 //!   health checking and reflection.
 //! - [`config_file`]: strict TOML loading shared by every binary: an error is
 //!   one line naming the file and the key.
+//! - [`shard_error`]: why a shard node refused an internal call, carried
+//!   typed in the status's details and read back by coordinators.
 //! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built
 //!   from the wire types with `TryFrom`, so that a handler past the edge only
 //!   sees valid input; a `ProtocolError` becomes `INVALID_ARGUMENT`.
@@ -22,6 +24,7 @@
 pub mod config_file;
 pub mod domain;
 pub mod process;
+pub mod shard_error;
 
 /// Generated protobuf messages and gRPC clients and servers (package
 /// `tally.v1`).

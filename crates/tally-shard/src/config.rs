@@ -33,6 +33,15 @@ impl Durability {
     }
 }
 
+impl From<Durability> for tally_proto::pb::Durability {
+    fn from(durability: Durability) -> Self {
+        match durability {
+            Durability::Sync => tally_proto::pb::Durability::Sync,
+            Durability::Async => tally_proto::pb::Durability::Async,
+        }
+    }
+}
+
 impl std::str::FromStr for Durability {
     type Err = String;
 

@@ -25,7 +25,8 @@
 //! - [`meta`]: the node's identity, starts, drain and restore state.
 //! - [`storage`]: the data directory (lock, marker, witness), recovery and
 //!   [`storage::verify`]; [`legacy`]: migration of format 2 directories.
-//! - [`service`]: the gRPC service.
+//! - [`service`]: the gRPC service; [`refusal`]: every way it refuses a
+//!   call, with the reason a coordinator decides on.
 //! - [`crash_point`]: a test hook that crashes the process at a chosen
 //!   moment.
 //! - [`ShardNode`] and [`run`]: open, recover, serve, shut down.
@@ -55,6 +56,7 @@ pub mod journal;
 pub mod legacy;
 pub mod log;
 pub mod meta;
+pub mod refusal;
 pub mod replicas;
 pub mod service;
 pub mod storage;

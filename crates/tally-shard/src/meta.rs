@@ -33,23 +33,15 @@ pub enum DrainState {
 }
 
 impl DrainState {
-    /// `""`, `"draining"`, `"handed-over"` or `"drained"`.
-    pub fn as_str(&self) -> &'static str {
+    /// The state without its data, as the internal protocol and status
+    /// reports carry it; states come in this order.
+    pub fn stage(&self) -> tally_proto::pb::DrainState {
+        use tally_proto::pb::DrainState as Stage;
         match self {
-            DrainState::Serving => "",
-            DrainState::Draining => "draining",
-            DrainState::HandedOver { .. } => "handed-over",
-            DrainState::Drained { .. } => "drained",
-        }
-    }
-
-    /// How far along: each step comes after the one before.
-    pub fn rank(&self) -> u8 {
-        match self {
-            DrainState::Serving => 0,
-            DrainState::Draining => 1,
-            DrainState::HandedOver { .. } => 2,
-            DrainState::Drained { .. } => 3,
+            DrainState::Serving => Stage::Serving,
+            DrainState::Draining => Stage::Draining,
+            DrainState::HandedOver { .. } => Stage::HandedOver,
+            DrainState::Drained { .. } => Stage::Drained,
         }
     }
 

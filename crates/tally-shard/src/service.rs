@@ -11,6 +11,7 @@ use crate::change::{Change, Entry, OwnChange};
 use crate::config::Durability;
 use crate::journal::{unix_ms_now, Journal, NodeState};
 use crate::meta::DrainState;
+use crate::refusal::Refusal;
 use crate::replicas::{CopyStamp, Verdict};
 use crate::store::{ApplyOutcome, StripeIncrement, MAX_STRIPES};
 
@@ -57,33 +58,33 @@ impl ShardService {
 
     /// A failure of this node's log, as the coordinator sees it:
     /// UNAVAILABLE, naming the node.
-    fn unavailable(&self, error: impl std::fmt::Display) -> Status {
-        Status::unavailable(format!("node {}: {error}", self.node_id))
+    fn storage_failed(&self, error: impl std::fmt::Display) -> Refusal {
+        Refusal::storage(&self.node_id, error)
     }
 
     /// Returns once changes stamped with `epoch` are durable by the node's
     /// mode.
-    async fn durable(&self, epoch: u64) -> Result<(), Status> {
+    async fn durable(&self, epoch: u64) -> Result<(), Refusal> {
         self.journal
             .wait_durable(epoch)
             .await
-            .map_err(|error| self.unavailable(error))
+            .map_err(|error| self.storage_failed(error))
     }
 
     /// Returns once every change stamped with `epoch` is in the log.
-    async fn flushed(&self, epoch: u64) -> Result<(), Status> {
+    async fn flushed(&self, epoch: u64) -> Result<(), Refusal> {
         self.journal
             .wait_flushed(epoch)
             .await
-            .map_err(|error| self.unavailable(error))
+            .map_err(|error| self.storage_failed(error))
     }
 
     /// Writes `change` to the log, then applies it.
-    async fn submit(&self, change: Change) -> Result<(), Status> {
+    async fn submit(&self, change: Change) -> Result<(), Refusal> {
         self.journal
             .submit(change)
             .await
-            .map_err(|error| self.unavailable(error))
+            .map_err(|error| self.storage_failed(error))
     }
 
     /// Adds `entries` to this node's own, outside the increment path (a
@@ -91,7 +92,7 @@ impl ShardService {
     /// and writes pause, so none sees it half done; the log thread writes
     /// every own change made before in the frame ahead of it. Returns how
     /// many entries were set.
-    async fn add_to_own(&self, entries: Vec<Entry>, why: OwnChange) -> Result<usize, Status> {
+    async fn add_to_own(&self, entries: Vec<Entry>, why: OwnChange) -> Result<usize, Refusal> {
         let _paused = self.own_writes.write().await;
         let store = &self.state.store;
         let mut own = Vec::with_capacity(entries.len());
@@ -99,7 +100,7 @@ impl ShardService {
             let sum = store
                 .entry(&counter, stripe)
                 .checked_add(value)
-                .ok_or_else(|| Status::out_of_range(format!("adding to {counter:?} overflows")))?;
+                .ok_or_else(|| Refusal::Overflow(counter.clone()))?;
             own.push((counter, stripe, sum));
         }
         let count = own.len();
@@ -109,13 +110,10 @@ impl ShardService {
 
     /// Refuses writes of own entries once a drain has begun. Called with
     /// `own_writes` held shared.
-    fn check_not_draining(&self) -> Result<(), Status> {
+    fn check_not_draining(&self) -> Result<(), Refusal> {
         match self.state.meta.lock().drain {
             DrainState::Serving => Ok(()),
-            _ => Err(Status::unavailable(format!(
-                "node {} is being drained: it takes no more writes",
-                self.node_id
-            ))),
+            _ => Err(Refusal::Draining(self.node_id.to_string())),
         }
     }
 
@@ -128,13 +126,9 @@ impl ShardService {
     }
 
     /// Refuses to hand out own entries while earlier ones await a restore.
-    fn check_restored(&self) -> Result<(), Status> {
+    fn check_restored(&self) -> Result<(), Refusal> {
         if self.restoring() {
-            Err(Status::failed_precondition(format!(
-                "node {} started with an empty data directory and awaits a restore from its \
-                 replicas",
-                self.node_id
-            )))
+            Err(Refusal::AwaitsRestore(self.node_id.to_string()))
         } else {
             Ok(())
         }
@@ -142,30 +136,30 @@ impl ShardService {
 
     /// Refuses a request meant for another node: the sender's membership
     /// points at the wrong address, and writing here would misplace data.
-    fn check_node_id(&self, node_id: &str) -> Result<(), Status> {
+    fn check_node_id(&self, node_id: &str) -> Result<(), Refusal> {
         if node_id == &*self.node_id {
             Ok(())
         } else {
-            Err(Status::failed_precondition(format!(
-                "this is node {:?}, not {node_id:?}: check the coordinator's membership",
-                &*self.node_id
-            )))
+            Err(Refusal::WrongNode {
+                this: self.node_id.to_string(),
+                asked: node_id.to_string(),
+            })
         }
     }
 }
 
 /// The coordinator validates names; a shard checks again because it must
 /// never store a key it cannot encode, whoever sent it.
-fn check_counter_name(counter: &str) -> Result<(), Status> {
-    CounterName::validate(counter).map_err(Status::from)
+fn check_counter_name(counter: &str) -> Result<(), Refusal> {
+    Ok(CounterName::validate(counter)?)
 }
 
 /// Stripes are below [`MAX_STRIPES`] (coordinators use at most 1,024).
-fn check_stripe(stripe: u32) -> Result<(), Status> {
+fn check_stripe(stripe: u32) -> Result<(), Refusal> {
     if stripe < MAX_STRIPES {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(Refusal::InvalidRequest(format!(
             "stripe {stripe} is out of range: a shard stores stripes 0 to {}",
             MAX_STRIPES - 1
         )))
@@ -173,7 +167,7 @@ fn check_stripe(stripe: u32) -> Result<(), Status> {
 }
 
 /// Checks and moves entries of a request into log entries.
-fn entries(values: Vec<pb::EntryValue>) -> Result<Vec<Entry>, Status> {
+fn entries(values: Vec<pb::EntryValue>) -> Result<Vec<Entry>, Refusal> {
     values
         .into_iter()
         .map(|entry| {
@@ -196,17 +190,17 @@ impl ShardService {
     async fn to_the_end<T, F>(&self, work: impl FnOnce(ShardService) -> F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+        F: std::future::Future<Output = Result<T, Refusal>> + Send + 'static,
     {
-        tokio::spawn(work(self.clone()))
+        Ok(tokio::spawn(work(self.clone()))
             .await
-            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(Refusal::from)??)
     }
 
     async fn erase_to_the_end(
         &self,
         request: pb::EraseRequest,
-    ) -> Result<pb::EraseResponse, Status> {
+    ) -> Result<pb::EraseResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         for counter in &request.counters {
             check_counter_name(counter)?;
@@ -234,15 +228,12 @@ impl ShardService {
     async fn restore_to_the_end(
         &self,
         request: pb::RestoreRequest,
-    ) -> Result<pb::RestoreResponse, Status> {
+    ) -> Result<pb::RestoreResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let entries = entries(request.entries)?;
         let _replica_writes = self.replica_writes.lock().await;
         if !self.restoring() {
-            return Err(Status::failed_precondition(format!(
-                "node {} is not waiting for a restore",
-                self.node_id
-            )));
+            return Err(Refusal::NotAwaitingRestore(self.node_id.to_string()));
         }
         let count = self.add_to_own(entries, OwnChange::Restored).await?;
         tracing::info!(
@@ -256,7 +247,7 @@ impl ShardService {
     async fn drain_to_the_end(
         &self,
         request: pb::ShardDrainRequest,
-    ) -> Result<pb::ShardDrainResponse, Status> {
+    ) -> Result<pb::ShardDrainResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let asked = match pb::DrainPhase::try_from(request.phase) {
             Ok(pb::DrainPhase::StopWrites) => DrainState::Draining,
@@ -268,7 +259,7 @@ impl ShardService {
                 adopter: request.adopter.clone(),
                 version: request.version,
             },
-            _ => return Err(Status::invalid_argument("unknown drain phase")),
+            _ => return Err(Refusal::InvalidRequest("unknown drain phase".into())),
         };
         // Alone: no write is half-way past the check while the state moves.
         let paused = self.own_writes.write().await;
@@ -277,25 +268,30 @@ impl ShardService {
             (current.handed_to(), asked.handed_to())
         {
             if adopter != wanted || version != asked_version {
-                return Err(Status::failed_precondition(format!(
+                return Err(Refusal::DrainConflict(format!(
                     "node {} is handed over to {adopter} at version {version}, not {wanted} at \
                      {asked_version}",
                     self.node_id
                 )));
             }
         }
-        if asked.rank() > current.rank() + 1 {
-            return Err(Status::failed_precondition(format!(
+        let (asked_stage, current_stage) = (asked.stage() as i32, current.stage() as i32);
+        if asked_stage > current_stage + 1 {
+            return Err(Refusal::DrainConflict(format!(
                 "node {} is {:?}: drain phases go in order",
                 self.node_id,
-                current.as_str()
+                current.stage().public_name()
             )));
         }
         // A repeat, or an earlier phase, changes nothing: a drain resumes
         // after a crash.
-        if asked.rank() == current.rank() + 1 {
+        if asked_stage == current_stage + 1 {
             self.submit(Change::Drain(asked.clone())).await?;
-            tracing::info!(node_id = &*self.node_id, state = asked.as_str(), "drain");
+            tracing::info!(
+                node_id = &*self.node_id,
+                state = asked.stage().public_name(),
+                "drain"
+            );
         }
         // Everything written before the stop is in the log before the
         // caller takes the final copy: the epoch now covers it, and no write
@@ -309,10 +305,10 @@ impl ShardService {
     async fn drop_copy_to_the_end(
         &self,
         request: pb::DropCopyRequest,
-    ) -> Result<pb::DropCopyResponse, Status> {
+    ) -> Result<pb::DropCopyResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         tally_proto::config_file::validate_node_id(&request.origin)
-            .map_err(Status::invalid_argument)?;
+            .map_err(Refusal::InvalidRequest)?;
         let _replica_writes = self.replica_writes.lock().await;
         if self.is_retired(&request.origin) {
             return Ok(pb::DropCopyResponse {});
@@ -327,27 +323,27 @@ impl ShardService {
     async fn adopt_to_the_end(
         &self,
         request: pb::AdoptRequest,
-    ) -> Result<pb::AdoptResponse, Status> {
+    ) -> Result<pb::AdoptResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let _replica_writes = self.replica_writes.lock().await;
         if self.is_retired(&request.origin) {
             return Ok(pb::AdoptResponse { entries: 0 });
         }
         if self.state.meta.lock().drain != DrainState::Serving {
-            return Err(Status::failed_precondition(format!(
+            return Err(Refusal::DrainConflict(format!(
                 "node {} is being drained itself: it cannot adopt {}",
                 self.node_id, request.origin
             )));
         }
         let Some((stamp, entries)) = self.state.replicas.copy_of(&request.origin) else {
-            return Err(Status::failed_precondition(format!(
+            return Err(Refusal::CopyMissing(format!(
                 "node {} holds no copy of {}",
                 self.node_id, request.origin
             )));
         };
         let version = stamp.version;
         if version < request.version {
-            return Err(Status::failed_precondition(format!(
+            return Err(Refusal::CopyMissing(format!(
                 "the copy of {} is at version {version}, not yet {}",
                 request.origin, request.version
             )));
@@ -375,15 +371,15 @@ impl ShardService {
     async fn replicate_to_the_end(
         &self,
         request: pb::ReplicateRequest,
-    ) -> Result<pb::ReplicateResponse, Status> {
+    ) -> Result<pb::ReplicateResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         if request.origin == *self.node_id {
-            return Err(Status::invalid_argument(
-                "a node does not hold a replica copy of itself",
+            return Err(Refusal::InvalidRequest(
+                "a node does not hold a replica copy of itself".into(),
             ));
         }
         tally_proto::config_file::validate_node_id(&request.origin)
-            .map_err(Status::invalid_argument)?;
+            .map_err(Refusal::InvalidRequest)?;
         let stamp = CopyStamp {
             version: request.version,
             scanned_unix_ms: request.scanned_unix_ms,
@@ -452,7 +448,7 @@ impl pb::shard_server::Shard for ShardService {
             .map(|increment| {
                 check_counter_name(&increment.counter)?;
                 check_stripe(increment.stripe)?;
-                IdempotencyKey::validate(&increment.idempotency_key).map_err(Status::from)?;
+                IdempotencyKey::validate(&increment.idempotency_key)?;
                 let idempotency_key =
                     Some(increment.idempotency_key.as_str()).filter(|key| !key.is_empty());
                 Ok(StripeIncrement {
@@ -462,7 +458,7 @@ impl pb::shard_server::Shard for ShardService {
                     idempotency_key,
                 })
             })
-            .collect::<Result<Vec<_>, Status>>()?;
+            .collect::<Result<Vec<_>, Refusal>>()?;
         let (outcomes, epoch) = {
             let _writing = self.own_writes.read().await;
             if self.check_not_draining().is_err() {
@@ -615,7 +611,7 @@ impl pb::shard_server::Shard for ShardService {
                 self.state.store.table_bytes() + self.state.replicas.table_bytes()
             },
             last_flush_unix_ms: load(&stats.last_flush_unix_ms) as i64,
-            durability: self.durability.as_str().to_string(),
+            durability_mode: pb::Durability::from(self.durability) as i32,
             apply_calls: self.apply_calls.load(Ordering::Relaxed),
             increments_applied: self.increments_applied.load(Ordering::Relaxed),
             full_copies_received: self.full_copies_received.load(Ordering::Relaxed),
@@ -642,7 +638,7 @@ impl pb::shard_server::Shard for ShardService {
                 .collect(),
             restoring: meta.awaiting_restore,
             replication_version: self.state.store.replication_version(),
-            drain: meta.drain.as_str().to_string(),
+            drain_state: meta.drain.stage() as i32,
             drain_adopter: meta.drain.adopter().unwrap_or_default().to_string(),
             drain_version: meta.drain.handed_to().map_or(0, |(_, version)| version),
         }))
@@ -735,15 +731,12 @@ impl pb::shard_server::Shard for ShardService {
         if recorded != self.state.store.incarnation() {
             // Versions of an unrecorded start could be handed out again by
             // the next one.
-            return Err(
-                self.unavailable("this start is not recorded in the log yet (is its disk full?)")
-            );
+            return Err(self
+                .storage_failed("this start is not recorded in the log yet (is its disk full?)")
+                .into());
         }
         if drained {
-            return Err(Status::failed_precondition(format!(
-                "node {} is drained: its entries are with another node",
-                self.node_id
-            )));
+            return Err(Refusal::Drained(self.node_id.to_string()).into());
         }
         // Taken before the scan: the copy will hold everything acknowledged
         // before this time.
@@ -753,7 +746,7 @@ impl pb::shard_server::Shard for ShardService {
         // A walk over every entry: off the async workers.
         let changes = tokio::task::spawn_blocking(move || store.changes_since(since))
             .await
-            .map_err(|error| Status::internal(error.to_string()))?;
+            .map_err(Refusal::from)?;
         Ok(Response::new(pb::ChangesResponse {
             scanned_unix_ms,
             directory_id,

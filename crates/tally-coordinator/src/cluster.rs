@@ -16,7 +16,9 @@ use crate::config::CoordinatorConfig;
 use crate::deadline::call_budget;
 use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::health::{probe_loop, HealthBoard, NodeHealth};
-use crate::shard_client::{BatchSettings, Outcome, ShardClient};
+use crate::merge::{self, NodeView};
+use crate::model::{Outcome, StripeIncrement};
+use crate::shard_client::{BatchSettings, ShardClient};
 
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
@@ -35,6 +37,9 @@ pub struct Cluster {
     shards: Vec<ShardClient>,
     /// Indexed like `ring.nodes()`.
     health: Arc<HealthBoard>,
+    /// Each node's replicas (by index): fixed by the ring and the
+    /// replication factor.
+    replicas: Vec<Vec<usize>>,
 }
 
 /// Where a replication round left one (origin, replica) pair.
@@ -122,11 +127,17 @@ impl Cluster {
             ));
         }
         let replication_interval = config.replication_interval;
+        let replicas = (0..shards.len())
+            .map(|node| {
+                crate::replication::replicas_of(&ring, node, config.replication_factor)
+            })
+            .collect();
         let cluster = Arc::new(Cluster {
             config,
             ring,
             shards,
             health,
+            replicas,
         });
         // Also without replicas: it restores nodes that started empty.
         tokio::spawn(crate::replication::replication_loop(
@@ -136,137 +147,36 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Node `node`'s part of a read, as the lists of entries to add: one
-    /// part per origin, so no entry is counted twice. Empty: it has none
-    /// (drained into another node's own).
-    ///
-    /// - Handed over (its answer names the adopter): nothing if the
-    ///   adopter's answer says it adopted it (its part is in the adopter's
-    ///   own), else the adopter's copy, at the final version at least.
-    /// - Retired (otherwise, some answer says it adopted the node or dropped
-    ///   its copy after a drain): its part is in the adopter's own.
-    /// - Restoring (started empty): its own answer plus the copy from its
-    ///   lost directory; or, if a copy from its current directory already
-    ///   exists (restored and replicated while this read ran), that copy.
-    /// - Answered: its own answer.
-    /// - No answer: the freshest recent copy from its replicas.
-    fn part_of<'a>(
-        &self,
-        node: usize,
-        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
-    ) -> std::result::Result<Vec<&'a [pb::CounterEntries]>, ShardCallError> {
-        let node_id = self.shards[node].node_id();
-        let lists =
-            |answer: &pb::ReadResponse| answer.retired.iter().any(|origin| origin == node_id);
-        let retired = results.iter().flatten().any(lists);
-        let handed_over_state = self.health.drain(node);
-        let response = match &results[node] {
-            // Handed over: only its adopter's answer says whether it has
-            // adopted yet. Another node may have dropped its copy (and
-            // listed it retired) after the adoption, while the adopter's
-            // answer predates it and still holds the copy.
-            Ok(response) if !response.drained_to.is_empty() => response,
-            _ if retired => return Ok(Vec::new()),
-            Ok(response) => response,
-            Err(error) => {
-                if handed_over_state.handed_over() {
-                    return Err(ShardCallError::Failed(
-                        "drained, and its adopter's copy was not read".into(),
-                    ));
-                }
-                return self
-                    .usable_copy(node, results)
-                    .map(|copy| vec![copy.counters.as_slice()])
-                    .ok_or_else(|| error.clone());
-            }
-        };
-        if !response.drained_to.is_empty() {
-            let adopter = self
-                .shards
-                .iter()
-                .position(|shard| shard.node_id() == response.drained_to);
-            let adopter_answer = adopter.and_then(|adopter| results[adopter].as_ref().ok());
-            if adopter_answer.is_some_and(lists) {
-                // Adopted: its part is in the adopter's own.
-                return Ok(Vec::new());
-            }
-            let copy = adopter_answer
-                .and_then(|answer| answer.replicas.iter().find(|part| part.origin == node_id))
-                .filter(|copy| copy.version >= response.handed_over_version);
-            return copy
-                .map(|copy| vec![copy.counters.as_slice()])
-                .ok_or_else(|| {
-                    ShardCallError::Failed(format!(
-                        "drained into {}, whose answer did not hold its final copy",
-                        response.drained_to
-                    ))
-                });
-        }
-        if response.restoring {
-            let candidates =
-                crate::replication::replicas_of(&self.ring, node, self.config.replication_factor);
-            if candidates
-                .iter()
-                .any(|&candidate| results[candidate].is_err())
-            {
-                return Err(ShardCallError::Failed(
-                    "restoring from its replicas, and one of them did not answer".into(),
-                ));
-            }
-            return Ok(match self.freshest_copy(node, results) {
-                // Restored and replicated since it answered: the copy is
-                // all of it.
-                Some(copy) if copy.directory_id == response.directory_id => vec![&copy.counters],
-                // Its own answer plus its lost directory's copy.
-                Some(copy) => vec![&response.counters, &copy.counters],
-                None => vec![&response.counters],
-            });
-        }
-        Ok(vec![&response.counters])
-    }
-
-    /// The freshest copy of node `origin`'s entries among the answers of
-    /// its replicas (only they are kept current; a node that held a copy
-    /// before a membership change may hold an old one).
-    fn freshest_copy<'a>(
-        &self,
-        origin: usize,
-        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
-    ) -> Option<&'a pb::ReplicaPart> {
-        let origin_id = self.shards[origin].node_id();
-        crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor)
-            .into_iter()
-            .filter_map(|replica| results[replica].as_ref().ok())
-            .flat_map(|response| &response.replicas)
-            .filter(|part| part.origin == origin_id)
-            .max_by_key(|part| part.version)
-    }
-
-    /// The copy that may stand in for node `origin`, which did not answer:
-    /// the freshest among its replicas, if it is recent enough to hold
-    /// everything acknowledged more than one replication interval before
-    /// the node failed (as far as clocks tell: the origin stamps the scan
-    /// time, this coordinator the failure). An older copy, left by
-    /// replication that kept failing, is not a complete answer.
-    fn usable_copy<'a>(
-        &self,
-        origin: usize,
-        results: &'a [std::result::Result<pb::ReadResponse, ShardCallError>],
-    ) -> Option<&'a pb::ReplicaPart> {
-        let copy = self.freshest_copy(origin, results)?;
-        let health = self.health.get(origin);
-        let failed_unix_ms = if health.up || health.since_unix_ms == 0 {
-            crate::health::unix_ms_now()
-        } else {
-            health.since_unix_ms
-        };
-        // Detection lags the failure by up to a probe; allow one interval
-        // of replication and one of detection.
-        let allowance = self.config.replication_interval
+    /// What the read merge needs to know of each node now
+    /// ([`merge::NodeView`]).
+    fn node_views(&self) -> Vec<NodeView<'_>> {
+        let now = crate::health::unix_ms_now();
+        // Detection lags a failure by up to a probe: a copy may stand in
+        // for a node if it is at most one replication and one detection
+        // interval older than the failure (as far as clocks tell: the
+        // origin stamps the scan time, this coordinator the failure).
+        let allowance = (self.config.replication_interval
             + self.config.health_interval
-            + self.config.health_timeout;
-        let oldest = failed_unix_ms - allowance.as_millis() as i64;
-        (copy.scanned_unix_ms as i64 >= oldest).then_some(copy)
+            + self.config.health_timeout)
+            .as_millis() as i64;
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(node, shard)| {
+                let health = self.health.get(node);
+                let failed_unix_ms = if health.up || health.since_unix_ms == 0 {
+                    now
+                } else {
+                    health.since_unix_ms
+                };
+                NodeView {
+                    id: shard.node_id(),
+                    replicas: &self.replicas[node],
+                    handed_over: health.drain.handed_over(),
+                    oldest_usable_copy_unix_ms: failed_unix_ms - allowance,
+                }
+            })
+            .collect()
     }
 
     /// Drains node `node_id`: moves its entries to the next node of the
@@ -417,8 +327,7 @@ impl Cluster {
             .await
             .map_err(|error| failed(origin, error))?
             .replication_version;
-        let replicas =
-            crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor);
+        let replicas = self.replicas[origin].clone();
         let limit = (self.config.replication_interval + budget) * 4;
         let started = tokio::time::Instant::now();
         for replica in replicas {
@@ -460,8 +369,7 @@ impl Cluster {
     pub async fn restore_node(&self, node: usize) -> std::result::Result<(), ShardCallError> {
         let budget = self.config.shard_timeout;
         let id = self.shards[node].node_id();
-        let candidates =
-            crate::replication::replicas_of(&self.ring, node, self.config.replication_factor);
+        let candidates = &self.replicas[node];
         let copies = join_all(
             candidates
                 .iter()
@@ -496,12 +404,10 @@ impl Cluster {
 
     /// Every (origin, replica) pair of the membership, by node index.
     pub fn replica_pairs(&self) -> Vec<(usize, usize)> {
-        (0..self.shards.len())
-            .flat_map(|origin| {
-                crate::replication::replicas_of(&self.ring, origin, self.config.replication_factor)
-                    .into_iter()
-                    .map(move |replica| (origin, replica))
-            })
+        self.replicas
+            .iter()
+            .enumerate()
+            .flat_map(|(origin, replicas)| replicas.iter().map(move |&replica| (origin, replica)))
             .collect()
     }
 
@@ -680,9 +586,9 @@ impl Cluster {
                                 Outcome::Redirect(increment) if round == 0 => {
                                     self.health.set_drain(node, pb::DrainState::Draining);
                                     let again = self.target(
-                                        &increment.counter,
+                                        increment.counter.as_str(),
                                         increment.stripe,
-                                        !increment.idempotency_key.is_empty(),
+                                        increment.key.is_some(),
                                     );
                                     by_node.entry(again).or_default().push(increment);
                                 }
@@ -737,15 +643,15 @@ impl Cluster {
     /// Where each increment goes, grouped by node: one batcher job per node
     /// per call. Ordered, so which error is reported does not depend on
     /// hashing.
-    fn route(&self, increments: Vec<Increment>) -> BTreeMap<usize, Vec<pb::ShardIncrement>> {
-        let mut by_node: BTreeMap<usize, Vec<pb::ShardIncrement>> = BTreeMap::new();
+    fn route(&self, increments: Vec<Increment>) -> BTreeMap<usize, Vec<StripeIncrement>> {
+        let mut by_node: BTreeMap<usize, Vec<StripeIncrement>> = BTreeMap::new();
         if increments.len() == 1 {
             // A unary call: no other increment to share a placement with.
             let increment = increments.into_iter().next().expect("one increment");
             let stripe = self.stripe_for(&increment);
             let keyed = increment.idempotency_key.is_some();
             let node = self.target(increment.counter.as_str(), stripe, keyed);
-            by_node.insert(node, vec![shard_increment(increment, stripe)]);
+            by_node.insert(node, vec![StripeIncrement::new(increment, stripe)]);
             return by_node;
         }
         // Un-keyed increments of a counter seen earlier in this call take
@@ -776,7 +682,7 @@ impl Cluster {
             by_node
                 .entry(node)
                 .or_default()
-                .push(shard_increment(increment, stripe));
+                .push(StripeIncrement::new(increment, stripe));
         }
         by_node
     }
@@ -803,21 +709,15 @@ impl Cluster {
         // i128: the parts of a counter may each fit in an i64 while the sum
         // does not; that is OUT_OF_RANGE, never a wrapped number.
         let mut sums = vec![0i128; names.len()];
-        let add = |sums: &mut Vec<i128>, counters: &[pb::CounterEntries]| {
-            for (sum, part) in sums.iter_mut().zip(counters) {
-                *sum += part
-                    .entries
-                    .iter()
-                    .map(|entry| i128::from(entry.value))
-                    .sum::<i128>();
-            }
-        };
         let mut unavailable = Vec::new();
+        let views = self.node_views();
         for node in 0..self.shards.len() {
-            match self.part_of(node, &results) {
-                Ok(parts) => {
-                    for counters in parts {
-                        add(&mut sums, counters);
+            match merge::part_of(node, &views, &results) {
+                Ok(lists) => {
+                    for parts in lists {
+                        for (sum, part) in sums.iter_mut().zip(parts) {
+                            *sum += part;
+                        }
                     }
                 }
                 Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
@@ -981,109 +881,22 @@ async fn with_deadline<T>(
     }
 }
 
-/// The internal form of a validated increment, for `stripe`.
-fn shard_increment(increment: Increment, stripe: u32) -> pb::ShardIncrement {
-    pb::ShardIncrement {
-        counter: increment.counter.into_string(),
-        stripe,
-        delta: increment.delta,
-        idempotency_key: increment
-            .idempotency_key
-            .map(IdempotencyKey::into_string)
-            .unwrap_or_default(),
-    }
-}
-
 /// The error an increment's outcome stands for, if it was refused.
 fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
     match outcome {
         Outcome::Applied | Outcome::Redirect(_) => None,
-        Outcome::Overflow { counter, delta, .. } => {
-            Some(CoordinatorError::IncrementOverflow { counter, delta })
-        }
+        Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
+            counter: increment.counter.into_string(),
+            delta: increment.delta,
+        }),
         Outcome::KeyConflict {
-            counter,
-            key,
-            delta,
+            increment,
             recorded_delta,
-            ..
         } => Some(CoordinatorError::KeyConflict {
-            counter,
-            key,
-            delta,
+            counter: increment.counter.into_string(),
+            key: increment.key.map(IdempotencyKey::into_string).unwrap_or_default(),
+            delta: increment.delta,
             recorded_delta,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::NodeConfig;
-
-    fn entries(value: i64) -> Vec<pb::CounterEntries> {
-        vec![pb::CounterEntries {
-            entries: vec![pb::StripeValue { stripe: 0, value }],
-        }]
-    }
-
-    #[tokio::test]
-    async fn a_handed_over_part_follows_its_adopters_answer_only() {
-        // Nothing listens at these addresses: part_of only reads answers.
-        let nodes = ["x", "y", "z"]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| NodeConfig {
-                id: id.to_string(),
-                address: format!("127.0.0.1:{}", 9 + i),
-                weight: 1,
-            })
-            .collect();
-        let cluster = Cluster::new(CoordinatorConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            nodes,
-        ))
-        .unwrap();
-        let index = |id: &str| {
-            cluster
-                .shards()
-                .iter()
-                .position(|shard| shard.node_id() == id)
-                .unwrap()
-        };
-        let mut results: Vec<std::result::Result<pb::ReadResponse, ShardCallError>> =
-            vec![Ok(pb::ReadResponse::default()); 3];
-        // x handed over to y at version 5.
-        results[index("x")] = Ok(pb::ReadResponse {
-            drained_to: "y".into(),
-            handed_over_version: 5,
-            ..Default::default()
-        });
-        // y answered before adopting: it still holds x's final copy.
-        results[index("y")] = Ok(pb::ReadResponse {
-            counters: entries(1),
-            replicas: vec![pb::ReplicaPart {
-                origin: "x".into(),
-                version: 5,
-                counters: entries(7),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        // z answered after y adopted x and z dropped its copy.
-        results[index("z")] = Ok(pb::ReadResponse {
-            counters: entries(2),
-            retired: vec!["x".into()],
-            ..Default::default()
-        });
-        let part = cluster.part_of(index("x"), &results).unwrap();
-        assert_eq!(part, vec![entries(7).as_slice()], "x's part is y's copy");
-
-        // Once y's answer says it adopted x, x's part is in y's own.
-        if let Ok(y) = &mut results[index("y")] {
-            y.replicas.clear();
-            y.retired = vec!["x".into()];
-        }
-        assert!(cluster.part_of(index("x"), &results).unwrap().is_empty());
     }
 }

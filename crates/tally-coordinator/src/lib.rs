@@ -28,6 +28,8 @@ pub mod deadline;
 mod dispatch;
 pub mod error;
 pub mod health;
+mod merge;
+pub mod model;
 pub mod replication;
 pub mod service;
 pub mod shard_client;

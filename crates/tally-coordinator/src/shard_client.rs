@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ShardCallError;
+use crate::model::{NodeRead, Outcome, StripeIncrement};
 
 /// How long to wait for a TCP connection to a shard.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -34,42 +35,9 @@ pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 /// Largest internal message, matching the shard's limit.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The outcome of one increment on its shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Applied and durable by the node's durability mode; or a retry of an
-    /// idempotency key applied before, whose original is durable.
-    Applied,
-    /// Would overflow the stored entry; nothing applied.
-    Overflow {
-        /// The counter, as the shard reported it.
-        counter: String,
-        /// The stripe.
-        stripe: u32,
-        /// The increment.
-        delta: i64,
-    },
-    /// The node is being drained: nothing applied; send it elsewhere.
-    Redirect(pb::ShardIncrement),
-    /// The idempotency key was applied to the counter before with another
-    /// delta; nothing applied.
-    KeyConflict {
-        /// The counter.
-        counter: String,
-        /// The stripe.
-        stripe: u32,
-        /// The idempotency key.
-        key: String,
-        /// The delta of this increment.
-        delta: i64,
-        /// The delta applied under the key before.
-        recorded_delta: i64,
-    },
-}
-
 /// A group of increments from one public call, answered together.
 struct ApplyJob {
-    increments: Vec<pb::ShardIncrement>,
+    increments: Vec<StripeIncrement>,
     reply: oneshot::Sender<Result<Vec<Outcome>, ShardCallError>>,
     /// Room in the queue, given back when the job is answered or dropped.
     queue_room: OwnedSemaphorePermit,
@@ -82,7 +50,7 @@ struct ReadJob {
     deadline: tokio::time::Instant,
     /// Set once the job's Read call is sent.
     sent: Arc<AtomicBool>,
-    reply: oneshot::Sender<Result<pb::ReadResponse, ShardCallError>>,
+    reply: oneshot::Sender<Result<NodeRead, ShardCallError>>,
 }
 
 /// Most counters gathered into one Read call (a larger public read goes
@@ -167,7 +135,7 @@ impl ShardClient {
     /// order. The caller bounds the wait by its own deadline.
     pub async fn apply(
         &self,
-        increments: Vec<pb::ShardIncrement>,
+        increments: Vec<StripeIncrement>,
     ) -> Result<Vec<Outcome>, ShardCallError> {
         let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
         // A job larger than the whole queue takes all of it.
@@ -198,7 +166,7 @@ impl ShardClient {
         &self,
         counters: Vec<String>,
         budget: Duration,
-    ) -> Result<pb::ReadResponse, ShardCallError> {
+    ) -> Result<NodeRead, ShardCallError> {
         let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
         let (reply, answer) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + budget;
@@ -613,77 +581,13 @@ async fn send_reads(
             _ = abandoned => return,
         }
     }
-    .and_then(|response| check_read(response, counter_count));
-    answer_jobs(replies, |lengths| {
-        result.map(|response| split_read(response, lengths).into_iter().map(Ok).collect())
+    .and_then(|response| {
+        NodeRead::from_wire(response, counter_count)
+            .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
     });
-}
-
-/// Checks that a Read answered for every counter asked.
-fn check_read(
-    response: pb::ReadResponse,
-    expected: usize,
-) -> Result<pb::ReadResponse, ShardCallError> {
-    // A drained node answers for none of its own.
-    let own = (response.drained_to.is_empty()).then_some(response.counters.len());
-    let lengths = own
-        .into_iter()
-        .chain(response.replicas.iter().map(|part| part.counters.len()));
-    if let Some(wrong) = lengths.into_iter().find(|&length| length != expected) {
-        return Err(ShardCallError::Failed(format!(
-            "answered {wrong} counters for {expected}"
-        )));
-    }
-    Ok(response)
-}
-
-/// Cuts one Read answer into one per job, by the jobs' counter counts.
-fn split_read(response: pb::ReadResponse, lengths: &[usize]) -> Vec<pb::ReadResponse> {
-    if let [_] = lengths {
-        return vec![response];
-    }
-    let pb::ReadResponse {
-        counters,
-        replicas,
-        restoring,
-        drained_to,
-        directory_id,
-        handed_over_version,
-        retired,
-    } = response;
-    let mut own = counters.into_iter();
-    let mut copies: Vec<_> = replicas
-        .into_iter()
-        .map(|part| {
-            let counters = part.counters.into_iter();
-            (
-                pb::ReplicaPart {
-                    counters: Vec::new(),
-                    ..part
-                },
-                counters,
-            )
-        })
-        .collect();
-    lengths
-        .iter()
-        .map(|&length| pb::ReadResponse {
-            // Empty when drained: then every job's is empty.
-            counters: own.by_ref().take(length).collect(),
-            replicas: copies
-                .iter_mut()
-                .map(|(part, counters)| pb::ReplicaPart {
-                    counters: counters.by_ref().take(length).collect(),
-                    ..part.clone()
-                })
-                .collect(),
-            restoring,
-            drained_to: drained_to.clone(),
-            directory_id,
-            handed_over_version,
-            retired: retired.clone(),
-        })
-        .collect()
+    answer_jobs(replies, |lengths| {
+        result.map(|read| read.split(lengths).into_iter().map(Ok).collect())
+    });
 }
 
 async fn send_batch(
@@ -759,7 +663,7 @@ fn answer_jobs<T>(
 async fn apply_coalesced(
     node_id: &str,
     grpc: &mut GrpcShardClient<Channel>,
-    increments: Vec<pb::ShardIncrement>,
+    increments: Vec<StripeIncrement>,
     shard_timeout: Duration,
 ) -> Result<Applied, ShardCallError> {
     let plan = Coalesced::plan(increments);
@@ -771,7 +675,7 @@ async fn apply_coalesced(
             unknown: None,
         });
     }
-    let (positions, increments): (Vec<usize>, Vec<pb::ShardIncrement>) =
+    let (positions, increments): (Vec<usize>, Vec<StripeIncrement>) =
         unmerge.into_iter().unzip();
     match apply_call(node_id, grpc, increments, shard_timeout).await {
         Ok(separate) => {
@@ -794,17 +698,28 @@ async fn apply_coalesced(
 async fn apply_call(
     node_id: &str,
     grpc: &mut GrpcShardClient<Channel>,
-    increments: Vec<pb::ShardIncrement>,
+    increments: Vec<StripeIncrement>,
     shard_timeout: Duration,
 ) -> Result<Vec<Outcome>, ShardCallError> {
     let expected = increments.len();
     let request = pb::ApplyRequest {
         node_id: node_id.to_string(),
-        increments,
+        increments: increments.into_iter().map(pb::ShardIncrement::from).collect(),
     };
-    call(shard_timeout, grpc.apply(timed(request, shard_timeout)))
-        .await
-        .and_then(|response| decode_outcomes(response, expected))
+    let response = call(shard_timeout, grpc.apply(timed(request, shard_timeout))).await?;
+    let malformed =
+        |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
+    if response.results.len() != expected {
+        return Err(malformed(format!(
+            "{} results for {expected} increments",
+            response.results.len()
+        )));
+    }
+    response
+        .results
+        .into_iter()
+        .map(|result| Outcome::try_from(result).map_err(malformed))
+        .collect()
 }
 
 /// The answer to one batch: an outcome per increment, except that if the
@@ -843,7 +758,7 @@ impl Applied {
 /// One Apply call's increments after merging (see [`apply_coalesced`]).
 struct Coalesced {
     /// What is sent, in order of each group's first member.
-    sent: Vec<pb::ShardIncrement>,
+    sent: Vec<StripeIncrement>,
     /// How to answer for each original increment.
     members: Members,
 }
@@ -857,7 +772,7 @@ struct Members {
 }
 
 impl Coalesced {
-    fn plan(increments: Vec<pb::ShardIncrement>) -> Coalesced {
+    fn plan(increments: Vec<StripeIncrement>) -> Coalesced {
         let count = increments.len();
         let mut carrier = Vec::with_capacity(count);
         let mut sums: Vec<i64> = Vec::with_capacity(count);
@@ -872,7 +787,7 @@ impl Coalesced {
                     carried.push(1);
                     (sums.len() - 1) as u32
                 };
-                let group = if !increment.idempotency_key.is_empty() || count == 1 {
+                let group = if increment.key.is_some() || count == 1 {
                     own(&mut sums, &mut carried)
                 } else {
                     let key = (increment.counter.as_str(), increment.stripe);
@@ -897,7 +812,7 @@ impl Coalesced {
         for (increment, &(group, _)) in increments.into_iter().zip(&carrier) {
             // A group's first member is the first to come by.
             if group as usize == sent.len() {
-                sent.push(pb::ShardIncrement {
+                sent.push(StripeIncrement {
                     delta: sums[group as usize],
                     ..increment
                 });
@@ -913,7 +828,7 @@ impl Coalesced {
 impl Members {
     /// Each original's outcome from its carrier's, and the originals that
     /// must be sent again unmerged (with their position).
-    fn spread(self, merged: Vec<Outcome>) -> (Vec<Outcome>, Vec<(usize, pb::ShardIncrement)>) {
+    fn spread(self, merged: Vec<Outcome>) -> (Vec<Outcome>, Vec<(usize, StripeIncrement)>) {
         let mut unmerge = Vec::new();
         let outcomes = self
             .carrier
@@ -926,26 +841,20 @@ impl Members {
                 }
                 match outcome {
                     Outcome::Applied => Outcome::Applied,
-                    Outcome::Redirect(increment) => Outcome::Redirect(pb::ShardIncrement {
+                    Outcome::Redirect(increment) => Outcome::Redirect(StripeIncrement {
                         delta,
                         ..increment.clone()
                     }),
                     // Only un-keyed increments are merged: a conflict
                     // cannot come back for a merged one; resend it alone
                     // like an overflow rather than guess.
-                    Outcome::Overflow {
-                        counter, stripe, ..
-                    }
-                    | Outcome::KeyConflict {
-                        counter, stripe, ..
-                    } => {
+                    Outcome::Overflow(increment) | Outcome::KeyConflict { increment, .. } => {
                         unmerge.push((
                             position,
-                            pb::ShardIncrement {
-                                counter: counter.clone(),
-                                stripe: *stripe,
+                            StripeIncrement {
                                 delta,
-                                idempotency_key: String::new(),
+                                key: None,
+                                ..increment.clone()
                             },
                         ));
                         Outcome::Applied // replaced by the second call's answer
@@ -957,78 +866,18 @@ impl Members {
     }
 }
 
-/// Pairs each OVERFLOW and CONFLICT outcome with the increment the shard
-/// names for it.
-fn decode_outcomes(
-    response: pb::ApplyResponse,
-    expected: usize,
-) -> Result<Vec<Outcome>, ShardCallError> {
-    let malformed =
-        |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
-    if response.outcomes.len() != expected {
-        return Err(malformed(format!(
-            "{} outcomes for {expected} increments",
-            response.outcomes.len()
-        )));
-    }
-    let named = response.overflowed.len() + response.conflicts.len() + response.redirected.len();
-    let mut overflowed = response.overflowed.into_iter();
-    let mut conflicts = response.conflicts.into_iter();
-    let mut redirected = response.redirected.into_iter();
-    let outcomes = response
-        .outcomes
-        .iter()
-        .map(|&outcome| match pb::ApplyOutcome::try_from(outcome) {
-            Ok(pb::ApplyOutcome::Applied | pb::ApplyOutcome::Duplicate) => Ok(Outcome::Applied),
-            Ok(pb::ApplyOutcome::Overflow) => {
-                let increment = overflowed
-                    .next()
-                    .ok_or_else(|| malformed("an overflow without its increment".into()))?;
-                Ok(Outcome::Overflow {
-                    counter: increment.counter,
-                    stripe: increment.stripe,
-                    delta: increment.delta,
-                })
-            }
-            Ok(pb::ApplyOutcome::Conflict) => {
-                let (increment, recorded_delta) = conflicts
-                    .next()
-                    .and_then(|conflict| Some((conflict.increment?, conflict.recorded_delta)))
-                    .ok_or_else(|| malformed("a conflict without its increment".into()))?;
-                Ok(Outcome::KeyConflict {
-                    counter: increment.counter,
-                    stripe: increment.stripe,
-                    key: increment.idempotency_key,
-                    delta: increment.delta,
-                    recorded_delta,
-                })
-            }
-            Ok(pb::ApplyOutcome::Redirect) => redirected
-                .next()
-                .map(Outcome::Redirect)
-                .ok_or_else(|| malformed("a redirect without its increment".into())),
-            _ => Err(malformed(format!("unknown outcome {outcome}"))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if overflowed.next().is_some() || conflicts.next().is_some() || redirected.next().is_some() {
-        return Err(malformed(format!(
-            "{named} overflowed or conflicting increments named"
-        )));
-    }
-    Ok(outcomes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn increment(counter: &str, stripe: u32, delta: i64, key: &str) -> pb::ShardIncrement {
-        pb::ShardIncrement {
+    fn increment(counter: &str, stripe: u32, delta: i64, key: &str) -> StripeIncrement {
+        StripeIncrement::try_from(pb::ShardIncrement {
             counter: counter.into(),
             stripe,
             delta,
             idempotency_key: key.into(),
-        }
+        })
+        .unwrap()
     }
 
     #[test]
@@ -1084,11 +933,7 @@ mod tests {
         let (outcomes, unmerge) = plan.members.spread(vec![
             Outcome::Applied,
             Outcome::Redirect(increment("b", 3, 4, "")),
-            Outcome::Overflow {
-                counter: "c".into(),
-                stripe: 0,
-                delta: 9,
-            },
+            Outcome::Overflow(increment("c", 0, 9, "")),
         ]);
         assert_eq!(
             outcomes[..4],
@@ -1100,64 +945,8 @@ mod tests {
             ]
         );
         // Not merged: its own overflow stands.
-        assert!(matches!(outcomes[4], Outcome::Overflow { delta: 9, .. }));
+        assert_eq!(outcomes[4], Outcome::Overflow(increment("c", 0, 9, "")));
         assert!(unmerge.is_empty());
-    }
-
-    fn entries(values: &[i64]) -> Vec<pb::CounterEntries> {
-        values
-            .iter()
-            .map(|&value| pb::CounterEntries {
-                entries: vec![pb::StripeValue { stripe: 0, value }],
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_shared_read_is_cut_back_into_each_callers_answer() {
-        let response = pb::ReadResponse {
-            counters: entries(&[1, 2, 3]),
-            replicas: vec![pb::ReplicaPart {
-                origin: "shard-2".into(),
-                version: 7,
-                counters: entries(&[10, 20, 30]),
-                ..Default::default()
-            }],
-            directory_id: 5,
-            retired: vec!["shard-9".into()],
-            ..Default::default()
-        };
-        let parts = split_read(check_read(response, 3).unwrap(), &[2, 1]);
-        assert_eq!(parts.len(), 2);
-        assert_eq!(parts[0].counters, entries(&[1, 2]));
-        assert_eq!(parts[1].counters, entries(&[3]));
-        assert_eq!(parts[0].replicas[0].counters, entries(&[10, 20]));
-        assert_eq!(parts[1].replicas[0].counters, entries(&[30]));
-        for part in &parts {
-            assert_eq!(part.replicas[0].origin, "shard-2");
-            assert_eq!(part.replicas[0].version, 7);
-            assert_eq!(part.directory_id, 5);
-            assert_eq!(part.retired, vec!["shard-9".to_string()]);
-        }
-        // A drained node answers no own counters: each part has none.
-        let drained = pb::ReadResponse {
-            drained_to: "shard-3".into(),
-            replicas: vec![pb::ReplicaPart {
-                counters: entries(&[1, 2, 3]),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let parts = split_read(check_read(drained, 3).unwrap(), &[1, 2]);
-        assert!(parts.iter().all(|part| part.counters.is_empty()));
-        assert_eq!(parts[1].replicas[0].counters, entries(&[2, 3]));
-        assert_eq!(parts[1].drained_to, "shard-3");
-        // A short answer is refused whole.
-        let short = pb::ReadResponse {
-            counters: entries(&[1]),
-            ..Default::default()
-        };
-        assert!(check_read(short, 3).is_err());
     }
 
     #[tokio::test]
@@ -1237,11 +1026,7 @@ mod tests {
         ]);
         let (_, unmerge) = plan.members.spread(vec![
             Outcome::Applied,
-            Outcome::Overflow {
-                counter: "a".into(),
-                stripe: 2,
-                delta: 3,
-            },
+            Outcome::Overflow(increment("a", 2, 3, "")),
         ]);
         assert_eq!(
             unmerge,

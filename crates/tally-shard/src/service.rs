@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tally_proto::domain::{CounterName, IdempotencyKey};
 use tally_proto::pb;
+use tally_proto::pb::apply_result::Outcome;
 use tonic::{Request, Response, Status};
 
 use crate::change::{Change, Entry, OwnChange};
@@ -163,6 +164,13 @@ fn check_stripe(stripe: u32) -> Result<(), Refusal> {
             "stripe {stripe} is out of range: a shard stores stripes 0 to {}",
             MAX_STRIPES - 1
         )))
+    }
+}
+
+/// One increment's result, for the Apply answer.
+fn result(outcome: pb::apply_result::Outcome) -> pb::ApplyResult {
+    pb::ApplyResult {
+        outcome: Some(outcome),
     }
 }
 
@@ -464,12 +472,12 @@ impl pb::shard_server::Shard for ShardService {
             if self.check_not_draining().is_err() {
                 // Nothing applied: the coordinator sends them elsewhere.
                 drop(increments);
-                let count = request.increments.len();
-                return Ok(Response::new(pb::ApplyResponse {
-                    outcomes: vec![pb::ApplyOutcome::Redirect as i32; count],
-                    redirected: request.increments,
-                    ..Default::default()
-                }));
+                let results = request
+                    .increments
+                    .into_iter()
+                    .map(|increment| result(Outcome::Redirect(increment)))
+                    .collect();
+                return Ok(Response::new(pb::ApplyResponse { results }));
             }
             self.state.store.apply(&increments, unix_ms_now())
         };
@@ -477,34 +485,26 @@ impl pb::shard_server::Shard for ShardService {
         self.increments_applied
             .fetch_add(increments.len() as u64, Ordering::Relaxed);
         self.durable(epoch).await?;
-        let mut overflowed = Vec::new();
-        let mut conflicts = Vec::new();
-        let outcomes = request
+        // Only refused increments come back whole.
+        let results = request
             .increments
             .into_iter()
             .zip(outcomes)
-            .map(|(increment, outcome)| match outcome {
-                ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
-                ApplyOutcome::Duplicate => pb::ApplyOutcome::Duplicate as i32,
-                ApplyOutcome::Overflow => {
-                    overflowed.push(increment);
-                    pb::ApplyOutcome::Overflow as i32
-                }
-                ApplyOutcome::Conflict { recorded_delta } => {
-                    conflicts.push(pb::KeyConflict {
-                        increment: Some(increment),
-                        recorded_delta,
-                    });
-                    pb::ApplyOutcome::Conflict as i32
-                }
+            .map(|(increment, outcome)| {
+                result(match outcome {
+                    ApplyOutcome::Applied => Outcome::Applied(pb::apply_result::Applied {}),
+                    ApplyOutcome::Duplicate => Outcome::Duplicate(pb::apply_result::Applied {}),
+                    ApplyOutcome::Overflow => Outcome::Overflow(increment),
+                    ApplyOutcome::Conflict { recorded_delta } => {
+                        Outcome::Conflict(pb::apply_result::Conflict {
+                            increment: Some(increment),
+                            recorded_delta,
+                        })
+                    }
+                })
             })
             .collect();
-        Ok(Response::new(pb::ApplyResponse {
-            outcomes,
-            overflowed,
-            conflicts,
-            redirected: Vec::new(),
-        }))
+        Ok(Response::new(pb::ApplyResponse { results }))
     }
 
     async fn read(

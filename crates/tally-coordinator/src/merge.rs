@@ -1,0 +1,372 @@
+//! The read merge: which answers make up each node's part of a read, so
+//! that every acknowledged increment is counted once and none twice. A
+//! pure function over the nodes' answers and a snapshot of what the
+//! coordinator knows of each node; no I/O, so every rule is tested from a
+//! table of cases below.
+
+use crate::error::ShardCallError;
+use crate::model::{CopyRead, NodeRead};
+
+/// What the merge needs to know of one node besides its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView<'a> {
+    /// Its id, as answers name it.
+    pub id: &'a str,
+    /// The nodes that keep its copy current (by index), in ring order.
+    pub replicas: &'a [usize],
+    /// This coordinator saw its entries handed over (drain).
+    pub handed_over: bool,
+    /// The oldest scan time (origin's clock, Unix ms) a copy of it may have
+    /// to stand in for it when it does not answer: one replication and one
+    /// detection interval before it failed.
+    pub oldest_usable_copy_unix_ms: i64,
+}
+
+/// One node's answer, or why there is none.
+pub type Answer = Result<NodeRead, ShardCallError>;
+
+/// Node `node`'s part of a read, as the lists of per-counter parts to add:
+/// one list per origin, so no entry is counted twice. Empty: it has none
+/// (drained into another node's own).
+///
+/// - Handed over (its answer names the adopter): nothing if the adopter's
+///   answer says it adopted it (its part is in the adopter's own), else the
+///   adopter's copy, at the final version at least.
+/// - Retired (otherwise, some answer says it adopted the node or dropped its
+///   copy after a drain): its part is in the adopter's own.
+/// - Restoring (started empty): its own answer plus the copy from its lost
+///   directory; or, if a copy from its current directory already exists
+///   (restored and replicated while this read ran), that copy.
+/// - Answered: its own answer.
+/// - No answer: the freshest copy among its replicas, if recent enough.
+pub fn part_of<'a>(
+    node: usize,
+    views: &[NodeView<'_>],
+    answers: &'a [Answer],
+) -> Result<Vec<&'a [i128]>, ShardCallError> {
+    let view = &views[node];
+    let lists = |answer: &NodeRead| answer.retired.iter().any(|origin| origin == view.id);
+    let retired = answers.iter().flatten().any(lists);
+    let answer = match &answers[node] {
+        // Handed over: only its adopter's answer says whether it has
+        // adopted yet. Another node may have dropped its copy (and listed
+        // it retired) after the adoption, while the adopter's answer
+        // predates it and still holds the copy.
+        Ok(answer) if answer.drained_to.is_some() => answer,
+        _ if retired => return Ok(Vec::new()),
+        Ok(answer) => answer,
+        Err(error) => {
+            if view.handed_over {
+                return Err(ShardCallError::Failed(
+                    "drained, and its adopter's copy was not read".into(),
+                ));
+            }
+            return freshest_copy(node, views, answers)
+                .filter(|copy| copy.scanned_unix_ms as i64 >= view.oldest_usable_copy_unix_ms)
+                .map(|copy| vec![copy.parts.as_slice()])
+                .ok_or_else(|| error.clone());
+        }
+    };
+    if let Some(adopter_id) = &answer.drained_to {
+        let adopter = views.iter().position(|other| other.id == adopter_id);
+        let adopter_answer = adopter.and_then(|adopter| answers[adopter].as_ref().ok());
+        if adopter_answer.is_some_and(lists) {
+            // Adopted: its part is in the adopter's own.
+            return Ok(Vec::new());
+        }
+        return adopter_answer
+            .and_then(|adopter| adopter.copies.iter().find(|copy| copy.origin == view.id))
+            .filter(|copy| copy.version >= answer.handed_over_version)
+            .map(|copy| vec![copy.parts.as_slice()])
+            .ok_or_else(|| {
+                ShardCallError::Failed(format!(
+                    "drained into {adopter_id}, whose answer did not hold its final copy"
+                ))
+            });
+    }
+    if answer.restoring {
+        if view
+            .replicas
+            .iter()
+            .any(|&replica| answers[replica].is_err())
+        {
+            return Err(ShardCallError::Failed(
+                "restoring from its replicas, and one of them did not answer".into(),
+            ));
+        }
+        return Ok(match freshest_copy(node, views, answers) {
+            // Restored and replicated since it answered: the copy is all
+            // of it.
+            Some(copy) if copy.directory_id == answer.directory_id => vec![&copy.parts],
+            // Its own answer plus its lost directory's copy.
+            Some(copy) => vec![&answer.own, &copy.parts],
+            None => vec![&answer.own],
+        });
+    }
+    Ok(vec![&answer.own])
+}
+
+/// The freshest copy of node `origin`'s parts among the answers of its
+/// replicas (only they are kept current; a node that held a copy before a
+/// membership change may hold an old one).
+fn freshest_copy<'a>(
+    origin: usize,
+    views: &[NodeView<'_>],
+    answers: &'a [Answer],
+) -> Option<&'a CopyRead> {
+    let origin_id = views[origin].id;
+    views[origin]
+        .replicas
+        .iter()
+        .filter_map(|&replica| answers[replica].as_ref().ok())
+        .flat_map(|answer| &answer.copies)
+        .filter(|copy| copy.origin == origin_id)
+        .max_by_key(|copy| copy.version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three nodes x, y, z; each one's replica is the next.
+    const IDS: [&str; 3] = ["x", "y", "z"];
+    const REPLICAS: [[usize; 1]; 3] = [[1], [2], [0]];
+
+    fn views(handed_over: bool, oldest_usable_copy_unix_ms: i64) -> Vec<NodeView<'static>> {
+        (0..3)
+            .map(|node| NodeView {
+                id: IDS[node],
+                replicas: &REPLICAS[node],
+                handed_over,
+                oldest_usable_copy_unix_ms,
+            })
+            .collect()
+    }
+
+    fn own(value: i128) -> NodeRead {
+        NodeRead {
+            own: vec![value],
+            ..Default::default()
+        }
+    }
+
+    fn copy(origin: &str, version: u64, scanned: u64, directory: u64, value: i128) -> CopyRead {
+        CopyRead {
+            origin: origin.into(),
+            version,
+            scanned_unix_ms: scanned,
+            directory_id: directory,
+            parts: vec![value],
+        }
+    }
+
+    fn down() -> Answer {
+        Err(ShardCallError::Failed("connection refused".into()))
+    }
+
+    /// x's part, summed, or `None` if it cannot be told.
+    fn x_part(answers: &[Answer], views: &[NodeView<'_>]) -> Option<i128> {
+        part_of(0, views, answers)
+            .ok()
+            .map(|lists| lists.iter().map(|list| list[0]).sum())
+    }
+
+    #[test]
+    fn each_node_part_comes_from_one_place() {
+        let y_with_copy = |version, scanned, directory, value| NodeRead {
+            copies: vec![copy("x", version, scanned, directory, value)],
+            ..own(2)
+        };
+        let handed_over = |version| NodeRead {
+            drained_to: Some("y".into()),
+            handed_over_version: version,
+            ..Default::default()
+        };
+        let restoring = |directory, value| NodeRead {
+            restoring: true,
+            directory_id: directory,
+            ..own(value)
+        };
+        let retiring = |value| NodeRead {
+            retired: vec!["x".into()],
+            ..own(value)
+        };
+        // (case, x's answer, y's answer, z's answer, coordinator saw x handed
+        // over, x's part)
+        type Case = (&'static str, Answer, Answer, Answer, bool, Option<i128>);
+        let cases: Vec<Case> = vec![
+            ("answered", Ok(own(1)), Ok(own(2)), Ok(own(3)), false, Some(1)),
+            (
+                "answered, a copy elsewhere is ignored",
+                Ok(own(1)),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(own(3)),
+                false,
+                Some(1),
+            ),
+            (
+                "down: its replica's fresh copy",
+                down(),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(own(3)),
+                false,
+                Some(50),
+            ),
+            (
+                "down: a stale copy is no answer",
+                down(),
+                Ok(y_with_copy(9, 10, 1, 50)),
+                Ok(own(3)),
+                false,
+                None,
+            ),
+            (
+                "down: a copy on a node that is not its replica is no answer",
+                down(),
+                Ok(own(2)),
+                Ok(NodeRead {
+                    copies: vec![copy("x", 9, 100, 1, 50)],
+                    ..own(3)
+                }),
+                false,
+                None,
+            ),
+            (
+                "down and its replica down",
+                down(),
+                down(),
+                Ok(own(3)),
+                false,
+                None,
+            ),
+            (
+                "down after it was handed over: only its adopter's answer counts",
+                down(),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(own(3)),
+                true,
+                None,
+            ),
+            (
+                "handed over, not adopted yet: the adopter's final copy",
+                Ok(handed_over(9)),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(own(3)),
+                true,
+                Some(50),
+            ),
+            (
+                "handed over: a copy older than the final one is no answer",
+                Ok(handed_over(10)),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(own(3)),
+                true,
+                None,
+            ),
+            (
+                "handed over and adopted: in the adopter's own",
+                Ok(handed_over(9)),
+                Ok(retiring(52)),
+                Ok(own(3)),
+                true,
+                Some(0),
+            ),
+            (
+                "handed over: another node's retirement does not count before the adopter's",
+                Ok(handed_over(9)),
+                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(retiring(3)),
+                true,
+                Some(50),
+            ),
+            (
+                "handed over, its adopter down",
+                Ok(handed_over(9)),
+                down(),
+                Ok(own(3)),
+                true,
+                None,
+            ),
+            (
+                "retired and gone: listed by any answer",
+                down(),
+                Ok(own(2)),
+                Ok(retiring(3)),
+                true,
+                Some(0),
+            ),
+            (
+                "restoring: its own plus its lost directory's copy",
+                Ok(restoring(2, 1)),
+                Ok(y_with_copy(9, 10, 1, 50)),
+                Ok(own(3)),
+                false,
+                Some(51),
+            ),
+            (
+                "restoring, and already replicated from its new directory",
+                Ok(restoring(2, 1)),
+                Ok(y_with_copy(9, 10, 2, 51)),
+                Ok(own(3)),
+                false,
+                Some(51),
+            ),
+            (
+                "restoring, no copy anywhere (a new node)",
+                Ok(restoring(2, 1)),
+                Ok(own(2)),
+                Ok(own(3)),
+                false,
+                Some(1),
+            ),
+            (
+                "restoring, its replica down",
+                Ok(restoring(2, 1)),
+                down(),
+                Ok(own(3)),
+                false,
+                None,
+            ),
+        ];
+        for (case, x, y, z, handed_over, expected) in cases {
+            let answers = [x, y, z];
+            assert_eq!(
+                x_part(&answers, &views(handed_over, 50)),
+                expected,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_freshest_of_several_copies_stands_in() {
+        let replicas = [1, 2];
+        let mut views = views(false, 0);
+        views[0].replicas = &replicas;
+        let answers = [
+            down(),
+            Ok(NodeRead {
+                copies: vec![copy("x", 7, 100, 1, 70)],
+                ..own(2)
+            }),
+            Ok(NodeRead {
+                copies: vec![copy("x", 8, 100, 1, 80)],
+                ..own(3)
+            }),
+        ];
+        assert_eq!(x_part(&answers, &views), Some(80));
+    }
+
+    #[test]
+    fn a_node_without_an_answer_keeps_its_own_error() {
+        let answers = [
+            Err(ShardCallError::TimedOut(std::time::Duration::from_secs(1))),
+            Ok(own(2)),
+            Ok(own(3)),
+        ];
+        assert_eq!(
+            part_of(0, &views(false, 0), &answers),
+            Err(ShardCallError::TimedOut(std::time::Duration::from_secs(1)))
+        );
+    }
+}

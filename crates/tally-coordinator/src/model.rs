@@ -1,0 +1,361 @@
+//! The internal hop in the coordinator's own types. The shard client turns
+//! them into wire messages and back at its edge (`shard_client::rpc`), once;
+//! routing, batching, coalescing and the read merge never see a wire type.
+
+use tally_proto::domain::{CounterName, IdempotencyKey, Increment, ProtocolError};
+use tally_proto::pb;
+
+/// An increment placed on one stripe of its counter: what a node applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeIncrement {
+    /// The counter.
+    pub counter: CounterName,
+    /// The stripe, below the cluster's `stripes`.
+    pub stripe: u32,
+    /// Amount to add.
+    pub delta: i64,
+    /// The client's key: the node applies it once per (counter, key).
+    pub key: Option<IdempotencyKey>,
+}
+
+impl StripeIncrement {
+    /// `increment`, placed on `stripe`.
+    pub fn new(increment: Increment, stripe: u32) -> Self {
+        StripeIncrement {
+            counter: increment.counter,
+            stripe,
+            delta: increment.delta,
+            key: increment.idempotency_key,
+        }
+    }
+}
+
+impl From<StripeIncrement> for pb::ShardIncrement {
+    fn from(increment: StripeIncrement) -> Self {
+        pb::ShardIncrement {
+            counter: increment.counter.into_string(),
+            stripe: increment.stripe,
+            delta: increment.delta,
+            idempotency_key: increment
+                .key
+                .map(IdempotencyKey::into_string)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::ShardIncrement> for StripeIncrement {
+    type Error = ProtocolError;
+
+    fn try_from(increment: pb::ShardIncrement) -> Result<Self, Self::Error> {
+        Ok(StripeIncrement {
+            counter: CounterName::try_from(increment.counter)?,
+            stripe: increment.stripe,
+            delta: increment.delta,
+            key: IdempotencyKey::from_wire(increment.idempotency_key)?,
+        })
+    }
+}
+
+/// What became of one increment on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and durable by the node's durability mode; or a retry of an
+    /// idempotency key applied before, whose original is durable.
+    Applied,
+    /// Would take the stored entry out of the i64 range; nothing applied.
+    Overflow(StripeIncrement),
+    /// The idempotency key was applied to the counter before with another
+    /// delta; nothing applied.
+    KeyConflict {
+        /// This increment.
+        increment: StripeIncrement,
+        /// The delta applied under the key before.
+        recorded_delta: i64,
+    },
+    /// The node is being drained: nothing applied; send it elsewhere.
+    Redirect(StripeIncrement),
+}
+
+impl TryFrom<pb::ApplyResult> for Outcome {
+    type Error = String;
+
+    fn try_from(result: pb::ApplyResult) -> Result<Self, Self::Error> {
+        use pb::apply_result::Outcome as Wire;
+        let increment = |increment: Option<pb::ShardIncrement>| {
+            let increment = increment.ok_or("a refusal without its increment")?;
+            StripeIncrement::try_from(increment).map_err(|error| error.to_string())
+        };
+        Ok(match result.outcome.ok_or("an empty result")? {
+            Wire::Applied(_) | Wire::Duplicate(_) => Outcome::Applied,
+            Wire::Overflow(refused) => Outcome::Overflow(increment(Some(refused))?),
+            Wire::Redirect(refused) => Outcome::Redirect(increment(Some(refused))?),
+            Wire::Conflict(conflict) => Outcome::KeyConflict {
+                increment: increment(conflict.increment)?,
+                recorded_delta: conflict.recorded_delta,
+            },
+        })
+    }
+}
+
+/// One node's answer to a read of some counters: for each counter asked,
+/// in order, its own part (the sum of its entries) and each copy's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeRead {
+    /// The node's own part of each counter; empty once it is handed over.
+    pub own: Vec<i128>,
+    /// The copies it holds of other nodes' parts.
+    pub copies: Vec<CopyRead>,
+    /// It started with an empty data directory and awaits a restore: its
+    /// part is `own` plus its lost directory's copy.
+    pub restoring: bool,
+    /// Handed over to this node: its part is that node's copy of it (until
+    /// adopted, then that node's own).
+    pub drained_to: Option<String>,
+    /// Its data directory's id.
+    pub directory_id: u64,
+    /// With `drained_to`: the version of the final copy handed over.
+    pub handed_over_version: u64,
+    /// Drained nodes whose part is in this node's own (adopted) or no
+    /// longer anyone's copy (dropped).
+    pub retired: Vec<String>,
+}
+
+/// A node's copy of another node's parts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CopyRead {
+    /// Whose parts these are.
+    pub origin: String,
+    /// The origin's version the copy reflects; higher is fresher.
+    pub version: u64,
+    /// When the origin scanned that version (its clock).
+    pub scanned_unix_ms: u64,
+    /// The origin's data directory the copy comes from.
+    pub directory_id: u64,
+    /// The origin's part of each counter asked, in order.
+    pub parts: Vec<i128>,
+}
+
+impl NodeRead {
+    /// Checks that the answer covers every one of `expected` counters.
+    pub fn from_wire(response: pb::ReadResponse, expected: usize) -> Result<Self, String> {
+        let drained_to = Some(response.drained_to).filter(|adopter| !adopter.is_empty());
+        // A handed-over node answers for none of its own.
+        if drained_to.is_none() && response.counters.len() != expected {
+            return Err(format!(
+                "answered {} counters for {expected}",
+                response.counters.len()
+            ));
+        }
+        let copies = response
+            .replicas
+            .into_iter()
+            .map(|copy| {
+                if copy.counters.len() != expected {
+                    return Err(format!(
+                        "a copy of {} answered {} counters for {expected}",
+                        copy.origin,
+                        copy.counters.len()
+                    ));
+                }
+                Ok(CopyRead {
+                    origin: copy.origin,
+                    version: copy.version,
+                    scanned_unix_ms: copy.scanned_unix_ms,
+                    directory_id: copy.directory_id,
+                    parts: sums(&copy.counters),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(NodeRead {
+            own: sums(&response.counters),
+            copies,
+            restoring: response.restoring,
+            drained_to,
+            directory_id: response.directory_id,
+            handed_over_version: response.handed_over_version,
+            retired: response.retired,
+        })
+    }
+
+    /// Cuts one answer for many callers into one per caller, by the number
+    /// of counters each asked, in order. One call is one consistent view of
+    /// the node, so each part is too.
+    pub fn split(self, lengths: &[usize]) -> Vec<NodeRead> {
+        if let [_] = lengths {
+            return vec![self];
+        }
+        let mut start = 0;
+        lengths
+            .iter()
+            .map(|&length| {
+                let range = start..start + length;
+                start += length;
+                NodeRead {
+                    // Empty when handed over: then every caller's is.
+                    own: self.own.get(range.clone()).unwrap_or_default().to_vec(),
+                    copies: self
+                        .copies
+                        .iter()
+                        .map(|copy| CopyRead {
+                            origin: copy.origin.clone(),
+                            parts: copy.parts[range.clone()].to_vec(),
+                            ..*copy
+                        })
+                        .collect(),
+                    restoring: self.restoring,
+                    drained_to: self.drained_to.clone(),
+                    directory_id: self.directory_id,
+                    handed_over_version: self.handed_over_version,
+                    retired: self.retired.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Each counter's entries summed. i128: the entries of a counter may each
+/// fit in an i64 while their sum does not.
+fn sums(counters: &[pb::CounterEntries]) -> Vec<i128> {
+    counters
+        .iter()
+        .map(|counter| {
+            counter
+                .entries
+                .iter()
+                .map(|entry| i128::from(entry.value))
+                .sum()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(values: &[i64]) -> Vec<pb::CounterEntries> {
+        values
+            .iter()
+            .map(|&value| pb::CounterEntries {
+                entries: vec![
+                    pb::StripeValue { stripe: 0, value },
+                    pb::StripeValue { stripe: 1, value },
+                ],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_read_is_cut_back_into_each_callers_answer() {
+        let response = pb::ReadResponse {
+            counters: entries(&[1, 2, i64::MAX]),
+            replicas: vec![pb::ReplicaPart {
+                origin: "shard-2".into(),
+                version: 7,
+                counters: entries(&[10, 20, 30]),
+                ..Default::default()
+            }],
+            directory_id: 5,
+            retired: vec!["shard-9".into()],
+            ..Default::default()
+        };
+        let read = NodeRead::from_wire(response, 3).unwrap();
+        // Summed per counter, beyond i64 where the entries are.
+        assert_eq!(read.own, vec![2, 4, 2 * i128::from(i64::MAX)]);
+        let parts = read.split(&[2, 1]);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].own, vec![2, 4]);
+        assert_eq!(parts[1].own, vec![2 * i128::from(i64::MAX)]);
+        assert_eq!(parts[0].copies[0].parts, vec![20, 40]);
+        assert_eq!(parts[1].copies[0].parts, vec![60]);
+        for part in &parts {
+            assert_eq!(part.copies[0].origin, "shard-2");
+            assert_eq!(part.copies[0].version, 7);
+            assert_eq!(part.directory_id, 5);
+            assert_eq!(part.retired, vec!["shard-9".to_string()]);
+        }
+    }
+
+    #[test]
+    fn a_handed_over_node_answers_no_own_part() {
+        let drained = pb::ReadResponse {
+            drained_to: "shard-3".into(),
+            replicas: vec![pb::ReplicaPart {
+                counters: entries(&[1, 2, 3]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let parts = NodeRead::from_wire(drained, 3).unwrap().split(&[1, 2]);
+        assert!(parts.iter().all(|part| part.own.is_empty()));
+        assert_eq!(parts[1].copies[0].parts, vec![4, 6]);
+        assert_eq!(parts[1].drained_to.as_deref(), Some("shard-3"));
+    }
+
+    #[test]
+    fn a_short_answer_is_refused_whole() {
+        let short = pb::ReadResponse {
+            counters: entries(&[1]),
+            ..Default::default()
+        };
+        assert!(NodeRead::from_wire(short, 3).is_err());
+        let short_copy = pb::ReadResponse {
+            counters: entries(&[1, 2, 3]),
+            replicas: vec![pb::ReplicaPart {
+                counters: entries(&[1]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(NodeRead::from_wire(short_copy, 3).is_err());
+    }
+
+    #[test]
+    fn refused_increments_come_back_typed() {
+        use pb::apply_result::Outcome as Wire;
+        let wire = pb::ShardIncrement {
+            counter: "c".into(),
+            stripe: 3,
+            delta: 5,
+            idempotency_key: "k".into(),
+        };
+        let increment = StripeIncrement::try_from(wire.clone()).unwrap();
+        assert_eq!(pb::ShardIncrement::from(increment.clone()), wire);
+        let cases = [
+            (Wire::Applied(Default::default()), Outcome::Applied),
+            (Wire::Duplicate(Default::default()), Outcome::Applied),
+            (
+                Wire::Overflow(wire.clone()),
+                Outcome::Overflow(increment.clone()),
+            ),
+            (
+                Wire::Redirect(wire.clone()),
+                Outcome::Redirect(increment.clone()),
+            ),
+            (
+                Wire::Conflict(pb::apply_result::Conflict {
+                    increment: Some(wire.clone()),
+                    recorded_delta: 4,
+                }),
+                Outcome::KeyConflict {
+                    increment,
+                    recorded_delta: 4,
+                },
+            ),
+        ];
+        for (wire, expected) in cases {
+            let result = pb::ApplyResult {
+                outcome: Some(wire),
+            };
+            assert_eq!(Outcome::try_from(result), Ok(expected));
+        }
+        assert!(Outcome::try_from(pb::ApplyResult { outcome: None }).is_err());
+        let nameless = pb::ApplyResult {
+            outcome: Some(Wire::Conflict(pb::apply_result::Conflict {
+                increment: None,
+                recorded_delta: 1,
+            })),
+        };
+        assert!(Outcome::try_from(nameless).is_err());
+    }
+}

@@ -18,6 +18,7 @@ use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::health::{probe_loop, HealthBoard, NodeHealth};
 use crate::merge::{self, NodeView};
 use crate::model::{Outcome, StripeIncrement};
+use crate::placement::{write_target, WriteState};
 use crate::shard_client::{BatchSettings, ShardClient};
 
 thread_local! {
@@ -128,9 +129,7 @@ impl Cluster {
         }
         let replication_interval = config.replication_interval;
         let replicas = (0..shards.len())
-            .map(|node| {
-                crate::replication::replicas_of(&ring, node, config.replication_factor)
-            })
+            .map(|node| crate::replication::replicas_of(&ring, node, config.replication_factor))
             .collect();
         let cluster = Arc::new(Cluster {
             config,
@@ -486,25 +485,20 @@ impl Cluster {
         self.health.record_replication_failure(origin);
     }
 
-    /// Where an increment of `(counter, stripe)` goes: its owner, unless the
-    /// owner is down and the increment has no key; then the first healthy
-    /// node after it on the ring. A keyed increment stays with its owner,
-    /// the only node that remembers its key.
-    ///
-    /// A node being drained takes no writes: every increment whose owner it
-    /// is goes to the next node that does, keyed ones too (their key is
-    /// not remembered there: see the drain's limits).
+    /// Where an increment of `(counter, stripe)` goes now
+    /// ([`placement::write_target`]).
     fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
         let hash = tally_ring::key_hash(counter, stripe);
-        let owner = self.ring.owner_of_hash(hash);
-        let (up, draining) = self.health.write_state(owner);
-        if !draining && (up || keyed) {
-            return owner;
-        }
-        self.ring
-            .successors(hash)
-            .find(|&node| self.health.takes_writes(node))
-            .unwrap_or(owner)
+        let state = |node: usize| {
+            let (up, draining) = self.health.write_state(node);
+            WriteState { up, draining }
+        };
+        write_target(
+            self.ring.owner_of_hash(hash),
+            || self.ring.successors(hash),
+            state,
+            keyed,
+        )
     }
 
     /// Records a call's outcome on the health board.
@@ -894,7 +888,10 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
             recorded_delta,
         } => Some(CoordinatorError::KeyConflict {
             counter: increment.counter.into_string(),
-            key: increment.key.map(IdempotencyKey::into_string).unwrap_or_default(),
+            key: increment
+                .key
+                .map(IdempotencyKey::into_string)
+                .unwrap_or_default(),
             delta: increment.delta,
             recorded_delta,
         }),

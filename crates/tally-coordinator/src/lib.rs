@@ -30,6 +30,7 @@ pub mod error;
 pub mod health;
 mod merge;
 pub mod model;
+mod placement;
 pub mod replication;
 pub mod service;
 pub mod shard_client;

@@ -195,7 +195,14 @@ mod tests {
         // over, x's part)
         type Case = (&'static str, Answer, Answer, Answer, bool, Option<i128>);
         let cases: Vec<Case> = vec![
-            ("answered", Ok(own(1)), Ok(own(2)), Ok(own(3)), false, Some(1)),
+            (
+                "answered",
+                Ok(own(1)),
+                Ok(own(2)),
+                Ok(own(3)),
+                false,
+                Some(1),
+            ),
             (
                 "answered, a copy elsewhere is ignored",
                 Ok(own(1)),

@@ -675,8 +675,7 @@ async fn apply_coalesced(
             unknown: None,
         });
     }
-    let (positions, increments): (Vec<usize>, Vec<StripeIncrement>) =
-        unmerge.into_iter().unzip();
+    let (positions, increments): (Vec<usize>, Vec<StripeIncrement>) = unmerge.into_iter().unzip();
     match apply_call(node_id, grpc, increments, shard_timeout).await {
         Ok(separate) => {
             for (&position, outcome) in positions.iter().zip(separate) {
@@ -704,7 +703,10 @@ async fn apply_call(
     let expected = increments.len();
     let request = pb::ApplyRequest {
         node_id: node_id.to_string(),
-        increments: increments.into_iter().map(pb::ShardIncrement::from).collect(),
+        increments: increments
+            .into_iter()
+            .map(pb::ShardIncrement::from)
+            .collect(),
     };
     let response = call(shard_timeout, grpc.apply(timed(request, shard_timeout))).await?;
     let malformed =

@@ -45,6 +45,36 @@ impl DrainState {
         }
     }
 
+    /// What asking for `asked` does to a node at `self`: the next state in
+    /// order moves it on; a repeat or an earlier state changes nothing (a
+    /// drain resumes after a crash of anything); skipping a state, or a
+    /// hand-over to another adopter or at another version than recorded,
+    /// is refused with the reason.
+    pub fn step_to(&self, asked: &DrainState) -> Result<DrainStep, String> {
+        if let (Some((adopter, version)), Some((wanted, asked_version))) =
+            (self.handed_to(), asked.handed_to())
+        {
+            if adopter != wanted || version != asked_version {
+                return Err(format!(
+                    "handed over to {adopter} at version {version}, not {wanted} at \
+                     {asked_version}"
+                ));
+            }
+        }
+        let (current, asked_stage) = (self.stage() as i32, asked.stage() as i32);
+        if asked_stage > current + 1 {
+            return Err(format!(
+                "{:?}: drain phases go in order",
+                self.stage().public_name()
+            ));
+        }
+        Ok(if asked_stage == current + 1 {
+            DrainStep::Advance
+        } else {
+            DrainStep::Stay
+        })
+    }
+
     /// The adopter and the final copy's version, once handed over.
     pub fn handed_to(&self) -> Option<(&str, u64)> {
         match self {
@@ -58,6 +88,15 @@ impl DrainState {
     pub fn adopter(&self) -> Option<&str> {
         self.handed_to().map(|(adopter, _)| adopter)
     }
+}
+
+/// What a drain request does to a node's drain state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainStep {
+    /// To the asked state: write it.
+    Advance,
+    /// Already there or further: nothing to write.
+    Stay,
 }
 
 /// A node's state besides its counters and copies.
@@ -118,6 +157,75 @@ pub fn new_directory_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_states_move_forward_one_at_a_time_and_repeat_freely() {
+        let handed = |adopter: &str, version| DrainState::HandedOver {
+            adopter: adopter.into(),
+            version,
+        };
+        let drained = |adopter: &str, version| DrainState::Drained {
+            adopter: adopter.into(),
+            version,
+        };
+        use DrainState::{Draining, Serving};
+        use DrainStep::{Advance, Stay};
+        // (case, current, asked, what happens: a step or refused)
+        let cases = [
+            ("stop writes", Serving, Draining, Some(Advance)),
+            ("stop writes again", Draining, Draining, Some(Stay)),
+            ("hand over", Draining, handed("b", 7), Some(Advance)),
+            (
+                "hand over again",
+                handed("b", 7),
+                handed("b", 7),
+                Some(Stay),
+            ),
+            ("adopted", handed("b", 7), drained("b", 7), Some(Advance)),
+            (
+                "adopted again",
+                drained("b", 7),
+                drained("b", 7),
+                Some(Stay),
+            ),
+            (
+                "an earlier step after the hand-over",
+                handed("b", 7),
+                Draining,
+                Some(Stay),
+            ),
+            (
+                "an earlier step once drained",
+                drained("b", 7),
+                Serving,
+                Some(Stay),
+            ),
+            (
+                "hand over without stopping writes",
+                Serving,
+                handed("b", 7),
+                None,
+            ),
+            (
+                "adopted without a hand-over",
+                Draining,
+                drained("b", 7),
+                None,
+            ),
+            ("another adopter", handed("b", 7), handed("c", 7), None),
+            ("another version", handed("b", 7), handed("b", 8), None),
+            ("adopted by another", handed("b", 7), drained("c", 7), None),
+            (
+                "handed over again elsewhere once drained",
+                drained("b", 7),
+                handed("c", 1),
+                None,
+            ),
+        ];
+        for (case, current, asked, expected) in cases {
+            assert_eq!(current.step_to(&asked).ok(), expected, "{case}");
+        }
+    }
 
     #[test]
     fn meta_round_trips_as_json_with_full_u64s() {

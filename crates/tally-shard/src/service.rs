@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::change::{Change, Entry, OwnChange};
 use crate::config::Durability;
 use crate::journal::{unix_ms_now, Journal, NodeState};
-use crate::meta::DrainState;
+use crate::meta::{DrainState, DrainStep};
 use crate::refusal::Refusal;
 use crate::replicas::{CopyStamp, Verdict};
 use crate::store::{ApplyOutcome, StripeIncrement, MAX_STRIPES};
@@ -272,28 +272,10 @@ impl ShardService {
         // Alone: no write is half-way past the check while the state moves.
         let paused = self.own_writes.write().await;
         let current = self.state.meta.lock().drain.clone();
-        if let (Some((adopter, version)), Some((wanted, asked_version))) =
-            (current.handed_to(), asked.handed_to())
-        {
-            if adopter != wanted || version != asked_version {
-                return Err(Refusal::DrainConflict(format!(
-                    "node {} is handed over to {adopter} at version {version}, not {wanted} at \
-                     {asked_version}",
-                    self.node_id
-                )));
-            }
-        }
-        let (asked_stage, current_stage) = (asked.stage() as i32, current.stage() as i32);
-        if asked_stage > current_stage + 1 {
-            return Err(Refusal::DrainConflict(format!(
-                "node {} is {:?}: drain phases go in order",
-                self.node_id,
-                current.stage().public_name()
-            )));
-        }
-        // A repeat, or an earlier phase, changes nothing: a drain resumes
-        // after a crash.
-        if asked_stage == current_stage + 1 {
+        let step = current
+            .step_to(&asked)
+            .map_err(|why| Refusal::DrainConflict(format!("node {} is {why}", self.node_id)))?;
+        if step == DrainStep::Advance {
             self.submit(Change::Drain(asked.clone())).await?;
             tracing::info!(
                 node_id = &*self.node_id,

@@ -90,7 +90,8 @@ impl Coordinator {
     ) -> Result<(), StartError> {
         let counter = service::CounterService::new(self.cluster.clone());
         let admin = service::AdminService::new(self.cluster.clone());
-        let (health_reporter, routes) = tally_proto::process::grpc_routes();
+        let api = &tally_proto::process::COORDINATOR_API;
+        let (health_reporter, routes) = tally_proto::process::grpc_routes(api);
         health_reporter
             .set_serving::<pb::counter_server::CounterServer<service::CounterService>>()
             .await;
@@ -120,7 +121,10 @@ impl Coordinator {
             .prepare();
         tally_proto::process::server_builder()
             .serve_with_incoming_shutdown(
-                dispatch::Dispatch::new(counter, routes),
+                tally_proto::process::explain_unimplemented(
+                    dispatch::Dispatch::new(counter, routes),
+                    api,
+                ),
                 tally_proto::process::incoming(listener),
                 shutdown,
             )

@@ -112,16 +112,129 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
+/// What a Tally server serves: the services its reflection lists besides
+/// health checking and reflection, and what it answers a call to a method
+/// it does not serve.
+#[derive(Debug, Clone, Copy)]
+pub struct ServedApi {
+    /// The names of its own gRPC services (`tally.v1.Counter`, ...).
+    pub services: &'static [&'static str],
+    /// The `UNIMPLEMENTED` message for any other method: which server this
+    /// is and where its API is described. Printable ASCII without `%`, so
+    /// that it goes into the `grpc-message` header as it is.
+    pub unimplemented: &'static str,
+}
+
+/// A coordinator's API: the public services.
+pub const COORDINATOR_API: ServedApi = ServedApi {
+    services: &[
+        crate::pb::counter_server::SERVICE_NAME,
+        crate::pb::admin_server::SERVICE_NAME,
+    ],
+    unimplemented: "tally coordinator: no such method; the API is tally.v1.Counter and \
+                    tally.v1.Admin (docs/API.md)",
+};
+
+/// A shard node's API: the internal service coordinators call.
+pub const SHARD_API: ServedApi = ServedApi {
+    services: &[crate::pb::shard_server::SERVICE_NAME],
+    unimplemented: "tally shard node: no such method; a shard node serves only the internal \
+                    tally.v1.Shard (proto/tally/v1/shard.proto); clients call a coordinator, \
+                    whose API is tally.v1.Counter and tally.v1.Admin (docs/API.md)",
+};
+
+/// The `UNIMPLEMENTED` message of a server without a [`ServedApi`].
+const UNIMPLEMENTED: &str = "no such method; this server lists the services it serves by gRPC \
+                             reflection";
+
 /// A gRPC server with what every Tally daemon serves besides its own
 /// services: `grpc.health.v1` (the returned reporter marks services
-/// serving) and server reflection, so stock tools work without the protos.
-pub fn grpc_server() -> (
-    tonic_health::server::HealthReporter,
-    tonic::transport::server::Router,
-) {
-    let (health_reporter, routes) = grpc_routes();
-    let router = server_builder().add_routes(routes);
-    (health_reporter, router)
+/// serving) and server reflection, which lists exactly the services the
+/// server serves, so stock tools work without the protos. A call to any
+/// other method is answered `UNIMPLEMENTED`, with a message pointing to
+/// reflection; [`api_server`]'s says which Tally server it is and where its
+/// API is described.
+pub fn grpc_server() -> (tonic_health::server::HealthReporter, GrpcServer) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let server = GrpcServer {
+        routes: tonic::service::Routes::new(health_service),
+        services: Vec::new(),
+        api: None,
+    };
+    (health_reporter, server)
+}
+
+/// [`grpc_server`] for a server with a known API: its `UNIMPLEMENTED`
+/// message is `api`'s, and it serves only `api`'s services.
+pub fn api_server(api: &'static ServedApi) -> (tonic_health::server::HealthReporter, GrpcServer) {
+    let (health_reporter, mut server) = grpc_server();
+    server.api = Some(api);
+    (health_reporter, server)
+}
+
+/// The server [`grpc_server`] returns: add the daemon's own services, then
+/// serve.
+#[derive(Debug)]
+pub struct GrpcServer {
+    /// Health checking, and the services added.
+    routes: tonic::service::Routes,
+    /// The names of the services added.
+    services: Vec<&'static str>,
+    api: Option<&'static ServedApi>,
+}
+
+impl GrpcServer {
+    /// Adds a service (of the server's [`ServedApi`], if it has one).
+    pub fn add_service<S, B>(mut self, service: S) -> Self
+    where
+        S: tonic::codegen::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<B>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError>,
+    {
+        debug_assert!(
+            self.api.is_none_or(|api| api.services.contains(&S::NAME)),
+            "{} is not in the server's API",
+            S::NAME
+        );
+        self.services.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `incoming` until `shutdown` completes, then stops
+    /// accepting and lets in-flight calls finish.
+    pub async fn serve_with_incoming_shutdown(
+        self,
+        incoming: tonic::transport::server::TcpIncoming,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let message = self.api.map_or(UNIMPLEMENTED, |api| api.unimplemented);
+        let (reflection_v1, reflection_v1alpha) = reflection_services(&self.services);
+        let routes = self
+            .routes
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare();
+        server_builder()
+            .serve_with_incoming_shutdown(
+                ExplainUnimplemented {
+                    inner: routes,
+                    message,
+                },
+                incoming,
+                shutdown,
+            )
+            .await
+    }
 }
 
 /// The server builder every daemon starts from, so that a server-wide
@@ -130,16 +243,111 @@ pub fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
 }
 
-/// The routes [`grpc_server`] starts from (health checking and reflection),
-/// for a server that dispatches some calls itself before the router (the
-/// coordinator's hot `Counter` calls) and passes it the others.
-pub fn grpc_routes() -> (tonic_health::server::HealthReporter, tonic::service::Routes) {
+/// Health checking, and reflection listing `api`'s services, for a server
+/// that dispatches some calls itself before the router (the coordinator's
+/// hot `Counter` calls) and passes it the others. Serve them wrapped in
+/// [`explain_unimplemented`].
+pub fn grpc_routes(
+    api: &ServedApi,
+) -> (tonic_health::server::HealthReporter, tonic::service::Routes) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = reflection_services();
+    let (reflection_v1, reflection_v1alpha) = reflection_services(api.services);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     (health_reporter, routes)
+}
+
+/// `service`, with `api`'s message on every `UNIMPLEMENTED` answer that has
+/// none: tonic answers a method no service has, or an unknown method of a
+/// known service, with an empty message, which tells a client nothing.
+pub fn explain_unimplemented<S>(service: S, api: &'static ServedApi) -> ExplainUnimplemented<S> {
+    ExplainUnimplemented {
+        inner: service,
+        message: api.unimplemented,
+    }
+}
+
+/// See [`explain_unimplemented`].
+#[derive(Debug, Clone)]
+pub struct ExplainUnimplemented<S> {
+    inner: S,
+    message: &'static str,
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for ExplainUnimplemented<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = tonic::codegen::http::Response<tonic::body::Body>,
+    >,
+    S::Future: Unpin,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Explained<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        Explained {
+            inner: self.inner.call(request),
+            message: self.message,
+        }
+    }
+}
+
+/// The answer of an [`ExplainUnimplemented`] service.
+#[derive(Debug)]
+pub struct Explained<F> {
+    inner: F,
+    message: &'static str,
+}
+
+impl<F, E> Future for Explained<F>
+where
+    F: Future<Output = Result<tonic::codegen::http::Response<tonic::body::Body>, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let message = self.message;
+        std::pin::Pin::new(&mut self.inner)
+            .poll(cx)
+            .map_ok(|response| explain(response, message))
+    }
+}
+
+/// Gives an `UNIMPLEMENTED` answer without a message `message`. Tonic
+/// answers one with its status in the headers (a trailers-only response),
+/// so only the headers need a look; every other answer is left alone.
+fn explain(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+    message: &'static str,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let unimplemented = headers
+        .get(tonic::Status::GRPC_STATUS)
+        .is_some_and(|code| code.as_bytes() == b"12");
+    if unimplemented
+        && headers
+            .get(tonic::Status::GRPC_MESSAGE)
+            .is_none_or(|text| text.is_empty())
+    {
+        headers.insert(
+            tonic::Status::GRPC_MESSAGE,
+            tonic::codegen::http::HeaderValue::from_static(message),
+        );
+    }
+    response
 }
 
 /// The connections a server accepts on `listener`, with Nagle's algorithm
@@ -151,8 +359,12 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 }
 
 /// gRPC server reflection, both the `v1` and the older `v1alpha` protocol
-/// (grpcurl asks for either), over every Tally proto file.
-fn reflection_services() -> (
+/// (grpcurl asks for either). Each describes every Tally proto file, health
+/// checking and reflection, and lists what the server serves: `services`,
+/// `grpc.health.v1.Health` and both reflection services.
+fn reflection_services(
+    services: &[&'static str],
+) -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -160,13 +372,57 @@ fn reflection_services() -> (
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 ) {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+    let configure = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        served_services(services).fold(builder, |builder, name| builder.with_service_name(name))
+    };
+    let v1 = configure()
         .build_v1()
-        .expect("the descriptor set is generated by build.rs and always valid");
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .expect("the descriptor sets are generated at build time and always valid");
+    let v1alpha = configure()
         .build_v1alpha()
-        .expect("the descriptor set is generated by build.rs and always valid");
+        .expect("the descriptor sets are generated at build time and always valid");
     (v1, v1alpha)
+}
+
+/// Every service a server of `services` serves, as its reflection lists
+/// them.
+fn served_services<'a>(services: &'a [&'static str]) -> impl Iterator<Item = &'static str> + 'a {
+    services.iter().copied().chain([
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unimplemented_messages_go_into_a_header_as_they_are() {
+        for message in [
+            COORDINATOR_API.unimplemented,
+            SHARD_API.unimplemented,
+            UNIMPLEMENTED,
+        ] {
+            assert!(
+                message
+                    .bytes()
+                    .all(|byte| (0x20..=0x7e).contains(&byte) && byte != b'%'),
+                "{message}"
+            );
+        }
+        for api in [COORDINATOR_API, SHARD_API] {
+            for service in api.services {
+                assert!(api.unimplemented.contains(service), "{service}");
+            }
+        }
+    }
 }

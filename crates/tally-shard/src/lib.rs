@@ -193,7 +193,8 @@ impl ShardNode {
             state,
             journal.clone(),
         );
-        let (health_reporter, server) = tally_proto::process::grpc_server();
+        let (health_reporter, server) =
+            tally_proto::process::api_server(&tally_proto::process::SHARD_API);
         health_reporter
             .set_serving::<pb::shard_server::ShardServer<service::ShardService>>()
             .await;

@@ -9,12 +9,21 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file with the static membership.
-//! - [`cluster`]: routing, fan-out and summing ([`Cluster`]).
-//! - [`shard_client`]: one client per node, with the per-shard batcher that
-//!   sends one internal call for many increments.
+//! - [`cluster`]: what a valid request becomes ([`Cluster`]), by concern:
+//!   writes (routing, failover), reads and deletes, drain, copies (restores
+//!   and replication rounds), and the handle swapped on a reload.
+//! - [`shard_client`]: one client per node, speaking [`model`]'s types: the
+//!   Apply and Read batchers, coalescing, and the wire edge (`rpc`).
+//! - [`model`]: the internal hop in the coordinator's own types
+//!   (`StripeIncrement`, `Outcome`, `NodeRead`).
+//! - The pure rules, plain functions over plain data: `merge` (which
+//!   answers make up each node's part of a read) and `placement` (where a
+//!   write goes when its owner cannot take it).
 //! - [`health`]: each node's health, from probes and call outcomes.
-//! - [`replication`]: copying each node's entries to its replicas.
-//! - [`service`]: the public `Counter` and `Admin` gRPC services.
+//! - [`replication`]: the loop that copies each node's entries to its
+//!   replicas.
+//! - [`service`]: the public `Counter` and `Admin` gRPC services;
+//!   `dispatch` sends `Counter` calls to it before tonic's router.
 //! - [`deadline`]: the client's deadline, from `grpc-timeout`.
 //! - [`error`]: errors and their gRPC codes.
 //! - [`Coordinator`] and [`run`]: build, serve, shut down;

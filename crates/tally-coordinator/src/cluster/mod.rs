@@ -1,0 +1,213 @@
+//! What the coordinator does with a request once it is valid: route
+//! increments over the ring, fan reads and deletes out to every node, drain
+//! and restore nodes, copy their entries to their replicas.
+//!
+//! A [`Cluster`] is one membership: its ring, a client per node, and what
+//! this coordinator knows of each node's health. Its work is split by
+//! concern: `write` (routing increments), `read` (reads and deletes),
+//! `drain`, `copies` (restores and replication rounds), and
+//! `handle` (the current cluster, swapped whole on a reload).
+
+mod copies;
+mod drain;
+mod handle;
+mod read;
+mod write;
+
+use std::sync::Arc;
+
+use tally_ring::Ring;
+use tokio::time::Instant;
+
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result, ShardCallError};
+use crate::health::{probe_loop, HealthBoard, NodeHealth};
+use crate::placement::{write_target, WriteState};
+use crate::shard_client::{BatchSettings, ShardClient};
+
+pub use copies::Copied;
+pub use handle::{ClusterHandle, ReloadError};
+pub use read::Total;
+
+/// The membership, its ring, and a client per node.
+#[derive(Debug)]
+pub struct Cluster {
+    config: CoordinatorConfig,
+    ring: Ring,
+    /// Indexed like `ring.nodes()`.
+    shards: Vec<ShardClient>,
+    /// Indexed like `ring.nodes()`.
+    health: Arc<HealthBoard>,
+    /// Each node's replicas (by index): fixed by the ring and the
+    /// replication factor.
+    replicas: Vec<Vec<usize>>,
+}
+
+impl Cluster {
+    /// Builds the ring and a lazily connecting client per node, and starts
+    /// probing every node's health. Needs a tokio runtime.
+    pub fn new(config: CoordinatorConfig) -> std::result::Result<Arc<Self>, crate::StartError> {
+        Self::build(config, None)
+    }
+
+    /// [`Cluster::new`] for a reloaded membership: nodes that keep their id
+    /// and address keep their client (connection, batcher, queued work) and
+    /// their health.
+    fn build(
+        config: CoordinatorConfig,
+        previous: Option<&Cluster>,
+    ) -> std::result::Result<Arc<Self>, crate::StartError> {
+        let ring = config.ring()?;
+        let settings = BatchSettings {
+            shard_timeout: config.shard_timeout,
+            max_in_flight_batches: config.max_in_flight_batches_per_shard,
+            max_increments_per_batch: config.max_increments_per_shard_batch,
+        };
+        let shards = ring
+            .nodes()
+            .iter()
+            .map(|node| {
+                let address = &config
+                    .node(&node.id)
+                    .expect("the ring is built from the config's nodes")
+                    .address;
+                let kept = previous.and_then(|previous| {
+                    previous
+                        .shards
+                        .iter()
+                        .find(|shard| shard.node_id() == node.id && shard.address() == address)
+                });
+                match kept {
+                    Some(shard) => Ok(shard.clone()),
+                    None => ShardClient::new(&node.id, address, settings),
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let health = Arc::new(HealthBoard::new(
+            ring.nodes().iter().map(|node| Arc::from(node.id.as_str())),
+        ));
+        if let Some(previous) = previous {
+            for (index, shard) in shards.iter().enumerate() {
+                let known = previous.shards.iter().position(|old| {
+                    old.node_id() == shard.node_id() && old.address() == shard.address()
+                });
+                if let Some(old_index) = known {
+                    health.restore(index, previous.health.get(old_index));
+                }
+            }
+        }
+        for (index, shard) in shards.iter().enumerate() {
+            tokio::spawn(probe_loop(
+                Arc::downgrade(&health),
+                index,
+                shard.clone(),
+                config.health_interval,
+                config.health_timeout,
+            ));
+        }
+        let replication_interval = config.replication_interval;
+        let replicas = (0..shards.len())
+            .map(|node| crate::replication::replicas_of(&ring, node, config.replication_factor))
+            .collect();
+        let cluster = Arc::new(Cluster {
+            config,
+            ring,
+            shards,
+            health,
+            replicas,
+        });
+        // Also without replicas: it restores nodes that started empty.
+        tokio::spawn(crate::replication::replication_loop(
+            Arc::downgrade(&cluster),
+            replication_interval,
+        ));
+        Ok(cluster)
+    }
+
+    /// The configuration this cluster was built from.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The node clients, indexed like `ring().nodes()`.
+    pub fn shards(&self) -> &[ShardClient] {
+        &self.shards
+    }
+
+    /// Node `index`'s health as this coordinator sees it.
+    pub fn health(&self, index: usize) -> NodeHealth {
+        self.health.get(index)
+    }
+
+    /// Counts a failed copy of node `origin`'s entries to a replica (shown
+    /// by `ClusterStatus`).
+    pub fn record_replication_failure(&self, origin: usize) {
+        self.health.record_replication_failure(origin);
+    }
+
+    /// Where an increment of `(counter, stripe)` goes now
+    /// ([`placement::write_target`]).
+    fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
+        let hash = tally_ring::key_hash(counter, stripe);
+        let state = |node: usize| {
+            let (up, draining) = self.health.write_state(node);
+            WriteState { up, draining }
+        };
+        write_target(
+            self.ring.owner_of_hash(hash),
+            || self.ring.successors(hash),
+            state,
+            keyed,
+        )
+    }
+
+    /// Records a call's outcome on the health board.
+    ///
+    /// A timeout is the node's fault only if the call had a probe's time
+    /// at least: a call cut short by a client's tight deadline says
+    /// nothing about the node, and must not take it out of routing for
+    /// everyone.
+    fn observe<T>(&self, node: usize, result: &std::result::Result<T, ShardCallError>) {
+        let least = self.config.shard_timeout.min(self.config.health_timeout);
+        match result {
+            Ok(_) => self.health.record_success(node),
+            Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
+            Err(ShardCallError::NotSent(_)) => {}
+            Err(error) => self.health.record_failure(node, &error.to_string()),
+        }
+    }
+
+    /// A call's budget for node `index`: a node known to be down gets no
+    /// more than a probe's, so one hung node does not hold every read for
+    /// the whole shard timeout, while a node that is back is still found.
+    fn budget_for(&self, index: usize, budget: std::time::Duration) -> std::time::Duration {
+        if self.health.is_up(index) {
+            budget
+        } else {
+            budget.min(self.config.health_timeout)
+        }
+    }
+
+    /// A call to node `node` failed: UNAVAILABLE naming it.
+    fn unavailable(&self, node: usize, error: ShardCallError) -> CoordinatorError {
+        CoordinatorError::Unavailable(vec![(self.shards[node].node_id().to_string(), error)])
+    }
+}
+
+/// Runs `future` until the client's deadline, if there is one.
+async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .map_err(|_| CoordinatorError::DeadlineExceeded),
+        None => Ok(future.await),
+    }
+}

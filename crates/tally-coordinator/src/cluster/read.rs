@@ -1,0 +1,144 @@
+//! Reads and deletes: one call per node for any number of counters, and
+//! the merge of their answers ([`crate::merge`]).
+
+use futures::future::join_all;
+use tally_proto::domain::CounterName;
+use tokio::time::Instant;
+
+use super::{with_deadline, Cluster};
+use crate::deadline::call_budget;
+use crate::error::{CoordinatorError, Result, ShardCallError};
+use crate::merge::{self, NodeView};
+
+/// One counter's total as a read found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Total {
+    /// The counter.
+    pub counter: String,
+    /// Sum of the parts that were read.
+    pub value: i64,
+    /// Every node's part was read.
+    pub complete: bool,
+}
+
+impl Cluster {
+    /// What the read merge needs to know of each node now
+    /// ([`merge::NodeView`]).
+    fn node_views(&self) -> Vec<NodeView<'_>> {
+        let now = crate::health::unix_ms_now();
+        // Detection lags a failure by up to a probe: a copy may stand in
+        // for a node if it is at most one replication and one detection
+        // interval older than the failure (as far as clocks tell: the
+        // origin stamps the scan time, this coordinator the failure).
+        let allowance = (self.config.replication_interval
+            + self.config.health_interval
+            + self.config.health_timeout)
+            .as_millis() as i64;
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(node, shard)| {
+                let health = self.health.get(node);
+                let failed_unix_ms = if health.up || health.since_unix_ms == 0 {
+                    now
+                } else {
+                    health.since_unix_ms
+                };
+                NodeView {
+                    id: shard.node_id(),
+                    replicas: &self.replicas[node],
+                    handed_over: health.drain.handed_over(),
+                    oldest_usable_copy_unix_ms: failed_unix_ms - allowance,
+                }
+            })
+            .collect()
+    }
+
+    /// Sums counters over every node, one call per node for all of them.
+    pub async fn totals(
+        &self,
+        counters: Vec<CounterName>,
+        allow_partial: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Total>> {
+        let names: Vec<String> = counters.into_iter().map(CounterName::into_string).collect();
+        let budget = call_budget(self.config.shard_timeout, deadline);
+        let reads = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(index, shard)| shard.read(names.clone(), self.budget_for(index, budget)));
+        let results = with_deadline(deadline, join_all(reads)).await?;
+        for (index, result) in results.iter().enumerate() {
+            self.observe(index, result);
+        }
+
+        // i128: the parts of a counter may each fit in an i64 while the sum
+        // does not; that is OUT_OF_RANGE, never a wrapped number.
+        let mut sums = vec![0i128; names.len()];
+        let mut unavailable = Vec::new();
+        let views = self.node_views();
+        for node in 0..self.shards.len() {
+            match merge::part_of(node, &views, &results) {
+                Ok(lists) => {
+                    for parts in lists {
+                        for (sum, part) in sums.iter_mut().zip(parts) {
+                            *sum += part;
+                        }
+                    }
+                }
+                Err(error) => unavailable.push((self.shards[node].node_id().to_string(), error)),
+            }
+        }
+        if !unavailable.is_empty() {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(CoordinatorError::DeadlineExceeded);
+            }
+            if !allow_partial {
+                return Err(CoordinatorError::Unavailable(unavailable));
+            }
+        }
+        let complete = unavailable.is_empty();
+        names
+            .into_iter()
+            .zip(sums)
+            .map(|(counter, sum)| match i64::try_from(sum) {
+                Ok(value) => Ok(Total {
+                    counter,
+                    value,
+                    complete,
+                }),
+                Err(_) => Err(CoordinatorError::TotalOutOfRange { counter }),
+            })
+            .collect()
+    }
+
+    /// Resets a counter to 0 on every node.
+    pub async fn delete(&self, counter: CounterName, deadline: Option<Instant>) -> Result<()> {
+        let budget = call_budget(self.config.shard_timeout, deadline);
+        let counters = vec![counter.into_string()];
+        let erases =
+            self.shards.iter().enumerate().map(|(index, shard)| {
+                shard.erase(counters.clone(), self.budget_for(index, budget))
+            });
+        let results = with_deadline(deadline, join_all(erases)).await?;
+        for (index, result) in results.iter().enumerate() {
+            self.observe(index, result);
+        }
+        let unavailable: Vec<(String, ShardCallError)> = self
+            .shards
+            .iter()
+            .zip(results)
+            .filter_map(|(shard, result)| {
+                result
+                    .err()
+                    .map(|error| (shard.node_id().to_string(), error))
+            })
+            .collect();
+        if unavailable.is_empty() {
+            Ok(())
+        } else {
+            Err(CoordinatorError::Unavailable(unavailable))
+        }
+    }
+}

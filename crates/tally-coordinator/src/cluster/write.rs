@@ -1,0 +1,185 @@
+//! Increments: which stripe and node each goes to, the calls to the nodes,
+//! and what their outcomes mean for the client.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+
+use futures::future::join_all;
+use tally_proto::domain::{IdempotencyKey, Increment};
+use tally_proto::pb;
+use tokio::time::Instant;
+
+use super::{with_deadline, Cluster};
+use crate::error::{CoordinatorError, Result, ShardCallError};
+use crate::model::{Outcome, StripeIncrement};
+
+thread_local! {
+    /// Next stripe for increments without an idempotency key. Per thread, so
+    /// spreading load does not itself contend on one shared counter.
+    static NEXT_STRIPE: Cell<u32> = Cell::new(xxhash_rust::xxh3::xxh3_64(
+        format!("{:?}", std::thread::current().id()).as_bytes(),
+    ) as u32);
+}
+
+impl Cluster {
+    /// The stripe an increment goes to: fixed by its idempotency key, so a
+    /// retry reaches the node that can deduplicate it; otherwise rotating,
+    /// so one hot counter spreads over every stripe and so every node.
+    fn stripe_for(&self, increment: &Increment) -> u32 {
+        match &increment.idempotency_key {
+            Some(key) => tally_ring::idempotency_stripe(key.as_str(), self.config.stripes),
+            None => NEXT_STRIPE.with(|next| {
+                let stripe = next.get();
+                next.set(stripe.wrapping_add(1));
+                stripe % self.config.stripes
+            }),
+        }
+    }
+
+    /// Applies validated increments, each on its own. Returns once all are
+    /// durable, or the first overflow, or every node that failed.
+    pub async fn increment(
+        &self,
+        increments: Vec<Increment>,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let mut by_node = self.route(increments);
+        let mut unavailable = Vec::new();
+        let mut refused = None;
+        // A node that began a drain after this call was routed sends its
+        // increments back unapplied: route them again, once.
+        for round in 0..2 {
+            let calls = std::mem::take(&mut by_node);
+            let mut settle = |node: usize, result: std::result::Result<Vec<Outcome>, _>| {
+                self.observe(node, &result);
+                match result {
+                    Ok(outcomes) => {
+                        for outcome in outcomes {
+                            match outcome {
+                                Outcome::Redirect(increment) if round == 0 => {
+                                    self.health.set_drain(node, pb::DrainState::Draining);
+                                    let again = self.target(
+                                        increment.counter.as_str(),
+                                        increment.stripe,
+                                        increment.key.is_some(),
+                                    );
+                                    by_node.entry(again).or_default().push(increment);
+                                }
+                                Outcome::Redirect(_) => unavailable.push((
+                                    self.shards[node].node_id().to_string(),
+                                    ShardCallError::Failed("being drained".into()),
+                                )),
+                                other => {
+                                    if refused.is_none() {
+                                        refused = refusal(other);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        unavailable.push((self.shards[node].node_id().to_string(), error))
+                    }
+                }
+            };
+            if calls.len() == 1 {
+                // One node (every unary call): nothing to fan out and join.
+                let (node, increments) = calls.into_iter().next().expect("one node");
+                settle(
+                    node,
+                    with_deadline(deadline, self.shards[node].apply(increments)).await?,
+                );
+            } else {
+                let calls = calls.into_iter().map(|(node, increments)| async move {
+                    (node, self.shards[node].apply(increments).await)
+                });
+                for (node, result) in with_deadline(deadline, join_all(calls)).await? {
+                    settle(node, result);
+                }
+            }
+            if by_node.is_empty() {
+                break;
+            }
+        }
+        // UNAVAILABLE first: part of the call was not applied and the client
+        // should retry; an overflow or key conflict is reported once every
+        // node answered.
+        if !unavailable.is_empty() {
+            return Err(CoordinatorError::Unavailable(unavailable));
+        }
+        match refused {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Where each increment goes, grouped by node: one batcher job per node
+    /// per call. Ordered, so which error is reported does not depend on
+    /// hashing.
+    fn route(&self, increments: Vec<Increment>) -> BTreeMap<usize, Vec<StripeIncrement>> {
+        let mut by_node: BTreeMap<usize, Vec<StripeIncrement>> = BTreeMap::new();
+        if increments.len() == 1 {
+            // A unary call: no other increment to share a placement with.
+            let increment = increments.into_iter().next().expect("one increment");
+            let stripe = self.stripe_for(&increment);
+            let keyed = increment.idempotency_key.is_some();
+            let node = self.target(increment.counter.as_str(), stripe, keyed);
+            by_node.insert(node, vec![StripeIncrement::new(increment, stripe)]);
+            return by_node;
+        }
+        // Un-keyed increments of a counter seen earlier in this call take
+        // the same stripe: one ring lookup per counter per call, and the
+        // batcher merges them into one (load still rotates over stripes
+        // from call to call). Profiling a batch of 100 on one hot counter
+        // showed ring lookups as the coordinator's top symbol (7%).
+        let placements = {
+            let mut placed: HashMap<&str, (u32, usize)> = HashMap::new();
+            increments
+                .iter()
+                .map(|increment| {
+                    let keyed = increment.idempotency_key.is_some();
+                    let counter = increment.counter.as_str();
+                    if let Some(&earlier) = placed.get(counter).filter(|_| !keyed) {
+                        return earlier;
+                    }
+                    let stripe = self.stripe_for(increment);
+                    let node = self.target(counter, stripe, keyed);
+                    if !keyed {
+                        placed.insert(counter, (stripe, node));
+                    }
+                    (stripe, node)
+                })
+                .collect::<Vec<_>>()
+        };
+        for (increment, (stripe, node)) in increments.into_iter().zip(placements) {
+            by_node
+                .entry(node)
+                .or_default()
+                .push(StripeIncrement::new(increment, stripe));
+        }
+        by_node
+    }
+}
+
+/// The error an increment's outcome stands for, if it was refused.
+fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
+    match outcome {
+        Outcome::Applied | Outcome::Redirect(_) => None,
+        Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
+            counter: increment.counter.into_string(),
+            delta: increment.delta,
+        }),
+        Outcome::KeyConflict {
+            increment,
+            recorded_delta,
+        } => Some(CoordinatorError::KeyConflict {
+            counter: increment.counter.into_string(),
+            key: increment
+                .key
+                .map(IdempotencyKey::into_string)
+                .unwrap_or_default(),
+            delta: increment.delta,
+            recorded_delta,
+        }),
+    }
+}

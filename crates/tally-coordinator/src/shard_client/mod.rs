@@ -1,0 +1,408 @@
+//! The coordinator's connection to one shard node, with the per-shard
+//! batcher that turns many concurrent increments into few internal calls.
+//!
+//! Batching: every increment bound for a node goes through one queue. A
+//! batcher task takes everything queued (up to
+//! `max_increments_per_shard_batch`) into one `Apply` call as soon as a call
+//! slot is free (`max_in_flight_batches_per_shard`). A job (one public
+//! call's increments for this node) is never split, so a job larger than the
+//! cap goes alone in a call of its own. When the node is idle an
+//! increment is sent at once, alone; under load, increments gather while
+//! earlier calls are in flight, and before it takes the queue the batcher
+//! lets the tasks that are ready to run add theirs (a yield to the
+//! scheduler, see `gather_loop`). No timer adds latency.
+//!
+//! The queue is bounded by increments, not calls ([`MAX_QUEUED_INCREMENTS`]):
+//! a slow node makes callers wait for room instead of growing memory. A job
+//! whose caller has given up (deadline passed) is dropped before it is sent.
+
+mod apply;
+mod batcher;
+mod coalesce;
+mod read;
+mod rpc;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
+use tally_proto::{pb, timed};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ShardCallError;
+use crate::model::{NodeRead, Outcome, StripeIncrement};
+use apply::{batch_loop, ApplyJob};
+use read::{read_loop, ReadJob};
+use rpc::call;
+
+/// How long to wait for a TCP connection to a shard.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Increments queued for one node before callers wait for room.
+pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
+
+/// Largest internal message, matching the shard's limit.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Client of one shard node. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShardClient {
+    node_id: Arc<str>,
+    address: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    jobs: mpsc::UnboundedSender<ApplyJob>,
+    /// Reads waiting for the read batcher. Unbounded: each is a public call
+    /// waiting for its answer, so the server's concurrency bounds them.
+    reads: mpsc::UnboundedSender<ReadJob>,
+    /// Permits are increments; bounds the queue (see the module docs).
+    queue_room: Arc<Semaphore>,
+}
+
+/// Batching settings for one node's client.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Longest wait for one internal call.
+    pub shard_timeout: Duration,
+    /// Apply calls in flight at once.
+    pub max_in_flight_batches: usize,
+    /// Most increments in one call.
+    pub max_increments_per_batch: usize,
+}
+
+impl ShardClient {
+    /// A client of the node `node_id` at `address` (`host:port`). Connects
+    /// lazily and reconnects on its own, so a node that is down at start is
+    /// picked up when it comes back. Spawns the batcher task.
+    pub fn new(
+        node_id: &str,
+        address: &str,
+        settings: BatchSettings,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let grpc = GrpcShardClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        // Unbounded channel, bounded by `queue_room`.
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let node_id: Arc<str> = node_id.into();
+        tokio::spawn(batch_loop(node_id.clone(), grpc.clone(), queue, settings));
+        let (reads, read_queue) = mpsc::unbounded_channel();
+        tokio::spawn(read_loop(
+            node_id.clone(),
+            grpc.clone(),
+            read_queue,
+            settings,
+        ));
+        Ok(ShardClient {
+            node_id,
+            address: address.into(),
+            grpc,
+            jobs,
+            reads,
+            queue_room: Arc::new(Semaphore::new(MAX_QUEUED_INCREMENTS)),
+        })
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The node's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Applies increments through the batcher. One outcome per increment, in
+    /// order. The caller bounds the wait by its own deadline.
+    pub async fn apply(
+        &self,
+        increments: Vec<StripeIncrement>,
+    ) -> Result<Vec<Outcome>, ShardCallError> {
+        let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
+        // A job larger than the whole queue takes all of it.
+        let room = increments.len().min(MAX_QUEUED_INCREMENTS) as u32;
+        let queue_room = self
+            .queue_room
+            .clone()
+            .acquire_many_owned(room)
+            .await
+            .map_err(|_| shutting_down())?;
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(ApplyJob {
+                increments,
+                reply,
+                queue_room,
+            })
+            .map_err(|_| shutting_down())?;
+        answer
+            .await
+            .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?
+    }
+
+    /// This node's entries for each counter, in order, and its replica
+    /// copies' entries for them. Concurrent reads share Read calls, like
+    /// increments share Apply calls.
+    pub async fn read(
+        &self,
+        counters: Vec<String>,
+        budget: Duration,
+    ) -> Result<NodeRead, ShardCallError> {
+        let shutting_down = || ShardCallError::Failed("coordinator is shutting down".into());
+        let (reply, answer) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + budget;
+        let sent = Arc::new(AtomicBool::new(false));
+        self.reads
+            .send(ReadJob {
+                counters,
+                deadline,
+                sent: sent.clone(),
+                reply,
+            })
+            .map_err(|_| shutting_down())?;
+        // The shared call waits as long as its most patient caller; this
+        // one waits no longer than its own budget. A budget spent queued
+        // here is not the node's fault.
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) if sent.load(Ordering::SeqCst) => Err(ShardCallError::TimedOut(budget)),
+            Err(_) => Err(ShardCallError::NotSent(budget)),
+            Ok(answer) => answer.map_err(|_| shutting_down())?,
+        }
+    }
+
+    /// This node's own entries changed since `since` (see the shard's
+    /// `Changes`).
+    pub async fn changes(
+        &self,
+        since: u64,
+        budget: Duration,
+    ) -> Result<pb::ChangesResponse, ShardCallError> {
+        let request = pb::ChangesRequest {
+            node_id: self.node_id.to_string(),
+            since,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.changes(timed(request, budget))).await
+    }
+
+    /// This node's whole copy of `origin`'s entries, if it holds one.
+    pub async fn copy_of(
+        &self,
+        origin: &str,
+        budget: Duration,
+    ) -> Result<pb::CopyOfResponse, ShardCallError> {
+        let request = pb::CopyOfRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.copy_of(timed(request, budget))).await
+    }
+
+    /// Moves this node's drain on to `phase`.
+    pub async fn drain(
+        &self,
+        phase: pb::DrainPhase,
+        adopter: &str,
+        version: u64,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
+        let request = pb::ShardDrainRequest {
+            node_id: self.node_id.to_string(),
+            phase: phase as i32,
+            adopter: adopter.to_string(),
+            version,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.drain(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// Has this node drop its copy of the drained `origin` for good.
+    pub async fn drop_copy(&self, origin: &str, budget: Duration) -> Result<(), ShardCallError> {
+        let request = pb::DropCopyRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.drop_copy(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// Has this node adopt its copy of the drained `origin`'s entries.
+    pub async fn adopt(
+        &self,
+        origin: &str,
+        version: u64,
+        budget: Duration,
+    ) -> Result<u64, ShardCallError> {
+        let request = pb::AdoptRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+            version,
+        };
+        let mut grpc = self.grpc.clone();
+        Ok(call(budget, grpc.adopt(timed(request, budget)))
+            .await?
+            .entries)
+    }
+
+    /// Adds its earlier entries to a node that started empty.
+    pub async fn restore(
+        &self,
+        entries: Vec<pb::EntryValue>,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
+        let request = pb::RestoreRequest {
+            node_id: self.node_id.to_string(),
+            entries,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.restore(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// Stores a change set of `origin`'s entries on this node, as a replica
+    /// copy.
+    pub async fn replicate(
+        &self,
+        origin: &str,
+        base: u64,
+        changes: pb::ChangesResponse,
+        budget: Duration,
+    ) -> Result<pb::ReplicateResponse, ShardCallError> {
+        let request = pb::ReplicateRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+            base,
+            version: changes.version,
+            full: changes.full,
+            entries: changes.entries,
+            scanned_unix_ms: changes.scanned_unix_ms,
+            directory_id: changes.directory_id,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.replicate(timed(request, budget))).await
+    }
+
+    /// Resets counters to 0 on this node.
+    pub async fn erase(
+        &self,
+        counters: Vec<String>,
+        budget: Duration,
+    ) -> Result<(), ShardCallError> {
+        let request = pb::EraseRequest {
+            node_id: self.node_id.to_string(),
+            counters,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.erase(timed(request, budget))).await?;
+        Ok(())
+    }
+
+    /// The node's own report of its state.
+    pub async fn status(
+        &self,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        self.status_with(false, budget).await
+    }
+
+    /// The node's status without what costs a walk over every entry: for
+    /// health probes.
+    pub async fn brief_status(
+        &self,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        self.status_with(true, budget).await
+    }
+
+    async fn status_with(
+        &self,
+        brief: bool,
+        budget: Duration,
+    ) -> Result<pb::ShardStatusResponse, ShardCallError> {
+        let mut grpc = self.grpc.clone();
+        let status = call(
+            budget,
+            grpc.status(timed(pb::ShardStatusRequest { brief }, budget)),
+        )
+        .await?;
+        if status.node_id != *self.node_id {
+            return Err(ShardCallError::Failed(format!(
+                "the node at this address is {:?}",
+                status.node_id
+            )));
+        }
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_read_that_never_left_the_queue_is_not_sent() {
+        // A node that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap().to_string();
+        let (connected, first_connection) = oneshot::channel();
+        let _held = tokio::spawn(async move {
+            let mut connected = Some(connected);
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+                if let Some(connected) = connected.take() {
+                    let _ = connected.send(());
+                }
+            }
+        });
+        let settings = BatchSettings {
+            shard_timeout: Duration::from_secs(30),
+            max_in_flight_batches: 1,
+            max_increments_per_batch: 10,
+        };
+        let client = ShardClient::new("node", &address, settings).unwrap();
+        // The first read takes the only call slot and waits on the node.
+        let first = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .read(vec!["a".into()], Duration::from_millis(1_500))
+                    .await
+            })
+        };
+        // Connecting means its call was sent and holds the slot.
+        first_connection.await.unwrap();
+        let second = client
+            .read(vec!["b".into()], Duration::from_millis(300))
+            .await;
+        assert_eq!(
+            second,
+            Err(ShardCallError::NotSent(Duration::from_millis(300)))
+        );
+        assert_eq!(
+            first.await.unwrap(),
+            Err(ShardCallError::TimedOut(Duration::from_millis(1_500)))
+        );
+        // Nobody waits for the first call any more: it gave its slot back
+        // (instead of holding it for the 30 s shard timeout), so the next
+        // read is sent.
+        let third = client
+            .read(vec!["c".into()], Duration::from_millis(1_000))
+            .await;
+        assert_eq!(
+            third,
+            Err(ShardCallError::TimedOut(Duration::from_millis(1_000)))
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! Read calls: counters from many public reads in one internal call, the
+//! answer cut back into each caller's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
+use tally_proto::{pb, timed};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tonic::transport::Channel;
+
+use super::batcher::{answer_jobs, gather_loop, Job};
+use super::rpc::call;
+use super::BatchSettings;
+use crate::error::ShardCallError;
+use crate::model::NodeRead;
+
+/// Counters from one public read for this node, answered together.
+pub(super) struct ReadJob {
+    pub(super) counters: Vec<String>,
+    /// When the caller stops waiting.
+    pub(super) deadline: tokio::time::Instant,
+    /// Set once the job's Read call is sent.
+    pub(super) sent: Arc<AtomicBool>,
+    pub(super) reply: oneshot::Sender<Result<NodeRead, ShardCallError>>,
+}
+
+/// Most counters gathered into one Read call (a larger public read goes
+/// alone: GetBatch allows 10,000).
+const MAX_COUNTERS_PER_READ: usize = 10_000;
+
+impl Job for ReadJob {
+    fn size(&self) -> usize {
+        self.counters.len()
+    }
+    fn is_live(&self) -> bool {
+        !self.reply.is_closed()
+    }
+}
+
+pub(super) async fn read_loop(
+    node_id: Arc<str>,
+    grpc: GrpcShardClient<Channel>,
+    queue: mpsc::UnboundedReceiver<ReadJob>,
+    settings: BatchSettings,
+) {
+    gather_loop(
+        queue,
+        settings.max_in_flight_batches,
+        MAX_COUNTERS_PER_READ,
+        |jobs, counter_count, slot| {
+            tokio::spawn(send_reads(
+                node_id.clone(),
+                grpc.clone(),
+                jobs,
+                counter_count,
+                slot,
+            ));
+        },
+    )
+    .await;
+}
+
+/// One Read call for every gathered job, answered to each with its own
+/// counters (in order) and its slice of every replica copy. One call is
+/// one consistent view of the node, so each slice is too.
+async fn send_reads(
+    node_id: Arc<str>,
+    mut grpc: GrpcShardClient<Channel>,
+    jobs: Vec<ReadJob>,
+    counter_count: usize,
+    _slot: OwnedSemaphorePermit,
+) {
+    // Until the last caller's deadline; shorter callers stop waiting on
+    // their own.
+    let deadline = jobs.iter().map(|job| job.deadline).max();
+    let budget = deadline.map_or(Duration::ZERO, |deadline| {
+        deadline.saturating_duration_since(tokio::time::Instant::now())
+    });
+    let mut counters = Vec::with_capacity(counter_count);
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        job.sent.store(true, Ordering::SeqCst);
+        replies.push((job.counters.len(), job.reply));
+        counters.extend(job.counters);
+    }
+    let request = pb::ReadRequest {
+        node_id: node_id.to_string(),
+        counters,
+    };
+    let result = {
+        // A call nobody waits for any more gives its slot back at once.
+        let abandoned =
+            futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
+        tokio::select! {
+            result = call(budget, grpc.read(timed(request, budget))) => result,
+            _ = abandoned => return,
+        }
+    }
+    .and_then(|response| {
+        NodeRead::from_wire(response, counter_count)
+            .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
+    });
+    answer_jobs(replies, |lengths| {
+        result.map(|read| read.split(lengths).into_iter().map(Ok).collect())
+    });
+}

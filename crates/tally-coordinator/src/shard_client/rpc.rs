@@ -1,0 +1,78 @@
+//! The wire edge of every internal call: one call under a budget, a
+//! refusal decoded into a typed error, and Apply's increments and results
+//! turned into wire messages and back.
+
+use std::time::Duration;
+
+use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
+use tally_proto::{pb, timed};
+use tonic::transport::Channel;
+
+use crate::error::ShardCallError;
+use crate::model::{Outcome, StripeIncrement};
+
+/// Runs one internal call under `budget`.
+pub(super) async fn call<T>(
+    budget: Duration,
+    future: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ShardCallError> {
+    match tokio::time::timeout(budget, future).await {
+        Err(_) => Err(ShardCallError::TimedOut(budget)),
+        Ok(Err(status)) => Err(describe_status(&status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+fn describe_status(status: &tonic::Status) -> ShardCallError {
+    // Transport errors wrap the reason several layers deep ("tcp connect
+    // error" / "transport error" / "Connection refused"): the root is what
+    // an operator needs.
+    let mut root_cause = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        root_cause = Some(error.to_string());
+        source = error.source();
+    }
+    let message = match (status.message(), root_cause) {
+        ("", None) => format!("{:?}", status.code()),
+        ("", Some(root)) => root,
+        (message, None) => message.to_string(),
+        (message, Some(root)) if root == message => root,
+        (message, Some(root)) => format!("{message}: {root}"),
+    };
+    match tally_proto::shard_error::reason_of(status) {
+        Some(reason) => ShardCallError::Refused { reason, message },
+        None => ShardCallError::Failed(message),
+    }
+}
+
+/// One Apply call: an outcome per increment, in order.
+pub(super) async fn apply_call(
+    node_id: &str,
+    grpc: &mut GrpcShardClient<Channel>,
+    increments: Vec<StripeIncrement>,
+    shard_timeout: Duration,
+) -> Result<Vec<Outcome>, ShardCallError> {
+    let expected = increments.len();
+    let request = pb::ApplyRequest {
+        node_id: node_id.to_string(),
+        increments: increments
+            .into_iter()
+            .map(pb::ShardIncrement::from)
+            .collect(),
+    };
+    let response = call(shard_timeout, grpc.apply(timed(request, shard_timeout))).await?;
+    let malformed =
+        |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
+    if response.results.len() != expected {
+        return Err(malformed(format!(
+            "{} results for {expected} increments",
+            response.results.len()
+        )));
+    }
+    response
+        .results
+        .into_iter()
+        .map(|result| Outcome::try_from(result).map_err(malformed))
+        .collect()
+}

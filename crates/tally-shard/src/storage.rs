@@ -1087,8 +1087,14 @@ mod tests {
     /// A directory with entries, records, a replica copy and a drain step,
     /// checkpointed part way, left by a clean stop or a crash.
     fn written_directory(clean: bool) -> tempfile::TempDir {
+        written_directory_with(clean, Duration::from_millis(20))
+    }
+
+    /// [`written_directory`], with checkpoints every `checkpoint_interval`
+    /// (each deletes the segments it covers).
+    fn written_directory_with(clean: bool, checkpoint_interval: Duration) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let node = start(dir.path(), Duration::from_millis(20));
+        let node = start(dir.path(), checkpoint_interval);
         for round in 0..200 {
             node.add(
                 &format!("c{}", round % 17),
@@ -1379,7 +1385,9 @@ mod tests {
 
     #[test]
     fn a_damaged_frame_before_the_last_segment_is_refused_untouched() {
-        let message = refused_untouched(false, |dir| {
+        // No checkpoint to delete the segments before the last.
+        let written = written_directory_with(false, Duration::from_secs(3600));
+        let message = refused_untouched_in(written, |dir| {
             let all = segments(dir);
             assert!(all.len() > 1, "the test needs several segments");
             let first = &all[0];

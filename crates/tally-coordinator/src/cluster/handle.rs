@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tally_proto::pb;
 
 use super::Cluster;
@@ -11,7 +12,15 @@ use crate::config::CoordinatorConfig;
 /// The cluster the services use, swapped whole when the membership is
 /// reloaded. Calls in flight finish on the cluster they started with.
 #[derive(Debug, Clone)]
-pub struct ClusterHandle(Arc<parking_lot::RwLock<Arc<Cluster>>>);
+pub struct ClusterHandle(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    /// Read by every call without a lock.
+    current: ArcSwap<Cluster>,
+    /// One reload at a time: each builds on the cluster before it.
+    reloading: parking_lot::Mutex<()>,
+}
 
 /// Why a reloaded config was not applied; the running membership stays.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +45,15 @@ pub enum ReloadError {
 impl ClusterHandle {
     /// A handle on `cluster`.
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        ClusterHandle(Arc::new(parking_lot::RwLock::new(cluster)))
+        ClusterHandle(Arc::new(Shared {
+            current: ArcSwap::new(cluster),
+            reloading: parking_lot::Mutex::new(()),
+        }))
     }
 
     /// The cluster as it is now.
     pub fn current(&self) -> Arc<Cluster> {
-        self.0.read().clone()
+        self.0.current.load_full()
     }
 
     /// Applies a reloaded config's membership: nodes may be added, and may
@@ -51,7 +63,8 @@ impl ClusterHandle {
     /// entries are); new increments start landing on it at once. Returns a
     /// one-line summary.
     pub fn reload(&self, config: CoordinatorConfig) -> std::result::Result<String, ReloadError> {
-        let mut current = self.0.write();
+        let _one_at_a_time = self.0.reloading.lock();
+        let current = self.0.current.load_full();
         let old = current.config();
         let drained = |id: &str| {
             current
@@ -95,7 +108,7 @@ impl ClusterHandle {
             summary.push_str(&format!(", removed {} (drained)", removed.join(", ")));
         }
         let rebuilt = Cluster::build(config, Some(&current))?;
-        *current = rebuilt;
+        self.0.current.store(rebuilt);
         Ok(summary)
     }
 }

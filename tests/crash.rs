@@ -174,18 +174,7 @@ impl Connections {
         endpoint: &str,
         items: &[pb::IncrementRequest],
     ) -> Result<(), tonic::Status> {
-        let mut client = self.client(endpoint);
-        if let [item] = items {
-            let mut request = tonic::Request::new(item.clone());
-            request.set_timeout(CALL_TIMEOUT);
-            client.increment(request).await.map(drop)
-        } else {
-            let mut request = tonic::Request::new(pb::IncrementBatchRequest {
-                increments: items.to_vec(),
-            });
-            request.set_timeout(CALL_TIMEOUT);
-            client.increment_batch(request).await.map(drop)
-        }
+        send_on(self.client(endpoint), items).await
     }
 
     /// Sends until acknowledged, retrying with the same keys, rotating over
@@ -195,13 +184,13 @@ impl Connections {
         clients: &Clients,
         items: &[pb::IncrementRequest],
     ) -> u64 {
-        let started = Instant::now();
-        let mut failures = 0;
-        loop {
-            let endpoint = clients.endpoint(failures as usize);
-            match self.send(&endpoint, items).await {
-                Ok(()) => return failures,
-                Err(status) => {
+        let mut attempts = 0;
+        support::wait_until("a call to be acknowledged", RETRY_LIMIT, || {
+            let client = self.client(&clients.endpoint(attempts));
+            attempts += 1;
+            async move {
+                let result = send_on(client, items).await;
+                if let Err(status) = &result {
                     assert!(
                         !matches!(
                             status.code(),
@@ -209,15 +198,31 @@ impl Connections {
                         ),
                         "a retry was refused: {status:?}"
                     );
-                    assert!(
-                        started.elapsed() < RETRY_LIMIT,
-                        "a call failed for {RETRY_LIMIT:?}; last error: {status:?}"
-                    );
-                    failures += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                result
             }
-        }
+        })
+        .await;
+        attempts as u64 - 1
+    }
+}
+
+/// Sends one call on `client` (a unary Increment for one item, a batch
+/// otherwise).
+async fn send_on(
+    mut client: CounterClient<Channel>,
+    items: &[pb::IncrementRequest],
+) -> Result<(), tonic::Status> {
+    if let [item] = items {
+        let mut request = tonic::Request::new(item.clone());
+        request.set_timeout(CALL_TIMEOUT);
+        client.increment(request).await.map(drop)
+    } else {
+        let mut request = tonic::Request::new(pb::IncrementBatchRequest {
+            increments: items.to_vec(),
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        client.increment_batch(request).await.map(drop)
     }
 }
 
@@ -422,16 +427,18 @@ fn crashes_at_each_step_of_a_checkpoint_lose_and_duplicate_nothing() {
             .unwrap()
             .stop_with_address(Signal::SIGKILL);
         cluster.restart_shard_with_env(0, address, &[], &[("TALLY_SHARD_CRASH_AT", point)]);
-        let started = Instant::now();
         let shard = cluster.shards[0].as_mut().unwrap();
-        while shard.is_running() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "shard-1 never reached {point}:\n{}",
-                shard.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        runtime.block_on(support::wait_until(
+            &format!("shard-1 to reach {point}"),
+            Duration::from_secs(60),
+            || {
+                std::future::ready(if shard.is_running() {
+                    Err(support::Verbatim(shard.log()))
+                } else {
+                    Ok(())
+                })
+            },
+        ));
         let log = shard.log();
         assert!(log.contains(&format!("crashing at {point}")), "{log}");
         reached.push(point);
@@ -529,19 +536,22 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
     );
 }
 
-/// Increments a shard node has applied since it started, asked directly.
-fn increments_applied(runtime: &tokio::runtime::Runtime, shard: &Daemon) -> u64 {
-    runtime.block_on(async {
-        let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
+/// Increments the shard nodes at `endpoints` have applied since they
+/// started, asked directly.
+async fn increments_applied(endpoints: &[String]) -> u64 {
+    let mut applied = 0;
+    for endpoint in endpoints {
+        let mut client = pb::shard_client::ShardClient::connect(endpoint.clone())
             .await
             .unwrap();
-        client
+        applied += client
             .status(pb::ShardStatusRequest::default())
             .await
             .unwrap()
             .into_inner()
-            .increments_applied
-    })
+            .increments_applied;
+    }
+    applied
 }
 
 #[test]
@@ -607,13 +617,11 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
                     ring.nodes()[ring.owner(&item.counter, stripe)].id != "shard-3"
                 })
                 .count() as u64;
-            let applied = |cluster: &ProcessCluster| {
-                cluster.shards[..2]
-                    .iter()
-                    .map(|shard| increments_applied(&runtime, shard.as_ref().unwrap()))
-                    .sum::<u64>()
-            };
-            let applied_before = applied(&cluster);
+            let others: Vec<String> = cluster.shards[..2]
+                .iter()
+                .map(|shard| shard.as_ref().unwrap().endpoint())
+                .collect();
+            let applied_before = runtime.block_on(increments_applied(&others));
             let stopped = cluster.shards[2].take().unwrap();
             let address = stopped.address;
             nix::sys::signal::kill(
@@ -622,14 +630,18 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
             )
             .unwrap();
             let sent = send(items.clone());
-            let waiting = Instant::now();
-            while applied(&cluster) < applied_before + on_others {
-                assert!(
-                    waiting.elapsed() < RETRY_LIMIT,
-                    "the batch never reached shard-1 and shard-2"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            runtime.block_on(support::wait_until(
+                "the batch to reach shard-1 and shard-2",
+                RETRY_LIMIT,
+                || async {
+                    let applied = increments_applied(&others).await;
+                    if applied >= applied_before + on_others {
+                        Ok(())
+                    } else {
+                        Err(applied)
+                    }
+                },
+            ));
             first.stop_with(Signal::SIGKILL);
             stopped.stop_with(Signal::SIGKILL);
             assert!(runtime.block_on(sent).unwrap().is_err());

@@ -116,31 +116,37 @@ fn status(cluster: &ProcessCluster) -> serde_json::Value {
 
 /// Waits until `tallyctl status` shows `node` with `health`; returns when it
 /// did and the table line `tallyctl status` printed then.
-fn wait_for_health(cluster: &ProcessCluster, node: &str, health: &str) -> (Instant, String) {
-    let started = Instant::now();
-    loop {
-        let nodes = status(cluster);
-        let found = nodes["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|status| status["id"] == node && status["health"] == health);
-        if found {
-            let seen = Instant::now();
-            let table = cluster.tallyctl(&["--timeout-ms", "2000", "status"]);
-            let line = String::from_utf8_lossy(&table.stdout)
-                .lines()
-                .find(|line| line.contains(node))
-                .unwrap_or_default()
-                .to_string();
-            return (seen, line);
-        }
-        assert!(
-            started.elapsed() < DETECTION_LIMIT,
-            "{node} never became {health}: {nodes}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for_shown_health(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &ProcessCluster,
+    node: &str,
+    health: &str,
+) -> (Instant, String) {
+    runtime.block_on(support::wait_until(
+        &format!("{node} to become {health}"),
+        DETECTION_LIMIT,
+        || {
+            let nodes = status(cluster);
+            let found = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|status| status["id"] == node && status["health"] == health);
+            std::future::ready(if found {
+                Ok(())
+            } else {
+                Err(support::Verbatim(nodes.to_string()))
+            })
+        },
+    ));
+    let seen = Instant::now();
+    let table = cluster.tallyctl(&["--timeout-ms", "2000", "status"]);
+    let line = String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .find(|line| line.contains(node))
+        .unwrap_or_default()
+        .to_string();
+    (seen, line)
 }
 
 /// The sum of every test counter, and whether every part was read.
@@ -175,7 +181,7 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let shard = cluster.shards[1].take().unwrap();
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);
-    let (kill_seen, kill_line) = wait_for_health(&cluster, "shard-2", "down");
+    let (kill_seen, kill_line) = wait_for_shown_health(&runtime, &cluster, "shard-2", "down");
     // Reads stay complete: shard-2's part comes from its replica, which has
     // everything acknowledged well before the kill (100 ms interval, 1 s
     // of slack for a loaded machine).
@@ -187,15 +193,15 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let read_done = Instant::now();
     std::thread::sleep(OUTAGE);
     cluster.restart_shard(1, address);
-    let (kill_over, _) = wait_for_health(&cluster, "shard-2", "up");
+    let (kill_over, _) = wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
 
     // A hang: the process accepts connections and never answers.
     let stopped_at = Instant::now();
     signal(&cluster, 2, Signal::SIGSTOP);
-    let (hang_seen, hang_line) = wait_for_health(&cluster, "shard-3", "down");
+    let (hang_seen, hang_line) = wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
     std::thread::sleep(OUTAGE);
     signal(&cluster, 2, Signal::SIGCONT);
-    let (hang_over, _) = wait_for_health(&cluster, "shard-3", "up");
+    let (hang_over, _) = wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
     std::thread::sleep(Duration::from_millis(300));
 
     let calls = load.finish(&runtime);
@@ -271,13 +277,17 @@ fn log_count(cluster: &ProcessCluster, needle: &str) -> usize {
     cluster.coordinator.log().matches(needle).count()
 }
 
-/// Waits until `check` holds; bounded.
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < DETECTION_LIMIT, "never: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits until `observe` sees `expected`; bounded by [`DETECTION_LIMIT`].
+fn wait_to_see<T: PartialEq + std::fmt::Debug>(
+    runtime: &tokio::runtime::Runtime,
+    what: &str,
+    expected: T,
+    mut observe: impl FnMut() -> T,
+) {
+    runtime.block_on(support::wait_until(what, DETECTION_LIMIT, || {
+        let seen = observe();
+        std::future::ready(if seen == expected { Ok(()) } else { Err(seen) })
+    }));
 }
 
 fn ring_size(cluster: &ProcessCluster) -> usize {
@@ -305,17 +315,17 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     addresses.push(added.address);
     let four_nodes = support::write_coordinator_config(dir, &addresses);
     kill(coordinator, Signal::SIGHUP).unwrap();
-    wait_until("the ring has 4 nodes", || ring_size(&cluster) == 4);
-    wait_until("the reload is logged", || {
-        log_count(&cluster, "added shard-4") == 1
+    wait_to_see(&runtime, "the ring has 4 nodes", 4, || ring_size(&cluster));
+    wait_to_see(&runtime, "the reload is logged", 1, || {
+        log_count(&cluster, "added shard-4")
     });
 
     // Refused, and nothing changes: a config that drops a node, then one
     // that does not parse.
     support::write_coordinator_config(dir, &addresses[..3]);
     kill(coordinator, Signal::SIGHUP).unwrap();
-    wait_until("the removal is refused", || {
-        log_count(&cluster, "reload refused") == 1
+    wait_to_see(&runtime, "the removal is refused", 1, || {
+        log_count(&cluster, "reload refused")
     });
     assert!(
         cluster
@@ -327,8 +337,8 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     );
     std::fs::write(&four_nodes, "nodes = 5\n").unwrap();
     kill(coordinator, Signal::SIGHUP).unwrap();
-    wait_until("the broken file is refused", || {
-        log_count(&cluster, "reload refused") == 2
+    wait_to_see(&runtime, "the broken file is refused", 2, || {
+        log_count(&cluster, "reload refused")
     });
     assert_eq!(ring_size(&cluster), 4);
     std::thread::sleep(Duration::from_millis(500));
@@ -366,10 +376,10 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
     let shard = cluster.shards[0].take().unwrap();
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);
-    let (kill_seen, _) = wait_for_health(&cluster, "shard-1", "down");
+    let (kill_seen, _) = wait_for_shown_health(&runtime, &cluster, "shard-1", "down");
     std::thread::sleep(Duration::from_millis(500));
     cluster.restart_shard(0, address);
-    wait_for_health(&cluster, "shard-1", "up");
+    wait_for_shown_health(&runtime, &cluster, "shard-1", "up");
 
     // shard-2 is drained, removed from the membership, and stopped.
     let output = cluster.tallyctl(&["drain", "shard-2"]);
@@ -379,7 +389,7 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
         String::from_utf8_lossy(&output.stderr)
     );
     let said = String::from_utf8_lossy(&output.stdout).to_string();
-    let (_, drained_line) = wait_for_health(&cluster, "shard-2", "up");
+    let (_, drained_line) = wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
     assert!(drained_line.contains("drained"), "{drained_line}");
     let remaining = [
         ("shard-1", cluster.shards[0].as_ref().unwrap().address),
@@ -401,7 +411,7 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
         Signal::SIGHUP,
     )
     .unwrap();
-    wait_until("the ring has 2 nodes", || ring_size(&cluster) == 2);
+    wait_to_see(&runtime, "the ring has 2 nodes", 2, || ring_size(&cluster));
     cluster.shards[1].take().unwrap().terminate();
     std::thread::sleep(Duration::from_millis(300));
 

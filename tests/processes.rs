@@ -31,19 +31,20 @@ async fn wait_for_replicas_to_catch_up(cluster: &ProcessCluster) {
         }
         statuses
     }
-    let targets = support::replication_targets(&statuses(cluster).await);
-    let waiting = std::time::Instant::now();
-    loop {
-        let now = statuses(cluster).await;
-        if support::replicas_caught_up(&targets, &now) {
-            return;
-        }
-        assert!(
-            waiting.elapsed() < support::START_TIMEOUT,
-            "replication stalled: {now:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let targets = &support::replication_targets(&statuses(cluster).await);
+    support::wait_until(
+        "replication to catch up",
+        support::PATIENCE,
+        || async move {
+            let now = statuses(cluster).await;
+            if support::replicas_caught_up(targets, &now) {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        },
+    )
+    .await;
 }
 
 /// Concurrent writers through the coordinator; returns the ledger of what
@@ -629,12 +630,15 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
         )
     };
     assert_eq!(raised, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let mut retries = 0;
-    while let Err(status) = client.increment_batch(batch(acknowledged)).await {
-        retries += 1;
-        assert!(retries < 200, "writes never recovered: {status:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut attempts = 0;
+    support::wait_until("writes to recover", support::PATIENCE, || {
+        attempts += 1;
+        let mut client = client.clone();
+        let retry = batch(acknowledged);
+        async move { client.increment_batch(retry).await }
+    })
+    .await;
+    let retries = attempts - 1;
     support::report(&format!("writes recovered after {retries} retries"));
     // Nothing acknowledged was lost, even across a crash now.
     let address = shard.address;

@@ -7,7 +7,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use support::Daemon;
@@ -127,21 +126,21 @@ async fn a_format_2_directory_is_migrated_at_start_and_keeps_everything() {
     let address = shard_2.address;
     shard_2.stop_with(Signal::SIGKILL);
     // Found down by the coordinator's probes, then read from the copy.
-    let mut waited = 0;
-    loop {
-        let read = support::totals(&endpoint, &names.map(String::from)).await;
-        if read.iter().all(|total| total.complete) {
-            let values: Vec<i64> = read.iter().map(|total| total.value).collect();
-            assert_eq!(values, expected);
-            break;
-        }
-        waited += 1;
-        assert!(
-            waited < 200,
-            "reads never completed from the copy: {read:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let read = support::wait_until(
+        "reads to complete from the copy",
+        support::PATIENCE,
+        || async {
+            let read = support::totals(&endpoint, &names.map(String::from)).await;
+            if read.iter().all(|total| total.complete) {
+                Ok(read)
+            } else {
+                Err(read)
+            }
+        },
+    )
+    .await;
+    let values: Vec<i64> = read.iter().map(|total| total.value).collect();
+    assert_eq!(values, expected);
     // And a migrated directory starts again as the current format.
     let restarted = shard(
         dir.path(),
@@ -275,6 +274,16 @@ async fn read_round(
         .collect())
 }
 
+/// Round `round`'s totals, once the coordinator answers for them (after a
+/// restart it may still see the node down for a moment).
+async fn read_again(client: &CounterClient<tonic::transport::Channel>, round: usize) -> Vec<i64> {
+    support::wait_until("the round to be read", support::PATIENCE, || {
+        let mut client = client.clone();
+        async move { read_round(&mut client, round).await }
+    })
+    .await
+}
+
 /// Fills a small real filesystem until writes fail, then checks: writes
 /// fail with UNAVAILABLE, reads work, a restart while full works, the node
 /// heals by itself once space returns, and nothing acknowledged is lost.
@@ -331,13 +340,8 @@ async fn a_really_full_disk(kind: &str) {
     node.stop_with(Signal::SIGKILL);
     node = shard(dir.path(), "shard-1", &data_dir, &address, &flags);
     for round in 0..acknowledged {
-        let read = loop {
-            match read_round(&mut client, round).await {
-                Ok(read) => break read,
-                // The coordinator may still see the node down for a moment.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        // The coordinator may still see the node down for a moment.
+        let read = read_again(&client, round).await;
         assert_eq!(
             read,
             vec![1; 200],
@@ -348,22 +352,19 @@ async fn a_really_full_disk(kind: &str) {
     // Space comes back: the node heals by itself; the client's retry with
     // the same keys lands once.
     std::fs::remove_file(&filler).unwrap();
-    let mut retries = 0;
-    while let Err(status) = client.increment_batch(batch(acknowledged)).await {
-        retries += 1;
-        assert!(retries < 200, "writes never recovered: {status:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut attempts = 0;
+    support::wait_until("writes to recover", support::PATIENCE, || {
+        attempts += 1;
+        let mut client = client.clone();
+        async move { client.increment_batch(batch(acknowledged)).await }
+    })
+    .await;
+    let retries = attempts - 1;
     // And again across a crash now.
     node.stop_with(Signal::SIGKILL);
     let node = shard(dir.path(), "shard-1", &data_dir, &address, &flags);
     for round in 0..=acknowledged {
-        let read = loop {
-            match read_round(&mut client, round).await {
-                Ok(read) => break read,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let read = read_again(&client, round).await;
         assert_eq!(read, vec![1; 200], "round {round} after space came back");
     }
     support::report(&format!(
@@ -421,34 +422,36 @@ async fn a_failing_replica_push_is_logged_with_its_pair_and_counted() {
         .unwrap();
     assert!(status.success());
     let coordinator = coordinator(dir.path(), &[shard_1.address, shard_2.address], 8, 2);
-    let mut client = CounterClient::connect(coordinator.endpoint())
+    let client = CounterClient::connect(coordinator.endpoint())
         .await
         .unwrap();
     let mut waited = 0;
-    loop {
+    let coordinator = &coordinator;
+    let line = support::wait_until("a failed push to be logged", support::PATIENCE, || {
         // Writes to shard-1 keep giving shard-2 something to copy.
-        let _ = client
-            .increment(pb::IncrementRequest {
-                counter: format!("c{waited}"),
-                delta: 1,
-                idempotency_key: String::new(),
-            })
-            .await;
-        let log = coordinator.log();
-        if log.contains("copying a node's entries to its replica failed") {
-            let line = log
+        let write = pb::IncrementRequest {
+            counter: format!("c{waited}"),
+            delta: 1,
+            idempotency_key: String::new(),
+        };
+        waited += 1;
+        let mut client = client.clone();
+        async move {
+            let _ = client.increment(write).await;
+            let log = coordinator.log();
+            match log
                 .lines()
                 .find(|line| line.contains("copying a node's entries to its replica failed"))
-                .unwrap();
-            assert!(line.contains("WARN"), "{line}");
-            assert!(line.contains("replica=\"shard-2\""), "{line}");
-            assert!(line.contains("origin=\"shard-1\""), "{line}");
-            break;
+            {
+                Some(line) => Ok(line.to_string()),
+                None => Err(support::Verbatim(log)),
+            }
         }
-        waited += 1;
-        assert!(waited < 400, "no failed push was logged:\n{log}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("replica=\"shard-2\""), "{line}");
+    assert!(line.contains("origin=\"shard-1\""), "{line}");
     let output = support::run_to_end(
         "tallyctl",
         &["--endpoint", &coordinator.endpoint(), "--json", "status"],

@@ -1,325 +1,71 @@
-//! Process-level test harness: runs the real `tally-shard`,
-//! `tally-coordinator` and `tallyctl` binaries from config files, on
-//! loopback port 0.
+//! Helpers shared by the integration tests. Every test file does
+//! `mod support;` and uses a part:
 //!
-//! A daemon prints `listening on ADDRESS` on stdout once it serves; the
-//! harness reads that line instead of sleeping or guessing a port.
+//! - [`process`]: the real `tally-shard`, `tally-coordinator` and `tallyctl`
+//!   binaries as processes (its items are re-exported here);
+//! - here: [`wait_until`], the one way a test waits for a condition, and
+//!   what several kinds of test use (replication targets, totals, reports).
 
 #![allow(dead_code)] // each test file uses a part
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::sync::OnceLock;
+pub mod process;
+
+// The process harness's items, as `support::Daemon` and so on; a test file
+// that runs no process uses none.
+#[allow(unused_imports)]
+pub use process::*;
+
+use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+/// How often [`wait_until`] checks again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Longest wait for a daemon to print its address, or to exit.
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// A generous bound for a condition a test waits for, on a small, busy CI
+/// machine.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Path of a workspace binary, built next to this test's executable.
+/// Runs `check` until it returns `Ok`, every [`POLL_INTERVAL`], and returns
+/// the `Ok` value. An `Err` carries what the check observed. After `timeout`
+/// (a check still running included), panics naming `what` and the last
+/// observation.
 ///
-/// `cargo test` builds only the binaries of packages it tests with
-/// integration tests, and `cargo test --test processes` none of the other
-/// packages' binaries: a test could run a stale one. So the first call in a
-/// test process runs `cargo build --workspace --bins` (a no-op of a fraction
-/// of a second when they are current).
-pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let profile_dir = std::env::current_exe()
-        .expect("test executable path")
-        .parent() // deps/
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps layout")
-        .to_path_buf();
-    BUILT.get_or_init(|| {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "--workspace", "--bins", "--quiet"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
+/// The one way tests wait for a condition; none sleeps to wait for
+/// readiness. Its clock is tokio's, so it also works under
+/// `tokio::time::pause()`. A plain `#[test]` runs it with
+/// `runtime.block_on(..)`.
+pub async fn wait_until<T, E, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    E: fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let give_up = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        match tokio::time::timeout_at(give_up, check()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(observed)) => last = Some(observed),
+            Err(_) => panic!(
+                "gave up after {timeout:?} waiting for {what}: a check was still running; \
+                 the one before saw {last:?}"
+            ),
         }
-        let output = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run cargo build");
-        assert!(
-            output.status.success(),
-            "cargo build --workspace --bins failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    });
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found after cargo build",
-        path.display()
-    );
-    path
-}
-
-/// A running daemon process. Killed (SIGKILL) if dropped while running.
-pub struct Daemon {
-    pub name: String,
-    pub address: SocketAddr,
-    child: Child,
-    stderr_path: PathBuf,
-}
-
-impl Daemon {
-    /// Starts `binary` with `args`, stderr to `log_dir/<name>.log`, and waits
-    /// for its `listening on` line.
-    pub fn start(binary_name: &str, name: &str, args: &[&str], log_dir: &Path) -> Daemon {
-        let mut command = Command::new(binary(binary_name));
-        command.args(args);
-        Self::spawn(command, name, log_dir)
-    }
-
-    /// [`Daemon::start`] for a command the caller prepared (limits, env).
-    pub fn spawn(mut command: Command, name: &str, log_dir: &Path) -> Daemon {
-        let stderr_path = log_dir.join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|error| panic!("start {name}: {error}"));
-        let stdout = child.stdout.take().unwrap();
-        let (sender, receiver) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(address) = line.strip_prefix("listening on ") {
-                    let _ = sender.send(address.trim().parse::<SocketAddr>());
-                }
-            }
-        });
-        let address = match receiver.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(address)) => address,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{name} did not start ({other:?}); its log:\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
-            }
-        };
-        Daemon {
-            name: name.to_string(),
-            address,
-            child,
-            stderr_path,
+        if tokio::time::Instant::now() >= give_up {
+            panic!("gave up after {timeout:?} waiting for {what}; last seen: {last:?}");
         }
-    }
-
-    /// Sends `signal` and waits for the process to exit.
-    pub fn stop_with(mut self, signal: Signal) -> ExitStatus {
-        self.signal(signal)
-    }
-
-    /// Sends `signal` and waits for the process to exit, keeping the handle
-    /// (for its log, or to be replaced).
-    pub fn signal(&mut self, signal: Signal) -> ExitStatus {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-        wait_with_timeout(&mut self.child, START_TIMEOUT)
-            .unwrap_or_else(|| panic!("{} did not exit after {signal}", self.name))
-    }
-
-    /// Sends `signal`, waits for the exit, and returns the address the
-    /// daemon listened on (to start a successor there).
-    pub fn stop_with_address(self, signal: Signal) -> SocketAddr {
-        let address = self.address;
-        self.stop_with(signal);
-        address
-    }
-
-    /// SIGTERM: the graceful stop. Asserts exit code 0.
-    pub fn terminate(self) {
-        let name = self.name.clone();
-        let log = self.stderr_path.clone();
-        let status = self.stop_with(Signal::SIGTERM);
-        assert!(
-            status.success(),
-            "{name} exited with {status} after SIGTERM; its log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    }
-
-    /// The daemon's stderr so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// `http://address`.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// Text shown as it is in [`wait_until`]'s message (a log, not an escaped
+/// string).
+pub struct Verbatim(pub String);
 
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    wait_timeout::ChildExt::wait_timeout(child, timeout).unwrap()
-}
-
-/// Runs a binary to completion, killed after [`START_TIMEOUT`] (then its
-/// status is not success, and the test fails on what it expected).
-pub fn run_to_end(binary_name: &str, args: &[&str]) -> Output {
-    assert_cmd::Command::new(binary(binary_name))
-        .args(args)
-        .timeout(START_TIMEOUT)
-        .output()
-        .unwrap()
-}
-
-/// A shard config file for node `index` (1-based) under `dir`. Its log
-/// segments are small and its checkpoints frequent, so that every process
-/// test also runs through checkpoints and segment deletions.
-pub fn write_shard_config(dir: &Path, index: usize, durability: &str) -> PathBuf {
-    let path = dir.join(format!("shard-{index}.toml"));
-    let data_dir = dir.join(format!("data/shard-{index}"));
-    std::fs::write(
-        &path,
-        format!(
-            "node_id = \"shard-{index}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n\
-             durability = \"{durability}\"\nflush_interval_ms = 20\n\
-             log_segment_bytes = 65536\ncheckpoint_interval_ms = 100\n\
-             checkpoint_log_bytes = 262144\n",
-            data_dir.display().to_string()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// Starts `tally-shard` from `config`, with its log in the config's
-/// directory; `extra_args` override the file.
-pub fn start_shard(name: &str, config: &Path, extra_args: &[&str]) -> Daemon {
-    let mut args = vec!["--config", config.to_str().unwrap()];
-    args.extend_from_slice(extra_args);
-    Daemon::start("tally-shard", name, &args, config.parent().unwrap())
-}
-
-/// A coordinator config file naming `shards` as its membership.
-pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
-    let path = dir.join("coordinator.toml");
-    // Probes every 100 ms, 500 ms to answer: failures are found fast.
-    // Replicas refreshed every 100 ms.
-    let mut text = String::from(
-        "listen = \"127.0.0.1:0\"\nstripes = 8\nshard_timeout_ms = 5000\n\
-         health_interval_ms = 100\nhealth_timeout_ms = 500\n\
-         replication_factor = 2\nreplication_interval_ms = 100\n",
-    );
-    for (index, address) in shards.iter().enumerate() {
-        text.push_str(&format!(
-            "\n[[nodes]]\nid = \"shard-{}\"\naddress = \"{address}\"\n",
-            index + 1
-        ));
-    }
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Three shards and a coordinator, each a real process, from config files
-/// in a temporary directory.
-pub struct ProcessCluster {
-    pub dir: tempfile::TempDir,
-    pub shards: Vec<Option<Daemon>>,
-    pub shard_configs: Vec<PathBuf>,
-    pub coordinator: Daemon,
-    pub coordinator_config: PathBuf,
-}
-
-impl ProcessCluster {
-    pub fn start(durability: &str) -> ProcessCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let mut shards = Vec::new();
-        let mut shard_configs = Vec::new();
-        for index in 1..=3 {
-            let config = write_shard_config(dir.path(), index, durability);
-            let name = format!("shard-{index}");
-            shards.push(Some(start_shard(&name, &config, &[])));
-            shard_configs.push(config);
-        }
-        let addresses: Vec<SocketAddr> = shards
-            .iter()
-            .map(|shard| shard.as_ref().unwrap().address)
-            .collect();
-        let coordinator_config = write_coordinator_config(dir.path(), &addresses);
-        let coordinator = Daemon::start(
-            "tally-coordinator",
-            "coordinator",
-            &["--config", coordinator_config.to_str().unwrap()],
-            dir.path(),
-        );
-        ProcessCluster {
-            dir,
-            shards,
-            shard_configs,
-            coordinator,
-            coordinator_config,
-        }
-    }
-
-    /// Starts shard `index` (0-based) again from its config file, on the
-    /// address it had (a flag overrides the file's port 0).
-    pub fn restart_shard(&mut self, index: usize, address: SocketAddr) {
-        self.restart_shard_with(index, address, &[]);
-    }
-
-    /// [`ProcessCluster::restart_shard`] with more flags.
-    pub fn restart_shard_with(&mut self, index: usize, address: SocketAddr, extra_args: &[&str]) {
-        self.restart_shard_with_env(index, address, extra_args, &[]);
-    }
-
-    /// [`ProcessCluster::restart_shard`] with more flags and environment
-    /// variables.
-    pub fn restart_shard_with_env(
-        &mut self,
-        index: usize,
-        address: SocketAddr,
-        extra_args: &[&str],
-        env: &[(&str, &str)],
-    ) {
-        let config = self.shard_configs[index].clone();
-        let listen = address.to_string();
-        let mut command = Command::new(binary("tally-shard"));
-        command.args(["--config", config.to_str().unwrap(), "--listen", &listen]);
-        command.args(extra_args);
-        command.envs(env.iter().copied());
-        self.shards[index] = Some(Daemon::spawn(
-            command,
-            &format!("shard-{}", index + 1),
-            config.parent().unwrap(),
-        ));
-    }
-
-    pub fn tallyctl(&self, args: &[&str]) -> Output {
-        let endpoint = self.coordinator.endpoint();
-        let mut full = vec!["--endpoint", endpoint.as_str()];
-        full.extend_from_slice(args);
-        run_to_end("tallyctl", &full)
+impl fmt::Debug for Verbatim {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "\n{}", self.0)
     }
 }
 

@@ -1,7 +1,15 @@
-//! Failures under load with real processes: a shard killed, a shard hung
-//! (SIGSTOP), each found by the coordinator's health checks and shown by
-//! `tallyctl status` while it lasts; increments without a key keep
-//! succeeding once the failure is found.
+//! Failures and restarts of shards.
+//!
+//! Under load with real processes: a shard killed, a shard hung (SIGSTOP),
+//! each found by the coordinator's health checks and shown by `tallyctl
+//! status` while it lasts; increments without a key keep succeeding once the
+//! failure is found; a shard added by SIGHUP, one killed and one drained,
+//! without a lost increment.
+//!
+//! Against an in-process cluster: a down shard named in errors while
+//! `allow_partial` reads return the rest, a hung shard's deadline, writes
+//! without a key going around a down node, and a graceful restart of every
+//! shard keeping every count.
 
 mod support;
 
@@ -11,9 +19,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use support::cluster::{
+    get, increment, key_owned_by, shard_statuses, start, start_with, value, wait_for_health, READY,
+};
 use support::ProcessCluster;
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
+use tonic::Code;
 
 const WORKERS: usize = 8;
 const COUNTERS: usize = 16;
@@ -451,4 +463,202 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
         (acknowledged..=acknowledged + failed).contains(&read),
         "read {read}, acknowledged {acknowledged}, failed {failed}"
     );
+}
+
+#[tokio::test]
+async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
+    // Without replication: no copy of the down node's part exists.
+    let test = start_with(|options| options.replication_factor = 1).await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    for node in ["shard-1", "shard-2", "shard-3"] {
+        let key = key_owned_by(&cluster, "spread", node, 0);
+        client
+            .increment(increment("spread", 10, &key))
+            .await
+            .unwrap();
+    }
+    assert_eq!(value(&mut client, "spread").await, 30);
+
+    cluster.stop_shard(1).await.unwrap();
+    let status = get(&mut client, "spread").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shard-2"), "{}", status.message());
+    assert!(
+        !status.message().contains("shard-1"),
+        "{}",
+        status.message()
+    );
+
+    let partial = client
+        .get(pb::GetRequest {
+            counter: "spread".into(),
+            allow_partial: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((partial.value, partial.complete), (20, false));
+
+    // A write owned by the down node fails and says which node.
+    let key = key_owned_by(&cluster, "spread", "shard-2", 1);
+    let status = client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("shard-2"));
+    // Writes owned by live nodes still succeed.
+    let key = key_owned_by(&cluster, "spread", "shard-3", 1);
+    client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap();
+    // Delete needs every node.
+    let status = client
+        .delete(pb::DeleteRequest {
+            counter: "spread".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // The node comes back with its data; reads are complete again.
+    cluster.restart_shard(1).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    let after = get(&mut client, "spread").await.unwrap();
+    assert!(after.complete);
+    // Delete reached the live nodes before failing; shard-2 kept its 10.
+    assert_eq!(after.value, 10);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hung_shard_gives_deadline_exceeded() {
+    // A "shard" whose socket accepts connections into the backlog and never
+    // answers: the coordinator's calls to it hang.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nodes = vec![tally::coordinator::NodeConfig {
+        id: "hung".into(),
+        address: hung.local_addr().unwrap().to_string(),
+        weight: 1,
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let config = tally::coordinator::CoordinatorConfig::new(address, nodes);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tally::coordinator::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    tally::cli::local_cluster::wait_serving(address, READY)
+        .await
+        .unwrap();
+
+    let mut client = CounterClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(increment("c", 1, ""));
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.increment(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    let mut request = tonic::Request::new(pb::GetRequest {
+        counter: "c".into(),
+        allow_partial: true,
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.get(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // The coordinator itself is fine.
+    let mut admin =
+        tally::proto::pb::admin_client::AdminClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+    assert_eq!(
+        admin
+            .ring(pb::RingRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .len(),
+        1
+    );
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    drop(hung);
+}
+
+#[tokio::test]
+async fn writes_without_a_key_go_around_a_down_node() {
+    let test = start().await;
+    let mut cluster = test.cluster;
+    let mut client = cluster.counter_client().await.unwrap();
+    cluster.stop_shard(1).await.unwrap();
+    wait_for_health(&cluster, "shard-2", "down").await;
+
+    // Every increment without a key succeeds, the down node's stripes
+    // included: they land on the next node of the ring.
+    for _ in 0..100 {
+        client.increment(increment("spread", 1, "")).await.unwrap();
+    }
+    // A keyed increment stays with its owner, the only node that can
+    // deduplicate it: it fails until the owner is back.
+    let key = key_owned_by(&cluster, "spread", "shard-2", 0);
+    let status = client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    cluster.restart_shard(1).await.unwrap();
+    cluster.wait_ready(READY).await.unwrap();
+    wait_for_health(&cluster, "shard-2", "up").await;
+    client
+        .increment(increment("spread", 1, &key))
+        .await
+        .unwrap();
+    assert_eq!(value(&mut client, "spread").await, 101);
+    let on_down_node = shard_statuses(&cluster).await[1].entries;
+    assert_eq!(on_down_node, 1, "only the keyed increment reached shard-2");
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_restart_of_every_shard_keeps_every_count() {
+    for durability in [
+        tally::shard::Durability::Sync,
+        tally::shard::Durability::Async,
+    ] {
+        let test = start_with(|options| options.durability = durability).await;
+        let mut cluster = test.cluster;
+        let client = cluster.counter_client().await.unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    for round in 0..25 {
+                        let counter = format!("restart-{}", (writer + round) % 5);
+                        client.increment(increment(&counter, 2, "")).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for shard in 0..3 {
+            cluster.restart_shard(shard).await.unwrap();
+        }
+        cluster.wait_ready(READY).await.unwrap();
+        let mut client = cluster.counter_client().await.unwrap();
+        let mut total = 0;
+        for counter in 0..5 {
+            total += value(&mut client, &format!("restart-{counter}")).await;
+        }
+        assert_eq!(total, 8 * 25 * 2, "{durability:?}");
+        cluster.shutdown().await.unwrap();
+        drop(test._data);
+    }
 }

@@ -194,7 +194,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             CounterServer::new(Ceiling::new())
                 .max_decoding_message_size(tally_coordinator::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(tally_coordinator::MAX_MESSAGE_BYTES),
-            tally_coordinator::deadline::stamp_arrival,
+            tally_coordinator::stamp_arrival,
         ))
         .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
         .await?;

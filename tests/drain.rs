@@ -98,7 +98,7 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
         let mut node = shard_client(&cluster, 1).await;
         let adopter_index = {
             let ring = cluster.coordinator_config().ring().unwrap();
-            tally::coordinator::replication::replicas_of(&ring, 1, 2)[0]
+            tally::coordinator::replicas_of(&ring, 1, 2)[0]
         };
         let adopter_id = format!("shard-{}", adopter_index + 1);
         node.drain(pb::ShardDrainRequest {

@@ -274,7 +274,7 @@ async fn tallyctl_against_a_running_cluster() {
     )
     .unwrap();
     let ring = config.ring().unwrap();
-    let replica = tally::coordinator::replication::replicas_of(&ring, 2, 2)[0];
+    let replica = tally::coordinator::replicas_of(&ring, 2, 2)[0];
     cluster.shards[replica].take().unwrap().terminate();
     let output = cluster.tallyctl(&["get", "likes"]);
     assert!(!output.status.success());

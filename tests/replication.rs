@@ -55,7 +55,7 @@ async fn a_read_stays_complete_while_a_shard_is_down() {
     // missing, and only that node is named.
     let config = cluster.coordinator_config().clone();
     let ring = config.ring().unwrap();
-    let copy_holder = tally::coordinator::replication::replicas_of(&ring, 0, 2)[0];
+    let copy_holder = tally::coordinator::replicas_of(&ring, 0, 2)[0];
     cluster.stop_shard(0).await.unwrap();
     cluster.stop_shard(copy_holder).await.unwrap();
     let status = get(&mut client, "replicated").await.unwrap_err();

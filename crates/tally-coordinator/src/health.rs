@@ -105,12 +105,6 @@ impl HealthBoard {
         }
     }
 
-    /// Whether node `index` takes writes: up, and not being drained.
-    pub fn takes_writes(&self, index: usize) -> bool {
-        let (up, draining) = self.write_state(index);
-        up && !draining
-    }
-
     /// Whether node `index` is up, and whether it is being drained: one
     /// lock, for the write path.
     pub fn write_state(&self, index: usize) -> (bool, bool) {

@@ -9,40 +9,40 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file with the static membership.
-//! - [`cluster`]: what a valid request becomes ([`Cluster`]), by concern:
+//! - `cluster`: what a valid request becomes ([`Cluster`]), by concern:
 //!   writes (routing, failover), reads and deletes, drain, copies (restores
 //!   and replication rounds), and the handle swapped on a reload.
-//! - [`shard_client`]: one client per node, speaking [`model`]'s types: the
+//! - `shard_client`: one client per node, speaking `model`'s types: the
 //!   Apply and Read batchers, coalescing, and the wire edge (`rpc`).
-//! - [`model`]: the internal hop in the coordinator's own types
+//! - `model`: the internal hop in the coordinator's own types
 //!   (`StripeIncrement`, `Outcome`, `NodeRead`).
 //! - The pure rules, plain functions over plain data: `merge` (which
 //!   answers make up each node's part of a read) and `placement` (where a
 //!   write goes when its owner cannot take it).
-//! - [`health`]: each node's health, from probes and call outcomes.
-//! - [`replication`]: the loop that copies each node's entries to its
+//! - `health`: each node's health, from probes and call outcomes.
+//! - `replication`: the loop that copies each node's entries to its
 //!   replicas.
-//! - [`service`]: the public `Counter` and `Admin` gRPC services;
+//! - `service`: the public `Counter` and `Admin` gRPC services;
 //!   `dispatch` sends `Counter` calls to it before tonic's router.
-//! - [`deadline`]: the client's deadline, from `grpc-timeout`.
-//! - [`error`]: errors and their gRPC codes.
+//! - `deadline`: the client's deadline, from `grpc-timeout`.
+//! - `error`: errors and their gRPC codes.
 //! - [`Coordinator`] and [`run`]: build, serve, shut down;
 //!   [`ClusterHandle::reload`] applies a reloaded membership (SIGHUP in the
 //!   binary).
 #![deny(missing_docs)]
 
-pub mod cluster;
+mod cluster;
 pub mod config;
-pub mod deadline;
+mod deadline;
 mod dispatch;
-pub mod error;
-pub mod health;
+mod error;
+mod health;
 mod merge;
-pub mod model;
+mod model;
 mod placement;
-pub mod replication;
-pub mod service;
-pub mod shard_client;
+mod replication;
+mod service;
+mod shard_client;
 
 use std::future::Future;
 
@@ -50,9 +50,14 @@ use tally_proto::pb;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
-pub use cluster::{Cluster, ClusterHandle, ReloadError};
+pub use cluster::{Cluster, ClusterHandle, ReloadError, Total};
 pub use config::{CoordinatorConfig, CoordinatorOverrides, NodeConfig};
-pub use error::CoordinatorError;
+pub use deadline::stamp_arrival;
+pub use error::{CoordinatorError, ShardCallError};
+pub use health::NodeHealth;
+pub use replication::replicas_of;
+pub use service::{locate_response, ring_response, AdminService, CounterService};
+pub use shard_client::ShardClient;
 
 /// Largest public request: a full `IncrementBatch` (10,000 items with
 /// 256-byte names and 128-byte keys) is about 4 MiB, gRPC's default limit.

@@ -280,11 +280,6 @@ impl Checkpoint {
         self.log_file.sync_data()?;
         Ok(())
     }
-
-    /// Bytes of sled's files, for status pages.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 /// A job for the checkpoint thread.

@@ -10,22 +10,22 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML file and flags ([`ShardConfig`], [`Durability`]).
+//! - `config`: the TOML file and flags ([`ShardConfig`], [`Durability`]).
 //! - [`store`]: the in-memory counters, segmented for concurrent writers,
 //!   with dirty tracking, flush epochs for group commit, idempotency
-//!   records and checkpoint captures; [`table`] packs each segment's
+//!   records and checkpoint captures; `table` packs each segment's
 //!   counters into one arena.
-//! - [`replicas`]: copies of other nodes' entries, for reads while they
+//! - `replicas`: copies of other nodes' entries, for reads while they
 //!   are down.
-//! - [`log`]: the append-only, checksummed log (segments, frames, the
-//!   recovery scan); [`change`]: what each kind of frame records and how it
-//!   is applied; [`codec`]: their byte encoding.
-//! - [`journal`]: the log thread (group commit) and the checkpoint rounds
-//!   it drives; [`checkpoint`]: the sled checkpoint and its thread.
-//! - [`meta`]: the node's identity, starts, drain and restore state.
-//! - [`storage`]: the data directory (lock, marker, witness), recovery and
-//!   [`storage::verify`]; [`legacy`]: migration of format 2 directories.
-//! - [`service`]: the gRPC service; [`refusal`]: every way it refuses a
+//! - `log`: the append-only, checksummed log (segments, frames, the
+//!   recovery scan); `change`: what each kind of frame records and how it
+//!   is applied; `codec`: their byte encoding.
+//! - `journal`: the log thread (group commit) and the checkpoint rounds
+//!   it drives; `checkpoint`: the sled checkpoint and its thread.
+//! - `meta`: the node's identity, starts, drain and restore state.
+//! - `storage`: the data directory (lock, marker, witness), recovery and
+//!   `storage::verify`; `legacy`: migration of format 2 directories.
+//! - `service`: the gRPC service; `refusal`: every way it refuses a
 //!   call, with the reason a coordinator decides on.
 //! - [`crash_point`]: a test hook that crashes the process at a chosen
 //!   moment.
@@ -47,21 +47,21 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod change;
-pub mod checkpoint;
-pub mod codec;
-pub mod config;
+mod change;
+mod checkpoint;
+mod codec;
+mod config;
 pub mod crash_point;
-pub mod journal;
-pub mod legacy;
-pub mod log;
-pub mod meta;
-pub mod refusal;
-pub mod replicas;
-pub mod service;
-pub mod storage;
+mod journal;
+mod legacy;
+mod log;
+mod meta;
+mod refusal;
+mod replicas;
+mod service;
+mod storage;
 pub mod store;
-pub mod table;
+mod table;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,7 +71,8 @@ use tokio::net::TcpListener;
 
 pub use config::{Durability, ShardConfig, ShardOverrides};
 pub use meta::DrainState;
-pub use storage::StorageError;
+pub use refusal::Refusal;
+pub use storage::{verify, DirectoryReport, StorageError, FORMAT_VERSION};
 
 /// Largest internal request a node accepts. A full public batch (10,000
 /// increments of 256-byte names with 128-byte keys) is about 4 MiB, and the

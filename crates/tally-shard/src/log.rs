@@ -443,16 +443,6 @@ impl LogWriter {
         seq
     }
 
-    /// Whether frames await a commit.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Bytes pending.
-    pub fn pending_bytes(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Writes the pending frames with one write and makes them durable
     /// with one fdatasync (after starting a new segment if the current one
     /// is full). On failure nothing of the group counts: the file is cut

@@ -96,15 +96,15 @@ async fn run() -> ExitCode {
 }
 
 async fn verify(data_dir: PathBuf) -> anyhow::Result<()> {
-    let report = tokio::task::spawn_blocking(move || tally_shard::storage::verify(&data_dir))
+    let report = tokio::task::spawn_blocking(move || tally_shard::verify(&data_dir))
         .await
         .context("verify panicked")??;
     println!("node {}: sound", report.node_id);
-    if report.format_version != tally_shard::storage::FORMAT_VERSION {
+    if report.format_version != tally_shard::FORMAT_VERSION {
         println!(
             "format version {} (migrated to {} at the node's next start)",
             report.format_version,
-            tally_shard::storage::FORMAT_VERSION
+            tally_shard::FORMAT_VERSION
         );
     }
     println!("entries {}", report.entries);

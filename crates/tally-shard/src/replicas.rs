@@ -35,35 +35,6 @@ pub struct CopyStamp {
     pub directory_id: u64,
 }
 
-impl CopyStamp {
-    /// 24 bytes, big-endian: version, scan time, directory id.
-    pub fn encode(&self) -> [u8; 24] {
-        let mut value = [0; 24];
-        value[..8].copy_from_slice(&self.version.to_be_bytes());
-        value[8..16].copy_from_slice(&self.scanned_unix_ms.to_be_bytes());
-        value[16..].copy_from_slice(&self.directory_id.to_be_bytes());
-        value
-    }
-
-    /// The inverse of [`CopyStamp::encode`]; also reads the 8-byte
-    /// (version) and 16-byte (version, scan time) stamps of earlier builds.
-    pub fn decode(value: &[u8]) -> Option<CopyStamp> {
-        if !matches!(value.len(), 8 | 16 | 24) {
-            return None;
-        }
-        let word = |at: usize| {
-            value
-                .get(at..at + 8)
-                .map_or(0, |bytes| u64::from_be_bytes(bytes.try_into().unwrap()))
-        };
-        Some(CopyStamp {
-            version: word(0),
-            scanned_unix_ms: word(8),
-            directory_id: word(16),
-        })
-    }
-}
-
 /// `(counter, stripe, value)`.
 pub type EntryValue = (String, u32, i64);
 

@@ -1,6 +1,6 @@
 //! The in-memory counters: a map from `(counter, stripe)` to i64, split into
 //! segments so that concurrent writers rarely share a lock, each segment a
-//! compact [`Table`].
+//! compact `Table`.
 //!
 //! The store also tracks which counters changed since the last group commit,
 //! and hands out *flush epochs*: every change is stamped with the epoch that
@@ -27,7 +27,7 @@
 //!
 //! # Checkpoint captures
 //!
-//! The checkpoint ([`crate::checkpoint`]) stores the counters in buckets:
+//! The checkpoint (`crate::checkpoint`) stores the counters in buckets:
 //! 64 per segment, chosen by a hash of the counter's name (of the record's
 //! key for idempotency records). Every change marks its bucket; a capture,
 //! taken during a [`Store::begin_flush`] visit of a segment and so under the
@@ -311,7 +311,7 @@ pub fn decode_counters<'a>(reader: &mut Reader<'a>) -> Result<Vec<LoggedCounter<
 }
 
 /// A checkpoint bucket as captured: its id and its encoded contents (see
-/// [`crate::checkpoint`]); empty contents mean "delete the bucket".
+/// `crate::checkpoint`); empty contents mean "delete the bucket".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapturedBucket {
     /// `segment × 64 + sub`.

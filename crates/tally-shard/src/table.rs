@@ -91,13 +91,9 @@ fn name_at(arena: &[u8], offset: u32) -> &str {
 
 impl Table {
     /// Live records.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.index.len()
-    }
-
-    /// Whether the table holds no record.
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
     }
 
     /// Bytes of memory held (arena and index), for status pages.
@@ -179,7 +175,8 @@ impl Table {
     }
 
     /// Whether the record is dead (removed, or moved: see [`Table::resolve`]).
-    pub fn is_dead(&self, slot: Slot) -> bool {
+    #[cfg(test)]
+    fn is_dead(&self, slot: Slot) -> bool {
         self.flags(slot) & DEAD != 0
     }
 

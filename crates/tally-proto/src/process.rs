@@ -19,19 +19,41 @@ pub fn init_tracing() {
 }
 
 /// A binary's exit: 0 on success; otherwise one line on stderr,
-/// `BINARY: error: ...` (the alternate form, so an `anyhow` chain reads
-/// `context: cause` on the same line), and exit code 1.
-pub fn exit_code<E: std::fmt::Display>(
+/// `BINARY: error: ...` with the error's causes after it
+/// ([`error_line`]), and exit code 1.
+pub fn exit_code<E: AsRef<dyn std::error::Error>>(
     binary: &str,
     result: Result<(), E>,
 ) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{binary}: error: {error:#}");
+            eprintln!("{binary}: error: {}", error_line(error.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its chain of causes on one line, `error: cause: cause`,
+/// each said once: a cause whose text the one before it already holds is
+/// left out (many errors print their source as part of their own text, and
+/// some wrap an error of the same text: `dns error: dns error: ...`).
+pub fn error_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut previous = line.clone();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !text.is_empty() {
+            if !previous.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            previous = text;
+        }
+        cause = error.source();
+    }
+    line
 }
 
 /// Ignores SIGXFSZ, so that a write beyond the process's file size limit
@@ -404,6 +426,56 @@ fn served_services<'a>(services: &'a [&'static str]) -> impl Iterator<Item = &'s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error of `text`, caused by `source`.
+    #[derive(Debug)]
+    struct Chained {
+        text: &'static str,
+        source: Option<Box<Chained>>,
+    }
+
+    impl std::fmt::Display for Chained {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.text)
+        }
+    }
+
+    impl std::error::Error for Chained {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.source
+                .as_deref()
+                .map(|source| source as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> Chained {
+        let (first, rest) = texts.split_first().unwrap();
+        Chained {
+            text: first,
+            source: (!rest.is_empty()).then(|| Box::new(chain(rest))),
+        }
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        // tonic's error for a name that does not resolve.
+        let error = chain(&[
+            "cannot reach http://nowhere.invalid:1",
+            "transport error",
+            "dns error",
+            "dns error",
+            "failed to lookup address information: Name or service not known",
+        ]);
+        assert_eq!(
+            error_line(&error),
+            "cannot reach http://nowhere.invalid:1: transport error: dns error: failed to \
+             lookup address information: Name or service not known"
+        );
+        // A cause the error already prints; an empty one.
+        let error = chain(&["config.toml: bad key `x`", "bad key `x`", "", "x", "deep"]);
+        assert_eq!(error_line(&error), "config.toml: bad key `x`: deep");
+        assert_eq!(error_line(&chain(&["alone"])), "alone");
+    }
 
     #[test]
     fn unimplemented_messages_go_into_a_header_as_they_are() {

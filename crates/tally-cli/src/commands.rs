@@ -480,17 +480,18 @@ fn new_table(header: &[&str]) -> Table {
 }
 
 /// A node's health: the coordinator's routing view (from its probes and
-/// calls) and this status call's own answer.
+/// calls), for how long (since it changed, or since the coordinator
+/// started), and this status call's own answer.
 fn health_label(status: &pb::NodeStatus) -> String {
-    let down_for = if status.health_since_unix_ms > 0 {
+    let since = if status.health_since_unix_ms > 0 {
         format!(" for {}", age(status.health_since_unix_ms))
     } else {
         String::new()
     };
     let label = match (status.health.as_str(), status.reachable) {
-        ("down", true) => format!("DOWN{down_for}, answering again"),
-        ("down", false) => format!("DOWN{down_for}: {}", status.error),
-        (_, true) => "up".to_string(),
+        ("down", true) => format!("DOWN{since}, answering again"),
+        ("down", false) => format!("DOWN{since}: {}", status.error),
+        (_, true) => format!("up{since}"),
         (_, false) => format!("DOWN: {}", status.error),
     };
     if status.drain.is_empty() {
@@ -593,4 +594,37 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     cluster.shutdown().await?;
     println!("stopped; data kept in {}", data_dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix_ms_now() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    #[test]
+    fn health_says_for_how_long() {
+        let mut node = pb::NodeStatus {
+            health: "up".into(),
+            reachable: true,
+            health_since_unix_ms: unix_ms_now() - 3_500,
+            ..Default::default()
+        };
+        assert_eq!(health_label(&node), "up for 3s");
+        node.health = "down".into();
+        node.reachable = false;
+        node.error = "connection refused".into();
+        assert_eq!(health_label(&node), "DOWN for 3s: connection refused");
+        // A coordinator too old to say.
+        node.health_since_unix_ms = 0;
+        assert_eq!(health_label(&node), "DOWN: connection refused");
+        node.health = "up".into();
+        node.reachable = true;
+        assert_eq!(health_label(&node), "up");
+    }
 }

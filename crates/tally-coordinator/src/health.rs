@@ -30,7 +30,9 @@ pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(2);
 pub struct NodeHealth {
     /// Whether the last call or probe succeeded.
     pub up: bool,
-    /// Unix ms of the last change between up and down (0: up since start).
+    /// Unix ms of the last change between up and down, or of the board's
+    /// creation (this coordinator's start, or the reload that added the
+    /// node) if there was none.
     pub since_unix_ms: i64,
     /// Why the node is down (the last failure); empty when up.
     pub error: String,
@@ -52,17 +54,18 @@ pub struct HealthBoard {
 }
 
 impl HealthBoard {
-    /// Every node starts up: a node that is not is found by the first call
-    /// or probe.
+    /// Every node starts up, since now: a node that is not is found by the
+    /// first call or probe.
     pub fn new(ids: impl IntoIterator<Item = Arc<str>>) -> Self {
         let ids: Box<[Arc<str>]> = ids.into_iter().collect();
+        let now = unix_ms_now();
         HealthBoard {
             nodes: ids
                 .iter()
                 .map(|_| {
                     Mutex::new(NodeHealth {
                         up: true,
-                        since_unix_ms: 0,
+                        since_unix_ms: now,
                         error: String::new(),
                         restoring: false,
                         drain: pb::DrainState::Serving,
@@ -188,6 +191,22 @@ pub fn unix_ms_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_board_has_every_node_up_since_now() {
+        let before = unix_ms_now();
+        let board = HealthBoard::new(["a".into(), "b".into()]);
+        let after = unix_ms_now();
+        for index in 0..2 {
+            let health = board.get(index);
+            assert!(health.up);
+            assert!(
+                (before..=after).contains(&health.since_unix_ms),
+                "{before} <= {} <= {after}",
+                health.since_unix_ms
+            );
+        }
+    }
 
     #[test]
     fn a_failure_marks_down_and_a_success_up() {

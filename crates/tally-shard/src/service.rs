@@ -244,11 +244,18 @@ impl ShardService {
             return Err(Refusal::NotAwaitingRestore(self.node_id.to_string()));
         }
         let count = self.add_to_own(entries, OwnChange::Restored).await?;
-        tracing::info!(
-            node_id = &*self.node_id,
-            entries = count,
-            "restored from replicas"
-        );
+        if count == 0 {
+            tracing::info!(
+                node_id = &*self.node_id,
+                "started empty; no copies to restore"
+            );
+        } else {
+            tracing::info!(
+                node_id = &*self.node_id,
+                entries = count,
+                "restored from replicas"
+            );
+        }
         Ok(pb::RestoreResponse {})
     }
 

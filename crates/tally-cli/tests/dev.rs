@@ -1,0 +1,54 @@
+//! `tallyctl dev` as a process: what it says at start.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Longest wait for a line of the dev cluster's log.
+const LOG_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_fresh_cluster_says_its_shards_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .args(["dev", "--port", "0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env_remove("TALLY_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, received) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut log = Vec::new();
+    let mut empty = 0;
+    while empty < 3 {
+        let left = LOG_TIMEOUT.saturating_sub(started.elapsed());
+        let Ok(line) = received.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("not every shard said it started empty:\n{}", log.join("\n"));
+        };
+        if line.contains("started empty; no copies to restore") {
+            empty += 1;
+        }
+        let restored = line.contains("restored from replicas");
+        log.push(line);
+        if restored {
+            // Nothing was restored: the line says what did not happen.
+            let _ = child.kill();
+            panic!("{}", log.join("\n"));
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

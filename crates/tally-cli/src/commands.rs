@@ -16,15 +16,18 @@ use tally_proto::pb::admin_client::AdminClient;
 use tally_proto::pb::counter_client::CounterClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{Args, Command};
+use crate::{Args, ClientOptions, Command};
 
-/// Runs one command.
+/// The endpoint when neither `--endpoint` nor `$TALLY_ENDPOINT` names one.
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7700";
+
+/// The deadline of each call when `--timeout-ms` is not given.
+const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+
+/// Runs one command. `args.client` are the client options given before
+/// the command; `dev` has none (`main` refuses them).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let cli = Cli {
-        endpoint: normalize_endpoint(&args.endpoint),
-        json: args.json,
-        timeout: Duration::from_millis(args.timeout_ms),
-    };
+    let outer = args.client;
     match args.command {
         Command::Dev {
             data_dir,
@@ -33,21 +36,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             durability,
         } => dev(&data_dir, port, shards, &durability).await,
         Command::Incr {
+            client,
             counter,
             delta,
             key,
-        } => cli.incr(counter, delta, key).await,
+        } => Cli::new(client, outer).incr(counter, delta, key).await,
         Command::Get {
+            client,
             counters,
             allow_partial,
-        } => cli.get(counters, allow_partial).await,
-        Command::Delete { counter } => cli.delete(counter).await,
-        Command::Ring { config } => cli.ring(config.as_deref()).await,
-        Command::Locate { counter, config } => cli.locate(counter, config.as_deref()).await,
-        Command::Status => cli.status().await,
-        Command::Health => cli.health().await,
-        Command::Drain { node } => cli.drain(node).await,
+        } => Cli::new(client, outer).get(counters, allow_partial).await,
+        Command::Delete { client, counter } => Cli::new(client, outer).delete(counter).await,
+        Command::Ring { client, config } => Cli::new(client, outer).ring(config.as_deref()).await,
+        Command::Locate {
+            client,
+            counter,
+            config,
+        } => {
+            Cli::new(client, outer)
+                .locate(counter, config.as_deref())
+                .await
+        }
+        Command::Status { client } => Cli::new(client, outer).status().await,
+        Command::Health { client } => Cli::new(client, outer).health().await,
+        Command::Drain { client, node } => Cli::new(client, outer).drain(node).await,
         Command::Bench {
+            client,
             clients,
             connections,
             duration,
@@ -59,16 +73,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             prefix,
             no_check,
         } => {
+            let cli = Cli::new(client, outer);
             let options = BenchOptions {
                 endpoint: cli.endpoint.clone(),
                 clients,
-                connections,
+                connections: connections.unwrap_or(0),
                 stop: requests.map_or(Stop::After(duration), Stop::Calls),
                 counters,
                 batch,
                 read_percent: reads,
                 keyed,
-                prefix,
+                prefix: prefix.unwrap_or_default(),
                 timeout: cli.timeout,
                 check: !no_check,
                 progress: !cli.json,
@@ -111,6 +126,26 @@ fn to_screaming_snake(camel: &str) -> String {
 }
 
 impl Cli {
+    /// The options given after the command (`inner`) over those given
+    /// before it (`outer`), over `$TALLY_ENDPOINT` and the defaults.
+    fn new(inner: ClientOptions, outer: ClientOptions) -> Cli {
+        let endpoint = inner
+            .endpoint
+            .or(outer.endpoint)
+            .or_else(|| std::env::var("TALLY_ENDPOINT").ok())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        Cli {
+            endpoint: normalize_endpoint(&endpoint),
+            json: inner.json || outer.json,
+            timeout: Duration::from_millis(
+                inner
+                    .timeout_ms
+                    .or(outer.timeout_ms)
+                    .unwrap_or(DEFAULT_TIMEOUT_MS),
+            ),
+        }
+    }
+
     async fn channel(&self) -> anyhow::Result<Channel> {
         Endpoint::from_shared(self.endpoint.clone())
             .with_context(|| format!("bad endpoint {:?}", self.endpoint))?

@@ -5,28 +5,36 @@ mod commands;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Inspect and use a Tally cluster, or run one locally for development.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "tallyctl", version)]
 struct Args {
-    /// The coordinator's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "TALLY_ENDPOINT",
-        default_value = "http://127.0.0.1:7700"
+    #[command(
+        flatten,
+        next_help_heading = "Client options (every command but dev; also after the command)"
     )]
-    endpoint: String,
-    /// Print JSON instead of tables, for scripts.
-    #[arg(long, global = true)]
-    json: bool,
-    /// Deadline of each call, in milliseconds.
-    #[arg(long, global = true, default_value_t = 5_000)]
-    timeout_ms: u64,
+    client: ClientOptions,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The options of every command that calls a server: given after the
+/// command (`tallyctl status --json`) or before it (`tallyctl --json
+/// status`); after wins.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct ClientOptions {
+    /// The server's gRPC endpoint, a URL or host:port [env: TALLY_ENDPOINT]
+    /// [default: http://127.0.0.1:7700]
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// Print JSON instead of tables, for scripts.
+    #[arg(long)]
+    json: bool,
+    /// Deadline of each call, in milliseconds [default: 5000]
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +58,8 @@ enum Command {
     },
     /// Add DELTA (default 1, may be negative) to a counter.
     Incr {
+        #[command(flatten)]
+        client: ClientOptions,
         /// The counter's name.
         counter: String,
         /// Amount to add.
@@ -61,6 +71,8 @@ enum Command {
     },
     /// Read counters (the sum over every shard).
     Get {
+        #[command(flatten)]
+        client: ClientOptions,
         /// Counter names.
         #[arg(required = true)]
         counters: Vec<String>,
@@ -71,11 +83,15 @@ enum Command {
     },
     /// Reset a counter to 0 on every shard.
     Delete {
+        #[command(flatten)]
+        client: ClientOptions,
         /// The counter's name.
         counter: String,
     },
     /// Show the ring: nodes, weights, vnodes, owned share and health.
     Ring {
+        #[command(flatten)]
+        client: ClientOptions,
         /// Compute the ring offline from a coordinator config file instead of
         /// asking the coordinator.
         #[arg(long)]
@@ -83,6 +99,8 @@ enum Command {
     },
     /// Show which node owns each stripe of a counter.
     Locate {
+        #[command(flatten)]
+        client: ClientOptions,
         /// The counter's name.
         counter: String,
         /// Compute offline from a coordinator config file.
@@ -90,20 +108,28 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Show each shard node's health, entries and last flush.
-    Status,
+    Status {
+        #[command(flatten)]
+        client: ClientOptions,
+    },
     /// Check the gRPC health of the server at --endpoint (a coordinator or a
     /// shard node): exit 0 if it is serving. For container health checks.
-    Health,
+    Health {
+        #[command(flatten)]
+        client: ClientOptions,
+    },
     /// Load a cluster like redis-benchmark: throughput and latency
     /// percentiles, then a read-back of every counter that fails the run if
     /// any total differs from what was acknowledged.
     Bench {
+        #[command(flatten)]
+        client: ClientOptions,
         /// Calls in flight at once (one per client task).
         #[arg(long, short = 'c', default_value_t = 64)]
         clients: usize,
-        /// HTTP/2 connections the clients share (default: one per client).
-        #[arg(long, default_value_t = 0)]
-        connections: usize,
+        /// HTTP/2 connections the clients share [default: one per client]
+        #[arg(long, value_name = "N")]
+        connections: Option<usize>,
         /// How long to run (e.g. 10s, 1m).
         #[arg(long, short = 'd', value_parser = humantime::parse_duration, default_value = "10s", conflicts_with = "requests")]
         duration: std::time::Duration,
@@ -123,9 +149,9 @@ enum Command {
         /// Give every increment its own idempotency key.
         #[arg(long)]
         keyed: bool,
-        /// Counter name prefix (default: one new to this run).
-        #[arg(long, default_value = "")]
-        prefix: String,
+        /// Counter name prefix [default: a new one for each run]
+        #[arg(long)]
+        prefix: Option<String>,
         /// Skip reading the counters back at the end.
         #[arg(long)]
         no_check: bool,
@@ -134,12 +160,30 @@ enum Command {
     /// so that it can be removed from the coordinators' config (then
     /// SIGHUP them). Safe to repeat: an interrupted drain resumes.
     Drain {
+        #[command(flatten)]
+        client: ClientOptions,
         /// The node id to drain.
         node: String,
     },
 }
 
+impl ClientOptions {
+    /// Whether any option was given.
+    fn any(&self) -> bool {
+        self.endpoint.is_some() || self.json || self.timeout_ms.is_some()
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tally_proto::process::exit_code("tallyctl", commands::run(Args::parse()).await)
+    let args = Args::parse();
+    if matches!(args.command, Command::Dev { .. }) && args.client.any() {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--endpoint, --json and --timeout-ms do not apply to `dev`",
+            )
+            .exit();
+    }
+    tally_proto::process::exit_code("tallyctl", commands::run(args).await)
 }

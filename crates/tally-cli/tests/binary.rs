@@ -107,4 +107,158 @@ fn no_coordinator_is_a_clear_error() {
 fn usage_errors_exit_2() {
     assert_eq!(tallyctl(&["incr"]).status.code(), Some(2));
     assert_eq!(tallyctl(&["frobnicate"]).status.code(), Some(2));
+    // Client options do nothing for `dev`: refused, before it or after
+    // (and nothing starts).
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    for args in [
+        &["--json", "dev", "--port", "0", "--data-dir", data_dir][..],
+        &[
+            "dev",
+            "--port",
+            "0",
+            "--data-dir",
+            data_dir,
+            "--endpoint",
+            "x:1",
+        ],
+    ] {
+        let output = tallyctl(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("--endpoint"),
+            "{args:?}"
+        );
+    }
+    assert!(!dir.path().join("data").exists());
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn version_names_the_binary() {
+    let output = tallyctl(&["--version"]);
+    assert!(output.status.success());
+    assert_eq!(
+        stdout(&output),
+        format!("tallyctl {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn help_shows_only_the_options_that_apply() {
+    let client_options = ["--endpoint", "--json", "--timeout-ms"];
+    let dev = stdout(&tallyctl(&["dev", "--help"]));
+    for option in client_options {
+        assert!(!dev.contains(option), "{dev}");
+    }
+    assert!(dev.contains("--port"), "{dev}");
+    for command in ["incr", "get", "status", "health", "bench", "ring", "drain"] {
+        let help = stdout(&tallyctl(&[command, "--help"]));
+        for option in client_options {
+            assert!(help.contains(option), "{command}: {help}");
+        }
+    }
+}
+
+#[test]
+fn bench_help_says_one_default_per_option() {
+    let bench = stdout(&tallyctl(&["bench", "--help"]));
+    for line in bench.lines() {
+        assert!(
+            line.matches("default").count() <= 1,
+            "two defaults in one line: {line}"
+        );
+    }
+    assert!(
+        bench
+            .lines()
+            .any(|line| line.contains("--connections") && line.contains("one per client")),
+        "{bench}"
+    );
+}
+
+#[test]
+fn client_options_go_before_or_after_the_command() {
+    for args in [
+        &["--json", "ring", "--config", SHIPPED_CONFIG][..],
+        &["ring", "--config", SHIPPED_CONFIG, "--json"],
+        &[
+            "ring",
+            "--json",
+            "--timeout-ms",
+            "100",
+            "--config",
+            SHIPPED_CONFIG,
+        ],
+    ] {
+        let output = tallyctl(args);
+        assert!(output.status.success(), "{args:?}");
+        let ring: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(ring["stripes"], 8, "{args:?}");
+    }
+    // After the command wins over before it, and both over the
+    // environment.
+    let output = Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .timeout(EXIT_TIMEOUT)
+        .args([
+            "--endpoint",
+            "127.0.0.1:1",
+            "status",
+            "--endpoint",
+            "127.0.0.1:2",
+        ])
+        .env("TALLY_ENDPOINT", "127.0.0.1:3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach http://127.0.0.1:2"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .timeout(EXIT_TIMEOUT)
+        .args(["--endpoint", "127.0.0.1:1", "status"])
+        .env("TALLY_ENDPOINT", "127.0.0.1:3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .timeout(EXIT_TIMEOUT)
+        .args(["status"])
+        .env("TALLY_ENDPOINT", "127.0.0.1:3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach http://127.0.0.1:3"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_error_says_each_cause_once() {
+    // tonic's error for a name that does not resolve repeats `dns error`.
+    let output = tallyctl(&[
+        "--endpoint",
+        "http://tally.invalid:1",
+        "--timeout-ms",
+        "2000",
+        "status",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr.trim();
+    assert!(line.starts_with("tallyctl: error: cannot reach"), "{line}");
+    let parts: Vec<&str> = line.split(": ").collect();
+    for pair in parts.windows(2) {
+        assert_ne!(pair[0], pair[1], "{line}");
+    }
 }

@@ -108,6 +108,34 @@ struct Cli {
     timeout: Duration,
 }
 
+/// Our standard output was closed before everything was written (a reader
+/// such as `head` that has what it wanted): not an error to report.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed: {0}")]
+pub struct StdoutClosed(std::io::Error);
+
+/// Writes `text` and a newline to standard output.
+fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                anyhow::Error::new(StdoutClosed(error))
+            } else {
+                anyhow::Error::new(error).context("cannot write to standard output")
+            }
+        })
+}
+
+/// Writes `text` and a newline to standard output, if it can: for `dev`,
+/// which goes on serving whoever reads its output.
+fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 /// A gRPC error as a person reads it: the code, then the server's message.
 fn describe(status: tonic::Status) -> anyhow::Error {
     let code = format!("{:?}", status.code());
@@ -168,11 +196,15 @@ impl Cli {
         tally_proto::timed(message, self.timeout)
     }
 
-    fn print(&self, value: serde_json::Value, table: impl FnOnce() -> String) {
+    fn print(
+        &self,
+        value: serde_json::Value,
+        table: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
         if self.json {
-            println!("{value}");
+            print_line(&value.to_string())
         } else {
-            println!("{}", table());
+            print_line(&table())
         }
     }
 
@@ -188,7 +220,7 @@ impl Cli {
             .map_err(describe)?;
         self.print(json!({ "counter": counter, "delta": delta }), || {
             format!("OK {counter} {delta:+}")
-        });
+        })?;
         Ok(())
     }
 
@@ -221,8 +253,8 @@ impl Cli {
                     .to_string(),
                 ]);
             }
-            table.to_string()
-        });
+            table.trim_fmt()
+        })?;
         Ok(())
     }
 
@@ -236,7 +268,7 @@ impl Cli {
             .map_err(describe)?;
         self.print(json!({ "counter": counter, "deleted": true }), || {
             format!("OK {counter} deleted")
-        });
+        })?;
         Ok(())
     }
 
@@ -245,7 +277,7 @@ impl Cli {
         self.print(
             serde_json::to_value(&report).expect("a report serializes"),
             || report.human(),
-        );
+        )?;
         anyhow::ensure!(report.passed(), "the self-check failed: {}", report.check);
         Ok(())
     }
@@ -269,7 +301,7 @@ impl Cli {
                     drained.entries, drained.adopter
                 )
             },
-        );
+        )?;
         Ok(())
     }
 
@@ -334,8 +366,8 @@ impl Cli {
                     },
                 ]);
             }
-            format!("{table}\n{} stripes per counter", ring.stripes)
-        });
+            format!("{}\n{} stripes per counter", table.trim_fmt(), ring.stripes)
+        })?;
         Ok(())
     }
 
@@ -379,9 +411,9 @@ impl Cli {
                         format!("{:016x}", stripe.hash),
                     ]);
                 }
-                table.to_string()
+                table.trim_fmt()
             },
-        );
+        )?;
         Ok(())
     }
 
@@ -464,7 +496,8 @@ impl Cli {
             }
             let down = nodes.iter().filter(|node| !node.reachable).count();
             let mut text = format!(
-                "{table}\n{} of {} nodes reachable",
+                "{}\n{} of {} nodes reachable",
+                table.trim_fmt(),
                 nodes.len() - down,
                 nodes.len()
             );
@@ -476,7 +509,7 @@ impl Cli {
                 ));
             }
             text
-        });
+        })?;
         Ok(())
     }
 }
@@ -496,7 +529,7 @@ impl Cli {
         self.print(
             json!({ "endpoint": self.endpoint, "status": status.as_str_name() }),
             || format!("{} {}", self.endpoint, status.as_str_name()),
-        );
+        )?;
         anyhow::ensure!(
             status == ServingStatus::Serving,
             "{} is not serving",
@@ -595,40 +628,61 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     options.shard_listens = shard_listens;
     options.durability = durability;
     let shutdown = tally_proto::process::shutdown_signal();
-    let cluster = LocalCluster::start(options).await?;
+    let cluster = LocalCluster::start(options)
+        .await
+        .map_err(|error| explain_busy_port(error, port, shards))?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
 
-    println!(
+    say(format!(
         "Tally dev cluster is up ({} shards, durability {}).",
         shards,
         durability.as_str()
-    );
-    println!("  coordinator  {}", cluster.endpoint());
+    ));
+    say(format!("  coordinator  {}", cluster.endpoint()));
     for shard in cluster.shard_configs() {
-        println!(
+        say(format!(
             "  {:<11}  {}  data {}",
             shard.node_id,
             shard.listen,
             shard.data_dir.display()
-        );
+        ));
     }
-    println!();
-    println!("In another terminal:");
+    say("");
+    say("In another terminal:");
     let tallyctl = if cluster.endpoint() == "http://127.0.0.1:7700" {
         "cargo tallyctl".to_string()
     } else {
         format!("cargo tallyctl --endpoint {}", cluster.endpoint())
     };
     for example in ["incr page:views 5", "get page:views", "ring", "status"] {
-        println!("  {tallyctl} {example}");
+        say(format!("  {tallyctl} {example}"));
     }
-    println!();
-    println!("Ctrl-C stops the cluster; every shard flushes first.");
+    say("");
+    say("Ctrl-C stops the cluster; every shard flushes first.");
 
     shutdown.await;
     cluster.shutdown().await?;
-    println!("stopped; data kept in {}", data_dir.display());
+    say(format!("stopped; data kept in {}", data_dir.display()));
     Ok(())
+}
+
+/// `error`, with a way out if a port `dev` asked for (`port` and the
+/// `shards` after it) was taken: most often by another `tallyctl dev`.
+fn explain_busy_port(error: anyhow::Error, port: u16, shards: usize) -> anyhow::Error {
+    let busy = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::AddrInUse)
+    });
+    if !busy || port == 0 {
+        return error;
+    }
+    anyhow::anyhow!(
+        "{}; is another `tallyctl dev` running? Choose other ports with --port (this one \
+         takes ports {port} to {}), or --port 0 for free ones",
+        tally_proto::process::error_line(error.as_ref()),
+        usize::from(port) + shards
+    )
 }
 
 #[cfg(test)]

@@ -185,5 +185,10 @@ async fn main() -> ExitCode {
             )
             .exit();
     }
-    tally_proto::process::exit_code("tallyctl", commands::run(args).await)
+    match commands::run(args).await {
+        // The reader of our output went away (`tallyctl ... | head`): it
+        // has what it wanted.
+        Err(error) if error.is::<commands::StdoutClosed>() => ExitCode::SUCCESS,
+        result => tally_proto::process::exit_code("tallyctl", result),
+    }
 }

@@ -244,6 +244,21 @@ fn client_options_go_before_or_after_the_command() {
 }
 
 #[test]
+fn tables_have_no_trailing_spaces() {
+    let output = tallyctl(&["ring", "--config", SHIPPED_CONFIG]);
+    assert!(output.status.success());
+    let text = stdout(&output);
+    assert!(text.lines().count() > 3, "{text}");
+    for line in text.lines() {
+        assert_eq!(line, line.trim_end(), "{text}");
+    }
+    let output = tallyctl(&["locate", "page:views", "--config", SHIPPED_CONFIG]);
+    for line in stdout(&output).lines() {
+        assert_eq!(line, line.trim_end());
+    }
+}
+
+#[test]
 fn an_error_says_each_cause_once() {
     // tonic's error for a name that does not resolve repeats `dns error`.
     let output = tallyctl(&[
@@ -260,5 +275,42 @@ fn an_error_says_each_cause_once() {
     let parts: Vec<&str> = line.split(": ").collect();
     for pair in parts.windows(2) {
         assert_ne!(pair[0], pair[1], "{line}");
+    }
+}
+
+#[test]
+fn a_closed_stdout_is_a_quiet_exit() {
+    // A ring of many nodes prints more than a pipe holds, so the write
+    // meets the closed pipe whenever it starts.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coordinator.toml");
+    let mut config = String::from("listen = \"127.0.0.1:0\"\nvnodes_per_weight = 1\n");
+    for index in 0..2000 {
+        config.push_str(&format!(
+            "[[nodes]]\nid = \"node-{index}\"\naddress = \"127.0.0.1:{}\"\n",
+            10_000 + index
+        ));
+    }
+    std::fs::write(&path, config).unwrap();
+    for json in [false, true] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tallyctl"));
+        if json {
+            command.arg("--json");
+        }
+        let mut child = command
+            .args(["ring", "--config", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{:?}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stderr), "");
     }
 }

@@ -1,4 +1,5 @@
-//! `tallyctl dev` as a process: what it says at start.
+//! `tallyctl dev` as a process: what it says at start, and when it cannot
+//! start.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -51,4 +52,25 @@ fn a_fresh_cluster_says_its_shards_started_empty() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn busy_ports_are_an_error_that_suggests_others() {
+    let dir = tempfile::tempdir().unwrap();
+    // The coordinator's port is taken (as by a first `tallyctl dev`).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = assert_cmd::Command::new(env!("CARGO_BIN_EXE_tallyctl"))
+        .timeout(LOG_TIMEOUT)
+        .args(["dev", "--shards", "1", "--port", &port, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("tallyctl: error: "), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("--port 0"), "{stderr}");
 }

@@ -211,3 +211,28 @@ async fn with_deadline<T>(
         None => Ok(future.await),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_past_the_clients_deadline_is_deadline_exceeded_at_the_deadline() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(100);
+        let late = with_deadline(Some(deadline), tokio::time::sleep(Duration::from_secs(5))).await;
+        assert!(matches!(late, Err(CoordinatorError::DeadlineExceeded)));
+        assert_eq!(Instant::now(), deadline);
+        let in_time = with_deadline(Some(deadline + Duration::from_millis(50)), async { 7 }).await;
+        assert_eq!(in_time.unwrap(), 7);
+        // No deadline: as long as it takes.
+        let slow = with_deadline(None, async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            8
+        })
+        .await;
+        assert_eq!(slow.unwrap(), 8);
+    }
+}

@@ -52,6 +52,9 @@ impl Cluster {
         let (version, entries) = best.map_or((0, Vec::new()), |best| (best.version, best.entries));
         let count = entries.len();
         match self.shards[node].restore(entries, budget).await {
+            Ok(()) if count == 0 => {
+                tracing::info!(node_id = id, "a node started empty; no copies to restore");
+            }
             Ok(()) => {
                 tracing::info!(
                     node_id = id,

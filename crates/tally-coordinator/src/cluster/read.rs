@@ -39,11 +39,10 @@ impl Cluster {
             .enumerate()
             .map(|(node, shard)| {
                 let health = self.health.get(node);
-                let failed_unix_ms = if health.up || health.since_unix_ms == 0 {
-                    now
-                } else {
-                    health.since_unix_ms
-                };
+                // Down since this coordinator started: it failed then at
+                // the latest, so a copy recent enough for that time is
+                // recent enough.
+                let failed_unix_ms = if health.up { now } else { health.since_unix_ms };
                 NodeView {
                     id: shard.node_id(),
                     replicas: &self.replicas[node],

@@ -1,0 +1,186 @@
+//! Copies: this node's changes for its replicas, the copies it keeps of
+//! other nodes, and the restore of a node that started empty.
+
+use std::sync::atomic::Ordering;
+
+use tally_proto::pb;
+
+use super::{entries, ShardService};
+use crate::change::{Change, OwnChange};
+use crate::journal::unix_ms_now;
+use crate::refusal::Refusal;
+use crate::replicas::{CopyStamp, Verdict};
+
+impl ShardService {
+    /// Own entries changed since a version (or all): what a coordinator
+    /// copies to this node's replicas. Refused while awaiting a restore or
+    /// once drained.
+    pub(super) async fn changes_since(
+        &self,
+        request: pb::ChangesRequest,
+    ) -> Result<pb::ChangesResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        // An empty node's "everything" would replace its good copies.
+        self.check_restored()?;
+        // Held across the scan: a hand-over cannot slip in between the
+        // check and the version this scan takes.
+        let _reading = self.own_writes.read().await;
+        let (drained, directory_id, recorded) = {
+            let meta = self.state.meta.lock();
+            (
+                meta.drain.adopter().is_some(),
+                meta.directory_id,
+                meta.incarnation,
+            )
+        };
+        if recorded != self.state.store.incarnation() {
+            // Versions of an unrecorded start could be handed out again by
+            // the next one.
+            return Err(self
+                .storage_failed("this start is not recorded in the log yet (is its disk full?)"));
+        }
+        if drained {
+            return Err(Refusal::Drained(self.node_id.to_string()));
+        }
+        // Taken before the scan: the copy will hold everything acknowledged
+        // before this time.
+        let scanned_unix_ms = unix_ms_now();
+        let store = self.state.store.clone();
+        let since = request.since;
+        // A walk over every entry: off the async workers.
+        let changes = tokio::task::spawn_blocking(move || store.changes_since(since))
+            .await
+            .map_err(Refusal::from)?;
+        Ok(pb::ChangesResponse {
+            scanned_unix_ms,
+            directory_id,
+            version: changes.version,
+            full: changes.full,
+            entries: changes
+                .entries
+                .into_iter()
+                .map(|(counter, stripe, value)| pb::EntryValue {
+                    counter: counter.into_string(),
+                    stripe,
+                    value,
+                })
+                .collect(),
+        })
+    }
+
+    /// The whole copy this node holds of `origin`'s entries, if any.
+    pub(super) async fn copy_of_origin(
+        &self,
+        request: pb::CopyOfRequest,
+    ) -> Result<pb::CopyOfResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        let response = match self.state.replicas.copy_of(&request.origin) {
+            Some((stamp, entries)) => pb::CopyOfResponse {
+                found: true,
+                version: stamp.version,
+                scanned_unix_ms: stamp.scanned_unix_ms,
+                entries: entries
+                    .into_iter()
+                    .map(|(counter, stripe, value)| pb::EntryValue {
+                        counter,
+                        stripe,
+                        value,
+                    })
+                    .collect(),
+            },
+            None => pb::CopyOfResponse::default(),
+        };
+        Ok(response)
+    }
+
+    pub(super) async fn replicate_to_the_end(
+        &self,
+        request: pb::ReplicateRequest,
+    ) -> Result<pb::ReplicateResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        if request.origin == *self.node_id {
+            return Err(Refusal::InvalidRequest(
+                "a node does not hold a replica copy of itself".into(),
+            ));
+        }
+        tally_proto::config_file::validate_node_id(&request.origin)
+            .map_err(Refusal::InvalidRequest)?;
+        let stamp = CopyStamp {
+            version: request.version,
+            scanned_unix_ms: request.scanned_unix_ms,
+            directory_id: request.directory_id,
+        };
+        let entries = entries(request.entries)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.is_retired(&request.origin) {
+            // Drained: a late push must not bring its copy back.
+            return Ok(pb::ReplicateResponse {
+                accepted: true,
+                version: request.version,
+            });
+        }
+        match self
+            .state
+            .replicas
+            .accepts(&request.origin, request.base, &stamp, request.full)
+        {
+            Verdict::Apply => {}
+            Verdict::Stale => {
+                return Ok(pb::ReplicateResponse {
+                    accepted: true,
+                    version: self.state.replicas.version(&request.origin),
+                })
+            }
+            Verdict::NeedFull => {
+                return Ok(pb::ReplicateResponse {
+                    accepted: false,
+                    version: self.state.replicas.version(&request.origin),
+                })
+            }
+        }
+        // Counted before the copy becomes visible, so a status that shows
+        // the copy also counts it (the journal makes it visible before
+        // `submit` returns).
+        if request.full {
+            self.full_copies_received.fetch_add(1, Ordering::Relaxed);
+        }
+        // In the log first, then visible to reads.
+        self.submit(Change::Replica {
+            origin: request.origin,
+            stamp,
+            full: request.full,
+            entries,
+        })
+        .await?;
+        Ok(pb::ReplicateResponse {
+            accepted: true,
+            version: request.version,
+        })
+    }
+
+    pub(super) async fn restore_to_the_end(
+        &self,
+        request: pb::RestoreRequest,
+    ) -> Result<pb::RestoreResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        let entries = entries(request.entries)?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if !self.restoring() {
+            return Err(Refusal::NotAwaitingRestore(self.node_id.to_string()));
+        }
+        let count = self.add_to_own(entries, OwnChange::Restored).await?;
+        if count == 0 {
+            tracing::info!(
+                node_id = &*self.node_id,
+                "started empty; no copies to restore"
+            );
+        } else {
+            tracing::info!(
+                node_id = &*self.node_id,
+                entries = count,
+                "restored from replicas"
+            );
+        }
+        Ok(pb::RestoreResponse {})
+    }
+}

@@ -1,0 +1,140 @@
+//! Reads of the node's own entries and copies, and its status report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tally_proto::pb;
+
+use super::ShardService;
+use crate::refusal::Refusal;
+
+impl ShardService {
+    /// Own entries of each counter asked and every copy's, in one view,
+    /// with the drain and restore state a coordinator's merge needs.
+    pub(super) async fn read_counters(
+        &self,
+        request: pb::ReadRequest,
+    ) -> Result<pb::ReadResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        // Own entries and copies as one view: an adoption is seen whole.
+        let _reading = self.own_writes.read().await;
+        let (restoring, handed_to, retired, directory_id) = {
+            let meta = self.state.meta.lock();
+            (
+                meta.awaiting_restore,
+                meta.drain
+                    .handed_to()
+                    .map(|(adopter, version)| (adopter.to_string(), version)),
+                meta.retired.keys().cloned().collect::<Vec<_>>(),
+                meta.directory_id,
+            )
+        };
+        let (drained_to, handed_over_version) = handed_to.unwrap_or_default();
+        let counters = request
+            .counters
+            .iter()
+            .filter(|_| drained_to.is_empty())
+            .map(|counter| pb::CounterEntries {
+                entries: self
+                    .state
+                    .store
+                    .read(counter)
+                    .into_iter()
+                    .map(|(stripe, value)| pb::StripeValue { stripe, value })
+                    .collect(),
+            })
+            .collect();
+        let replicas = self
+            .state
+            .replicas
+            .read(&request.counters)
+            .into_iter()
+            .map(|copy| pb::ReplicaPart {
+                origin: copy.origin,
+                version: copy.stamp.version,
+                scanned_unix_ms: copy.stamp.scanned_unix_ms,
+                directory_id: copy.stamp.directory_id,
+                counters: copy
+                    .counters
+                    .into_iter()
+                    .map(|entries| pb::CounterEntries {
+                        entries: entries
+                            .into_iter()
+                            .map(|(stripe, value)| pb::StripeValue { stripe, value })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(pb::ReadResponse {
+            counters,
+            replicas,
+            restoring,
+            drained_to,
+            directory_id,
+            handed_over_version,
+            retired,
+        })
+    }
+
+    /// The node's identity, counts, log and checkpoint state, drain and
+    /// copies; `brief` skips what walks every entry.
+    pub(super) async fn status_report(
+        &self,
+        request: pb::ShardStatusRequest,
+    ) -> Result<pb::ShardStatusResponse, Refusal> {
+        let brief = request.brief;
+        let meta = self.state.meta.lock().clone();
+        let stats = self.journal.stats();
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        Ok(pb::ShardStatusResponse {
+            node_id: self.node_id.to_string(),
+            // A walk over every entry: not for frequent probes.
+            entries: if brief {
+                0
+            } else {
+                self.state.store.entry_count()
+            },
+            replica_entries: if brief {
+                0
+            } else {
+                self.state.replicas.entry_count()
+            },
+            table_bytes: if brief {
+                0
+            } else {
+                self.state.store.table_bytes() + self.state.replicas.table_bytes()
+            },
+            last_flush_unix_ms: load(&stats.last_flush_unix_ms) as i64,
+            durability_mode: pb::Durability::from(self.durability) as i32,
+            apply_calls: self.apply_calls.load(Ordering::Relaxed),
+            increments_applied: self.increments_applied.load(Ordering::Relaxed),
+            full_copies_received: self.full_copies_received.load(Ordering::Relaxed),
+            remembered_keys: self.state.store.remembered_keys(),
+            keys_forgotten_early: self.state.store.keys_forgotten_early(),
+            flush_sequence: load(&stats.last_seq),
+            log_bytes: load(&stats.log_bytes),
+            log_segments: load(&stats.log_segments),
+            log_commits: load(&stats.commits),
+            checkpoint_position: load(&stats.checkpoint_position),
+            last_checkpoint_unix_ms: load(&stats.last_checkpoint_unix_ms) as i64,
+            checkpoints: load(&stats.checkpoints),
+            checkpoint_failures: load(&stats.checkpoint_failures),
+            replicas: self
+                .state
+                .replicas
+                .versions()
+                .into_iter()
+                .map(|(origin, version)| pb::ReplicaPart {
+                    origin,
+                    version,
+                    ..Default::default()
+                })
+                .collect(),
+            restoring: meta.awaiting_restore,
+            replication_version: self.state.store.replication_version(),
+            drain_state: meta.drain.stage() as i32,
+            drain_adopter: meta.drain.adopter().unwrap_or_default().to_string(),
+            drain_version: meta.drain.handed_to().map_or(0, |(_, version)| version),
+        })
+    }
+}

@@ -5,6 +5,10 @@
 use tally_proto::domain::{CounterName, IdempotencyKey, Increment, ProtocolError};
 use tally_proto::pb;
 
+/// How far a node's drain has gone, as the internal protocol defines it:
+/// an enum whose order is the order of the states.
+pub use tally_proto::pb::DrainState;
+
 /// An increment placed on one stripe of its counter: what a node applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StripeIncrement {

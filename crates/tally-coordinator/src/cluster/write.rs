@@ -6,12 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::future::join_all;
 use tally_proto::domain::{IdempotencyKey, Increment};
-use tally_proto::pb;
 use tokio::time::Instant;
 
 use super::{with_deadline, Cluster};
 use crate::error::{CoordinatorError, Result, ShardCallError};
-use crate::model::{Outcome, StripeIncrement};
+use crate::model::{DrainState, Outcome, StripeIncrement};
 
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
@@ -57,7 +56,7 @@ impl Cluster {
                         for outcome in outcomes {
                             match outcome {
                                 Outcome::Redirect(increment) if round == 0 => {
-                                    self.health.set_drain(node, pb::DrainState::Draining);
+                                    self.health.set_drain(node, DrainState::Draining);
                                     let again = self.target(
                                         increment.counter.as_str(),
                                         increment.stripe,

@@ -4,13 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
-use tonic::transport::Channel;
 
 use super::batcher::{answer_jobs, gather_loop, Job};
 use super::coalesce::Coalesced;
-use super::rpc::apply_call;
+use super::rpc::{apply_call, Grpc};
 use super::BatchSettings;
 use crate::error::ShardCallError;
 use crate::model::{Outcome, StripeIncrement};
@@ -34,7 +32,7 @@ impl Job for ApplyJob {
 
 pub(super) async fn batch_loop(
     node_id: Arc<str>,
-    grpc: GrpcShardClient<Channel>,
+    grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ApplyJob>,
     settings: BatchSettings,
 ) {
@@ -58,7 +56,7 @@ pub(super) async fn batch_loop(
 
 async fn send_batch(
     node_id: Arc<str>,
-    mut grpc: GrpcShardClient<Channel>,
+    mut grpc: Grpc,
     jobs: Vec<ApplyJob>,
     increment_count: usize,
     shard_timeout: Duration,
@@ -105,7 +103,7 @@ async fn send_batch(
 /// own key.
 async fn apply_coalesced(
     node_id: &str,
-    grpc: &mut GrpcShardClient<Channel>,
+    grpc: &mut Grpc,
     increments: Vec<StripeIncrement>,
     shard_timeout: Duration,
 ) -> Result<Applied, ShardCallError> {

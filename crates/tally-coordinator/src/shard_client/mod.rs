@@ -26,16 +26,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
 use tally_proto::{pb, timed};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::error::ShardCallError;
 use crate::model::{NodeRead, Outcome, StripeIncrement};
 use apply::{batch_loop, ApplyJob};
 use read::{read_loop, ReadJob};
-use rpc::call;
+use rpc::{call, Grpc};
 
 /// How long to wait for a TCP connection to a shard.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,7 +50,7 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct ShardClient {
     node_id: Arc<str>,
     address: Arc<str>,
-    grpc: GrpcShardClient<Channel>,
+    grpc: Grpc,
     jobs: mpsc::UnboundedSender<ApplyJob>,
     /// Reads waiting for the read batcher. Unbounded: each is a public call
     /// waiting for its answer, so the server's concurrency bounds them.
@@ -86,7 +85,7 @@ impl ShardClient {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let grpc = GrpcShardClient::new(channel)
+        let grpc = Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         // Unbounded channel, bounded by `queue_room`.

@@ -5,13 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
-use tally_proto::{pb, timed};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
-use tonic::transport::Channel;
 
 use super::batcher::{answer_jobs, gather_loop, Job};
-use super::rpc::call;
+use super::rpc::{read_call, Grpc};
 use super::BatchSettings;
 use crate::error::ShardCallError;
 use crate::model::NodeRead;
@@ -41,7 +38,7 @@ impl Job for ReadJob {
 
 pub(super) async fn read_loop(
     node_id: Arc<str>,
-    grpc: GrpcShardClient<Channel>,
+    grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ReadJob>,
     settings: BatchSettings,
 ) {
@@ -67,7 +64,7 @@ pub(super) async fn read_loop(
 /// one consistent view of the node, so each slice is too.
 async fn send_reads(
     node_id: Arc<str>,
-    mut grpc: GrpcShardClient<Channel>,
+    mut grpc: Grpc,
     jobs: Vec<ReadJob>,
     counter_count: usize,
     _slot: OwnedSemaphorePermit,
@@ -85,23 +82,15 @@ async fn send_reads(
         replies.push((job.counters.len(), job.reply));
         counters.extend(job.counters);
     }
-    let request = pb::ReadRequest {
-        node_id: node_id.to_string(),
-        counters,
-    };
     let result = {
         // A call nobody waits for any more gives its slot back at once.
         let abandoned =
             futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
         tokio::select! {
-            result = call(budget, grpc.read(timed(request, budget))) => result,
+            result = read_call(&node_id, &mut grpc, counters, budget) => result,
             _ = abandoned => return,
         }
-    }
-    .and_then(|response| {
-        NodeRead::from_wire(response, counter_count)
-            .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
-    });
+    };
     answer_jobs(replies, |lengths| {
         result.map(|read| read.split(lengths).into_iter().map(Ok).collect())
     });

@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
-use tally_proto::pb::shard_client::ShardClient as GrpcShardClient;
 use tally_proto::{pb, timed};
 use tonic::transport::Channel;
 
 use crate::error::ShardCallError;
-use crate::model::{Outcome, StripeIncrement};
+use crate::model::{NodeRead, Outcome, StripeIncrement};
+
+/// The generated client of one node's `tally.v1.Shard` service.
+pub(super) type Grpc = pb::shard_client::ShardClient<Channel>;
 
 /// Runs one internal call under `budget`.
 pub(super) async fn call<T>(
@@ -49,7 +51,7 @@ fn describe_status(status: &tonic::Status) -> ShardCallError {
 /// One Apply call: an outcome per increment, in order.
 pub(super) async fn apply_call(
     node_id: &str,
-    grpc: &mut GrpcShardClient<Channel>,
+    grpc: &mut Grpc,
     increments: Vec<StripeIncrement>,
     shard_timeout: Duration,
 ) -> Result<Vec<Outcome>, ShardCallError> {
@@ -75,4 +77,22 @@ pub(super) async fn apply_call(
         .into_iter()
         .map(|result| Outcome::try_from(result).map_err(malformed))
         .collect()
+}
+
+/// One Read call: this node's part of each of `counters` (in order) and of
+/// every copy it holds.
+pub(super) async fn read_call(
+    node_id: &str,
+    grpc: &mut Grpc,
+    counters: Vec<String>,
+    budget: Duration,
+) -> Result<NodeRead, ShardCallError> {
+    let expected = counters.len();
+    let request = pb::ReadRequest {
+        node_id: node_id.to_string(),
+        counters,
+    };
+    let response = call(budget, grpc.read(timed(request, budget))).await?;
+    NodeRead::from_wire(response, expected)
+        .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
 }

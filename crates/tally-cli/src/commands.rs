@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use comfy_table::{presets, Table};
-use serde_json::json;
+use serde::Serialize;
 use tally_cli::bench::{BenchOptions, Stop};
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally_coordinator::{locate_response, ring_response, CoordinatorConfig, CoordinatorOverrides};
@@ -196,12 +196,12 @@ impl Cli {
         tally_proto::timed(message, self.timeout)
     }
 
-    fn print(
-        &self,
-        value: serde_json::Value,
-        table: impl FnOnce() -> String,
-    ) -> anyhow::Result<()> {
+    /// `value` as one line of JSON with `--json`, else `table()`. The JSON
+    /// goes through a `serde_json::Value`, whose keys are sorted: the order
+    /// scripts see does not follow the order fields are declared in.
+    fn print(&self, value: &impl Serialize, table: impl FnOnce() -> String) -> anyhow::Result<()> {
         if self.json {
+            let value = serde_json::to_value(value).context("cannot encode the output as JSON")?;
             print_line(&value.to_string())
         } else {
             print_line(&table())
@@ -218,9 +218,11 @@ impl Cli {
             }))
             .await
             .map_err(describe)?;
-        self.print(json!({ "counter": counter, "delta": delta }), || {
-            format!("OK {counter} {delta:+}")
-        })?;
+        let incremented = Incremented {
+            counter: &counter,
+            delta,
+        };
+        self.print(&incremented, || format!("OK {counter} {delta:+}"))?;
         Ok(())
     }
 
@@ -235,11 +237,7 @@ impl Cli {
             .map_err(describe)?
             .into_inner()
             .counters;
-        let value = json!(totals
-            .iter()
-            .map(|total| json!({ "counter": total.counter, "value": total.value, "complete": total.complete }))
-            .collect::<Vec<_>>());
-        self.print(value, || {
+        self.print(&totals, || {
             let mut table = new_table(&["COUNTER", "VALUE", "COMPLETE"]);
             for total in &totals {
                 table.add_row(vec![
@@ -266,18 +264,17 @@ impl Cli {
             }))
             .await
             .map_err(describe)?;
-        self.print(json!({ "counter": counter, "deleted": true }), || {
-            format!("OK {counter} deleted")
-        })?;
+        let deleted = Deleted {
+            counter: &counter,
+            deleted: true,
+        };
+        self.print(&deleted, || format!("OK {counter} deleted"))?;
         Ok(())
     }
 
     async fn bench(&self, options: BenchOptions) -> anyhow::Result<()> {
         let report = tally_cli::bench::run(options).await?;
-        self.print(
-            serde_json::to_value(&report).expect("a report serializes"),
-            || report.human(),
-        )?;
+        self.print(&report, || report.human())?;
         anyhow::ensure!(report.passed(), "the self-check failed: {}", report.check);
         Ok(())
     }
@@ -293,7 +290,10 @@ impl Cli {
             .map_err(describe)?
             .into_inner();
         self.print(
-            json!({ "node": node, "adopter": drained.adopter, "entries": drained.entries }),
+            &Drained {
+                node: &node,
+                response: &drained,
+            },
             || {
                 format!(
                     "OK {node} drained: {} entries moved to {}; remove it from the coordinators' \
@@ -332,26 +332,18 @@ impl Cli {
                 .as_ref()
                 .and_then(|nodes| nodes.iter().find(|node| node.id == id))
         };
-        let nodes: Vec<serde_json::Value> = ring
-            .nodes
-            .iter()
-            .map(|node| {
-                let mut value = json!({
-                    "id": node.id,
-                    "address": node.address,
-                    "weight": node.weight,
-                    "vnodes": node.vnodes,
-                    "owned_fraction": node.owned_fraction,
-                });
-                if let Some(status) = health_of(&node.id) {
-                    value["reachable"] = json!(status.reachable);
-                    value["health"] = json!(status.health);
-                    value["health_since_unix_ms"] = json!(status.health_since_unix_ms);
-                }
-                value
-            })
-            .collect();
-        self.print(json!({ "stripes": ring.stripes, "nodes": nodes }), || {
+        let printed = RingJson {
+            stripes: ring.stripes,
+            nodes: ring
+                .nodes
+                .iter()
+                .map(|node| RingNodeJson {
+                    node,
+                    health: health_of(&node.id).map(NodeHealth::of),
+                })
+                .collect(),
+        };
+        self.print(&printed, || {
             let mut table = new_table(&["NODE", "ADDRESS", "WEIGHT", "VNODES", "OWNED", "HEALTH"]);
             for node in &ring.nodes {
                 table.add_row(vec![
@@ -387,65 +379,42 @@ impl Cli {
                 .map_err(describe)?
                 .into_inner(),
         };
-        let stripes: Vec<serde_json::Value> = located
-            .stripes
-            .iter()
-            .map(|stripe| {
-                json!({
-                    "stripe": stripe.stripe,
-                    "node_id": stripe.node_id,
-                    "address": stripe.address,
-                    "hash": format!("{:016x}", stripe.hash),
+        let printed = LocateJson {
+            counter: &located.counter,
+            stripes: located
+                .stripes
+                .iter()
+                .map(|location| StripeJson {
+                    location,
+                    hash: format!("{:016x}", location.hash),
                 })
-            })
-            .collect();
-        self.print(
-            json!({ "counter": located.counter, "stripes": stripes }),
-            || {
-                let mut table = new_table(&["STRIPE", "NODE", "ADDRESS", "HASH"]);
-                for stripe in &located.stripes {
-                    table.add_row(vec![
-                        stripe.stripe.to_string(),
-                        stripe.node_id.clone(),
-                        stripe.address.clone(),
-                        format!("{:016x}", stripe.hash),
-                    ]);
-                }
-                table.trim_fmt()
-            },
-        )?;
+                .collect(),
+        };
+        self.print(&printed, || {
+            let mut table = new_table(&["STRIPE", "NODE", "ADDRESS", "HASH"]);
+            for stripe in &located.stripes {
+                table.add_row(vec![
+                    stripe.stripe.to_string(),
+                    stripe.node_id.clone(),
+                    stripe.address.clone(),
+                    format!("{:016x}", stripe.hash),
+                ]);
+            }
+            table.trim_fmt()
+        })?;
         Ok(())
     }
 
     async fn status(&self) -> anyhow::Result<()> {
-        let nodes = self
+        let status = self
             .admin_client()
             .await?
             .cluster_status(self.request(pb::ClusterStatusRequest {}))
             .await
             .map_err(describe)?
-            .into_inner()
-            .nodes;
-        let value = json!({
-            "nodes": nodes.iter().map(|node| json!({
-                "id": node.id,
-                "address": node.address,
-                "reachable": node.reachable,
-                "entries": node.entries,
-                "last_flush_unix_ms": node.last_flush_unix_ms,
-                "durability": node.durability,
-                "remembered_keys": node.remembered_keys,
-                "keys_forgotten_early": node.keys_forgotten_early,
-                "health": node.health,
-                "health_since_unix_ms": node.health_since_unix_ms,
-                "drain": node.drain,
-                "error": node.error,
-                "replication_failures": node.replication_failures,
-                "log_bytes": node.log_bytes,
-                "last_checkpoint_unix_ms": node.last_checkpoint_unix_ms,
-            })).collect::<Vec<_>>()
-        });
-        self.print(value, || {
+            .into_inner();
+        let nodes = &status.nodes;
+        self.print(&status, || {
             let mut table = new_table(&[
                 "NODE",
                 "ADDRESS",
@@ -456,7 +425,7 @@ impl Cli {
                 "DURABILITY",
                 "KEYS",
             ]);
-            for node in &nodes {
+            for node in nodes {
                 table.add_row(vec![
                     node.id.clone(),
                     node.address.clone(),
@@ -527,7 +496,10 @@ impl Cli {
             .into_inner()
             .status();
         self.print(
-            json!({ "endpoint": self.endpoint, "status": status.as_str_name() }),
+            &Health {
+                endpoint: &self.endpoint,
+                status: status.as_str_name(),
+            },
             || format!("{} {}", self.endpoint, status.as_str_name()),
         )?;
         anyhow::ensure!(
@@ -537,6 +509,88 @@ impl Cli {
         );
         Ok(())
     }
+}
+
+// What `--json` prints where it is not a `tally.v1` message as it is (those
+// derive `Serialize` in tally-proto's build.rs): what a command did, or a
+// message with fields added.
+
+/// `incr`: the increment made (its key is not printed).
+#[derive(Serialize)]
+struct Incremented<'a> {
+    counter: &'a str,
+    delta: i64,
+}
+
+/// `delete`.
+#[derive(Serialize)]
+struct Deleted<'a> {
+    counter: &'a str,
+    deleted: bool,
+}
+
+/// `drain`: the node drained, with the coordinator's answer.
+#[derive(Serialize)]
+struct Drained<'a> {
+    node: &'a str,
+    #[serde(flatten)]
+    response: &'a pb::DrainResponse,
+}
+
+/// `ring`: each node with, from a live coordinator, its health.
+#[derive(Serialize)]
+struct RingJson<'a> {
+    stripes: u32,
+    nodes: Vec<RingNodeJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct RingNodeJson<'a> {
+    #[serde(flatten)]
+    node: &'a pb::RingNode,
+    /// None offline (`--config`): no health keys at all.
+    #[serde(flatten)]
+    health: Option<NodeHealth<'a>>,
+}
+
+/// The part of a node's `NodeStatus` that `ring` shows.
+#[derive(Serialize)]
+struct NodeHealth<'a> {
+    reachable: bool,
+    health: &'a str,
+    health_since_unix_ms: i64,
+}
+
+impl<'a> NodeHealth<'a> {
+    fn of(status: &'a pb::NodeStatus) -> NodeHealth<'a> {
+        NodeHealth {
+            reachable: status.reachable,
+            health: &status.health,
+            health_since_unix_ms: status.health_since_unix_ms,
+        }
+    }
+}
+
+/// `locate`: each stripe's position as 16 hex digits (the generated
+/// `Serialize` skips the number).
+#[derive(Serialize)]
+struct LocateJson<'a> {
+    counter: &'a str,
+    stripes: Vec<StripeJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct StripeJson<'a> {
+    #[serde(flatten)]
+    location: &'a pb::StripeLocation,
+    hash: String,
+}
+
+/// `health`: the standard gRPC health check's answer.
+#[derive(Serialize)]
+struct Health<'a> {
+    endpoint: &'a str,
+    status: &'static str,
 }
 
 fn new_table(header: &[&str]) -> Table {

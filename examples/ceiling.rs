@@ -3,8 +3,8 @@
 //!
 //! It serves the public Counter API on the coordinator's own stack, so that
 //! a comparison isolates what Tally adds to it: the same tonic server from
-//! [`tally_proto::process::grpc_server`] (health checking and reflection
-//! included), connections accepted by [`tally_proto::process::incoming`]
+//! [`tally_runtime::process::grpc_server`] (health checking and reflection
+//! included), connections accepted by [`tally_runtime::process::incoming`]
 //! (Nagle off), the coordinator's message size limits and its arrival-stamp
 //! interceptor, the same request validation ([`tally_proto::domain`]) and
 //! one multi-threaded tokio runtime. What it leaves out is everything else:
@@ -183,8 +183,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
     // Installed before readiness is announced, as in the daemons.
-    let shutdown = tally_proto::process::shutdown_signal();
-    let (health_reporter, server) = tally_proto::process::grpc_server();
+    let shutdown = tally_runtime::process::shutdown_signal();
+    let (health_reporter, server) = tally_runtime::process::grpc_server();
     health_reporter
         .set_serving::<CounterServer<Ceiling>>()
         .await;
@@ -196,13 +196,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .max_encoding_message_size(tally_coordinator::MAX_MESSAGE_BYTES),
             tally_coordinator::stamp_arrival,
         ))
-        .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(tally_runtime::process::incoming(listener), shutdown)
         .await?;
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tally_proto::process::init_tracing();
-    tally_proto::process::exit_code("ceiling", run().await)
+    tally_runtime::process::init_tracing();
+    tally_runtime::process::exit_code("ceiling", run().await)
 }

@@ -215,5 +215,5 @@ async fn run() -> Result<(), Error> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tally_proto::process::exit_code("fill", run().await)
+    tally_runtime::process::exit_code("fill", run().await)
 }

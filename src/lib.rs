@@ -6,8 +6,10 @@
 //! # Layout
 //!
 //! - [`proto`] (`crates/tally-proto`): generated gRPC code for `proto/`,
-//!   validated domain types, the config-file and process helpers every binary
-//!   shares.
+//!   validated domain types, typed shard refusals.
+//! - [`runtime`] (`crates/tally-runtime`): the config-file and process
+//!   helpers every binary shares (tracing, signals, exit codes, the gRPC
+//!   server).
 //! - [`ring`] (`crates/tally-ring`): the consistent-hash ring and stripe
 //!   placement; pure logic.
 //! - [`shard`] (`crates/tally-shard`): the shard node and its `tally-shard`
@@ -24,4 +26,5 @@ pub use tally_cli as cli;
 pub use tally_coordinator as coordinator;
 pub use tally_proto as proto;
 pub use tally_ring as ring;
+pub use tally_runtime as runtime;
 pub use tally_shard as shard;

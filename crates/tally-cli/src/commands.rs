@@ -664,7 +664,7 @@ fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {
 }
 
 async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> anyhow::Result<()> {
-    tally_proto::process::init_tracing();
+    tally_runtime::process::init_tracing();
     let durability = durability.parse().map_err(anyhow::Error::msg)?;
     let shard_listens = if port == 0 {
         Vec::new() // LocalCluster's default: a free port each
@@ -681,7 +681,7 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     options.coordinator_listen = SocketAddr::from(([127, 0, 0, 1], port));
     options.shard_listens = shard_listens;
     options.durability = durability;
-    let shutdown = tally_proto::process::shutdown_signal();
+    let shutdown = tally_runtime::process::shutdown_signal();
     let cluster = LocalCluster::start(options)
         .await
         .map_err(|error| explain_busy_port(error, port, shards))?;
@@ -734,7 +734,7 @@ fn explain_busy_port(error: anyhow::Error, port: u16, shards: usize) -> anyhow::
     anyhow::anyhow!(
         "{}; is another `tallyctl dev` running? Choose other ports with --port (this one \
          takes ports {port} to {}), or --port 0 for free ones",
-        tally_proto::process::error_line(error.as_ref()),
+        tally_runtime::process::error_line(error.as_ref()),
         usize::from(port) + shards
     )
 }

@@ -189,6 +189,6 @@ async fn main() -> ExitCode {
         // The reader of our output went away (`tallyctl ... | head`): it
         // has what it wanted.
         Err(error) if error.is::<commands::StdoutClosed>() => ExitCode::SUCCESS,
-        result => tally_proto::process::exit_code("tallyctl", result),
+        result => tally_runtime::process::exit_code("tallyctl", result),
     }
 }

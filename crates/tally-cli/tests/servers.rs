@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally_proto::pb;
-use tally_proto::process::{COORDINATOR_API, SHARD_API};
+use tally_runtime::process::{COORDINATOR_API, SHARD_API};
 use tonic::transport::Channel;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_proto::config_file::{self, check_range, flag_or_file, ConfigError};
 use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
+use tally_runtime::config_file::{self, check_range, flag_or_file, ConfigError};
 
 /// Default stripes per counter.
 pub const DEFAULT_STRIPES: u32 = 8;

@@ -104,8 +104,8 @@ impl Coordinator {
     ) -> Result<(), StartError> {
         let counter = service::CounterService::new(self.cluster.clone());
         let admin = service::AdminService::new(self.cluster.clone());
-        let api = &tally_proto::process::COORDINATOR_API;
-        let (health_reporter, routes) = tally_proto::process::grpc_routes(api);
+        let api = &tally_runtime::process::COORDINATOR_API;
+        let (health_reporter, routes) = tally_runtime::process::grpc_routes(api);
         health_reporter
             .set_serving::<pb::counter_server::CounterServer<service::CounterService>>()
             .await;
@@ -133,13 +133,13 @@ impl Coordinator {
                 deadline::stamp_arrival,
             ))
             .prepare();
-        tally_proto::process::server_builder()
+        tally_runtime::process::server_builder()
             .serve_with_incoming_shutdown(
-                tally_proto::process::explain_unimplemented(
+                tally_runtime::process::explain_unimplemented(
                     dispatch::Dispatch::new(counter, routes),
                     api,
                 ),
-                tally_proto::process::incoming(listener),
+                tally_runtime::process::incoming(listener),
                 shutdown,
             )
             .await?;

@@ -32,8 +32,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tally_proto::process::init_tracing();
-    tally_proto::process::exit_code("tally-coordinator", run(Args::parse()).await)
+    tally_runtime::process::init_tracing();
+    tally_runtime::process::exit_code("tally-coordinator", run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -48,7 +48,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let shutdown = tally_proto::process::shutdown_signal();
+    let shutdown = tally_runtime::process::shutdown_signal();
     println!("listening on {}", listener.local_addr()?);
     coordinator.serve(listener, shutdown).await?;
     Ok(())

@@ -1,19 +1,14 @@
-//! Tally's wire protocols, the validated domain types at their edge, and
-//! what every Tally binary shares at the process edge.
+//! Tally's wire protocols and the validated domain types at their edge
+//! (what every binary shares at the process edge is in `tally-runtime`).
 //!
 //! # Layout
 //!
 //! - [`pb`]: code generated from `proto/tally/v1/*.proto`: the public
 //!   `tally.v1.Counter` and `tally.v1.Admin` services and the internal
 //!   `tally.v1.Shard` service (coordinator to shard node).
-//! - [`FILE_DESCRIPTOR_SET`] and [`process::grpc_server`]: the
-//!   encoded descriptors, served by gRPC server reflection so stock tools
-//!   (grpcurl, grpc_health_probe) work without the proto files.
-//! - [`process`]: what every Tally binary does the same way at its edge:
-//!   tracing setup, shutdown signals, exit codes, the gRPC server with
-//!   health checking and reflection.
-//! - [`config_file`]: strict TOML loading shared by every binary: an error is
-//!   one line naming the file and the key.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC
+//!   server reflection so stock tools (grpcurl, grpc_health_probe) work
+//!   without the proto files.
 //! - [`shard_error`]: why a shard node refused an internal call, carried
 //!   typed in the status's details and read back by coordinators.
 //! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built
@@ -21,9 +16,7 @@
 //!   sees valid input; a `ProtocolError` becomes `INVALID_ARGUMENT`.
 #![deny(missing_docs)]
 
-pub mod config_file;
 pub mod domain;
-pub mod process;
 pub mod shard_error;
 
 /// Generated protobuf messages and gRPC clients and servers (package

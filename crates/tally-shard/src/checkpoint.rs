@@ -395,7 +395,7 @@ pub fn run(
                 // Replication's large transient buffers (a full copy sent
                 // or received) are freed by the threads that used them;
                 // this thread gives their pages back while it idles.
-                tally_proto::process::release_free_memory();
+                tally_runtime::process::release_free_memory();
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -403,7 +403,7 @@ pub fn run(
         idle = std::time::Duration::ZERO;
         if let Some(outcome) = thread.handle(job) {
             // A round's captures were large and are gone now.
-            tally_proto::process::release_free_memory();
+            tally_runtime::process::release_free_memory();
             if outcomes.send(outcome).is_err() {
                 break;
             }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_proto::config_file::{self, flag_or_file, ranged_setting, ConfigError, COMMAND_LINE};
+use tally_runtime::config_file::{self, flag_or_file, ranged_setting, ConfigError, COMMAND_LINE};
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
 

@@ -129,7 +129,7 @@ impl ShardNode {
         })?;
         // Recovery's buffers (log segments read whole, a checkpoint copy)
         // are free now.
-        tally_proto::process::release_free_memory();
+        tally_runtime::process::release_free_memory();
         let report = &recovered.report;
         tracing::info!(
             node_id = config.node_id,
@@ -195,7 +195,7 @@ impl ShardNode {
             journal.clone(),
         );
         let (health_reporter, server) =
-            tally_proto::process::api_server(&tally_proto::process::SHARD_API);
+            tally_runtime::process::api_server(&tally_runtime::process::SHARD_API);
         health_reporter
             .set_serving::<pb::shard_server::ShardServer<service::ShardService>>()
             .await;
@@ -207,7 +207,7 @@ impl ShardNode {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(tally_proto::process::incoming(listener), shutdown)
+            .serve_with_incoming_shutdown(tally_runtime::process::incoming(listener), shutdown)
             .await;
 
         // Every connection has closed; a request task that outlived its

@@ -77,7 +77,7 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
 
 fn main() -> ExitCode {
     // Before the runtime's threads exist.
-    tally_proto::process::tune_allocator();
+    tally_runtime::process::tune_allocator();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,13 +86,13 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    tally_proto::process::init_tracing();
+    tally_runtime::process::init_tracing();
     let args = Args::parse();
     let result = match args.command {
         Some(Command::Verify { data_dir }) => verify(data_dir).await,
         None => serve(args.serve).await,
     };
-    tally_proto::process::exit_code("tally-shard", result)
+    tally_runtime::process::exit_code("tally-shard", result)
 }
 
 async fn verify(data_dir: PathBuf) -> anyhow::Result<()> {
@@ -153,10 +153,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
     // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG
     // and be handled like a full disk, not kill the process with SIGXFSZ.
-    tally_proto::process::ignore_file_size_signal();
+    tally_runtime::process::ignore_file_size_signal();
     let listen = config.listen;
     // Before recovery, so that a SIGTERM while loading is a clean stop.
-    let shutdown = tally_proto::process::shutdown_signal();
+    let shutdown = tally_runtime::process::shutdown_signal();
     let node = ShardNode::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

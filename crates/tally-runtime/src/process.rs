@@ -150,8 +150,8 @@ pub struct ServedApi {
 /// A coordinator's API: the public services.
 pub const COORDINATOR_API: ServedApi = ServedApi {
     services: &[
-        crate::pb::counter_server::SERVICE_NAME,
-        crate::pb::admin_server::SERVICE_NAME,
+        tally_proto::pb::counter_server::SERVICE_NAME,
+        tally_proto::pb::admin_server::SERVICE_NAME,
     ],
     unimplemented: "tally coordinator: no such method; the API is tally.v1.Counter and \
                     tally.v1.Admin (docs/API.md)",
@@ -159,7 +159,7 @@ pub const COORDINATOR_API: ServedApi = ServedApi {
 
 /// A shard node's API: the internal service coordinators call.
 pub const SHARD_API: ServedApi = ServedApi {
-    services: &[crate::pb::shard_server::SERVICE_NAME],
+    services: &[tally_proto::pb::shard_server::SERVICE_NAME],
     unimplemented: "tally shard node: no such method; a shard node serves only the internal \
                     tally.v1.Shard (proto/tally/v1/shard.proto); clients call a coordinator, \
                     whose API is tally.v1.Counter and tally.v1.Admin (docs/API.md)",
@@ -396,7 +396,7 @@ fn reflection_services(
 ) {
     let configure = || {
         let builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(

@@ -1,0 +1,14 @@
+//! What every Tally binary does the same way at its process edge, kept out
+//! of `tally-proto` so that the protocol crate holds only the protocol.
+//!
+//! # Layout
+//!
+//! - [`config_file`]: strict TOML loading shared by every binary: an error
+//!   is one line naming the file (or the command line) and the key.
+//! - [`process`]: tracing setup, shutdown signals, exit codes, allocator
+//!   tuning, and the gRPC server with health checking and reflection that
+//!   lists exactly what a server serves.
+#![deny(missing_docs)]
+
+pub mod config_file;
+pub mod process;

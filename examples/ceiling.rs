@@ -102,7 +102,7 @@ impl Counter for Ceiling {
     ) -> Result<Response<pb::IncrementResponse>, Status> {
         let increment = Increment::try_from(request.into_inner())?;
         self.add(increment.counter, increment.delta)?;
-        Ok(Response::new(pb::IncrementResponse {}))
+        Ok(Response::new(pb::IncrementResponse::default()))
     }
 
     /// Validates every item first (one bad item: nothing applied), then
@@ -121,7 +121,7 @@ impl Counter for Ceiling {
         }
         match first_error {
             Some(status) => Err(status),
-            None => Ok(Response::new(pb::IncrementBatchResponse {})),
+            None => Ok(Response::new(pb::IncrementBatchResponse::default())),
         }
     }
 

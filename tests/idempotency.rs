@@ -15,17 +15,19 @@ async fn a_retried_increment_is_applied_once_through_any_coordinator() {
     let test = start().await;
     let mut client = test.cluster.counter_client().await.unwrap();
     let (mut other, _stop) = second_coordinator(&test.cluster).await;
+    let mut answers = Vec::new();
     for _ in 0..3 {
-        client
-            .increment(increment("likes", 5, "order-1"))
-            .await
-            .unwrap();
-        other
-            .increment(increment("likes", 5, "order-1"))
-            .await
-            .unwrap();
+        for coordinator in [&mut client, &mut other] {
+            let answer = coordinator
+                .increment(increment("likes", 5, "order-1"))
+                .await
+                .unwrap();
+            answers.push(answer.into_inner().deduplicated);
+        }
     }
     assert_eq!(value(&mut client, "likes").await, 5);
+    // The caller learns which call was the retry.
+    assert_eq!(answers, [false, true, true, true, true, true]);
     // The key belongs to the counter: another counter may use it too.
     client
         .increment(increment("views", 5, "order-1"))
@@ -57,9 +59,12 @@ async fn a_retried_batch_applies_each_item_once() {
     };
     // The first attempt reached only half the items (as a failure mid-way
     // would leave it); the client retries the whole batch, twice.
-    client.increment_batch(batch(0..500)).await.unwrap();
-    client.increment_batch(batch(0..1_000)).await.unwrap();
-    client.increment_batch(batch(0..1_000)).await.unwrap();
+    let mut deduplicated = Vec::new();
+    for items in [0..500, 0..1_000, 0..1_000] {
+        let answer = client.increment_batch(batch(items)).await.unwrap();
+        deduplicated.push(answer.into_inner().deduplicated);
+    }
+    assert_eq!(deduplicated, [0, 500, 1_000]);
     for counter in 0..10 {
         assert_eq!(value(&mut client, &format!("c{counter}")).await, 100);
     }

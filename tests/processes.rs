@@ -150,6 +150,13 @@ async fn tallyctl_against_a_running_cluster() {
         .tallyctl(&["incr", "likes", "3", "--key", "request-1"])
         .status
         .success());
+    // A retry with the same key says so, and counts once.
+    let output = cluster.tallyctl(&["incr", "likes", "3", "--key", "request-1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).trim(),
+        "OK likes +3 (a retry: the key was applied before, not again)"
+    );
 
     let output = cluster.tallyctl(&["get", "page:views", "likes", "missing"]);
     assert!(output.status.success());

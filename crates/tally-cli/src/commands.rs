@@ -210,19 +210,27 @@ impl Cli {
 
     async fn incr(&self, counter: String, delta: i64, key: Option<String>) -> anyhow::Result<()> {
         let mut client = self.counter_client().await?;
-        client
+        let answer = client
             .increment(self.request(pb::IncrementRequest {
                 counter: counter.clone(),
                 delta,
                 idempotency_key: key.unwrap_or_default(),
             }))
             .await
-            .map_err(describe)?;
+            .map_err(describe)?
+            .into_inner();
         let incremented = Incremented {
             counter: &counter,
             delta,
+            deduplicated: answer.deduplicated,
         };
-        self.print(&incremented, || format!("OK {counter} {delta:+}"))?;
+        self.print(&incremented, || {
+            if answer.deduplicated {
+                format!("OK {counter} {delta:+} (a retry: the key was applied before, not again)")
+            } else {
+                format!("OK {counter} {delta:+}")
+            }
+        })?;
         Ok(())
     }
 
@@ -515,11 +523,13 @@ impl Cli {
 // derive `Serialize` in tally-proto's build.rs): what a command did, or a
 // message with fields added.
 
-/// `incr`: the increment made (its key is not printed).
+/// `incr`: the increment made (its key is not printed), and whether it was
+/// a retry of a key applied before.
 #[derive(Serialize)]
 struct Incremented<'a> {
     counter: &'a str,
     delta: i64,
+    deduplicated: bool,
 }
 
 /// `delete`.

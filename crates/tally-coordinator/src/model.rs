@@ -64,9 +64,11 @@ impl TryFrom<pb::ShardIncrement> for StripeIncrement {
 /// What became of one increment on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Applied and durable by the node's durability mode; or a retry of an
-    /// idempotency key applied before, whose original is durable.
+    /// Applied, and durable by the node's durability mode.
     Applied,
+    /// A retry of an idempotency key applied before with the same delta:
+    /// nothing applied again; the original is durable.
+    Duplicate,
     /// Would take the stored entry out of the i64 range; nothing applied.
     Overflow(StripeIncrement),
     /// The idempotency key was applied to the counter before with another
@@ -91,7 +93,8 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             StripeIncrement::try_from(increment).map_err(|error| error.to_string())
         };
         Ok(match result.outcome.ok_or("an empty result")? {
-            Wire::Applied(_) | Wire::Duplicate(_) => Outcome::Applied,
+            Wire::Applied(_) => Outcome::Applied,
+            Wire::Duplicate(_) => Outcome::Duplicate,
             Wire::Overflow(refused) => Outcome::Overflow(increment(Some(refused))?),
             Wire::Redirect(refused) => Outcome::Redirect(increment(Some(refused))?),
             Wire::Conflict(conflict) => Outcome::KeyConflict {
@@ -327,7 +330,7 @@ mod tests {
         assert_eq!(pb::ShardIncrement::from(increment.clone()), wire);
         let cases = [
             (Wire::Applied(Default::default()), Outcome::Applied),
-            (Wire::Duplicate(Default::default()), Outcome::Applied),
+            (Wire::Duplicate(Default::default()), Outcome::Duplicate),
             (
                 Wire::Overflow(wire.clone()),
                 Outcome::Overflow(increment.clone()),

@@ -41,11 +41,14 @@ impl pb::counter_server::Counter for CounterService {
     ) -> Result<Response<pb::IncrementResponse>, Status> {
         let deadline = request_deadline(&request);
         let increment = Increment::try_from(request.into_inner())?;
-        self.cluster
+        let deduplicated = self
+            .cluster
             .current()
             .increment(vec![increment], deadline)
             .await?;
-        Ok(Response::new(pb::IncrementResponse {}))
+        Ok(Response::new(pb::IncrementResponse {
+            deduplicated: deduplicated > 0,
+        }))
     }
 
     async fn increment_batch(
@@ -54,11 +57,15 @@ impl pb::counter_server::Counter for CounterService {
     ) -> Result<Response<pb::IncrementBatchResponse>, Status> {
         let deadline = request_deadline(&request);
         let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
-        self.cluster
+        let deduplicated = self
+            .cluster
             .current()
             .increment(increments, deadline)
             .await?;
-        Ok(Response::new(pb::IncrementBatchResponse {}))
+        Ok(Response::new(pb::IncrementBatchResponse {
+            // At most 10,000 items.
+            deduplicated: deduplicated as u32,
+        }))
     }
 
     async fn get(

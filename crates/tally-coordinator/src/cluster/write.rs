@@ -36,15 +36,17 @@ impl Cluster {
     }
 
     /// Applies validated increments, each on its own. Returns once all are
-    /// durable, or the first overflow, or every node that failed.
+    /// durable (with how many were retries of keys applied before), or the
+    /// first overflow, or every node that failed.
     pub async fn increment(
         &self,
         increments: Vec<Increment>,
         deadline: Option<Instant>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let mut by_node = self.route(increments);
         let mut unavailable = Vec::new();
         let mut refused = None;
+        let mut deduplicated = 0;
         // A node that began a drain after this call was routed sends its
         // increments back unapplied: route them again, once.
         for round in 0..2 {
@@ -68,6 +70,8 @@ impl Cluster {
                                     self.shards[node].node_id().to_string(),
                                     ShardCallError::Failed("being drained".into()),
                                 )),
+                                Outcome::Applied => {}
+                                Outcome::Duplicate => deduplicated += 1,
                                 other => {
                                     if refused.is_none() {
                                         refused = refusal(other);
@@ -108,7 +112,7 @@ impl Cluster {
         }
         match refused {
             Some(error) => Err(error),
-            None => Ok(()),
+            None => Ok(deduplicated),
         }
     }
 
@@ -163,7 +167,7 @@ impl Cluster {
 /// The error an increment's outcome stands for, if it was refused.
 fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
     match outcome {
-        Outcome::Applied | Outcome::Redirect(_) => None,
+        Outcome::Applied | Outcome::Duplicate | Outcome::Redirect(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
             counter: increment.counter.into_string(),
             delta: increment.delta,

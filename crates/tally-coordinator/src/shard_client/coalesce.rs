@@ -91,7 +91,9 @@ impl Members {
                     return outcome.clone();
                 }
                 match outcome {
-                    Outcome::Applied => Outcome::Applied,
+                    // Merged parts have no key: a duplicate cannot come
+                    // back for them.
+                    Outcome::Applied | Outcome::Duplicate => Outcome::Applied,
                     Outcome::Redirect(increment) => Outcome::Redirect(StripeIncrement {
                         delta,
                         ..increment.clone()

@@ -305,6 +305,7 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
     let status = shard_client
         .apply(pb::ApplyRequest {
             node_id: "shard-9".into(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION,
             increments: vec![pb::ShardIncrement {
                 counter: "c".into(),
                 stripe: 0,
@@ -358,9 +359,26 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
         })
         .await
         .unwrap_err();
+    // An Apply from a sender of another protocol version (an older
+    // coordinator could not read the answer) is refused before anything
+    // is applied.
+    let other_version = shard_client
+        .apply(pb::ApplyRequest {
+            node_id: node_id.clone(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION - 1,
+            increments: vec![pb::ShardIncrement {
+                counter: "versioned".into(),
+                stripe: 0,
+                delta: 1,
+                idempotency_key: String::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
     let bad_stripe = shard_client
         .apply(pb::ApplyRequest {
             node_id: node_id.clone(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION,
             increments: vec![pb::ShardIncrement {
                 counter: "c".into(),
                 stripe: u32::MAX,
@@ -383,10 +401,17 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
             Code::InvalidArgument,
         ),
         (&bad_stripe, Reason::InvalidRequest, Code::InvalidArgument),
+        (
+            &other_version,
+            Reason::InvalidRequest,
+            Code::InvalidArgument,
+        ),
     ] {
         assert_eq!(reason_of(status), Some(reason), "{status:?}");
         assert_eq!(status.code(), code, "{status:?}");
     }
+    let mut client = test.cluster.counter_client().await.unwrap();
+    assert_eq!(value(&mut client, "versioned").await, 0);
 
     // Drained through the coordinator: the node refuses its changes as
     // drained, and its writes as draining.

@@ -53,6 +53,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tallyctl prints a stripe's position as 16 hex digits (a wrapper of its
     // own adds it), not as a number.
     builder = builder.field_attribute(".tally.v1.StripeLocation.hash", "#[serde(skip)]");
+    // An Apply answer has one result per increment; boxing the rare refused
+    // ones keeps each result at 16 bytes instead of a whole increment's.
+    for refusal in ["overflow", "conflict", "redirect"] {
+        builder = builder.boxed(format!(".tally.v1.ApplyResult.outcome.{refusal}"));
+    }
     builder.compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -92,6 +92,13 @@ impl HealthBoard {
         self.nodes[index].lock().clone()
     }
 
+    /// What a read needs of a node that did not answer, without a copy of
+    /// its last error: whether it is up, since when, and its drain state.
+    pub fn failure_view(&self, index: usize) -> (bool, i64, pb::DrainState) {
+        let node = self.nodes[index].lock();
+        (node.up, node.since_unix_ms, node.drain)
+    }
+
     /// Sets node `index`'s health as a previous board knew it.
     pub fn restore(&self, index: usize, health: NodeHealth) {
         *self.nodes[index].lock() = health;

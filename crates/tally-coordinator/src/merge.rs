@@ -7,7 +7,8 @@
 use crate::error::ShardCallError;
 use crate::model::{CopyRead, NodeRead};
 
-/// What the merge needs to know of one node besides its answer.
+/// What the merge needs to know of one node besides its answer. The last
+/// two fields matter only for a node that did not answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView<'a> {
     /// Its id, as answers name it.

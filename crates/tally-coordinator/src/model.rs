@@ -95,8 +95,8 @@ impl TryFrom<pb::ApplyResult> for Outcome {
         Ok(match result.outcome.ok_or("an empty result")? {
             Wire::Applied(_) => Outcome::Applied,
             Wire::Duplicate(_) => Outcome::Duplicate,
-            Wire::Overflow(refused) => Outcome::Overflow(increment(Some(refused))?),
-            Wire::Redirect(refused) => Outcome::Redirect(increment(Some(refused))?),
+            Wire::Overflow(refused) => Outcome::Overflow(increment(Some(*refused))?),
+            Wire::Redirect(refused) => Outcome::Redirect(increment(Some(*refused))?),
             Wire::Conflict(conflict) => Outcome::KeyConflict {
                 increment: increment(conflict.increment)?,
                 recorded_delta: conflict.recorded_delta,
@@ -332,18 +332,18 @@ mod tests {
             (Wire::Applied(Default::default()), Outcome::Applied),
             (Wire::Duplicate(Default::default()), Outcome::Duplicate),
             (
-                Wire::Overflow(wire.clone()),
+                Wire::Overflow(Box::new(wire.clone())),
                 Outcome::Overflow(increment.clone()),
             ),
             (
-                Wire::Redirect(wire.clone()),
+                Wire::Redirect(Box::new(wire.clone())),
                 Outcome::Redirect(increment.clone()),
             ),
             (
-                Wire::Conflict(pb::apply_result::Conflict {
+                Wire::Conflict(Box::new(pb::apply_result::Conflict {
                     increment: Some(wire.clone()),
                     recorded_delta: 4,
-                }),
+                })),
                 Outcome::KeyConflict {
                     increment,
                     recorded_delta: 4,
@@ -358,10 +358,10 @@ mod tests {
         }
         assert!(Outcome::try_from(pb::ApplyResult { outcome: None }).is_err());
         let nameless = pb::ApplyResult {
-            outcome: Some(Wire::Conflict(pb::apply_result::Conflict {
+            outcome: Some(Wire::Conflict(Box::new(pb::apply_result::Conflict {
                 increment: None,
                 recorded_delta: 1,
-            })),
+            }))),
         };
         assert!(Outcome::try_from(nameless).is_err());
     }

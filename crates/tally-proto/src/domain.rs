@@ -190,6 +190,26 @@ where
         .collect()
 }
 
+/// Checks a node id: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`;
+/// ids appear in storage keys, logs and error messages, so they stay plain.
+pub fn validate_node_id(node_id: &str) -> Result<(), String> {
+    if node_id.is_empty() {
+        return Err("node id must not be empty".to_string());
+    }
+    if node_id.len() > 64 {
+        return Err(format!("node id {node_id:?} is longer than 64 bytes"));
+    }
+    if let Some(bad) = node_id
+        .chars()
+        .find(|character| !(character.is_ascii_alphanumeric() || "-_.".contains(*character)))
+    {
+        return Err(format!(
+            "node id {node_id:?} has {bad:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// Drain states, in order: each comes after the one before, and a node's
 /// state only moves forward.
 impl pb::DrainState {

@@ -26,6 +26,13 @@ pub mod pb {
     tonic::include_proto!("tally.v1");
 }
 
+/// The version of the internal `tally.v1.Shard` protocol this build speaks.
+/// Coordinators and shard nodes of one release speak the same; a
+/// coordinator treats a node of another version as down, and a node refuses
+/// an Apply of another version before applying anything. Raise it whenever
+/// a change to `shard.proto` would make one side misread the other.
+pub const SHARD_PROTOCOL_VERSION: u32 = 2;
+
 /// A request that tells the server how long its caller waits (the
 /// `grpc-timeout` header): every Tally client sets one.
 pub fn timed<T>(message: T, timeout: std::time::Duration) -> tonic::Request<T> {

@@ -158,25 +158,7 @@ where
     check_range(origin, key, value.unwrap_or(default), range)
 }
 
-/// Checks a node id: 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.`;
-/// ids appear in storage keys, logs and error messages, so they stay plain.
-pub fn validate_node_id(node_id: &str) -> Result<(), String> {
-    if node_id.is_empty() {
-        return Err("node id must not be empty".to_string());
-    }
-    if node_id.len() > 64 {
-        return Err(format!("node id {node_id:?} is longer than 64 bytes"));
-    }
-    if let Some(bad) = node_id
-        .chars()
-        .find(|character| !(character.is_ascii_alphanumeric() || "-_.".contains(*character)))
-    {
-        return Err(format!(
-            "node id {node_id:?} has {bad:?}; use letters, digits, '-', '_' and '.'"
-        ));
-    }
-    Ok(())
-}
+pub use tally_proto::domain::validate_node_id;
 
 /// Checks an address to connect to: `host:port`, where host is a name, an
 /// IPv4 address or a bracketed IPv6 address, and port is 1 to 65535.

@@ -110,7 +110,7 @@ fn counter_name<'a>(reader: &mut Reader<'a>) -> Result<&'a str, Malformed> {
 
 fn node_id(reader: &mut Reader<'_>) -> Result<String, Malformed> {
     let id = reader.str("node id")?;
-    tally_runtime::config_file::validate_node_id(id).map_err(|_| Malformed { what: "node id" })?;
+    tally_proto::domain::validate_node_id(id).map_err(|_| Malformed { what: "node id" })?;
     Ok(id.to_string())
 }
 

@@ -26,10 +26,7 @@ pub enum Durability {
 impl Durability {
     /// `"sync"` or `"async"`, as in the config file.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Durability::Sync => "sync",
-            Durability::Async => "async",
-        }
+        tally_proto::pb::Durability::from(self).public_name()
     }
 }
 

@@ -84,7 +84,16 @@ impl Cluster {
             .brief_status(budget)
             .await
             .map_err(|error| failed(node, error))?;
-        let version = if status.drain_state() == pb::DrainState::Draining {
+        let state = status.drain_state();
+        if state == pb::DrainState::Serving {
+            // It acknowledged the stop but says it takes writes: handing
+            // over a copy now could lose what it takes next.
+            return Err(CoordinatorError::Precondition(format!(
+                "{node_id} acknowledged the stop of writes but reports none: nothing was handed \
+                 over; run the drain again"
+            )));
+        }
+        let version = if state == pb::DrainState::Draining {
             // 2. Its whole final state to the adopter's copy.
             let changes = shard
                 .changes(0, budget)
@@ -150,10 +159,9 @@ impl Cluster {
             .await
             .map_err(|error| failed(origin, error))?
             .replication_version;
-        let replicas = self.replicas[origin].clone();
         let limit = (self.config.replication_interval + budget) * 4;
         let started = tokio::time::Instant::now();
-        for replica in replicas {
+        for &replica in &self.replicas[origin] {
             loop {
                 let status = self.shards[replica]
                     .brief_status(budget)

@@ -151,7 +151,7 @@ impl Cluster {
     }
 
     /// Where an increment of `(counter, stripe)` goes now
-    /// ([`placement::write_target`]).
+    /// (`placement::write_target`).
     fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
         let hash = tally_ring::key_hash(counter, stripe);
         let state = |node: usize| {

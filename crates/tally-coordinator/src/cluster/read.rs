@@ -23,8 +23,9 @@ pub struct Total {
 
 impl Cluster {
     /// What the read merge needs to know of each node now
-    /// ([`merge::NodeView`]).
-    fn node_views(&self) -> Vec<NodeView<'_>> {
+    /// ([`merge::NodeView`]). Health is looked up only for the nodes that
+    /// did not answer: only their part depends on it.
+    fn node_views(&self, answers: &[merge::Answer]) -> Vec<NodeView<'_>> {
         let now = crate::health::unix_ms_now();
         // Detection lags a failure by up to a probe: a copy may stand in
         // for a node if it is at most one replication and one detection
@@ -38,15 +39,18 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(node, shard)| {
-                let health = self.health.get(node);
-                // Down since this coordinator started: it failed then at
-                // the latest, so a copy recent enough for that time is
-                // recent enough.
-                let failed_unix_ms = if health.up { now } else { health.since_unix_ms };
+                let (handed_over, failed_unix_ms) = if answers[node].is_ok() {
+                    (false, now)
+                } else {
+                    let (up, since_unix_ms, drain) = self.health.failure_view(node);
+                    // A node found down failed then at the latest: a copy
+                    // recent enough for that time is recent enough.
+                    (drain.handed_over(), if up { now } else { since_unix_ms })
+                };
                 NodeView {
                     id: shard.node_id(),
                     replicas: &self.replicas[node],
-                    handed_over: health.drain.handed_over(),
+                    handed_over,
                     oldest_usable_copy_unix_ms: failed_unix_ms - allowance,
                 }
             })
@@ -76,7 +80,7 @@ impl Cluster {
         // does not; that is OUT_OF_RANGE, never a wrapped number.
         let mut sums = vec![0i128; names.len()];
         let mut unavailable = Vec::new();
-        let views = self.node_views();
+        let views = self.node_views(&results);
         for node in 0..self.shards.len() {
             match merge::part_of(node, &views, &results) {
                 Ok(lists) => {

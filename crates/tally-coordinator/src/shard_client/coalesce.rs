@@ -3,7 +3,7 @@
 
 use crate::model::{Outcome, StripeIncrement};
 
-/// One Apply call's increments after merging (see [`apply_coalesced`]).
+/// One Apply call's increments after merging (see `apply::apply_coalesced`).
 pub(super) struct Coalesced {
     /// What is sent, in order of each group's first member.
     pub(super) sent: Vec<StripeIncrement>,

@@ -147,9 +147,9 @@ impl ShardClient {
             .map_err(|_| ShardCallError::Failed("coordinator is shutting down".into()))?
     }
 
-    /// This node's entries for each counter, in order, and its replica
-    /// copies' entries for them. Concurrent reads share Read calls, like
-    /// increments share Apply calls.
+    /// This node's part of each counter (its entries summed), in order, and
+    /// each of its replica copies' parts. Concurrent reads share Read
+    /// calls, like increments share Apply calls.
     pub async fn read(
         &self,
         counters: Vec<String>,
@@ -339,6 +339,14 @@ impl ShardClient {
             return Err(ShardCallError::Failed(format!(
                 "the node at this address is {:?}",
                 status.node_id
+            )));
+        }
+        if status.protocol_version != tally_proto::SHARD_PROTOCOL_VERSION {
+            return Err(ShardCallError::Failed(format!(
+                "the node speaks internal protocol version {}, this coordinator {}: run \
+                 coordinators and shard nodes of the same release",
+                status.protocol_version,
+                tally_proto::SHARD_PROTOCOL_VERSION
             )));
         }
         Ok(status)

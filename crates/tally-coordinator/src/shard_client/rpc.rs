@@ -58,6 +58,7 @@ pub(super) async fn apply_call(
     let expected = increments.len();
     let request = pb::ApplyRequest {
         node_id: node_id.to_string(),
+        protocol_version: tally_proto::SHARD_PROTOCOL_VERSION,
         increments: increments
             .into_iter()
             .map(pb::ShardIncrement::from)

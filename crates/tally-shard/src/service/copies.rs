@@ -103,8 +103,7 @@ impl ShardService {
                 "a node does not hold a replica copy of itself".into(),
             ));
         }
-        tally_runtime::config_file::validate_node_id(&request.origin)
-            .map_err(Refusal::InvalidRequest)?;
+        tally_proto::domain::validate_node_id(&request.origin).map_err(Refusal::InvalidRequest)?;
         let stamp = CopyStamp {
             version: request.version,
             scanned_unix_ms: request.scanned_unix_ms,

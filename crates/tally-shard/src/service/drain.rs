@@ -102,8 +102,7 @@ impl ShardService {
         request: pb::DropCopyRequest,
     ) -> Result<pb::DropCopyResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
-        tally_runtime::config_file::validate_node_id(&request.origin)
-            .map_err(Refusal::InvalidRequest)?;
+        tally_proto::domain::validate_node_id(&request.origin).map_err(Refusal::InvalidRequest)?;
         let _replica_writes = self.replica_writes.lock().await;
         if self.is_retired(&request.origin) {
             return Ok(pb::DropCopyResponse {});

@@ -99,6 +99,7 @@ impl ShardService {
             } else {
                 self.state.replicas.entry_count()
             },
+            protocol_version: tally_proto::SHARD_PROTOCOL_VERSION,
             table_bytes: if brief {
                 0
             } else {

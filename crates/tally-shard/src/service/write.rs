@@ -21,6 +21,14 @@ impl ShardService {
         request: pb::ApplyRequest,
     ) -> Result<pb::ApplyResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
+        if request.protocol_version != tally_proto::SHARD_PROTOCOL_VERSION {
+            return Err(Refusal::InvalidRequest(format!(
+                "this node speaks internal protocol version {}, the sender {}: nothing applied \
+                 (run coordinators and shard nodes of the same release)",
+                tally_proto::SHARD_PROTOCOL_VERSION,
+                request.protocol_version
+            )));
+        }
         let increments = request
             .increments
             .iter()
@@ -46,7 +54,7 @@ impl ShardService {
                 let results = request
                     .increments
                     .into_iter()
-                    .map(|increment| result(Outcome::Redirect(increment)))
+                    .map(|increment| result(Outcome::Redirect(Box::new(increment))))
                     .collect();
                 return Ok(pb::ApplyResponse { results });
             }
@@ -65,12 +73,12 @@ impl ShardService {
                 result(match outcome {
                     ApplyOutcome::Applied => Outcome::Applied(pb::apply_result::Applied {}),
                     ApplyOutcome::Duplicate => Outcome::Duplicate(pb::apply_result::Applied {}),
-                    ApplyOutcome::Overflow => Outcome::Overflow(increment),
+                    ApplyOutcome::Overflow => Outcome::Overflow(Box::new(increment)),
                     ApplyOutcome::Conflict { recorded_delta } => {
-                        Outcome::Conflict(pb::apply_result::Conflict {
+                        Outcome::Conflict(Box::new(pb::apply_result::Conflict {
                             increment: Some(increment),
                             recorded_delta,
-                        })
+                        }))
                     }
                 })
             })

@@ -163,7 +163,9 @@ impl pb::admin_server::Admin for AdminService {
             .iter()
             .enumerate()
             .map(|(index, shard)| async move {
-                let result = shard.status(budget).await;
+                // A node known to be down gets a probe's time: one hung
+                // node does not hold the whole status for the shard timeout.
+                let result = shard.status(cluster.budget_for(index, budget)).await;
                 let health = cluster.health(index);
                 let mut node = pb::NodeStatus {
                     id: shard.node_id().to_string(),

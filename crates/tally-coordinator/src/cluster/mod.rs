@@ -177,7 +177,7 @@ impl Cluster {
         match result {
             Ok(_) => self.health.record_success(node),
             Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
-            Err(ShardCallError::NotSent(_)) => {}
+            Err(ShardCallError::NotSent(_) | ShardCallError::Down(_)) => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }
@@ -185,7 +185,11 @@ impl Cluster {
     /// A call's budget for node `index`: a node known to be down gets no
     /// more than a probe's, so one hung node does not hold every read for
     /// the whole shard timeout, while a node that is back is still found.
-    fn budget_for(&self, index: usize, budget: std::time::Duration) -> std::time::Duration {
+    pub(crate) fn budget_for(
+        &self,
+        index: usize,
+        budget: std::time::Duration,
+    ) -> std::time::Duration {
         if self.health.is_up(index) {
             budget
         } else {

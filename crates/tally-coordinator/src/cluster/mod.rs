@@ -177,7 +177,7 @@ impl Cluster {
         match result {
             Ok(_) => self.health.record_success(node),
             Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
-            Err(ShardCallError::NotSent(_) | ShardCallError::Down(_)) => {}
+            Err(ShardCallError::NotSent(_)) => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }

@@ -24,13 +24,13 @@ async fn channel(endpoint: String) -> Channel {
         .unwrap()
 }
 
-/// The services `channel`'s server lists by reflection, sorted.
-async fn listed_services(channel: Channel) -> Vec<String> {
+/// The server's reflection answer to one request.
+async fn reflect(channel: Channel, request: MessageRequest) -> Option<MessageResponse> {
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
-    let answer = ServerReflectionClient::new(channel)
+    ServerReflectionClient::new(channel)
         .server_reflection_info(futures::stream::iter(vec![request]))
         .await
         .unwrap()
@@ -38,8 +38,14 @@ async fn listed_services(channel: Channel) -> Vec<String> {
         .message()
         .await
         .unwrap()
-        .unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        .unwrap()
+        .message_response
+}
+
+/// The services `channel`'s server lists by reflection, sorted.
+async fn listed_services(channel: Channel) -> Vec<String> {
+    let answer = reflect(channel, MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) = answer else {
         panic!("unexpected reflection answer: {answer:?}");
     };
     let mut names: Vec<String> = list
@@ -53,21 +59,12 @@ async fn listed_services(channel: Channel) -> Vec<String> {
 
 /// Whether reflection on `channel` describes `symbol`.
 async fn describes(channel: Channel, symbol: &str) -> bool {
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_string())),
-    };
-    let answer = ServerReflectionClient::new(channel)
-        .server_reflection_info(futures::stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap();
     matches!(
-        answer.message_response,
+        reflect(
+            channel,
+            MessageRequest::FileContainingSymbol(symbol.to_string())
+        )
+        .await,
         Some(MessageResponse::FileDescriptorResponse(_))
     )
 }

@@ -321,11 +321,7 @@ pub fn remove_leftovers(dir: &Path) -> std::io::Result<()> {
 /// `tally-shard verify` of a format 2 directory: read through a copy in
 /// the system's temporary directory.
 pub fn verify(dir: &Path, node_id: &str) -> Result<DirectoryReport, StorageError> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos());
-    let scratch = std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
-    let old = read(dir, node_id, &scratch)?;
+    let old = read(dir, node_id, &crate::storage::verify_scratch())?;
     Ok(DirectoryReport {
         node_id: node_id.to_string(),
         entries: old.store.entry_count(),

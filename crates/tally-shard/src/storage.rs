@@ -676,13 +676,7 @@ pub fn verify(dir: &Path) -> Result<DirectoryReport, StorageError> {
     let store = Store::new();
     let replicas = Replicas::default();
     let loaded = if dir.join(CHECKPOINT_DIR).exists() {
-        // Named for this run: two verifies at once must not share a copy.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos());
-        let scratch =
-            std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()));
-        load_copy(dir, &scratch, &store, &replicas)?
+        load_copy(dir, &verify_scratch(), &store, &replicas)?
     } else {
         checkpoint::Loaded::default()
     };
@@ -819,6 +813,15 @@ pub(crate) fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
         _ => Ok(()),
     }
+}
+
+/// Where `verify` copies a checkpoint to read it, in the system's temporary
+/// directory: named for this run, so two verifies at once never share it.
+pub(crate) fn verify_scratch() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    std::env::temp_dir().join(format!("tally-verify-{}-{nanos}", std::process::id()))
 }
 
 /// Removes a scratch directory when the check ends, however it ends.

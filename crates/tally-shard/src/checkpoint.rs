@@ -328,6 +328,9 @@ pub enum RoundOutcome {
         /// The files' hash.
         hash: u64,
     },
+    /// Closing the database between rounds failed and it was abandoned:
+    /// the next round must capture everything. Not the answer to a round.
+    CloseFailed(String),
 }
 
 /// The checkpoint thread's state.
@@ -384,7 +387,7 @@ pub fn run(
                         Ok(Some(hash)) => Some(RoundOutcome::Closed { hash }),
                         Ok(None) => None,
                         // Abandoned: the next round must hold everything.
-                        Err(error) => Some(RoundOutcome::Failed(error)),
+                        Err(error) => Some(RoundOutcome::CloseFailed(error)),
                     };
                     if let Some(outcome) = closed {
                         if outcomes.send(outcome).is_err() {

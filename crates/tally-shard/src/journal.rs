@@ -753,7 +753,12 @@ impl LogThread {
                     Err(_) => return,
                 }
             };
-            if !matches!(outcome, RoundOutcome::Closed { .. }) {
+            // A close between rounds answers no round: one may be on its
+            // way to the checkpoint thread already.
+            if !matches!(
+                outcome,
+                RoundOutcome::Closed { .. } | RoundOutcome::CloseFailed(_)
+            ) {
                 self.awaiting_outcome = false;
             }
             match outcome {
@@ -783,7 +788,7 @@ impl LogThread {
                     }
                     self.publish_stats();
                 }
-                RoundOutcome::Failed(error) => {
+                RoundOutcome::Failed(error) | RoundOutcome::CloseFailed(error) => {
                     self.stats
                         .checkpoint_failures
                         .fetch_add(1, Ordering::Relaxed);

@@ -173,6 +173,28 @@ fn total(runtime: &tokio::runtime::Runtime, cluster: &ProcessCluster) -> (bool, 
     )
 }
 
+/// An increment with a key whose stripe `node_id` owns.
+fn keyed_increment_owned_by(cluster: &ProcessCluster, node_id: &str) -> pb::IncrementRequest {
+    let config = tally::coordinator::CoordinatorConfig::load(
+        &cluster.coordinator_config,
+        Default::default(),
+    )
+    .unwrap();
+    let ring = config.ring().unwrap();
+    let key = (0..100_000)
+        .map(|attempt| format!("hang-{attempt}"))
+        .find(|key| {
+            let stripe = tally::ring::idempotency_stripe(key, config.stripes);
+            ring.nodes()[ring.owner("failover-keyed", stripe)].id == node_id
+        })
+        .expect("keys land on every node");
+    pb::IncrementRequest {
+        counter: "failover-keyed".into(),
+        delta: 1,
+        idempotency_key: key,
+    }
+}
+
 fn signal(cluster: &ProcessCluster, index: usize, signal: Signal) {
     let pid = cluster.shards[index].as_ref().unwrap().pid();
     kill(Pid::from_raw(pid as i32), signal).unwrap();
@@ -211,6 +233,21 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let stopped_at = Instant::now();
     signal(&cluster, 2, Signal::SIGSTOP);
     let (hang_seen, hang_line) = wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
+    // A keyed increment stays with its owner; with the owner hung and shown
+    // down it fails fast (a probe's time, 500 ms here) with UNAVAILABLE,
+    // instead of waiting out the shard timeout (5 s here) past the
+    // client's 3 s deadline.
+    let keyed = keyed_increment_owned_by(&cluster, "shard-3");
+    let answer = runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        client
+            .increment(tally::proto::timed(keyed, Duration::from_secs(3)))
+            .await
+    });
+    let status = answer.expect_err("a keyed increment reached a hung owner");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     std::thread::sleep(OUTAGE);
     signal(&cluster, 2, Signal::SIGCONT);
     let (hang_over, _) = wait_for_shown_health(&runtime, &cluster, "shard-3", "up");

@@ -28,6 +28,10 @@ pub enum ShardCallError {
     /// about the node's health.
     #[error("not sent: waited {0:?} for a call slot behind earlier calls")]
     NotSent(std::time::Duration),
+    /// Not sent: the node is shown down (its last error given), and the
+    /// call could not go elsewhere.
+    #[error("not sent: the node is down ({0})")]
+    Down(String),
 }
 
 impl ShardCallError {

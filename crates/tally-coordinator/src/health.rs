@@ -2,12 +2,23 @@
 //!
 //! Two sources: every internal call's outcome, and an active probe per node
 //! (a `Status` call every `health_interval_ms`, bounded by
-//! `health_timeout_ms`). Any failure marks a node down at once; any success
-//! marks it up. A node that hangs (SIGSTOP, a full disk stuck in the kernel)
-//! accepts connections but does not answer, so the probe's timeout is what
-//! finds it: within `health_interval_ms + health_timeout_ms`. While a node
-//! is down it is probed with backoff, doubling from `health_interval_ms` up
-//! to [`MAX_PROBE_BACKOFF`], so a restarted node is found within that.
+//! `health_timeout_ms`). Any answer marks a node up.
+//!
+//! Failures are of two kinds, and only one is certain:
+//! - **An error** (connection refused or reset, a refusal, a wrong node or
+//!   protocol at the address) marks the node down at once: a killed node is
+//!   found by its first refused connection.
+//! - **A timeout** may be a hung node (SIGSTOP, a disk stuck in the kernel)
+//!   or a busy one (a loaded 2-core host, a debug build). It is a *miss*,
+//!   and counts only if nothing else the node was asked answered meanwhile:
+//!   under load a stream of answers keeps a slow node up, whatever one probe
+//!   does. [`MISSES_TO_DOWN`] misses in a row mark it down; after a first
+//!   miss the next probe goes at once. A hung node is found within
+//!   `health_interval_ms + 2 × health_timeout_ms` (2.5 s by default).
+//!
+//! While a node is down it is probed with backoff, doubling from
+//! `health_interval_ms` up to [`MAX_PROBE_BACKOFF`], so a restarted node is
+//! found within that.
 //!
 //! Routing reads this board: an increment without an idempotency key whose
 //! owner is down goes to the next healthy node on the ring (correct by the
@@ -15,15 +26,20 @@
 //! increment stays with its owner, the only node that can deduplicate it.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tally_proto::pb;
 
+use crate::error::ShardCallError;
 use crate::shard_client::ShardClient;
 
 /// Longest pause between probes of a node that is down.
 pub const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Timeouts in a row, with no answer from the node in between, that mark it
+/// down.
+pub const MISSES_TO_DOWN: u32 = 2;
 
 /// One node's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +60,10 @@ pub struct NodeHealth {
     /// Copies of its entries to its replicas that failed since this
     /// coordinator started.
     pub replication_failures: u64,
+    /// When the node last answered anything (this process's clock).
+    pub last_answer: Instant,
+    /// Timeouts since that answer (see [`MISSES_TO_DOWN`]).
+    pub misses: u32,
 }
 
 /// Every node's health, indexed like the ring's nodes.
@@ -70,6 +90,8 @@ impl HealthBoard {
                         restoring: false,
                         drain: pb::DrainState::Serving,
                         replication_failures: 0,
+                        last_answer: Instant::now(),
+                        misses: 0,
                     })
                 })
                 .collect(),
@@ -107,6 +129,8 @@ impl HealthBoard {
     /// A call to or probe of node `index` succeeded.
     pub fn record_success(&self, index: usize) {
         let mut node = self.nodes[index].lock();
+        node.last_answer = Instant::now();
+        node.misses = 0;
         if !node.up {
             tracing::info!(node_id = &*self.ids[index], "shard node is up again");
             node.up = true;
@@ -146,9 +170,30 @@ impl HealthBoard {
         self.nodes[index].lock().restoring = restoring;
     }
 
-    /// A call to or probe of node `index` failed.
+    /// A call to or probe of node `index` failed with an error (not a
+    /// timeout): the node is down.
     pub fn record_failure(&self, index: usize, error: &str) {
         let mut node = self.nodes[index].lock();
+        self.mark_down(index, &mut node, error);
+    }
+
+    /// A call to or probe of node `index`, sent at `sent`, timed out.
+    /// Returns whether the node is now down: after [`MISSES_TO_DOWN`] such
+    /// timeouts with no answer since the first was sent. A timeout of a
+    /// call sent before the node's last answer says nothing.
+    pub fn record_miss(&self, index: usize, sent: Instant, error: &str) -> bool {
+        let mut node = self.nodes[index].lock();
+        if node.last_answer > sent {
+            return !node.up;
+        }
+        node.misses = node.misses.saturating_add(1);
+        if node.misses >= MISSES_TO_DOWN {
+            self.mark_down(index, &mut node, error);
+        }
+        !node.up
+    }
+
+    fn mark_down(&self, index: usize, node: &mut NodeHealth, error: &str) {
         if node.up {
             tracing::warn!(node_id = &*self.ids[index], error, "shard node is down");
             node.up = false;
@@ -169,22 +214,33 @@ pub async fn probe_loop(
     let mut pause = interval;
     loop {
         tokio::time::sleep(pause).await;
+        let sent = Instant::now();
         let result = shard.brief_status(timeout).await;
         let Some(board) = board.upgrade() else {
             return;
         };
-        match result {
+        let backoff = (pause.max(interval) * 2).min(MAX_PROBE_BACKOFF.max(interval));
+        pause = match result {
             Ok(status) => {
                 board.record_success(index);
                 board.set_restoring(index, status.restoring);
                 board.set_drain(index, status.drain_state());
-                pause = interval;
+                interval
+            }
+            Err(error @ ShardCallError::TimedOut(_)) => {
+                if board.record_miss(index, sent, &error.to_string()) {
+                    backoff
+                } else {
+                    // A first miss: ask again at once, so a hung node is
+                    // found within two probe timeouts of its first miss.
+                    Duration::ZERO
+                }
             }
             Err(error) => {
                 board.record_failure(index, &error.to_string());
-                pause = (pause * 2).min(MAX_PROBE_BACKOFF.max(interval));
+                backoff
             }
-        }
+        };
     }
 }
 
@@ -235,5 +291,37 @@ mod tests {
         assert!(board.is_up(1));
         assert_eq!(board.get(1).error, "");
         assert!(board.is_up(0));
+    }
+
+    #[test]
+    fn timeouts_mark_down_only_in_a_row_and_without_an_answer_between() {
+        let board = HealthBoard::new(["a".into()]);
+        let sent = Instant::now();
+        assert!(!board.record_miss(0, sent, "timed out"), "one miss");
+        assert!(board.is_up(0));
+        // An answer to anything: the node is busy, not hung.
+        board.record_success(0);
+        assert!(
+            !board.record_miss(0, sent, "timed out"),
+            "a timeout of a call sent before the last answer says nothing"
+        );
+        assert!(
+            !board.record_miss(0, Instant::now(), "timed out"),
+            "a new first miss"
+        );
+        assert!(board.is_up(0));
+        assert!(
+            board.record_miss(0, Instant::now(), "timed out"),
+            "two in a row"
+        );
+        let down = board.get(0);
+        assert!(!down.up);
+        assert_eq!(down.error, "timed out");
+        board.record_success(0);
+        assert!(board.is_up(0));
+        assert_eq!(board.get(0).misses, 0);
+        // An error is certain: down at once.
+        board.record_failure(0, "connection refused");
+        assert!(!board.is_up(0));
     }
 }

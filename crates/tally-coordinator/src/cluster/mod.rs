@@ -168,16 +168,23 @@ impl Cluster {
 
     /// Records a call's outcome on the health board.
     ///
-    /// A timeout is the node's fault only if the call had a probe's time
-    /// at least: a call cut short by a client's tight deadline says
-    /// nothing about the node, and must not take it out of routing for
-    /// everyone.
+    /// A timeout is only a miss (`health`): the node is down after misses
+    /// in a row with no answer between. It counts only if the call had a
+    /// probe's time at least: a call cut short by a client's tight deadline
+    /// says nothing about the node, and must not take it out of routing
+    /// for everyone.
     fn observe<T>(&self, node: usize, result: &std::result::Result<T, ShardCallError>) {
         let least = self.config.shard_timeout.min(self.config.health_timeout);
         match result {
             Ok(_) => self.health.record_success(node),
-            Err(ShardCallError::TimedOut(budget)) if *budget < least => {}
-            Err(ShardCallError::NotSent(_)) => {}
+            Err(error @ ShardCallError::TimedOut(budget)) => {
+                if *budget >= least {
+                    let now = std::time::Instant::now();
+                    let sent = now.checked_sub(*budget).unwrap_or(now);
+                    self.health.record_miss(node, sent, &error.to_string());
+                }
+            }
+            Err(ShardCallError::NotSent(_) | ShardCallError::Down(_)) => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }

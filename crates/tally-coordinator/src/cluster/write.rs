@@ -90,11 +90,11 @@ impl Cluster {
                 let (node, increments) = calls.into_iter().next().expect("one node");
                 settle(
                     node,
-                    with_deadline(deadline, self.shards[node].apply(increments)).await?,
+                    with_deadline(deadline, self.apply_on(node, increments)).await?,
                 );
             } else {
                 let calls = calls.into_iter().map(|(node, increments)| async move {
-                    (node, self.shards[node].apply(increments).await)
+                    (node, self.apply_on(node, increments).await)
                 });
                 for (node, result) in with_deadline(deadline, join_all(calls)).await? {
                     settle(node, result);
@@ -114,6 +114,23 @@ impl Cluster {
             Some(error) => Err(error),
             None => Ok(deduplicated),
         }
+    }
+
+    /// Node `node`'s share of a call. Only a keyed increment (which stays
+    /// with its owner) or a cluster with every node down reaches a node
+    /// shown down: it is not sent, and fails at once with UNAVAILABLE. Sent,
+    /// it would queue behind the calls still hanging on that node and hold
+    /// its caller for the shard timeout, past most clients' deadlines. The
+    /// node's probes find it when it is back.
+    async fn apply_on(
+        &self,
+        node: usize,
+        increments: Vec<StripeIncrement>,
+    ) -> std::result::Result<Vec<Outcome>, ShardCallError> {
+        if !self.health.is_up(node) {
+            return Err(ShardCallError::Down(self.health.get(node).error));
+        }
+        self.shards[node].apply(increments).await
     }
 
     /// Where each increment goes, grouped by node: one batcher job per node

@@ -20,9 +20,20 @@ pub(super) async fn call<T>(
 ) -> Result<T, ShardCallError> {
     match tokio::time::timeout(budget, future).await {
         Err(_) => Err(ShardCallError::TimedOut(budget)),
+        Ok(Err(status)) if is_timeout(&status) => Err(ShardCallError::TimedOut(budget)),
         Ok(Err(status)) => Err(describe_status(&status)),
         Ok(Ok(response)) => Ok(response.into_inner()),
     }
+}
+
+/// Whether `status` is tonic's own end of the call's `grpc-timeout`: the
+/// channel's timeout layer (which reads the header `timed` sets, and may
+/// fire a moment before our own timer) or the server's. Either is a timeout,
+/// not an error the node answered: a busy node must not be taken for a
+/// failed one (`health`).
+fn is_timeout(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
 fn describe_status(status: &tonic::Status) -> ShardCallError {
@@ -96,4 +107,29 @@ pub(super) async fn read_call(
     let response = call(budget, grpc.read(timed(request, budget))).await?;
     NodeRead::from_wire(response, expected)
         .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tonics_own_timeout_is_a_timeout_not_an_error() {
+        let budget = Duration::from_millis(700);
+        let expired = call::<()>(budget, async {
+            Err(tonic::Status::from_error(Box::new(tonic::TimeoutExpired(
+                (),
+            ))))
+        })
+        .await;
+        assert_eq!(expired, Err(ShardCallError::TimedOut(budget)));
+        let refused = call::<()>(budget, async {
+            Err(tonic::Status::unavailable("tcp connect error"))
+        })
+        .await;
+        assert_eq!(
+            refused,
+            Err(ShardCallError::Failed("tcp connect error".into()))
+        );
+    }
 }

@@ -18,26 +18,19 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use support::ledger::{Clients, Connections, Ledger, Outcome, RETRY_LIMIT};
 use support::{runtime, Daemon, ProcessCluster};
 use tally::proto::pb;
-use tally::proto::pb::counter_client::CounterClient;
-use tonic::transport::{Channel, Endpoint};
-use tonic::Code;
 
 /// Distinct counters the load spreads over.
 const COUNTERS: usize = 16;
 /// Concurrent client tasks.
 const WORKERS: usize = 8;
-/// Longest a client keeps retrying one call before the test fails.
-const RETRY_LIMIT: Duration = Duration::from_secs(120);
-/// Per-call deadline, so a call to a hung process fails and is retried.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn cycles() -> usize {
     std::env::var("TALLY_CRASH_CYCLES")
@@ -63,167 +56,6 @@ fn seeded_rng(test: &str) -> fastrand::Rng {
 
 fn counter_name(index: usize) -> String {
     format!("crash-{index}")
-}
-
-/// What the clients know.
-#[derive(Debug, Default)]
-struct Ledger {
-    /// Per counter, the sum of acknowledged deltas.
-    expected: HashMap<String, i64>,
-    /// Increments acknowledged (each counted once, however often sent).
-    increments: u64,
-    /// The sum of their deltas.
-    acknowledged: i64,
-    /// Calls that failed and were retried with the same keys.
-    retried: u64,
-    /// Acknowledged calls sent again on purpose.
-    resent: u64,
-    /// When each increment was acknowledged, its counter, key and delta.
-    acks: Vec<(Instant, String, String, i64)>,
-}
-
-impl Ledger {
-    fn merge(&mut self, other: Ledger) {
-        for (counter, delta) in other.expected {
-            *self.expected.entry(counter).or_default() += delta;
-        }
-        self.increments += other.increments;
-        self.acknowledged += other.acknowledged;
-        self.retried += other.retried;
-        self.resent += other.resent;
-        self.acks.extend(other.acks);
-    }
-
-    fn record(&mut self, items: &[pb::IncrementRequest]) {
-        let now = Instant::now();
-        for item in items {
-            *self.expected.entry(item.counter.clone()).or_default() += item.delta;
-            self.increments += 1;
-            self.acknowledged += item.delta;
-            self.acks.push((
-                now,
-                item.counter.clone(),
-                item.idempotency_key.clone(),
-                item.delta,
-            ));
-        }
-    }
-}
-
-/// The cluster's totals against the ledger.
-#[derive(Debug)]
-struct Outcome {
-    increments: u64,
-    acknowledged: i64,
-    present: i64,
-    lost: i64,
-    duplicated: i64,
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            formatter,
-            "acknowledged {}, present {}, lost {}, duplicated {} ({} increments)",
-            self.acknowledged, self.present, self.lost, self.duplicated, self.increments
-        )
-    }
-}
-
-/// Clients of one or more coordinators, sharing a list of their endpoints
-/// that a test may change while they run.
-#[derive(Clone)]
-struct Clients {
-    endpoints: Arc<RwLock<Vec<String>>>,
-}
-
-impl Clients {
-    fn new(endpoints: Vec<String>) -> Self {
-        Clients {
-            endpoints: Arc::new(RwLock::new(endpoints)),
-        }
-    }
-
-    fn endpoint(&self, attempt: usize) -> String {
-        let endpoints = self.endpoints.read().unwrap();
-        endpoints[attempt % endpoints.len()].clone()
-    }
-}
-
-/// One client task's connections, by endpoint.
-#[derive(Default)]
-struct Connections(HashMap<String, CounterClient<Channel>>);
-
-impl Connections {
-    fn client(&mut self, endpoint: &str) -> CounterClient<Channel> {
-        self.0
-            .entry(endpoint.to_string())
-            .or_insert_with(|| {
-                let channel = Endpoint::from_shared(endpoint.to_string())
-                    .unwrap()
-                    .connect_timeout(Duration::from_secs(1))
-                    .connect_lazy();
-                CounterClient::new(channel)
-            })
-            .clone()
-    }
-
-    /// Sends one call (a unary Increment for one item, a batch otherwise).
-    async fn send(
-        &mut self,
-        endpoint: &str,
-        items: &[pb::IncrementRequest],
-    ) -> Result<(), tonic::Status> {
-        send_on(self.client(endpoint), items).await
-    }
-
-    /// Sends until acknowledged, retrying with the same keys, rotating over
-    /// the coordinators. Returns how many attempts failed.
-    async fn send_until_acknowledged(
-        &mut self,
-        clients: &Clients,
-        items: &[pb::IncrementRequest],
-    ) -> u64 {
-        let mut attempts = 0;
-        support::wait_until("a call to be acknowledged", RETRY_LIMIT, || {
-            let client = self.client(&clients.endpoint(attempts));
-            attempts += 1;
-            async move {
-                let result = send_on(client, items).await;
-                if let Err(status) = &result {
-                    assert!(
-                        !matches!(
-                            status.code(),
-                            Code::AlreadyExists | Code::InvalidArgument | Code::OutOfRange
-                        ),
-                        "a retry was refused: {status:?}"
-                    );
-                }
-                result
-            }
-        })
-        .await;
-        attempts as u64 - 1
-    }
-}
-
-/// Sends one call on `client` (a unary Increment for one item, a batch
-/// otherwise).
-async fn send_on(
-    mut client: CounterClient<Channel>,
-    items: &[pb::IncrementRequest],
-) -> Result<(), tonic::Status> {
-    if let [item] = items {
-        let mut request = tonic::Request::new(item.clone());
-        request.set_timeout(CALL_TIMEOUT);
-        client.increment(request).await.map(drop)
-    } else {
-        let mut request = tonic::Request::new(pb::IncrementBatchRequest {
-            increments: items.to_vec(),
-        });
-        request.set_timeout(CALL_TIMEOUT);
-        client.increment_batch(request).await.map(drop)
-    }
 }
 
 /// How the load behaves.

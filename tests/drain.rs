@@ -131,6 +131,7 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
                     entries: changes.entries,
                     scanned_unix_ms: changes.scanned_unix_ms,
                     directory_id: changes.directory_id,
+                    round_elapsed_ms: 0,
                 })
                 .await
                 .unwrap();

@@ -699,3 +699,191 @@ async fn a_graceful_restart_of_every_shard_keeps_every_count() {
         drop(test._data);
     }
 }
+
+/// libfaketime, if installed (the `faketime` package), to run a shard with
+/// its wall clock skewed.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|path| path.exists())
+}
+
+/// Adds 1 to each of `counters`, `rounds` times, through `endpoint`;
+/// returns how many increments were acknowledged (all, or it panics).
+async fn add_to_each(endpoint: &str, counters: &[String], rounds: usize) -> i64 {
+    let mut client = CounterClient::connect(endpoint.to_string()).await.unwrap();
+    for _ in 0..rounds {
+        client
+            .increment_batch(pb::IncrementBatchRequest {
+                increments: counters
+                    .iter()
+                    .map(|counter| pb::IncrementRequest {
+                        counter: counter.clone(),
+                        delta: 1,
+                        idempotency_key: String::new(),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+    }
+    (counters.len() * rounds) as i64
+}
+
+/// Every running shard's full status, straight from the shards.
+async fn process_statuses(cluster: &ProcessCluster) -> Vec<pb::ShardStatusResponse> {
+    let mut statuses = Vec::new();
+    for shard in cluster.shards.iter().flatten() {
+        let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
+            .await
+            .unwrap();
+        statuses.push(
+            client
+                .status(pb::ShardStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    statuses
+}
+
+/// Waits until every running shard's copy holds its origin's version as of
+/// now.
+async fn wait_for_process_replicas(cluster: &ProcessCluster) {
+    let targets = support::replication_targets(&process_statuses(cluster).await);
+    support::wait_until("replication to catch up", DETECTION_LIMIT, || async {
+        let statuses = process_statuses(cluster).await;
+        if support::replicas_caught_up(&targets, &statuses) {
+            Ok(())
+        } else {
+            Err(statuses
+                .iter()
+                .map(|status| (status.node_id.clone(), status.replicas.clone()))
+                .collect::<Vec<_>>())
+        }
+    })
+    .await;
+}
+
+/// Whether a copy may stand in for a down shard is decided by how long ago
+/// a replication round reached it (a duration on the replica's clock) and
+/// when the coordinator saw the failure (its clock): never by comparing
+/// the clocks of two nodes. Run with shard-2's wall clock 5 minutes behind
+/// (its fresh copy must stand in) and 10 minutes ahead with its replication
+/// stalled (its old copy must not: the read is UNAVAILABLE, not complete
+/// and short). Before, both went wrong (the copy's scan time, by the
+/// origin's clock, was compared with the failure's, by the coordinator's).
+#[test]
+fn a_copy_stands_in_by_its_age_never_by_comparing_clocks() {
+    let runtime = support::runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let faketime = libfaketime();
+    if faketime.is_none() {
+        println!(
+            "libfaketime is not installed (apt-get install faketime): shard-2 runs with the \
+             true clock; the rules are checked, the skew is not"
+        );
+    }
+    let skewed = |cluster: &mut ProcessCluster, address, offset: &str| {
+        let lib = faketime
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default();
+        let env: Vec<(&str, &str)> = if faketime.is_some() {
+            vec![("LD_PRELOAD", lib.as_str()), ("FAKETIME", offset)]
+        } else {
+            Vec::new()
+        };
+        cluster.restart_shard_with_env(1, address, &[], &env);
+    };
+    let counters: Vec<String> = (0..12).map(|index| format!("skew-{index}")).collect();
+
+    // 1. shard-2's clock 5 minutes behind; its copy caught up; killed.
+    let address = cluster.shards[1]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGTERM);
+    skewed(&mut cluster, address, "-5m");
+    wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    let mut acknowledged =
+        runtime.block_on(add_to_each(&cluster.coordinator.endpoint(), &counters, 20));
+    runtime.block_on(wait_for_process_replicas(&cluster));
+    let address = cluster.shards[1]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    let totals = runtime.block_on(support::totals(&cluster.coordinator.endpoint(), &counters));
+    assert!(
+        totals.iter().all(|total| total.complete),
+        "clock 5 min behind, fresh copy: {totals:?}"
+    );
+    let read: i64 = totals.iter().map(|total| total.value).sum();
+    assert_eq!(
+        read, acknowledged,
+        "clock 5 min behind: every increment, once"
+    );
+
+    // 2. shard-2's clock 10 minutes ahead; copy caught up; then replication
+    // stalls (the replicating coordinator dies; writes go through one that
+    // replicates every 10 minutes), the copy ages, shard-2 is killed, and a
+    // new coordinator reads.
+    skewed(&mut cluster, address, "+10m");
+    wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    runtime.block_on(wait_for_process_replicas(&cluster));
+    cluster.coordinator.signal(Signal::SIGKILL);
+    let slow_config = cluster.dir.path().join("coordinator-slow.toml");
+    std::fs::write(
+        &slow_config,
+        std::fs::read_to_string(&cluster.coordinator_config)
+            .unwrap()
+            .replace(
+                "replication_interval_ms = 100",
+                "replication_interval_ms = 600000",
+            ),
+    )
+    .unwrap();
+    let slow = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator-slow",
+        &["--config", slow_config.to_str().unwrap()],
+        cluster.dir.path(),
+    );
+    acknowledged += runtime.block_on(add_to_each(&slow.endpoint(), &counters, 20));
+    // Older than a round and a detection window of the reading coordinator
+    // (100 ms + 100 ms + 2 × 500 ms).
+    std::thread::sleep(Duration::from_millis(2_000));
+    cluster.shards[1].take().unwrap().stop_with(Signal::SIGKILL);
+    cluster.coordinator = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator-new",
+        &["--config", cluster.coordinator_config.to_str().unwrap()],
+        cluster.dir.path(),
+    );
+    let answer = runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        client
+            .get_batch(pb::GetBatchRequest {
+                counters: counters.clone(),
+                allow_partial: false,
+            })
+            .await
+    });
+    let status = answer.expect_err("a stale copy stood in for shard-2");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shard-2"), "{}", status.message());
+    println!(
+        "clock skew (libfaketime: {}): 5 min behind, fresh copy: complete, {read} of {read}; \
+         10 min ahead, stalled copy: {:?} ({acknowledged} acknowledged)",
+        faketime.is_some(),
+        status.code()
+    );
+    slow.terminate();
+}

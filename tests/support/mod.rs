@@ -4,12 +4,15 @@
 //! - [`process`]: the real `tally-shard`, `tally-coordinator` and `tallyctl`
 //!   binaries as processes (its items are re-exported here);
 //! - [`cluster`]: an in-process cluster and the client calls its tests share;
+//! - [`ledger`]: the process harnesses' clients, which retry with their keys
+//!   and keep a ledger of what was acknowledged;
 //! - here: [`wait_until`], the one way a test waits for a condition, and
 //!   what several kinds of test use (replication targets, totals, reports).
 
 #![allow(dead_code)] // each test file uses a part
 
 pub mod cluster;
+pub mod ledger;
 pub mod process;
 
 // The process harness's items, as `support::Daemon` and so on; a test file

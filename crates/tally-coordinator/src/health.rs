@@ -50,6 +50,9 @@ pub struct NodeHealth {
     /// creation (this coordinator's start, or the reload that added the
     /// node) if there was none.
     pub since_unix_ms: i64,
+    /// `since_unix_ms` on this process's monotonic clock: what decisions
+    /// use (a copy's age is compared with it, never a wall clock).
+    pub since: Instant,
     /// Why the node is down (the last failure); empty when up.
     pub error: String,
     /// The node started with an empty data directory and awaits a restore
@@ -86,6 +89,7 @@ impl HealthBoard {
                     Mutex::new(NodeHealth {
                         up: true,
                         since_unix_ms: now,
+                        since: Instant::now(),
                         error: String::new(),
                         restoring: false,
                         drain: pb::DrainState::Serving,
@@ -116,9 +120,9 @@ impl HealthBoard {
 
     /// What a read needs of a node that did not answer, without a copy of
     /// its last error: whether it is up, since when, and its drain state.
-    pub fn failure_view(&self, index: usize) -> (bool, i64, pb::DrainState) {
+    pub fn failure_view(&self, index: usize) -> (bool, Instant, pb::DrainState) {
         let node = self.nodes[index].lock();
-        (node.up, node.since_unix_ms, node.drain)
+        (node.up, node.since, node.drain)
     }
 
     /// Sets node `index`'s health as a previous board knew it.
@@ -135,6 +139,7 @@ impl HealthBoard {
             tracing::info!(node_id = &*self.ids[index], "shard node is up again");
             node.up = true;
             node.since_unix_ms = unix_ms_now();
+            node.since = Instant::now();
             node.error.clear();
         }
     }
@@ -198,6 +203,7 @@ impl HealthBoard {
             tracing::warn!(node_id = &*self.ids[index], error, "shard node is down");
             node.up = false;
             node.since_unix_ms = unix_ms_now();
+            node.since = Instant::now();
         }
         node.error = error.to_string();
     }

@@ -17,10 +17,17 @@ pub struct NodeView<'a> {
     pub replicas: &'a [usize],
     /// This coordinator saw its entries handed over (drain).
     pub handed_over: bool,
-    /// The oldest scan time (origin's clock, Unix ms) a copy of it may have
-    /// to stand in for it when it does not answer: one replication and one
-    /// detection interval before it failed.
-    pub oldest_usable_copy_unix_ms: i64,
+    /// How old (ms, as the replica reports it: `CopyRead::age_ms`) a copy
+    /// of it may be to stand in for it when it does not answer: as old as
+    /// one replication and one detection interval before it failed, told
+    /// from when the read began. Negative: no copy is recent enough.
+    pub max_copy_age_ms: i64,
+    /// `(replica, version)`: this coordinator itself brought that replica's
+    /// copy to that version in a round that began recently enough (by the
+    /// same measure): a copy there at that version or later is recent
+    /// enough whatever age the replica reports (it may not know one: it
+    /// restarted since).
+    pub vouched: Vec<(usize, u64)>,
 }
 
 /// One node's answer, or why there is none.
@@ -63,7 +70,7 @@ pub fn part_of<'a>(
                 ));
             }
             return freshest_copy(node, views, answers)
-                .filter(|copy| copy.scanned_unix_ms as i64 >= view.oldest_usable_copy_unix_ms)
+                .filter(|_| recent_copy_exists(node, views, answers))
                 .map(|copy| vec![copy.parts.as_slice()])
                 .ok_or_else(|| error.clone());
         }
@@ -125,6 +132,35 @@ fn freshest_copy<'a>(
         .max_by_key(|copy| copy.version)
 }
 
+/// Whether one of node `origin`'s replicas had its copy brought up to date
+/// by a round that began recently enough (`NodeView::max_copy_age_ms`).
+/// Then the freshest copy holds everything the origin acknowledged before
+/// that round: that round's copy does, and a copy at a higher version holds
+/// everything a lower one does. Ages are durations, each measured on one
+/// node's monotonic clock: no clock readings from two nodes are compared.
+fn recent_copy_exists(origin: usize, views: &[NodeView<'_>], answers: &[Answer]) -> bool {
+    let view = &views[origin];
+    view.replicas.iter().any(|&replica| {
+        let vouched = view
+            .vouched
+            .iter()
+            .find(|(vouched, _)| *vouched == replica)
+            .map(|&(_, version)| version);
+        answers[replica]
+            .as_ref()
+            .ok()
+            .into_iter()
+            .flat_map(|answer| &answer.copies)
+            .filter(|copy| copy.origin == view.id)
+            .any(|copy| {
+                let young = copy.age_ms.is_some_and(|age| {
+                    i64::try_from(age).is_ok_and(|age| age <= view.max_copy_age_ms)
+                });
+                young || vouched.is_some_and(|version| copy.version >= version)
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,13 +169,14 @@ mod tests {
     const IDS: [&str; 3] = ["x", "y", "z"];
     const REPLICAS: [[usize; 1]; 3] = [[1], [2], [0]];
 
-    fn views(handed_over: bool, oldest_usable_copy_unix_ms: i64) -> Vec<NodeView<'static>> {
+    fn views(handed_over: bool, max_copy_age_ms: i64) -> Vec<NodeView<'static>> {
         (0..3)
             .map(|node| NodeView {
                 id: IDS[node],
                 replicas: &REPLICAS[node],
                 handed_over,
-                oldest_usable_copy_unix_ms,
+                max_copy_age_ms,
+                vouched: Vec::new(),
             })
             .collect()
     }
@@ -151,11 +188,17 @@ mod tests {
         }
     }
 
-    fn copy(origin: &str, version: u64, scanned: u64, directory: u64, value: i128) -> CopyRead {
+    fn copy(
+        origin: &str,
+        version: u64,
+        age_ms: Option<u64>,
+        directory: u64,
+        value: i128,
+    ) -> CopyRead {
         CopyRead {
             origin: origin.into(),
             version,
-            scanned_unix_ms: scanned,
+            age_ms,
             directory_id: directory,
             parts: vec![value],
         }
@@ -174,8 +217,8 @@ mod tests {
 
     #[test]
     fn each_node_part_comes_from_one_place() {
-        let y_with_copy = |version, scanned, directory, value| NodeRead {
-            copies: vec![copy("x", version, scanned, directory, value)],
+        let y_with_copy = |version, age, directory, value| NodeRead {
+            copies: vec![copy("x", version, age, directory, value)],
             ..own(2)
         };
         let handed_over = |version| NodeRead {
@@ -207,7 +250,7 @@ mod tests {
             (
                 "answered, a copy elsewhere is ignored",
                 Ok(own(1)),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(own(3)),
                 false,
                 Some(1),
@@ -215,7 +258,7 @@ mod tests {
             (
                 "down: its replica's fresh copy",
                 down(),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(own(3)),
                 false,
                 Some(50),
@@ -223,7 +266,15 @@ mod tests {
             (
                 "down: a stale copy is no answer",
                 down(),
-                Ok(y_with_copy(9, 10, 1, 50)),
+                Ok(y_with_copy(9, Some(100), 1, 50)),
+                Ok(own(3)),
+                false,
+                None,
+            ),
+            (
+                "down: a copy whose age its replica does not know (restarted since) is no answer",
+                down(),
+                Ok(y_with_copy(9, None, 1, 50)),
                 Ok(own(3)),
                 false,
                 None,
@@ -233,7 +284,7 @@ mod tests {
                 down(),
                 Ok(own(2)),
                 Ok(NodeRead {
-                    copies: vec![copy("x", 9, 100, 1, 50)],
+                    copies: vec![copy("x", 9, Some(10), 1, 50)],
                     ..own(3)
                 }),
                 false,
@@ -250,7 +301,7 @@ mod tests {
             (
                 "down after it was handed over: only its adopter's answer counts",
                 down(),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(own(3)),
                 true,
                 None,
@@ -258,7 +309,7 @@ mod tests {
             (
                 "handed over, not adopted yet: the adopter's final copy",
                 Ok(handed_over(9)),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(own(3)),
                 true,
                 Some(50),
@@ -266,7 +317,7 @@ mod tests {
             (
                 "handed over: a copy older than the final one is no answer",
                 Ok(handed_over(10)),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(own(3)),
                 true,
                 None,
@@ -282,7 +333,7 @@ mod tests {
             (
                 "handed over: another node's retirement does not count before the adopter's",
                 Ok(handed_over(9)),
-                Ok(y_with_copy(9, 100, 1, 50)),
+                Ok(y_with_copy(9, Some(10), 1, 50)),
                 Ok(retiring(3)),
                 true,
                 Some(50),
@@ -306,7 +357,7 @@ mod tests {
             (
                 "restoring: its own plus its lost directory's copy",
                 Ok(restoring(2, 1)),
-                Ok(y_with_copy(9, 10, 1, 50)),
+                Ok(y_with_copy(9, Some(100), 1, 50)),
                 Ok(own(3)),
                 false,
                 Some(51),
@@ -314,7 +365,7 @@ mod tests {
             (
                 "restoring, and already replicated from its new directory",
                 Ok(restoring(2, 1)),
-                Ok(y_with_copy(9, 10, 2, 51)),
+                Ok(y_with_copy(9, Some(100), 2, 51)),
                 Ok(own(3)),
                 false,
                 Some(51),
@@ -349,20 +400,48 @@ mod tests {
     #[test]
     fn the_freshest_of_several_copies_stands_in() {
         let replicas = [1, 2];
-        let mut views = views(false, 0);
+        let mut views = views(false, 50);
         views[0].replicas = &replicas;
         let answers = [
             down(),
             Ok(NodeRead {
-                copies: vec![copy("x", 7, 100, 1, 70)],
+                copies: vec![copy("x", 7, Some(10), 1, 70)],
                 ..own(2)
             }),
             Ok(NodeRead {
-                copies: vec![copy("x", 8, 100, 1, 80)],
+                copies: vec![copy("x", 8, Some(10), 1, 80)],
                 ..own(3)
             }),
         ];
         assert_eq!(x_part(&answers, &views), Some(80));
+        // Only the older copy was reached by a recent round (the newer one's
+        // replica restarted since): that round's scan is at or below version
+        // 7, so version 8 holds everything it does.
+        let answers = [
+            down(),
+            Ok(NodeRead {
+                copies: vec![copy("x", 7, Some(10), 1, 70)],
+                ..own(2)
+            }),
+            Ok(NodeRead {
+                copies: vec![copy("x", 8, None, 1, 80)],
+                ..own(3)
+            }),
+        ];
+        let mut recent = views.clone();
+        recent[0].max_copy_age_ms = 50;
+        assert_eq!(x_part(&answers, &recent), Some(80));
+        let mut none_recent = recent.clone();
+        none_recent[0].max_copy_age_ms = 5;
+        assert_eq!(x_part(&answers, &none_recent), None);
+        // The coordinator's own recent round brought z's copy to version 8:
+        // z restarted since and knows no age, but the copy is recent enough.
+        let mut vouched = none_recent.clone();
+        vouched[0].vouched = vec![(2, 8)];
+        assert_eq!(x_part(&answers, &vouched), Some(80));
+        // A round to version 9 vouches for nothing older.
+        vouched[0].vouched = vec![(2, 9)];
+        assert_eq!(x_part(&answers, &vouched), None);
     }
 
     #[test]

@@ -135,8 +135,10 @@ pub struct CopyRead {
     pub origin: String,
     /// The origin's version the copy reflects; higher is fresher.
     pub version: u64,
-    /// When the origin scanned that version (its clock).
-    pub scanned_unix_ms: u64,
+    /// How long ago (the replica's monotonic clock, ms) the last
+    /// replication round that reached the copy began; `None` if none has
+    /// since the replica started.
+    pub age_ms: Option<u64>,
     /// The origin's data directory the copy comes from.
     pub directory_id: u64,
     /// The origin's part of each counter asked, in order.
@@ -168,7 +170,7 @@ impl NodeRead {
                 Ok(CopyRead {
                     origin: copy.origin,
                     version: copy.version,
-                    scanned_unix_ms: copy.scanned_unix_ms,
+                    age_ms: copy.age_ms,
                     directory_id: copy.directory_id,
                     parts: sums(&copy.counters),
                 })

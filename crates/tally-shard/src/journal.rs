@@ -464,7 +464,10 @@ impl LogThread {
         capture_everything: bool,
     ) -> Result<(), FlushFailed> {
         self.inbox.wake_pending.store(false, Ordering::SeqCst);
-        let forgotten_early = self.state.store.forget_keys(unix_ms_now());
+        let forgotten_early = self
+            .state
+            .store
+            .forget_keys(self.state.store.retention_now_ms());
         if forgotten_early > 0 {
             tracing::warn!(
                 forgotten_early,

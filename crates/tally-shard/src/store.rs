@@ -39,7 +39,7 @@
 //! writers run, sound.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +103,64 @@ pub struct KeyRetention {
     pub window: Duration,
     /// Most keys remembered at once.
     pub max_keys: usize,
+}
+
+/// The clock key retention counts with: the wall clock read once, when the
+/// store is made, then advanced by the monotonic clock. A step of the wall
+/// clock while the node runs (an operator's `date -s`, a VM resumed, NTP
+/// stepping a clock that was far off) neither forgets keys early nor keeps
+/// them forever; it is logged, once per step. A restart reads the wall
+/// clock again.
+#[derive(Debug)]
+pub struct RetentionClock {
+    start_unix_ms: u64,
+    start: std::time::Instant,
+    /// The wall clock's offset from this clock last logged, in ms.
+    logged_offset_ms: AtomicI64,
+}
+
+/// A wall clock this far from the retention clock has stepped (ms).
+const CLOCK_STEP_MS: i64 = 1_000;
+
+impl RetentionClock {
+    /// Starts counting from `start_unix_ms`.
+    pub fn starting_at(start_unix_ms: u64) -> Self {
+        RetentionClock {
+            start_unix_ms,
+            start: std::time::Instant::now(),
+            logged_offset_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// Now, in Unix ms, as retention counts it.
+    pub fn now_ms(&self) -> u64 {
+        let now = self
+            .start_unix_ms
+            .saturating_add(self.start.elapsed().as_millis() as u64);
+        let wall = crate::journal::unix_ms_now();
+        let offset = wall as i64 - now as i64;
+        let logged = self.logged_offset_ms.load(Ordering::Relaxed);
+        if (offset - logged).abs() >= CLOCK_STEP_MS
+            && self
+                .logged_offset_ms
+                .compare_exchange(logged, offset, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                wall_clock_ahead_ms = offset,
+                "the wall clock stepped; idempotency key retention keeps counting from the \
+                 monotonic clock, so no key is forgotten early (a restart reads the wall clock \
+                 again)"
+            );
+        }
+        now
+    }
+}
+
+impl Default for RetentionClock {
+    fn default() -> Self {
+        Self::starting_at(crate::journal::unix_ms_now())
+    }
 }
 
 impl Default for KeyRetention {
@@ -505,6 +563,7 @@ pub struct Store {
     /// Locked after a segment, never before one.
     key_queue: Mutex<KeyQueue>,
     keys_forgotten_early: AtomicU64,
+    retention_clock: RetentionClock,
 }
 
 impl Default for Store {
@@ -528,6 +587,7 @@ impl Store {
             retention,
             key_queue: Mutex::default(),
             keys_forgotten_early: AtomicU64::new(0),
+            retention_clock: RetentionClock::default(),
             replication_epoch: AtomicU64::new(1),
             removed: Mutex::default(),
         }
@@ -891,6 +951,13 @@ impl Store {
         early
     }
 
+    /// Now, as key retention counts it ([`RetentionClock`]): what keyed
+    /// applies stamp their records with and what [`Store::forget_keys`] is
+    /// given.
+    pub fn retention_now_ms(&self) -> u64 {
+        self.retention_clock.now_ms()
+    }
+
     /// Idempotency keys remembered now.
     pub fn remembered_keys(&self) -> u64 {
         self.key_queue.lock().keys.len() as u64
@@ -1175,6 +1242,32 @@ mod tests {
             .into_iter()
             .map(|logged| (logged.key.to_vec(), logged.record))
             .collect()
+    }
+
+    #[test]
+    fn retention_counts_on_the_monotonic_clock_not_the_wall_clock() {
+        // A clock started at 1 s after the epoch, while the wall clock reads
+        // decades later: as if the wall clock had stepped forward by that
+        // much. Retention still counts from its start, at the monotonic
+        // clock's pace, so no key is forgotten early.
+        let clock = RetentionClock::starting_at(1_000);
+        let now = clock.now_ms();
+        assert!((1_000..61_000).contains(&now), "{now}");
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_secs(3_600),
+            max_keys: 10,
+        });
+        store.apply(&[keyed("c", 1, "k")], clock.now_ms());
+        assert_eq!(store.forget_keys(clock.now_ms()), 0);
+        assert_eq!(
+            store.remembered_keys(),
+            1,
+            "a wall-clock step forgets nothing"
+        );
+        assert!(
+            clock.logged_offset_ms.load(Ordering::Relaxed) > 1_000_000,
+            "the step was logged"
+        );
     }
 
     #[test]

@@ -121,6 +121,7 @@ impl Cluster {
                     .map_or(0, |copy| copy.version)
             }
         };
+        let began = std::time::Instant::now();
         let changes = self.shards[origin].changes(since, budget).await;
         match changes.as_ref().err().and_then(ShardCallError::reason) {
             Some(Reason::AwaitsRestore) => {
@@ -133,11 +134,14 @@ impl Cluster {
         }
         self.observe(origin, &changes);
         let answer = self.shards[replica]
-            .replicate(origin_id, since, changes?, budget)
+            .replicate(origin_id, since, changes?, began, budget)
             .await;
         self.observe(replica, &answer);
         let answer = answer?;
         Ok(if answer.accepted {
+            self.rounds
+                .lock()
+                .insert((origin, replica), (answer.version, began));
             Copied::At(answer.version)
         } else {
             Copied::NeedsFull

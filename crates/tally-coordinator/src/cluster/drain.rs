@@ -95,13 +95,14 @@ impl Cluster {
         }
         let version = if state == pb::DrainState::Draining {
             // 2. Its whole final state to the adopter's copy.
+            let began = std::time::Instant::now();
             let changes = shard
                 .changes(0, budget)
                 .await
                 .map_err(|error| failed(node, error))?;
             let version = changes.version;
             let answer = self.shards[adopter]
-                .replicate(node_id, 0, changes, budget)
+                .replicate(node_id, 0, changes, began, budget)
                 .await
                 .map_err(|error| failed(adopter, error))?;
             if !answer.accepted || answer.version < version {

@@ -41,6 +41,12 @@ pub struct Cluster {
     /// Each node's replicas (by index): fixed by the ring and the
     /// replication factor.
     replicas: Vec<Vec<usize>>,
+    /// Per `(origin, replica)`: the version this coordinator last brought
+    /// the replica's copy to, and when (this process's clock) that round
+    /// began. A read vouches by it for a copy whose replica restarted and
+    /// knows no age (`merge::NodeView::vouched`).
+    rounds:
+        parking_lot::Mutex<std::collections::HashMap<(usize, usize), (u64, std::time::Instant)>>,
 }
 
 impl Cluster {
@@ -115,6 +121,7 @@ impl Cluster {
             shards,
             health,
             replicas,
+            rounds: Default::default(),
         });
         // Also without replicas: it restores nodes that started empty.
         tokio::spawn(crate::replication::replication_loop(

@@ -25,33 +25,55 @@ impl Cluster {
     /// What the read merge needs to know of each node now
     /// ([`merge::NodeView`]). Health is looked up only for the nodes that
     /// did not answer: only their part depends on it.
-    fn node_views(&self, answers: &[merge::Answer]) -> Vec<NodeView<'_>> {
-        let now = crate::health::unix_ms_now();
-        // Detection lags a failure by up to a probe: a copy may stand in
-        // for a node if it is at most one replication and one detection
-        // interval older than the failure (as far as clocks tell: the
-        // origin stamps the scan time, this coordinator the failure).
-        let allowance = (self.config.replication_interval
+    ///
+    /// `began`: when the read was sent. A copy may stand in for a node that
+    /// did not answer if a replication round that reached it began at most
+    /// one replication interval and one detection window before the node
+    /// failed: detection lags a failure by up to that window, and rounds
+    /// run every interval. The failure's time is this coordinator's
+    /// (monotonic clock); the copy's age the replica's (its monotonic
+    /// clock, counted back from its answer, which came after `began`): so
+    /// `began - age` is no later than the round began, and no clock
+    /// readings of two nodes are compared.
+    fn node_views(&self, answers: &[merge::Answer], began: Instant) -> Vec<NodeView<'_>> {
+        let now = Instant::now();
+        let allowance = self.config.replication_interval
             + self.config.health_interval
-            + self.config.health_timeout)
-            .as_millis() as i64;
+            + self.config.health_timeout * crate::health::MISSES_TO_DOWN;
         self.shards
             .iter()
             .enumerate()
             .map(|(node, shard)| {
-                let (handed_over, failed_unix_ms) = if answers[node].is_ok() {
+                let (handed_over, failed) = if answers[node].is_ok() {
                     (false, now)
                 } else {
-                    let (up, since_unix_ms, drain) = self.health.failure_view(node);
+                    let (up, since, drain) = self.health.failure_view(node);
                     // A node found down failed then at the latest: a copy
                     // recent enough for that time is recent enough.
-                    (drain.handed_over(), if up { now } else { since_unix_ms })
+                    (drain.handed_over(), if up { now } else { since.into() })
+                };
+                // The copy's round must have begun at or after
+                // `failed - allowance`; it began at or after `began - age`.
+                let max_copy_age = (began + allowance).checked_duration_since(failed);
+                let vouched = if answers[node].is_ok() {
+                    Vec::new()
+                } else {
+                    let rounds = self.rounds.lock();
+                    self.replicas[node]
+                        .iter()
+                        .filter_map(|&replica| {
+                            let &(version, round_began) = rounds.get(&(node, replica))?;
+                            (Instant::from_std(round_began) + allowance >= failed)
+                                .then_some((replica, version))
+                        })
+                        .collect()
                 };
                 NodeView {
                     id: shard.node_id(),
                     replicas: &self.replicas[node],
                     handed_over,
-                    oldest_usable_copy_unix_ms: failed_unix_ms - allowance,
+                    max_copy_age_ms: max_copy_age.map_or(-1, |age| age.as_millis() as i64),
+                    vouched,
                 }
             })
             .collect()
@@ -66,6 +88,9 @@ impl Cluster {
     ) -> Result<Vec<Total>> {
         let names: Vec<String> = counters.into_iter().map(CounterName::into_string).collect();
         let budget = call_budget(self.config.shard_timeout, deadline);
+        // Before any read is queued: every answer comes from a call sent
+        // after it (a read joins the next call, never one in flight).
+        let began = Instant::now();
         let reads = self
             .shards
             .iter()
@@ -80,7 +105,7 @@ impl Cluster {
         // does not; that is OUT_OF_RANGE, never a wrapped number.
         let mut sums = vec![0i128; names.len()];
         let mut unavailable = Vec::new();
-        let views = self.node_views(&results);
+        let views = self.node_views(&results, began);
         for node in 0..self.shards.len() {
             match merge::part_of(node, &views, &results) {
                 Ok(lists) => {

@@ -276,9 +276,11 @@ impl ShardClient {
         origin: &str,
         base: u64,
         changes: pb::ChangesResponse,
+        round_began: std::time::Instant,
         budget: Duration,
     ) -> Result<pb::ReplicateResponse, ShardCallError> {
         let request = pb::ReplicateRequest {
+            round_elapsed_ms: round_began.elapsed().as_millis() as u64,
             node_id: self.node_id.to_string(),
             origin: origin.to_string(),
             base,

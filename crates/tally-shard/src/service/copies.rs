@@ -1,7 +1,9 @@
 //! Copies: this node's changes for its replicas, the copies it keeps of
 //! other nodes, and the restore of a node that started empty.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use tally_proto::pb;
 
@@ -104,6 +106,11 @@ impl ShardService {
             ));
         }
         tally_proto::domain::validate_node_id(&request.origin).map_err(Refusal::InvalidRequest)?;
+        // When the round began, on this node's clock: the copy will hold
+        // everything the origin acknowledged before then.
+        let round_began = Instant::now()
+            .checked_sub(Duration::from_millis(request.round_elapsed_ms))
+            .unwrap_or_else(Instant::now);
         let stamp = CopyStamp {
             version: request.version,
             scanned_unix_ms: request.scanned_unix_ms,
@@ -125,10 +132,12 @@ impl ShardService {
         {
             Verdict::Apply => {}
             Verdict::Stale => {
+                // Already at or past this version: as fresh as this round.
+                self.copy_ages.refresh(&request.origin, round_began);
                 return Ok(pb::ReplicateResponse {
                     accepted: true,
                     version: self.state.replicas.version(&request.origin),
-                })
+                });
             }
             Verdict::NeedFull => {
                 return Ok(pb::ReplicateResponse {
@@ -144,13 +153,15 @@ impl ShardService {
             self.full_copies_received.fetch_add(1, Ordering::Relaxed);
         }
         // In the log first, then visible to reads.
+        let origin = request.origin;
         self.submit(Change::Replica {
-            origin: request.origin,
+            origin: origin.clone(),
             stamp,
             full: request.full,
             entries,
         })
         .await?;
+        self.copy_ages.refresh(&origin, round_began);
         Ok(pb::ReplicateResponse {
             accepted: true,
             version: request.version,
@@ -181,5 +192,38 @@ impl ShardService {
             );
         }
         Ok(pb::RestoreResponse {})
+    }
+}
+
+/// When each copy this node holds was last brought up to date: the moment,
+/// on this node's monotonic clock, the replication round that reached it
+/// began. In memory only (a restart forgets it: a copy's age is then
+/// unknown until the next round, and it does not stand in for its origin
+/// meanwhile). Reads report it as an age, a duration on one clock, so no
+/// decision compares clock readings across nodes.
+#[derive(Debug, Default)]
+pub(super) struct CopyAges {
+    refreshed: parking_lot::Mutex<HashMap<String, Instant>>,
+}
+
+impl CopyAges {
+    /// A round that began at `began` reached `origin`'s copy. Only moves
+    /// forward: rounds of several coordinators may arrive out of order.
+    pub(super) fn refresh(&self, origin: &str, began: Instant) {
+        let mut refreshed = self.refreshed.lock();
+        match refreshed.get_mut(origin) {
+            Some(at) => *at = (*at).max(began),
+            None => {
+                refreshed.insert(origin.to_string(), began);
+            }
+        }
+    }
+
+    /// How long ago `origin`'s copy was last brought up to date, in ms.
+    pub(super) fn age_ms(&self, origin: &str) -> Option<u64> {
+        self.refreshed
+            .lock()
+            .get(origin)
+            .map(|at| at.elapsed().as_millis() as u64)
     }
 }

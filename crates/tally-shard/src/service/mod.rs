@@ -37,6 +37,8 @@ pub struct ShardService {
     increments_applied: Arc<AtomicU64>,
     /// Full replica copies received (see `ShardStatusResponse`).
     full_copies_received: Arc<AtomicU64>,
+    /// When each copy was last brought up to date (`copies::CopyAges`).
+    copy_ages: Arc<copies::CopyAges>,
 }
 
 impl ShardService {
@@ -57,6 +59,7 @@ impl ShardService {
             apply_calls: Arc::default(),
             increments_applied: Arc::default(),
             full_copies_received: Arc::default(),
+            copy_ages: Arc::default(),
         }
     }
 

@@ -49,6 +49,7 @@ impl ShardService {
             .read(&request.counters)
             .into_iter()
             .map(|copy| pb::ReplicaPart {
+                age_ms: self.copy_ages.age_ms(&copy.origin),
                 origin: copy.origin,
                 version: copy.stamp.version,
                 scanned_unix_ms: copy.stamp.scanned_unix_ms,
@@ -126,6 +127,7 @@ impl ShardService {
                 .versions()
                 .into_iter()
                 .map(|(origin, version)| pb::ReplicaPart {
+                    age_ms: self.copy_ages.age_ms(&origin),
                     origin,
                     version,
                     ..Default::default()

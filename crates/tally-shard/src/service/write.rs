@@ -8,7 +8,6 @@ use tally_proto::pb::apply_result::Outcome;
 
 use super::{check_counter_name, check_stripe, ShardService};
 use crate::change::Change;
-use crate::journal::unix_ms_now;
 use crate::refusal::Refusal;
 use crate::store::{ApplyOutcome, StripeIncrement};
 
@@ -58,7 +57,9 @@ impl ShardService {
                     .collect();
                 return Ok(pb::ApplyResponse { results });
             }
-            self.state.store.apply(&increments, unix_ms_now())
+            self.state
+                .store
+                .apply(&increments, self.state.store.retention_now_ms())
         };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied

@@ -311,6 +311,7 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
                 stripe: 0,
                 delta: 1,
                 idempotency_key: String::new(),
+                on_behalf_of: String::new(),
             }],
         })
         .await
@@ -339,6 +340,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
     let restore_request = pb::RestoreRequest {
         node_id: node_id.clone(),
         entries: Vec::new(),
+        records: Vec::new(),
     };
     let _ = shard_client.restore(restore_request.clone()).await;
     let restore = shard_client.restore(restore_request).await.unwrap_err();
@@ -371,6 +373,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 stripe: 0,
                 delta: 1,
                 idempotency_key: String::new(),
+                on_behalf_of: String::new(),
             }],
         })
         .await
@@ -384,6 +387,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 stripe: u32::MAX,
                 delta: 1,
                 idempotency_key: String::new(),
+                on_behalf_of: String::new(),
             }],
         })
         .await

@@ -61,13 +61,35 @@ async fn a_drain_moves_a_nodes_entries_once_and_routes_around_it() {
         "copy dropped"
     );
 
+    // Its idempotency records moved with its entries: a retry of a keyed
+    // increment it applied before the drain reaches its adopter, standing
+    // in for it, and is not applied again.
+    for nth in 0..2 {
+        let key = key_owned_by(&cluster, "drained", "shard-2", nth);
+        let retry = client
+            .increment(increment("drained", 10, &key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(retry.deduplicated, "retry {nth} after the drain: {retry:?}");
+    }
+    assert_eq!(value(&mut client, "drained").await, 60);
+
     // Writes go around it, keyed ones too; it answers for nothing.
     for nth in 0..3 {
         let key = key_owned_by(&cluster, "drained", "shard-2", 10 + nth);
-        client
+        let first = client
             .increment(increment("drained", 1, &key))
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        assert!(!first.deduplicated);
+        let again = client
+            .increment(increment("drained", 1, &key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.deduplicated, "a new key's retry, on the stand-in");
     }
     client.increment(increment("drained", 1, "")).await.unwrap();
     assert_eq!(value(&mut client, "drained").await, 64);
@@ -110,6 +132,18 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
         .await
         .unwrap();
         assert_eq!(value(&mut client, "resumed").await, 60, "stopped writes");
+        // A retry of a keyed increment shard-2 applied: while its records
+        // are not yet handed over, it has nowhere to go (UNAVAILABLE, retry).
+        let retried = increment(
+            "resumed",
+            10,
+            &key_owned_by(&cluster, "resumed", "shard-2", 0),
+        );
+        if steps_done == 1 {
+            let status = client.increment(retried.clone()).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert_eq!(value(&mut client, "resumed").await, 60);
+        }
         if steps_done >= 2 {
             let changes = node
                 .changes(pb::ChangesRequest {
@@ -132,6 +166,7 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
                     scanned_unix_ms: changes.scanned_unix_ms,
                     directory_id: changes.directory_id,
                     round_elapsed_ms: 0,
+                    records: changes.records,
                 })
                 .await
                 .unwrap();
@@ -144,6 +179,19 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
             .await
             .unwrap();
             assert_eq!(value(&mut client, "resumed").await, 60, "handed over");
+            // Handed over, records included: once this coordinator has seen
+            // it (a probe), the retry goes to the adopter, which finds the
+            // key in its copy of shard-2's records (and, adopted, in its
+            // own) and applies nothing.
+            let answer = support::wait_until("the retry to be answered", support::PATIENCE, || {
+                let mut client = client.clone();
+                let retried = retried.clone();
+                async move { client.increment(retried).await }
+            })
+            .await
+            .into_inner();
+            assert!(answer.deduplicated, "after {steps_done} steps: {answer:?}");
+            assert_eq!(value(&mut client, "resumed").await, 60, "retried");
             if steps_done >= 3 {
                 adopter
                     .adopt(pb::AdoptRequest {

@@ -95,16 +95,38 @@ async fn a_shard_restarted_empty_is_refilled_from_its_replica() {
         "the node must start out waiting for its restore"
     );
 
-    // At once, before any restore: it takes writes, and a read counts its
-    // new entries and, from its replica, its earlier ones, each once.
+    // At once, before any restore: it takes writes without a key, and a
+    // read counts its new entries and, from its replica, its earlier ones,
+    // each once.
     client
-        .increment(increment("refill", 100, &keys[5]))
+        .increment(increment("refill", 100, ""))
         .await
         .unwrap();
     assert_eq!(value(&mut client, "refill").await, 151);
-    // Then its earlier entries are added back to its own.
-    wait_until_restored(&cluster).await;
-    assert_eq!(value(&mut client, "refill").await, 151);
+    assert!(shard_statuses(&cluster).await[1].restoring);
+    // A keyed write must not land before the restore of its idempotency
+    // records (a retry of a key applied before the loss would apply
+    // again): the node gives it back, and the coordinator restores the node
+    // there and then and sends it again. The client sees one success.
+    let keyed = client
+        .increment(increment("refill", 1_000, &keys[5]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!keyed.deduplicated);
+    assert!(!shard_statuses(&cluster).await[1].restoring, "restored");
+    assert_eq!(value(&mut client, "refill").await, 1_151);
+    // Its earlier entries are back in its own, with the records of the
+    // keys it had applied: their retries are recognized.
+    for key in &keys[..5] {
+        let retry = client
+            .increment(increment("refill", 10, key))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(retry.deduplicated, "{key}: {retry:?}");
+    }
+    assert_eq!(value(&mut client, "refill").await, 1_151);
     let entries = shard_statuses(&cluster).await[1].entries;
     assert!(entries > 0, "shard-2 holds its entries again");
     // Its copy is refreshed from its new incarnation: with shard-2 down,
@@ -113,7 +135,7 @@ async fn a_shard_restarted_empty_is_refilled_from_its_replica() {
     cluster.stop_shard(1).await.unwrap();
     let read = get(&mut client, "refill").await.unwrap();
     assert!(read.complete);
-    assert_eq!(read.value, 151);
+    assert_eq!(read.value, 1_151);
     cluster.shutdown().await.unwrap();
 }
 

@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use tally_proto::pb;
 
 use crate::error::ShardCallError;
+use crate::placement::WriteState;
 use crate::shard_client::ShardClient;
 
 /// Longest pause between probes of a node that is down.
@@ -144,11 +145,15 @@ impl HealthBoard {
         }
     }
 
-    /// Whether node `index` is up, and whether it is being drained: one
+    /// Whether node `index` is up, and how far its drain has gone: one
     /// lock, for the write path.
-    pub fn write_state(&self, index: usize) -> (bool, bool) {
+    pub fn write_state(&self, index: usize) -> WriteState {
         let node = self.nodes[index].lock();
-        (node.up, node.drain != pb::DrainState::Serving)
+        WriteState {
+            up: node.up,
+            draining: node.drain != pb::DrainState::Serving,
+            handed_over: node.drain.handed_over(),
+        }
     }
 
     /// Node `index`'s drain state as last seen.

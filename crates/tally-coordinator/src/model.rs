@@ -20,6 +20,10 @@ pub struct StripeIncrement {
     pub delta: i64,
     /// The client's key: the node applies it once per (counter, key).
     pub key: Option<IdempotencyKey>,
+    /// The node whose stripe it is, when another node stands in for it
+    /// (its adopter, once a drain handed it over): the stand-in checks the
+    /// key against its copy of that node's records.
+    pub on_behalf_of: Option<std::sync::Arc<str>>,
 }
 
 impl StripeIncrement {
@@ -30,6 +34,7 @@ impl StripeIncrement {
             stripe,
             delta: increment.delta,
             key: increment.idempotency_key,
+            on_behalf_of: None,
         }
     }
 }
@@ -44,6 +49,10 @@ impl From<StripeIncrement> for pb::ShardIncrement {
                 .key
                 .map(IdempotencyKey::into_string)
                 .unwrap_or_default(),
+            on_behalf_of: increment
+                .on_behalf_of
+                .map(|node| node.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -57,6 +66,9 @@ impl TryFrom<pb::ShardIncrement> for StripeIncrement {
             stripe: increment.stripe,
             delta: increment.delta,
             key: IdempotencyKey::from_wire(increment.idempotency_key)?,
+            on_behalf_of: Some(increment.on_behalf_of)
+                .filter(|node| !node.is_empty())
+                .map(Into::into),
         })
     }
 }
@@ -81,6 +93,9 @@ pub enum Outcome {
     },
     /// The node is being drained: nothing applied; send it elsewhere.
     Redirect(StripeIncrement),
+    /// A keyed increment the node cannot apply before the restore of its
+    /// idempotency records (it started empty); nothing applied.
+    AwaitsRestore(StripeIncrement),
 }
 
 impl TryFrom<pb::ApplyResult> for Outcome {
@@ -97,6 +112,7 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             Wire::Duplicate(_) => Outcome::Duplicate,
             Wire::Overflow(refused) => Outcome::Overflow(increment(Some(*refused))?),
             Wire::Redirect(refused) => Outcome::Redirect(increment(Some(*refused))?),
+            Wire::AwaitsRestore(refused) => Outcome::AwaitsRestore(increment(Some(*refused))?),
             Wire::Conflict(conflict) => Outcome::KeyConflict {
                 increment: increment(conflict.increment)?,
                 recorded_delta: conflict.recorded_delta,
@@ -327,8 +343,10 @@ mod tests {
             stripe: 3,
             delta: 5,
             idempotency_key: "k".into(),
+            on_behalf_of: "shard-2".into(),
         };
         let increment = StripeIncrement::try_from(wire.clone()).unwrap();
+        assert_eq!(increment.on_behalf_of.as_deref(), Some("shard-2"));
         assert_eq!(pb::ShardIncrement::from(increment.clone()), wire);
         let cases = [
             (Wire::Applied(Default::default()), Outcome::Applied),
@@ -347,9 +365,13 @@ mod tests {
                     recorded_delta: 4,
                 })),
                 Outcome::KeyConflict {
-                    increment,
+                    increment: increment.clone(),
                     recorded_delta: 4,
                 },
+            ),
+            (
+                Wire::AwaitsRestore(Box::new(wire.clone())),
+                Outcome::AwaitsRestore(increment),
             ),
         ];
         for (wire, expected) in cases {

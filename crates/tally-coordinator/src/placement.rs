@@ -8,6 +8,9 @@ pub struct WriteState {
     pub up: bool,
     /// A drain has begun: it takes no writes.
     pub draining: bool,
+    /// Its drain has handed its entries and idempotency records over to its
+    /// adopter (its stand-in).
+    pub handed_over: bool,
 }
 
 impl WriteState {
@@ -16,26 +19,56 @@ impl WriteState {
     }
 }
 
-/// The node an increment goes to: its `owner`, unless the owner is down and
-/// the increment has no key; then the first of `successors()` (the ring's
-/// order from the owner on; only walked then) that takes writes. A keyed increment stays with a
-/// down owner, the only node that remembers its key. A node being drained
-/// takes no writes at all: every increment it owns goes on, keyed ones
-/// too. With nowhere else to go, the owner (the call then fails there).
+/// Where an increment goes: a node, and the node whose stripe it is when
+/// that is another one standing in for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The node to send it to.
+    pub node: usize,
+    /// The owner, when `node` stands in for it.
+    pub on_behalf_of: Option<usize>,
+}
+
+/// The node an increment goes to: its `owner` while the owner takes writes.
+/// Otherwise:
+/// - without a key, the first of `successors()` (the ring's order from the
+///   owner on; only walked then) that takes writes: any node may hold any
+///   entry;
+/// - with a key, only a node that holds the owner's idempotency records:
+///   once the owner's drain has handed them over, its `stand_in` (the
+///   adopter), on its behalf. Before that (a down owner, a drain that has
+///   only begun), the owner: the call fails there or is sent back, and the
+///   client retries; it never lands where the key could apply twice.
+///
+/// With nowhere else to go, the owner (the call then fails there).
 pub fn write_target<S: IntoIterator<Item = usize>>(
     owner: usize,
     successors: impl FnOnce() -> S,
+    stand_in: Option<usize>,
     state: impl Fn(usize) -> WriteState,
     keyed: bool,
-) -> usize {
+) -> Target {
+    let at = |node| Target {
+        node,
+        on_behalf_of: None,
+    };
     let owner_state = state(owner);
-    if !owner_state.draining && (owner_state.up || keyed) {
-        return owner;
+    if owner_state.takes_writes() {
+        return at(owner);
     }
-    successors()
+    if keyed {
+        return match stand_in {
+            Some(stand_in) if owner_state.handed_over && state(stand_in).takes_writes() => Target {
+                node: stand_in,
+                on_behalf_of: Some(owner),
+            },
+            _ => at(owner),
+        };
+    }
+    at(successors()
         .into_iter()
         .find(|&node| state(node).takes_writes())
-        .unwrap_or(owner)
+        .unwrap_or(owner))
 }
 
 #[cfg(test)]
@@ -45,50 +78,83 @@ mod tests {
     const UP: WriteState = WriteState {
         up: true,
         draining: false,
+        handed_over: false,
     };
     const DOWN: WriteState = WriteState {
         up: false,
         draining: false,
+        handed_over: false,
     };
     const DRAINING: WriteState = WriteState {
         up: true,
         draining: true,
+        handed_over: false,
+    };
+    const HANDED_OVER: WriteState = WriteState {
+        up: true,
+        draining: true,
+        handed_over: true,
     };
 
     #[test]
-    fn a_write_goes_to_its_owner_or_the_first_node_after_it_that_takes_writes() {
+    fn a_write_goes_to_its_owner_or_a_node_that_can_take_it() {
         // (case, states of nodes 0 (the owner), 1, 2 (the nodes after it in
-        // ring order), keyed, expected node)
+        // ring order; node 2 is the owner's stand-in), keyed, expected
+        // node, on behalf of the owner)
         let cases = [
-            ("owner up", [UP, UP, UP], false, 0),
-            ("owner up, keyed", [UP, UP, UP], true, 0),
-            ("owner down", [DOWN, UP, UP], false, 1),
-            ("owner down, keyed: stays", [DOWN, UP, UP], true, 0),
-            ("owner and next down", [DOWN, DOWN, UP], false, 2),
+            ("owner up", [UP, UP, UP], false, 0, false),
+            ("owner up, keyed", [UP, UP, UP], true, 0, false),
+            ("owner down", [DOWN, UP, UP], false, 1, false),
+            ("owner down, keyed: stays", [DOWN, UP, UP], true, 0, false),
+            ("owner and next down", [DOWN, DOWN, UP], false, 2, false),
             (
                 "a draining successor is skipped",
                 [DOWN, DRAINING, UP],
                 false,
                 2,
+                false,
             ),
-            ("owner draining", [DRAINING, UP, UP], false, 1),
+            ("owner draining", [DRAINING, UP, UP], false, 1, false),
             (
-                "owner draining, keyed: moves too",
+                "owner draining, keyed: stays until it has handed over its records",
                 [DRAINING, UP, UP],
                 true,
-                1,
+                0,
+                false,
             ),
-            ("nowhere else", [DOWN, DOWN, DOWN], false, 0),
+            (
+                "owner handed over, keyed: its stand-in, on its behalf",
+                [HANDED_OVER, UP, UP],
+                true,
+                2,
+                true,
+            ),
+            (
+                "owner handed over, keyed, its stand-in down: stays",
+                [HANDED_OVER, UP, DOWN],
+                true,
+                0,
+                false,
+            ),
+            ("nowhere else", [DOWN, DOWN, DOWN], false, 0, false),
             (
                 "draining, nowhere else",
                 [DRAINING, DOWN, DRAINING],
                 true,
                 0,
+                false,
             ),
         ];
-        for (case, states, keyed, expected) in cases {
-            let target = write_target(0, || [0, 1, 2], |node| states[node], keyed);
-            assert_eq!(target, expected, "{case}");
+        for (case, states, keyed, node, on_behalf) in cases {
+            let target = write_target(0, || [0, 1, 2], Some(2), |node| states[node], keyed);
+            assert_eq!(
+                target,
+                Target {
+                    node,
+                    on_behalf_of: on_behalf.then_some(0)
+                },
+                "{case}"
+            );
         }
     }
 }

@@ -6,15 +6,19 @@
 //!
 //! ```text
 //! Replica     = origin: bytes | version: varint | scanned_unix_ms: varint
-//!               | directory_id: varint | full: u8 | entries
+//!               | directory_id: varint | full: u8 | entries [| records]
 //! EraseCopies = count: varint | counter: bytes*
 //! SetOwn      = 0 (restored) | 1 (adopted) origin: bytes version: varint
-//!               | entries (absolute values)
+//!               | entries (absolute values) [| records]
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
 //! Created     = directory_id: varint
 //! Start       = incarnation: varint
 //! entries     = count: varint | (counter: bytes | stripe: varint | value: zigzag)*
+//! records     = count: varint | (key: bytes | delta: zigzag | applied_unix_ms: varint)*
+//!               (idempotency records, the key as `store::encode_record_key_into`
+//!               makes it; absent in frames written before records travelled,
+//!               read as none)
 //! ```
 //!
 //! Every value is absolute, so applying a frame twice (recovery replays
@@ -23,7 +27,7 @@
 use crate::codec::{self, Malformed, Reader};
 use crate::log::FrameKind;
 use crate::meta::{DrainState, NodeMeta};
-use crate::replicas::{CopyStamp, Replicas};
+use crate::replicas::{CopyRecord, CopyStamp, Replicas};
 use crate::store::{Store, MAX_STRIPES};
 
 /// `(counter, stripe, value)`.
@@ -56,6 +60,8 @@ pub enum Change {
         full: bool,
         /// Absolute values; 0 removes an entry.
         entries: Vec<Entry>,
+        /// The origin's idempotency records added (all of them, if `full`).
+        records: Vec<CopyRecord>,
     },
     /// Counters removed from every replica copy (a delete).
     EraseCopies {
@@ -68,6 +74,9 @@ pub enum Change {
         why: OwnChange,
         /// The values.
         entries: Vec<Entry>,
+        /// Idempotency records that come with them (a record this node
+        /// already has for the same key wins).
+        records: Vec<CopyRecord>,
     },
     /// A drain step of this node.
     Drain(DrainState),
@@ -96,6 +105,35 @@ fn put_entries(buffer: &mut Vec<u8>, entries: &[Entry]) {
         codec::put_varint(buffer, u64::from(*stripe));
         codec::put_signed(buffer, *value);
     }
+}
+
+fn put_records(buffer: &mut Vec<u8>, records: &[CopyRecord]) {
+    codec::put_varint(buffer, records.len() as u64);
+    for (key, delta, applied_unix_ms) in records {
+        codec::put_bytes(buffer, key);
+        codec::put_signed(buffer, *delta);
+        codec::put_varint(buffer, *applied_unix_ms);
+    }
+}
+
+/// The records that end a frame; none if it ends before them (a frame
+/// written by a build whose frames had none).
+fn records(reader: &mut Reader<'_>) -> Result<Vec<CopyRecord>, Malformed> {
+    if reader.is_empty() {
+        return Ok(Vec::new());
+    }
+    let count = reader.count("record count")?;
+    let mut records = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = reader.bytes("record key")?;
+        crate::store::decode_record_key(key).ok_or(Malformed { what: "record key" })?;
+        records.push((
+            key.into(),
+            reader.signed("record delta")?,
+            reader.varint("record time")?,
+        ));
+    }
+    Ok(records)
 }
 
 fn counter_name<'a>(reader: &mut Reader<'a>) -> Result<&'a str, Malformed> {
@@ -150,6 +188,7 @@ impl Change {
                 stamp,
                 full,
                 entries,
+                records,
             } => {
                 codec::put_bytes(buffer, origin.as_bytes());
                 codec::put_varint(buffer, stamp.version);
@@ -157,6 +196,7 @@ impl Change {
                 codec::put_varint(buffer, stamp.directory_id);
                 buffer.push(u8::from(*full));
                 put_entries(buffer, entries);
+                put_records(buffer, records);
             }
             Change::EraseCopies { counters } => {
                 codec::put_varint(buffer, counters.len() as u64);
@@ -164,7 +204,11 @@ impl Change {
                     codec::put_bytes(buffer, counter.as_bytes());
                 }
             }
-            Change::SetOwn { why, entries } => {
+            Change::SetOwn {
+                why,
+                entries,
+                records,
+            } => {
                 match why {
                     OwnChange::Restored => buffer.push(0),
                     OwnChange::Adopted { origin, version } => {
@@ -174,6 +218,7 @@ impl Change {
                     }
                 }
                 put_entries(buffer, entries);
+                put_records(buffer, records);
             }
             Change::Drain(state) => {
                 let json = serde_json::to_vec(state).expect("a drain state serializes");
@@ -211,6 +256,7 @@ impl Change {
                     stamp,
                     full,
                     entries: entries(&mut reader)?,
+                    records: records(&mut reader)?,
                 }
             }
             FrameKind::EraseCopies => {
@@ -232,6 +278,7 @@ impl Change {
                 Change::SetOwn {
                     why,
                     entries: entries(&mut reader)?,
+                    records: records(&mut reader)?,
                 }
             }
             FrameKind::Drain => {
@@ -263,20 +310,28 @@ impl Change {
                 stamp,
                 full,
                 entries,
+                records,
             } => {
                 let entries: Vec<(&str, u32, i64)> = entries
                     .iter()
                     .map(|(counter, stripe, value)| (counter.as_str(), *stripe, *value))
                     .collect();
-                replicas.apply(origin, *stamp, *full, &entries);
+                replicas.apply(origin, *stamp, *full, &entries, records);
             }
             Change::EraseCopies { counters } => {
                 let counters: Vec<&str> = counters.iter().map(String::as_str).collect();
                 replicas.erase(&counters);
             }
-            Change::SetOwn { why, entries } => {
+            Change::SetOwn {
+                why,
+                entries,
+                records,
+            } => {
                 for (counter, stripe, value) in entries {
                     store.set_logged(counter, *stripe, *value);
+                }
+                for (key, delta, applied_unix_ms) in records {
+                    store.add_logged_record(key, *delta, *applied_unix_ms);
                 }
                 match why {
                     OwnChange::Restored => meta.awaiting_restore = false,
@@ -304,6 +359,26 @@ impl Change {
 mod tests {
     use super::*;
 
+    fn record_key(counter: &str, key: &str) -> Box<[u8]> {
+        let mut bytes = Vec::new();
+        crate::store::encode_record_key_into(&mut bytes, counter, key);
+        bytes.into()
+    }
+
+    #[test]
+    fn frames_written_before_records_travelled_read_as_none() {
+        let change = Change::SetOwn {
+            why: OwnChange::Restored,
+            entries: vec![("a".into(), 0, 10)],
+            records: vec![],
+        };
+        let mut body = Vec::new();
+        change.encode(&mut body);
+        // The old encoding: no record count at the end.
+        body.pop();
+        assert_eq!(Change::decode(change.kind(), &body).unwrap(), change);
+    }
+
     #[test]
     fn every_change_round_trips() {
         let changes = [
@@ -316,6 +391,7 @@ mod tests {
                 },
                 full: true,
                 entries: vec![("c".into(), 3, -5), ("d".into(), 0, i64::MIN)],
+                records: vec![(record_key("c", "k1"), 7, 1_700_000_000_001)],
             },
             Change::EraseCopies {
                 counters: vec!["a".into(), "b".into()],
@@ -326,10 +402,12 @@ mod tests {
                     version: 12,
                 },
                 entries: vec![("a".into(), 1, 1)],
+                records: vec![(record_key("a", "k"), -1, 5)],
             },
             Change::SetOwn {
                 why: OwnChange::Restored,
                 entries: vec![],
+                records: vec![],
             },
             Change::Drain(DrainState::Drained {
                 adopter: "shard-2".into(),
@@ -368,10 +446,12 @@ mod tests {
                 },
                 full: false,
                 entries: vec![("c".into(), 1, 4)],
+                records: vec![(record_key("c", "k"), 4, 9)],
             },
             Change::SetOwn {
                 why: OwnChange::Restored,
                 entries: vec![("a".into(), 0, 10)],
+                records: vec![(record_key("a", "k"), 10, 9)],
             },
         ];
         for _ in 0..2 {

@@ -15,7 +15,8 @@
 //!                                           the log position covered, the
 //!                                           node's NodeMeta, each copy's stamp
 //! 'B' | bucket: u16 BE                   -> own entries and idempotency records
-//! 'C' | origin_len: u8 | origin | bucket -> a replica copy's entries
+//! 'C' | origin_len: u8 | origin | bucket -> a replica copy's entries and
+//!                                           the origin's idempotency records
 //! bucket contents = counters: varint | (name: bytes | stripes: varint
 //!                   | (stripe: varint | value: zigzag)*)*
 //!                   | records: varint | (key: bytes | delta: zigzag
@@ -95,6 +96,8 @@ pub struct Loaded {
     pub entries: u64,
     /// Idempotency records loaded.
     pub records: u64,
+    /// Idempotency records of replica copies loaded.
+    pub copy_records: u64,
     /// Entries of replica copies loaded.
     pub copy_entries: u64,
 }
@@ -214,10 +217,15 @@ impl Checkpoint {
                             loaded.copy_entries += 1;
                         }
                     }
-                    if reader.count("record count").map_err(malformed)? != 0 {
-                        return Err(malformed(Malformed {
-                            what: "records in a copy",
-                        }));
+                    let records = reader.count("record count").map_err(malformed)?;
+                    for _ in 0..records {
+                        let record_key = reader.bytes("record key").map_err(malformed)?;
+                        crate::store::decode_record_key(record_key)
+                            .ok_or_else(|| malformed(Malformed { what: "record key" }))?;
+                        let delta = reader.signed("record delta").map_err(malformed)?;
+                        let applied = reader.varint("record time").map_err(malformed)?;
+                        replicas.load_record(origin, record_key, delta, applied);
+                        loaded.copy_records += 1;
                     }
                     reader.finish("bucket").map_err(malformed)?;
                 }

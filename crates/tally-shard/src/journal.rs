@@ -236,6 +236,7 @@ impl Journal {
             round: None,
             checkpoint_position: parts.checkpoint_position,
             last_round_started: Instant::now(),
+            copy_records_swept: Instant::now(),
             jobs: Some(jobs),
             outcomes,
             checkpointer: Some(checkpointer),
@@ -380,6 +381,10 @@ struct Round {
     copies: Vec<(String, usize)>,
 }
 
+/// How often replica copies' records past the retention window are
+/// forgotten.
+const COPY_RECORD_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 struct LogThread {
     state: NodeState,
     settings: LogSettings,
@@ -401,6 +406,9 @@ struct LogThread {
     /// The last durable checkpoint's position.
     checkpoint_position: u64,
     last_round_started: Instant,
+    /// When replica copies' records older than the retention window were
+    /// last forgotten (a walk over all of them: once a minute).
+    copy_records_swept: Instant,
     jobs: Option<mpsc::Sender<Job>>,
     outcomes: mpsc::Receiver<RoundOutcome>,
     checkpointer: Option<std::thread::JoinHandle<Option<u64>>>,
@@ -474,6 +482,14 @@ impl LogThread {
                 "idempotency keys forgotten before their retention window ended: the node holds \
                  more than idempotency_max_keys; a retry of one of them would apply again"
             );
+        }
+        if self.copy_records_swept.elapsed() >= COPY_RECORD_SWEEP {
+            self.copy_records_swept = Instant::now();
+            let store = &self.state.store;
+            let before = store
+                .retention_now_ms()
+                .saturating_sub(store.retention_window().as_millis() as u64);
+            self.state.replicas.forget_records(before);
         }
         self.maybe_start_round();
         let own_capture = match &self.round {

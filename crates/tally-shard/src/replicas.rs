@@ -38,6 +38,12 @@ pub struct CopyStamp {
 /// `(counter, stripe, value)`.
 pub type EntryValue = (String, u32, i64);
 
+/// An idempotency record of the origin: `(record key, delta,
+/// applied_unix_ms)` (the key as `store::encode_record_key_into` makes it).
+pub type CopyRecord = (Box<[u8]>, i64, u64);
+
+type RecordMap = HashMap<Box<[u8]>, (i64, u64), foldhash::fast::RandomState>;
+
 /// One origin's entries as this node holds them: a compact table per
 /// segment (the same placement as own entries, so checkpoint buckets line
 /// up), and which buckets changed since their last checkpoint capture.
@@ -45,6 +51,9 @@ pub type EntryValue = (String, u32, i64);
 struct Copy {
     stamp: CopyStamp,
     segments: Vec<Table>,
+    /// The origin's idempotency records, per segment (of their counter),
+    /// checkpointed in the same buckets as own records are.
+    records: Vec<RecordMap>,
     checkpoint_dirty: Vec<u64>,
 }
 
@@ -53,12 +62,26 @@ impl Default for Copy {
         Copy {
             stamp: CopyStamp::default(),
             segments: vec![Table::default(); SEGMENT_COUNT],
+            records: vec![RecordMap::default(); SEGMENT_COUNT],
             checkpoint_dirty: vec![0; SEGMENT_COUNT],
         }
     }
 }
 
 impl Copy {
+    /// Adds one of the origin's records. Marked for the next checkpoint
+    /// unless loaded from it.
+    fn set_record(&mut self, key: &[u8], delta: i64, applied_unix_ms: u64, mark: bool) {
+        let Some((counter, _)) = crate::store::decode_record_key(key) else {
+            return;
+        };
+        let segment = Placement::of(counter.as_bytes()).segment;
+        self.records[segment].insert(key.into(), (delta, applied_unix_ms));
+        if mark {
+            self.checkpoint_dirty[segment] |= 1 << Placement::of(key).sub;
+        }
+    }
+
     /// Sets one entry; 0 removes it, and a counter with no stripe left.
     /// Marked for the next checkpoint unless loaded from it.
     fn set(&mut self, counter: &str, stripe: u32, value: i64, mark: bool) {
@@ -104,7 +127,18 @@ impl Copy {
         for table in &mut self.segments {
             table.clear();
         }
+        for records in &mut self.records {
+            records.clear();
+        }
         self.checkpoint_dirty.fill(u64::MAX);
+    }
+
+    fn all_records(&self) -> impl Iterator<Item = CopyRecord> + '_ {
+        self.records.iter().flat_map(|records| {
+            records
+                .iter()
+                .map(|(key, &(delta, applied))| (key.clone(), delta, applied))
+        })
     }
 
     fn read(&self, counter: &str) -> Vec<(u32, i64)> {
@@ -222,7 +256,14 @@ impl Replicas {
     }
 
     /// Applies a change set the log already holds.
-    pub fn apply(&self, origin: &str, stamp: CopyStamp, full: bool, entries: &[(&str, u32, i64)]) {
+    pub fn apply(
+        &self,
+        origin: &str,
+        stamp: CopyStamp,
+        full: bool,
+        entries: &[(&str, u32, i64)],
+        records: &[CopyRecord],
+    ) {
         let mut copies = self.copies.write();
         let copy = copies.entry(origin.into()).or_default();
         if full {
@@ -231,16 +272,58 @@ impl Replicas {
         for &(counter, stripe, value) in entries {
             copy.set(counter, stripe, value, true);
         }
+        for (key, delta, applied) in records {
+            copy.set_record(key, *delta, *applied, true);
+        }
         copy.stamp = stamp;
         copy.compact_wasteful();
     }
 
-    /// The whole copy of `origin`: its version and `(counter, stripe,
-    /// value)` entries, if this node holds one.
-    pub fn copy_of(&self, origin: &str) -> Option<(CopyStamp, Vec<EntryValue>)> {
+    /// The whole copy of `origin`: its stamp, its `(counter, stripe,
+    /// value)` entries and its records, if this node holds one.
+    pub fn copy_of(&self, origin: &str) -> Option<(CopyStamp, Vec<EntryValue>, Vec<CopyRecord>)> {
         let copies = self.copies.read();
         let copy = copies.get(origin)?;
-        Some((copy.stamp, copy.entries().collect()))
+        Some((
+            copy.stamp,
+            copy.entries().collect(),
+            copy.all_records().collect(),
+        ))
+    }
+
+    /// The delta `origin` applied under `key` to `counter`, if the copy
+    /// holds its record.
+    pub fn record(&self, origin: &str, counter: &str, key: &str) -> Option<i64> {
+        let mut record_key = Vec::new();
+        crate::store::encode_record_key_into(&mut record_key, counter, key);
+        let segment = Placement::of(counter.as_bytes()).segment;
+        let copies = self.copies.read();
+        copies.get(origin)?.records[segment]
+            .get(record_key.as_slice())
+            .map(|&(delta, _)| delta)
+    }
+
+    /// Forgets the origins' records applied before `before_unix_ms` (this
+    /// node's retention, by the origin's retention clock: the window is
+    /// long, and clocks need only agree within it). Returns how many.
+    pub fn forget_records(&self, before_unix_ms: u64) -> u64 {
+        let mut copies = self.copies.write();
+        let mut forgotten = 0;
+        for copy in copies.values_mut() {
+            for segment in 0..SEGMENT_COUNT {
+                let mut marks = 0u64;
+                copy.records[segment].retain(|key, &mut (_, applied)| {
+                    let keep = applied >= before_unix_ms;
+                    if !keep {
+                        marks |= 1 << Placement::of(key).sub;
+                        forgotten += 1;
+                    }
+                    keep
+                });
+                copy.checkpoint_dirty[segment] |= marks;
+            }
+        }
+        forgotten
     }
 
     /// Drops the copy of `origin` (after the log recorded it).
@@ -258,6 +341,16 @@ impl Replicas {
             .entry(origin.into())
             .or_default()
             .set(counter, stripe, value, false);
+    }
+
+    /// Adds a record to a copy from the checkpoint while recovering (not
+    /// marked for the next checkpoint: it holds it).
+    pub fn load_record(&self, origin: &str, key: &[u8], delta: i64, applied_unix_ms: u64) {
+        self.copies
+            .write()
+            .entry(origin.into())
+            .or_default()
+            .set_record(key, delta, applied_unix_ms, false);
     }
 
     /// Sets a copy's stamp while recovering.
@@ -369,13 +462,10 @@ impl Replicas {
         };
         for segment in segments {
             let marked = std::mem::take(&mut copy.checkpoint_dirty[segment]);
-            capture_buckets(
-                &copy.segments[segment],
-                std::iter::empty(),
-                segment,
-                marked,
-                into,
-            );
+            let records = copy.records[segment]
+                .iter()
+                .map(|(key, &(delta, applied))| (&**key, delta, applied));
+            capture_buckets(&copy.segments[segment], records, segment, marked, into);
         }
     }
 
@@ -402,7 +492,13 @@ mod tests {
         let replicas = Replicas::default();
         assert_eq!(replicas.accepts("a", 5, &at(9), false), Verdict::NeedFull);
         assert_eq!(replicas.accepts("a", 0, &at(9), true), Verdict::Apply);
-        replicas.apply("a", at(9), true, &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)]);
+        replicas.apply(
+            "a",
+            at(9),
+            true,
+            &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)],
+            &[],
+        );
         assert_eq!(replicas.accepts("a", 9, &at(12), false), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 4, &at(12), false), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 10, &at(12), false), Verdict::NeedFull);
@@ -415,7 +511,7 @@ mod tests {
         };
         assert_eq!(replicas.accepts("a", 0, &other, true), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 1, &other, false), Verdict::NeedFull);
-        replicas.apply("a", at(12), false, &[("c", 1, 0), ("d", 0, 4)]);
+        replicas.apply("a", at(12), false, &[("c", 1, 0), ("d", 0, 4)], &[]);
         let read = replicas.read(&["c".into(), "d".into(), "e".into()]);
         assert_eq!(
             read,
@@ -425,17 +521,66 @@ mod tests {
                 counters: vec![vec![(0, 5)], vec![(0, 4)], vec![]],
             }]
         );
-        replicas.apply("a", at(20), true, &[("e", 3, 7)]);
+        replicas.apply("a", at(20), true, &[("e", 3, 7)], &[]);
         let read = replicas.read(&["c".into(), "e".into()]);
         assert_eq!(read[0].counters, vec![vec![], vec![(3, 7)]]);
+    }
+
+    fn key(counter: &str, key: &str) -> Box<[u8]> {
+        let mut bytes = Vec::new();
+        crate::store::encode_record_key_into(&mut bytes, counter, key);
+        bytes.into()
+    }
+
+    #[test]
+    fn a_copy_keeps_its_origins_records_until_their_window_ends() {
+        let replicas = Replicas::default();
+        replicas.apply(
+            "a",
+            at(1),
+            true,
+            &[("c", 0, 5)],
+            &[(key("c", "k1"), 5, 100)],
+        );
+        replicas.apply(
+            "a",
+            at(2),
+            false,
+            &[("c", 0, 7)],
+            &[(key("c", "k2"), 2, 200)],
+        );
+        assert_eq!(replicas.record("a", "c", "k1"), Some(5));
+        assert_eq!(replicas.record("a", "c", "k2"), Some(2));
+        assert_eq!(replicas.record("b", "c", "k1"), None, "per origin");
+        // Erasing a counter keeps its keys: a delete resets the value, not
+        // the memory of what was applied.
+        replicas.erase(&["c"]);
+        assert_eq!(replicas.record("a", "c", "k1"), Some(5));
+        // Checkpointed with the copy's buckets.
+        let mut captured = Vec::new();
+        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+        let bucket = Placement::of(b"c").segment * crate::store::BUCKETS_PER_SEGMENT
+            + Placement::of(&key("c", "k1")).sub;
+        assert!(captured.iter().any(
+            |captured| usize::from(captured.bucket) == bucket && !captured.contents.is_empty()
+        ));
+        assert_eq!(replicas.forget_records(150), 1);
+        assert_eq!(replicas.record("a", "c", "k1"), None);
+        assert_eq!(replicas.record("a", "c", "k2"), Some(2));
+        // A full set replaces the records too.
+        replicas.apply("a", at(3), true, &[], &[(key("d", "k9"), 1, 300)]);
+        assert_eq!(replicas.record("a", "c", "k2"), None);
+        assert_eq!(replicas.record("a", "d", "k9"), Some(1));
+        let (_, _, records) = replicas.copy_of("a").unwrap();
+        assert_eq!(records, vec![(key("d", "k9"), 1, 300)]);
     }
 
     #[test]
     fn erase_removes_a_counter_from_every_copy() {
         let replicas = Replicas::default();
-        replicas.apply("a", at(1), true, &[("c", 0, 5)]);
-        replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)]);
-        replicas.apply("z", at(1), true, &[("d", 0, 1)]);
+        replicas.apply("a", at(1), true, &[("c", 0, 5)], &[]);
+        replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)], &[]);
+        replicas.apply("z", at(1), true, &[("d", 0, 1)], &[]);
         assert!(replicas.holds_any(&["c"]));
         assert!(replicas.erase(&["c"]));
         assert!(!replicas.holds_any(&["c"]));
@@ -449,7 +594,7 @@ mod tests {
     #[test]
     fn captures_cover_changes_and_deletions() {
         let replicas = Replicas::default();
-        replicas.apply("a", at(1), true, &[("c", 0, 5), ("d", 1, 2)]);
+        replicas.apply("a", at(1), true, &[("c", 0, 5), ("d", 1, 2)], &[]);
         let mut captured = Vec::new();
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         // A full set marks every bucket: the empty ones are deletions.
@@ -468,7 +613,7 @@ mod tests {
         captured.clear();
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         assert!(captured.is_empty(), "marks are cleared");
-        replicas.apply("a", at(2), false, &[("c", 0, 0)]);
+        replicas.apply("a", at(2), false, &[("c", 0, 0)], &[]);
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         assert_eq!(captured.len(), 1);
         assert_eq!(captured[0].bucket, Placement::of(b"c").bucket());

@@ -998,6 +998,12 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
+    fn record_key(counter: &str, key: &str) -> Box<[u8]> {
+        let mut bytes = Vec::new();
+        crate::store::encode_record_key_into(&mut bytes, counter, key);
+        bytes.into()
+    }
+
     fn open(dir: &Path) -> Result<Recovered, StorageError> {
         Storage::open(dir, "shard-1", KeyRetention::default(), 4096)
     }
@@ -1115,6 +1121,7 @@ mod tests {
             },
             full: true,
             entries: vec![("c0".into(), 1, 40), ("d".into(), 0, 2)],
+            records: vec![(record_key("c0", "copied"), 40, 77)],
         });
         node.submit(Change::Drain(DrainState::Draining));
         node.add("c0", 0, 100, None);
@@ -1135,6 +1142,11 @@ mod tests {
             vec![vec![(1, 40)], vec![(0, 2)]]
         );
         assert_eq!(state.replicas.versions(), vec![("shard-2".into(), 9)]);
+        assert_eq!(
+            state.replicas.record("shard-2", "c0", "copied"),
+            Some(40),
+            "the copy's idempotency record survives"
+        );
         assert_eq!(state.meta.lock().drain, DrainState::Draining);
         // A retry of a key applied before is not applied again.
         let (outcomes, _) = state.store.apply(
@@ -1235,6 +1247,7 @@ mod tests {
             },
             full: true,
             entries: vec![("d".into(), 0, 2)],
+            records: Vec::new(),
         });
         node.crash();
         // Started again, a checkpoint covers the replayed frames and the

@@ -390,6 +390,9 @@ struct KeyRecord {
     sequence: u64,
     /// The flush epoch of the change: a retry is answered once it is durable.
     epoch: u64,
+    /// The replication epoch's low bits when it was added (0: loaded or
+    /// replayed, seen only by a full scan): [`Store::changes_since`].
+    changed: u32,
 }
 
 /// The records map: foldhash. SipHash (std's default) was 11% of a start
@@ -545,6 +548,10 @@ pub struct Changes {
     pub full: bool,
     /// `(counter, stripe, value)`; a value of 0 means the entry is gone.
     pub entries: Vec<(Box<str>, u32, i64)>,
+    /// Idempotency records added since (or, `full`, every one remembered),
+    /// as `(record key, delta, applied_unix_ms)`. Forgotten ones are not
+    /// listed: a copy forgets by the same window (`Replicas`).
+    pub records: Vec<(Box<[u8]>, i64, u64)>,
 }
 
 /// A node's counters in memory.
@@ -651,8 +658,24 @@ impl Store {
             || since >> INCARNATION_SHIFT != version >> INCARNATION_SHIFT;
         let since_low = since as u32;
         let mut entries = Vec::new();
+        let mut records = Vec::new();
         for segment in self.segments.iter() {
             let segment = segment.lock();
+            // Under the same lock as the entries: a record and the change
+            // it records travel together.
+            records.extend(
+                segment
+                    .records
+                    .iter()
+                    .filter(|(_, record)| full || record.changed > since_low)
+                    .map(|(key, record)| {
+                        (
+                            Box::<[u8]>::from(&**key),
+                            record.delta,
+                            record.applied_unix_ms,
+                        )
+                    }),
+            );
             let table = &segment.table;
             for slot in table.slots() {
                 if full || table.changed(slot) > since_low {
@@ -694,6 +717,7 @@ impl Store {
             version,
             full,
             entries,
+            records,
         }
     }
 
@@ -760,12 +784,34 @@ impl Store {
         self.set_record(key, record, true);
     }
 
+    /// Adds a record the log already holds (a restore, an adoption): not
+    /// dirty, but stamped as changed, so replicas get it, and marked for the
+    /// next checkpoint. A record this node has for the same key wins.
+    pub fn add_logged_record(&self, key: &[u8], delta: i64, applied_unix_ms: u64) {
+        let changed = self.changed_stamp();
+        self.put_record(key, Some((delta, applied_unix_ms)), true, changed, false);
+    }
+
     fn set_record(&self, key: &[u8], record: Option<(i64, u64)>, mark: bool) {
+        self.put_record(key, record, mark, 0, true);
+    }
+
+    fn put_record(
+        &self,
+        key: &[u8],
+        record: Option<(i64, u64)>,
+        mark: bool,
+        changed: u32,
+        replace: bool,
+    ) {
         let Some((counter, _)) = decode_record_key(key) else {
             return;
         };
         let (segment, placement) = self.segment_of(counter);
         let mut segment = segment.lock();
+        if !replace && segment.records.contains_key(key) {
+            return;
+        }
         if mark {
             segment.checkpoint_dirty |= 1 << Placement::of(key).sub;
         }
@@ -791,6 +837,7 @@ impl Store {
                         applied_unix_ms,
                         sequence,
                         epoch: 0,
+                        changed,
                     },
                 );
             }
@@ -865,7 +912,7 @@ impl Store {
                             placement.segment,
                             &record_key,
                             increment.delta,
-                            epoch,
+                            (epoch, changed),
                             now_unix_ms,
                         );
                     }
@@ -884,7 +931,7 @@ impl Store {
         segment_index: usize,
         record_key: &[u8],
         delta: i64,
-        epoch: u64,
+        (epoch, changed): (u64, u32),
         now_unix_ms: u64,
     ) {
         let key: Arc<[u8]> = record_key.into();
@@ -907,6 +954,7 @@ impl Store {
                 applied_unix_ms,
                 sequence,
                 epoch,
+                changed,
             },
         );
         segment.mark_record(key);
@@ -956,6 +1004,11 @@ impl Store {
     /// given.
     pub fn retention_now_ms(&self) -> u64 {
         self.retention_clock.now_ms()
+    }
+
+    /// How long keys are remembered after they were applied.
+    pub fn retention_window(&self) -> Duration {
+        self.retention.window
     }
 
     /// Idempotency keys remembered now.
@@ -1663,6 +1716,44 @@ mod tests {
         );
         // From another incarnation: everything.
         assert!(store.changes_since(5 << INCARNATION_SHIFT).full);
+    }
+
+    #[test]
+    fn changes_since_carries_the_idempotency_records_added() {
+        let store = Store::new();
+        store.set_incarnation(3);
+        store.apply(&[keyed("a", 5, "k1")], 100);
+        let first = store.changes_since(0);
+        let keys = |changes: &Changes| -> Vec<(Vec<u8>, i64)> {
+            let mut keys: Vec<(Vec<u8>, i64)> = changes
+                .records
+                .iter()
+                .map(|(key, delta, _)| (key.to_vec(), *delta))
+                .collect();
+            keys.sort();
+            keys
+        };
+        let mut k1 = Vec::new();
+        encode_record_key_into(&mut k1, "a", "k1");
+        assert_eq!(keys(&first), vec![(k1.clone(), 5)]);
+        assert_eq!(first.records[0].2, 100, "with the time it was applied");
+        let nothing = store.changes_since(first.version);
+        assert!(nothing.records.is_empty());
+        store.apply(&[keyed("a", 7, "k2"), keyed("a", 5, "k1")], 200);
+        let mut k2 = Vec::new();
+        encode_record_key_into(&mut k2, "a", "k2");
+        assert_eq!(
+            keys(&store.changes_since(nothing.version)),
+            vec![(k2.clone(), 7)]
+        );
+        // Restored or adopted records travel on too; a record of this node
+        // wins over one that comes with a restore.
+        store.add_logged_record(&k1, 99, 300);
+        let mut k3 = Vec::new();
+        encode_record_key_into(&mut k3, "b", "k3");
+        store.add_logged_record(&k3, 4, 300);
+        let all = store.changes_since(0);
+        assert_eq!(keys(&all), vec![(k1, 5), (k2, 7), (k3, 4)]);
     }
 
     /// Decodes captured buckets into `(counter, stripe, value)` entries and

@@ -49,9 +49,11 @@ impl Cluster {
                 best = Some(copy);
             }
         }
-        let (version, entries) = best.map_or((0, Vec::new()), |best| (best.version, best.entries));
+        let (version, entries, records) = best.map_or((0, Vec::new(), Vec::new()), |best| {
+            (best.version, best.entries, best.records)
+        });
         let count = entries.len();
-        match self.shards[node].restore(entries, budget).await {
+        match self.shards[node].restore(entries, records, budget).await {
             Ok(()) if count == 0 => {
                 tracing::info!(node_id = id, "a node started empty; no copies to restore");
             }

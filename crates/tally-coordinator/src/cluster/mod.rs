@@ -22,8 +22,10 @@ use tokio::time::Instant;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::health::{probe_loop, HealthBoard, NodeHealth};
-use crate::placement::{write_target, WriteState};
+use crate::model::StripeIncrement;
+use crate::placement::{write_target, Target};
 use crate::shard_client::{BatchSettings, ShardClient};
+use tally_proto::domain::Increment;
 
 pub use copies::Copied;
 pub use handle::{ClusterHandle, ReloadError};
@@ -41,6 +43,10 @@ pub struct Cluster {
     /// Each node's replicas (by index): fixed by the ring and the
     /// replication factor.
     replicas: Vec<Vec<usize>>,
+    /// Each node's stand-in (by index): the next node of the ring after its
+    /// first token, its adopter in a drain, which then takes its keyed
+    /// writes (`placement`).
+    stand_ins: Vec<Option<usize>>,
     /// Per `(origin, replica)`: the version this coordinator last brought
     /// the replica's copy to, and when (this process's clock) that round
     /// began. A read vouches by it for a copy whose replica restarted and
@@ -115,12 +121,20 @@ impl Cluster {
         let replicas = (0..shards.len())
             .map(|node| crate::replication::replicas_of(&ring, node, config.replication_factor))
             .collect();
+        let stand_ins = (0..shards.len())
+            .map(|node| {
+                crate::replication::replicas_of(&ring, node, 2)
+                    .first()
+                    .copied()
+            })
+            .collect();
         let cluster = Arc::new(Cluster {
             config,
             ring,
             shards,
             health,
             replicas,
+            stand_ins,
             rounds: Default::default(),
         });
         // Also without replicas: it restores nodes that started empty.
@@ -159,18 +173,25 @@ impl Cluster {
 
     /// Where an increment of `(counter, stripe)` goes now
     /// (`placement::write_target`).
-    fn target(&self, counter: &str, stripe: u32, keyed: bool) -> usize {
+    fn target(&self, counter: &str, stripe: u32, keyed: bool) -> Target {
         let hash = tally_ring::key_hash(counter, stripe);
-        let state = |node: usize| {
-            let (up, draining) = self.health.write_state(node);
-            WriteState { up, draining }
-        };
+        let owner = self.ring.owner_of_hash(hash);
         write_target(
-            self.ring.owner_of_hash(hash),
+            owner,
             || self.ring.successors(hash),
-            state,
+            self.stand_ins[owner],
+            |node| self.health.write_state(node),
             keyed,
         )
+    }
+
+    /// `increment` placed on `stripe`, for `target`.
+    fn placed(&self, increment: Increment, stripe: u32, target: Target) -> StripeIncrement {
+        let mut placed = StripeIncrement::new(increment, stripe);
+        placed.on_behalf_of = target
+            .on_behalf_of
+            .map(|owner| self.shards[owner].node_id().into());
+        placed
     }
 
     /// Records a call's outcome on the health board.

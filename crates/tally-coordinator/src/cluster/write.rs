@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::{with_deadline, Cluster};
 use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::model::{DrainState, Outcome, StripeIncrement};
+use crate::placement::Target;
 
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
@@ -48,8 +49,17 @@ impl Cluster {
         let mut refused = None;
         let mut deduplicated = 0;
         // A node that began a drain after this call was routed sends its
-        // increments back unapplied: route them again, once.
+        // increments back unapplied: route them again, once. So does a node
+        // that started empty with keyed increments, until it is restored:
+        // restore it now (the replication loop would within a round) and
+        // send them again, once.
+        let mut restore = std::collections::BTreeSet::new();
         for round in 0..2 {
+            for node in std::mem::take(&mut restore) {
+                if let Err(error) = with_deadline(deadline, self.restore_node(node)).await? {
+                    tracing::debug!(node, %error, "a restore asked for by a keyed write failed");
+                }
+            }
             let calls = std::mem::take(&mut by_node);
             let mut settle = |node: usize, result: std::result::Result<Vec<Outcome>, _>| {
                 self.observe(node, &result);
@@ -57,14 +67,17 @@ impl Cluster {
                     Ok(outcomes) => {
                         for outcome in outcomes {
                             match outcome {
-                                Outcome::Redirect(increment) if round == 0 => {
+                                Outcome::Redirect(mut increment) if round == 0 => {
                                     self.health.set_drain(node, DrainState::Draining);
                                     let again = self.target(
                                         increment.counter.as_str(),
                                         increment.stripe,
                                         increment.key.is_some(),
                                     );
-                                    by_node.entry(again).or_default().push(increment);
+                                    increment.on_behalf_of = again
+                                        .on_behalf_of
+                                        .map(|owner| self.shards[owner].node_id().into());
+                                    by_node.entry(again.node).or_default().push(increment);
                                 }
                                 Outcome::Redirect(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
@@ -72,6 +85,18 @@ impl Cluster {
                                 )),
                                 Outcome::Applied => {}
                                 Outcome::Duplicate => deduplicated += 1,
+                                Outcome::AwaitsRestore(increment) if round == 0 => {
+                                    restore.insert(node);
+                                    by_node.entry(node).or_default().push(increment);
+                                }
+                                Outcome::AwaitsRestore(_) => unavailable.push((
+                                    self.shards[node].node_id().to_string(),
+                                    ShardCallError::Failed(
+                                        "started with an empty data directory and still awaits \
+                                         the restore of its idempotency records"
+                                            .into(),
+                                    ),
+                                )),
                                 other => {
                                     if refused.is_none() {
                                         refused = refusal(other);
@@ -143,8 +168,8 @@ impl Cluster {
             let increment = increments.into_iter().next().expect("one increment");
             let stripe = self.stripe_for(&increment);
             let keyed = increment.idempotency_key.is_some();
-            let node = self.target(increment.counter.as_str(), stripe, keyed);
-            by_node.insert(node, vec![StripeIncrement::new(increment, stripe)]);
+            let target = self.target(increment.counter.as_str(), stripe, keyed);
+            by_node.insert(target.node, vec![self.placed(increment, stripe, target)]);
             return by_node;
         }
         // Un-keyed increments of a counter seen earlier in this call take
@@ -153,7 +178,7 @@ impl Cluster {
         // from call to call). Profiling a batch of 100 on one hot counter
         // showed ring lookups as the coordinator's top symbol (7%).
         let placements = {
-            let mut placed: HashMap<&str, (u32, usize)> = HashMap::new();
+            let mut placed: HashMap<&str, (u32, Target)> = HashMap::new();
             increments
                 .iter()
                 .map(|increment| {
@@ -163,19 +188,19 @@ impl Cluster {
                         return earlier;
                     }
                     let stripe = self.stripe_for(increment);
-                    let node = self.target(counter, stripe, keyed);
+                    let target = self.target(counter, stripe, keyed);
                     if !keyed {
-                        placed.insert(counter, (stripe, node));
+                        placed.insert(counter, (stripe, target));
                     }
-                    (stripe, node)
+                    (stripe, target)
                 })
                 .collect::<Vec<_>>()
         };
-        for (increment, (stripe, node)) in increments.into_iter().zip(placements) {
+        for (increment, (stripe, target)) in increments.into_iter().zip(placements) {
             by_node
-                .entry(node)
+                .entry(target.node)
                 .or_default()
-                .push(StripeIncrement::new(increment, stripe));
+                .push(self.placed(increment, stripe, target));
         }
         by_node
     }
@@ -184,7 +209,10 @@ impl Cluster {
 /// The error an increment's outcome stands for, if it was refused.
 fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
     match outcome {
-        Outcome::Applied | Outcome::Duplicate | Outcome::Redirect(_) => None,
+        Outcome::Applied
+        | Outcome::Duplicate
+        | Outcome::Redirect(_)
+        | Outcome::AwaitsRestore(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
             counter: increment.counter.into_string(),
             delta: increment.delta,

@@ -94,6 +94,11 @@ impl Members {
                     // Merged parts have no key: a duplicate cannot come
                     // back for them.
                     Outcome::Applied | Outcome::Duplicate => Outcome::Applied,
+                    // Only keyed increments are refused so.
+                    Outcome::AwaitsRestore(increment) => Outcome::AwaitsRestore(StripeIncrement {
+                        delta,
+                        ..increment.clone()
+                    }),
                     Outcome::Redirect(increment) => Outcome::Redirect(StripeIncrement {
                         delta,
                         ..increment.clone()
@@ -130,6 +135,7 @@ mod tests {
             stripe,
             delta,
             idempotency_key: key.into(),
+            on_behalf_of: String::new(),
         })
         .unwrap()
     }

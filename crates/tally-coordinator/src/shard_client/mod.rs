@@ -254,15 +254,18 @@ impl ShardClient {
             .entries)
     }
 
-    /// Adds its earlier entries to a node that started empty.
+    /// Adds its earlier entries, and the idempotency records that came
+    /// with them, to a node that started empty.
     pub async fn restore(
         &self,
         entries: Vec<pb::EntryValue>,
+        records: Vec<pb::KeyRecord>,
         budget: Duration,
     ) -> Result<(), ShardCallError> {
         let request = pb::RestoreRequest {
             node_id: self.node_id.to_string(),
             entries,
+            records,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.restore(timed(request, budget))).await?;
@@ -287,6 +290,7 @@ impl ShardClient {
             version: changes.version,
             full: changes.full,
             entries: changes.entries,
+            records: changes.records,
             scanned_unix_ms: changes.scanned_unix_ms,
             directory_id: changes.directory_id,
         };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tally_proto::pb;
 
-use super::{entries, ShardService};
+use super::{entries, records, records_to_wire, ShardService};
 use crate::change::{Change, OwnChange};
 use crate::journal::unix_ms_now;
 use crate::refusal::Refusal;
@@ -67,6 +67,7 @@ impl ShardService {
                     value,
                 })
                 .collect(),
+            records: records_to_wire(changes.records),
         })
     }
 
@@ -77,7 +78,8 @@ impl ShardService {
     ) -> Result<pb::CopyOfResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let response = match self.state.replicas.copy_of(&request.origin) {
-            Some((stamp, entries)) => pb::CopyOfResponse {
+            Some((stamp, entries, copied_records)) => pb::CopyOfResponse {
+                records: records_to_wire(copied_records),
                 found: true,
                 version: stamp.version,
                 scanned_unix_ms: stamp.scanned_unix_ms,
@@ -117,6 +119,7 @@ impl ShardService {
             directory_id: request.directory_id,
         };
         let entries = entries(request.entries)?;
+        let records = records(request.records)?;
         let _replica_writes = self.replica_writes.lock().await;
         if self.is_retired(&request.origin) {
             // Drained: a late push must not bring its copy back.
@@ -159,6 +162,7 @@ impl ShardService {
             stamp,
             full: request.full,
             entries,
+            records,
         })
         .await?;
         self.copy_ages.refresh(&origin, round_began);
@@ -174,11 +178,14 @@ impl ShardService {
     ) -> Result<pb::RestoreResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let entries = entries(request.entries)?;
+        let records = records(request.records)?;
         let _replica_writes = self.replica_writes.lock().await;
         if !self.restoring() {
             return Err(Refusal::NotAwaitingRestore(self.node_id.to_string()));
         }
-        let count = self.add_to_own(entries, OwnChange::Restored).await?;
+        let count = self
+            .add_to_own(entries, records, OwnChange::Restored)
+            .await?;
         if count == 0 {
             tracing::info!(
                 node_id = &*self.node_id,

@@ -64,7 +64,7 @@ impl ShardService {
                 self.node_id, request.origin
             )));
         }
-        let Some((stamp, entries)) = self.state.replicas.copy_of(&request.origin) else {
+        let Some((stamp, entries, records)) = self.state.replicas.copy_of(&request.origin) else {
             return Err(Refusal::CopyMissing(format!(
                 "node {} holds no copy of {}",
                 self.node_id, request.origin
@@ -80,6 +80,7 @@ impl ShardService {
         let count = self
             .add_to_own(
                 entries,
+                records,
                 OwnChange::Adopted {
                     origin: request.origin.clone(),
                     version,

@@ -8,7 +8,7 @@ mod write;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use tally_proto::domain::CounterName;
+use tally_proto::domain::{CounterName, IdempotencyKey};
 use tally_proto::pb;
 use tonic::{Request, Response, Status};
 
@@ -17,7 +17,8 @@ use crate::config::Durability;
 use crate::journal::{Journal, NodeState};
 use crate::meta::DrainState;
 use crate::refusal::Refusal;
-use crate::store::MAX_STRIPES;
+use crate::replicas::CopyRecord;
+use crate::store::{decode_record_key, encode_record_key_into, MAX_STRIPES};
 
 /// Serves one node's state.
 #[derive(Debug, Clone)]
@@ -99,7 +100,12 @@ impl ShardService {
     /// and writes pause, so none sees it half done; the log thread writes
     /// every own change made before in the frame ahead of it. Returns how
     /// many entries were set.
-    async fn add_to_own(&self, entries: Vec<Entry>, why: OwnChange) -> Result<usize, Refusal> {
+    async fn add_to_own(
+        &self,
+        entries: Vec<Entry>,
+        records: Vec<CopyRecord>,
+        why: OwnChange,
+    ) -> Result<usize, Refusal> {
         let _paused = self.own_writes.write().await;
         let store = &self.state.store;
         let mut own = Vec::with_capacity(entries.len());
@@ -111,7 +117,12 @@ impl ShardService {
             own.push((counter, stripe, sum));
         }
         let count = own.len();
-        self.submit(Change::SetOwn { why, entries: own }).await?;
+        self.submit(Change::SetOwn {
+            why,
+            entries: own,
+            records,
+        })
+        .await?;
         Ok(count)
     }
 
@@ -181,6 +192,41 @@ fn entries(values: Vec<pb::EntryValue>) -> Result<Vec<Entry>, Refusal> {
             check_counter_name(&entry.counter)?;
             check_stripe(entry.stripe)?;
             Ok((entry.counter, entry.stripe, entry.value))
+        })
+        .collect()
+}
+
+/// Idempotency records from the wire: counter names and keys checked.
+fn records(values: Vec<pb::KeyRecord>) -> Result<Vec<CopyRecord>, Refusal> {
+    let mut key = Vec::new();
+    values
+        .into_iter()
+        .map(|record| {
+            check_counter_name(&record.counter)?;
+            if record.key.is_empty() {
+                return Err(Refusal::InvalidRequest(
+                    "an idempotency record has an empty key".into(),
+                ));
+            }
+            IdempotencyKey::validate(&record.key)?;
+            encode_record_key_into(&mut key, &record.counter, &record.key);
+            Ok((key.as_slice().into(), record.delta, record.applied_unix_ms))
+        })
+        .collect()
+}
+
+/// Idempotency records for the wire.
+fn records_to_wire(records: Vec<CopyRecord>) -> Vec<pb::KeyRecord> {
+    records
+        .into_iter()
+        .filter_map(|(key, delta, applied_unix_ms)| {
+            let (counter, key) = decode_record_key(&key)?;
+            Some(pb::KeyRecord {
+                counter: counter.to_string(),
+                key: key.to_string(),
+                delta,
+                applied_unix_ms,
+            })
         })
         .collect()
 }

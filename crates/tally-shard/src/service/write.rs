@@ -57,9 +57,27 @@ impl ShardService {
                     .collect();
                 return Ok(pb::ApplyResponse { results });
             }
-            self.state
+            let decided = self.decide_keyed(&request.increments);
+            let to_apply: Vec<StripeIncrement<'_>> = increments
+                .iter()
+                .zip(&decided)
+                .filter(|(_, decided)| decided.is_none())
+                .map(|(increment, _)| *increment)
+                .collect();
+            let (applied, epoch) = self
+                .state
                 .store
-                .apply(&increments, self.state.store.retention_now_ms())
+                .apply(&to_apply, self.state.store.retention_now_ms());
+            let mut applied = applied.into_iter();
+            let outcomes: Vec<Decided> = decided
+                .into_iter()
+                .map(|decided| {
+                    decided.unwrap_or_else(|| {
+                        Decided::Store(applied.next().expect("one outcome per increment applied"))
+                    })
+                })
+                .collect();
+            (outcomes, epoch)
         };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
@@ -72,19 +90,66 @@ impl ShardService {
             .zip(outcomes)
             .map(|(increment, outcome)| {
                 result(match outcome {
-                    ApplyOutcome::Applied => Outcome::Applied(pb::apply_result::Applied {}),
-                    ApplyOutcome::Duplicate => Outcome::Duplicate(pb::apply_result::Applied {}),
-                    ApplyOutcome::Overflow => Outcome::Overflow(Box::new(increment)),
-                    ApplyOutcome::Conflict { recorded_delta } => {
+                    Decided::Store(ApplyOutcome::Applied) => {
+                        Outcome::Applied(pb::apply_result::Applied {})
+                    }
+                    Decided::Store(ApplyOutcome::Duplicate) => {
+                        Outcome::Duplicate(pb::apply_result::Applied {})
+                    }
+                    Decided::Store(ApplyOutcome::Overflow) => {
+                        Outcome::Overflow(Box::new(increment))
+                    }
+                    Decided::Store(ApplyOutcome::Conflict { recorded_delta }) => {
                         Outcome::Conflict(Box::new(pb::apply_result::Conflict {
                             increment: Some(increment),
                             recorded_delta,
                         }))
                     }
+                    Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
                 })
             })
             .collect();
         Ok(pb::ApplyResponse { results })
+    }
+
+    /// What becomes of each keyed increment before the store sees it
+    /// (`None`: the store decides):
+    /// - while this node awaits its restore, its idempotency records are
+    ///   not back yet: a retry of a key applied before its disk was lost
+    ///   would apply again. Given back unapplied (the coordinator restores
+    ///   the node and sends it again);
+    /// - standing in for another node (`on_behalf_of`): a key that node
+    ///   applied, as this node's copy of its records says, is a duplicate
+    ///   (or a conflict), not applied again. The copy is final by then (a
+    ///   drain's hand-over), and copies are only visible once durable.
+    fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Vec<Option<Decided>> {
+        let restoring = self.restoring();
+        increments
+            .iter()
+            .map(|increment| {
+                if increment.idempotency_key.is_empty() || increment.delta == 0 {
+                    return None;
+                }
+                if restoring {
+                    return Some(Decided::AwaitsRestore);
+                }
+                if increment.on_behalf_of.is_empty() {
+                    return None;
+                }
+                let recorded = self.state.replicas.record(
+                    &increment.on_behalf_of,
+                    &increment.counter,
+                    &increment.idempotency_key,
+                )?;
+                Some(Decided::Store(if recorded == increment.delta {
+                    ApplyOutcome::Duplicate
+                } else {
+                    ApplyOutcome::Conflict {
+                        recorded_delta: recorded,
+                    }
+                }))
+            })
+            .collect()
     }
 
     pub(super) async fn erase_to_the_end(
@@ -114,6 +179,14 @@ impl ShardService {
         self.durable(epoch).await?;
         Ok(pb::EraseResponse {})
     }
+}
+
+/// What became of one increment of an Apply.
+enum Decided {
+    /// As the store answered (or as a stand-in's copy of records says).
+    Store(ApplyOutcome),
+    /// Not applied: the node awaits its restore.
+    AwaitsRestore,
 }
 
 /// One increment's result, for the Apply answer.

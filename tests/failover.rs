@@ -114,53 +114,6 @@ impl Load {
     }
 }
 
-/// `tallyctl --json status`, parsed: each node's (health, reachable).
-fn status(cluster: &ProcessCluster) -> serde_json::Value {
-    let output = cluster.tallyctl(&["--json", "--timeout-ms", "2000", "status"]);
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "tallyctl status: {error}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-/// Waits until `tallyctl status` shows `node` with `health`; returns when it
-/// did and the table line `tallyctl status` printed then.
-fn wait_for_shown_health(
-    runtime: &tokio::runtime::Runtime,
-    cluster: &ProcessCluster,
-    node: &str,
-    health: &str,
-) -> (Instant, String) {
-    runtime.block_on(support::wait_until(
-        &format!("{node} to become {health}"),
-        DETECTION_LIMIT,
-        || {
-            let nodes = status(cluster);
-            let found = nodes["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|status| status["id"] == node && status["health"] == health);
-            std::future::ready(if found {
-                Ok(())
-            } else {
-                Err(support::Verbatim(nodes.to_string()))
-            })
-        },
-    ));
-    let seen = Instant::now();
-    let table = cluster.tallyctl(&["--timeout-ms", "2000", "status"]);
-    let line = String::from_utf8_lossy(&table.stdout)
-        .lines()
-        .find(|line| line.contains(node))
-        .unwrap_or_default()
-        .to_string();
-    (seen, line)
-}
-
 /// The sum of every test counter, and whether every part was read.
 fn total(runtime: &tokio::runtime::Runtime, cluster: &ProcessCluster) -> (bool, i64) {
     let counters: Vec<String> = (0..COUNTERS)
@@ -215,7 +168,8 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let shard = cluster.shards[1].take().unwrap();
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);
-    let (kill_seen, kill_line) = wait_for_shown_health(&runtime, &cluster, "shard-2", "down");
+    let (kill_seen, kill_line) =
+        support::wait_for_shown_health(&runtime, &cluster, "shard-2", "down");
     // Reads stay complete: shard-2's part comes from its replica, which has
     // everything acknowledged well before the kill (100 ms interval, 1 s
     // of slack for a loaded machine).
@@ -227,12 +181,13 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     let read_done = Instant::now();
     std::thread::sleep(OUTAGE);
     cluster.restart_shard(1, address);
-    let (kill_over, _) = wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    let (kill_over, _) = support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
 
     // A hang: the process accepts connections and never answers.
     let stopped_at = Instant::now();
     signal(&cluster, 2, Signal::SIGSTOP);
-    let (hang_seen, hang_line) = wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
+    let (hang_seen, hang_line) =
+        support::wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
     // A keyed increment stays with its owner; with the owner hung and shown
     // down it fails fast (a probe's time, 500 ms here) with UNAVAILABLE,
     // instead of waiting out the shard timeout (5 s here) past the
@@ -250,7 +205,7 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     std::thread::sleep(OUTAGE);
     signal(&cluster, 2, Signal::SIGCONT);
-    let (hang_over, _) = wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
+    let (hang_over, _) = support::wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
     std::thread::sleep(Duration::from_millis(300));
 
     let calls = load.finish(&runtime);
@@ -396,7 +351,7 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     let acknowledged = calls.iter().filter(|(_, _, ok)| *ok).count() as i64;
     let (complete, read) = total(&runtime, &cluster);
     assert!(complete, "a read was incomplete with every node up");
-    let on_added = status(&cluster)["nodes"]
+    let on_added = support::status(&cluster)["nodes"]
         .as_array()
         .unwrap()
         .iter()
@@ -425,10 +380,10 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
     let shard = cluster.shards[0].take().unwrap();
     let address = shard.address;
     shard.stop_with(Signal::SIGKILL);
-    let (kill_seen, _) = wait_for_shown_health(&runtime, &cluster, "shard-1", "down");
+    let (kill_seen, _) = support::wait_for_shown_health(&runtime, &cluster, "shard-1", "down");
     std::thread::sleep(Duration::from_millis(500));
     cluster.restart_shard(0, address);
-    wait_for_shown_health(&runtime, &cluster, "shard-1", "up");
+    support::wait_for_shown_health(&runtime, &cluster, "shard-1", "up");
 
     // shard-2 is drained, removed from the membership, and stopped.
     let output = cluster.tallyctl(&["drain", "shard-2"]);
@@ -438,7 +393,7 @@ fn a_shard_killed_and_one_drained_under_load_lose_nothing() {
         String::from_utf8_lossy(&output.stderr)
     );
     let said = String::from_utf8_lossy(&output.stdout).to_string();
-    let (_, drained_line) = wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    let (_, drained_line) = support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
     assert!(drained_line.contains("drained"), "{drained_line}");
     let remaining = [
         ("shard-1", cluster.shards[0].as_ref().unwrap().address),
@@ -735,42 +690,6 @@ async fn add_to_each(endpoint: &str, counters: &[String], rounds: usize) -> i64 
     (counters.len() * rounds) as i64
 }
 
-/// Every running shard's full status, straight from the shards.
-async fn process_statuses(cluster: &ProcessCluster) -> Vec<pb::ShardStatusResponse> {
-    let mut statuses = Vec::new();
-    for shard in cluster.shards.iter().flatten() {
-        let mut client = pb::shard_client::ShardClient::connect(shard.endpoint())
-            .await
-            .unwrap();
-        statuses.push(
-            client
-                .status(pb::ShardStatusRequest::default())
-                .await
-                .unwrap()
-                .into_inner(),
-        );
-    }
-    statuses
-}
-
-/// Waits until every running shard's copy holds its origin's version as of
-/// now.
-async fn wait_for_process_replicas(cluster: &ProcessCluster) {
-    let targets = support::replication_targets(&process_statuses(cluster).await);
-    support::wait_until("replication to catch up", DETECTION_LIMIT, || async {
-        let statuses = process_statuses(cluster).await;
-        if support::replicas_caught_up(&targets, &statuses) {
-            Ok(())
-        } else {
-            Err(statuses
-                .iter()
-                .map(|status| (status.node_id.clone(), status.replicas.clone()))
-                .collect::<Vec<_>>())
-        }
-    })
-    .await;
-}
-
 /// Whether a copy may stand in for a down shard is decided by how long ago
 /// a replication round reached it (a duration on the replica's clock) and
 /// when the coordinator saw the failure (its clock): never by comparing
@@ -810,10 +729,10 @@ fn a_copy_stands_in_by_its_age_never_by_comparing_clocks() {
         .unwrap()
         .stop_with_address(Signal::SIGTERM);
     skewed(&mut cluster, address, "-5m");
-    wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
     let mut acknowledged =
         runtime.block_on(add_to_each(&cluster.coordinator.endpoint(), &counters, 20));
-    runtime.block_on(wait_for_process_replicas(&cluster));
+    runtime.block_on(support::wait_for_process_replicas(&cluster));
     let address = cluster.shards[1]
         .take()
         .unwrap()
@@ -834,8 +753,8 @@ fn a_copy_stands_in_by_its_age_never_by_comparing_clocks() {
     // replicates every 10 minutes), the copy ages, shard-2 is killed, and a
     // new coordinator reads.
     skewed(&mut cluster, address, "+10m");
-    wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
-    runtime.block_on(wait_for_process_replicas(&cluster));
+    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    runtime.block_on(support::wait_for_process_replicas(&cluster));
     cluster.coordinator.signal(Signal::SIGKILL);
     let slow_config = cluster.dir.path().join("coordinator-slow.toml");
     std::fs::write(

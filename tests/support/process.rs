@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -319,4 +319,89 @@ impl ProcessCluster {
         full.extend_from_slice(args);
         run_to_end("tallyctl", &full)
     }
+}
+
+/// Every running shard's full status, straight from the shards.
+pub async fn process_statuses(
+    cluster: &ProcessCluster,
+) -> Vec<tally::proto::pb::ShardStatusResponse> {
+    let mut statuses = Vec::new();
+    for shard in cluster.shards.iter().flatten() {
+        let mut client = tally::proto::pb::shard_client::ShardClient::connect(shard.endpoint())
+            .await
+            .unwrap();
+        statuses.push(
+            client
+                .status(tally::proto::pb::ShardStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    statuses
+}
+
+/// Waits until every running shard's copy holds its origin's version as of
+/// now.
+pub async fn wait_for_process_replicas(cluster: &ProcessCluster) {
+    let targets = super::replication_targets(&process_statuses(cluster).await);
+    super::wait_until("replication to catch up", super::PATIENCE, || async {
+        let statuses = process_statuses(cluster).await;
+        if super::replicas_caught_up(&targets, &statuses) {
+            Ok(())
+        } else {
+            Err(statuses
+                .iter()
+                .map(|status| (status.node_id.clone(), status.replicas.clone()))
+                .collect::<Vec<_>>())
+        }
+    })
+    .await;
+}
+
+/// `tallyctl --json status`, parsed: each node's (health, reachable).
+pub fn status(cluster: &ProcessCluster) -> serde_json::Value {
+    let output = cluster.tallyctl(&["--json", "--timeout-ms", "2000", "status"]);
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "tallyctl status: {error}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// Waits until `tallyctl status` shows `node` with `health`; returns when it
+/// did and the table line `tallyctl status` printed then.
+pub fn wait_for_shown_health(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &ProcessCluster,
+    node: &str,
+    health: &str,
+) -> (Instant, String) {
+    runtime.block_on(super::wait_until(
+        &format!("{node} to become {health}"),
+        super::PATIENCE,
+        || {
+            let nodes = status(cluster);
+            let found = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|status| status["id"] == node && status["health"] == health);
+            std::future::ready(if found {
+                Ok(())
+            } else {
+                Err(super::Verbatim(nodes.to_string()))
+            })
+        },
+    ));
+    let seen = Instant::now();
+    let table = cluster.tallyctl(&["--timeout-ms", "2000", "status"]);
+    let line = String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .find(|line| line.contains(node))
+        .unwrap_or_default()
+        .to_string();
+    (seen, line)
 }

@@ -1,0 +1,446 @@
+//! The keyed harness: real processes, writers that send only keyed
+//! increments, and every way a key's home can change.
+//!
+//! Eight writers send increments with unique idempotency keys and random
+//! deltas (1 to 1,000; one call in five a batch of 2 to 10) to 16 counters.
+//! A call that fails is retried with the same keys until it is
+//! acknowledged; one acknowledged call in ten is sent again, as a client
+//! does when a response is lost. A reader reads every counter every 100 ms
+//! and checks that no total ever exceeds what was sent (acknowledged plus
+//! in doubt): a retry applied twice would show, even for a moment. Phases,
+//! one after the other, under that load:
+//!
+//! 1. shard-2 SIGKILLed, left down 10 s, started again with its data;
+//! 2. shard-3 SIGSTOPped for 5 s;
+//! 3. shard-1 restarted with an empty data directory (a replaced disk),
+//!    once its last changes reached its replica (replication is
+//!    asynchronous: a disk lost sooner loses what the last round had not
+//!    copied, see docs/GUARANTEES.md);
+//! 4. shard-2 drained (and left in the membership);
+//! 5. shard-4 added by SIGHUP (with the writers paused across the reload:
+//!    a retry straddling a ring change may still apply twice);
+//! 6. the coordinator SIGKILLed and started again.
+//!
+//! Each phase prints the share of keyed calls that succeeded, counting
+//! calls that began outside the detection window after a failure
+//! (`health_interval_ms + 2 × health_timeout_ms`, 1.1 s here). The end
+//! prints `acknowledged N, present N, lost 0, duplicated 0` and asserts it,
+//! and that no read exceeded its bound. Keyed availability while a shard
+//! is down is printed, not asserted: a down owner's keyed increments fail
+//! until it is back (docs/GUARANTEES.md, "While a shard is down or hung").
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::ledger::{Clients, Connections, Ledger, Outcome, RETRY_LIMIT};
+use support::ProcessCluster;
+use tally::proto::pb;
+use tonic::Code;
+
+const WRITERS: usize = 8;
+const COUNTERS: usize = 16;
+/// `health_interval_ms + 2 × health_timeout_ms` of the test cluster.
+const DETECTION_WINDOW: Duration = Duration::from_millis(1_100);
+
+fn counter_name(index: usize) -> String {
+    format!("keyed-{index}")
+}
+
+/// One call: its phase, when it began, whether it was acknowledged.
+type Attempt = (usize, Instant, bool);
+
+/// What the writers, the reader and the phases share.
+#[derive(Default)]
+struct Shared {
+    phase: AtomicUsize,
+    /// Writers start no new call while set.
+    paused: AtomicBool,
+    /// Writers in a call (retries included).
+    busy: AtomicUsize,
+    stop: AtomicBool,
+    attempts: Mutex<Vec<Attempt>>,
+    /// Per counter, the deltas of every increment sent at least once:
+    /// acknowledged or in doubt. No read may exceed it.
+    sent: Mutex<HashMap<String, i64>>,
+    /// Reads that exceeded it, for the message.
+    over: Mutex<Vec<String>>,
+    /// Per phase: complete reads, and reads that were not.
+    reads: Mutex<HashMap<usize, (u64, u64)>>,
+}
+
+impl Shared {
+    /// Pauses the writers once their calls in flight are acknowledged.
+    async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        support::wait_until("the writers to pause", RETRY_LIMIT, || async {
+            match self.busy.load(Ordering::SeqCst) {
+                0 => Ok(()),
+                busy => Err(busy),
+            }
+        })
+        .await;
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Sends `items` until acknowledged, recording every attempt.
+async fn send_until_acknowledged(
+    shared: &Shared,
+    connections: &mut Connections,
+    clients: &Clients,
+    items: &[pb::IncrementRequest],
+) -> u64 {
+    let started = Instant::now();
+    let mut failed = 0;
+    loop {
+        let began = Instant::now();
+        let result = connections.send(&clients.endpoint(0), items).await;
+        let phase = shared.phase.load(Ordering::SeqCst);
+        shared
+            .attempts
+            .lock()
+            .unwrap()
+            .push((phase, began, result.is_ok()));
+        match result {
+            Ok(()) => return failed,
+            Err(status) => {
+                assert!(
+                    !matches!(
+                        status.code(),
+                        Code::AlreadyExists | Code::InvalidArgument | Code::OutOfRange
+                    ),
+                    "a retry was refused: {status:?}"
+                );
+                assert!(
+                    started.elapsed() < RETRY_LIMIT,
+                    "a call failed for {RETRY_LIMIT:?}: {status:?}"
+                );
+                failed += 1;
+                // A client's pause between retries.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+fn start_writers(
+    runtime: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+    clients: &Clients,
+) -> Vec<tokio::task::JoinHandle<Ledger>> {
+    (0..WRITERS)
+        .map(|writer| {
+            let shared = shared.clone();
+            let clients = clients.clone();
+            runtime.spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(writer as u64 + 1);
+                let mut connections = Connections::default();
+                let mut ledger = Ledger::default();
+                let mut sequence = 0u64;
+                while !shared.stop.load(Ordering::SeqCst) {
+                    if shared.paused.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    shared.busy.fetch_add(1, Ordering::SeqCst);
+                    if shared.paused.load(Ordering::SeqCst) {
+                        shared.busy.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    let size = if rng.u8(..5) == 0 {
+                        rng.usize(2..=10)
+                    } else {
+                        1
+                    };
+                    let items: Vec<pb::IncrementRequest> = (0..size)
+                        .map(|_| {
+                            sequence += 1;
+                            pb::IncrementRequest {
+                                counter: counter_name(rng.usize(..COUNTERS)),
+                                delta: rng.i64(1..=1_000),
+                                idempotency_key: format!("keyed-w{writer}-{sequence}"),
+                            }
+                        })
+                        .collect();
+                    {
+                        let mut sent = shared.sent.lock().unwrap();
+                        for item in &items {
+                            *sent.entry(item.counter.clone()).or_default() += item.delta;
+                        }
+                    }
+                    ledger.retried +=
+                        send_until_acknowledged(&shared, &mut connections, &clients, &items).await;
+                    ledger.record(&items);
+                    if rng.u8(..10) == 0 {
+                        ledger.retried +=
+                            send_until_acknowledged(&shared, &mut connections, &clients, &items)
+                                .await;
+                        ledger.resent += 1;
+                    }
+                    shared.busy.fetch_sub(1, Ordering::SeqCst);
+                }
+                ledger
+            })
+        })
+        .collect()
+}
+
+/// Reads every counter every 100 ms and checks each total against what was
+/// sent.
+fn start_reader(
+    runtime: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+    clients: &Clients,
+) -> tokio::task::JoinHandle<()> {
+    let shared = shared.clone();
+    let clients = clients.clone();
+    runtime.spawn(async move {
+        let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
+        let mut connections = Connections::default();
+        while !shared.stop.load(Ordering::SeqCst) {
+            let phase = shared.phase.load(Ordering::SeqCst);
+            let mut client = connections.client(&clients.endpoint(0));
+            let mut request = tonic::Request::new(pb::GetBatchRequest {
+                counters: counters.clone(),
+                allow_partial: false,
+            });
+            request.set_timeout(Duration::from_secs(5));
+            let answer = client.get_batch(request).await;
+            // Whatever the read counted was sent before it returned.
+            let sent = shared.sent.lock().unwrap().clone();
+            let complete = match answer {
+                Ok(answer) => {
+                    for total in answer.into_inner().counters {
+                        let bound = sent.get(&total.counter).copied().unwrap_or(0);
+                        if total.value > bound {
+                            shared.over.lock().unwrap().push(format!(
+                                "phase {phase}: {} read {} > {bound} sent",
+                                total.counter, total.value
+                            ));
+                        }
+                    }
+                    true
+                }
+                Err(_) => false,
+            };
+            {
+                let mut reads = shared.reads.lock().unwrap();
+                let entry = reads.entry(phase).or_default();
+                if complete {
+                    entry.0 += 1;
+                } else {
+                    entry.1 += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// A phase's name, when it began, and the failure's moment within it (calls
+/// that began within the detection window after it are not counted).
+struct Phase {
+    name: &'static str,
+    began: Instant,
+    failure: Option<Instant>,
+}
+
+fn report(shared: &Shared, phases: &[Phase], ended: Instant) {
+    let attempts = shared.attempts.lock().unwrap();
+    let reads = shared.reads.lock().unwrap();
+    for (index, phase) in phases.iter().enumerate() {
+        let until = phases.get(index + 1).map_or(ended, |next| next.began);
+        let seconds = (until - phase.began).as_secs_f64();
+        let acknowledged = attempts
+            .iter()
+            .filter(|(at, _, ok)| *at == index && *ok)
+            .count();
+        let counted: Vec<&Attempt> = attempts
+            .iter()
+            .filter(|(at, began, _)| {
+                *at == index
+                    && phase.failure.is_none_or(|failure| {
+                        !(failure..failure + DETECTION_WINDOW).contains(began)
+                    })
+            })
+            .collect();
+        let ok = counted.iter().filter(|(_, _, ok)| *ok).count();
+        let share = if counted.is_empty() {
+            100.0
+        } else {
+            ok as f64 * 100.0 / counted.len() as f64
+        };
+        let (complete, not) = reads.get(&index).copied().unwrap_or_default();
+        support::report(&format!(
+            "phase {index} ({}, {seconds:.1} s): keyed write availability {share:.1}% ({ok} of \
+             {} calls outside the detection window), {:.0} calls acknowledged/s; reads \
+             complete {complete}, not {not}",
+            phase.name,
+            counted.len(),
+            acknowledged as f64 / seconds
+        ));
+    }
+}
+
+#[test]
+fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
+    let runtime = support::runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let dir = cluster.dir.path().to_path_buf();
+    let clients = Clients::new(vec![cluster.coordinator.endpoint()]);
+    let shared = Arc::new(Shared::default());
+    let writers = start_writers(&runtime, &shared, &clients);
+    let reader = start_reader(&runtime, &shared, &clients);
+    let mut phases: Vec<Phase> = Vec::new();
+    let begin = |phases: &mut Vec<Phase>, name| {
+        shared.phase.store(phases.len(), Ordering::SeqCst);
+        phases.push(Phase {
+            name,
+            began: Instant::now(),
+            failure: None,
+        });
+    };
+    let run = |time: u64| std::thread::sleep(Duration::from_millis(time));
+
+    begin(&mut phases, "steady");
+    run(2_000);
+
+    begin(&mut phases, "shard-2 killed, down 10 s, back with its data");
+    let address = cluster.shards[1]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    run(10_000);
+    cluster.restart_shard(1, address);
+    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    run(1_000);
+
+    begin(&mut phases, "shard-3 stopped 5 s");
+    let pid = Pid::from_raw(cluster.shards[2].as_ref().unwrap().pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    run(5_000);
+    kill(pid, Signal::SIGCONT).unwrap();
+    support::wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
+    run(1_000);
+
+    begin(
+        &mut phases,
+        "shard-1 restarted with an empty data directory",
+    );
+    runtime.block_on(shared.pause());
+    runtime.block_on(support::wait_for_process_replicas(&cluster));
+    let address = cluster.shards[0]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGTERM);
+    std::fs::remove_dir_all(dir.join("data/shard-1")).unwrap();
+    cluster.restart_shard(0, address);
+    shared.resume();
+    run(3_000);
+
+    begin(&mut phases, "shard-2 drained");
+    let drained = cluster.tallyctl(&["drain", "shard-2"]);
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    run(2_000);
+
+    begin(&mut phases, "shard-4 added by SIGHUP");
+    let added = support::start_shard(
+        "shard-4",
+        &support::write_shard_config(&dir, 4, "sync"),
+        &[],
+    );
+    let mut addresses: Vec<_> = cluster
+        .shards
+        .iter()
+        .map(|shard| shard.as_ref().unwrap().address)
+        .collect();
+    addresses.push(added.address);
+    runtime.block_on(shared.pause());
+    support::write_coordinator_config(&dir, &addresses);
+    kill(
+        Pid::from_raw(cluster.coordinator.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    runtime.block_on(support::wait_until("the reload", support::PATIENCE, || {
+        let log = cluster.coordinator.log();
+        std::future::ready(if log.contains("added shard-4") {
+            Ok(())
+        } else {
+            Err(())
+        })
+    }));
+    shared.resume();
+    run(2_000);
+
+    begin(&mut phases, "coordinator restarted");
+    let listen = cluster.coordinator.address.to_string();
+    cluster.coordinator.signal(Signal::SIGKILL);
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    cluster.coordinator = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator-2",
+        &[
+            "--config",
+            cluster.coordinator_config.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+        &dir,
+    );
+    run(2_000);
+
+    let ended = Instant::now();
+    shared.stop.store(true, Ordering::SeqCst);
+    let mut ledger = Ledger::default();
+    for writer in writers {
+        ledger.merge(runtime.block_on(writer).unwrap());
+    }
+    runtime.block_on(reader).unwrap();
+    report(&shared, &phases, ended);
+
+    let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
+    let totals = runtime.block_on(support::totals(&cluster.coordinator.endpoint(), &counters));
+    let mut outcome = Outcome {
+        increments: ledger.increments,
+        acknowledged: ledger.acknowledged,
+        present: 0,
+        lost: 0,
+        duplicated: 0,
+    };
+    for total in totals {
+        assert!(total.complete, "{total:?}");
+        let expected = ledger.expected.get(&total.counter).copied().unwrap_or(0);
+        outcome.present += total.value;
+        outcome.lost += (expected - total.value).max(0);
+        outcome.duplicated += (total.value - expected).max(0);
+    }
+    support::report(&format!(
+        "keyed harness ({} calls retried, {} resent): {outcome}",
+        ledger.retried, ledger.resent
+    ));
+    let over = shared.over.lock().unwrap();
+    assert!(
+        over.is_empty(),
+        "{} reads above what was sent, the first: {:?}",
+        over.len(),
+        &over[..over.len().min(10)]
+    );
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+    drop(added);
+}

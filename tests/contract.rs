@@ -417,6 +417,32 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
     let mut client = test.cluster.counter_client().await.unwrap();
     assert_eq!(value(&mut client, "versioned").await, 0);
 
+    // A keyed increment sent on behalf of a node whose records this node
+    // does not hold (a stale sender): it cannot tell a retry from a new
+    // increment, so it applies nothing and says why.
+    let stand_in = shard_client
+        .apply(pb::ApplyRequest {
+            node_id: node_id.clone(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION,
+            increments: vec![pb::ShardIncrement {
+                counter: "stood-in".into(),
+                stripe: 0,
+                delta: 1,
+                idempotency_key: "k".into(),
+                on_behalf_of: "shard-9".into(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &stand_in.results[0].outcome {
+        Some(pb::apply_result::Outcome::Unavailable(why)) => {
+            assert!(why.contains("shard-9"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(value(&mut client, "stood-in").await, 0);
+
     // Drained through the coordinator: the node refuses its changes as
     // drained, and its writes as draining.
     let mut admin = pb::admin_client::AdminClient::connect(test.cluster.endpoint())

@@ -20,10 +20,11 @@
 //! `health_interval_ms` up to [`MAX_PROBE_BACKOFF`], so a restarted node is
 //! found within that.
 //!
-//! Routing reads this board: an increment without an idempotency key whose
-//! owner is down goes to the next healthy node on the ring (correct by the
-//! invariant: a counter is the sum of its entries wherever they are). A keyed
-//! increment stays with its owner, the only node that can deduplicate it.
+//! Routing reads this board (`placement`): an increment without an
+//! idempotency key whose owner is down goes to the next healthy node on the
+//! ring (correct by the invariant: a counter is the sum of its entries
+//! wherever they are); a keyed one only to a node that holds its owner's
+//! records.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,6 +62,8 @@ pub struct NodeHealth {
     pub restoring: bool,
     /// Its drain state, as last seen.
     pub drain: pb::DrainState,
+    /// The adopter its drain recorded, once it has one (as last seen).
+    pub adopter: Option<Arc<str>>,
     /// Copies of its entries to its replicas that failed since this
     /// coordinator started.
     pub replication_failures: u64,
@@ -68,6 +71,22 @@ pub struct NodeHealth {
     pub last_answer: Instant,
     /// Timeouts since that answer (see [`MISSES_TO_DOWN`]).
     pub misses: u32,
+    /// When the first of those was counted: a later miss counts only for a
+    /// call sent after it, so calls that were in flight together when the
+    /// node stalled are one miss, not several.
+    pub first_miss: Option<Instant>,
+}
+
+/// What a timeout meant for a node's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Nothing: the node answered something since the call was sent, or
+    /// the call was in flight with the miss already counted.
+    Ignored,
+    /// A first miss: ask again at once.
+    First,
+    /// The node is down.
+    Down,
 }
 
 /// Every node's health, indexed like the ring's nodes.
@@ -94,9 +113,11 @@ impl HealthBoard {
                         error: String::new(),
                         restoring: false,
                         drain: pb::DrainState::Serving,
+                        adopter: None,
                         replication_failures: 0,
                         last_answer: Instant::now(),
                         misses: 0,
+                        first_miss: None,
                     })
                 })
                 .collect(),
@@ -136,6 +157,7 @@ impl HealthBoard {
         let mut node = self.nodes[index].lock();
         node.last_answer = Instant::now();
         node.misses = 0;
+        node.first_miss = None;
         if !node.up {
             tracing::info!(node_id = &*self.ids[index], "shard node is up again");
             node.up = true;
@@ -170,6 +192,19 @@ impl HealthBoard {
         node.drain = node.drain.max(drain);
     }
 
+    /// Records the adopter node `index`'s drain recorded.
+    pub fn set_adopter(&self, index: usize, adopter: &str) {
+        let mut node = self.nodes[index].lock();
+        if node.adopter.as_deref() != Some(adopter) {
+            node.adopter = Some(adopter.into());
+        }
+    }
+
+    /// The adopter node `index`'s drain recorded, if known.
+    pub fn adopter(&self, index: usize) -> Option<Arc<str>> {
+        self.nodes[index].lock().adopter.clone()
+    }
+
     /// Whether node `index` said it awaits a restore.
     pub fn is_restoring(&self, index: usize) -> bool {
         self.nodes[index].lock().restoring
@@ -187,20 +222,28 @@ impl HealthBoard {
         self.mark_down(index, &mut node, error);
     }
 
-    /// A call to or probe of node `index`, sent at `sent`, timed out.
-    /// Returns whether the node is now down: after [`MISSES_TO_DOWN`] such
-    /// timeouts with no answer since the first was sent. A timeout of a
-    /// call sent before the node's last answer says nothing.
-    pub fn record_miss(&self, index: usize, sent: Instant, error: &str) -> bool {
+    /// A call to or probe of node `index`, sent at `sent`, timed out. The
+    /// node is down after [`MISSES_TO_DOWN`] such timeouts, each of a call
+    /// sent after the previous one was counted, with no answer since the
+    /// first was sent. A timeout of a call sent before the node's last
+    /// answer, or before the last counted miss, says nothing new.
+    pub fn record_miss(&self, index: usize, sent: Instant, error: &str) -> Miss {
         let mut node = self.nodes[index].lock();
-        if node.last_answer > sent {
-            return !node.up;
+        if !node.up {
+            node.error = error.to_string();
+            return Miss::Down;
+        }
+        if node.last_answer > sent || node.first_miss.is_some_and(|first| sent <= first) {
+            return Miss::Ignored;
         }
         node.misses = node.misses.saturating_add(1);
+        node.first_miss = Some(Instant::now());
         if node.misses >= MISSES_TO_DOWN {
             self.mark_down(index, &mut node, error);
+            Miss::Down
+        } else {
+            Miss::First
         }
-        !node.up
     }
 
     fn mark_down(&self, index: usize, node: &mut NodeHealth, error: &str) {
@@ -236,15 +279,18 @@ pub async fn probe_loop(
                 board.record_success(index);
                 board.set_restoring(index, status.restoring);
                 board.set_drain(index, status.drain_state());
+                if !status.drain_adopter.is_empty() {
+                    board.set_adopter(index, &status.drain_adopter);
+                }
                 interval
             }
             Err(error @ ShardCallError::TimedOut(_)) => {
-                if board.record_miss(index, sent, &error.to_string()) {
-                    backoff
-                } else {
-                    // A first miss: ask again at once, so a hung node is
-                    // found within two probe timeouts of its first miss.
-                    Duration::ZERO
+                match board.record_miss(index, sent, &error.to_string()) {
+                    Miss::Down => backoff,
+                    // Ask again at once, so a hung node is found within two
+                    // probe timeouts of its first miss.
+                    Miss::First => Duration::ZERO,
+                    Miss::Ignored => interval,
                 }
             }
             Err(error) => {
@@ -308,22 +354,28 @@ mod tests {
     fn timeouts_mark_down_only_in_a_row_and_without_an_answer_between() {
         let board = HealthBoard::new(["a".into()]);
         let sent = Instant::now();
-        assert!(!board.record_miss(0, sent, "timed out"), "one miss");
+        assert_eq!(
+            board.record_miss(0, sent, "timed out"),
+            Miss::First,
+            "one miss"
+        );
         assert!(board.is_up(0));
         // An answer to anything: the node is busy, not hung.
         board.record_success(0);
-        assert!(
-            !board.record_miss(0, sent, "timed out"),
+        assert_eq!(
+            board.record_miss(0, sent, "timed out"),
+            Miss::Ignored,
             "a timeout of a call sent before the last answer says nothing"
         );
-        assert!(
-            !board.record_miss(0, Instant::now(), "timed out"),
-            "a new first miss"
-        );
+        let sent = Instant::now();
+        assert_eq!(board.record_miss(0, sent, "timed out"), Miss::First);
+        // Calls that were in flight together when it stalled: one miss.
+        assert_eq!(board.record_miss(0, sent, "timed out"), Miss::Ignored);
         assert!(board.is_up(0));
-        assert!(
+        assert_eq!(
             board.record_miss(0, Instant::now(), "timed out"),
-            "two in a row"
+            Miss::Down,
+            "two in a row, the second sent after the first was counted"
         );
         let down = board.get(0);
         assert!(!down.up);

@@ -8,7 +8,7 @@ use crate::error::ShardCallError;
 use crate::model::{CopyRead, NodeRead};
 
 /// What the merge needs to know of one node besides its answer. The last
-/// two fields matter only for a node that did not answer.
+/// three fields matter only for a node that did not answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView<'a> {
     /// Its id, as answers name it.
@@ -69,8 +69,7 @@ pub fn part_of<'a>(
                     "drained, and its adopter's copy was not read".into(),
                 ));
             }
-            return freshest_copy(node, views, answers)
-                .filter(|_| recent_copy_exists(node, views, answers))
+            return recent_copy(node, views, answers)
                 .map(|copy| vec![copy.parts.as_slice()])
                 .ok_or_else(|| error.clone());
         }
@@ -132,33 +131,53 @@ fn freshest_copy<'a>(
         .max_by_key(|copy| copy.version)
 }
 
-/// Whether one of node `origin`'s replicas had its copy brought up to date
-/// by a round that began recently enough (`NodeView::max_copy_age_ms`).
-/// Then the freshest copy holds everything the origin acknowledged before
-/// that round: that round's copy does, and a copy at a higher version holds
-/// everything a lower one does. Ages are durations, each measured on one
-/// node's monotonic clock: no clock readings from two nodes are compared.
-fn recent_copy_exists(origin: usize, views: &[NodeView<'_>], answers: &[Answer]) -> bool {
+/// The freshest copy of node `origin`'s parts that is known to be recent
+/// enough, if any. A copy is *recent* if a replication round that began
+/// recently enough (`NodeView::max_copy_age_ms`) reached it, or this
+/// coordinator vouches for its version (`NodeView::vouched`); it then holds
+/// everything the origin acknowledged before that round. So does any copy
+/// of the same origin directory at a higher version (versions of one
+/// directory only grow); a copy from another directory of the origin (a
+/// replaced disk) proves nothing about this one. Ages are durations, each
+/// measured on one node's monotonic clock: no clock readings of two nodes
+/// are compared.
+fn recent_copy<'a>(
+    origin: usize,
+    views: &[NodeView<'_>],
+    answers: &'a [Answer],
+) -> Option<&'a CopyRead> {
     let view = &views[origin];
-    view.replicas.iter().any(|&replica| {
-        let vouched = view
-            .vouched
-            .iter()
-            .find(|(vouched, _)| *vouched == replica)
-            .map(|&(_, version)| version);
-        answers[replica]
-            .as_ref()
-            .ok()
-            .into_iter()
-            .flat_map(|answer| &answer.copies)
-            .filter(|copy| copy.origin == view.id)
-            .any(|copy| {
-                let young = copy.age_ms.is_some_and(|age| {
-                    i64::try_from(age).is_ok_and(|age| age <= view.max_copy_age_ms)
-                });
-                young || vouched.is_some_and(|version| copy.version >= version)
+    let copies: Vec<(usize, &CopyRead)> = view
+        .replicas
+        .iter()
+        .filter_map(|&replica| Some((replica, answers[replica].as_ref().ok()?)))
+        .flat_map(|(replica, answer)| answer.copies.iter().map(move |copy| (replica, copy)))
+        .filter(|(_, copy)| copy.origin == view.id)
+        .collect();
+    let recent = |replica: usize, copy: &CopyRead| {
+        let young = copy
+            .age_ms
+            .is_some_and(|age| i64::try_from(age).is_ok_and(|age| age <= view.max_copy_age_ms));
+        young
+            || view
+                .vouched
+                .iter()
+                .any(|&(vouched, version)| vouched == replica && copy.version >= version)
+    };
+    let evidence: Vec<&CopyRead> = copies
+        .iter()
+        .filter(|(replica, copy)| recent(*replica, copy))
+        .map(|(_, copy)| *copy)
+        .collect();
+    copies
+        .iter()
+        .map(|(_, copy)| *copy)
+        .filter(|copy| {
+            evidence.iter().any(|recent| {
+                recent.directory_id == copy.directory_id && copy.version >= recent.version
             })
-    })
+        })
+        .max_by_key(|copy| copy.version)
 }
 
 #[cfg(test)]
@@ -428,10 +447,8 @@ mod tests {
                 ..own(3)
             }),
         ];
-        let mut recent = views.clone();
-        recent[0].max_copy_age_ms = 50;
-        assert_eq!(x_part(&answers, &recent), Some(80));
-        let mut none_recent = recent.clone();
+        assert_eq!(x_part(&answers, &views), Some(80));
+        let mut none_recent = views.clone();
         none_recent[0].max_copy_age_ms = 5;
         assert_eq!(x_part(&answers, &none_recent), None);
         // The coordinator's own recent round brought z's copy to version 8:
@@ -442,6 +459,20 @@ mod tests {
         // A round to version 9 vouches for nothing older.
         vouched[0].vouched = vec![(2, 9)];
         assert_eq!(x_part(&answers, &vouched), None);
+        // A recent copy of a new directory of x says nothing of an old
+        // directory's copy, whatever its version.
+        let answers = [
+            down(),
+            Ok(NodeRead {
+                copies: vec![copy("x", 10, Some(10), 2, 10)],
+                ..own(2)
+            }),
+            Ok(NodeRead {
+                copies: vec![copy("x", 5_000, None, 1, 500)],
+                ..own(3)
+            }),
+        ];
+        assert_eq!(x_part(&answers, &views), Some(10));
     }
 
     #[test]

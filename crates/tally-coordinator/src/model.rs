@@ -96,6 +96,8 @@ pub enum Outcome {
     /// A keyed increment the node cannot apply before the restore of its
     /// idempotency records (it started empty); nothing applied.
     AwaitsRestore(StripeIncrement),
+    /// The node cannot apply it (it said why); nothing applied.
+    Unavailable(String),
 }
 
 impl TryFrom<pb::ApplyResult> for Outcome {
@@ -113,6 +115,7 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             Wire::Overflow(refused) => Outcome::Overflow(increment(Some(*refused))?),
             Wire::Redirect(refused) => Outcome::Redirect(increment(Some(*refused))?),
             Wire::AwaitsRestore(refused) => Outcome::AwaitsRestore(increment(Some(*refused))?),
+            Wire::Unavailable(why) => Outcome::Unavailable(why),
             Wire::Conflict(conflict) => Outcome::KeyConflict {
                 increment: increment(conflict.increment)?,
                 recorded_delta: conflict.recorded_delta,
@@ -372,6 +375,10 @@ mod tests {
             (
                 Wire::AwaitsRestore(Box::new(wire.clone())),
                 Outcome::AwaitsRestore(increment),
+            ),
+            (
+                Wire::Unavailable("no copy".into()),
+                Outcome::Unavailable("no copy".into()),
             ),
         ];
         for (wire, expected) in cases {

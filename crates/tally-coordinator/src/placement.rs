@@ -35,8 +35,8 @@ pub struct Target {
 ///   owner on; only walked then) that takes writes: any node may hold any
 ///   entry;
 /// - with a key, only a node that holds the owner's idempotency records:
-///   once the owner's drain has handed them over, its `stand_in` (the
-///   adopter), on its behalf. Before that (a down owner, a drain that has
+///   once the owner's drain has handed them over, its `stand_in()` (the
+///   adopter the drain recorded), on its behalf. Before that (a down owner, a drain that has
 ///   only begun), the owner: the call fails there or is sent back, and the
 ///   client retries; it never lands where the key could apply twice.
 ///
@@ -44,7 +44,7 @@ pub struct Target {
 pub fn write_target<S: IntoIterator<Item = usize>>(
     owner: usize,
     successors: impl FnOnce() -> S,
-    stand_in: Option<usize>,
+    stand_in: impl FnOnce() -> Option<usize>,
     state: impl Fn(usize) -> WriteState,
     keyed: bool,
 ) -> Target {
@@ -57,8 +57,8 @@ pub fn write_target<S: IntoIterator<Item = usize>>(
         return at(owner);
     }
     if keyed {
-        return match stand_in {
-            Some(stand_in) if owner_state.handed_over && state(stand_in).takes_writes() => Target {
+        return match stand_in().filter(|_| owner_state.handed_over) {
+            Some(stand_in) if state(stand_in).takes_writes() => Target {
                 node: stand_in,
                 on_behalf_of: Some(owner),
             },
@@ -146,7 +146,7 @@ mod tests {
             ),
         ];
         for (case, states, keyed, node, on_behalf) in cases {
-            let target = write_target(0, || [0, 1, 2], Some(2), |node| states[node], keyed);
+            let target = write_target(0, || [0, 1, 2], || Some(2), |node| states[node], keyed);
             assert_eq!(
                 target,
                 Target {

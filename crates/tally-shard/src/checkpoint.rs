@@ -189,11 +189,8 @@ impl Checkpoint {
                     }
                     let records = reader.count("record count").map_err(malformed)?;
                     for _ in 0..records {
-                        let record_key = reader.bytes("record key").map_err(malformed)?;
-                        crate::store::decode_record_key(record_key)
-                            .ok_or_else(|| malformed(Malformed { what: "record key" }))?;
-                        let delta = reader.signed("record delta").map_err(malformed)?;
-                        let applied = reader.varint("record time").map_err(malformed)?;
+                        let (record_key, delta, applied) =
+                            crate::store::read_record(&mut reader).map_err(malformed)?;
                         store.load_record(record_key, Some((delta, applied)));
                         loaded.records += 1;
                     }
@@ -219,12 +216,17 @@ impl Checkpoint {
                     }
                     let records = reader.count("record count").map_err(malformed)?;
                     for _ in 0..records {
-                        let record_key = reader.bytes("record key").map_err(malformed)?;
-                        crate::store::decode_record_key(record_key)
-                            .ok_or_else(|| malformed(Malformed { what: "record key" }))?;
-                        let delta = reader.signed("record delta").map_err(malformed)?;
-                        let applied = reader.varint("record time").map_err(malformed)?;
-                        replicas.load_record(origin, record_key, delta, applied);
+                        let (record_key, delta, applied) =
+                            crate::store::read_record(&mut reader).map_err(malformed)?;
+                        // Its arrival is not kept: dated now, so it is
+                        // remembered a whole window from this start.
+                        replicas.load_record(
+                            origin,
+                            record_key,
+                            delta,
+                            applied,
+                            store.retention_now_ms(),
+                        );
                         loaded.copy_records += 1;
                     }
                     reader.finish("bucket").map_err(malformed)?;

@@ -236,7 +236,6 @@ impl Journal {
             round: None,
             checkpoint_position: parts.checkpoint_position,
             last_round_started: Instant::now(),
-            copy_records_swept: Instant::now(),
             jobs: Some(jobs),
             outcomes,
             checkpointer: Some(checkpointer),
@@ -381,10 +380,6 @@ struct Round {
     copies: Vec<(String, usize)>,
 }
 
-/// How often replica copies' records past the retention window are
-/// forgotten.
-const COPY_RECORD_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
-
 struct LogThread {
     state: NodeState,
     settings: LogSettings,
@@ -406,9 +401,6 @@ struct LogThread {
     /// The last durable checkpoint's position.
     checkpoint_position: u64,
     last_round_started: Instant,
-    /// When replica copies' records older than the retention window were
-    /// last forgotten (a walk over all of them: once a minute).
-    copy_records_swept: Instant,
     jobs: Option<mpsc::Sender<Job>>,
     outcomes: mpsc::Receiver<RoundOutcome>,
     checkpointer: Option<std::thread::JoinHandle<Option<u64>>>,
@@ -483,14 +475,16 @@ impl LogThread {
                  more than idempotency_max_keys; a retry of one of them would apply again"
             );
         }
-        if self.copy_records_swept.elapsed() >= COPY_RECORD_SWEEP {
-            self.copy_records_swept = Instant::now();
-            let store = &self.state.store;
-            let before = store
+        // Replica copies' records, by the same retention as own ones (dated
+        // on arrival here). Costs what it forgets.
+        let retention = self.state.store.retention();
+        self.state.replicas.forget_records(
+            self.state
+                .store
                 .retention_now_ms()
-                .saturating_sub(store.retention_window().as_millis() as u64);
-            self.state.replicas.forget_records(before);
-        }
+                .saturating_sub(retention.window.as_millis() as u64),
+            retention.max_keys,
+        );
         self.maybe_start_round();
         let own_capture = match &self.round {
             Some(round) if capture_everything => round.next_segment..SEGMENT_COUNT,

@@ -74,10 +74,14 @@ pub use meta::DrainState;
 pub use refusal::Refusal;
 pub use storage::{verify, DirectoryReport, StorageError, FORMAT_VERSION};
 
-/// Largest internal request a node accepts. A full public batch (10,000
-/// increments of 256-byte names with 128-byte keys) is about 4 MiB, and the
-/// coordinator may coalesce more than one.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest internal message a node accepts or sends. A full public batch
+/// (10,000 increments of 256-byte names with 128-byte keys) is about 4 MiB,
+/// and the coordinator may coalesce more than one; but the largest are full
+/// copies (Changes, Replicate, CopyOf, Restore), one message with every
+/// entry and idempotency record of a node: about 40 bytes per entry and 50
+/// per record with short names, so a node at the default 1,000,000 keys
+/// needs about 100 MiB. Paging them is the lasting fix.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Why a shard node stopped or could not start.
 #[derive(Debug, thiserror::Error)]

@@ -42,7 +42,9 @@ pub type EntryValue = (String, u32, i64);
 /// applied_unix_ms)` (the key as `store::encode_record_key_into` makes it).
 pub type CopyRecord = (Box<[u8]>, i64, u64);
 
-type RecordMap = HashMap<Box<[u8]>, (i64, u64), foldhash::fast::RandomState>;
+/// A copy's record: `(delta, applied_unix_ms by the origin's clock, arrived
+/// here by this node's retention clock)`.
+type RecordMap = HashMap<std::sync::Arc<[u8]>, (i64, u64, u64), foldhash::fast::RandomState>;
 
 /// One origin's entries as this node holds them: a compact table per
 /// segment (the same placement as own entries, so checkpoint buckets line
@@ -54,6 +56,10 @@ struct Copy {
     /// The origin's idempotency records, per segment (of their counter),
     /// checkpointed in the same buckets as own records are.
     records: Vec<RecordMap>,
+    /// The records in the order they arrived here, `(arrived, key)`: what
+    /// retention forgets first. An entry whose record has arrived again
+    /// since (a full copy) is skipped when it comes up.
+    arrivals: std::collections::VecDeque<(u64, std::sync::Arc<[u8]>)>,
     checkpoint_dirty: Vec<u64>,
 }
 
@@ -63,6 +69,7 @@ impl Default for Copy {
             stamp: CopyStamp::default(),
             segments: vec![Table::default(); SEGMENT_COUNT],
             records: vec![RecordMap::default(); SEGMENT_COUNT],
+            arrivals: Default::default(),
             checkpoint_dirty: vec![0; SEGMENT_COUNT],
         }
     }
@@ -71,15 +78,53 @@ impl Default for Copy {
 impl Copy {
     /// Adds one of the origin's records. Marked for the next checkpoint
     /// unless loaded from it.
-    fn set_record(&mut self, key: &[u8], delta: i64, applied_unix_ms: u64, mark: bool) {
+    fn set_record(
+        &mut self,
+        key: &[u8],
+        delta: i64,
+        applied_unix_ms: u64,
+        arrived: u64,
+        mark: bool,
+    ) {
         let Some((counter, _)) = crate::store::decode_record_key(key) else {
             return;
         };
         let segment = Placement::of(counter.as_bytes()).segment;
-        self.records[segment].insert(key.into(), (delta, applied_unix_ms));
         if mark {
             self.checkpoint_dirty[segment] |= 1 << Placement::of(key).sub;
         }
+        let key: std::sync::Arc<[u8]> = key.into();
+        self.records[segment].insert(key.clone(), (delta, applied_unix_ms, arrived));
+        self.arrivals.push_back((arrived, key));
+    }
+
+    /// Forgets the records that arrived before `before`, then the oldest
+    /// beyond `max_keys`. Costs what it forgets.
+    fn forget_records(&mut self, before: u64, max_keys: usize) -> u64 {
+        let mut forgotten = 0;
+        let mut held: usize = self.records.iter().map(|records| records.len()).sum();
+        while let Some(&(arrived, _)) = self.arrivals.front() {
+            if arrived >= before && held <= max_keys {
+                break;
+            }
+            let (arrived, key) = self.arrivals.pop_front().expect("looked at above");
+            let Some((counter, _)) = crate::store::decode_record_key(&key) else {
+                continue;
+            };
+            let segment = Placement::of(counter.as_bytes()).segment;
+            let records = &mut self.records[segment];
+            // Only the entry of the record's last arrival forgets it.
+            if records
+                .get(&key)
+                .is_some_and(|&(_, _, last)| last == arrived)
+            {
+                records.remove(&key);
+                held -= 1;
+                forgotten += 1;
+                self.checkpoint_dirty[segment] |= 1 << Placement::of(&key).sub;
+            }
+        }
+        forgotten
     }
 
     /// Sets one entry; 0 removes it, and a counter with no stripe left.
@@ -130,6 +175,7 @@ impl Copy {
         for records in &mut self.records {
             records.clear();
         }
+        self.arrivals.clear();
         self.checkpoint_dirty.fill(u64::MAX);
     }
 
@@ -137,7 +183,7 @@ impl Copy {
         self.records.iter().flat_map(|records| {
             records
                 .iter()
-                .map(|(key, &(delta, applied))| (key.clone(), delta, applied))
+                .map(|(key, &(delta, applied, _))| (Box::<[u8]>::from(&**key), delta, applied))
         })
     }
 
@@ -161,7 +207,9 @@ impl Copy {
 /// Every replica copy this node holds, by origin.
 ///
 /// Only the log thread changes copies, after the change is in the log
-/// (see [`crate::journal`]); requests read them.
+/// (see [`crate::journal`]); requests read them. The one change not in the
+/// log is forgetting records past their retention: a restart may bring some
+/// back from the log, to be forgotten again.
 #[derive(Debug, Default)]
 pub struct Replicas {
     copies: RwLock<HashMap<Box<str>, Copy>>,
@@ -263,6 +311,7 @@ impl Replicas {
         full: bool,
         entries: &[(&str, u32, i64)],
         records: &[CopyRecord],
+        arrived: u64,
     ) {
         let mut copies = self.copies.write();
         let copy = copies.entry(origin.into()).or_default();
@@ -273,7 +322,7 @@ impl Replicas {
             copy.set(counter, stripe, value, true);
         }
         for (key, delta, applied) in records {
-            copy.set_record(key, *delta, *applied, true);
+            copy.set_record(key, *delta, *applied, arrived, true);
         }
         copy.stamp = stamp;
         copy.compact_wasteful();
@@ -291,6 +340,11 @@ impl Replicas {
         ))
     }
 
+    /// Whether this node holds a copy of `origin`.
+    pub fn has_copy(&self, origin: &str) -> bool {
+        self.copies.read().contains_key(origin)
+    }
+
     /// The delta `origin` applied under `key` to `counter`, if the copy
     /// holds its record.
     pub fn record(&self, origin: &str, counter: &str, key: &str) -> Option<i64> {
@@ -300,30 +354,19 @@ impl Replicas {
         let copies = self.copies.read();
         copies.get(origin)?.records[segment]
             .get(record_key.as_slice())
-            .map(|&(delta, _)| delta)
+            .map(|&(delta, _, _)| delta)
     }
 
-    /// Forgets the origins' records applied before `before_unix_ms` (this
-    /// node's retention, by the origin's retention clock: the window is
-    /// long, and clocks need only agree within it). Returns how many.
-    pub fn forget_records(&self, before_unix_ms: u64) -> u64 {
-        let mut copies = self.copies.write();
-        let mut forgotten = 0;
-        for copy in copies.values_mut() {
-            for segment in 0..SEGMENT_COUNT {
-                let mut marks = 0u64;
-                copy.records[segment].retain(|key, &mut (_, applied)| {
-                    let keep = applied >= before_unix_ms;
-                    if !keep {
-                        marks |= 1 << Placement::of(key).sub;
-                        forgotten += 1;
-                    }
-                    keep
-                });
-                copy.checkpoint_dirty[segment] |= marks;
-            }
-        }
-        forgotten
+    /// Forgets, in every copy, the records that arrived before `before`
+    /// (this node's retention clock: no clock of another node is read),
+    /// then the oldest beyond `max_keys` per copy, as the origin itself
+    /// would. Returns how many. Costs what it forgets.
+    pub fn forget_records(&self, before: u64, max_keys: usize) -> u64 {
+        self.copies
+            .write()
+            .values_mut()
+            .map(|copy| copy.forget_records(before, max_keys))
+            .sum()
     }
 
     /// Drops the copy of `origin` (after the log recorded it).
@@ -345,12 +388,19 @@ impl Replicas {
 
     /// Adds a record to a copy from the checkpoint while recovering (not
     /// marked for the next checkpoint: it holds it).
-    pub fn load_record(&self, origin: &str, key: &[u8], delta: i64, applied_unix_ms: u64) {
+    pub fn load_record(
+        &self,
+        origin: &str,
+        key: &[u8],
+        delta: i64,
+        applied_unix_ms: u64,
+        arrived: u64,
+    ) {
         self.copies
             .write()
             .entry(origin.into())
             .or_default()
-            .set_record(key, delta, applied_unix_ms, false);
+            .set_record(key, delta, applied_unix_ms, arrived, false);
     }
 
     /// Sets a copy's stamp while recovering.
@@ -464,7 +514,7 @@ impl Replicas {
             let marked = std::mem::take(&mut copy.checkpoint_dirty[segment]);
             let records = copy.records[segment]
                 .iter()
-                .map(|(key, &(delta, applied))| (&**key, delta, applied));
+                .map(|(key, &(delta, applied, _))| (&**key, delta, applied));
             capture_buckets(&copy.segments[segment], records, segment, marked, into);
         }
     }
@@ -498,6 +548,7 @@ mod tests {
             true,
             &[("c", 0, 5), ("c", 1, 2), ("d", 0, 1)],
             &[],
+            0,
         );
         assert_eq!(replicas.accepts("a", 9, &at(12), false), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 4, &at(12), false), Verdict::Apply);
@@ -511,7 +562,7 @@ mod tests {
         };
         assert_eq!(replicas.accepts("a", 0, &other, true), Verdict::Apply);
         assert_eq!(replicas.accepts("a", 1, &other, false), Verdict::NeedFull);
-        replicas.apply("a", at(12), false, &[("c", 1, 0), ("d", 0, 4)], &[]);
+        replicas.apply("a", at(12), false, &[("c", 1, 0), ("d", 0, 4)], &[], 0);
         let read = replicas.read(&["c".into(), "d".into(), "e".into()]);
         assert_eq!(
             read,
@@ -521,33 +572,33 @@ mod tests {
                 counters: vec![vec![(0, 5)], vec![(0, 4)], vec![]],
             }]
         );
-        replicas.apply("a", at(20), true, &[("e", 3, 7)], &[]);
+        replicas.apply("a", at(20), true, &[("e", 3, 7)], &[], 0);
         let read = replicas.read(&["c".into(), "e".into()]);
         assert_eq!(read[0].counters, vec![vec![], vec![(3, 7)]]);
     }
 
-    fn key(counter: &str, key: &str) -> Box<[u8]> {
-        let mut bytes = Vec::new();
-        crate::store::encode_record_key_into(&mut bytes, counter, key);
-        bytes.into()
-    }
+    use crate::store::record_key as key;
 
     #[test]
-    fn a_copy_keeps_its_origins_records_until_their_window_ends() {
+    fn a_copy_keeps_its_origins_records_for_the_window_and_the_maximum() {
         let replicas = Replicas::default();
+        // Dated on arrival (100, 200), whatever the origin's clock said (the
+        // third field).
         replicas.apply(
             "a",
             at(1),
             true,
             &[("c", 0, 5)],
-            &[(key("c", "k1"), 5, 100)],
+            &[(key("c", "k1"), 5, 9_999)],
+            100,
         );
         replicas.apply(
             "a",
             at(2),
             false,
             &[("c", 0, 7)],
-            &[(key("c", "k2"), 2, 200)],
+            &[(key("c", "k2"), 2, 1)],
+            200,
         );
         assert_eq!(replicas.record("a", "c", "k1"), Some(5));
         assert_eq!(replicas.record("a", "c", "k2"), Some(2));
@@ -557,30 +608,48 @@ mod tests {
         replicas.erase(&["c"]);
         assert_eq!(replicas.record("a", "c", "k1"), Some(5));
         // Checkpointed with the copy's buckets.
-        let mut captured = Vec::new();
-        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         let bucket = Placement::of(b"c").segment * crate::store::BUCKETS_PER_SEGMENT
             + Placement::of(&key("c", "k1")).sub;
-        assert!(captured.iter().any(
-            |captured| usize::from(captured.bucket) == bucket && !captured.contents.is_empty()
-        ));
-        assert_eq!(replicas.forget_records(150), 1);
+        let captured_bucket = |replicas: &Replicas| {
+            let mut captured = Vec::new();
+            replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+            captured
+                .into_iter()
+                .find(|captured| usize::from(captured.bucket) == bucket)
+        };
+        assert!(captured_bucket(&replicas).is_some_and(|bucket| !bucket.contents.is_empty()));
+        // By arrival, then beyond the maximum, oldest first; the forgetting
+        // reaches the checkpoint.
+        assert_eq!(replicas.forget_records(150, 10), 1);
         assert_eq!(replicas.record("a", "c", "k1"), None);
         assert_eq!(replicas.record("a", "c", "k2"), Some(2));
-        // A full set replaces the records too.
-        replicas.apply("a", at(3), true, &[], &[(key("d", "k9"), 1, 300)]);
+        assert!(
+            captured_bucket(&replicas).is_some(),
+            "the bucket is marked again"
+        );
+        replicas.apply("a", at(3), false, &[], &[(key("d", "k3"), 3, 1)], 300);
+        assert_eq!(replicas.forget_records(0, 1), 1, "one over the maximum");
         assert_eq!(replicas.record("a", "c", "k2"), None);
+        assert_eq!(replicas.record("a", "d", "k3"), Some(3));
+        // A full set replaces the records too.
+        replicas.apply("a", at(4), true, &[], &[(key("d", "k9"), 1, 300)], 400);
+        assert_eq!(replicas.record("a", "d", "k3"), None);
         assert_eq!(replicas.record("a", "d", "k9"), Some(1));
         let (_, _, records) = replicas.copy_of("a").unwrap();
         assert_eq!(records, vec![(key("d", "k9"), 1, 300)]);
+        assert_eq!(
+            replicas.forget_records(0, 10),
+            0,
+            "stale arrivals forget nothing"
+        );
     }
 
     #[test]
     fn erase_removes_a_counter_from_every_copy() {
         let replicas = Replicas::default();
-        replicas.apply("a", at(1), true, &[("c", 0, 5)], &[]);
-        replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)], &[]);
-        replicas.apply("z", at(1), true, &[("d", 0, 1)], &[]);
+        replicas.apply("a", at(1), true, &[("c", 0, 5)], &[], 0);
+        replicas.apply("b", at(1), true, &[("c", 2, 5), ("d", 0, 1)], &[], 0);
+        replicas.apply("z", at(1), true, &[("d", 0, 1)], &[], 0);
         assert!(replicas.holds_any(&["c"]));
         assert!(replicas.erase(&["c"]));
         assert!(!replicas.holds_any(&["c"]));
@@ -594,7 +663,7 @@ mod tests {
     #[test]
     fn captures_cover_changes_and_deletions() {
         let replicas = Replicas::default();
-        replicas.apply("a", at(1), true, &[("c", 0, 5), ("d", 1, 2)], &[]);
+        replicas.apply("a", at(1), true, &[("c", 0, 5), ("d", 1, 2)], &[], 0);
         let mut captured = Vec::new();
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         // A full set marks every bucket: the empty ones are deletions.
@@ -613,7 +682,7 @@ mod tests {
         captured.clear();
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         assert!(captured.is_empty(), "marks are cleared");
-        replicas.apply("a", at(2), false, &[("c", 0, 0)], &[]);
+        replicas.apply("a", at(2), false, &[("c", 0, 0)], &[], 0);
         replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
         assert_eq!(captured.len(), 1);
         assert_eq!(captured[0].bucket, Placement::of(b"c").bucket());

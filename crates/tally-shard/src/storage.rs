@@ -998,11 +998,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    fn record_key(counter: &str, key: &str) -> Box<[u8]> {
-        let mut bytes = Vec::new();
-        crate::store::encode_record_key_into(&mut bytes, counter, key);
-        bytes.into()
-    }
+    use crate::store::record_key;
 
     fn open(dir: &Path) -> Result<Recovered, StorageError> {
         Storage::open(dir, "shard-1", KeyRetention::default(), 4096)

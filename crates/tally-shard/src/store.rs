@@ -213,6 +213,26 @@ pub fn encode_record_key_into(buffer: &mut Vec<u8>, counter: &str, key: &str) {
     buffer.extend_from_slice(key.as_bytes());
 }
 
+/// Reads one idempotency record as checkpoint buckets and replica frames
+/// hold it: `key: bytes | delta: zigzag | applied_unix_ms: varint`.
+pub fn read_record<'a>(reader: &mut Reader<'a>) -> Result<(&'a [u8], i64, u64), Malformed> {
+    let key = reader.bytes("record key")?;
+    decode_record_key(key).ok_or(Malformed { what: "record key" })?;
+    Ok((
+        key,
+        reader.signed("record delta")?,
+        reader.varint("record time")?,
+    ))
+}
+
+/// A record key for tests: [`encode_record_key_into`], owned.
+#[cfg(test)]
+pub fn record_key(counter: &str, key: &str) -> Box<[u8]> {
+    let mut bytes = Vec::new();
+    encode_record_key_into(&mut bytes, counter, key);
+    bytes.into()
+}
+
 /// Splits a record key into its counter and idempotency key.
 pub fn decode_record_key(bytes: &[u8]) -> Option<(&str, &str)> {
     let (length, rest) = bytes.split_first_chunk::<2>()?;
@@ -447,7 +467,7 @@ impl Segment {
 /// bucket), from its table and its idempotency records `(key, delta,
 /// applied_unix_ms)`: zero stripes and all-zero counters left out, an empty
 /// bucket as empty contents (a delete). Shared by own entries and replica
-/// copies (which have no records).
+/// copies (with their origins' records).
 pub(crate) fn capture_buckets<'a>(
     table: &Table,
     records: impl Iterator<Item = (&'a [u8], i64, u64)>,
@@ -550,7 +570,8 @@ pub struct Changes {
     pub entries: Vec<(Box<str>, u32, i64)>,
     /// Idempotency records added since (or, `full`, every one remembered),
     /// as `(record key, delta, applied_unix_ms)`. Forgotten ones are not
-    /// listed: a copy forgets by the same window (`Replicas`).
+    /// listed: a copy forgets by the same retention, window and maximum,
+    /// counted from their arrival there (`Replicas::forget_records`).
     pub records: Vec<(Box<[u8]>, i64, u64)>,
 }
 
@@ -648,8 +669,9 @@ impl Store {
     }
 
     /// This node's own entries changed after version `since` (from an
-    /// earlier call), or all of them (`full`) if `since` is 0, from another
-    /// incarnation, or older than the removal log reaches.
+    /// earlier call), and the idempotency records added since, or all of
+    /// them (`full`) if `since` is 0, from another incarnation, or older
+    /// than the removal log reaches. A walk over every entry and record.
     pub fn changes_since(&self, since: u64) -> Changes {
         let version = self.replication_epoch.fetch_add(1, Ordering::SeqCst);
         let horizon = self.removed.lock().horizon;
@@ -786,10 +808,14 @@ impl Store {
 
     /// Adds a record the log already holds (a restore, an adoption): not
     /// dirty, but stamped as changed, so replicas get it, and marked for the
-    /// next checkpoint. A record this node has for the same key wins.
-    pub fn add_logged_record(&self, key: &[u8], delta: i64, applied_unix_ms: u64) {
+    /// next checkpoint. A record this node has for the same key wins. Dated
+    /// now by this node's retention clock (not when another node applied
+    /// it, by that node's clock): remembered a whole window from here, and
+    /// the retention queue stays in time order.
+    pub fn add_logged_record(&self, key: &[u8], delta: i64) {
         let changed = self.changed_stamp();
-        self.put_record(key, Some((delta, applied_unix_ms)), true, changed, false);
+        let now = self.retention_now_ms();
+        self.put_record(key, Some((delta, now)), true, changed, false);
     }
 
     fn set_record(&self, key: &[u8], record: Option<(i64, u64)>, mark: bool) {
@@ -1006,9 +1032,9 @@ impl Store {
         self.retention_clock.now_ms()
     }
 
-    /// How long keys are remembered after they were applied.
-    pub fn retention_window(&self) -> Duration {
-        self.retention.window
+    /// How long and how many keys are remembered.
+    pub fn retention(&self) -> KeyRetention {
+        self.retention
     }
 
     /// Idempotency keys remembered now.
@@ -1306,17 +1332,11 @@ mod tests {
         let clock = RetentionClock::starting_at(1_000);
         let now = clock.now_ms();
         assert!((1_000..61_000).contains(&now), "{now}");
-        let store = Store::with_retention(KeyRetention {
-            window: Duration::from_secs(3_600),
-            max_keys: 10,
-        });
-        store.apply(&[keyed("c", 1, "k")], clock.now_ms());
-        assert_eq!(store.forget_keys(clock.now_ms()), 0);
-        assert_eq!(
-            store.remembered_keys(),
-            1,
-            "a wall-clock step forgets nothing"
-        );
+        // The store's own clock starts at the wall clock and counts on.
+        let store = Store::new();
+        let wall = crate::journal::unix_ms_now();
+        let counted = store.retention_now_ms();
+        assert!(counted.abs_diff(wall) < 60_000, "{counted} vs {wall}");
         assert!(
             clock.logged_offset_ms.load(Ordering::Relaxed) > 1_000_000,
             "the step was logged"
@@ -1748,10 +1768,10 @@ mod tests {
         );
         // Restored or adopted records travel on too; a record of this node
         // wins over one that comes with a restore.
-        store.add_logged_record(&k1, 99, 300);
+        store.add_logged_record(&k1, 99);
         let mut k3 = Vec::new();
         encode_record_key_into(&mut k3, "b", "k3");
-        store.add_logged_record(&k3, 4, 300);
+        store.add_logged_record(&k3, 4);
         let all = store.changes_since(0);
         assert_eq!(keys(&all), vec![(k1, 5), (k2, 7), (k3, 4)]);
     }

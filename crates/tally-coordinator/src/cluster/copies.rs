@@ -36,11 +36,12 @@ impl Cluster {
         let budget = self.config.shard_timeout;
         let id = self.shards[node].node_id();
         let candidates = &self.replicas[node];
-        let copies = join_all(
-            candidates
-                .iter()
-                .map(|&candidate| self.shards[candidate].copy_of(id, budget)),
-        )
+        let copies = join_all(candidates.iter().map(|&candidate| {
+            // A replica shown down gets a probe's time: every one
+            // must answer, and a hung one must not hold the restore
+            // (and the keyed writes waiting on it) for long.
+            self.shards[candidate].copy_of(id, self.budget_for(candidate, budget))
+        }))
         .await;
         let mut best: Option<pb::CopyOfResponse> = None;
         for copy in copies {

@@ -43,11 +43,9 @@ impl Cluster {
         // A drain that got as far as the hand-over resumes with the adopter
         // and version the node recorded, whatever the ring says now.
         let adopter_id = if status.drain_adopter.is_empty() {
-            let successor = *crate::replication::replicas_of(&self.ring, node, 2)
-                .first()
-                .ok_or_else(|| {
-                    CoordinatorError::Precondition("the last node cannot be drained".into())
-                })?;
+            let successor = self.stand_ins[node].ok_or_else(|| {
+                CoordinatorError::Precondition("the last node cannot be drained".into())
+            })?;
             self.shards[successor].node_id().to_string()
         } else {
             status.drain_adopter.clone()

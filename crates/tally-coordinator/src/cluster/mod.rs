@@ -43,9 +43,10 @@ pub struct Cluster {
     /// Each node's replicas (by index): fixed by the ring and the
     /// replication factor.
     replicas: Vec<Vec<usize>>,
-    /// Each node's stand-in (by index): the next node of the ring after its
-    /// first token, its adopter in a drain, which then takes its keyed
-    /// writes (`placement`).
+    /// Each node's stand-in (by index) when no drain recorded an adopter:
+    /// the next node of the ring after its first token, the adopter a new
+    /// drain picks (`drain`), which takes its keyed writes once it holds
+    /// its records (`placement`).
     stand_ins: Vec<Option<usize>>,
     /// Per `(origin, replica)`: the version this coordinator last brought
     /// the replica's copy to, and when (this process's clock) that round
@@ -53,6 +54,10 @@ pub struct Cluster {
     /// knows no age (`merge::NodeView::vouched`).
     rounds:
         parking_lot::Mutex<std::collections::HashMap<(usize, usize), (u64, std::time::Instant)>>,
+    /// Per node: when a restore asked for by a keyed write last finished.
+    /// Held across the restore, so concurrent writes wait for one restore
+    /// instead of each running their own.
+    write_restores: Vec<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Cluster {
@@ -121,7 +126,7 @@ impl Cluster {
         let replicas = (0..shards.len())
             .map(|node| crate::replication::replicas_of(&ring, node, config.replication_factor))
             .collect();
-        let stand_ins = (0..shards.len())
+        let stand_ins: Vec<Option<usize>> = (0..shards.len())
             .map(|node| {
                 crate::replication::replicas_of(&ring, node, 2)
                     .first()
@@ -134,6 +139,7 @@ impl Cluster {
             shards,
             health,
             replicas,
+            write_restores: (0..stand_ins.len()).map(|_| Default::default()).collect(),
             stand_ins,
             rounds: Default::default(),
         });
@@ -179,19 +185,53 @@ impl Cluster {
         write_target(
             owner,
             || self.ring.successors(hash),
-            self.stand_ins[owner],
+            || self.stand_in(owner),
             |node| self.health.write_state(node),
             keyed,
         )
     }
 
+    /// The node that holds `owner`'s records once its drain handed them
+    /// over: the adopter the drain recorded (a drain resumed after a reload
+    /// keeps its first adopter), else the ring's next node after it.
+    fn stand_in(&self, owner: usize) -> Option<usize> {
+        match self.health.adopter(owner) {
+            Some(adopter) => self
+                .shards
+                .iter()
+                .position(|shard| shard.node_id() == &*adopter),
+            None => self.stand_ins[owner],
+        }
+    }
+
     /// `increment` placed on `stripe`, for `target`.
     fn placed(&self, increment: Increment, stripe: u32, target: Target) -> StripeIncrement {
         let mut placed = StripeIncrement::new(increment, stripe);
-        placed.on_behalf_of = target
-            .on_behalf_of
-            .map(|owner| self.shards[owner].node_id().into());
+        placed.on_behalf_of = self.on_behalf_of(target);
         placed
+    }
+
+    /// The owner's id, when `target` stands in for it.
+    fn on_behalf_of(&self, target: Target) -> Option<Arc<str>> {
+        target
+            .on_behalf_of
+            .map(|owner| self.shards[owner].node_id_arc())
+    }
+
+    /// Restores node `node` for a keyed write that found it awaiting its
+    /// restore, unless a restore finished since `asked`: one at a time per
+    /// node, however many writes ask.
+    async fn restore_for_write(&self, node: usize, asked: std::time::Instant) {
+        let mut last = self.write_restores[node].lock().await;
+        if last.is_some_and(|finished| finished > asked) {
+            return;
+        }
+        match self.restore_node(node).await {
+            Ok(()) => *last = Some(std::time::Instant::now()),
+            Err(error) => {
+                tracing::debug!(node, %error, "a restore asked for by a keyed write failed")
+            }
+        }
     }
 
     /// Records a call's outcome on the health board.
@@ -209,7 +249,7 @@ impl Cluster {
                 if *budget >= least {
                     let now = std::time::Instant::now();
                     let sent = now.checked_sub(*budget).unwrap_or(now);
-                    self.health.record_miss(node, sent, &error.to_string());
+                    let _ = self.health.record_miss(node, sent, &error.to_string());
                 }
             }
             Err(ShardCallError::NotSent(_) | ShardCallError::Down(_)) => {}

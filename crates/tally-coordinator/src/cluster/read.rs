@@ -33,8 +33,9 @@ impl Cluster {
     /// run every interval. The failure's time is this coordinator's
     /// (monotonic clock); the copy's age the replica's (its monotonic
     /// clock, counted back from its answer, which came after `began`): so
-    /// `began - age` is no later than the round began, and no clock
-    /// readings of two nodes are compared.
+    /// `began - age` is no later than the round began, give or take the
+    /// transit of the round's Replicate request (the replica dates the copy
+    /// on its arrival), and no clock readings of two nodes are compared.
     fn node_views(&self, answers: &[merge::Answer], began: Instant) -> Vec<NodeView<'_>> {
         let now = Instant::now();
         let allowance = self.config.replication_interval

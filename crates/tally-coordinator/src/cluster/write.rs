@@ -54,11 +54,10 @@ impl Cluster {
         // restore it now (the replication loop would within a round) and
         // send them again, once.
         let mut restore = std::collections::BTreeSet::new();
+        let asked = std::time::Instant::now();
         for round in 0..2 {
             for node in std::mem::take(&mut restore) {
-                if let Err(error) = with_deadline(deadline, self.restore_node(node)).await? {
-                    tracing::debug!(node, %error, "a restore asked for by a keyed write failed");
-                }
+                with_deadline(deadline, self.restore_for_write(node, asked)).await?;
             }
             let calls = std::mem::take(&mut by_node);
             let mut settle = |node: usize, result: std::result::Result<Vec<Outcome>, _>| {
@@ -74,9 +73,17 @@ impl Cluster {
                                         increment.stripe,
                                         increment.key.is_some(),
                                     );
-                                    increment.on_behalf_of = again
-                                        .on_behalf_of
-                                        .map(|owner| self.shards[owner].node_id().into());
+                                    if again.node == node {
+                                        // A keyed one whose owner has not
+                                        // handed its records over yet: it
+                                        // has nowhere else to go.
+                                        unavailable.push((
+                                            self.shards[node].node_id().to_string(),
+                                            ShardCallError::Failed("being drained".into()),
+                                        ));
+                                        continue;
+                                    }
+                                    increment.on_behalf_of = self.on_behalf_of(again);
                                     by_node.entry(again.node).or_default().push(increment);
                                 }
                                 Outcome::Redirect(_) => unavailable.push((
@@ -89,6 +96,10 @@ impl Cluster {
                                     restore.insert(node);
                                     by_node.entry(node).or_default().push(increment);
                                 }
+                                Outcome::Unavailable(why) => unavailable.push((
+                                    self.shards[node].node_id().to_string(),
+                                    ShardCallError::Failed(why),
+                                )),
                                 Outcome::AwaitsRestore(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
                                     ShardCallError::Failed(
@@ -212,7 +223,8 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
         Outcome::Applied
         | Outcome::Duplicate
         | Outcome::Redirect(_)
-        | Outcome::AwaitsRestore(_) => None,
+        | Outcome::AwaitsRestore(_)
+        | Outcome::Unavailable(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
             counter: increment.counter.into_string(),
             delta: increment.delta,

@@ -95,6 +95,7 @@ impl Members {
                     // back for them.
                     Outcome::Applied | Outcome::Duplicate => Outcome::Applied,
                     // Only keyed increments are refused so.
+                    Outcome::Unavailable(why) => Outcome::Unavailable(why.clone()),
                     Outcome::AwaitsRestore(increment) => Outcome::AwaitsRestore(StripeIncrement {
                         delta,
                         ..increment.clone()

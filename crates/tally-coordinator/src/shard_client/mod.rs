@@ -43,7 +43,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 
 /// Largest internal message, matching the shard's limit.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// Client of one shard node. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -112,6 +112,11 @@ impl ShardClient {
     /// The node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The node's id, shared.
+    pub fn node_id_arc(&self) -> Arc<str> {
+        self.node_id.clone()
     }
 
     /// The node's address.
@@ -283,7 +288,8 @@ impl ShardClient {
         budget: Duration,
     ) -> Result<pb::ReplicateResponse, ShardCallError> {
         let request = pb::ReplicateRequest {
-            round_elapsed_ms: round_began.elapsed().as_millis() as u64,
+            // Rounded up: a copy must never look younger than it is.
+            round_elapsed_ms: round_began.elapsed().as_micros().div_ceil(1_000) as u64,
             node_id: self.node_id.to_string(),
             origin: origin.to_string(),
             base,

@@ -109,10 +109,13 @@ impl ShardService {
         }
         tally_proto::domain::validate_node_id(&request.origin).map_err(Refusal::InvalidRequest)?;
         // When the round began, on this node's clock: the copy will hold
-        // everything the origin acknowledged before then.
-        let round_began = Instant::now()
-            .checked_sub(Duration::from_millis(request.round_elapsed_ms))
-            .unwrap_or_else(Instant::now);
+        // everything the origin acknowledged before then. (Later by the
+        // request's transit, which the sender cannot measure: on a local
+        // network milliseconds, for a full copy of millions of entries up to
+        // a few hundred.) None if this clock cannot go back that far: the
+        // copy's age then stays unknown, never too young.
+        let round_began =
+            Instant::now().checked_sub(Duration::from_millis(request.round_elapsed_ms));
         let stamp = CopyStamp {
             version: request.version,
             scanned_unix_ms: request.scanned_unix_ms,
@@ -136,7 +139,9 @@ impl ShardService {
             Verdict::Apply => {}
             Verdict::Stale => {
                 // Already at or past this version: as fresh as this round.
-                self.copy_ages.refresh(&request.origin, round_began);
+                if let Some(round_began) = round_began {
+                    self.copy_ages.refresh(&request.origin, round_began);
+                }
                 return Ok(pb::ReplicateResponse {
                     accepted: true,
                     version: self.state.replicas.version(&request.origin),
@@ -165,7 +170,9 @@ impl ShardService {
             records,
         })
         .await?;
-        self.copy_ages.refresh(&origin, round_began);
+        if let Some(round_began) = round_began {
+            self.copy_ages.refresh(&origin, round_began);
+        }
         Ok(pb::ReplicateResponse {
             accepted: true,
             version: request.version,

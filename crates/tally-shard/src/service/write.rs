@@ -106,6 +106,7 @@ impl ShardService {
                         }))
                     }
                     Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
+                    Decided::Unavailable(why) => Outcome::Unavailable(why),
                 })
             })
             .collect();
@@ -121,7 +122,8 @@ impl ShardService {
     /// - standing in for another node (`on_behalf_of`): a key that node
     ///   applied, as this node's copy of its records says, is a duplicate
     ///   (or a conflict), not applied again. The copy is final by then (a
-    ///   drain's hand-over), and copies are only visible once durable.
+    ///   drain's hand-over), and copies are only visible once durable. A
+    ///   node with no copy of it (not its adopter: a stale sender) refuses.
     fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Vec<Option<Decided>> {
         let restoring = self.restoring();
         increments
@@ -133,8 +135,17 @@ impl ShardService {
                 if restoring {
                     return Some(Decided::AwaitsRestore);
                 }
-                if increment.on_behalf_of.is_empty() {
+                if increment.on_behalf_of.is_empty() || self.is_retired(&increment.on_behalf_of) {
+                    // Its own records decide (an adopted node's are among
+                    // them).
                     return None;
+                }
+                if !self.state.replicas.has_copy(&increment.on_behalf_of) {
+                    return Some(Decided::Unavailable(format!(
+                        "node {} holds no copy of {}'s idempotency records: it cannot stand in \
+                         for it",
+                        self.node_id, increment.on_behalf_of
+                    )));
                 }
                 let recorded = self.state.replicas.record(
                     &increment.on_behalf_of,
@@ -187,6 +198,8 @@ enum Decided {
     Store(ApplyOutcome),
     /// Not applied: the node awaits its restore.
     AwaitsRestore,
+    /// Not applied, and why.
+    Unavailable(String),
 }
 
 /// One increment's result, for the Apply answer.

@@ -13,7 +13,7 @@
 # reuses its build); remove it with `git worktree remove`.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+THIS=$(cd "$(dirname "$0")/.." && pwd)
 BASE=${1:?usage: benches/ab.sh BASE [ROUNDS]}
 ROUNDS=${2:-2}
 OLD="${TMPDIR:-/tmp}/tally-ab-$BASE"
@@ -25,9 +25,9 @@ die() {
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 
 if [[ ! -d $OLD ]]; then
-    git -C "$REPO" worktree add -q --detach "$OLD" "$BASE" || die "no worktree for $BASE"
+    git -C "$THIS" worktree add -q --detach "$OLD" "$BASE" || die "no worktree for $BASE"
 fi
-for tree in "$OLD" "$REPO"; do
+for tree in "$OLD" "$THIS"; do
     (cd "$tree" && cargo build --release -q -p tally-cli -p tally-shard -p tally-coordinator) \
         || die "build failed in $tree"
 done
@@ -35,6 +35,7 @@ done
 run() { # LABEL TREE [--keyed]
     local label=$1 tree=$2 dir
     shift 2
+    # tally-cluster.sh starts the binaries of $REPO.
     REPO=$tree
     # shellcheck source=tally-cluster.sh
     source "$tree/benches/tally-cluster.sh"
@@ -47,12 +48,12 @@ run() { # LABEL TREE [--keyed]
     rm -rf "$dir"
 }
 
-echo "base $(git -C "$OLD" rev-parse --short HEAD), this checkout $(git -C "$REPO" rev-parse --short HEAD), $(date -u +%F)"
+echo "base $(git -C "$OLD" rev-parse --short HEAD), this checkout $(git -C "$THIS" rev-parse --short HEAD), $(date -u +%F)"
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in "" --keyed; do
         # shellcheck disable=SC2086  # an empty mode is no argument
         run base "$OLD" $mode
         # shellcheck disable=SC2086
-        run this "$REPO" $mode
+        run this "$THIS" $mode
     done
 done

@@ -478,13 +478,21 @@ impl LogThread {
         // Replica copies' records, by the same retention as own ones (dated
         // on arrival here). Costs what it forgets.
         let retention = self.state.store.retention();
-        self.state.replicas.forget_records(
+        let copies_forgot_early = self.state.replicas.forget_records(
             self.state
                 .store
                 .retention_now_ms()
                 .saturating_sub(retention.window.as_millis() as u64),
             retention.max_keys,
         );
+        if copies_forgot_early > 0 {
+            tracing::warn!(
+                forgotten_early = copies_forgot_early,
+                "idempotency keys of a replica copy forgotten before their retention window \
+                 ended: the copy holds more than idempotency_max_keys; a retry of one of them \
+                 through this node (a restore or a drain of its origin) would apply again"
+            );
+        }
         self.maybe_start_round();
         let own_capture = match &self.round {
             Some(round) if capture_everything => round.next_segment..SEGMENT_COUNT,

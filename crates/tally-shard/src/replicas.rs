@@ -99,9 +99,10 @@ impl Copy {
     }
 
     /// Forgets the records that arrived before `before`, then the oldest
-    /// beyond `max_keys`. Costs what it forgets.
+    /// beyond `max_keys`. Costs what it forgets. Returns how many were
+    /// forgotten before their window ended (beyond the maximum).
     fn forget_records(&mut self, before: u64, max_keys: usize) -> u64 {
-        let mut forgotten = 0;
+        let mut early = 0;
         let mut held: usize = self.records.iter().map(|records| records.len()).sum();
         while let Some(&(arrived, _)) = self.arrivals.front() {
             if arrived >= before && held <= max_keys {
@@ -120,11 +121,13 @@ impl Copy {
             {
                 records.remove(&key);
                 held -= 1;
-                forgotten += 1;
+                if arrived >= before {
+                    early += 1;
+                }
                 self.checkpoint_dirty[segment] |= 1 << Placement::of(&key).sub;
             }
         }
-        forgotten
+        early
     }
 
     /// Sets one entry; 0 removes it, and a counter with no stripe left.
@@ -620,7 +623,7 @@ mod tests {
         assert!(captured_bucket(&replicas).is_some_and(|bucket| !bucket.contents.is_empty()));
         // By arrival, then beyond the maximum, oldest first; the forgetting
         // reaches the checkpoint.
-        assert_eq!(replicas.forget_records(150, 10), 1);
+        assert_eq!(replicas.forget_records(150, 10), 0, "by time: none early");
         assert_eq!(replicas.record("a", "c", "k1"), None);
         assert_eq!(replicas.record("a", "c", "k2"), Some(2));
         assert!(
@@ -628,7 +631,11 @@ mod tests {
             "the bucket is marked again"
         );
         replicas.apply("a", at(3), false, &[], &[(key("d", "k3"), 3, 1)], 300);
-        assert_eq!(replicas.forget_records(0, 1), 1, "one over the maximum");
+        assert_eq!(
+            replicas.forget_records(0, 1),
+            1,
+            "one over the maximum: early"
+        );
         assert_eq!(replicas.record("a", "c", "k2"), None);
         assert_eq!(replicas.record("a", "d", "k3"), Some(3));
         // A full set replaces the records too.

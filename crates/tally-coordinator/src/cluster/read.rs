@@ -36,8 +36,15 @@ impl Cluster {
     /// `began - age` is no later than the round began, give or take the
     /// transit of the round's Replicate request (the replica dates the copy
     /// on its arrival), and no clock readings of two nodes are compared.
-    fn node_views(&self, answers: &[merge::Answer], began: Instant) -> Vec<NodeView<'_>> {
-        let now = Instant::now();
+    /// Every instant here is the process's monotonic clock (`std`), like
+    /// the health board's and the replication rounds': not tokio's, which a
+    /// test may pause.
+    fn node_views(
+        &self,
+        answers: &[merge::Answer],
+        began: std::time::Instant,
+    ) -> Vec<NodeView<'_>> {
+        let now = std::time::Instant::now();
         let allowance = self.config.replication_interval
             + self.config.health_interval
             + self.config.health_timeout * crate::health::MISSES_TO_DOWN;
@@ -51,7 +58,7 @@ impl Cluster {
                     let (up, since, drain) = self.health.failure_view(node);
                     // A node found down failed then at the latest: a copy
                     // recent enough for that time is recent enough.
-                    (drain.handed_over(), if up { now } else { since.into() })
+                    (drain.handed_over(), if up { now } else { since })
                 };
                 // The copy's round must have begun at or after
                 // `failed - allowance`; it began at or after `began - age`.
@@ -64,8 +71,7 @@ impl Cluster {
                         .iter()
                         .filter_map(|&replica| {
                             let &(version, round_began) = rounds.get(&(node, replica))?;
-                            (Instant::from_std(round_began) + allowance >= failed)
-                                .then_some((replica, version))
+                            (round_began + allowance >= failed).then_some((replica, version))
                         })
                         .collect()
                 };
@@ -91,7 +97,7 @@ impl Cluster {
         let budget = call_budget(self.config.shard_timeout, deadline);
         // Before any read is queued: every answer comes from a call sent
         // after it (a read joins the next call, never one in flight).
-        let began = Instant::now();
+        let began = std::time::Instant::now();
         let reads = self
             .shards
             .iter()

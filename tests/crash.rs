@@ -150,21 +150,7 @@ fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -
         .chunks(tally::proto::domain::MAX_BATCH_ITEMS)
         .flat_map(|chunk| runtime.block_on(support::totals(endpoint, chunk)))
         .collect();
-    let mut outcome = Outcome {
-        increments: ledger.increments,
-        acknowledged: ledger.acknowledged,
-        present: 0,
-        lost: 0,
-        duplicated: 0,
-    };
-    for total in totals {
-        assert!(total.complete, "{total:?}");
-        let expected = ledger.expected.get(&total.counter).copied().unwrap_or(0);
-        outcome.present += total.value;
-        outcome.lost += (expected - total.value).max(0);
-        outcome.duplicated += (total.value - expected).max(0);
-    }
-    outcome
+    ledger.against(totals)
 }
 
 /// What a stop of a shard interrupted, read from its log.

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::ledger::{Clients, Connections, Ledger, Outcome, RETRY_LIMIT};
+use support::ledger::{Clients, Connections, Ledger, RETRY_LIMIT};
 use support::ProcessCluster;
 use tally::proto::pb;
 use tonic::Code;
@@ -416,20 +416,7 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
 
     let counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
     let totals = runtime.block_on(support::totals(&cluster.coordinator.endpoint(), &counters));
-    let mut outcome = Outcome {
-        increments: ledger.increments,
-        acknowledged: ledger.acknowledged,
-        present: 0,
-        lost: 0,
-        duplicated: 0,
-    };
-    for total in totals {
-        assert!(total.complete, "{total:?}");
-        let expected = ledger.expected.get(&total.counter).copied().unwrap_or(0);
-        outcome.present += total.value;
-        outcome.lost += (expected - total.value).max(0);
-        outcome.duplicated += (total.value - expected).max(0);
-    }
+    let outcome = ledger.against(totals);
     support::report(&format!(
         "keyed harness ({} calls retried, {} resent): {outcome}",
         ledger.retried, ledger.resent

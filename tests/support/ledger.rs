@@ -46,6 +46,25 @@ impl Ledger {
         self.acks.extend(other.acks);
     }
 
+    /// The cluster's `totals` (every one complete) against this ledger.
+    pub fn against(&self, totals: Vec<pb::GetResponse>) -> Outcome {
+        let mut outcome = Outcome {
+            increments: self.increments,
+            acknowledged: self.acknowledged,
+            present: 0,
+            lost: 0,
+            duplicated: 0,
+        };
+        for total in totals {
+            assert!(total.complete, "{total:?}");
+            let expected = self.expected.get(&total.counter).copied().unwrap_or(0);
+            outcome.present += total.value;
+            outcome.lost += (expected - total.value).max(0);
+            outcome.duplicated += (total.value - expected).max(0);
+        }
+        outcome
+    }
+
     pub fn record(&mut self, items: &[pb::IncrementRequest]) {
         let now = Instant::now();
         for item in items {

@@ -309,14 +309,7 @@ fn a_shard_added_by_sighup_takes_writes_and_changes_no_total() {
     let load = Load::start(&runtime, &cluster.coordinator.endpoint());
     std::thread::sleep(Duration::from_millis(300));
 
-    let config = support::write_shard_config(dir, 4, "sync");
-    let added = support::start_shard("shard-4", &config, &[]);
-    let mut addresses: Vec<_> = cluster
-        .shards
-        .iter()
-        .map(|shard| shard.as_ref().unwrap().address)
-        .collect();
-    addresses.push(added.address);
+    let (_added, addresses) = cluster.start_new_shard(4);
     let four_nodes = support::write_coordinator_config(dir, &addresses);
     kill(coordinator, Signal::SIGHUP).unwrap();
     wait_to_see(&runtime, "the ring has 4 nodes", 4, || ring_size(&cluster));

@@ -359,17 +359,7 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     run(2_000);
 
     begin(&mut phases, "shard-4 added by SIGHUP");
-    let added = support::start_shard(
-        "shard-4",
-        &support::write_shard_config(&dir, 4, "sync"),
-        &[],
-    );
-    let mut addresses: Vec<_> = cluster
-        .shards
-        .iter()
-        .map(|shard| shard.as_ref().unwrap().address)
-        .collect();
-    addresses.push(added.address);
+    let (added, addresses) = cluster.start_new_shard(4);
     runtime.block_on(shared.pause());
     support::write_coordinator_config(&dir, &addresses);
     kill(

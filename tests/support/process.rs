@@ -313,6 +313,22 @@ impl ProcessCluster {
         ));
     }
 
+    /// Starts shard-`index`, a node the coordinator does not know yet, in
+    /// this cluster's directory; returns it and the addresses of every
+    /// running shard and it, in order: a membership to reload.
+    pub fn start_new_shard(&self, index: usize) -> (Daemon, Vec<SocketAddr>) {
+        let config = write_shard_config(self.dir.path(), index, "sync");
+        let added = start_shard(&format!("shard-{index}"), &config, &[]);
+        let mut addresses: Vec<SocketAddr> = self
+            .shards
+            .iter()
+            .flatten()
+            .map(|shard| shard.address)
+            .collect();
+        addresses.push(added.address);
+        (added, addresses)
+    }
+
     pub fn tallyctl(&self, args: &[&str]) -> Output {
         let endpoint = self.coordinator.endpoint();
         let mut full = vec!["--endpoint", endpoint.as_str()];

@@ -236,6 +236,7 @@ impl Journal {
             round: None,
             checkpoint_position: parts.checkpoint_position,
             last_round_started: Instant::now(),
+            copy_records_swept: Instant::now(),
             jobs: Some(jobs),
             outcomes,
             checkpointer: Some(checkpointer),
@@ -380,6 +381,10 @@ struct Round {
     copies: Vec<(String, usize)>,
 }
 
+/// How often replica copies' records are swept for retention (their window
+/// and maximum).
+const COPY_RECORD_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct LogThread {
     state: NodeState,
     settings: LogSettings,
@@ -401,6 +406,8 @@ struct LogThread {
     /// The last durable checkpoint's position.
     checkpoint_position: u64,
     last_round_started: Instant,
+    /// When replica copies' records were last swept for retention.
+    copy_records_swept: Instant,
     jobs: Option<mpsc::Sender<Job>>,
     outcomes: mpsc::Receiver<RoundOutcome>,
     checkpointer: Option<std::thread::JoinHandle<Option<u64>>>,
@@ -464,10 +471,8 @@ impl LogThread {
         capture_everything: bool,
     ) -> Result<(), FlushFailed> {
         self.inbox.wake_pending.store(false, Ordering::SeqCst);
-        let forgotten_early = self
-            .state
-            .store
-            .forget_keys(self.state.store.retention_now_ms());
+        let now_ms = self.state.store.retention_now_ms();
+        let forgotten_early = self.state.store.forget_keys(now_ms);
         if forgotten_early > 0 {
             tracing::warn!(
                 forgotten_early,
@@ -476,15 +481,18 @@ impl LogThread {
             );
         }
         // Replica copies' records, by the same retention as own ones (dated
-        // on arrival here). Costs what it forgets.
-        let retention = self.state.store.retention();
-        let copies_forgot_early = self.state.replicas.forget_records(
-            self.state
-                .store
-                .retention_now_ms()
-                .saturating_sub(retention.window.as_millis() as u64),
-            retention.max_keys,
-        );
+        // on arrival here). It costs what it forgets, but takes the copies'
+        // write lock, which reads share: once a second, not every turn.
+        let copies_forgot_early = if self.copy_records_swept.elapsed() >= COPY_RECORD_SWEEP {
+            self.copy_records_swept = Instant::now();
+            let retention = self.state.store.retention();
+            self.state.replicas.forget_records(
+                now_ms.saturating_sub(retention.window.as_millis() as u64),
+                retention.max_keys,
+            )
+        } else {
+            0
+        };
         if copies_forgot_early > 0 {
             tracing::warn!(
                 forgotten_early = copies_forgot_early,

@@ -57,27 +57,35 @@ impl ShardService {
                     .collect();
                 return Ok(pb::ApplyResponse { results });
             }
-            let decided = self.decide_keyed(&request.increments);
-            let to_apply: Vec<StripeIncrement<'_>> = increments
-                .iter()
-                .zip(&decided)
-                .filter(|(_, decided)| decided.is_none())
-                .map(|(increment, _)| *increment)
-                .collect();
-            let (applied, epoch) = self
-                .state
-                .store
-                .apply(&to_apply, self.state.store.retention_now_ms());
-            let mut applied = applied.into_iter();
-            let outcomes: Vec<Decided> = decided
-                .into_iter()
-                .map(|decided| {
-                    decided.unwrap_or_else(|| {
-                        Decided::Store(applied.next().expect("one outcome per increment applied"))
-                    })
-                })
-                .collect();
-            (outcomes, epoch)
+            let now_ms = self.state.store.retention_now_ms();
+            match self.decide_keyed(&request.increments) {
+                // The usual case: the store decides every increment.
+                None => {
+                    let (applied, epoch) = self.state.store.apply(&increments, now_ms);
+                    (applied.into_iter().map(Decided::Store).collect(), epoch)
+                }
+                Some(decided) => {
+                    let to_apply: Vec<StripeIncrement<'_>> = increments
+                        .iter()
+                        .zip(&decided)
+                        .filter(|(_, decided)| decided.is_none())
+                        .map(|(increment, _)| *increment)
+                        .collect();
+                    let (applied, epoch) = self.state.store.apply(&to_apply, now_ms);
+                    let mut applied = applied.into_iter();
+                    let outcomes: Vec<Decided> = decided
+                        .into_iter()
+                        .map(|decided| {
+                            decided.unwrap_or_else(|| {
+                                Decided::Store(
+                                    applied.next().expect("one outcome per increment applied"),
+                                )
+                            })
+                        })
+                        .collect();
+                    (outcomes, epoch)
+                }
+            }
         };
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
@@ -124,9 +132,20 @@ impl ShardService {
     ///   (or a conflict), not applied again. The copy is final by then (a
     ///   drain's hand-over), and copies are only visible once durable. A
     ///   node with no copy of it (not its adopter: a stale sender) refuses.
-    fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Vec<Option<Decided>> {
+    ///
+    /// `None` when no increment needs it (no key, or neither a restore nor
+    /// a stand-in in play): the usual call pays no more than this look.
+    fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Option<Vec<Option<Decided>>> {
         let restoring = self.restoring();
-        increments
+        let in_play = |increment: &pb::ShardIncrement| {
+            !increment.idempotency_key.is_empty()
+                && increment.delta != 0
+                && (restoring || !increment.on_behalf_of.is_empty())
+        };
+        if !increments.iter().any(in_play) {
+            return None;
+        }
+        let decided = increments
             .iter()
             .map(|increment| {
                 if increment.idempotency_key.is_empty() || increment.delta == 0 {
@@ -160,7 +179,8 @@ impl ShardService {
                     }
                 }))
             })
-            .collect()
+            .collect();
+        Some(decided)
     }
 
     pub(super) async fn erase_to_the_end(

@@ -312,6 +312,7 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
                 delta: 1,
                 idempotency_key: String::new(),
                 on_behalf_of: String::new(),
+                takeover_max_copy_age_ms: 0,
             }],
         })
         .await
@@ -374,6 +375,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 delta: 1,
                 idempotency_key: String::new(),
                 on_behalf_of: String::new(),
+                takeover_max_copy_age_ms: 0,
             }],
         })
         .await
@@ -388,6 +390,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 delta: 1,
                 idempotency_key: String::new(),
                 on_behalf_of: String::new(),
+                takeover_max_copy_age_ms: 0,
             }],
         })
         .await
@@ -430,6 +433,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 delta: 1,
                 idempotency_key: "k".into(),
                 on_behalf_of: "shard-9".into(),
+                takeover_max_copy_age_ms: 0,
             }],
         })
         .await

@@ -64,6 +64,8 @@ pub struct NodeHealth {
     pub drain: pb::DrainState,
     /// The adopter its drain recorded, once it has one (as last seen).
     pub adopter: Option<Arc<str>>,
+    /// The nodes it stands in for (as last seen).
+    pub standing_in_for: Vec<String>,
     /// Copies of its entries to its replicas that failed since this
     /// coordinator started.
     pub replication_failures: u64,
@@ -114,6 +116,7 @@ impl HealthBoard {
                         restoring: false,
                         drain: pb::DrainState::Serving,
                         adopter: None,
+                        standing_in_for: Vec::new(),
                         replication_failures: 0,
                         last_answer: Instant::now(),
                         misses: 0,
@@ -200,6 +203,11 @@ impl HealthBoard {
         }
     }
 
+    /// The nodes node `index` stands in for, as last seen.
+    pub fn standing_in_for(&self, index: usize) -> Vec<String> {
+        self.nodes[index].lock().standing_in_for.clone()
+    }
+
     /// The adopter node `index`'s drain recorded, if known.
     pub fn adopter(&self, index: usize) -> Option<Arc<str>> {
         self.nodes[index].lock().adopter.clone()
@@ -282,6 +290,7 @@ pub async fn probe_loop(
                 if !status.drain_adopter.is_empty() {
                     board.set_adopter(index, &status.drain_adopter);
                 }
+                board.nodes[index].lock().standing_in_for = status.standing_in_for;
                 interval
             }
             Err(error @ ShardCallError::TimedOut(_)) => {

@@ -55,6 +55,12 @@ pub fn part_of<'a>(
     let view = &views[node];
     let lists = |answer: &NodeRead| answer.retired.iter().any(|origin| origin == view.id);
     let retired = answers.iter().flatten().any(lists);
+    let handed_over = matches!(&answers[node], Ok(answer) if answer.drained_to.is_some());
+    if !handed_over && !retired {
+        if let Some(fenced) = taken_over_part(node, views, answers) {
+            return fenced;
+        }
+    }
     let answer = match &answers[node] {
         // Handed over: only its adopter's answer says whether it has
         // adopted yet. Another node may have dropped its copy (and listed
@@ -111,6 +117,37 @@ pub fn part_of<'a>(
         });
     }
     Ok(vec![&answer.own])
+}
+
+/// Node `origin`'s part while one of its replicas stands in for it (a
+/// takeover of its keyed increments): that replica's copy of it, frozen when
+/// the takeover began (it was recent enough then, by the bound reads use),
+/// whether or not the node answers. The node may hold a key the stand-in
+/// applied again; its own answer counts only once it has reconciled.
+/// `None`: no answer says a replica stands in for it.
+fn taken_over_part<'a>(
+    origin: usize,
+    views: &[NodeView<'_>],
+    answers: &'a [Answer],
+) -> Option<Result<Vec<&'a [i128]>, ShardCallError>> {
+    let view = &views[origin];
+    let stand_in = view
+        .replicas
+        .iter()
+        .filter_map(|&replica| answers[replica].as_ref().ok())
+        .find(|answer| answer.standing_in_for.iter().any(|id| id == view.id))?;
+    Some(
+        stand_in
+            .copies
+            .iter()
+            .find(|copy| copy.origin == view.id)
+            .map(|copy| vec![copy.parts.as_slice()])
+            .ok_or_else(|| {
+                ShardCallError::Failed(
+                    "a replica stands in for it, and its answer holds no copy of it".into(),
+                )
+            }),
+    )
 }
 
 /// The freshest copy of node `origin`'s parts among the answers of its
@@ -286,6 +323,39 @@ mod tests {
                 "down: a stale copy is no answer",
                 down(),
                 Ok(y_with_copy(9, Some(100), 1, 50)),
+                Ok(own(3)),
+                false,
+                None,
+            ),
+            (
+                "taken over: the stand-in's frozen copy, though it answers",
+                Ok(own(1)),
+                Ok(NodeRead {
+                    standing_in_for: vec!["x".into()],
+                    ..y_with_copy(9, None, 1, 50)
+                }),
+                Ok(own(3)),
+                false,
+                Some(50),
+            ),
+            (
+                "taken over and down: the frozen copy, whatever its age",
+                down(),
+                Ok(NodeRead {
+                    standing_in_for: vec!["x".into()],
+                    ..y_with_copy(9, Some(1_000_000), 1, 50)
+                }),
+                Ok(own(3)),
+                false,
+                Some(50),
+            ),
+            (
+                "taken over by a node whose answer lacks the copy: no answer",
+                Ok(own(1)),
+                Ok(NodeRead {
+                    standing_in_for: vec!["x".into()],
+                    ..own(2)
+                }),
                 Ok(own(3)),
                 false,
                 None,

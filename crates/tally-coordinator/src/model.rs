@@ -24,6 +24,9 @@ pub struct StripeIncrement {
     /// (its adopter, once a drain handed it over): the stand-in checks the
     /// key against its copy of that node's records.
     pub on_behalf_of: Option<std::sync::Arc<str>>,
+    /// With `on_behalf_of`, nonzero: that node is down, and the stand-in
+    /// takes over its keyed increments if its copy is at most this old.
+    pub takeover_max_copy_age_ms: u64,
 }
 
 impl StripeIncrement {
@@ -35,6 +38,7 @@ impl StripeIncrement {
             delta: increment.delta,
             key: increment.idempotency_key,
             on_behalf_of: None,
+            takeover_max_copy_age_ms: 0,
         }
     }
 }
@@ -53,6 +57,7 @@ impl From<StripeIncrement> for pb::ShardIncrement {
                 .on_behalf_of
                 .map(|node| node.to_string())
                 .unwrap_or_default(),
+            takeover_max_copy_age_ms: increment.takeover_max_copy_age_ms,
         }
     }
 }
@@ -69,6 +74,7 @@ impl TryFrom<pb::ShardIncrement> for StripeIncrement {
             on_behalf_of: Some(increment.on_behalf_of)
                 .filter(|node| !node.is_empty())
                 .map(Into::into),
+            takeover_max_copy_age_ms: increment.takeover_max_copy_age_ms,
         })
     }
 }
@@ -145,6 +151,8 @@ pub struct NodeRead {
     /// Drained nodes whose part is in this node's own (adopted) or no
     /// longer anyone's copy (dropped).
     pub retired: Vec<String>,
+    /// Nodes this node stands in for: its copy of each is their part.
+    pub standing_in_for: Vec<String>,
 }
 
 /// A node's copy of another node's parts.
@@ -203,6 +211,7 @@ impl NodeRead {
             directory_id: response.directory_id,
             handed_over_version: response.handed_over_version,
             retired: response.retired,
+            standing_in_for: response.standing_in_for,
         })
     }
 
@@ -236,6 +245,7 @@ impl NodeRead {
                     directory_id: self.directory_id,
                     handed_over_version: self.handed_over_version,
                     retired: self.retired.clone(),
+                    standing_in_for: self.standing_in_for.clone(),
                 }
             })
             .collect()
@@ -347,6 +357,7 @@ mod tests {
             delta: 5,
             idempotency_key: "k".into(),
             on_behalf_of: "shard-2".into(),
+            takeover_max_copy_age_ms: 3_500,
         };
         let increment = StripeIncrement::try_from(wire.clone()).unwrap();
         assert_eq!(increment.on_behalf_of.as_deref(), Some("shard-2"));

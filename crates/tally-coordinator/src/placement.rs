@@ -27,6 +27,8 @@ pub struct Target {
     pub node: usize,
     /// The owner, when `node` stands in for it.
     pub on_behalf_of: Option<usize>,
+    /// The owner is down: `node` takes over its keyed increments.
+    pub takeover: bool,
 }
 
 /// The node an increment goes to: its `owner` while the owner takes writes.
@@ -34,11 +36,13 @@ pub struct Target {
 /// - without a key, the first of `successors()` (the ring's order from the
 ///   owner on; only walked then) that takes writes: any node may hold any
 ///   entry;
-/// - with a key, only a node that holds the owner's idempotency records:
-///   once the owner's drain has handed them over, its `stand_in()` (the
-///   adopter the drain recorded), on its behalf. Before that (a down owner, a drain that has
-///   only begun), the owner: the call fails there or is sent back, and the
-///   client retries; it never lands where the key could apply twice.
+/// - with a key, only a node that holds the owner's idempotency records,
+///   its `stand_in()`, on its behalf: once the owner's drain has handed
+///   them over (the adopter the drain recorded), or while the owner is down
+///   (its first replica, which takes its keyed increments over:
+///   `takeover`). While a drain has only begun, the owner: the call is sent
+///   back and the client retries; it never lands where the key could apply
+///   twice.
 ///
 /// With nowhere else to go, the owner (the call then fails there).
 pub fn write_target<S: IntoIterator<Item = usize>>(
@@ -51,16 +55,23 @@ pub fn write_target<S: IntoIterator<Item = usize>>(
     let at = |node| Target {
         node,
         on_behalf_of: None,
+        takeover: false,
     };
     let owner_state = state(owner);
     if owner_state.takes_writes() {
         return at(owner);
     }
     if keyed {
-        return match stand_in().filter(|_| owner_state.handed_over) {
+        // Down and not being drained: taken over. Handed over: adopted.
+        let takeover = !owner_state.up && !owner_state.draining;
+        if !(takeover || owner_state.handed_over) {
+            return at(owner);
+        }
+        return match stand_in() {
             Some(stand_in) if state(stand_in).takes_writes() => Target {
                 node: stand_in,
                 on_behalf_of: Some(owner),
+                takeover,
             },
             _ => at(owner),
         };
@@ -99,27 +110,51 @@ mod tests {
     #[test]
     fn a_write_goes_to_its_owner_or_a_node_that_can_take_it() {
         // (case, states of nodes 0 (the owner), 1, 2 (the nodes after it in
-        // ring order; node 2 is the owner's stand-in), keyed, expected
-        // node, on behalf of the owner)
+        // ring order; node 2 is the owner's stand-in), keyed, expected node,
+        // on behalf of the owner, taken over)
         let cases = [
-            ("owner up", [UP, UP, UP], false, 0, false),
-            ("owner up, keyed", [UP, UP, UP], true, 0, false),
-            ("owner down", [DOWN, UP, UP], false, 1, false),
-            ("owner down, keyed: stays", [DOWN, UP, UP], true, 0, false),
-            ("owner and next down", [DOWN, DOWN, UP], false, 2, false),
+            ("owner up", [UP, UP, UP], false, 0, false, false),
+            ("owner up, keyed", [UP, UP, UP], true, 0, false, false),
+            ("owner down", [DOWN, UP, UP], false, 1, false, false),
+            (
+                "owner down, keyed: its stand-in takes it over",
+                [DOWN, UP, UP],
+                true,
+                2,
+                true,
+                true,
+            ),
+            (
+                "owner down, keyed, its stand-in down: stays",
+                [DOWN, UP, DOWN],
+                true,
+                0,
+                false,
+                false,
+            ),
+            (
+                "owner and next down",
+                [DOWN, DOWN, UP],
+                false,
+                2,
+                false,
+                false,
+            ),
             (
                 "a draining successor is skipped",
                 [DOWN, DRAINING, UP],
                 false,
                 2,
                 false,
+                false,
             ),
-            ("owner draining", [DRAINING, UP, UP], false, 1, false),
+            ("owner draining", [DRAINING, UP, UP], false, 1, false, false),
             (
                 "owner draining, keyed: stays until it has handed over its records",
                 [DRAINING, UP, UP],
                 true,
                 0,
+                false,
                 false,
             ),
             (
@@ -128,6 +163,7 @@ mod tests {
                 true,
                 2,
                 true,
+                false,
             ),
             (
                 "owner handed over, keyed, its stand-in down: stays",
@@ -135,23 +171,26 @@ mod tests {
                 true,
                 0,
                 false,
+                false,
             ),
-            ("nowhere else", [DOWN, DOWN, DOWN], false, 0, false),
+            ("nowhere else", [DOWN, DOWN, DOWN], false, 0, false, false),
             (
                 "draining, nowhere else",
                 [DRAINING, DOWN, DRAINING],
                 true,
                 0,
                 false,
+                false,
             ),
         ];
-        for (case, states, keyed, node, on_behalf) in cases {
+        for (case, states, keyed, node, on_behalf, takeover) in cases {
             let target = write_target(0, || [0, 1, 2], || Some(2), |node| states[node], keyed);
             assert_eq!(
                 target,
                 Target {
                     node,
-                    on_behalf_of: on_behalf.then_some(0)
+                    on_behalf_of: on_behalf.then_some(0),
+                    takeover,
                 },
                 "{case}"
             );

@@ -53,6 +53,7 @@ pub async fn replication_loop(cluster: Weak<Cluster>, interval: Duration) {
                 tracing::warn!(node, %error, "restore of a node that started empty failed; will retry");
             }
         }
+        cluster.reconcile_returned().await;
         let rounds = cluster.replica_pairs().into_iter().map(|pair| {
             let since = progress.get(&pair).copied();
             let cluster = Arc::clone(&cluster);

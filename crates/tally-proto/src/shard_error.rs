@@ -21,7 +21,8 @@ impl Reason {
             | Reason::AwaitsRestore
             | Reason::NotAwaitingRestore
             | Reason::DrainConflict
-            | Reason::CopyMissing => tonic::Code::FailedPrecondition,
+            | Reason::CopyMissing
+            | Reason::StandingIn => tonic::Code::FailedPrecondition,
             Reason::Draining | Reason::Storage => tonic::Code::Unavailable,
             Reason::Overflow => tonic::Code::OutOfRange,
             Reason::InvalidRequest => tonic::Code::InvalidArgument,

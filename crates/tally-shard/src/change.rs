@@ -9,7 +9,9 @@
 //!               | directory_id: varint | full: u8 | entries [| records]
 //! EraseCopies = count: varint | counter: bytes*
 //! SetOwn      = 0 (restored) | 1 (adopted) origin: bytes version: varint
+//!               | 2 (reconciled) stand_in: bytes takeover: varint
 //!               | entries (absolute values) [| records]
+//! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close) | 2 (end)
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
 //! Created     = directory_id: varint
@@ -26,7 +28,7 @@
 
 use crate::codec::{self, Malformed, Reader};
 use crate::log::FrameKind;
-use crate::meta::{DrainState, NodeMeta};
+use crate::meta::{DrainState, NodeMeta, StandIn};
 use crate::replicas::{CopyRecord, CopyStamp, Replicas};
 use crate::store::{Store, MAX_STRIPES};
 
@@ -45,6 +47,29 @@ pub enum OwnChange {
         /// Its final copy's version.
         version: u64,
     },
+    /// This node took back what a stand-in applied for it while it was
+    /// down: keys it had applied too are taken out of its entries (the
+    /// stand-in's count them), the others recorded.
+    Reconciled {
+        /// The node that stood in.
+        stand_in: String,
+        /// The takeover's id.
+        takeover: u64,
+    },
+}
+
+/// A step of a takeover of `origin`'s keyed increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandInStep {
+    /// It begins (its id: when, by this node's retention clock).
+    Start {
+        /// Unix ms.
+        started_ms: u64,
+    },
+    /// It takes no more increments.
+    Close,
+    /// It is over: the origin has reconciled.
+    End,
 }
 
 /// A change of a node's state, as one log frame records it.
@@ -95,6 +120,13 @@ pub enum Change {
     Start {
         /// The number of this start.
         incarnation: u64,
+    },
+    /// A takeover of another node's keyed increments began, closed or ended.
+    StandIn {
+        /// The node stood in for.
+        origin: String,
+        /// Which step.
+        step: StandInStep,
     },
 }
 
@@ -177,6 +209,7 @@ impl Change {
             Change::DropCopy { .. } => FrameKind::DropCopy,
             Change::Created { .. } => FrameKind::Created,
             Change::Start { .. } => FrameKind::Start,
+            Change::StandIn { .. } => FrameKind::StandIn,
         }
     }
 
@@ -216,6 +249,11 @@ impl Change {
                         codec::put_bytes(buffer, origin.as_bytes());
                         codec::put_varint(buffer, *version);
                     }
+                    OwnChange::Reconciled { stand_in, takeover } => {
+                        buffer.push(2);
+                        codec::put_bytes(buffer, stand_in.as_bytes());
+                        codec::put_varint(buffer, *takeover);
+                    }
                 }
                 put_entries(buffer, entries);
                 put_records(buffer, records);
@@ -227,6 +265,17 @@ impl Change {
             Change::DropCopy { origin } => codec::put_bytes(buffer, origin.as_bytes()),
             Change::Created { directory_id } => codec::put_varint(buffer, *directory_id),
             Change::Start { incarnation } => codec::put_varint(buffer, *incarnation),
+            Change::StandIn { origin, step } => {
+                codec::put_bytes(buffer, origin.as_bytes());
+                match step {
+                    StandInStep::Start { started_ms } => {
+                        buffer.push(0);
+                        codec::put_varint(buffer, *started_ms);
+                    }
+                    StandInStep::Close => buffer.push(1),
+                    StandInStep::End => buffer.push(2),
+                }
+            }
         }
     }
 
@@ -273,6 +322,10 @@ impl Change {
                         origin: node_id(&mut reader)?,
                         version: reader.varint("version")?,
                     },
+                    2 => OwnChange::Reconciled {
+                        stand_in: node_id(&mut reader)?,
+                        takeover: reader.varint("takeover")?,
+                    },
                     _ => return Err(Malformed { what: "why" }),
                 };
                 Change::SetOwn {
@@ -295,6 +348,21 @@ impl Change {
             },
             FrameKind::Start => Change::Start {
                 incarnation: reader.varint("incarnation")?,
+            },
+            FrameKind::StandIn => Change::StandIn {
+                origin: node_id(&mut reader)?,
+                step: match reader.byte("stand-in step")? {
+                    0 => StandInStep::Start {
+                        started_ms: reader.varint("start")?,
+                    },
+                    1 => StandInStep::Close,
+                    2 => StandInStep::End,
+                    _ => {
+                        return Err(Malformed {
+                            what: "stand-in step",
+                        })
+                    }
+                },
             },
         };
         reader.finish("frame")?;
@@ -347,6 +415,10 @@ impl Change {
                     OwnChange::Adopted { origin, version } => {
                         replicas.remove(origin);
                         meta.retired.insert(origin.clone(), *version);
+                        meta.standing_in_for.remove(origin);
+                    }
+                    OwnChange::Reconciled { stand_in, takeover } => {
+                        meta.reconciled.insert(stand_in.clone(), *takeover);
                     }
                 }
             }
@@ -360,6 +432,24 @@ impl Change {
                 meta.awaiting_restore = true;
             }
             Change::Start { incarnation } => meta.incarnation = *incarnation,
+            Change::StandIn { origin, step } => match step {
+                StandInStep::Start { started_ms } => {
+                    meta.standing_in_for
+                        .entry(origin.clone())
+                        .or_insert(StandIn {
+                            started_ms: *started_ms,
+                            closed: false,
+                        });
+                }
+                StandInStep::Close => {
+                    if let Some(stand_in) = meta.standing_in_for.get_mut(origin) {
+                        stand_in.closed = true;
+                    }
+                }
+                StandInStep::End => {
+                    meta.standing_in_for.remove(origin);
+                }
+            },
         }
     }
 }
@@ -428,6 +518,28 @@ mod tests {
             Change::Created { directory_id: 77 },
             Change::Start {
                 incarnation: 1_700_000_001,
+            },
+            Change::SetOwn {
+                why: OwnChange::Reconciled {
+                    stand_in: "shard-1".into(),
+                    takeover: 1_700_000_000_123,
+                },
+                entries: vec![("a".into(), 2, 0)],
+                records: vec![(record_key("a", "k"), 3, 7)],
+            },
+            Change::StandIn {
+                origin: "shard-2".into(),
+                step: StandInStep::Start {
+                    started_ms: 1_700_000_000_123,
+                },
+            },
+            Change::StandIn {
+                origin: "shard-2".into(),
+                step: StandInStep::Close,
+            },
+            Change::StandIn {
+                origin: "shard-2".into(),
+                step: StandInStep::End,
             },
         ];
         for change in changes {

@@ -75,6 +75,8 @@ pub enum FrameKind {
     Start = 7,
     /// The data directory's creation: the first frame of its log.
     Created = 8,
+    /// A takeover of another node's keyed increments began, closed or ended.
+    StandIn = 9,
 }
 
 impl FrameKind {
@@ -89,6 +91,7 @@ impl FrameKind {
             6 => FrameKind::DropCopy,
             7 => FrameKind::Start,
             8 => FrameKind::Created,
+            9 => FrameKind::StandIn,
             _ => return None,
         })
     }

@@ -122,6 +122,25 @@ pub struct NodeMeta {
     /// Drained nodes whose copies this node no longer takes, with the
     /// version it adopted (0: only its copy was dropped).
     pub retired: BTreeMap<String, u64>,
+    /// Nodes this node stands in for: it takes their keyed increments while
+    /// they are down, and its frozen copy of each counts as its part.
+    #[serde(default)]
+    pub standing_in_for: BTreeMap<String, StandIn>,
+    /// Per stand-in, the last of its takeovers of this node reconciled
+    /// here (its id), so that a reconciliation asked again changes nothing.
+    #[serde(default)]
+    pub reconciled: BTreeMap<String, u64>,
+}
+
+/// A takeover of another node's keyed increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandIn {
+    /// When it began, by this node's retention clock (Unix ms): its id,
+    /// and where the records it applied for the node begin.
+    pub started_ms: u64,
+    /// It takes no more increments: a reconciliation has begun.
+    pub closed: bool,
 }
 
 impl NodeMeta {
@@ -239,8 +258,30 @@ mod tests {
                 version: u64::MAX,
             },
             retired: [("shard-9".to_string(), 7)].into(),
+            standing_in_for: [(
+                "shard-3".to_string(),
+                StandIn {
+                    started_ms: u64::MAX - 1,
+                    closed: true,
+                },
+            )]
+            .into(),
+            reconciled: [("shard-2".to_string(), u64::MAX)].into(),
         };
         let text = serde_json::to_string(&meta).unwrap();
+        // A meta of the release before takeovers reads with none.
+        let before = text
+            .split(",\"standing_in_for\"")
+            .next()
+            .unwrap()
+            .to_string()
+            + "}";
+        assert_eq!(
+            serde_json::from_str::<NodeMeta>(&before)
+                .unwrap()
+                .standing_in_for,
+            BTreeMap::new()
+        );
         assert_eq!(serde_json::from_str::<NodeMeta>(&text).unwrap(), meta);
     }
 

@@ -49,6 +49,16 @@ pub enum Refusal {
     /// Adding to an entry would leave the i64 range.
     #[error("adding to {0:?} overflows")]
     Overflow(String),
+    /// A copy pushed to a node standing in for its origin.
+    #[error(
+        "node {node} stands in for {origin}: its copy stays as it is until {origin} has reconciled"
+    )]
+    StandingIn {
+        /// This node.
+        node: String,
+        /// The copy's origin.
+        origin: String,
+    },
     /// A malformed request.
     #[error("{0}")]
     InvalidRequest(String),
@@ -70,6 +80,7 @@ impl Refusal {
             Refusal::CopyMissing(_) => Reason::CopyMissing,
             Refusal::Storage { .. } => Reason::Storage,
             Refusal::Overflow(_) => Reason::Overflow,
+            Refusal::StandingIn { .. } => Reason::StandingIn,
             Refusal::InvalidRequest(_) => Reason::InvalidRequest,
             Refusal::Internal(_) => Reason::Internal,
         }

@@ -1032,6 +1032,41 @@ impl Store {
         self.retention_clock.now_ms()
     }
 
+    /// The delta this node applied under `record_key`, if it remembers it.
+    pub fn record(&self, record_key: &[u8]) -> Option<i64> {
+        let (counter, _) = decode_record_key(record_key)?;
+        let (segment, _) = self.segment_of(counter);
+        segment
+            .lock()
+            .records
+            .get(record_key)
+            .map(|record| record.delta)
+    }
+
+    /// Every record this node remembers that it applied at or after
+    /// `since_ms` (its retention clock), as `(record key, delta, applied)`:
+    /// what a stand-in applied during a takeover. A walk over every record.
+    pub fn records_applied_since(&self, since_ms: u64) -> Vec<(Box<[u8]>, i64, u64)> {
+        let mut records = Vec::new();
+        for segment in self.segments.iter() {
+            let segment = segment.lock();
+            records.extend(
+                segment
+                    .records
+                    .iter()
+                    .filter(|(_, record)| record.applied_unix_ms >= since_ms)
+                    .map(|(key, record)| {
+                        (
+                            Box::<[u8]>::from(&**key),
+                            record.delta,
+                            record.applied_unix_ms,
+                        )
+                    }),
+            );
+        }
+        records
+    }
+
     /// How long and how many keys are remembered.
     pub fn retention(&self) -> KeyRetention {
         self.retention

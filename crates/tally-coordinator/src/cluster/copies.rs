@@ -74,6 +74,81 @@ impl Cluster {
         Ok(())
     }
 
+    /// Reconciles every node that is back with the node that stood in for
+    /// it while it was down (a takeover its stand-in still reports):
+    /// closes the takeover, sends the node the keys the stand-in applied
+    /// for it, ends the takeover. Each step is safe to repeat; a failed one
+    /// is tried again next round.
+    pub async fn reconcile_returned(&self) {
+        for stand_in in 0..self.shards.len() {
+            for origin_id in self.health.standing_in_for(stand_in) {
+                let Some(origin) = self
+                    .shards
+                    .iter()
+                    .position(|shard| shard.node_id() == origin_id)
+                else {
+                    continue;
+                };
+                if !self.health.is_up(origin)
+                    || !self.health.is_up(stand_in)
+                    || self.health.is_restoring(origin)
+                {
+                    continue;
+                }
+                if let Err(error) = self.reconcile(origin, stand_in).await {
+                    tracing::warn!(
+                        origin = origin_id,
+                        stand_in = self.shards[stand_in].node_id(),
+                        %error,
+                        "reconciling a node with its stand-in failed; will retry"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn reconcile(&self, origin: usize, stand_in: usize) -> Result<(), ShardCallError> {
+        let budget = self.config.shard_timeout;
+        let origin_id = self.shards[origin].node_id();
+        let stand_in_id = self.shards[stand_in].node_id();
+        let closed = self.shards[stand_in]
+            .stand_in(origin_id, false, budget)
+            .await?;
+        if closed.takeover == 0 {
+            return Ok(());
+        }
+        // The stand-in's own keys are among its records: keep the keys of
+        // the stripes the origin owns.
+        let keys: Vec<pb::ReconcileKey> = closed
+            .records
+            .into_iter()
+            .filter_map(|record| {
+                let stripe = tally_ring::idempotency_stripe(&record.key, self.config.stripes);
+                (self.ring.owner(&record.counter, stripe) == origin).then_some(pb::ReconcileKey {
+                    counter: record.counter,
+                    key: record.key,
+                    delta: record.delta,
+                    stripe,
+                })
+            })
+            .collect();
+        let sent = keys.len();
+        let reverted = self.shards[origin]
+            .reconcile(stand_in_id, closed.takeover, keys, budget)
+            .await?;
+        self.shards[stand_in]
+            .stand_in(origin_id, true, budget)
+            .await?;
+        tracing::info!(
+            origin = origin_id,
+            stand_in = stand_in_id,
+            keys = sent,
+            reverted,
+            "reconciled a node that is back with its stand-in"
+        );
+        Ok(())
+    }
+
     /// Every (origin, replica) pair of the membership, by node index.
     pub fn replica_pairs(&self) -> Vec<(usize, usize)> {
         self.replicas
@@ -139,6 +214,10 @@ impl Cluster {
         let answer = self.shards[replica]
             .replicate(origin_id, since, changes?, began, budget)
             .await;
+        if answer.as_ref().err().and_then(ShardCallError::reason) == Some(Reason::StandingIn) {
+            // Its copy stays frozen until the origin has reconciled.
+            return Ok(Copied::Unchanged);
+        }
         self.observe(replica, &answer);
         let answer = answer?;
         Ok(if answer.accepted {

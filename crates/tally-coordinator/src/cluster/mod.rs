@@ -207,15 +207,34 @@ impl Cluster {
     /// `increment` placed on `stripe`, for `target`.
     fn placed(&self, increment: Increment, stripe: u32, target: Target) -> StripeIncrement {
         let mut placed = StripeIncrement::new(increment, stripe);
-        placed.on_behalf_of = self.on_behalf_of(target);
+        self.stand_in_for(&mut placed, target);
         placed
     }
 
-    /// The owner's id, when `target` stands in for it.
-    fn on_behalf_of(&self, target: Target) -> Option<Arc<str>> {
-        target
+    /// Marks `increment` for `target`: on behalf of the owner when the
+    /// target stands in for it, and, for a takeover, with the oldest copy
+    /// that may stand in for the owner (the bound a read would put on it).
+    fn stand_in_for(&self, increment: &mut StripeIncrement, target: Target) {
+        increment.on_behalf_of = target
             .on_behalf_of
-            .map(|owner| self.shards[owner].node_id_arc())
+            .map(|owner| self.shards[owner].node_id_arc());
+        increment.takeover_max_copy_age_ms = match target.on_behalf_of {
+            Some(owner) if target.takeover => {
+                let since = self.health.get(owner).since;
+                let max = self.copy_allowance().saturating_add(since.elapsed());
+                (max.as_millis() as u64).max(1)
+            }
+            _ => 0,
+        };
+    }
+
+    /// How much older than a node's failure (as this coordinator saw it) a
+    /// replication round of its copy may have begun for the copy to stand
+    /// in for it: one replication interval and the detection window.
+    pub(crate) fn copy_allowance(&self) -> std::time::Duration {
+        self.config.replication_interval
+            + self.config.health_interval
+            + self.config.health_timeout * crate::health::MISSES_TO_DOWN
     }
 
     /// Restores node `node` for a keyed write that found it awaiting its

@@ -45,9 +45,7 @@ impl Cluster {
         began: std::time::Instant,
     ) -> Vec<NodeView<'_>> {
         let now = std::time::Instant::now();
-        let allowance = self.config.replication_interval
-            + self.config.health_interval
-            + self.config.health_timeout * crate::health::MISSES_TO_DOWN;
+        let allowance = self.copy_allowance();
         self.shards
             .iter()
             .enumerate()

@@ -83,7 +83,7 @@ impl Cluster {
                                         ));
                                         continue;
                                     }
-                                    increment.on_behalf_of = self.on_behalf_of(again);
+                                    self.stand_in_for(&mut increment, again);
                                     by_node.entry(again.node).or_default().push(increment);
                                 }
                                 Outcome::Redirect(_) => unavailable.push((

@@ -137,6 +137,7 @@ mod tests {
             delta,
             idempotency_key: key.into(),
             on_behalf_of: String::new(),
+            takeover_max_copy_age_ms: 0,
         })
         .unwrap()
     }

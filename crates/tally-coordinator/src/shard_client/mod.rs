@@ -259,6 +259,43 @@ impl ShardClient {
             .entries)
     }
 
+    /// On a stand-in: closes its takeover of `origin` and lists the records
+    /// it applied since it began (`end` false), or ends it.
+    pub async fn stand_in(
+        &self,
+        origin: &str,
+        end: bool,
+        budget: Duration,
+    ) -> Result<pb::StandInResponse, ShardCallError> {
+        let request = pb::StandInRequest {
+            node_id: self.node_id.to_string(),
+            origin: origin.to_string(),
+            end,
+        };
+        let mut grpc = self.grpc.clone();
+        call(budget, grpc.stand_in(timed(request, budget))).await
+    }
+
+    /// On a node that is back: reconciles with the stand-in's takeover.
+    pub async fn reconcile(
+        &self,
+        stand_in: &str,
+        takeover: u64,
+        keys: Vec<pb::ReconcileKey>,
+        budget: Duration,
+    ) -> Result<u64, ShardCallError> {
+        let request = pb::ReconcileRequest {
+            node_id: self.node_id.to_string(),
+            stand_in: stand_in.to_string(),
+            takeover,
+            keys,
+        };
+        let mut grpc = self.grpc.clone();
+        Ok(call(budget, grpc.reconcile(timed(request, budget)))
+            .await?
+            .reverted)
+    }
+
     /// Adds its earlier entries, and the idempotency records that came
     /// with them, to a node that started empty.
     pub async fn restore(

@@ -124,6 +124,19 @@ impl ShardService {
         let entries = entries(request.entries)?;
         let records = records(request.records)?;
         let _replica_writes = self.replica_writes.lock().await;
+        if self
+            .state
+            .meta
+            .lock()
+            .standing_in_for
+            .contains_key(&request.origin)
+        {
+            // Frozen until the origin has reconciled.
+            return Err(Refusal::StandingIn {
+                node: self.node_id.to_string(),
+                origin: request.origin,
+            });
+        }
         if self.is_retired(&request.origin) {
             // Drained: a late push must not bring its copy back.
             return Ok(pb::ReplicateResponse {

@@ -3,6 +3,7 @@
 mod copies;
 mod drain;
 mod read;
+mod takeover;
 mod write;
 
 use std::sync::atomic::AtomicU64;
@@ -339,6 +340,26 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::AdoptResponse>, Status> {
         let request = request.into_inner();
         self.to_the_end(move |service| async move { service.adopt_to_the_end(request).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn stand_in(
+        &self,
+        request: Request<pb::StandInRequest>,
+    ) -> Result<Response<pb::StandInResponse>, Status> {
+        let request = request.into_inner();
+        self.to_the_end(move |service| async move { service.stand_in_to_the_end(request).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let request = request.into_inner();
+        self.to_the_end(move |service| async move { service.reconcile_to_the_end(request).await })
             .await
             .map(Response::new)
     }

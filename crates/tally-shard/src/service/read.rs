@@ -17,7 +17,7 @@ impl ShardService {
         self.check_node_id(&request.node_id)?;
         // Own entries and copies as one view: an adoption is seen whole.
         let _reading = self.own_writes.read().await;
-        let (restoring, handed_to, retired, directory_id) = {
+        let (restoring, handed_to, retired, directory_id, standing_in_for) = {
             let meta = self.state.meta.lock();
             (
                 meta.awaiting_restore,
@@ -26,6 +26,7 @@ impl ShardService {
                     .map(|(adopter, version)| (adopter.to_string(), version)),
                 meta.retired.keys().cloned().collect::<Vec<_>>(),
                 meta.directory_id,
+                meta.standing_in_for.keys().cloned().collect::<Vec<_>>(),
             )
         };
         let (drained_to, handed_over_version) = handed_to.unwrap_or_default();
@@ -74,6 +75,7 @@ impl ShardService {
             directory_id,
             handed_over_version,
             retired,
+            standing_in_for,
         })
     }
 
@@ -88,6 +90,7 @@ impl ShardService {
         let stats = self.journal.stats();
         let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
         Ok(pb::ShardStatusResponse {
+            standing_in_for: meta.standing_in_for.keys().cloned().collect(),
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
             entries: if brief {

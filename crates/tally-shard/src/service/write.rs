@@ -7,7 +7,7 @@ use tally_proto::pb;
 use tally_proto::pb::apply_result::Outcome;
 
 use super::{check_counter_name, check_stripe, ShardService};
-use crate::change::Change;
+use crate::change::{Change, StandInStep};
 use crate::refusal::Refusal;
 use crate::store::{ApplyOutcome, StripeIncrement};
 
@@ -45,6 +45,7 @@ impl ShardService {
                 })
             })
             .collect::<Result<Vec<_>, Refusal>>()?;
+        self.begin_takeovers(&request.increments).await?;
         let (outcomes, epoch) = {
             let _writing = self.own_writes.read().await;
             if self.check_not_draining().is_err() {
@@ -154,17 +155,36 @@ impl ShardService {
                 if restoring {
                     return Some(Decided::AwaitsRestore);
                 }
-                if increment.on_behalf_of.is_empty() || self.is_retired(&increment.on_behalf_of) {
+                let origin = &increment.on_behalf_of;
+                if origin.is_empty() || self.is_retired(origin) {
                     // Its own records decide (an adopted node's are among
                     // them).
                     return None;
                 }
-                if !self.state.replicas.has_copy(&increment.on_behalf_of) {
+                if !self.state.replicas.has_copy(origin) {
                     return Some(Decided::Unavailable(format!(
-                        "node {} holds no copy of {}'s idempotency records: it cannot stand in \
-                         for it",
-                        self.node_id, increment.on_behalf_of
+                        "node {} holds no copy of {origin}'s idempotency records: it cannot stand \
+                         in for it",
+                        self.node_id
                     )));
+                }
+                if increment.takeover_max_copy_age_ms > 0 {
+                    let why = match self.state.meta.lock().standing_in_for.get(origin) {
+                        Some(stand_in) if !stand_in.closed => None,
+                        Some(_) => Some(format!(
+                            "node {} no longer stands in for {origin}: {origin} is back and \
+                             reconciling; retry",
+                            self.node_id
+                        )),
+                        None => Some(format!(
+                            "node {}'s copy of {origin} is too old (or of unknown age) to stand \
+                             in for it",
+                            self.node_id
+                        )),
+                    };
+                    if let Some(why) = why {
+                        return Some(Decided::Unavailable(why));
+                    }
                 }
                 let recorded = self.state.replicas.record(
                     &increment.on_behalf_of,
@@ -209,6 +229,65 @@ impl ShardService {
         }
         self.durable(epoch).await?;
         Ok(pb::EraseResponse {})
+    }
+}
+
+impl ShardService {
+    /// Begins a takeover of each down node an increment is sent on behalf
+    /// of (`takeover_max_copy_age_ms` set), unless one runs: if this node's
+    /// copy of it is recent enough by the sender's bound, the takeover is
+    /// logged (its start, by this node's retention clock, is its id) before
+    /// anything is applied for it. From then the copy is frozen (pushes are
+    /// refused) and reads count it as that node's part.
+    async fn begin_takeovers(&self, increments: &[pb::ShardIncrement]) -> Result<(), Refusal> {
+        let mut origins: Vec<(&str, u64)> = increments
+            .iter()
+            .filter(|increment| {
+                increment.takeover_max_copy_age_ms > 0 && !increment.idempotency_key.is_empty()
+            })
+            .map(|increment| {
+                (
+                    increment.on_behalf_of.as_str(),
+                    increment.takeover_max_copy_age_ms,
+                )
+            })
+            .collect();
+        if origins.is_empty() {
+            return Ok(());
+        }
+        origins.sort_unstable();
+        origins.dedup_by_key(|(origin, _)| *origin);
+        for (origin, max_age_ms) in origins {
+            let begun = || self.state.meta.lock().standing_in_for.contains_key(origin);
+            if begun() || self.is_retired(origin) || !self.state.replicas.has_copy(origin) {
+                continue;
+            }
+            // One replica change at a time: the copy is frozen at a version,
+            // never mid-push.
+            let _replica_writes = self.replica_writes.lock().await;
+            if begun() {
+                continue;
+            }
+            let fresh = self
+                .copy_ages
+                .age_ms(origin)
+                .is_some_and(|age| age <= max_age_ms);
+            if !fresh {
+                continue;
+            }
+            let started_ms = self.state.store.retention_now_ms();
+            self.submit(Change::StandIn {
+                origin: origin.to_string(),
+                step: StandInStep::Start { started_ms },
+            })
+            .await?;
+            tracing::warn!(
+                node_id = &*self.node_id,
+                origin,
+                "standing in for a node shown down: taking its keyed increments"
+            );
+        }
+        Ok(())
     }
 }
 

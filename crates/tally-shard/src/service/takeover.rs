@@ -1,0 +1,137 @@
+//! Takeovers: a node standing in for a down node's keyed increments, and
+//! the reconciliation when that node is back.
+//!
+//! Why it is exactly once. A stand-in applies a key for the node only if
+//! neither its own records nor its copy of the node's records hold it; the
+//! copy is frozen from the takeover's start and reads count it as the
+//! node's part. So the node can hold a key the stand-in applied too only if
+//! it applied that key after the copy's version (in doubt when it failed,
+//! or through a sender that still saw it up): counted by the stand-in, not
+//! by the frozen copy. Reconciling, the stand-in first closes the takeover
+//! (it applies nothing more for the node, with every increment it applied
+//! in its log), then lists every record it applied since the start; the
+//! node takes each key it also holds out of its entries and records the
+//! others, in one frame, once per takeover; then the takeover ends and the
+//! node's own answer counts again. From then the node holds every key the
+//! stand-in applied for it.
+
+use std::collections::BTreeMap;
+
+use tally_proto::domain::{CounterName, IdempotencyKey};
+use tally_proto::pb;
+
+use super::{records_to_wire, ShardService};
+use crate::change::{Change, OwnChange, StandInStep};
+use crate::refusal::Refusal;
+use crate::store::encode_record_key_into;
+
+impl ShardService {
+    /// On the stand-in: close the takeover of `origin` and list the records
+    /// applied since it began; or end it.
+    pub(super) async fn stand_in_to_the_end(
+        &self,
+        request: pb::StandInRequest,
+    ) -> Result<pb::StandInResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        let origin = request.origin;
+        let Some(stand_in) = self.state.meta.lock().standing_in_for.get(&origin).copied() else {
+            return Ok(pb::StandInResponse::default());
+        };
+        if request.end {
+            self.submit(Change::StandIn {
+                origin: origin.clone(),
+                step: StandInStep::End,
+            })
+            .await?;
+            tracing::info!(
+                node_id = &*self.node_id,
+                origin,
+                "no longer standing in: the node has reconciled"
+            );
+            return Ok(pb::StandInResponse {
+                takeover: stand_in.started_ms,
+                records: Vec::new(),
+            });
+        }
+        if !stand_in.closed {
+            // Writes paused: every increment applied for it so far is in
+            // the store, and the frame closing the takeover follows their
+            // log write (a failed write fails both).
+            let _paused = self.own_writes.write().await;
+            self.submit(Change::StandIn {
+                origin: origin.clone(),
+                step: StandInStep::Close,
+            })
+            .await?;
+        }
+        let records = self.state.store.records_applied_since(stand_in.started_ms);
+        Ok(pb::StandInResponse {
+            takeover: stand_in.started_ms,
+            records: records_to_wire(records),
+        })
+    }
+
+    /// On the node that is back: take out of its entries the keys the
+    /// stand-in applied that it applied too, and record the others.
+    pub(super) async fn reconcile_to_the_end(
+        &self,
+        request: pb::ReconcileRequest,
+    ) -> Result<pb::ReconcileResponse, Refusal> {
+        self.check_node_id(&request.node_id)?;
+        tally_proto::domain::validate_node_id(&request.stand_in)
+            .map_err(Refusal::InvalidRequest)?;
+        self.check_restored()?;
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.state.meta.lock().reconciled.get(&request.stand_in) == Some(&request.takeover) {
+            return Ok(pb::ReconcileResponse { reverted: 0 });
+        }
+        let _paused = self.own_writes.write().await;
+        let mut taken: BTreeMap<(String, u32), i64> = BTreeMap::new();
+        let mut records = Vec::new();
+        let mut record_key = Vec::new();
+        let mut reverted = 0;
+        for key in request.keys {
+            CounterName::validate(&key.counter)?;
+            IdempotencyKey::validate(&key.key)?;
+            super::check_stripe(key.stripe)?;
+            encode_record_key_into(&mut record_key, &key.counter, &key.key);
+            match self.state.store.record(&record_key) {
+                // Applied here too: the stand-in counts it.
+                Some(delta) if delta == key.delta => {
+                    *taken.entry((key.counter, key.stripe)).or_default() += delta;
+                    reverted += 1;
+                }
+                // Two increments under one key (a client's mistake): each
+                // was applied once where it landed.
+                Some(_) => {}
+                None => records.push((record_key.as_slice().into(), key.delta, 0)),
+            }
+        }
+        let mut entries = Vec::with_capacity(taken.len());
+        for ((counter, stripe), delta) in taken {
+            let value = self
+                .state
+                .store
+                .entry(&counter, stripe)
+                .checked_sub(delta)
+                .ok_or_else(|| Refusal::Overflow(counter.clone()))?;
+            entries.push((counter, stripe, value));
+        }
+        self.submit(Change::SetOwn {
+            why: OwnChange::Reconciled {
+                stand_in: request.stand_in.clone(),
+                takeover: request.takeover,
+            },
+            entries,
+            records,
+        })
+        .await?;
+        tracing::info!(
+            node_id = &*self.node_id,
+            stand_in = request.stand_in,
+            reverted,
+            "reconciled with the node that stood in for it"
+        );
+        Ok(pb::ReconcileResponse { reverted })
+    }
+}

@@ -136,8 +136,15 @@ impl Load {
     }
 }
 
-/// Reads every counter and compares it with the ledger.
-fn compare(runtime: &tokio::runtime::Runtime, endpoint: &str, ledger: &Ledger) -> Outcome {
+/// Reads every counter and compares it with the ledger, once every
+/// takeover of a killed node's keyed increments has been reconciled.
+fn compare(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &ProcessCluster,
+    endpoint: &str,
+    ledger: &Ledger,
+) -> Outcome {
+    runtime.block_on(support::wait_until_reconciled(cluster));
     let mut counters: Vec<String> = (0..COUNTERS).map(counter_name).collect();
     counters.extend(
         ledger
@@ -217,7 +224,7 @@ fn sync_mode_loses_and_duplicates_nothing_across_shard_sigkills() {
         during_checkpoints += usize::from(interrupted.checkpoint);
     }
     let ledger = load.finish(&runtime);
-    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    let outcome = compare(&runtime, &cluster, &cluster.coordinator.endpoint(), &ledger);
     support::report(&format!(
         "sync mode, {cycles} shard SIGKILLs ({during_checkpoints} during a checkpoint; {} calls \
          retried, {} resent): {outcome}",
@@ -264,11 +271,22 @@ fn crashes_at_each_step_of_a_checkpoint_lose_and_duplicate_nothing() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let ledger = load.finish(&runtime);
-    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    let outcome = compare(&runtime, &cluster, &cluster.coordinator.endpoint(), &ledger);
     support::report(&format!(
         "crashes at {reached:?} ({} calls retried, {} resent): {outcome}",
         ledger.retried, ledger.resent
     ));
+    if outcome.lost != 0 {
+        let dump = |name: &str, log: String| {
+            for line in log.lines().filter(|line| line.contains("stand") || line.contains("reconcil") || line.contains("down") || line.contains("up again") || line.contains("crashing") || line.contains("recovered")) {
+                eprintln!("DEBUG {name}: {line}");
+            }
+        };
+        dump("coordinator", cluster.coordinator.log());
+        for shard in cluster.shards.iter().flatten() {
+            dump(&shard.name, shard.log());
+        }
+    }
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
 }
 
@@ -318,7 +336,7 @@ fn async_mode_loses_at_most_the_last_flush_interval() {
         kills.push((at, format!("shard-{}", index + 1)));
     }
     let ledger = load.finish(&runtime);
-    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    let outcome = compare(&runtime, &cluster, &cluster.coordinator.endpoint(), &ledger);
 
     // Increments acknowledged by a node shortly before it was killed: the
     // most a kill can take.
@@ -466,7 +484,7 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
             cluster.restart_shard(2, address);
         }
         // How much of the batch landed before the kill.
-        let present = compare(&runtime, &second, &ledger).present;
+        let present = compare(&runtime, &cluster, &second, &ledger).present;
         if present > before && present < before + BATCH as i64 {
             cut += 1;
         }
@@ -475,7 +493,7 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
         ledger.record(&items);
         first = start_coordinator();
     }
-    let outcome = compare(&runtime, &second, &ledger);
+    let outcome = compare(&runtime, &cluster, &second, &ledger);
     support::report(&format!(
         "{cycles} coordinator SIGKILLs during a {BATCH}-increment batch, {cut} cut part-way, \
          each retried through another coordinator: {outcome}"
@@ -520,7 +538,7 @@ fn sigterm_under_load_drops_nothing_acknowledged() {
         );
     }
     let ledger = load.finish(&runtime);
-    let outcome = compare(&runtime, &cluster.coordinator.endpoint(), &ledger);
+    let outcome = compare(&runtime, &cluster, &cluster.coordinator.endpoint(), &ledger);
     support::report(&format!(
         "{cycles} SIGTERMs under load (shards and the coordinator, {} calls retried): {outcome}",
         ledger.retried

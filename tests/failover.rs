@@ -188,10 +188,9 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
     signal(&cluster, 2, Signal::SIGSTOP);
     let (hang_seen, hang_line) =
         support::wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
-    // A keyed increment stays with its owner; with the owner hung and shown
-    // down it fails fast (a probe's time, 500 ms here) with UNAVAILABLE,
-    // instead of waiting out the shard timeout (5 s here) past the
-    // client's 3 s deadline.
+    // A keyed increment of the hung owner, shown down, is not sent to queue
+    // behind the calls hanging there (the shard timeout, 5 s here, is past
+    // the client's 3 s deadline): the owner's stand-in takes it over.
     let keyed = keyed_increment_owned_by(&cluster, "shard-3");
     let answer = runtime.block_on(async {
         let mut client = CounterClient::connect(cluster.coordinator.endpoint())
@@ -201,8 +200,8 @@ fn increments_without_a_key_keep_succeeding_through_a_kill_and_a_hang() {
             .increment(tally::proto::timed(keyed, Duration::from_secs(3)))
             .await
     });
-    let status = answer.expect_err("a keyed increment reached a hung owner");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let answer = answer.expect("a keyed increment of a hung owner, taken over");
+    assert!(!answer.into_inner().deduplicated);
     std::thread::sleep(OUTAGE);
     signal(&cluster, 2, Signal::SIGCONT);
     let (hang_over, _) = support::wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
@@ -588,22 +587,28 @@ async fn writes_without_a_key_go_around_a_down_node() {
     for _ in 0..100 {
         client.increment(increment("spread", 1, "")).await.unwrap();
     }
-    // A keyed increment stays with its owner, the only node that can
-    // deduplicate it: it fails until the owner is back.
+    // A keyed increment of the down owner: its stand-in (its first
+    // replica, which holds its records) takes it over.
     let key = key_owned_by(&cluster, "spread", "shard-2", 0);
-    let status = client
+    let first = client
         .increment(increment("spread", 1, &key))
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        .unwrap()
+        .into_inner();
+    assert!(!first.deduplicated);
+    assert_eq!(value(&mut client, "spread").await, 101);
 
+    // Back: its retry is recognized (by the stand-in, or by the owner once
+    // reconciled), never applied again.
     cluster.restart_shard(1).await.unwrap();
     cluster.wait_ready(READY).await.unwrap();
     wait_for_health(&cluster, "shard-2", "up").await;
-    client
+    let retry = client
         .increment(increment("spread", 1, &key))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert!(retry.deduplicated, "{retry:?}");
     assert_eq!(value(&mut client, "spread").await, 101);
     let on_down_node = shard_statuses(&cluster).await[1].entries;
     assert_eq!(on_down_node, 1, "only the keyed increment reached shard-2");

@@ -421,3 +421,27 @@ pub fn wait_for_shown_health(
         .to_string();
     (seen, line)
 }
+
+/// Waits until no running shard stands in for another (every takeover of a
+/// node's keyed increments has been reconciled): what a final comparison
+/// waits for, since until then reads count a frozen copy for the node.
+pub async fn wait_until_reconciled(cluster: &ProcessCluster) {
+    super::wait_until(
+        "every takeover to be reconciled",
+        super::PATIENCE,
+        || async {
+            let standing_in: Vec<(String, Vec<String>)> = process_statuses(cluster)
+                .await
+                .into_iter()
+                .filter(|status| !status.standing_in_for.is_empty())
+                .map(|status| (status.node_id, status.standing_in_for))
+                .collect();
+            if standing_in.is_empty() {
+                Ok(())
+            } else {
+                Err(standing_in)
+            }
+        },
+    )
+    .await;
+}

@@ -66,6 +66,11 @@ pub struct NodeHealth {
     pub adopter: Option<Arc<str>>,
     /// The nodes it stands in for (as last seen).
     pub standing_in_for: Vec<String>,
+    /// Since when a stand-in has taken over its keyed increments, as far as
+    /// this coordinator knows (it routed one there, or a stand-in's status
+    /// said so); cleared by a later status of that stand-in without it, or
+    /// by the reconciliation.
+    pub taken_over: Option<(Instant, usize)>,
     /// Copies of its entries to its replicas that failed since this
     /// coordinator started.
     pub replication_failures: u64,
@@ -117,6 +122,7 @@ impl HealthBoard {
                         drain: pb::DrainState::Serving,
                         adopter: None,
                         standing_in_for: Vec::new(),
+                        taken_over: None,
                         replication_failures: 0,
                         last_answer: Instant::now(),
                         misses: 0,
@@ -178,6 +184,7 @@ impl HealthBoard {
             up: node.up,
             draining: node.drain != pb::DrainState::Serving,
             handed_over: node.drain.handed_over(),
+            taken_over: node.taken_over.is_some(),
         }
     }
 
@@ -200,6 +207,36 @@ impl HealthBoard {
         let mut node = self.nodes[index].lock();
         if node.adopter.as_deref() != Some(adopter) {
             node.adopter = Some(adopter.into());
+        }
+    }
+
+    /// Node `owner`'s keyed increments are taken over by `stand_in`.
+    pub fn mark_taken_over(&self, owner: usize, stand_in: usize) {
+        let mut node = self.nodes[owner].lock();
+        if node.taken_over.is_none_or(|(_, by)| by != stand_in) {
+            node.taken_over = Some((Instant::now(), stand_in));
+        }
+    }
+
+    /// Node `owner` has reconciled with its stand-in.
+    pub fn clear_taken_over(&self, owner: usize) {
+        self.nodes[owner].lock().taken_over = None;
+    }
+
+    /// A status of node `stand_in`, asked at `sent`, listed these nodes it
+    /// stands in for: they are taken over; a node it took over before `sent`
+    /// and no longer lists has reconciled.
+    fn saw_stand_ins(&self, stand_in: usize, sent: Instant, listed: &[String]) {
+        for (owner, id) in self.ids.iter().enumerate() {
+            let listed = listed.iter().any(|listed| listed.as_str() == &**id);
+            let mut node = self.nodes[owner].lock();
+            match node.taken_over {
+                None if listed => node.taken_over = Some((sent, stand_in)),
+                Some((since, by)) if by == stand_in && !listed && since < sent => {
+                    node.taken_over = None
+                }
+                _ => {}
+            }
         }
     }
 
@@ -290,6 +327,7 @@ pub async fn probe_loop(
                 if !status.drain_adopter.is_empty() {
                     board.set_adopter(index, &status.drain_adopter);
                 }
+                board.saw_stand_ins(index, sent, &status.standing_in_for);
                 board.nodes[index].lock().standing_in_for = status.standing_in_for;
                 interval
             }

@@ -11,11 +11,15 @@ pub struct WriteState {
     /// Its drain has handed its entries and idempotency records over to its
     /// adopter (its stand-in).
     pub handed_over: bool,
+    /// Its stand-in has taken over its keyed increments and it has not
+    /// reconciled yet: reads count the stand-in's frozen copy as its part,
+    /// so nothing written to it would be seen.
+    pub taken_over: bool,
 }
 
 impl WriteState {
     fn takes_writes(self) -> bool {
-        self.up && !self.draining
+        self.up && !self.draining && !self.taken_over
     }
 }
 
@@ -62,8 +66,9 @@ pub fn write_target<S: IntoIterator<Item = usize>>(
         return at(owner);
     }
     if keyed {
-        // Down and not being drained: taken over. Handed over: adopted.
-        let takeover = !owner_state.up && !owner_state.draining;
+        // Down (or taken over) and not being drained: taken over. Handed
+        // over: adopted.
+        let takeover = (!owner_state.up || owner_state.taken_over) && !owner_state.draining;
         if !(takeover || owner_state.handed_over) {
             return at(owner);
         }
@@ -90,21 +95,21 @@ mod tests {
         up: true,
         draining: false,
         handed_over: false,
+        taken_over: false,
     };
-    const DOWN: WriteState = WriteState {
-        up: false,
-        draining: false,
-        handed_over: false,
-    };
+    const DOWN: WriteState = WriteState { up: false, ..UP };
     const DRAINING: WriteState = WriteState {
-        up: true,
         draining: true,
-        handed_over: false,
+        ..UP
     };
     const HANDED_OVER: WriteState = WriteState {
-        up: true,
         draining: true,
         handed_over: true,
+        ..UP
+    };
+    const TAKEN_OVER: WriteState = WriteState {
+        taken_over: true,
+        ..UP
     };
 
     #[test]
@@ -129,6 +134,22 @@ mod tests {
                 [DOWN, UP, DOWN],
                 true,
                 0,
+                false,
+                false,
+            ),
+            (
+                "owner back but not reconciled, keyed: still its stand-in's",
+                [TAKEN_OVER, UP, UP],
+                true,
+                2,
+                true,
+                true,
+            ),
+            (
+                "owner back but not reconciled: around it",
+                [TAKEN_OVER, UP, UP],
+                false,
+                1,
                 false,
                 false,
             ),

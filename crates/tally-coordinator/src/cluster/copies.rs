@@ -139,6 +139,7 @@ impl Cluster {
         self.shards[stand_in]
             .stand_in(origin_id, true, budget)
             .await?;
+        self.health.clear_taken_over(origin);
         tracing::info!(
             origin = origin_id,
             stand_in = stand_in_id,

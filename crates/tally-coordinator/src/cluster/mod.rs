@@ -220,6 +220,9 @@ impl Cluster {
             .map(|owner| self.shards[owner].node_id_arc());
         increment.takeover_max_copy_age_ms = match target.on_behalf_of {
             Some(owner) if target.takeover => {
+                // Its writes go around it from now until it has reconciled:
+                // reads will count the stand-in's frozen copy as its part.
+                self.health.mark_taken_over(owner, target.node);
                 let since = self.health.get(owner).since;
                 let max = self.copy_allowance().saturating_add(since.elapsed());
                 (max.as_millis() as u64).max(1)

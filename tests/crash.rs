@@ -278,7 +278,14 @@ fn crashes_at_each_step_of_a_checkpoint_lose_and_duplicate_nothing() {
     ));
     if outcome.lost != 0 {
         let dump = |name: &str, log: String| {
-            for line in log.lines().filter(|line| line.contains("stand") || line.contains("reconcil") || line.contains("down") || line.contains("up again") || line.contains("crashing") || line.contains("recovered")) {
+            for line in log.lines().filter(|line| {
+                line.contains("stand")
+                    || line.contains("reconcil")
+                    || line.contains("down")
+                    || line.contains("up again")
+                    || line.contains("crashing")
+                    || line.contains("recovered")
+            }) {
                 eprintln!("DEBUG {name}: {line}");
             }
         };

@@ -284,6 +284,38 @@ async fn read_again(client: &CounterClient<tonic::transport::Channel>, round: us
     .await
 }
 
+/// A change set asked of `node` while its log cannot be written holds no
+/// record of round `refused` (it fails, or leaves them out).
+async fn assert_no_change_beyond_the_log(node: &Daemon, refused: usize) {
+    let mut shard = pb::shard_client::ShardClient::connect(node.endpoint())
+        .await
+        .unwrap()
+        .max_decoding_message_size(usize::MAX);
+    let answer = shard
+        .changes(pb::ChangesRequest {
+            node_id: "shard-1".into(),
+            since: 0,
+        })
+        .await;
+    let refused_prefix = format!("r{refused}/");
+    match answer {
+        Ok(changes) => {
+            let beyond: Vec<String> = changes
+                .into_inner()
+                .records
+                .into_iter()
+                .filter(|record| record.key.starts_with(&refused_prefix))
+                .map(|record| record.key)
+                .collect();
+            assert!(
+                beyond.is_empty(),
+                "a change set handed out records the log does not hold: {beyond:?}"
+            );
+        }
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+    }
+}
+
 /// Fills a small real filesystem until writes fail, then checks: writes
 /// fail with UNAVAILABLE, reads work, a restart while full works, the node
 /// heals by itself once space returns, and nothing acknowledged is lost.
@@ -332,6 +364,11 @@ async fn a_really_full_disk(kind: &str) {
     ));
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(acknowledged > 0);
+    // The refused batch is in the node's memory but not in its log: a
+    // replica must not be given it (a copy holding its idempotency records
+    // would answer the client's retry as a duplicate, and the node could
+    // lose it in a crash).
+    assert_no_change_beyond_the_log(&node, acknowledged).await;
     // Still full: writes keep failing, reads work.
     assert!(client.increment_batch(batch(acknowledged)).await.is_err());
     assert_eq!(read_round(&mut client, 0).await.unwrap(), vec![1; 200]);

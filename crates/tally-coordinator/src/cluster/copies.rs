@@ -112,7 +112,7 @@ impl Cluster {
         let origin_id = self.shards[origin].node_id();
         let stand_in_id = self.shards[stand_in].node_id();
         let closed = self.shards[stand_in]
-            .stand_in(origin_id, false, budget)
+            .stand_in(origin_id, None, budget)
             .await?;
         if closed.takeover == 0 {
             return Ok(());
@@ -137,7 +137,7 @@ impl Cluster {
             .reconcile(stand_in_id, closed.takeover, keys, budget)
             .await?;
         self.shards[stand_in]
-            .stand_in(origin_id, true, budget)
+            .stand_in(origin_id, Some(closed.takeover), budget)
             .await?;
         self.health.clear_taken_over(origin);
         tracing::info!(

@@ -260,17 +260,19 @@ impl ShardClient {
     }
 
     /// On a stand-in: closes its takeover of `origin` and lists the records
-    /// it applied since it began (`end` false), or ends it.
+    /// it applied since it began (`end` None), or ends takeover `end` (its
+    /// id).
     pub async fn stand_in(
         &self,
         origin: &str,
-        end: bool,
+        end: Option<u64>,
         budget: Duration,
     ) -> Result<pb::StandInResponse, ShardCallError> {
         let request = pb::StandInRequest {
             node_id: self.node_id.to_string(),
             origin: origin.to_string(),
-            end,
+            end: end.is_some(),
+            takeover: end.unwrap_or(0),
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.stand_in(timed(request, budget))).await

@@ -26,7 +26,7 @@ impl ShardService {
         self.check_restored()?;
         // Held across the scan: a hand-over cannot slip in between the
         // check and the version this scan takes.
-        let _reading = self.own_writes.read().await;
+        let reading = self.own_writes.read().await;
         let (drained, directory_id, recorded) = {
             let meta = self.state.meta.lock();
             (
@@ -53,6 +53,14 @@ impl ShardService {
         let changes = tokio::task::spawn_blocking(move || store.changes_since(since))
             .await
             .map_err(Refusal::from)?;
+        // The scan read memory, where a change is made before the log holds
+        // it: answered only once the log holds everything scanned (by the
+        // node's durability mode). A copy must never be ahead of the log: a
+        // stand-in finding a key in it answers the key's retry as a
+        // duplicate, and the node could still lose it in a crash.
+        let scanned_epoch = self.state.store.open_epoch();
+        drop(reading);
+        self.durable(scanned_epoch).await?;
         Ok(pb::ChangesResponse {
             scanned_unix_ms,
             directory_id,

@@ -34,10 +34,20 @@ impl ShardService {
     ) -> Result<pb::StandInResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
         let origin = request.origin;
+        // Steps of takeovers one at a time, as they begin
+        // (`begin_takeovers`): an end checks the takeover it ends.
+        let _replica_writes = self.replica_writes.lock().await;
         let Some(stand_in) = self.state.meta.lock().standing_in_for.get(&origin).copied() else {
             return Ok(pb::StandInResponse::default());
         };
         if request.end {
+            if request.takeover != stand_in.started_ms {
+                // Late: the takeover it meant has ended, and another began.
+                return Ok(pb::StandInResponse {
+                    takeover: stand_in.started_ms,
+                    records: Vec::new(),
+                });
+            }
             self.submit(Change::StandIn {
                 origin: origin.clone(),
                 step: StandInStep::End,

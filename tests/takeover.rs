@@ -1,0 +1,313 @@
+//! A takeover's steps on two real shard processes, with this test in the
+//! coordinator's place (so no coordinator's own rounds interfere): a
+//! stand-in taking a node's keyed increments over from its copy, a retry of
+//! a key in the copy answered as a duplicate, the copy frozen, the takeover
+//! closed, a late end that ends nothing, the node reconciling (twice, and
+//! across a restart), and the total exact at the end.
+
+mod support;
+
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+use support::Daemon;
+use tally::proto::pb;
+use tally::proto::pb::apply_result::Outcome;
+use tally::proto::pb::shard_client::ShardClient;
+use tonic::transport::Channel;
+
+const ORIGIN: &str = "shard-1";
+const STAND_IN: &str = "shard-2";
+const COUNTER: &str = "taken-over";
+
+fn shard(dir: &Path, id: &str, listen: &str) -> Daemon {
+    let data = dir.join(id);
+    Daemon::start(
+        "tally-shard",
+        id,
+        &[
+            "--node-id",
+            id,
+            "--listen",
+            listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        dir,
+    )
+}
+
+async fn client(node: &Daemon) -> ShardClient<Channel> {
+    ShardClient::connect(node.endpoint()).await.unwrap()
+}
+
+/// A node that started with an empty directory awaits its restore: none,
+/// for a new node.
+async fn restore_new(client: &mut ShardClient<Channel>, node_id: &str) {
+    client
+        .restore(pb::RestoreRequest {
+            node_id: node_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn increment(key: &str, delta: i64, on_behalf_of: &str) -> pb::ShardIncrement {
+    pb::ShardIncrement {
+        counter: COUNTER.into(),
+        stripe: 0,
+        delta,
+        idempotency_key: key.into(),
+        on_behalf_of: on_behalf_of.into(),
+        takeover_max_copy_age_ms: if on_behalf_of.is_empty() { 0 } else { 60_000 },
+    }
+}
+
+/// Applies `increments` on `node_id`; the outcome of each.
+async fn apply(
+    client: &mut ShardClient<Channel>,
+    node_id: &str,
+    increments: Vec<pb::ShardIncrement>,
+) -> Vec<Outcome> {
+    client
+        .apply(pb::ApplyRequest {
+            node_id: node_id.into(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION,
+            increments,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|result| result.outcome.unwrap())
+        .collect()
+}
+
+/// The kind of each outcome, for comparing.
+fn kinds(outcomes: &[Outcome]) -> Vec<&'static str> {
+    outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Outcome::Applied(_) => "applied",
+            Outcome::Duplicate(_) => "duplicate",
+            Outcome::Unavailable(_) => "unavailable",
+            _ => "other",
+        })
+        .collect()
+}
+
+/// `node_id`'s own total of the counter.
+async fn own_total(client: &mut ShardClient<Channel>, node_id: &str) -> i64 {
+    let read = client
+        .read(pb::ReadRequest {
+            node_id: node_id.into(),
+            counters: vec![COUNTER.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    read.counters[0]
+        .entries
+        .iter()
+        .map(|entry| entry.value)
+        .sum()
+}
+
+async fn standing_in_for(client: &mut ShardClient<Channel>) -> Vec<String> {
+    client
+        .status(pb::ShardStatusRequest { brief: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .standing_in_for
+}
+
+/// Copies the origin's changes since `since` to the stand-in, as a
+/// replication round does; the replica's answer.
+async fn replicate(
+    origin: &mut ShardClient<Channel>,
+    stand_in: &mut ShardClient<Channel>,
+    since: u64,
+) -> Result<pb::ReplicateResponse, tonic::Status> {
+    let changes = origin
+        .changes(pb::ChangesRequest {
+            node_id: ORIGIN.into(),
+            since,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stand_in
+        .replicate(pb::ReplicateRequest {
+            node_id: STAND_IN.into(),
+            origin: ORIGIN.into(),
+            base: since,
+            version: changes.version,
+            full: changes.full,
+            entries: changes.entries,
+            scanned_unix_ms: changes.scanned_unix_ms,
+            directory_id: changes.directory_id,
+            round_elapsed_ms: 0,
+            records: changes.records,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn reconcile(
+    origin: &mut ShardClient<Channel>,
+    takeover: u64,
+    records: &[pb::KeyRecord],
+) -> u64 {
+    origin
+        .reconcile(pb::ReconcileRequest {
+            node_id: ORIGIN.into(),
+            stand_in: STAND_IN.into(),
+            takeover,
+            keys: records
+                .iter()
+                .map(|record| pb::ReconcileKey {
+                    counter: record.counter.clone(),
+                    key: record.key.clone(),
+                    delta: record.delta,
+                    stripe: 0,
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reverted
+}
+
+async fn stand_in_step(
+    stand_in: &mut ShardClient<Channel>,
+    end: Option<u64>,
+) -> pb::StandInResponse {
+    stand_in
+        .stand_in(pb::StandInRequest {
+            node_id: STAND_IN.into(),
+            origin: ORIGIN.into(),
+            end: end.is_some(),
+            takeover: end.unwrap_or(0),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut origin_node = shard(dir.path(), ORIGIN, "127.0.0.1:0");
+    let mut stand_in_node = shard(dir.path(), STAND_IN, "127.0.0.1:0");
+    let mut origin = client(&origin_node).await;
+    let mut stand_in = client(&stand_in_node).await;
+    restore_new(&mut origin, ORIGIN).await;
+    restore_new(&mut stand_in, STAND_IN).await;
+
+    // The origin applies two keys; the stand-in's copy gets them; then one
+    // more that the copy lacks (in doubt when the origin "failed").
+    let own = |key, delta| increment(key, delta, "");
+    let applied = apply(&mut origin, ORIGIN, vec![own("a", 5), own("b", 7)]).await;
+    assert_eq!(kinds(&applied), ["applied", "applied"]);
+    let copied = replicate(&mut origin, &mut stand_in, 0).await.unwrap();
+    assert!(copied.accepted, "{copied:?}");
+    assert_eq!(
+        kinds(&apply(&mut origin, ORIGIN, vec![own("in-doubt", 11)]).await),
+        ["applied"]
+    );
+
+    // Taken over: a retry of a key in the copy is a duplicate; the key the
+    // copy lacks and a new one are applied by the stand-in.
+    let for_origin = |key, delta| increment(key, delta, ORIGIN);
+    let taken = apply(
+        &mut stand_in,
+        STAND_IN,
+        vec![
+            for_origin("a", 5),
+            for_origin("in-doubt", 11),
+            for_origin("new", 13),
+        ],
+    )
+    .await;
+    assert_eq!(kinds(&taken), ["duplicate", "applied", "applied"]);
+    assert_eq!(standing_in_for(&mut stand_in).await, [ORIGIN]);
+    // Its copy is frozen: what reads count as the origin's part.
+    let frozen = replicate(&mut origin, &mut stand_in, copied.version)
+        .await
+        .unwrap_err();
+    assert!(frozen.message().contains("stands in"), "{frozen:?}");
+
+    // Closed: nothing more is taken; the records it applied are listed.
+    let closed = stand_in_step(&mut stand_in, None).await;
+    assert_ne!(closed.takeover, 0);
+    let mut listed: Vec<(&str, i64)> = closed
+        .records
+        .iter()
+        .map(|record| (record.key.as_str(), record.delta))
+        .collect();
+    listed.sort();
+    assert_eq!(listed, [("in-doubt", 11), ("new", 13)]);
+    assert_eq!(
+        kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("late", 1)]).await),
+        ["unavailable"]
+    );
+
+    // An end meant for another takeover (another coordinator's, late)
+    // ends nothing.
+    let late = stand_in_step(&mut stand_in, Some(closed.takeover + 1)).await;
+    assert_eq!(late.takeover, closed.takeover);
+    assert_eq!(standing_in_for(&mut stand_in).await, [ORIGIN]);
+
+    // The origin reconciles: the key both applied is the stand-in's now;
+    // asked again, nothing changes.
+    assert_eq!(
+        reconcile(&mut origin, closed.takeover, &closed.records).await,
+        1
+    );
+    assert_eq!(
+        reconcile(&mut origin, closed.takeover, &closed.records).await,
+        0
+    );
+    assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
+    stand_in_step(&mut stand_in, Some(closed.takeover)).await;
+    assert!(standing_in_for(&mut stand_in).await.is_empty());
+    assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13);
+    // Every key the stand-in applied is a retry at the origin now.
+    assert_eq!(
+        kinds(
+            &apply(
+                &mut origin,
+                ORIGIN,
+                vec![own("in-doubt", 11), own("new", 13)]
+            )
+            .await
+        ),
+        ["duplicate", "duplicate"]
+    );
+
+    // Across a crash of both, nothing moves.
+    let (origin_address, stand_in_address) = (origin_node.address, stand_in_node.address);
+    origin_node.stop_with(Signal::SIGKILL);
+    stand_in_node.stop_with(Signal::SIGKILL);
+    origin_node = shard(dir.path(), ORIGIN, &origin_address.to_string());
+    stand_in_node = shard(dir.path(), STAND_IN, &stand_in_address.to_string());
+    let mut origin = client(&origin_node).await;
+    let mut stand_in = client(&stand_in_node).await;
+    assert_eq!(
+        reconcile(&mut origin, closed.takeover, &closed.records).await,
+        0
+    );
+    assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
+    assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13);
+    assert!(standing_in_for(&mut stand_in).await.is_empty());
+    assert_eq!(
+        kinds(&apply(&mut origin, ORIGIN, vec![own("new", 13)]).await),
+        ["duplicate"]
+    );
+    origin_node.terminate();
+    stand_in_node.terminate();
+}

@@ -276,23 +276,8 @@ fn crashes_at_each_step_of_a_checkpoint_lose_and_duplicate_nothing() {
         "crashes at {reached:?} ({} calls retried, {} resent): {outcome}",
         ledger.retried, ledger.resent
     ));
-    if outcome.lost != 0 {
-        let dump = |name: &str, log: String| {
-            for line in log.lines().filter(|line| {
-                line.contains("stand")
-                    || line.contains("reconcil")
-                    || line.contains("down")
-                    || line.contains("up again")
-                    || line.contains("crashing")
-                    || line.contains("recovered")
-            }) {
-                eprintln!("DEBUG {name}: {line}");
-            }
-        };
-        dump("coordinator", cluster.coordinator.log());
-        for shard in cluster.shards.iter().flatten() {
-            dump(&shard.name, shard.log());
-        }
+    if outcome.lost != 0 || outcome.duplicated != 0 {
+        support::print_trail(&cluster, &[]);
     }
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
 }

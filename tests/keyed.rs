@@ -16,10 +16,15 @@
 //!    once its last changes reached its replica (replication is
 //!    asynchronous: a disk lost sooner loses what the last round had not
 //!    copied, see docs/GUARANTEES.md);
-//! 4. shard-2 drained (and left in the membership);
-//! 5. shard-4 added by SIGHUP (with the writers paused across the reload:
-//!    a retry straddling a ring change may still apply twice);
-//! 6. the coordinator SIGKILLed and started again.
+//! 4. shard-2 drained;
+//! 5. shard-2 removed from the membership and shard-4 added, by SIGHUP
+//!    (with the writers paused across the reload: a retry straddling a
+//!    ring change may still apply twice);
+//! 6. the coordinator SIGKILLed and started again;
+//! 7. a second coordinator started, the writers split between the two
+//!    (each retry goes to the other), and shard-3 SIGKILLed, left down 5 s
+//!    and started again: two coordinators that each find the failure on
+//!    their own, take its keyed increments over and reconcile it.
 //!
 //! Each phase prints the share of keyed calls that succeeded, counting
 //! calls that began outside the detection window after a failure
@@ -93,17 +98,21 @@ impl Shared {
 }
 
 /// Sends `items` until acknowledged, recording every attempt.
+/// Writer `writer` starts at its own coordinator (when there are several)
+/// and tries the next after a failure.
 async fn send_until_acknowledged(
     shared: &Shared,
     connections: &mut Connections,
     clients: &Clients,
+    writer: usize,
     items: &[pb::IncrementRequest],
 ) -> u64 {
     let started = Instant::now();
     let mut failed = 0;
     loop {
         let began = Instant::now();
-        let result = connections.send(&clients.endpoint(0), items).await;
+        let endpoint = clients.endpoint(writer + failed as usize);
+        let result = connections.send(&endpoint, items).await;
         let phase = shared.phase.load(Ordering::SeqCst);
         shared
             .attempts
@@ -177,13 +186,24 @@ fn start_writers(
                             *sent.entry(item.counter.clone()).or_default() += item.delta;
                         }
                     }
-                    ledger.retried +=
-                        send_until_acknowledged(&shared, &mut connections, &clients, &items).await;
+                    ledger.retried += send_until_acknowledged(
+                        &shared,
+                        &mut connections,
+                        &clients,
+                        writer,
+                        &items,
+                    )
+                    .await;
                     ledger.record(&items);
                     if rng.u8(..10) == 0 {
-                        ledger.retried +=
-                            send_until_acknowledged(&shared, &mut connections, &clients, &items)
-                                .await;
+                        ledger.retried += send_until_acknowledged(
+                            &shared,
+                            &mut connections,
+                            &clients,
+                            writer,
+                            &items,
+                        )
+                        .await;
                         ledger.resent += 1;
                     }
                     shared.busy.fetch_sub(1, Ordering::SeqCst);
@@ -362,10 +382,18 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     );
     run(2_000);
 
-    begin(&mut phases, "shard-4 added by SIGHUP");
-    let (added, addresses) = cluster.start_new_shard(4);
+    begin(&mut phases, "shard-2 removed and shard-4 added by SIGHUP");
+    let addresses = cluster.start_new_shard(4);
     runtime.block_on(shared.pause());
-    support::write_coordinator_config(&dir, &addresses);
+    // The drained node leaves the membership, as the README's drain says:
+    // while listed, it stays a replica that can neither hold a fresh copy
+    // nor stand in.
+    let members: Vec<(String, std::net::SocketAddr)> = ["shard-1", "shard-3", "shard-4"]
+        .into_iter()
+        .zip([0, 2, 3])
+        .map(|(id, index)| (id.to_string(), addresses[index]))
+        .collect();
+    support::write_coordinator_config_of(&dir, &members);
     kill(
         Pid::from_raw(cluster.coordinator.pid() as i32),
         Signal::SIGHUP,
@@ -373,13 +401,14 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     .unwrap();
     runtime.block_on(support::wait_until("the reload", support::PATIENCE, || {
         let log = cluster.coordinator.log();
-        std::future::ready(if log.contains("added shard-4") {
+        std::future::ready(if log.contains("added shard-4, removed shard-2") {
             Ok(())
         } else {
             Err(())
         })
     }));
     shared.resume();
+    cluster.shards[1].take().unwrap().terminate();
     run(2_000);
 
     begin(&mut phases, "coordinator restarted");
@@ -398,6 +427,33 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
         &dir,
     );
     run(2_000);
+
+    begin(
+        &mut phases,
+        "two coordinators routing at once, shard-3 killed, down 5 s",
+    );
+    let second = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator-b",
+        &[
+            "--config",
+            cluster.coordinator_config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &dir,
+    );
+    clients.set(vec![cluster.coordinator.endpoint(), second.endpoint()]);
+    run(1_000);
+    let address = cluster.shards[2]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    run(5_000);
+    cluster.restart_shard(2, address);
+    support::wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
+    run(1_000);
 
     let ended = Instant::now();
     shared.stop.store(true, Ordering::SeqCst);
@@ -423,15 +479,20 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
         over.len(),
         &over[..over.len().min(10)]
     );
+    if outcome.lost != 0 || outcome.duplicated != 0 {
+        support::print_trail(&cluster, &[&second]);
+    }
     assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
     // A killed shard's keyed increments are taken over by its stand-in:
     // every call outside the detection window succeeds (a hung one's wait
     // out the calls already sent to it, and the drain's and the
     // coordinator's restart the calls in flight at that moment).
-    assert!(
-        availability[1] >= 99.0,
-        "keyed availability with a shard killed: {:.1}%",
-        availability[1]
-    );
-    drop(added);
+    for phase in [1, 7] {
+        assert!(
+            availability[phase] >= 99.0,
+            "keyed availability with a shard killed (phase {phase}): {:.1}%",
+            availability[phase]
+        );
+    }
+    drop(second);
 }

@@ -93,6 +93,7 @@ fn kinds(outcomes: &[Outcome]) -> Vec<&'static str> {
             Outcome::Applied(_) => "applied",
             Outcome::Duplicate(_) => "duplicate",
             Outcome::Unavailable(_) => "unavailable",
+            Outcome::OwnerBack(_) => "owner back",
             _ => "other",
         })
         .collect()
@@ -241,7 +242,8 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
         .unwrap_err();
     assert!(frozen.message().contains("stands in"), "{frozen:?}");
 
-    // Closed: nothing more is taken; the records it applied are listed.
+    // Closed: nothing more is taken (given back, for the owner); the
+    // records it applied are listed.
     let closed = stand_in_step(&mut stand_in, None).await;
     assert_ne!(closed.takeover, 0);
     let mut listed: Vec<(&str, i64)> = closed
@@ -253,7 +255,7 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     assert_eq!(listed, [("in-doubt", 11), ("new", 13)]);
     assert_eq!(
         kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("late", 1)]).await),
-        ["unavailable"]
+        ["owner back"]
     );
 
     // An end meant for another takeover (another coordinator's, late)
@@ -288,6 +290,15 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
         ),
         ["duplicate", "duplicate"]
     );
+
+    // Ended, its copy is of unknown age until a round reaches it again: a
+    // coordinator that still sees the origin down cannot begin another
+    // takeover on what the last one froze.
+    assert_eq!(
+        kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("again", 1)]).await),
+        ["unavailable"]
+    );
+    assert!(standing_in_for(&mut stand_in).await.is_empty());
 
     // Across a crash of both, nothing moves.
     let (origin_address, stand_in_address) = (origin_node.address, stand_in_node.address);

@@ -55,7 +55,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     builder = builder.field_attribute(".tally.v1.StripeLocation.hash", "#[serde(skip)]");
     // An Apply answer has one result per increment; boxing the rare refused
     // ones keeps each result at 16 bytes instead of a whole increment's.
-    for refusal in ["overflow", "conflict", "redirect", "awaits_restore"] {
+    for refusal in [
+        "overflow",
+        "conflict",
+        "redirect",
+        "awaits_restore",
+        "owner_back",
+    ] {
         builder = builder.boxed(format!(".tally.v1.ApplyResult.outcome.{refusal}"));
     }
     builder.compile_fds(file_descriptors)?;

@@ -115,6 +115,11 @@ impl Clients {
         }
     }
 
+    /// From now on, these coordinators.
+    pub fn set(&self, endpoints: Vec<String>) {
+        *self.endpoints.write().unwrap() = endpoints;
+    }
+
     pub fn endpoint(&self, attempt: usize) -> String {
         let endpoints = self.endpoints.read().unwrap();
         endpoints[attempt % endpoints.len()].clone()

@@ -221,6 +221,16 @@ pub fn start_shard(name: &str, config: &Path, extra_args: &[&str]) -> Daemon {
 
 /// A coordinator config file naming `shards` as its membership.
 pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
+    let nodes: Vec<(String, SocketAddr)> = shards
+        .iter()
+        .enumerate()
+        .map(|(index, address)| (format!("shard-{}", index + 1), *address))
+        .collect();
+    write_coordinator_config_of(dir, &nodes)
+}
+
+/// [`write_coordinator_config`] with each node's id given.
+pub fn write_coordinator_config_of(dir: &Path, nodes: &[(String, SocketAddr)]) -> PathBuf {
     let path = dir.join("coordinator.toml");
     // Probes every 100 ms, 500 ms to answer: failures are found fast.
     // Replicas refreshed every 100 ms.
@@ -229,10 +239,9 @@ pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
          health_interval_ms = 100\nhealth_timeout_ms = 500\n\
          replication_factor = 2\nreplication_interval_ms = 100\n",
     );
-    for (index, address) in shards.iter().enumerate() {
+    for (id, address) in nodes {
         text.push_str(&format!(
-            "\n[[nodes]]\nid = \"shard-{}\"\naddress = \"{address}\"\n",
-            index + 1
+            "\n[[nodes]]\nid = \"{id}\"\naddress = \"{address}\"\n"
         ));
     }
     std::fs::write(&path, text).unwrap();
@@ -314,19 +323,18 @@ impl ProcessCluster {
     }
 
     /// Starts shard-`index`, a node the coordinator does not know yet, in
-    /// this cluster's directory; returns it and the addresses of every
-    /// running shard and it, in order: a membership to reload.
-    pub fn start_new_shard(&self, index: usize) -> (Daemon, Vec<SocketAddr>) {
+    /// this cluster's directory, as the cluster's next shard; returns the
+    /// addresses of every running shard, it last: a membership to reload.
+    pub fn start_new_shard(&mut self, index: usize) -> Vec<SocketAddr> {
         let config = write_shard_config(self.dir.path(), index, "sync");
         let added = start_shard(&format!("shard-{index}"), &config, &[]);
-        let mut addresses: Vec<SocketAddr> = self
-            .shards
+        self.shards.push(Some(added));
+        self.shard_configs.push(config);
+        self.shards
             .iter()
             .flatten()
             .map(|shard| shard.address)
-            .collect();
-        addresses.push(added.address);
-        (added, addresses)
+            .collect()
     }
 
     pub fn tallyctl(&self, args: &[&str]) -> Output {
@@ -444,4 +452,31 @@ pub async fn wait_until_reconciled(cluster: &ProcessCluster) {
         },
     )
     .await;
+}
+
+/// Prints what the daemons logged of failures, takeovers, reconciliations,
+/// restores and crashes: the trail of a rare loss, for its investigation.
+pub fn print_trail(cluster: &ProcessCluster, others: &[&Daemon]) {
+    const WORDS: [&str; 8] = [
+        "stand",
+        "reconcil",
+        "down",
+        "up again",
+        "restor",
+        "taken",
+        "crashing",
+        "recovered",
+    ];
+    let daemons = std::iter::once(&cluster.coordinator)
+        .chain(others.iter().copied())
+        .chain(cluster.shards.iter().flatten());
+    for daemon in daemons {
+        for line in daemon
+            .log()
+            .lines()
+            .filter(|line| WORDS.iter().any(|word| line.contains(word)))
+        {
+            eprintln!("{}: {line}", daemon.name);
+        }
+    }
 }

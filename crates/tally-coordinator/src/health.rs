@@ -101,6 +101,8 @@ pub enum Miss {
 pub struct HealthBoard {
     nodes: Box<[Mutex<NodeHealth>]>,
     ids: Box<[Arc<str>]>,
+    /// Per node, wakes its probe loop before its pause is over.
+    probes: Box<[Arc<tokio::sync::Notify>]>,
 }
 
 impl HealthBoard {
@@ -130,8 +132,15 @@ impl HealthBoard {
                     })
                 })
                 .collect(),
+            probes: ids.iter().map(|_| Arc::default()).collect(),
             ids,
         }
+    }
+
+    /// Probes node `index` now rather than after its backoff: something
+    /// suggests it is back (its stand-in no longer stands in for it).
+    pub fn probe_soon(&self, index: usize) {
+        self.probes[index].notify_one();
     }
 
     /// Whether node `index` is up.
@@ -310,9 +319,15 @@ pub async fn probe_loop(
     interval: Duration,
     timeout: Duration,
 ) {
+    let Some(wake) = board.upgrade().map(|board| board.probes[index].clone()) else {
+        return;
+    };
     let mut pause = interval;
     loop {
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = wake.notified() => {}
+        }
         let sent = Instant::now();
         let result = shard.brief_status(timeout).await;
         let Some(board) = board.upgrade() else {

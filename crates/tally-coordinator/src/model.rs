@@ -104,6 +104,9 @@ pub enum Outcome {
     AwaitsRestore(StripeIncrement),
     /// The node cannot apply it (it said why); nothing applied.
     Unavailable(String),
+    /// Sent to a stand-in whose takeover its owner is reconciling: nothing
+    /// applied; send it to the owner.
+    OwnerBack(StripeIncrement),
 }
 
 impl TryFrom<pb::ApplyResult> for Outcome {
@@ -122,6 +125,7 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             Wire::Redirect(refused) => Outcome::Redirect(increment(Some(*refused))?),
             Wire::AwaitsRestore(refused) => Outcome::AwaitsRestore(increment(Some(*refused))?),
             Wire::Unavailable(why) => Outcome::Unavailable(why),
+            Wire::OwnerBack(refused) => Outcome::OwnerBack(increment(Some(*refused))?),
             Wire::Conflict(conflict) => Outcome::KeyConflict {
                 increment: increment(conflict.increment)?,
                 recorded_delta: conflict.recorded_delta,

@@ -204,6 +204,40 @@ impl Cluster {
         }
     }
 
+    /// The ring's owner of `increment`'s stripe.
+    fn owner_of(&self, increment: &StripeIncrement) -> usize {
+        self.ring.owner_of_hash(tally_ring::key_hash(
+            increment.counter.as_str(),
+            increment.stripe,
+        ))
+    }
+
+    /// Waits, a probe's time at most, until this coordinator sees `owner`
+    /// up: its stand-in said it is back (another coordinator may have seen
+    /// it first), so its probe goes at once.
+    async fn wait_until_seen_up(&self, owner: usize) {
+        if self.health.is_up(owner) {
+            return;
+        }
+        self.health.probe_soon(owner);
+        let until = Instant::now() + self.config.health_interval + self.config.health_timeout;
+        while !self.health.is_up(owner) && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Node `stand_in` refused an increment it was sent on some down
+    /// node's behalf (it may no longer stand in for it: another coordinator
+    /// saw the node back and reconciled it): probe each down node it
+    /// stands in for now, not after the probe's backoff.
+    fn probe_owners_stood_in_for_by(&self, stand_in: usize) {
+        for owner in 0..self.shards.len() {
+            if self.stand_in(owner) == Some(stand_in) && !self.health.is_up(owner) {
+                self.health.probe_soon(owner);
+            }
+        }
+    }
+
     /// `increment` placed on `stripe`, for `target`.
     fn placed(&self, increment: Increment, stripe: u32, target: Target) -> StripeIncrement {
         let mut placed = StripeIncrement::new(increment, stripe);

@@ -54,10 +54,16 @@ impl Cluster {
         // restore it now (the replication loop would within a round) and
         // send them again, once.
         let mut restore = std::collections::BTreeSet::new();
+        // Owners whose stand-in gave their keyed increments back: they are
+        // back, though this coordinator may not have seen it yet.
+        let mut back = std::collections::BTreeSet::new();
         let asked = std::time::Instant::now();
         for round in 0..2 {
             for node in std::mem::take(&mut restore) {
                 with_deadline(deadline, self.restore_for_write(node, asked)).await?;
+            }
+            for owner in std::mem::take(&mut back) {
+                with_deadline(deadline, self.wait_until_seen_up(owner)).await?;
             }
             let calls = std::mem::take(&mut by_node);
             let mut settle = |node: usize, result: std::result::Result<Vec<Outcome>, _>| {
@@ -96,9 +102,28 @@ impl Cluster {
                                     restore.insert(node);
                                     by_node.entry(node).or_default().push(increment);
                                 }
-                                Outcome::Unavailable(why) => unavailable.push((
+                                Outcome::Unavailable(why) => {
+                                    self.probe_owners_stood_in_for_by(node);
+                                    unavailable.push((
+                                        self.shards[node].node_id().to_string(),
+                                        ShardCallError::Failed(why),
+                                    ));
+                                }
+                                Outcome::OwnerBack(mut increment) if round == 0 => {
+                                    // Its stand-in closed the takeover: the
+                                    // owner is back and reconciling, and
+                                    // applies each key once from now on.
+                                    let owner = self.owner_of(&increment);
+                                    increment.on_behalf_of = None;
+                                    increment.takeover_max_copy_age_ms = 0;
+                                    back.insert(owner);
+                                    by_node.entry(owner).or_default().push(increment);
+                                }
+                                Outcome::OwnerBack(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
-                                    ShardCallError::Failed(why),
+                                    ShardCallError::Failed(
+                                        "its owner is back and reconciling; retry".into(),
+                                    ),
                                 )),
                                 Outcome::AwaitsRestore(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
@@ -224,6 +249,7 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
         | Outcome::Duplicate
         | Outcome::Redirect(_)
         | Outcome::AwaitsRestore(_)
+        | Outcome::OwnerBack(_)
         | Outcome::Unavailable(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
             counter: increment.counter.into_string(),

@@ -100,6 +100,10 @@ impl Members {
                         delta,
                         ..increment.clone()
                     }),
+                    Outcome::OwnerBack(increment) => Outcome::OwnerBack(StripeIncrement {
+                        delta,
+                        ..increment.clone()
+                    }),
                     Outcome::Redirect(increment) => Outcome::Redirect(StripeIncrement {
                         delta,
                         ..increment.clone()

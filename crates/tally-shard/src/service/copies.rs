@@ -254,6 +254,12 @@ impl CopyAges {
         }
     }
 
+    /// `origin`'s copy is of unknown age until a round reaches it again:
+    /// a takeover froze it, so it may lack what its origin did since.
+    pub(super) fn forget(&self, origin: &str) {
+        self.refreshed.lock().remove(origin);
+    }
+
     /// How long ago `origin`'s copy was last brought up to date, in ms.
     pub(super) fn age_ms(&self, origin: &str) -> Option<u64> {
         self.refreshed

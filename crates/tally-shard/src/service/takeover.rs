@@ -53,6 +53,10 @@ impl ShardService {
                 step: StandInStep::End,
             })
             .await?;
+            // Frozen since the takeover began, while the node has been back:
+            // no new takeover (another coordinator may still see the node
+            // down) begins on it before a round brings it up to date.
+            self.copy_ages.forget(&origin);
             tracing::info!(
                 node_id = &*self.node_id,
                 origin,

@@ -116,6 +116,7 @@ impl ShardService {
                     }
                     Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
                     Decided::Unavailable(why) => Outcome::Unavailable(why),
+                    Decided::OwnerBack => Outcome::OwnerBack(Box::new(increment)),
                 })
             })
             .collect();
@@ -169,21 +170,16 @@ impl ShardService {
                     )));
                 }
                 if increment.takeover_max_copy_age_ms > 0 {
-                    let why = match self.state.meta.lock().standing_in_for.get(origin) {
-                        Some(stand_in) if !stand_in.closed => None,
-                        Some(_) => Some(format!(
-                            "node {} no longer stands in for {origin}: {origin} is back and \
-                             reconciling; retry",
-                            self.node_id
-                        )),
-                        None => Some(format!(
-                            "node {}'s copy of {origin} is too old (or of unknown age) to stand \
-                             in for it",
-                            self.node_id
-                        )),
-                    };
-                    if let Some(why) = why {
-                        return Some(Decided::Unavailable(why));
+                    match self.state.meta.lock().standing_in_for.get(origin) {
+                        Some(stand_in) if !stand_in.closed => {}
+                        Some(_) => return Some(Decided::OwnerBack),
+                        None => {
+                            return Some(Decided::Unavailable(format!(
+                                "node {}'s copy of {origin} is too old (or of unknown age) to \
+                                 stand in for it",
+                                self.node_id
+                            )))
+                        }
                     }
                 }
                 let recorded = self.state.replicas.record(
@@ -299,6 +295,8 @@ enum Decided {
     AwaitsRestore,
     /// Not applied, and why.
     Unavailable(String),
+    /// Not applied: a takeover this node closed (its owner is back).
+    OwnerBack,
 }
 
 /// One increment's result, for the Apply answer.

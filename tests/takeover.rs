@@ -300,6 +300,32 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     );
     assert!(standing_in_for(&mut stand_in).await.is_empty());
 
+    // A second takeover, once a round has dated the copy again, has a
+    // greater id; once it is reconciled, a late reconciliation of the first
+    // (another coordinator's) changes nothing: the keys it lists are all
+    // recorded at the origin by now, and none may be taken out again.
+    let recopied = replicate(&mut origin, &mut stand_in, copied.version)
+        .await
+        .unwrap();
+    assert!(recopied.accepted, "{recopied:?}");
+    assert_eq!(
+        kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("second", 17)]).await),
+        ["applied"]
+    );
+    let second = stand_in_step(&mut stand_in, None).await;
+    assert!(second.takeover > closed.takeover);
+    assert_eq!(
+        reconcile(&mut origin, second.takeover, &second.records).await,
+        0
+    );
+    stand_in_step(&mut stand_in, Some(second.takeover)).await;
+    assert_eq!(
+        reconcile(&mut origin, closed.takeover, &closed.records).await,
+        0
+    );
+    assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
+    assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13 + 17);
+
     // Across a crash of both, nothing moves.
     let (origin_address, stand_in_address) = (origin_node.address, stand_in_node.address);
     origin_node.stop_with(Signal::SIGKILL);
@@ -313,7 +339,7 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
         0
     );
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
-    assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13);
+    assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13 + 17);
     assert!(standing_in_for(&mut stand_in).await.is_empty());
     assert_eq!(
         kinds(&apply(&mut origin, ORIGIN, vec![own("new", 13)]).await),

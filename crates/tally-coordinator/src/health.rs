@@ -234,7 +234,8 @@ impl HealthBoard {
 
     /// A status of node `stand_in`, asked at `sent`, listed these nodes it
     /// stands in for: they are taken over; a node it took over before `sent`
-    /// and no longer lists has reconciled.
+    /// and no longer lists is not (reconciled, or the stand-in refused the
+    /// takeover).
     fn saw_stand_ins(&self, stand_in: usize, sent: Instant, listed: &[String]) {
         for (owner, id) in self.ids.iter().enumerate() {
             let listed = listed.iter().any(|listed| listed.as_str() == &**id);

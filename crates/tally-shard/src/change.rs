@@ -418,7 +418,8 @@ impl Change {
                         meta.standing_in_for.remove(origin);
                     }
                     OwnChange::Reconciled { stand_in, takeover } => {
-                        meta.reconciled.insert(stand_in.clone(), *takeover);
+                        let last = meta.reconciled.entry(stand_in.clone()).or_default();
+                        *last = (*last).max(*takeover);
                     }
                 }
             }
@@ -434,6 +435,7 @@ impl Change {
             Change::Start { incarnation } => meta.incarnation = *incarnation,
             Change::StandIn { origin, step } => match step {
                 StandInStep::Start { started_ms } => {
+                    meta.last_takeover = meta.last_takeover.max(*started_ms);
                     meta.standing_in_for
                         .entry(origin.clone())
                         .or_insert(StandIn {

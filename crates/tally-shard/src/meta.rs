@@ -127,9 +127,13 @@ pub struct NodeMeta {
     #[serde(default)]
     pub standing_in_for: BTreeMap<String, StandIn>,
     /// Per stand-in, the last of its takeovers of this node reconciled
-    /// here (its id), so that a reconciliation asked again changes nothing.
+    /// here (its id): a reconciliation of it or of an earlier one, asked
+    /// again, changes nothing.
     #[serde(default)]
     pub reconciled: BTreeMap<String, u64>,
+    /// The id of the last takeover this node began: each next is greater.
+    #[serde(default)]
+    pub last_takeover: u64,
 }
 
 /// A takeover of another node's keyed increments.
@@ -267,6 +271,7 @@ mod tests {
             )]
             .into(),
             reconciled: [("shard-2".to_string(), u64::MAX)].into(),
+            last_takeover: u64::MAX - 1,
         };
         let text = serde_json::to_string(&meta).unwrap();
         // A meta of the release before takeovers reads with none.

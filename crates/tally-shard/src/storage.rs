@@ -394,6 +394,7 @@ impl Storage {
         let (position, mut meta) = checkpoint_meta(dir, node_id, loaded.meta)?;
         let end = replay_log(dir, position, witness.logged, &store, &replicas, &mut meta)?;
         store.finish_loading();
+        store.date_records_from(meta.last_takeover);
 
         let mut log = LogWriter::open(&dir.join(LOG_DIR), &end, segment_bytes).map_err(io)?;
         if end.torn_bytes > 0 {

@@ -1032,6 +1032,29 @@ impl Store {
         self.retention_clock.now_ms()
     }
 
+    /// A moment by the retention clock at or after `at_least` and after
+    /// every record applied so far; every record applied from now on is
+    /// dated at or after it (a takeover's start: what the takeover lists is
+    /// what was applied since, even if the wall clock stepped back across a
+    /// restart).
+    pub fn mark_after_records(&self, at_least: u64) -> u64 {
+        let mut queue = self.key_queue.lock();
+        let mark = self
+            .retention_now_ms()
+            .max(queue.latest_unix_ms + 1)
+            .max(at_least);
+        queue.latest_unix_ms = mark;
+        mark
+    }
+
+    /// Every record applied from now on is dated at or after `at` (a
+    /// recovered node's last takeover start; see
+    /// [`Store::mark_after_records`]).
+    pub fn date_records_from(&self, at: u64) {
+        let mut queue = self.key_queue.lock();
+        queue.latest_unix_ms = queue.latest_unix_ms.max(at);
+    }
+
     /// The delta this node applied under `record_key`, if it remembers it.
     pub fn record(&self, record_key: &[u8]) -> Option<i64> {
         let (counter, _) = decode_record_key(record_key)?;

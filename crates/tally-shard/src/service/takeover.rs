@@ -96,7 +96,16 @@ impl ShardService {
             .map_err(Refusal::InvalidRequest)?;
         self.check_restored()?;
         let _replica_writes = self.replica_writes.lock().await;
-        if self.state.meta.lock().reconciled.get(&request.stand_in) == Some(&request.takeover) {
+        // Takeover ids of one stand-in only grow: this one or an earlier
+        // one is done (a late call from another coordinator).
+        let done = self
+            .state
+            .meta
+            .lock()
+            .reconciled
+            .get(&request.stand_in)
+            .is_some_and(|&last| request.takeover <= last);
+        if done {
             return Ok(pb::ReconcileResponse { reverted: 0 });
         }
         let _paused = self.own_writes.write().await;

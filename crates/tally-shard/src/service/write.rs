@@ -131,9 +131,11 @@ impl ShardService {
     ///   the node and sends it again);
     /// - standing in for another node (`on_behalf_of`): a key that node
     ///   applied, as this node's copy of its records says, is a duplicate
-    ///   (or a conflict), not applied again. The copy is final by then (a
-    ///   drain's hand-over), and copies are only visible once durable. A
-    ///   node with no copy of it (not its adopter: a stale sender) refuses.
+    ///   (or a conflict), not applied again. The copy no longer moves by
+    ///   then: final (a drain's hand-over) or frozen (a takeover, begun
+    ///   first; closed: given back for the owner); a copy holds only what
+    ///   its origin's log holds, and is visible once durable here. A node
+    ///   with no copy of it (not its adopter: a stale sender) refuses.
     ///
     /// `None` when no increment needs it (no key, or neither a restore nor
     /// a stand-in in play): the usual call pays no more than this look.
@@ -232,8 +234,7 @@ impl ShardService {
     /// Begins a takeover of each down node an increment is sent on behalf
     /// of (`takeover_max_copy_age_ms` set), unless one runs: if this node's
     /// copy of it is recent enough by the sender's bound, the takeover is
-    /// logged (its start, by this node's retention clock, is its id) before
-    /// anything is applied for it. From then the copy is frozen (pushes are
+    /// logged (its start is its id) before anything is applied for it. From then the copy is frozen (pushes are
     /// refused) and reads count it as that node's part.
     async fn begin_takeovers(&self, increments: &[pb::ShardIncrement]) -> Result<(), Refusal> {
         let mut origins: Vec<(&str, u64)> = increments
@@ -254,35 +255,59 @@ impl ShardService {
         origins.sort_unstable();
         origins.dedup_by_key(|(origin, _)| *origin);
         for (origin, max_age_ms) in origins {
-            let begun = || self.state.meta.lock().standing_in_for.contains_key(origin);
-            if begun() || self.is_retired(origin) || !self.state.replicas.has_copy(origin) {
+            if self.is_retired(origin)
+                || !self.state.replicas.has_copy(origin)
+                || self.state.meta.lock().standing_in_for.contains_key(origin)
+            {
                 continue;
             }
-            // One replica change at a time: the copy is frozen at a version,
-            // never mid-push.
-            let _replica_writes = self.replica_writes.lock().await;
-            if begun() {
-                continue;
-            }
-            let fresh = self
-                .copy_ages
-                .age_ms(origin)
-                .is_some_and(|age| age <= max_age_ms);
-            if !fresh {
-                continue;
-            }
-            let started_ms = self.state.store.retention_now_ms();
-            self.submit(Change::StandIn {
-                origin: origin.to_string(),
-                step: StandInStep::Start { started_ms },
-            })
-            .await?;
-            tracing::warn!(
-                node_id = &*self.node_id,
-                origin,
-                "standing in for a node shown down: taking its keyed increments"
-            );
+            // On its own task to its end: the call's deadline must not drop
+            // the copy's lock while the start is still queued (see
+            // `to_the_end`).
+            let service = self.clone();
+            let origin = origin.to_string();
+            tokio::spawn(async move { service.begin_takeover(&origin, max_age_ms).await })
+                .await
+                .map_err(Refusal::from)??;
         }
+        Ok(())
+    }
+}
+
+impl ShardService {
+    async fn begin_takeover(&self, origin: &str, max_age_ms: u64) -> Result<(), Refusal> {
+        // One replica change at a time: the copy is frozen at a version,
+        // never mid-push.
+        let _replica_writes = self.replica_writes.lock().await;
+        if self.state.meta.lock().standing_in_for.contains_key(origin) {
+            return Ok(());
+        }
+        let fresh = self
+            .copy_ages
+            .age_ms(origin)
+            .is_some_and(|age| age <= max_age_ms);
+        if !fresh {
+            return Ok(());
+        }
+        // Own reads and writes paused: a read sees own entries and the
+        // takeover's fence together (nothing is applied for the node before
+        // the start, and a read that saw no takeover saw none of it).
+        let _paused = self.own_writes.write().await;
+        // Its id: greater than every earlier takeover's, and every record
+        // applied from here on is dated at or after it, whatever the wall
+        // clock did across restarts. The records it lists are those.
+        let last = self.state.meta.lock().last_takeover;
+        let started_ms = self.state.store.mark_after_records(last + 1);
+        self.submit(Change::StandIn {
+            origin: origin.to_string(),
+            step: StandInStep::Start { started_ms },
+        })
+        .await?;
+        tracing::warn!(
+            node_id = &*self.node_id,
+            origin,
+            "standing in for a node shown down: taking its keyed increments"
+        );
         Ok(())
     }
 }

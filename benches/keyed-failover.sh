@@ -32,7 +32,7 @@ trap cleanup EXIT
 # shellcheck source=benches/tally-cluster.sh
 source "$REPO/benches/tally-cluster.sh"
 
-cargo build --release --bins --manifest-path "$REPO/Cargo.toml" >&2
+cargo build --release --workspace --bins --manifest-path "$REPO/Cargo.toml" >&2
 TALLYCTL="$REPO/target/release/tallyctl"
 
 tally_start_cluster "$WORK" 3
@@ -43,7 +43,9 @@ wait_for_health() { # NODE HEALTH
     local i
     for ((i = 0; i < 3000; i++)); do
         if "$TALLYCTL" --endpoint "$ENDPOINT" --json status 2>/dev/null |
-            grep -q "\"id\":\"$1\",[^}]*\"health\":\"$2\""; then
+            python3 -c 'import json, sys
+nodes = json.load(sys.stdin)["nodes"]
+sys.exit(0 if any(n["id"] == sys.argv[1] and n["health"] == sys.argv[2] for n in nodes) else 1)' "$1" "$2"; then
             return 0
         fi
         sleep 0.01

@@ -103,6 +103,8 @@ pub struct HealthBoard {
     ids: Box<[Arc<str>]>,
     /// Per node, wakes its probe loop before its pause is over.
     probes: Box<[Arc<tokio::sync::Notify>]>,
+    /// Per node, how often it was marked down: calls waiting on it watch.
+    downs: Box<[tokio::sync::watch::Sender<u64>]>,
 }
 
 impl HealthBoard {
@@ -133,7 +135,22 @@ impl HealthBoard {
                 })
                 .collect(),
             probes: ids.iter().map(|_| Arc::default()).collect(),
+            downs: ids
+                .iter()
+                .map(|_| tokio::sync::watch::Sender::new(0))
+                .collect(),
             ids,
+        }
+    }
+
+    /// Resolves when node `index` is next marked down.
+    pub fn marked_down(&self, index: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let mut downs = self.downs[index].subscribe();
+        async move {
+            if downs.changed().await.is_err() {
+                // The board is gone (a reload): never.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -307,6 +324,7 @@ impl HealthBoard {
             node.up = false;
             node.since_unix_ms = unix_ms_now();
             node.since = Instant::now();
+            self.downs[index].send_modify(|downs| *downs += 1);
         }
         node.error = error.to_string();
     }

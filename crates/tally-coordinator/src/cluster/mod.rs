@@ -308,7 +308,9 @@ impl Cluster {
                     let _ = self.health.record_miss(node, sent, &error.to_string());
                 }
             }
-            Err(ShardCallError::NotSent(_) | ShardCallError::Down(_)) => {}
+            Err(
+                ShardCallError::NotSent(_) | ShardCallError::Down(_) | ShardCallError::Abandoned(_),
+            ) => {}
             Err(error) => self.health.record_failure(node, &error.to_string()),
         }
     }

@@ -191,7 +191,15 @@ impl Cluster {
         if !self.health.is_up(node) {
             return Err(ShardCallError::Down(self.health.get(node).error));
         }
-        self.shards[node].apply(increments).await
+        // Found down (hung) while the call waits: fail it now, in doubt, as
+        // its timeout would later; the caller's retry goes where the
+        // node's writes go meanwhile (around it, or to its stand-in).
+        let marked_down = self.health.marked_down(node);
+        tokio::select! {
+            biased;
+            answer = self.shards[node].apply(increments) => answer,
+            () = marked_down => Err(ShardCallError::Abandoned(self.health.get(node).error)),
+        }
     }
 
     /// Where each increment goes, grouped by node: one batcher job per node

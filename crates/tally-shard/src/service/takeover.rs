@@ -78,7 +78,12 @@ impl ShardService {
             })
             .await?;
         }
-        let records = self.state.store.records_applied_since(stand_in.started_ms);
+        // A walk over every record: off the async workers.
+        let store = self.state.store.clone();
+        let records =
+            tokio::task::spawn_blocking(move || store.records_applied_since(stand_in.started_ms))
+                .await
+                .map_err(Refusal::from)?;
         Ok(pb::StandInResponse {
             takeover: stand_in.started_ms,
             records: records_to_wire(records),

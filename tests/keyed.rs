@@ -274,6 +274,27 @@ struct Phase {
     failure: Option<Instant>,
 }
 
+/// SIGKILLs shard `index` (the last phase's failure), leaves it down
+/// `down_ms`, starts it again with its data, and waits until the
+/// coordinator shows it up.
+fn kill_for(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &mut ProcessCluster,
+    phases: &mut [Phase],
+    index: usize,
+    down_ms: u64,
+) {
+    let address = cluster.shards[index]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    std::thread::sleep(Duration::from_millis(down_ms));
+    cluster.restart_shard(index, address);
+    let name = format!("shard-{}", index + 1);
+    support::wait_for_shown_health(runtime, cluster, &name, "up");
+}
+
 /// Prints each phase's figures; returns each phase's keyed availability.
 fn report(shared: &Shared, phases: &[Phase], ended: Instant) -> Vec<f64> {
     let mut shares = Vec::new();
@@ -339,14 +360,7 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     run(2_000);
 
     begin(&mut phases, "shard-2 killed, down 10 s, back with its data");
-    let address = cluster.shards[1]
-        .take()
-        .unwrap()
-        .stop_with_address(Signal::SIGKILL);
-    phases.last_mut().unwrap().failure = Some(Instant::now());
-    run(10_000);
-    cluster.restart_shard(1, address);
-    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    kill_for(&runtime, &mut cluster, &mut phases, 1, 10_000);
     run(1_000);
 
     begin(&mut phases, "shard-3 stopped 5 s");
@@ -445,14 +459,7 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     );
     clients.set(vec![cluster.coordinator.endpoint(), second.endpoint()]);
     run(1_000);
-    let address = cluster.shards[2]
-        .take()
-        .unwrap()
-        .stop_with_address(Signal::SIGKILL);
-    phases.last_mut().unwrap().failure = Some(Instant::now());
-    run(5_000);
-    cluster.restart_shard(2, address);
-    support::wait_for_shown_health(&runtime, &cluster, "shard-3", "up");
+    kill_for(&runtime, &mut cluster, &mut phases, 2, 5_000);
     run(1_000);
 
     let ended = Instant::now();

@@ -132,14 +132,28 @@ async fn replicate(
     stand_in: &mut ShardClient<Channel>,
     since: u64,
 ) -> Result<pb::ReplicateResponse, tonic::Status> {
-    let changes = origin
+    let changes = changes(origin, since).await;
+    push(stand_in, since, changes).await
+}
+
+/// The origin's changes since `since`.
+async fn changes(origin: &mut ShardClient<Channel>, since: u64) -> pb::ChangesResponse {
+    origin
         .changes(pb::ChangesRequest {
             node_id: ORIGIN.into(),
             since,
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Pushes `changes` (scanned since `since`) to the stand-in's copy.
+async fn push(
+    stand_in: &mut ShardClient<Channel>,
+    since: u64,
+    changes: pb::ChangesResponse,
+) -> Result<pb::ReplicateResponse, tonic::Status> {
     stand_in
         .replicate(pb::ReplicateRequest {
             node_id: STAND_IN.into(),
@@ -161,7 +175,7 @@ async fn reconcile(
     origin: &mut ShardClient<Channel>,
     takeover: u64,
     records: &[pb::KeyRecord],
-) -> u64 {
+) -> pb::ReconcileResponse {
     origin
         .reconcile(pb::ReconcileRequest {
             node_id: ORIGIN.into(),
@@ -180,19 +194,22 @@ async fn reconcile(
         .await
         .unwrap()
         .into_inner()
-        .reverted
 }
 
+/// Closes the takeover (`end` None) or ends one: its id and the origin's
+/// version after its reconciliation.
 async fn stand_in_step(
     stand_in: &mut ShardClient<Channel>,
-    end: Option<u64>,
+    end: Option<(u64, u64)>,
 ) -> pb::StandInResponse {
+    let (takeover, copy_version) = end.unwrap_or_default();
     stand_in
         .stand_in(pb::StandInRequest {
             node_id: STAND_IN.into(),
             origin: ORIGIN.into(),
             end: end.is_some(),
-            takeover: end.unwrap_or(0),
+            takeover,
+            copy_version,
         })
         .await
         .unwrap()
@@ -260,22 +277,23 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
 
     // An end meant for another takeover (another coordinator's, late)
     // ends nothing.
-    let late = stand_in_step(&mut stand_in, Some(closed.takeover + 1)).await;
+    let late = stand_in_step(&mut stand_in, Some((closed.takeover + 1, 0))).await;
     assert_eq!(late.takeover, closed.takeover);
     assert_eq!(standing_in_for(&mut stand_in).await, [ORIGIN]);
 
+    // A replication round that scans the origin before it reconciles (and
+    // is delivered late, below).
+    let early = changes(&mut origin, copied.version).await;
+
     // The origin reconciles: the key both applied is the stand-in's now;
     // asked again, nothing changes.
-    assert_eq!(
-        reconcile(&mut origin, closed.takeover, &closed.records).await,
-        1
-    );
-    assert_eq!(
-        reconcile(&mut origin, closed.takeover, &closed.records).await,
-        0
-    );
+    let reconciled = reconcile(&mut origin, closed.takeover, &closed.records).await;
+    assert_eq!(reconciled.reverted, 1);
+    assert!(reconciled.version > early.version);
+    let again = reconcile(&mut origin, closed.takeover, &closed.records).await;
+    assert_eq!(again.reverted, 0);
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
-    stand_in_step(&mut stand_in, Some(closed.takeover)).await;
+    stand_in_step(&mut stand_in, Some((closed.takeover, reconciled.version))).await;
     assert!(standing_in_for(&mut stand_in).await.is_empty());
     assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13);
     // Every key the stand-in applied is a retry at the origin now.
@@ -291,9 +309,13 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
         ["duplicate", "duplicate"]
     );
 
-    // Ended, its copy is of unknown age until a round reaches it again: a
-    // coordinator that still sees the origin down cannot begin another
-    // takeover on what the last one froze.
+    // Ended, its copy is of unknown age until a round scanned after the
+    // reconciliation reaches it: a coordinator that still sees the origin
+    // down cannot begin another takeover on what the last one froze, nor on
+    // a copy from before the reconciliation (which still counts the key
+    // the origin took out), pushed late.
+    let late_push = push(&mut stand_in, copied.version, early).await.unwrap();
+    assert!(late_push.accepted, "{late_push:?}");
     assert_eq!(
         kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("again", 1)]).await),
         ["unavailable"]
@@ -304,7 +326,7 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     // greater id; once it is reconciled, a late reconciliation of the first
     // (another coordinator's) changes nothing: the keys it lists are all
     // recorded at the origin by now, and none may be taken out again.
-    let recopied = replicate(&mut origin, &mut stand_in, copied.version)
+    let recopied = replicate(&mut origin, &mut stand_in, late_push.version)
         .await
         .unwrap();
     assert!(recopied.accepted, "{recopied:?}");
@@ -314,15 +336,15 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     );
     let second = stand_in_step(&mut stand_in, None).await;
     assert!(second.takeover > closed.takeover);
-    assert_eq!(
-        reconcile(&mut origin, second.takeover, &second.records).await,
-        0
-    );
-    stand_in_step(&mut stand_in, Some(second.takeover)).await;
-    assert_eq!(
-        reconcile(&mut origin, closed.takeover, &closed.records).await,
-        0
-    );
+    let second_reconciled = reconcile(&mut origin, second.takeover, &second.records).await;
+    assert_eq!(second_reconciled.reverted, 0);
+    stand_in_step(
+        &mut stand_in,
+        Some((second.takeover, second_reconciled.version)),
+    )
+    .await;
+    let late = reconcile(&mut origin, closed.takeover, &closed.records).await;
+    assert_eq!(late.reverted, 0);
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
     assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13 + 17);
 
@@ -334,10 +356,8 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     stand_in_node = shard(dir.path(), STAND_IN, &stand_in_address.to_string());
     let mut origin = client(&origin_node).await;
     let mut stand_in = client(&stand_in_node).await;
-    assert_eq!(
-        reconcile(&mut origin, closed.takeover, &closed.records).await,
-        0
-    );
+    let late = reconcile(&mut origin, closed.takeover, &closed.records).await;
+    assert_eq!(late.reverted, 0);
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
     assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13 + 17);
     assert!(standing_in_for(&mut stand_in).await.is_empty());

@@ -133,18 +133,22 @@ impl Cluster {
             })
             .collect();
         let sent = keys.len();
-        let reverted = self.shards[origin]
+        let reconciled = self.shards[origin]
             .reconcile(stand_in_id, closed.takeover, keys, budget)
             .await?;
         self.shards[stand_in]
-            .stand_in(origin_id, Some(closed.takeover), budget)
+            .stand_in(
+                origin_id,
+                Some((closed.takeover, reconciled.version)),
+                budget,
+            )
             .await?;
         self.health.clear_taken_over(origin);
         tracing::info!(
             origin = origin_id,
             stand_in = stand_in_id,
             keys = sent,
-            reverted,
+            reverted = reconciled.reverted,
             "reconciled a node that is back with its stand-in"
         );
         Ok(())

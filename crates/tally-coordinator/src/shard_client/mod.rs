@@ -260,19 +260,21 @@ impl ShardClient {
     }
 
     /// On a stand-in: closes its takeover of `origin` and lists the records
-    /// it applied since it began (`end` None), or ends takeover `end` (its
-    /// id).
+    /// it applied since it began (`end` None), or ends a takeover (`end`:
+    /// its id, and the origin's version after its reconciliation).
     pub async fn stand_in(
         &self,
         origin: &str,
-        end: Option<u64>,
+        end: Option<(u64, u64)>,
         budget: Duration,
     ) -> Result<pb::StandInResponse, ShardCallError> {
+        let (takeover, copy_version) = end.unwrap_or_default();
         let request = pb::StandInRequest {
             node_id: self.node_id.to_string(),
             origin: origin.to_string(),
             end: end.is_some(),
-            takeover: end.unwrap_or(0),
+            takeover,
+            copy_version,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.stand_in(timed(request, budget))).await
@@ -285,7 +287,7 @@ impl ShardClient {
         takeover: u64,
         keys: Vec<pb::ReconcileKey>,
         budget: Duration,
-    ) -> Result<u64, ShardCallError> {
+    ) -> Result<pb::ReconcileResponse, ShardCallError> {
         let request = pb::ReconcileRequest {
             node_id: self.node_id.to_string(),
             stand_in: stand_in.to_string(),
@@ -293,9 +295,7 @@ impl ShardClient {
             keys,
         };
         let mut grpc = self.grpc.clone();
-        Ok(call(budget, grpc.reconcile(timed(request, budget)))
-            .await?
-            .reverted)
+        call(budget, grpc.reconcile(timed(request, budget))).await
     }
 
     /// Adds its earlier entries, and the idempotency records that came

@@ -160,12 +160,14 @@ impl ShardService {
             Verdict::Apply => {}
             Verdict::Stale => {
                 // Already at or past this version: as fresh as this round.
+                let version = self.state.replicas.version(&request.origin);
                 if let Some(round_began) = round_began {
-                    self.copy_ages.refresh(&request.origin, round_began);
+                    self.copy_ages
+                        .refresh(&request.origin, round_began, version);
                 }
                 return Ok(pb::ReplicateResponse {
                     accepted: true,
-                    version: self.state.replicas.version(&request.origin),
+                    version,
                 });
             }
             Verdict::NeedFull => {
@@ -192,7 +194,8 @@ impl ShardService {
         })
         .await?;
         if let Some(round_began) = round_began {
-            self.copy_ages.refresh(&origin, round_began);
+            self.copy_ages
+                .refresh(&origin, round_began, request.version);
         }
         Ok(pb::ReplicateResponse {
             accepted: true,
@@ -239,12 +242,25 @@ impl ShardService {
 #[derive(Debug, Default)]
 pub(super) struct CopyAges {
     refreshed: parking_lot::Mutex<HashMap<String, Instant>>,
+    /// Per origin, the version below which a round dates nothing: set when
+    /// a takeover of it ends (its reconciliation happened at that version).
+    dated_from: parking_lot::Mutex<HashMap<String, u64>>,
 }
 
 impl CopyAges {
-    /// A round that began at `began` reached `origin`'s copy. Only moves
-    /// forward: rounds of several coordinators may arrive out of order.
-    pub(super) fn refresh(&self, origin: &str, began: Instant) {
+    /// A round that began at `began` brought `origin`'s copy to `version`.
+    /// Only moves forward: rounds of several coordinators may arrive out of
+    /// order. A copy below the version of its origin's last reconciliation
+    /// (a round scanned before it, delivered late) dates nothing.
+    pub(super) fn refresh(&self, origin: &str, began: Instant, version: u64) {
+        if self
+            .dated_from
+            .lock()
+            .get(origin)
+            .is_some_and(|&from| version < from)
+        {
+            return;
+        }
         let mut refreshed = self.refreshed.lock();
         match refreshed.get_mut(origin) {
             Some(at) => *at = (*at).max(began),
@@ -254,10 +270,12 @@ impl CopyAges {
         }
     }
 
-    /// `origin`'s copy is of unknown age until a round reaches it again:
-    /// a takeover froze it, so it may lack what its origin did since.
-    pub(super) fn forget(&self, origin: &str) {
+    /// `origin`'s copy is of unknown age until a round brings it to
+    /// `version` or later: a takeover froze it, and its origin reconciled
+    /// at that version.
+    pub(super) fn forget(&self, origin: &str, version: u64) {
         self.refreshed.lock().remove(origin);
+        self.dated_from.lock().insert(origin.to_string(), version);
     }
 
     /// How long ago `origin`'s copy was last brought up to date, in ms.

@@ -56,7 +56,7 @@ impl ShardService {
             // Frozen since the takeover began, while the node has been back:
             // no new takeover (another coordinator may still see the node
             // down) begins on it before a round brings it up to date.
-            self.copy_ages.forget(&origin);
+            self.copy_ages.forget(&origin, request.copy_version);
             tracing::info!(
                 node_id = &*self.node_id,
                 origin,
@@ -111,7 +111,10 @@ impl ShardService {
             .get(&request.stand_in)
             .is_some_and(|&last| request.takeover <= last);
         if done {
-            return Ok(pb::ReconcileResponse { reverted: 0 });
+            return Ok(pb::ReconcileResponse {
+                reverted: 0,
+                version: self.state.store.replication_version(),
+            });
         }
         let _paused = self.own_writes.write().await;
         let mut taken: BTreeMap<(String, u32), i64> = BTreeMap::new();
@@ -160,6 +163,9 @@ impl ShardService {
             reverted,
             "reconciled with the node that stood in for it"
         );
-        Ok(pb::ReconcileResponse { reverted })
+        // Read under the pause: a change set scanned from here on has this
+        // version or a later one, and holds the reconciliation.
+        let version = self.state.store.replication_version();
+        Ok(pb::ReconcileResponse { reverted, version })
     }
 }

@@ -32,10 +32,10 @@ pub enum ShardCallError {
     /// call could not go elsewhere.
     #[error("not sent: the node is down ({0})")]
     Down(String),
-    /// Sent, but the node was found down while the call waited for its
+    /// Sent, but the node was found hung while the call waited for its
     /// answer (its last error given): not waited for any longer. In doubt:
     /// the node may still apply it.
-    #[error("in doubt: the node was found down while the call was in flight ({0})")]
+    #[error("in doubt: the node was found hung while the call was in flight ({0})")]
     Abandoned(String),
 }
 

@@ -103,8 +103,9 @@ pub struct HealthBoard {
     ids: Box<[Arc<str>]>,
     /// Per node, wakes its probe loop before its pause is over.
     probes: Box<[Arc<tokio::sync::Notify>]>,
-    /// Per node, how often it was marked down: calls waiting on it watch.
-    downs: Box<[tokio::sync::watch::Sender<u64>]>,
+    /// Per node, how often it was found hung (marked down by timeouts):
+    /// calls waiting on it watch.
+    hangs: Box<[tokio::sync::watch::Sender<u64>]>,
 }
 
 impl HealthBoard {
@@ -135,7 +136,7 @@ impl HealthBoard {
                 })
                 .collect(),
             probes: ids.iter().map(|_| Arc::default()).collect(),
-            downs: ids
+            hangs: ids
                 .iter()
                 .map(|_| tokio::sync::watch::Sender::new(0))
                 .collect(),
@@ -143,11 +144,12 @@ impl HealthBoard {
         }
     }
 
-    /// Resolves when node `index` is next marked down.
-    pub fn marked_down(&self, index: usize) -> impl std::future::Future<Output = ()> + 'static {
-        let mut downs = self.downs[index].subscribe();
+    /// Resolves when node `index` is next found hung (marked down by
+    /// timeouts).
+    pub fn found_hung(&self, index: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let mut hangs = self.hangs[index].subscribe();
         async move {
-            if downs.changed().await.is_err() {
+            if hangs.changed().await.is_err() {
                 // The board is gone (a reload): never.
                 std::future::pending::<()>().await;
             }
@@ -312,6 +314,10 @@ impl HealthBoard {
         node.first_miss = Some(Instant::now());
         if node.misses >= MISSES_TO_DOWN {
             self.mark_down(index, &mut node, error);
+            // Found hung: calls waiting on it stop waiting (a node that
+            // refused is down too, but its calls fail by themselves, and
+            // one refusal must not put every call in flight in doubt).
+            self.hangs[index].send_modify(|hangs| *hangs += 1);
             Miss::Down
         } else {
             Miss::First
@@ -324,7 +330,6 @@ impl HealthBoard {
             node.up = false;
             node.since_unix_ms = unix_ms_now();
             node.since = Instant::now();
-            self.downs[index].send_modify(|downs| *downs += 1);
         }
         node.error = error.to_string();
     }

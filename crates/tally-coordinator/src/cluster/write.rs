@@ -188,17 +188,18 @@ impl Cluster {
         node: usize,
         increments: Vec<StripeIncrement>,
     ) -> std::result::Result<Vec<Outcome>, ShardCallError> {
+        // Found hung while the call waits: fail it now, in doubt, as its
+        // timeout would later; the caller's retry goes where the node's
+        // writes go meanwhile (around it, or to its stand-in). Watched
+        // before the check, so a node found hung in between is caught.
+        let found_hung = self.health.found_hung(node);
         if !self.health.is_up(node) {
             return Err(ShardCallError::Down(self.health.get(node).error));
         }
-        // Found down (hung) while the call waits: fail it now, in doubt, as
-        // its timeout would later; the caller's retry goes where the
-        // node's writes go meanwhile (around it, or to its stand-in).
-        let marked_down = self.health.marked_down(node);
         tokio::select! {
             biased;
             answer = self.shards[node].apply(increments) => answer,
-            () = marked_down => Err(ShardCallError::Abandoned(self.health.get(node).error)),
+            () = found_hung => Err(ShardCallError::Abandoned(self.health.get(node).error)),
         }
     }
 

@@ -336,6 +336,9 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     );
     let second = stand_in_step(&mut stand_in, None).await;
     assert!(second.takeover > closed.takeover);
+    // Another round scanned before this reconciliation, pushed after a
+    // restart of the stand-in (below).
+    let early_again = changes(&mut origin, recopied.version).await;
     let second_reconciled = reconcile(&mut origin, second.takeover, &second.records).await;
     assert_eq!(second_reconciled.reverted, 0);
     stand_in_step(
@@ -364,6 +367,15 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     assert_eq!(
         kinds(&apply(&mut origin, ORIGIN, vec![own("new", 13)]).await),
         ["duplicate"]
+    );
+    // The bound a round must reach to date the copy survives the restart.
+    let late_push = push(&mut stand_in, recopied.version, early_again)
+        .await
+        .unwrap();
+    assert!(late_push.accepted, "{late_push:?}");
+    assert_eq!(
+        kinds(&apply(&mut stand_in, STAND_IN, vec![for_origin("after", 1)]).await),
+        ["unavailable"]
     );
     origin_node.terminate();
     stand_in_node.terminate();

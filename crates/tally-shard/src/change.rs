@@ -11,7 +11,8 @@
 //! SetOwn      = 0 (restored) | 1 (adopted) origin: bytes version: varint
 //!               | 2 (reconciled) stand_in: bytes takeover: varint
 //!               | entries (absolute values) [| records]
-//! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close) | 2 (end)
+//! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close)
+//!               | 2 (end) copy_version: varint
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
 //! Created     = directory_id: varint
@@ -68,8 +69,13 @@ pub enum StandInStep {
     },
     /// It takes no more increments.
     Close,
-    /// It is over: the origin has reconciled.
-    End,
+    /// It is over: the origin has reconciled, at `copy_version` (its
+    /// replication version then): this node's copy of it is not dated by a
+    /// round below that version.
+    End {
+        /// The origin's version after its reconciliation.
+        copy_version: u64,
+    },
 }
 
 /// A change of a node's state, as one log frame records it.
@@ -273,7 +279,10 @@ impl Change {
                         codec::put_varint(buffer, *started_ms);
                     }
                     StandInStep::Close => buffer.push(1),
-                    StandInStep::End => buffer.push(2),
+                    StandInStep::End { copy_version } => {
+                        buffer.push(2);
+                        codec::put_varint(buffer, *copy_version);
+                    }
                 }
             }
         }
@@ -356,7 +365,9 @@ impl Change {
                         started_ms: reader.varint("start")?,
                     },
                     1 => StandInStep::Close,
-                    2 => StandInStep::End,
+                    2 => StandInStep::End {
+                        copy_version: reader.varint("copy version")?,
+                    },
                     _ => {
                         return Err(Malformed {
                             what: "stand-in step",
@@ -448,8 +459,9 @@ impl Change {
                         stand_in.closed = true;
                     }
                 }
-                StandInStep::End => {
+                StandInStep::End { copy_version } => {
                     meta.standing_in_for.remove(origin);
+                    meta.copies_dated_from.insert(origin.clone(), *copy_version);
                 }
             },
         }
@@ -541,7 +553,9 @@ mod tests {
             },
             Change::StandIn {
                 origin: "shard-2".into(),
-                step: StandInStep::End,
+                step: StandInStep::End {
+                    copy_version: 1 << 40 | 7,
+                },
             },
         ];
         for change in changes {

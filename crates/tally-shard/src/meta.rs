@@ -134,6 +134,11 @@ pub struct NodeMeta {
     /// The id of the last takeover this node began: each next is greater.
     #[serde(default)]
     pub last_takeover: u64,
+    /// Per origin whose takeover ended here, its version after its
+    /// reconciliation: a replication round below it (scanned before, pushed
+    /// late) does not date this node's copy of it.
+    #[serde(default)]
+    pub copies_dated_from: BTreeMap<String, u64>,
 }
 
 /// A takeover of another node's keyed increments.
@@ -272,6 +277,7 @@ mod tests {
             .into(),
             reconciled: [("shard-2".to_string(), u64::MAX)].into(),
             last_takeover: u64::MAX - 1,
+            copies_dated_from: [("shard-3".to_string(), 1 << 40)].into(),
         };
         let text = serde_json::to_string(&meta).unwrap();
         // A meta of the release before takeovers reads with none.

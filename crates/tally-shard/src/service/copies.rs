@@ -161,9 +161,10 @@ impl ShardService {
             Verdict::Stale => {
                 // Already at or past this version: as fresh as this round.
                 let version = self.state.replicas.version(&request.origin);
-                if let Some(round_began) = round_began {
-                    self.copy_ages
-                        .refresh(&request.origin, round_began, version);
+                if let Some(round_began) =
+                    round_began.filter(|_| self.dates(&request.origin, version))
+                {
+                    self.copy_ages.refresh(&request.origin, round_began);
                 }
                 return Ok(pb::ReplicateResponse {
                     accepted: true,
@@ -193,9 +194,8 @@ impl ShardService {
             records,
         })
         .await?;
-        if let Some(round_began) = round_began {
-            self.copy_ages
-                .refresh(&origin, round_began, request.version);
+        if let Some(round_began) = round_began.filter(|_| self.dates(&origin, request.version)) {
+            self.copy_ages.refresh(&origin, round_began);
         }
         Ok(pb::ReplicateResponse {
             accepted: true,
@@ -233,6 +233,21 @@ impl ShardService {
     }
 }
 
+impl ShardService {
+    /// Whether a round that brought `origin`'s copy to `version` dates it:
+    /// not below the version of `origin`'s last reconciliation with this
+    /// node (a round scanned before it, pushed late, still counts what the
+    /// reconciliation took out).
+    fn dates(&self, origin: &str, version: u64) -> bool {
+        self.state
+            .meta
+            .lock()
+            .copies_dated_from
+            .get(origin)
+            .is_none_or(|&from| version >= from)
+    }
+}
+
 /// When each copy this node holds was last brought up to date: the moment,
 /// on this node's monotonic clock, the replication round that reached it
 /// began. In memory only (a restart forgets it: a copy's age is then
@@ -242,25 +257,12 @@ impl ShardService {
 #[derive(Debug, Default)]
 pub(super) struct CopyAges {
     refreshed: parking_lot::Mutex<HashMap<String, Instant>>,
-    /// Per origin, the version below which a round dates nothing: set when
-    /// a takeover of it ends (its reconciliation happened at that version).
-    dated_from: parking_lot::Mutex<HashMap<String, u64>>,
 }
 
 impl CopyAges {
-    /// A round that began at `began` brought `origin`'s copy to `version`.
-    /// Only moves forward: rounds of several coordinators may arrive out of
-    /// order. A copy below the version of its origin's last reconciliation
-    /// (a round scanned before it, delivered late) dates nothing.
-    pub(super) fn refresh(&self, origin: &str, began: Instant, version: u64) {
-        if self
-            .dated_from
-            .lock()
-            .get(origin)
-            .is_some_and(|&from| version < from)
-        {
-            return;
-        }
+    /// A round that began at `began` reached `origin`'s copy. Only moves
+    /// forward: rounds of several coordinators may arrive out of order.
+    pub(super) fn refresh(&self, origin: &str, began: Instant) {
         let mut refreshed = self.refreshed.lock();
         match refreshed.get_mut(origin) {
             Some(at) => *at = (*at).max(began),
@@ -270,12 +272,11 @@ impl CopyAges {
         }
     }
 
-    /// `origin`'s copy is of unknown age until a round brings it to
-    /// `version` or later: a takeover froze it, and its origin reconciled
-    /// at that version.
-    pub(super) fn forget(&self, origin: &str, version: u64) {
+    /// `origin`'s copy is of unknown age until a round reaches it again
+    /// (one at or above the version its takeover's end recorded): a
+    /// takeover froze it.
+    pub(super) fn forget(&self, origin: &str) {
         self.refreshed.lock().remove(origin);
-        self.dated_from.lock().insert(origin.to_string(), version);
     }
 
     /// How long ago `origin`'s copy was last brought up to date, in ms.

@@ -50,13 +50,15 @@ impl ShardService {
             }
             self.submit(Change::StandIn {
                 origin: origin.clone(),
-                step: StandInStep::End,
+                step: StandInStep::End {
+                    copy_version: request.copy_version,
+                },
             })
             .await?;
             // Frozen since the takeover began, while the node has been back:
             // no new takeover (another coordinator may still see the node
             // down) begins on it before a round brings it up to date.
-            self.copy_ages.forget(&origin, request.copy_version);
+            self.copy_ages.forget(&origin);
             tracing::info!(
                 node_id = &*self.node_id,
                 origin,

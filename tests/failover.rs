@@ -611,6 +611,23 @@ async fn writes_without_a_key_go_around_a_down_node() {
         .into_inner();
     assert!(!first.deduplicated);
     assert_eq!(value(&mut client, "spread").await, 101);
+    // The status shows who stands in for it.
+    let mut admin = cluster.admin_client().await.unwrap();
+    let nodes = admin
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let stand_ins: Vec<(&str, &[String])> = nodes
+        .iter()
+        .filter(|node| !node.standing_in_for.is_empty())
+        .map(|node| (node.id.as_str(), node.standing_in_for.as_slice()))
+        .collect();
+    assert!(
+        matches!(stand_ins.as_slice(), [(_, [down])] if down == "shard-2"),
+        "{stand_ins:?}"
+    );
 
     // Back: its retry is recognized (by the stand-in, or by the owner once
     // reconciled), never applied again.

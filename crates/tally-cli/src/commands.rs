@@ -478,6 +478,14 @@ impl Cli {
                 nodes.len() - down,
                 nodes.len()
             );
+            for node in nodes.iter().filter(|node| !node.standing_in_for.is_empty()) {
+                text.push_str(&format!(
+                    "\n{}: stands in for {} (takes its keyed increments until it is back and \
+                     reconciled)",
+                    node.id,
+                    node.standing_in_for.join(", ")
+                ));
+            }
             for node in nodes.iter().filter(|node| node.replication_failures > 0) {
                 text.push_str(&format!(
                     "\n{}: {} copies of its entries to its replicas failed (see the \

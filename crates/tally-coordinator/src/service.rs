@@ -186,6 +186,7 @@ impl pb::admin_server::Admin for AdminService {
                         node.keys_forgotten_early = status.keys_forgotten_early;
                         node.log_bytes = status.log_bytes;
                         node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
+                        node.standing_in_for = status.standing_in_for;
                     }
                     Err(error) => node.error = error.to_string(),
                 }

@@ -154,20 +154,16 @@ async fn a_drain_cut_off_at_any_step_resumes_and_counts_once() {
                 .unwrap()
                 .into_inner();
             let changes_version = changes.version;
+            assert!(changes.full);
             let mut adopter = shard_client(&cluster, adopter_index).await;
             adopter
-                .replicate(pb::ReplicateRequest {
-                    node_id: adopter_id.clone(),
-                    origin: "shard-2".into(),
-                    base: 0,
-                    version: changes.version,
-                    full: true,
-                    entries: changes.entries,
-                    scanned_unix_ms: changes.scanned_unix_ms,
-                    directory_id: changes.directory_id,
-                    round_elapsed_ms: 0,
-                    records: changes.records,
-                })
+                .replicate(pb::ReplicateRequest::of_changes(
+                    &adopter_id,
+                    "shard-2",
+                    0,
+                    changes,
+                    0,
+                ))
                 .await
                 .unwrap();
             node.drain(pb::ShardDrainRequest {

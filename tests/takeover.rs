@@ -155,18 +155,9 @@ async fn push(
     changes: pb::ChangesResponse,
 ) -> Result<pb::ReplicateResponse, tonic::Status> {
     stand_in
-        .replicate(pb::ReplicateRequest {
-            node_id: STAND_IN.into(),
-            origin: ORIGIN.into(),
-            base: since,
-            version: changes.version,
-            full: changes.full,
-            entries: changes.entries,
-            scanned_unix_ms: changes.scanned_unix_ms,
-            directory_id: changes.directory_id,
-            round_elapsed_ms: 0,
-            records: changes.records,
-        })
+        .replicate(pb::ReplicateRequest::of_changes(
+            STAND_IN, ORIGIN, since, changes, 0,
+        ))
         .await
         .map(tonic::Response::into_inner)
 }

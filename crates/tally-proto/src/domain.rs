@@ -212,6 +212,32 @@ pub fn validate_node_id(node_id: &str) -> Result<(), String> {
 
 /// Drain states, in order: each comes after the one before, and a node's
 /// state only moves forward.
+impl pb::ReplicateRequest {
+    /// A push of `changes` (the origin's answer to `Changes` since `base`)
+    /// to `replica`'s copy of `origin`, for a round that began
+    /// `round_elapsed_ms` before this request.
+    pub fn of_changes(
+        replica: &str,
+        origin: &str,
+        base: u64,
+        changes: pb::ChangesResponse,
+        round_elapsed_ms: u64,
+    ) -> Self {
+        pb::ReplicateRequest {
+            node_id: replica.to_string(),
+            origin: origin.to_string(),
+            base,
+            version: changes.version,
+            full: changes.full,
+            entries: changes.entries,
+            records: changes.records,
+            scanned_unix_ms: changes.scanned_unix_ms,
+            directory_id: changes.directory_id,
+            round_elapsed_ms,
+        }
+    }
+}
+
 impl pb::DrainState {
     /// How the public `NodeStatus.drain` spells it: `""`, `"draining"`,
     /// `"handed-over"` or `"drained"`.

@@ -46,6 +46,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::codec::{self, Malformed, Reader};
+use crate::replicas::CopyRecord;
 use crate::table::{Slot, Table, DIRTY};
 
 /// Number of lock segments. A power of two well above the core count of the
@@ -415,6 +416,12 @@ struct KeyRecord {
     changed: u32,
 }
 
+/// A record as it travels (a change set, a takeover's list): its key, delta
+/// and when it was applied.
+fn travelling((key, record): (&Arc<[u8]>, &KeyRecord)) -> CopyRecord {
+    (Box::from(&**key), record.delta, record.applied_unix_ms)
+}
+
 /// The records map: foldhash. SipHash (std's default) was 11% of a start
 /// loading 950,000 entries, and apply ran 2.2× faster without it. foldhash
 /// seeds each map randomly, so colliding names cannot be computed offline;
@@ -572,7 +579,7 @@ pub struct Changes {
     /// as `(record key, delta, applied_unix_ms)`. Forgotten ones are not
     /// listed: a copy forgets by the same retention, window and maximum,
     /// counted from their arrival there (`Replicas::forget_records`).
-    pub records: Vec<(Box<[u8]>, i64, u64)>,
+    pub records: Vec<CopyRecord>,
 }
 
 /// A node's counters in memory.
@@ -690,13 +697,7 @@ impl Store {
                     .records
                     .iter()
                     .filter(|(_, record)| full || record.changed > since_low)
-                    .map(|(key, record)| {
-                        (
-                            Box::<[u8]>::from(&**key),
-                            record.delta,
-                            record.applied_unix_ms,
-                        )
-                    }),
+                    .map(travelling),
             );
             let table = &segment.table;
             for slot in table.slots() {
@@ -1069,7 +1070,7 @@ impl Store {
     /// Every record this node remembers that it applied at or after
     /// `since_ms` (its retention clock), as `(record key, delta, applied)`:
     /// what a stand-in applied during a takeover. A walk over every record.
-    pub fn records_applied_since(&self, since_ms: u64) -> Vec<(Box<[u8]>, i64, u64)> {
+    pub fn records_applied_since(&self, since_ms: u64) -> Vec<CopyRecord> {
         let mut records = Vec::new();
         for segment in self.segments.iter() {
             let segment = segment.lock();
@@ -1078,13 +1079,7 @@ impl Store {
                     .records
                     .iter()
                     .filter(|(_, record)| record.applied_unix_ms >= since_ms)
-                    .map(|(key, record)| {
-                        (
-                            Box::<[u8]>::from(&**key),
-                            record.delta,
-                            record.applied_unix_ms,
-                        )
-                    }),
+                    .map(travelling),
             );
         }
         records

@@ -204,14 +204,6 @@ impl Cluster {
         }
     }
 
-    /// The ring's owner of `increment`'s stripe.
-    fn owner_of(&self, increment: &StripeIncrement) -> usize {
-        self.ring.owner_of_hash(tally_ring::key_hash(
-            increment.counter.as_str(),
-            increment.stripe,
-        ))
-    }
-
     /// Waits, a probe's time at most, until this coordinator sees `owner`
     /// up: its stand-in said it is back (another coordinator may have seen
     /// it first), so its probe goes at once.

@@ -113,7 +113,9 @@ impl Cluster {
                                     // Its stand-in closed the takeover: the
                                     // owner is back and reconciling, and
                                     // applies each key once from now on.
-                                    let owner = self.owner_of(&increment);
+                                    let owner = self
+                                        .ring
+                                        .owner(increment.counter.as_str(), increment.stripe);
                                     increment.on_behalf_of = None;
                                     increment.takeover_max_copy_age_ms = 0;
                                     back.insert(owner);

@@ -326,19 +326,14 @@ impl ShardClient {
         round_began: std::time::Instant,
         budget: Duration,
     ) -> Result<pb::ReplicateResponse, ShardCallError> {
-        let request = pb::ReplicateRequest {
-            // Rounded up: a copy must never look younger than it is.
-            round_elapsed_ms: round_began.elapsed().as_micros().div_ceil(1_000) as u64,
-            node_id: self.node_id.to_string(),
-            origin: origin.to_string(),
+        let request = pb::ReplicateRequest::of_changes(
+            &self.node_id,
+            origin,
             base,
-            version: changes.version,
-            full: changes.full,
-            entries: changes.entries,
-            records: changes.records,
-            scanned_unix_ms: changes.scanned_unix_ms,
-            directory_id: changes.directory_id,
-        };
+            changes,
+            // Rounded up: a copy must never look younger than it is.
+            round_began.elapsed().as_micros().div_ceil(1_000) as u64,
+        );
         let mut grpc = self.grpc.clone();
         call(budget, grpc.replicate(timed(request, budget))).await
     }

@@ -311,8 +311,7 @@ async fn a_shard_refuses_requests_meant_for_another_node() {
                 stripe: 0,
                 delta: 1,
                 idempotency_key: String::new(),
-                on_behalf_of: String::new(),
-                takeover_max_copy_age_ms: 0,
+                ..Default::default()
             }],
         })
         .await
@@ -340,8 +339,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
     // it, or this test does: the second restore is refused either way.
     let restore_request = pb::RestoreRequest {
         node_id: node_id.clone(),
-        entries: Vec::new(),
-        records: Vec::new(),
+        ..Default::default()
     };
     let _ = shard_client.restore(restore_request.clone()).await;
     let restore = shard_client.restore(restore_request).await.unwrap_err();
@@ -374,8 +372,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 stripe: 0,
                 delta: 1,
                 idempotency_key: String::new(),
-                on_behalf_of: String::new(),
-                takeover_max_copy_age_ms: 0,
+                ..Default::default()
             }],
         })
         .await
@@ -389,8 +386,7 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 stripe: u32::MAX,
                 delta: 1,
                 idempotency_key: String::new(),
-                on_behalf_of: String::new(),
-                takeover_max_copy_age_ms: 0,
+                ..Default::default()
             }],
         })
         .await
@@ -420,6 +416,46 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
     let mut client = test.cluster.counter_client().await.unwrap();
     assert_eq!(value(&mut client, "versioned").await, 0);
 
+    // A keyed increment routed by another membership than the one the
+    // node's keyed increments are open to (the coordinator opened them to
+    // its own at its start): given back unapplied, naming the node's.
+    let open_to = support::wait_until("the coordinator to open keyed increments", READY, || {
+        let mut shard_client = shard_client.clone();
+        async move {
+            let status = shard_client
+                .status(pb::ShardStatusRequest { brief: true })
+                .await
+                .map_err(|_| ())?
+                .into_inner();
+            if status.keyed_ring != 0 && !status.keyed_ring_sealed {
+                Ok(status.keyed_ring)
+            } else {
+                Err(())
+            }
+        }
+    })
+    .await;
+    let other_membership = shard_client
+        .apply(pb::ApplyRequest {
+            node_id: node_id.clone(),
+            protocol_version: tally::proto::SHARD_PROTOCOL_VERSION,
+            increments: vec![pb::ShardIncrement {
+                counter: "stood-in".into(),
+                delta: 1,
+                idempotency_key: "k".into(),
+                ring: open_to ^ 1,
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &other_membership.results[0].outcome {
+        Some(pb::apply_result::Outcome::RingRefused(refused)) => {
+            assert_eq!((refused.ring, refused.sealed), (open_to, false));
+        }
+        other => panic!("{other:?}"),
+    }
     // A keyed increment sent on behalf of a node whose records this node
     // does not hold (a stale sender): it cannot tell a retry from a new
     // increment, so it applies nothing and says why.
@@ -433,7 +469,8 @@ async fn a_shard_says_why_it_refuses_in_a_typed_reason() {
                 delta: 1,
                 idempotency_key: "k".into(),
                 on_behalf_of: "shard-9".into(),
-                takeover_max_copy_age_ms: 0,
+                ring: open_to,
+                ..Default::default()
             }],
         })
         .await

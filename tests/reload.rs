@@ -1,5 +1,6 @@
-//! Reloading the coordinator's membership (in process, no servers): what
-//! would move keys or drop counts is refused, adding a node is accepted.
+//! Reloading the coordinator's membership: what would move keys or drop
+//! counts is refused, adding a node is accepted (in process), and keyed
+//! retries straddling a change apply once (real processes).
 
 mod support;
 
@@ -35,4 +36,220 @@ async fn a_reload_refuses_what_would_move_keys_or_drop_counts() {
     );
     assert_eq!(handle.current().shards().len(), 3);
     assert_eq!(handle.current().ring().nodes().len(), 3);
+}
+
+/// Keyed retries that straddle membership changes, with real processes: a
+/// node added by SIGHUP, a drained node removed by SIGHUP. Every keyed
+/// increment acknowledged before a change is sent again after it (the
+/// retry of a client whose answer was lost); about a quarter of the keys
+/// have a new owner after the first change, so a new owner that did not
+/// get the old owner's records would apply them again. A second
+/// coordinator not reloaded yet refuses keyed increments (its membership
+/// is not the cluster's any more) and takes them once reloaded.
+#[test]
+fn keyed_retries_straddling_membership_changes_apply_once() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use support::ledger::{send_on, Connections, Ledger};
+    use support::ProcessCluster;
+    use tally::proto::pb;
+
+    let runtime = support::runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let dir = cluster.dir.path().to_path_buf();
+    let second = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator-b",
+        &[
+            "--config",
+            cluster.coordinator_config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &dir,
+    );
+    let counters: Vec<String> = (0..4).map(|index| format!("straddled-{index}")).collect();
+    let calls: Vec<pb::IncrementRequest> = (0..240)
+        .map(|index| pb::IncrementRequest {
+            counter: counters[index % counters.len()].clone(),
+            delta: (index as i64 % 97) + 1,
+            idempotency_key: format!("straddle-{index}"),
+        })
+        .collect();
+    let mut ledger = Ledger::default();
+    let mut connections = Connections::default();
+    let endpoint = cluster.coordinator.endpoint();
+    // Every call sent (again) through a coordinator, each acknowledged.
+    let send_all = |connections: &mut Connections, endpoint: &str| {
+        runtime.block_on(async {
+            for call in &calls {
+                connections
+                    .send(endpoint, std::slice::from_ref(call))
+                    .await
+                    .unwrap_or_else(|status| panic!("{}: {status:?}", call.idempotency_key));
+            }
+        });
+    };
+    send_all(&mut connections, &endpoint);
+    ledger.record(&calls);
+    let exact = |ledger: &Ledger, what: &str| {
+        let totals = runtime.block_on(support::totals(&endpoint, &counters));
+        let outcome = ledger.against(totals);
+        support::report(&format!("{what}: {outcome}"));
+        assert_eq!(
+            (outcome.lost, outcome.duplicated),
+            (0, 0),
+            "{what}: {outcome}"
+        );
+    };
+    let reload = |pid: u32| kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    let moved = |daemon: &support::Daemon, count: usize| {
+        runtime.block_on(support::wait_until(
+            "keyed increments to move to the new membership",
+            support::PATIENCE,
+            || {
+                let moved = daemon.log().matches("every node open to it").count();
+                std::future::ready(if moved >= count { Ok(()) } else { Err(moved) })
+            },
+        ))
+    };
+
+    // shard-4 added, on the first coordinator only.
+    let addresses = cluster.start_new_shard(4);
+    support::write_coordinator_config(&dir, &addresses);
+    reload(cluster.coordinator.pid());
+    moved(&cluster.coordinator, 2);
+    send_all(&mut connections, &endpoint);
+    exact(
+        &ledger,
+        "every keyed call sent again after shard-4 was added",
+    );
+
+    // The second coordinator, not reloaded, routes by the old membership:
+    // its keyed increments are refused, its un-keyed ones taken.
+    let stale = runtime.block_on(async {
+        send_on(
+            connections.client(&second.endpoint()),
+            std::slice::from_ref(&calls[0]),
+        )
+        .await
+    });
+    let refused = stale.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("another membership"),
+        "{refused:?}"
+    );
+    let shown = support::run_to_end("tallyctl", &["--endpoint", &second.endpoint(), "status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("shard-1: keyed increments follow another coordinator's membership"),
+        "{shown}"
+    );
+    let current = cluster.tallyctl(&["--json", "status"]);
+    let current: serde_json::Value = serde_json::from_slice(&current.stdout).unwrap();
+    for node in current["nodes"].as_array().unwrap() {
+        assert_eq!(node["keyed_membership"], "current", "{node}");
+    }
+    let unkeyed = pb::IncrementRequest {
+        counter: counters[0].clone(),
+        delta: 5,
+        idempotency_key: String::new(),
+    };
+    runtime
+        .block_on(async {
+            send_on(
+                connections.client(&second.endpoint()),
+                std::slice::from_ref(&unkeyed),
+            )
+            .await
+        })
+        .unwrap();
+    ledger.record(std::slice::from_ref(&unkeyed));
+    // Reloaded, it takes them, once.
+    reload(second.pid());
+    moved(&second, 2);
+    send_all(&mut connections, &second.endpoint());
+    exact(
+        &ledger,
+        "every keyed call sent again through the second coordinator, reloaded",
+    );
+
+    // shard-2 drained, then removed from both coordinators' membership.
+    let drained = cluster.tallyctl(&["drain", "shard-2"]);
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    send_all(&mut connections, &endpoint);
+    let members: Vec<(String, std::net::SocketAddr)> = ["shard-1", "shard-3", "shard-4"]
+        .into_iter()
+        .zip([0, 2, 3])
+        .map(|(id, index)| (id.to_string(), addresses[index]))
+        .collect();
+    support::write_coordinator_config_of(&dir, &members);
+    reload(cluster.coordinator.pid());
+    reload(second.pid());
+    moved(&cluster.coordinator, 3);
+    moved(&second, 3);
+    cluster.shards[1].take().unwrap().terminate();
+    send_all(&mut connections, &endpoint);
+    send_all(&mut connections, &second.endpoint());
+    exact(
+        &ledger,
+        "every keyed call sent again after shard-2 was drained and removed",
+    );
+    drop(second);
+
+    // A node down when a node is added: the new membership waits for it.
+    // Keyed increments fail UNAVAILABLE with the reason, at once; un-keyed
+    // ones go on; once it is back, the change is made and retries apply
+    // once.
+    let down = cluster.shards[2]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    support::wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
+    cluster.start_new_shard(5);
+    let fifth = cluster.shards.last().unwrap().as_ref().unwrap().address;
+    let members: Vec<(String, std::net::SocketAddr)> = [
+        ("shard-1", addresses[0]),
+        ("shard-3", down),
+        ("shard-4", addresses[3]),
+        ("shard-5", fifth),
+    ]
+    .into_iter()
+    .map(|(id, address)| (id.to_string(), address))
+    .collect();
+    support::write_coordinator_config_of(&dir, &members);
+    reload(cluster.coordinator.pid());
+    runtime.block_on(support::wait_until("the reload", support::PATIENCE, || {
+        let log = cluster.coordinator.log();
+        std::future::ready(if log.contains("added shard-5") {
+            Ok(())
+        } else {
+            Err(())
+        })
+    }));
+    let waiting = runtime
+        .block_on(connections.send(&endpoint, std::slice::from_ref(&calls[1])))
+        .unwrap_err();
+    assert_eq!(waiting.code(), tonic::Code::Unavailable, "{waiting:?}");
+    assert!(
+        waiting.message().contains("wait for a membership change")
+            && waiting.message().contains("shard-3"),
+        "{waiting:?}"
+    );
+    runtime
+        .block_on(connections.send(&endpoint, std::slice::from_ref(&unkeyed)))
+        .unwrap();
+    ledger.record(std::slice::from_ref(&unkeyed));
+    cluster.restart_shard(2, down);
+    moved(&cluster.coordinator, 4);
+    send_all(&mut connections, &endpoint);
+    exact(
+        &ledger,
+        "every keyed call sent again after shard-5 was added while shard-3 was down",
+    );
 }

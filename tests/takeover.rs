@@ -1,9 +1,16 @@
-//! A takeover's steps on two real shard processes, with this test in the
-//! coordinator's place (so no coordinator's own rounds interfere): a
-//! stand-in taking a node's keyed increments over from its copy, a retry of
-//! a key in the copy answered as a duplicate, the copy frozen, the takeover
-//! closed, a late end that ends nothing, the node reconciling (twice, and
-//! across a restart), and the total exact at the end.
+//! A takeover's steps, and a membership change's, on two real shard
+//! processes, with this test in the coordinator's place (so no
+//! coordinator's own rounds interfere).
+//!
+//! The takeover: a stand-in taking a node's keyed increments over from its
+//! copy, a retry of a key in the copy answered as a duplicate, the copy
+//! frozen, the takeover closed, a late end that ends nothing, the node
+//! reconciling (twice, and across a restart), and the total exact at the
+//! end.
+//!
+//! The membership change: a node added, the records of the keys it now
+//! owns handed on to it before it takes any, a first attempt sent by the
+//! old membership refused after the hand-over, across a restart too.
 
 mod support;
 
@@ -53,6 +60,86 @@ async fn restore_new(client: &mut ShardClient<Channel>, node_id: &str) {
         .unwrap();
 }
 
+/// Stripes of the memberships here.
+const STRIPES: u32 = 64;
+
+/// A membership of `members` (weight 1 each), as a seal names it, and its
+/// stamp.
+fn membership(members: &[&str]) -> (pb::RingSpec, u64) {
+    let nodes: Vec<tally::ring::NodeSpec> = members
+        .iter()
+        .map(|id| tally::ring::NodeSpec {
+            id: id.to_string(),
+            weight: 1,
+        })
+        .collect();
+    let ring = tally::ring::Ring::new(&nodes, 64).unwrap();
+    let spec = pb::RingSpec {
+        members: members
+            .iter()
+            .map(|id| pb::RingMember {
+                id: id.to_string(),
+                weight: 1,
+            })
+            .collect(),
+        vnodes_per_weight: 64,
+        stripes: STRIPES,
+    };
+    (spec, ring.keyed_stamp(STRIPES))
+}
+
+/// Seals `node_id` for `spec`: the records it hands on.
+async fn seal(
+    client: &mut ShardClient<Channel>,
+    node_id: &str,
+    spec: &pb::RingSpec,
+    stamp: u64,
+) -> Result<Vec<pb::KeyRecord>, tonic::Status> {
+    client
+        .realign(pb::RealignRequest {
+            node_id: node_id.into(),
+            ring: stamp,
+            seal: Some(spec.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|answer| answer.into_inner().records)
+}
+
+/// Opens `node_id` to membership `stamp` with `records`.
+async fn open(
+    client: &mut ShardClient<Channel>,
+    node_id: &str,
+    stamp: u64,
+    records: Vec<pb::KeyRecord>,
+) -> Result<(), tonic::Status> {
+    client
+        .realign(pb::RealignRequest {
+            node_id: node_id.into(),
+            ring: stamp,
+            open: true,
+            records,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// The membership of the takeover test: both nodes.
+fn both() -> (pb::RingSpec, u64) {
+    membership(&[ORIGIN, STAND_IN])
+}
+
+/// Opens both nodes to [`both`], as a coordinator does at its start.
+async fn open_both(origin: &mut ShardClient<Channel>, stand_in: &mut ShardClient<Channel>) {
+    let (spec, stamp) = both();
+    let mut handed = seal(origin, ORIGIN, &spec, stamp).await.unwrap();
+    handed.extend(seal(stand_in, STAND_IN, &spec, stamp).await.unwrap());
+    assert!(handed.is_empty(), "{handed:?}");
+    open(origin, ORIGIN, stamp, Vec::new()).await.unwrap();
+    open(stand_in, STAND_IN, stamp, Vec::new()).await.unwrap();
+}
+
 fn increment(key: &str, delta: i64, on_behalf_of: &str) -> pb::ShardIncrement {
     pb::ShardIncrement {
         counter: COUNTER.into(),
@@ -61,6 +148,7 @@ fn increment(key: &str, delta: i64, on_behalf_of: &str) -> pb::ShardIncrement {
         idempotency_key: key.into(),
         on_behalf_of: on_behalf_of.into(),
         takeover_max_copy_age_ms: if on_behalf_of.is_empty() { 0 } else { 60_000 },
+        ring: both().1,
     }
 }
 
@@ -94,6 +182,8 @@ fn kinds(outcomes: &[Outcome]) -> Vec<&'static str> {
             Outcome::Duplicate(_) => "duplicate",
             Outcome::Unavailable(_) => "unavailable",
             Outcome::OwnerBack(_) => "owner back",
+            Outcome::RingRefused(refused) if refused.sealed => "sealed",
+            Outcome::RingRefused(_) => "other membership",
             _ => "other",
         })
         .collect()
@@ -216,6 +306,7 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     let mut stand_in = client(&stand_in_node).await;
     restore_new(&mut origin, ORIGIN).await;
     restore_new(&mut stand_in, STAND_IN).await;
+    open_both(&mut origin, &mut stand_in).await;
 
     // The origin applies two keys; the stand-in's copy gets them; then one
     // more that the copy lacks (in doubt when the origin "failed").
@@ -370,4 +461,178 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     );
     origin_node.terminate();
     stand_in_node.terminate();
+}
+
+/// A keyed increment of `key` for membership `stamp`, on the stripe its
+/// key picks.
+fn keyed(key: &str, delta: i64, stamp: u64) -> pb::ShardIncrement {
+    pb::ShardIncrement {
+        counter: COUNTER.into(),
+        stripe: tally::ring::idempotency_stripe(key, STRIPES),
+        delta,
+        idempotency_key: key.into(),
+        ring: stamp,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old_node = shard(dir.path(), ORIGIN, "127.0.0.1:0");
+    let new_node = shard(dir.path(), STAND_IN, "127.0.0.1:0");
+    let mut old = client(&old_node).await;
+    let mut new = client(&new_node).await;
+    restore_new(&mut old, ORIGIN).await;
+    restore_new(&mut new, STAND_IN).await;
+
+    // One node; it takes every key.
+    let (alone, alone_stamp) = membership(&[ORIGIN]);
+    assert!(seal(&mut old, ORIGIN, &alone, alone_stamp)
+        .await
+        .unwrap()
+        .is_empty());
+    open(&mut old, ORIGIN, alone_stamp, Vec::new())
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..64).map(|key| format!("key-{key}")).collect();
+    let first: Vec<pb::ShardIncrement> =
+        keys.iter().map(|key| keyed(key, 3, alone_stamp)).collect();
+    assert!(kinds(&apply(&mut old, ORIGIN, first).await)
+        .iter()
+        .all(|kind| *kind == "applied"));
+
+    // The second node joins: the keys it owns in the new membership.
+    let (grown, grown_stamp) = membership(&[ORIGIN, STAND_IN]);
+    let ring = tally::ring::Ring::new(
+        &[ORIGIN, STAND_IN].map(|id| tally::ring::NodeSpec {
+            id: id.into(),
+            weight: 1,
+        }),
+        64,
+    )
+    .unwrap();
+    let joiner = ring.node_index(STAND_IN).unwrap();
+    let mut moving: Vec<&str> = keys
+        .iter()
+        .filter(|key| ring.key_owner(COUNTER, key, STRIPES) == joiner)
+        .map(String::as_str)
+        .collect();
+    moving.sort_unstable();
+    assert!(
+        !moving.is_empty() && moving.len() < keys.len(),
+        "{moving:?}"
+    );
+
+    // Not opened yet: the new node takes none of its keys.
+    assert_eq!(
+        kinds(&apply(&mut new, STAND_IN, vec![keyed(moving[0], 3, grown_stamp)]).await),
+        ["other membership"]
+    );
+    // Opening before sealing is refused.
+    let unsealed = open(&mut old, ORIGIN, grown_stamp, Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unsealed.code(),
+        tonic::Code::InvalidArgument,
+        "{unsealed:?}"
+    );
+    // A seal whose membership does not make its stamp is refused.
+    let forged = seal(&mut old, ORIGIN, &grown, alone_stamp)
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::InvalidArgument, "{forged:?}");
+
+    // Sealed: the old node hands on exactly the keys the new one owns,
+    // and takes no keyed increment of either membership any more (a first
+    // attempt of the old membership arriving late).
+    let handed = seal(&mut old, ORIGIN, &grown, grown_stamp).await.unwrap();
+    let mut handed_keys: Vec<&str> = handed.iter().map(|record| record.key.as_str()).collect();
+    handed_keys.sort_unstable();
+    assert_eq!(handed_keys, moving);
+    assert!(seal(&mut new, STAND_IN, &grown, grown_stamp)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        kinds(
+            &apply(
+                &mut old,
+                ORIGIN,
+                vec![keyed("late", 1, alone_stamp), keyed("late", 1, grown_stamp)]
+            )
+            .await
+        ),
+        ["sealed", "sealed"]
+    );
+    // Un-keyed increments go on.
+    let unkeyed = pb::ShardIncrement {
+        counter: COUNTER.into(),
+        delta: 100,
+        ..Default::default()
+    };
+    assert_eq!(
+        kinds(&apply(&mut old, ORIGIN, vec![unkeyed]).await),
+        ["applied"]
+    );
+
+    // Opened: a retry of every moved key is a duplicate on its new owner;
+    // the old one takes keys of the new membership only.
+    open(&mut new, STAND_IN, grown_stamp, handed).await.unwrap();
+    open(&mut old, ORIGIN, grown_stamp, Vec::new())
+        .await
+        .unwrap();
+    let retries = moving
+        .iter()
+        .map(|key| keyed(key, 3, grown_stamp))
+        .collect();
+    assert!(kinds(&apply(&mut new, STAND_IN, retries).await)
+        .iter()
+        .all(|kind| *kind == "duplicate"));
+    let staying = keys
+        .iter()
+        .find(|key| !moving.contains(&key.as_str()))
+        .unwrap();
+    assert_eq!(
+        kinds(
+            &apply(
+                &mut old,
+                ORIGIN,
+                vec![
+                    keyed(staying, 3, grown_stamp),
+                    keyed(staying, 3, alone_stamp)
+                ]
+            )
+            .await
+        ),
+        ["duplicate", "other membership"]
+    );
+
+    // Across a crash, the old node stays in the new membership.
+    let address = old_node.address;
+    old_node.stop_with(Signal::SIGKILL);
+    old_node = shard(dir.path(), ORIGIN, &address.to_string());
+    let mut old = client(&old_node).await;
+    assert_eq!(
+        kinds(
+            &apply(
+                &mut old,
+                ORIGIN,
+                vec![
+                    keyed(moving[0], 3, alone_stamp),
+                    keyed(staying, 3, grown_stamp)
+                ]
+            )
+            .await
+        ),
+        ["other membership", "duplicate"]
+    );
+    // Nothing counted twice: 64 keys of 3, and the un-keyed 100.
+    assert_eq!(
+        own_total(&mut old, ORIGIN).await + own_total(&mut new, STAND_IN).await,
+        64 * 3 + 100
+    );
+    old_node.terminate();
+    drop(new_node);
 }

@@ -61,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "redirect",
         "awaits_restore",
         "owner_back",
+        "ring_refused",
     ] {
         builder = builder.boxed(format!(".tally.v1.ApplyResult.outcome.{refusal}"));
     }

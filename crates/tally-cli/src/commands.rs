@@ -486,6 +486,23 @@ impl Cli {
                     node.standing_in_for.join(", ")
                 ));
             }
+            for node in nodes
+                .iter()
+                .filter(|node| node.reachable && node.keyed_membership != "current")
+            {
+                let state = match node.keyed_membership.as_str() {
+                    "moving" => "keyed increments wait: a change of membership is under way",
+                    "none" => {
+                        "takes no keyed increment yet: new, or its data directory was lost (a \
+                         change of membership or its restore opens it)"
+                    }
+                    _ => {
+                        "keyed increments follow another coordinator's membership: give every \
+                         coordinator the same config"
+                    }
+                };
+                text.push_str(&format!("\n{}: {state}", node.id));
+            }
             for node in nodes.iter().filter(|node| node.replication_failures > 0) {
                 text.push_str(&format!(
                     "\n{}: {} copies of its entries to its replicas failed (see the \

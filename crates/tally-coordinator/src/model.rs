@@ -27,6 +27,10 @@ pub struct StripeIncrement {
     /// With `on_behalf_of`, nonzero: that node is down, and the stand-in
     /// takes over its keyed increments if its copy is at most this old.
     pub takeover_max_copy_age_ms: u64,
+    /// Keyed: the membership it was routed by (its keyed placement stamp,
+    /// `tally_ring::Ring::keyed_stamp`); a node takes it only when its
+    /// keyed increments are open to that membership. 0 without a key.
+    pub ring: u64,
 }
 
 impl StripeIncrement {
@@ -39,6 +43,7 @@ impl StripeIncrement {
             key: increment.idempotency_key,
             on_behalf_of: None,
             takeover_max_copy_age_ms: 0,
+            ring: 0,
         }
     }
 }
@@ -58,6 +63,7 @@ impl From<StripeIncrement> for pb::ShardIncrement {
                 .map(|node| node.to_string())
                 .unwrap_or_default(),
             takeover_max_copy_age_ms: increment.takeover_max_copy_age_ms,
+            ring: increment.ring,
         }
     }
 }
@@ -75,6 +81,7 @@ impl TryFrom<pb::ShardIncrement> for StripeIncrement {
                 .filter(|node| !node.is_empty())
                 .map(Into::into),
             takeover_max_copy_age_ms: increment.takeover_max_copy_age_ms,
+            ring: increment.ring,
         })
     }
 }
@@ -107,6 +114,16 @@ pub enum Outcome {
     /// Sent to a stand-in whose takeover its owner is reconciling: nothing
     /// applied; send it to the owner.
     OwnerBack(StripeIncrement),
+    /// A keyed increment of a membership the node's keyed increments are
+    /// not open to: nothing applied.
+    RingRefused {
+        /// This increment.
+        increment: StripeIncrement,
+        /// The membership the node is open to, or sealed toward (0: none).
+        ring: u64,
+        /// A change to `ring` is under way on the node.
+        sealed: bool,
+    },
 }
 
 impl TryFrom<pb::ApplyResult> for Outcome {
@@ -126,6 +143,11 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             Wire::AwaitsRestore(refused) => Outcome::AwaitsRestore(increment(Some(*refused))?),
             Wire::Unavailable(why) => Outcome::Unavailable(why),
             Wire::OwnerBack(refused) => Outcome::OwnerBack(increment(Some(*refused))?),
+            Wire::RingRefused(refused) => Outcome::RingRefused {
+                increment: increment(refused.increment)?,
+                ring: refused.ring,
+                sealed: refused.sealed,
+            },
             Wire::Conflict(conflict) => Outcome::KeyConflict {
                 increment: increment(conflict.increment)?,
                 recorded_delta: conflict.recorded_delta,
@@ -362,6 +384,7 @@ mod tests {
             idempotency_key: "k".into(),
             on_behalf_of: "shard-2".into(),
             takeover_max_copy_age_ms: 3_500,
+            ring: 0xfeed,
         };
         let increment = StripeIncrement::try_from(wire.clone()).unwrap();
         assert_eq!(increment.on_behalf_of.as_deref(), Some("shard-2"));
@@ -389,7 +412,19 @@ mod tests {
             ),
             (
                 Wire::AwaitsRestore(Box::new(wire.clone())),
-                Outcome::AwaitsRestore(increment),
+                Outcome::AwaitsRestore(increment.clone()),
+            ),
+            (
+                Wire::RingRefused(Box::new(pb::RingRefused {
+                    increment: Some(wire.clone()),
+                    ring: 7,
+                    sealed: true,
+                })),
+                Outcome::RingRefused {
+                    increment,
+                    ring: 7,
+                    sealed: true,
+                },
             ),
             (
                 Wire::Unavailable("no copy".into()),

@@ -187,6 +187,13 @@ impl pb::admin_server::Admin for AdminService {
                         node.log_bytes = status.log_bytes;
                         node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
                         node.standing_in_for = status.standing_in_for;
+                        node.keyed_membership = match status.keyed_ring {
+                            _ if status.keyed_ring_sealed => "moving",
+                            0 => "none",
+                            ring if ring == cluster.keyed_stamp() => "current",
+                            _ => "other",
+                        }
+                        .to_string();
                     }
                     Err(error) => node.error = error.to_string(),
                 }

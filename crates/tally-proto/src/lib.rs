@@ -31,7 +31,7 @@ pub mod pb {
 /// coordinator treats a node of another version as down, and a node refuses
 /// an Apply of another version before applying anything. Raise it whenever
 /// a change to `shard.proto` would make one side misread the other.
-pub const SHARD_PROTOCOL_VERSION: u32 = 4;
+pub const SHARD_PROTOCOL_VERSION: u32 = 5;
 
 /// A request that tells the server how long its caller waits (the
 /// `grpc-timeout` header): every Tally client sets one.

@@ -1,7 +1,7 @@
 //! The consistent-hash ring and the value types it hands out.
 
 use crate::error::RingError;
-use crate::hashing::{key_hash, token_hash};
+use crate::hashing::{idempotency_stripe, key_hash, token_hash};
 
 /// Virtual nodes per unit of weight used unless configured otherwise.
 ///
@@ -199,6 +199,36 @@ impl Ring {
         self.owner_of_hash(key_hash(counter, stripe))
     }
 
+    /// Index into [`Ring::nodes`] of the node that applies increments of
+    /// `counter` carrying `idempotency_key` (and so remembers the key), with
+    /// `stripes` stripes per counter.
+    #[must_use]
+    pub fn key_owner(&self, counter: &str, idempotency_key: &str, stripes: u32) -> usize {
+        self.owner(counter, idempotency_stripe(idempotency_key, stripes))
+    }
+
+    /// One number for where every idempotency key lives: two rings with
+    /// `stripes` stripes have the same stamp exactly when they place every
+    /// key on the same node id (up to hash collisions). It covers the
+    /// members' ids and weights, `vnodes_per_weight` and `stripes`, not
+    /// addresses. Never 0, which stands for "no membership".
+    ///
+    /// `XXH3_64(seed = 0)` of, in id order, `id length as 4 little-endian
+    /// bytes ++ id ++ weight as 4 little-endian bytes` per node, then
+    /// `vnodes_per_weight` and `stripes` as 4 little-endian bytes each.
+    #[must_use]
+    pub fn keyed_stamp(&self, stripes: u32) -> u64 {
+        let mut bytes = Vec::new();
+        for node in &self.nodes {
+            bytes.extend_from_slice(&(node.id.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(node.id.as_bytes());
+            bytes.extend_from_slice(&node.weight.to_le_bytes());
+        }
+        bytes.extend_from_slice(&self.vnodes_per_weight.to_le_bytes());
+        bytes.extend_from_slice(&stripes.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&bytes).max(1)
+    }
+
     /// Distinct nodes clockwise from `hash`, starting with its owner; each
     /// node once.
     ///
@@ -321,6 +351,49 @@ mod tests {
 
     fn three_equal_nodes() -> Vec<NodeSpec> {
         vec![spec("node-c", 1), spec("node-a", 1), spec("node-b", 1)]
+    }
+
+    #[test]
+    fn the_keyed_stamp_changes_exactly_with_where_keys_go() {
+        let ring = Ring::new(&three_equal_nodes(), 64).unwrap();
+        let stamp = ring.keyed_stamp(16);
+        assert_ne!(stamp, 0);
+        // The input order does not matter.
+        let mut reordered = three_equal_nodes();
+        reordered.reverse();
+        assert_eq!(Ring::new(&reordered, 64).unwrap().keyed_stamp(16), stamp);
+        // Every input of placement does.
+        assert_ne!(ring.keyed_stamp(17), stamp);
+        assert_ne!(
+            Ring::new(&three_equal_nodes(), 65).unwrap().keyed_stamp(16),
+            stamp
+        );
+        let mut heavier = three_equal_nodes();
+        heavier[0].weight = 2;
+        assert_ne!(Ring::new(&heavier, 64).unwrap().keyed_stamp(16), stamp);
+        let mut grown = three_equal_nodes();
+        grown.push(spec("node-d", 1));
+        assert_ne!(Ring::new(&grown, 64).unwrap().keyed_stamp(16), stamp);
+        // Ids are length-prefixed: "ab" + "c" is not "a" + "bc".
+        let split = |left: &str, right: &str| {
+            Ring::new(&[spec(left, 1), spec(right, 1)], 8)
+                .unwrap()
+                .keyed_stamp(4)
+        };
+        assert_ne!(split("ab", "c"), split("a", "bc"));
+    }
+
+    #[test]
+    fn a_key_is_owned_where_its_stripe_is() {
+        let ring = Ring::new(&three_equal_nodes(), 64).unwrap();
+        for request in 0..100 {
+            let key = format!("request-{request}");
+            let stripe = idempotency_stripe(&key, 16);
+            assert_eq!(
+                ring.key_owner("likes", &key, 16),
+                ring.owner("likes", stripe)
+            );
+        }
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! EraseCopies = count: varint | counter: bytes*
 //! SetOwn      = 0 (restored) | 1 (adopted) origin: bytes version: varint
 //!               | 2 (reconciled) stand_in: bytes takeover: varint
+//!               | 3 (handed on: records of a membership change)
 //!               | entries (absolute values) [| records]
 //! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close)
 //!               | 2 (end) copy_version: varint
+//! KeyedRing   = stamp: varint | sealed: u8
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
 //! Created     = directory_id: varint
@@ -29,7 +31,7 @@
 
 use crate::codec::{self, Malformed, Reader};
 use crate::log::FrameKind;
-use crate::meta::{DrainState, NodeMeta, StandIn};
+use crate::meta::{DrainState, KeyedRing, NodeMeta, StandIn};
 use crate::replicas::{CopyRecord, CopyStamp, Replicas};
 use crate::store::{Store, MAX_STRIPES};
 
@@ -57,6 +59,9 @@ pub enum OwnChange {
         /// The takeover's id.
         takeover: u64,
     },
+    /// Idempotency records of keys this node owns in a new membership,
+    /// handed on by the nodes that applied them (no entries).
+    HandedOn,
 }
 
 /// A step of a takeover of `origin`'s keyed increments.
@@ -134,6 +139,9 @@ pub enum Change {
         /// Which step.
         step: StandInStep,
     },
+    /// The membership this node takes keyed increments of, sealed (a
+    /// change is under way) or open.
+    KeyedRing(KeyedRing),
 }
 
 fn put_entries(buffer: &mut Vec<u8>, entries: &[Entry]) {
@@ -216,6 +224,7 @@ impl Change {
             Change::Created { .. } => FrameKind::Created,
             Change::Start { .. } => FrameKind::Start,
             Change::StandIn { .. } => FrameKind::StandIn,
+            Change::KeyedRing(_) => FrameKind::KeyedRing,
         }
     }
 
@@ -260,6 +269,7 @@ impl Change {
                         codec::put_bytes(buffer, stand_in.as_bytes());
                         codec::put_varint(buffer, *takeover);
                     }
+                    OwnChange::HandedOn => buffer.push(3),
                 }
                 put_entries(buffer, entries);
                 put_records(buffer, records);
@@ -271,6 +281,10 @@ impl Change {
             Change::DropCopy { origin } => codec::put_bytes(buffer, origin.as_bytes()),
             Change::Created { directory_id } => codec::put_varint(buffer, *directory_id),
             Change::Start { incarnation } => codec::put_varint(buffer, *incarnation),
+            Change::KeyedRing(ring) => {
+                codec::put_varint(buffer, ring.stamp);
+                buffer.push(u8::from(ring.sealed));
+            }
             Change::StandIn { origin, step } => {
                 codec::put_bytes(buffer, origin.as_bytes());
                 match step {
@@ -335,6 +349,7 @@ impl Change {
                         stand_in: node_id(&mut reader)?,
                         takeover: reader.varint("takeover")?,
                     },
+                    3 => OwnChange::HandedOn,
                     _ => return Err(Malformed { what: "why" }),
                 };
                 Change::SetOwn {
@@ -358,6 +373,14 @@ impl Change {
             FrameKind::Start => Change::Start {
                 incarnation: reader.varint("incarnation")?,
             },
+            FrameKind::KeyedRing => Change::KeyedRing(KeyedRing {
+                stamp: reader.varint("keyed ring")?,
+                sealed: match reader.byte("sealed")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Malformed { what: "sealed" }),
+                },
+            }),
             FrameKind::StandIn => Change::StandIn {
                 origin: node_id(&mut reader)?,
                 step: match reader.byte("stand-in step")? {
@@ -432,6 +455,7 @@ impl Change {
                         let last = meta.reconciled.entry(stand_in.clone()).or_default();
                         *last = (*last).max(*takeover);
                     }
+                    OwnChange::HandedOn => {}
                 }
             }
             Change::Drain(state) => meta.drain = state.clone(),
@@ -444,6 +468,7 @@ impl Change {
                 meta.awaiting_restore = true;
             }
             Change::Start { incarnation } => meta.incarnation = *incarnation,
+            Change::KeyedRing(ring) => meta.keyed_ring = *ring,
             Change::StandIn { origin, step } => match step {
                 StandInStep::Start { started_ms } => {
                     meta.last_takeover = meta.last_takeover.max(*started_ms);
@@ -557,6 +582,19 @@ mod tests {
                     copy_version: 1 << 40 | 7,
                 },
             },
+            Change::SetOwn {
+                why: OwnChange::HandedOn,
+                entries: vec![],
+                records: vec![(record_key("b", "k"), 4, 9)],
+            },
+            Change::KeyedRing(KeyedRing {
+                stamp: u64::MAX,
+                sealed: true,
+            }),
+            Change::KeyedRing(KeyedRing {
+                stamp: 1,
+                sealed: false,
+            }),
         ];
         for change in changes {
             let mut body = Vec::new();

@@ -306,8 +306,9 @@ pub enum Job {
     DeleteCopy(String),
     /// The round is complete: write the metadata and make it durable.
     Finish {
-        /// The metadata, with the round's position.
-        meta: CheckpointMeta,
+        /// The metadata, with the round's position (boxed: it is the
+        /// largest job by far, and the rarest).
+        meta: Box<CheckpointMeta>,
         /// The round captured every bucket (all were marked when it began).
         everything: bool,
     },

@@ -742,7 +742,7 @@ impl LogThread {
             copies: self.state.replicas.stamps().into_iter().collect(),
         };
         let _ = jobs.send(Job::Finish {
-            meta,
+            meta: Box::new(meta),
             everything: round.everything,
         });
         self.round = None;

@@ -77,6 +77,8 @@ pub enum FrameKind {
     Created = 8,
     /// A takeover of another node's keyed increments began, closed or ended.
     StandIn = 9,
+    /// The membership the node takes keyed increments of, sealed or open.
+    KeyedRing = 10,
 }
 
 impl FrameKind {
@@ -92,6 +94,7 @@ impl FrameKind {
             7 => FrameKind::Start,
             8 => FrameKind::Created,
             9 => FrameKind::StandIn,
+            10 => FrameKind::KeyedRing,
             _ => return None,
         })
     }

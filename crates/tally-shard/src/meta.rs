@@ -139,6 +139,31 @@ pub struct NodeMeta {
     /// late) does not date this node's copy of it.
     #[serde(default)]
     pub copies_dated_from: BTreeMap<String, u64>,
+    /// The membership this node takes keyed increments of.
+    #[serde(default)]
+    pub keyed_ring: KeyedRing,
+}
+
+/// The membership a node takes keyed increments of, as its keyed placement
+/// stamp (`tally_ring::Ring::keyed_stamp`): a keyed increment sent by a
+/// coordinator of another membership could reach a node that does not hold
+/// its key's record, and is given back instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyedRing {
+    /// The membership's stamp; 0: none yet (a new node, a new directory,
+    /// or one written before memberships were recorded).
+    pub stamp: u64,
+    /// A change to `stamp` is under way: this node takes no keyed
+    /// increment until it is opened to it.
+    pub sealed: bool,
+}
+
+impl KeyedRing {
+    /// Whether a keyed increment sent for membership `stamp` is taken.
+    pub fn takes(self, stamp: u64) -> bool {
+        !self.sealed && self.stamp != 0 && self.stamp == stamp
+    }
 }
 
 /// A takeover of another node's keyed increments.
@@ -278,6 +303,10 @@ mod tests {
             reconciled: [("shard-2".to_string(), u64::MAX)].into(),
             last_takeover: u64::MAX - 1,
             copies_dated_from: [("shard-3".to_string(), 1 << 40)].into(),
+            keyed_ring: KeyedRing {
+                stamp: u64::MAX,
+                sealed: true,
+            },
         };
         let text = serde_json::to_string(&meta).unwrap();
         // A meta of the release before takeovers reads with none.

@@ -59,6 +59,17 @@ pub enum Refusal {
         /// The copy's origin.
         origin: String,
     },
+    /// A membership change asked of a node standing in for another.
+    #[error(
+        "node {node} stands in for {origin}: a membership change waits until {origin} has \
+         reconciled"
+    )]
+    TakeoverOpen {
+        /// This node.
+        node: String,
+        /// The node it stands in for.
+        origin: String,
+    },
     /// A malformed request.
     #[error("{0}")]
     InvalidRequest(String),
@@ -80,7 +91,7 @@ impl Refusal {
             Refusal::CopyMissing(_) => Reason::CopyMissing,
             Refusal::Storage { .. } => Reason::Storage,
             Refusal::Overflow(_) => Reason::Overflow,
-            Refusal::StandingIn { .. } => Reason::StandingIn,
+            Refusal::StandingIn { .. } | Refusal::TakeoverOpen { .. } => Reason::StandingIn,
             Refusal::InvalidRequest(_) => Reason::InvalidRequest,
             Refusal::Internal(_) => Reason::Internal,
         }

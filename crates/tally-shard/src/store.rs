@@ -1085,6 +1085,26 @@ impl Store {
         records
     }
 
+    /// Every record this node remembers of a `(counter, key)` for which
+    /// `wanted` says yes, as `(record key, delta, applied)`: the records a
+    /// membership change hands on. A walk over every record.
+    pub fn records_where(&self, mut wanted: impl FnMut(&str, &str) -> bool) -> Vec<CopyRecord> {
+        let mut records = Vec::new();
+        for segment in self.segments.iter() {
+            let segment = segment.lock();
+            records.extend(
+                segment
+                    .records
+                    .iter()
+                    .filter(|(key, _)| {
+                        decode_record_key(key).is_some_and(|(counter, key)| wanted(counter, key))
+                    })
+                    .map(travelling),
+            );
+        }
+        records
+    }
+
     /// How long and how many keys are remembered.
     pub fn retention(&self) -> KeyRetention {
         self.retention

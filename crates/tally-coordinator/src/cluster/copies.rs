@@ -54,7 +54,11 @@ impl Cluster {
             (best.version, best.entries, best.records)
         });
         let count = entries.len();
-        match self.shards[node].restore(entries, records, budget).await {
+        let ring = self.settled_membership();
+        match self.shards[node]
+            .restore(entries, records, ring, budget)
+            .await
+        {
             Ok(()) if count == 0 => {
                 tracing::info!(node_id = id, "a node started empty; no copies to restore");
             }

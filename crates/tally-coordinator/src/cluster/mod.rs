@@ -8,6 +8,7 @@
 //! `drain`, `copies` (restores and replication rounds), and
 //! `handle` (the current cluster, swapped whole on a reload).
 
+mod align;
 mod copies;
 mod drain;
 mod handle;
@@ -58,6 +59,17 @@ pub struct Cluster {
     /// Held across the restore, so concurrent writes wait for one restore
     /// instead of each running their own.
     write_restores: Vec<tokio::sync::Mutex<Option<std::time::Instant>>>,
+    /// The membership as keyed increments carry it
+    /// (`tally_ring::Ring::keyed_stamp`).
+    keyed_stamp: u64,
+    /// Where this cluster's change of keyed membership stands (`align`).
+    alignment: Arc<align::Alignment>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.alignment.close();
+    }
 }
 
 impl Cluster {
@@ -133,7 +145,11 @@ impl Cluster {
                     .copied()
             })
             .collect();
+        let keyed_stamp = ring.keyed_stamp(config.stripes);
+        let alignment = Arc::new(align::Alignment::default());
         let cluster = Arc::new(Cluster {
+            keyed_stamp,
+            alignment: Arc::clone(&alignment),
             config,
             ring,
             shards,
@@ -143,6 +159,11 @@ impl Cluster {
             stand_ins,
             rounds: Default::default(),
         });
+        tokio::spawn(align::align_loop(
+            Arc::downgrade(&cluster),
+            alignment,
+            cluster.config.health_interval,
+        ));
         // Also without replicas: it restores nodes that started empty.
         tokio::spawn(crate::replication::replication_loop(
             Arc::downgrade(&cluster),
@@ -159,6 +180,12 @@ impl Cluster {
     /// The ring.
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// The membership as keyed increments carry it
+    /// (`tally_ring::Ring::keyed_stamp`).
+    pub fn keyed_stamp(&self) -> u64 {
+        self.keyed_stamp
     }
 
     /// The node clients, indexed like `ring().nodes()`.
@@ -233,6 +260,9 @@ impl Cluster {
     /// `increment` placed on `stripe`, for `target`.
     fn placed(&self, increment: Increment, stripe: u32, target: Target) -> StripeIncrement {
         let mut placed = StripeIncrement::new(increment, stripe);
+        if placed.key.is_some() {
+            placed.ring = self.keyed_stamp;
+        }
         self.stand_in_for(&mut placed, target);
         placed
     }

@@ -13,6 +13,10 @@ use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::model::{DrainState, Outcome, StripeIncrement};
 use crate::placement::Target;
 
+/// How many times one call waits for a membership change of keyed
+/// increments (`Cluster::realign`) before it fails `UNAVAILABLE`.
+const MEMBERSHIP_WAITS: usize = 3;
+
 thread_local! {
     /// Next stripe for increments without an idempotency key. Per thread, so
     /// spreading load does not itself contend on one shared counter.
@@ -57,10 +61,42 @@ impl Cluster {
         // Owners whose stand-in gave their keyed increments back: they are
         // back, though this coordinator may not have seen it yet.
         let mut back = std::collections::BTreeSet::new();
+        // Keyed increments a node gave back for want of this membership:
+        // sent again once this coordinator has moved keyed increments to
+        // it (`align`).
+        let mut wait_for_membership: Vec<(usize, StripeIncrement)> = Vec::new();
         let asked = std::time::Instant::now();
-        for round in 0..2 {
+        // A restore at most once per call, and a membership change at most
+        // `MEMBERSHIP_WAITS` times: a node that started empty may need
+        // both, in turn (restored, then opened to this membership), and
+        // two coordinators of one membership starting together may each
+        // seal the nodes the other just opened.
+        let (mut restored, mut realigned) = (false, 0);
+        for round in 0..2 + MEMBERSHIP_WAITS {
             for node in std::mem::take(&mut restore) {
+                restored = true;
                 with_deadline(deadline, self.restore_for_write(node, asked)).await?;
+            }
+            if !wait_for_membership.is_empty() {
+                realigned += 1;
+                let waiting = std::mem::take(&mut wait_for_membership);
+                match with_deadline(deadline, self.realign()).await? {
+                    Ok(()) => {
+                        for (node, increment) in waiting {
+                            by_node.entry(node).or_default().push(increment);
+                        }
+                    }
+                    Err(why) => {
+                        for (node, _) in waiting {
+                            unavailable.push((
+                                self.shards[node].node_id().to_string(),
+                                ShardCallError::Failed(format!(
+                                    "keyed increments wait for a membership change: {why}"
+                                )),
+                            ));
+                        }
+                    }
+                }
             }
             for owner in std::mem::take(&mut back) {
                 with_deadline(deadline, self.wait_until_seen_up(owner)).await?;
@@ -98,7 +134,7 @@ impl Cluster {
                                 )),
                                 Outcome::Applied => {}
                                 Outcome::Duplicate => deduplicated += 1,
-                                Outcome::AwaitsRestore(increment) if round == 0 => {
+                                Outcome::AwaitsRestore(increment) if !restored => {
                                     restore.insert(node);
                                     by_node.entry(node).or_default().push(increment);
                                 }
@@ -121,6 +157,28 @@ impl Cluster {
                                     back.insert(owner);
                                     by_node.entry(owner).or_default().push(increment);
                                 }
+                                Outcome::RingRefused {
+                                    increment,
+                                    ring,
+                                    sealed,
+                                } if realigned < MEMBERSHIP_WAITS => {
+                                    if let Some(why) = self.other_membership(ring, sealed) {
+                                        unavailable.push((
+                                            self.shards[node].node_id().to_string(),
+                                            ShardCallError::Failed(why),
+                                        ));
+                                    } else {
+                                        wait_for_membership.push((node, increment));
+                                    }
+                                }
+                                Outcome::RingRefused { ring, sealed, .. } => unavailable.push((
+                                    self.shards[node].node_id().to_string(),
+                                    ShardCallError::Failed(
+                                        self.other_membership(ring, sealed).unwrap_or_else(|| {
+                                            "a membership change is under way; retry".into()
+                                        }),
+                                    ),
+                                )),
                                 Outcome::OwnerBack(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
                                     ShardCallError::Failed(
@@ -163,7 +221,7 @@ impl Cluster {
                     settle(node, result);
                 }
             }
-            if by_node.is_empty() {
+            if by_node.is_empty() && wait_for_membership.is_empty() {
                 break;
             }
         }
@@ -177,6 +235,33 @@ impl Cluster {
             Some(error) => Err(error),
             None => Ok(deduplicated),
         }
+    }
+
+    /// Why a node's keyed membership `ring` (`sealed`: a change to it
+    /// under way) is another coordinator's, not one this coordinator should
+    /// move to its own: it already moved keyed increments to its own
+    /// once, so another coordinator changed them since, to a membership
+    /// this one's config does not have. None: a node that knows none yet,
+    /// or one this coordinator has not moved yet (just started or
+    /// reloaded): this coordinator moves them.
+    fn other_membership(&self, ring: u64, sealed: bool) -> Option<String> {
+        if ring == 0 || ring == self.keyed_stamp || !self.aligned() {
+            return None;
+        }
+        Some(if sealed {
+            format!(
+                "keyed increments are moving to another membership ({ring:016x}) than this \
+                 coordinator's ({:016x}); retry, and reload this coordinator if it persists",
+                self.keyed_stamp
+            )
+        } else {
+            format!(
+                "the shard nodes take keyed increments of another membership ({ring:016x}) than \
+                 this coordinator's ({:016x}): another coordinator changed it; reload this one \
+                 with the same membership (SIGHUP)",
+                self.keyed_stamp
+            )
+        })
     }
 
     /// Node `node`'s share of a call. Only a keyed increment (which stays
@@ -261,6 +346,7 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
         | Outcome::Redirect(_)
         | Outcome::AwaitsRestore(_)
         | Outcome::OwnerBack(_)
+        | Outcome::RingRefused { .. }
         | Outcome::Unavailable(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
             counter: increment.counter.into_string(),

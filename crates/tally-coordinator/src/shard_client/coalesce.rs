@@ -104,6 +104,18 @@ impl Members {
                         delta,
                         ..increment.clone()
                     }),
+                    Outcome::RingRefused {
+                        increment,
+                        ring,
+                        sealed,
+                    } => Outcome::RingRefused {
+                        increment: StripeIncrement {
+                            delta,
+                            ..increment.clone()
+                        },
+                        ring: *ring,
+                        sealed: *sealed,
+                    },
                     Outcome::Redirect(increment) => Outcome::Redirect(StripeIncrement {
                         delta,
                         ..increment.clone()
@@ -140,8 +152,7 @@ mod tests {
             stripe,
             delta,
             idempotency_key: key.into(),
-            on_behalf_of: String::new(),
-            takeover_max_copy_age_ms: 0,
+            ..Default::default()
         })
         .unwrap()
     }

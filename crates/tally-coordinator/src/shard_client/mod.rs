@@ -300,20 +300,48 @@ impl ShardClient {
 
     /// Adds its earlier entries, and the idempotency records that came
     /// with them, to a node that started empty.
+    ///
+    /// `ring` (nonzero): the membership to open the node's keyed
+    /// increments to, if it knows none.
     pub async fn restore(
         &self,
         entries: Vec<pb::EntryValue>,
         records: Vec<pb::KeyRecord>,
+        ring: u64,
         budget: Duration,
     ) -> Result<(), ShardCallError> {
         let request = pb::RestoreRequest {
             node_id: self.node_id.to_string(),
             entries,
             records,
+            ring,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.restore(timed(request, budget))).await?;
         Ok(())
+    }
+
+    /// A membership change on this node: seals it for membership `ring`
+    /// (`seal`: the membership; answers the records it hands on), or opens
+    /// it with the records handed on for its keys.
+    pub async fn realign(
+        &self,
+        ring: u64,
+        seal: Option<pb::RingSpec>,
+        records: Vec<pb::KeyRecord>,
+        budget: Duration,
+    ) -> Result<Vec<pb::KeyRecord>, ShardCallError> {
+        let request = pb::RealignRequest {
+            node_id: self.node_id.to_string(),
+            ring,
+            open: seal.is_none(),
+            seal,
+            records,
+        };
+        let mut grpc = self.grpc.clone();
+        let answer: pb::RealignResponse =
+            call(budget, grpc.realign(timed(request, budget))).await?;
+        Ok(answer.records)
     }
 
     /// Stores a change set of `origin`'s entries on this node, as a replica

@@ -3,6 +3,7 @@
 mod copies;
 mod drain;
 mod read;
+mod ring;
 mod takeover;
 mod write;
 
@@ -360,6 +361,16 @@ impl pb::shard_server::Shard for ShardService {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let request = request.into_inner();
         self.to_the_end(move |service| async move { service.reconcile_to_the_end(request).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn realign(
+        &self,
+        request: Request<pb::RealignRequest>,
+    ) -> Result<Response<pb::RealignResponse>, Status> {
+        let request = request.into_inner();
+        self.to_the_end(move |service| async move { service.realign_to_the_end(request).await })
             .await
             .map(Response::new)
     }

@@ -91,6 +91,8 @@ impl ShardService {
         let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
         Ok(pb::ShardStatusResponse {
             standing_in_for: meta.standing_in_for.keys().cloned().collect(),
+            keyed_ring: meta.keyed_ring.stamp,
+            keyed_ring_sealed: meta.keyed_ring.sealed,
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
             entries: if brief {

@@ -8,6 +8,7 @@ use tally_proto::pb::apply_result::Outcome;
 
 use super::{check_counter_name, check_stripe, ShardService};
 use crate::change::{Change, StandInStep};
+use crate::meta::KeyedRing;
 use crate::refusal::Refusal;
 use crate::store::{ApplyOutcome, StripeIncrement};
 
@@ -117,6 +118,11 @@ impl ShardService {
                     Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
                     Decided::Unavailable(why) => Outcome::Unavailable(why),
                     Decided::OwnerBack => Outcome::OwnerBack(Box::new(increment)),
+                    Decided::RingRefused(ring) => Outcome::RingRefused(Box::new(pb::RingRefused {
+                        increment: Some(increment),
+                        ring: ring.stamp,
+                        sealed: ring.sealed,
+                    })),
                 })
             })
             .collect();
@@ -140,11 +146,14 @@ impl ShardService {
     /// `None` when no increment needs it (no key, or neither a restore nor
     /// a stand-in in play): the usual call pays no more than this look.
     fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Option<Vec<Option<Decided>>> {
-        let restoring = self.restoring();
+        let (restoring, ring) = {
+            let meta = self.state.meta.lock();
+            (meta.awaiting_restore, meta.keyed_ring)
+        };
         let in_play = |increment: &pb::ShardIncrement| {
             !increment.idempotency_key.is_empty()
                 && increment.delta != 0
-                && (restoring || !increment.on_behalf_of.is_empty())
+                && (restoring || !increment.on_behalf_of.is_empty() || !ring.takes(increment.ring))
         };
         if !increments.iter().any(in_play) {
             return None;
@@ -157,6 +166,11 @@ impl ShardService {
                 }
                 if restoring {
                     return Some(Decided::AwaitsRestore);
+                }
+                if !ring.takes(increment.ring) {
+                    // Sent for another membership than this node's: its
+                    // key's record may be on another node (`ring`).
+                    return Some(Decided::RingRefused(ring));
                 }
                 let origin = &increment.on_behalf_of;
                 if origin.is_empty() || self.is_retired(origin) {
@@ -237,7 +251,7 @@ impl ShardService {
     /// logged (its start is its id) before anything is applied for it. From then the copy is frozen (pushes are
     /// refused) and reads count it as that node's part.
     async fn begin_takeovers(&self, increments: &[pb::ShardIncrement]) -> Result<(), Refusal> {
-        let mut origins: Vec<(&str, u64)> = increments
+        let mut origins: Vec<(&str, u64, u64)> = increments
             .iter()
             .filter(|increment| {
                 increment.takeover_max_copy_age_ms > 0 && !increment.idempotency_key.is_empty()
@@ -246,6 +260,7 @@ impl ShardService {
                 (
                     increment.on_behalf_of.as_str(),
                     increment.takeover_max_copy_age_ms,
+                    increment.ring,
                 )
             })
             .collect();
@@ -253,8 +268,8 @@ impl ShardService {
             return Ok(());
         }
         origins.sort_unstable();
-        origins.dedup_by_key(|(origin, _)| *origin);
-        for (origin, max_age_ms) in origins {
+        origins.dedup_by_key(|(origin, _, _)| *origin);
+        for (origin, max_age_ms, ring) in origins {
             if self.is_retired(origin)
                 || !self.state.replicas.has_copy(origin)
                 || self.state.meta.lock().standing_in_for.contains_key(origin)
@@ -266,7 +281,7 @@ impl ShardService {
             // `to_the_end`).
             let service = self.clone();
             let origin = origin.to_string();
-            tokio::spawn(async move { service.begin_takeover(&origin, max_age_ms).await })
+            tokio::spawn(async move { service.begin_takeover(&origin, max_age_ms, ring).await })
                 .await
                 .map_err(Refusal::from)??;
         }
@@ -275,7 +290,12 @@ impl ShardService {
 }
 
 impl ShardService {
-    async fn begin_takeover(&self, origin: &str, max_age_ms: u64) -> Result<(), Refusal> {
+    async fn begin_takeover(
+        &self,
+        origin: &str,
+        max_age_ms: u64,
+        ring: u64,
+    ) -> Result<(), Refusal> {
         // One replica change at a time: the copy is frozen at a version,
         // never mid-push.
         let _replica_writes = self.replica_writes.lock().await;
@@ -293,6 +313,11 @@ impl ShardService {
         // takeover's fence together (nothing is applied for the node before
         // the start, and a read that saw no takeover saw none of it).
         let _paused = self.own_writes.write().await;
+        if !self.state.meta.lock().keyed_ring.takes(ring) {
+            // Sealed for a membership change, or sent for another
+            // membership: the increments are given back, none is taken.
+            return Ok(());
+        }
         // Its id: greater than every earlier takeover's, and every record
         // applied from here on is dated at or after it, whatever the wall
         // clock did across restarts. The records it lists are those.
@@ -322,6 +347,9 @@ enum Decided {
     Unavailable(String),
     /// Not applied: a takeover this node closed (its owner is back).
     OwnerBack,
+    /// Not applied: sent for a membership this node's keyed increments are
+    /// not open to (this one's).
+    RingRefused(KeyedRing),
 }
 
 /// One increment's result, for the Apply answer.

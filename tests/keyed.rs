@@ -24,7 +24,11 @@
 //! 7. a second coordinator started, the writers split between the two
 //!    (each retry goes to the other), and shard-3 SIGKILLed, left down 5 s
 //!    and started again: two coordinators that each find the failure on
-//!    their own, take its keyed increments over and reconcile it.
+//!    their own, take its keyed increments over and reconcile it;
+//! 8. shard-1 SIGKILLed once its last changes reached its replica, its
+//!    keyed increments taken over, and started again with an empty data
+//!    directory while the takeover is open: restored from the stand-in's
+//!    frozen copy, then reconciled.
 //!
 //! Each phase prints the share of keyed calls that succeeded, counting
 //! calls that began outside the detection window after a failure
@@ -460,6 +464,39 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     kill_for(&runtime, &mut cluster, &mut phases, 2, 5_000);
     run(1_000);
 
+    begin(
+        &mut phases,
+        "shard-1 killed, taken over, back with an empty data directory",
+    );
+    runtime.block_on(shared.pause());
+    runtime.block_on(support::wait_for_process_replicas(&cluster));
+    let address = cluster.shards[0]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGKILL);
+    phases.last_mut().unwrap().failure = Some(Instant::now());
+    shared.resume();
+    runtime.block_on(support::wait_until(
+        "a node to stand in for shard-1",
+        support::PATIENCE,
+        || async {
+            let statuses = support::process_statuses(&cluster).await;
+            if statuses
+                .iter()
+                .any(|status| status.standing_in_for.iter().any(|node| node == "shard-1"))
+            {
+                Ok(())
+            } else {
+                Err(())
+            }
+        },
+    ));
+    run(2_000);
+    std::fs::remove_dir_all(dir.join("data/shard-1")).unwrap();
+    cluster.restart_shard(0, address);
+    support::wait_for_shown_health(&runtime, &cluster, "shard-1", "up");
+    run(1_000);
+
     let ended = Instant::now();
     shared.stop.store(true, Ordering::SeqCst);
     let mut ledger = Ledger::default();
@@ -492,7 +529,7 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     // every call outside the detection window succeeds (a hung one's wait
     // out the calls already sent to it, and the drain's and the
     // coordinator's restart the calls in flight at that moment).
-    for phase in [1, 7] {
+    for phase in [1, 7, 8] {
         assert!(
             availability[phase] >= 99.0,
             "keyed availability with a shard killed (phase {phase}): {:.1}%",

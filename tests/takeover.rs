@@ -88,17 +88,20 @@ fn membership(members: &[&str]) -> (pb::RingSpec, u64) {
     (spec, ring.keyed_stamp(STRIPES))
 }
 
-/// Seals `node_id` for `spec`: the records it hands on.
+/// Seals `node_id` for `spec` (change number `epoch`): the records it
+/// hands on.
 async fn seal(
     client: &mut ShardClient<Channel>,
     node_id: &str,
     spec: &pb::RingSpec,
     stamp: u64,
+    epoch: u64,
 ) -> Result<Vec<pb::KeyRecord>, tonic::Status> {
     client
         .realign(pb::RealignRequest {
             node_id: node_id.into(),
             ring: stamp,
+            epoch,
             seal: Some(spec.clone()),
             ..Default::default()
         })
@@ -106,17 +109,19 @@ async fn seal(
         .map(|answer| answer.into_inner().records)
 }
 
-/// Opens `node_id` to membership `stamp` with `records`.
+/// Opens `node_id` to membership `stamp` (change `epoch`) with `records`.
 async fn open(
     client: &mut ShardClient<Channel>,
     node_id: &str,
     stamp: u64,
+    epoch: u64,
     records: Vec<pb::KeyRecord>,
 ) -> Result<(), tonic::Status> {
     client
         .realign(pb::RealignRequest {
             node_id: node_id.into(),
             ring: stamp,
+            epoch,
             open: true,
             records,
             ..Default::default()
@@ -133,11 +138,13 @@ fn both() -> (pb::RingSpec, u64) {
 /// Opens both nodes to [`both`], as a coordinator does at its start.
 async fn open_both(origin: &mut ShardClient<Channel>, stand_in: &mut ShardClient<Channel>) {
     let (spec, stamp) = both();
-    let mut handed = seal(origin, ORIGIN, &spec, stamp).await.unwrap();
-    handed.extend(seal(stand_in, STAND_IN, &spec, stamp).await.unwrap());
+    let mut handed = seal(origin, ORIGIN, &spec, stamp, 1).await.unwrap();
+    handed.extend(seal(stand_in, STAND_IN, &spec, stamp, 1).await.unwrap());
     assert!(handed.is_empty(), "{handed:?}");
-    open(origin, ORIGIN, stamp, Vec::new()).await.unwrap();
-    open(stand_in, STAND_IN, stamp, Vec::new()).await.unwrap();
+    open(origin, ORIGIN, stamp, 1, Vec::new()).await.unwrap();
+    open(stand_in, STAND_IN, stamp, 1, Vec::new())
+        .await
+        .unwrap();
 }
 
 fn increment(key: &str, delta: i64, on_behalf_of: &str) -> pb::ShardIncrement {
@@ -483,24 +490,31 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
     let new_node = shard(dir.path(), STAND_IN, "127.0.0.1:0");
     let mut old = client(&old_node).await;
     let mut new = client(&new_node).await;
+    let is_applied = |kind: &&str| *kind == "applied";
+    let is_duplicate = |kind: &&str| *kind == "duplicate";
+
+    // A node awaiting the restore of its records cannot hand them on.
+    let (alone, alone_stamp) = membership(&[ORIGIN]);
+    let restoring = seal(&mut old, ORIGIN, &alone, alone_stamp, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(restoring.code(), tonic::Code::Unavailable, "{restoring:?}");
     restore_new(&mut old, ORIGIN).await;
     restore_new(&mut new, STAND_IN).await;
 
     // One node; it takes every key.
-    let (alone, alone_stamp) = membership(&[ORIGIN]);
-    assert!(seal(&mut old, ORIGIN, &alone, alone_stamp)
+    let handed = seal(&mut old, ORIGIN, &alone, alone_stamp, 1)
         .await
-        .unwrap()
-        .is_empty());
-    open(&mut old, ORIGIN, alone_stamp, Vec::new())
+        .unwrap();
+    assert!(handed.is_empty());
+    open(&mut old, ORIGIN, alone_stamp, 1, Vec::new())
         .await
         .unwrap();
     let keys: Vec<String> = (0..64).map(|key| format!("key-{key}")).collect();
-    let first: Vec<pb::ShardIncrement> =
-        keys.iter().map(|key| keyed(key, 3, alone_stamp)).collect();
+    let first = keys.iter().map(|key| keyed(key, 3, alone_stamp)).collect();
     assert!(kinds(&apply(&mut old, ORIGIN, first).await)
         .iter()
-        .all(|kind| *kind == "applied"));
+        .all(is_applied));
 
     // The second node joins: the keys it owns in the new membership.
     let (grown, grown_stamp) = membership(&[ORIGIN, STAND_IN]);
@@ -530,40 +544,47 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
         ["other membership"]
     );
     // Opening before sealing is refused.
-    let unsealed = open(&mut old, ORIGIN, grown_stamp, Vec::new())
+    let unsealed = open(&mut old, ORIGIN, grown_stamp, 2, Vec::new())
         .await
         .unwrap_err();
-    assert_eq!(
-        unsealed.code(),
-        tonic::Code::InvalidArgument,
-        "{unsealed:?}"
-    );
+    assert_eq!(unsealed.code(), tonic::Code::Unavailable, "{unsealed:?}");
     // A seal whose membership does not make its stamp is refused.
-    let forged = seal(&mut old, ORIGIN, &grown, alone_stamp)
+    let forged = seal(&mut old, ORIGIN, &grown, alone_stamp, 2)
         .await
         .unwrap_err();
     assert_eq!(forged.code(), tonic::Code::InvalidArgument, "{forged:?}");
+    // A change numbered below the node's, or of another membership at its
+    // number, is superseded: refused.
+    let (other, other_stamp) = membership(&[ORIGIN, "shard-9"]);
+    for (spec, stamp, epoch) in [(&grown, grown_stamp, 0), (&other, other_stamp, 1)] {
+        let stale = seal(&mut old, ORIGIN, spec, stamp, epoch)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                stale.code(),
+                tonic::Code::Unavailable | tonic::Code::InvalidArgument
+            ),
+            "{stale:?}"
+        );
+    }
 
     // Sealed: the old node hands on exactly the keys the new one owns,
     // and takes no keyed increment of either membership any more (a first
     // attempt of the old membership arriving late).
-    let handed = seal(&mut old, ORIGIN, &grown, grown_stamp).await.unwrap();
+    let handed = seal(&mut old, ORIGIN, &grown, grown_stamp, 2)
+        .await
+        .unwrap();
     let mut handed_keys: Vec<&str> = handed.iter().map(|record| record.key.as_str()).collect();
     handed_keys.sort_unstable();
     assert_eq!(handed_keys, moving);
-    assert!(seal(&mut new, STAND_IN, &grown, grown_stamp)
+    let from_new = seal(&mut new, STAND_IN, &grown, grown_stamp, 2)
         .await
-        .unwrap()
-        .is_empty());
+        .unwrap();
+    assert!(from_new.is_empty());
+    let late = vec![keyed("late", 1, alone_stamp), keyed("late", 1, grown_stamp)];
     assert_eq!(
-        kinds(
-            &apply(
-                &mut old,
-                ORIGIN,
-                vec![keyed("late", 1, alone_stamp), keyed("late", 1, grown_stamp)]
-            )
-            .await
-        ),
+        kinds(&apply(&mut old, ORIGIN, late).await),
         ["sealed", "sealed"]
     );
     // Un-keyed increments go on.
@@ -577,35 +598,60 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
         ["applied"]
     );
 
-    // Opened: a retry of every moved key is a duplicate on its new owner;
-    // the old one takes keys of the new membership only.
-    open(&mut new, STAND_IN, grown_stamp, handed).await.unwrap();
-    open(&mut old, ORIGIN, grown_stamp, Vec::new())
+    // Another change (another coordinator's, to another membership, with a
+    // higher number) seals the new node first: this change can no longer
+    // open it, and the node stays sealed.
+    let (rival, rival_stamp) = membership(&[ORIGIN, STAND_IN, "shard-9"]);
+    seal(&mut new, STAND_IN, &rival, rival_stamp, 3)
         .await
         .unwrap();
+    let superseded = open(&mut new, STAND_IN, grown_stamp, 2, handed.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        superseded.code(),
+        tonic::Code::Unavailable,
+        "{superseded:?}"
+    );
+    assert_eq!(
+        kinds(&apply(&mut new, STAND_IN, vec![keyed(moving[0], 3, grown_stamp)]).await),
+        ["sealed"]
+    );
+    // The first change, again with a number above every node's, finishes.
+    let again = seal(&mut old, ORIGIN, &grown, grown_stamp, 4)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), handed.len());
+    let from_new = seal(&mut new, STAND_IN, &grown, grown_stamp, 4)
+        .await
+        .unwrap();
+    assert!(from_new.is_empty());
+    open(&mut new, STAND_IN, grown_stamp, 4, handed)
+        .await
+        .unwrap();
+    open(&mut old, ORIGIN, grown_stamp, 4, Vec::new())
+        .await
+        .unwrap();
+
+    // Opened: a retry of every moved key is a duplicate on its new owner;
+    // the old one takes keys of the new membership only.
     let retries = moving
         .iter()
         .map(|key| keyed(key, 3, grown_stamp))
         .collect();
     assert!(kinds(&apply(&mut new, STAND_IN, retries).await)
         .iter()
-        .all(|kind| *kind == "duplicate"));
+        .all(is_duplicate));
     let staying = keys
         .iter()
         .find(|key| !moving.contains(&key.as_str()))
         .unwrap();
+    let both_memberships = vec![
+        keyed(staying, 3, grown_stamp),
+        keyed(staying, 3, alone_stamp),
+    ];
     assert_eq!(
-        kinds(
-            &apply(
-                &mut old,
-                ORIGIN,
-                vec![
-                    keyed(staying, 3, grown_stamp),
-                    keyed(staying, 3, alone_stamp)
-                ]
-            )
-            .await
-        ),
+        kinds(&apply(&mut old, ORIGIN, both_memberships).await),
         ["duplicate", "other membership"]
     );
 
@@ -614,18 +660,12 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
     old_node.stop_with(Signal::SIGKILL);
     old_node = shard(dir.path(), ORIGIN, &address.to_string());
     let mut old = client(&old_node).await;
+    let after = vec![
+        keyed(moving[0], 3, alone_stamp),
+        keyed(staying, 3, grown_stamp),
+    ];
     assert_eq!(
-        kinds(
-            &apply(
-                &mut old,
-                ORIGIN,
-                vec![
-                    keyed(moving[0], 3, alone_stamp),
-                    keyed(staying, 3, grown_stamp)
-                ]
-            )
-            .await
-        ),
+        kinds(&apply(&mut old, ORIGIN, after).await),
         ["other membership", "duplicate"]
     );
     // Nothing counted twice: 64 keys of 3, and the un-keyed 100.

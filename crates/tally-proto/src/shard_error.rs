@@ -23,7 +23,9 @@ impl Reason {
             | Reason::DrainConflict
             | Reason::CopyMissing
             | Reason::StandingIn => tonic::Code::FailedPrecondition,
-            Reason::Draining | Reason::Storage => tonic::Code::Unavailable,
+            Reason::Draining | Reason::Storage | Reason::MembershipChange => {
+                tonic::Code::Unavailable
+            }
             Reason::Overflow => tonic::Code::OutOfRange,
             Reason::InvalidRequest => tonic::Code::InvalidArgument,
             Reason::Unspecified | Reason::Internal => tonic::Code::Internal,

@@ -14,7 +14,7 @@
 //!               | entries (absolute values) [| records]
 //! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close)
 //!               | 2 (end) copy_version: varint
-//! KeyedRing   = stamp: varint | sealed: u8
+//! KeyedRing   = stamp: varint | sealed: u8 | epoch: varint
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
 //! Created     = directory_id: varint
@@ -284,6 +284,7 @@ impl Change {
             Change::KeyedRing(ring) => {
                 codec::put_varint(buffer, ring.stamp);
                 buffer.push(u8::from(ring.sealed));
+                codec::put_varint(buffer, ring.epoch);
             }
             Change::StandIn { origin, step } => {
                 codec::put_bytes(buffer, origin.as_bytes());
@@ -380,6 +381,7 @@ impl Change {
                     1 => true,
                     _ => return Err(Malformed { what: "sealed" }),
                 },
+                epoch: reader.varint("keyed ring epoch")?,
             }),
             FrameKind::StandIn => Change::StandIn {
                 origin: node_id(&mut reader)?,
@@ -590,10 +592,12 @@ mod tests {
             Change::KeyedRing(KeyedRing {
                 stamp: u64::MAX,
                 sealed: true,
+                epoch: u64::MAX,
             }),
             Change::KeyedRing(KeyedRing {
                 stamp: 1,
                 sealed: false,
+                epoch: 2,
             }),
         ];
         for change in changes {

@@ -157,6 +157,10 @@ pub struct KeyedRing {
     /// A change to `stamp` is under way: this node takes no keyed
     /// increment until it is opened to it.
     pub sealed: bool,
+    /// The number of the change that set it: a seal below it is refused,
+    /// an open only of it is taken (`service::ring`).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl KeyedRing {
@@ -306,6 +310,7 @@ mod tests {
             keyed_ring: KeyedRing {
                 stamp: u64::MAX,
                 sealed: true,
+                epoch: 3,
             },
         };
         let text = serde_json::to_string(&meta).unwrap();

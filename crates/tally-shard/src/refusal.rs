@@ -59,16 +59,13 @@ pub enum Refusal {
         /// The copy's origin.
         origin: String,
     },
-    /// A membership change asked of a node standing in for another.
-    #[error(
-        "node {node} stands in for {origin}: a membership change waits until {origin} has \
-         reconciled"
-    )]
-    TakeoverOpen {
+    /// A change of the membership keyed increments follow is in the way.
+    #[error("node {node}: {message}")]
+    MembershipChange {
         /// This node.
         node: String,
-        /// The node it stands in for.
-        origin: String,
+        /// What is in the way.
+        message: String,
     },
     /// A malformed request.
     #[error("{0}")]
@@ -91,7 +88,8 @@ impl Refusal {
             Refusal::CopyMissing(_) => Reason::CopyMissing,
             Refusal::Storage { .. } => Reason::Storage,
             Refusal::Overflow(_) => Reason::Overflow,
-            Refusal::StandingIn { .. } | Refusal::TakeoverOpen { .. } => Reason::StandingIn,
+            Refusal::StandingIn { .. } => Reason::StandingIn,
+            Refusal::MembershipChange { .. } => Reason::MembershipChange,
             Refusal::InvalidRequest(_) => Reason::InvalidRequest,
             Refusal::Internal(_) => Reason::Internal,
         }

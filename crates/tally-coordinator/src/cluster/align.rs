@@ -43,8 +43,10 @@ pub(super) struct Alignment {
     kick: tokio::sync::Notify,
     /// Why the last attempt could not finish, if it could not.
     blocked: parking_lot::Mutex<Option<String>>,
-    /// A change is under way: nodes are being sealed or opened.
-    moving: std::sync::atomic::AtomicBool,
+    /// The cluster was replaced by a reload: it changes nothing any more
+    /// (calls still in flight on it must not start a change of their
+    /// own against the new cluster's).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Alignment {
@@ -53,15 +55,21 @@ impl Default for Alignment {
             done: tokio::sync::watch::Sender::new((0, 0)),
             kick: tokio::sync::Notify::new(),
             blocked: parking_lot::Mutex::new(None),
-            moving: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
 
 impl Alignment {
-    /// Lets the loop of a dropped cluster end.
+    /// Lets the loop of a dropped or replaced cluster end.
     pub(super) fn close(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.kick.notify_one();
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -73,6 +81,9 @@ pub(super) async fn align_loop(cluster: Weak<Cluster>, alignment: Arc<Alignment>
         let Some(strong) = cluster.upgrade() else {
             return;
         };
+        if alignment.is_retired() {
+            return;
+        }
         match strong.align().await {
             Ok(moved) => {
                 *alignment.blocked.lock() = None;
@@ -140,27 +151,15 @@ impl Cluster {
         self.alignment.done.borrow().0 > 0
     }
 
-    /// The membership every node was open to when this cluster last
-    /// checked, if no change is under way now: a node restored from its
-    /// replicas opens to it (0: none, it waits for a change to open it).
-    pub(super) fn settled_membership(&self) -> u64 {
-        let moving = self
-            .alignment
-            .moving
-            .load(std::sync::atomic::Ordering::SeqCst);
-        if self.aligned() && !moving {
-            self.keyed_stamp
-        } else {
-            0
-        }
-    }
-
     /// Asks for a check of every node's keyed membership and waits, up to
     /// `shard_timeout_ms`, for the next to finish: a node gave back a keyed
     /// increment for want of this membership. Err: why it could not.
     pub(super) async fn realign(&self) -> std::result::Result<(), String> {
         let mut done = self.alignment.done.subscribe();
         let (succeeded, failed) = *done.borrow_and_update();
+        if self.retired() {
+            return Err("this coordinator's membership was reloaded; retry".into());
+        }
         self.alignment.kick.notify_one();
         let finished = tokio::time::timeout(
             self.config.shard_timeout,
@@ -182,70 +181,191 @@ impl Cluster {
     /// records handed on, or None when every node that answered was open
     /// to this membership already.
     async fn align(&self) -> std::result::Result<Option<usize>, String> {
-        let budget = self.config.shard_timeout;
         let stamp = self.keyed_stamp;
-        let statuses = join_all(
-            (0..self.shards.len())
-                .map(|node| self.shards[node].brief_status(self.budget_for(node, budget))),
-        )
-        .await;
+        let statuses = self.statuses().await;
         let open = |status: &pb::ShardStatusResponse| {
             status.keyed_ring == stamp && !status.keyed_ring_sealed
         };
         if statuses.iter().flatten().all(open) {
             return Ok(None);
         }
+        let mut statuses_now = self.every_status(statuses)?;
+        // A node that started empty gets its records back first (the
+        // replication loop would within a round): its seal must hand on
+        // what it held.
+        let restoring: Vec<usize> = (0..statuses_now.len())
+            .filter(|&node| statuses_now[node].restoring)
+            .collect();
+        if !restoring.is_empty() {
+            let asked = std::time::Instant::now();
+            for node in restoring {
+                self.restore_for_write(node, asked).await;
+            }
+            statuses_now = self.every_status(self.statuses().await)?;
+        }
         let name = |node: usize| self.shards[node].node_id();
+        if let Some(why) = self.change_blocked_by(&statuses_now) {
+            return Err(why);
+        }
         // Where each node's keyed increments go: itself, or once drained,
         // its adopter (which checks them against its own records).
-        let mut holders = Vec::with_capacity(statuses.len());
-        for (node, status) in statuses.iter().enumerate() {
-            let status = status
-                .as_ref()
-                .map_err(|error| format!("node {} does not answer ({error})", name(node)))?;
-            holders.push(match status.drain_state() {
+        let holders = statuses_now
+            .iter()
+            .enumerate()
+            .map(|(node, status)| match status.drain_state() {
                 DrainState::Drained => self
                     .shards
                     .iter()
                     .position(|shard| shard.node_id() == status.drain_adopter)
-                    .unwrap_or(node),
-                _ => node,
-            });
-            if let Some(origin) = status.standing_in_for.first() {
-                return Err(format!(
-                    "node {} stands in for {origin} until it has reconciled",
-                    name(node)
-                ));
+                    .ok_or_else(|| {
+                        format!(
+                            "node {} is drained, and its adopter {:?} is not in the membership",
+                            name(node),
+                            status.drain_adopter
+                        )
+                    }),
+                _ => Ok(node),
+            })
+            .collect::<std::result::Result<Vec<usize>, String>>()?;
+        let epoch = change_number(&statuses_now, stamp);
+        self.seal_and_open(epoch, &holders).await.map(Some)
+    }
+
+    /// Why keyed increments could not move from this cluster's membership
+    /// to `config`'s now, as this coordinator's probes see the nodes that
+    /// stay (a reload is refused for it rather than leave every keyed
+    /// increment waiting for the node).
+    pub(super) fn keys_cannot_move(
+        &self,
+        config: &crate::config::CoordinatorConfig,
+    ) -> Option<String> {
+        (0..self.shards.len()).find_map(|node| {
+            let name = self.shards[node].node_id();
+            // A drained node leaving is not asked: its records are with its
+            // adopter.
+            config.node(name)?;
+            if !self.health.is_up(node) {
+                Some(format!("node {name} is down"))
+            } else if let Some(origin) = self.health.standing_in_for(node).first() {
+                Some(format!("node {name} stands in for {origin}"))
+            } else if matches!(
+                self.health.drain(node),
+                DrainState::Draining | DrainState::HandedOver
+            ) {
+                Some(format!("node {name} is being drained"))
+            } else if self.health.is_restoring(node) {
+                Some(format!("node {name} awaits its restore"))
+            } else {
+                None
             }
-            if matches!(
+        })
+    }
+
+    /// This cluster was replaced by a reload: it starts no change of keyed
+    /// membership any more.
+    pub(super) fn retire(&self) {
+        self.alignment.close();
+    }
+
+    /// Whether a reload replaced this cluster.
+    pub(super) fn retired(&self) -> bool {
+        self.alignment.is_retired()
+    }
+
+    /// The membership and change number every node but `node` is open to,
+    /// if this coordinator's and one change's; (0, 0) otherwise: a node
+    /// restored from its replicas opens to it (see the shard's Restore).
+    pub(super) async fn membership_of_the_others(&self, node: usize) -> (u64, u64) {
+        let mut epochs = self
+            .statuses()
+            .await
+            .into_iter()
+            .enumerate()
+            .filter(|(other, _)| *other != node)
+            .map(|(_, status)| match status {
+                Ok(status)
+                    if status.keyed_ring == self.keyed_stamp && !status.keyed_ring_sealed =>
+                {
+                    Some(status.keyed_ring_epoch)
+                }
+                _ => None,
+            });
+        match epochs.next().flatten() {
+            Some(epoch) if epochs.all(|other| other == Some(epoch)) => (self.keyed_stamp, epoch),
+            _ => (0, 0),
+        }
+    }
+
+    /// Every node's brief status.
+    async fn statuses(
+        &self,
+    ) -> Vec<std::result::Result<pb::ShardStatusResponse, crate::error::ShardCallError>> {
+        let budget = self.config.shard_timeout;
+        join_all(
+            (0..self.shards.len())
+                .map(|node| self.shards[node].brief_status(self.budget_for(node, budget))),
+        )
+        .await
+    }
+
+    /// Every node's status, or which node did not answer.
+    fn every_status(
+        &self,
+        statuses: Vec<std::result::Result<pb::ShardStatusResponse, crate::error::ShardCallError>>,
+    ) -> std::result::Result<Vec<pb::ShardStatusResponse>, String> {
+        statuses
+            .into_iter()
+            .enumerate()
+            .map(|(node, status)| {
+                status.map_err(|error| {
+                    format!(
+                        "node {} does not answer ({error})",
+                        self.shards[node].node_id()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Why no change of keyed membership can run now, from the nodes'
+    /// statuses (each node checks again as it is sealed): a node standing
+    /// in for another (its takeover must be reconciled first), being
+    /// drained, or awaiting its restore.
+    pub(super) fn change_blocked_by(&self, statuses: &[pb::ShardStatusResponse]) -> Option<String> {
+        statuses.iter().enumerate().find_map(|(node, status)| {
+            let name = self.shards[node].node_id();
+            if let Some(origin) = status.standing_in_for.first() {
+                Some(format!(
+                    "node {name} stands in for {origin} until it has reconciled"
+                ))
+            } else if matches!(
                 status.drain_state(),
                 DrainState::Draining | DrainState::HandedOver
             ) {
-                return Err(format!("node {} is being drained", name(node)));
+                Some(format!("node {name} is being drained"))
+            } else if status.restoring {
+                Some(format!("node {name} awaits its restore"))
+            } else {
+                None
             }
-        }
-        self.alignment
-            .moving
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let moved = self.seal_and_open(&holders).await;
-        self.alignment
-            .moving
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        moved.map(Some)
+        })
     }
 
     /// Steps 2 and 3: the records handed on.
-    async fn seal_and_open(&self, holders: &[usize]) -> std::result::Result<usize, String> {
+    async fn seal_and_open(
+        &self,
+        epoch: u64,
+        holders: &[usize],
+    ) -> std::result::Result<usize, String> {
         let budget = self.config.shard_timeout;
         let stamp = self.keyed_stamp;
         let name = |node: usize| self.shards[node].node_id();
         // 2. Seal every node; gather what each hands on.
         let spec = self.ring_spec();
-        let sealed =
-            join_all((0..self.shards.len()).map(|node| {
-                self.shards[node].realign(stamp, Some(spec.clone()), Vec::new(), budget)
-            }))
-            .await;
+        let sealed = join_all((0..self.shards.len()).map(|node| {
+            self.shards[node].realign(stamp, epoch, Some(spec.clone()), Vec::new(), budget)
+        }))
+        .await;
         let mut handed_to: Vec<Vec<pb::KeyRecord>> = vec![Vec::new(); self.shards.len()];
         let mut moved = 0;
         for (node, records) in sealed.into_iter().enumerate() {
@@ -260,16 +380,67 @@ impl Cluster {
             }
         }
         // 3. Open every node, with the records for its keys.
-        let opened = join_all(
-            handed_to
-                .into_iter()
-                .enumerate()
-                .map(|(node, records)| self.shards[node].realign(stamp, None, records, budget)),
-        )
-        .await;
+        let opened =
+            join_all(handed_to.into_iter().enumerate().map(|(node, records)| {
+                self.shards[node].realign(stamp, epoch, None, records, budget)
+            }))
+            .await;
         for (node, result) in opened.into_iter().enumerate() {
             result.map_err(|error| format!("opening node {} failed ({error})", name(node)))?;
         }
         Ok(moved)
+    }
+}
+
+/// The number of a change to membership `stamp`, from every node's status:
+/// the highest number any node has seen, joined, if every node at it is at
+/// this membership (another coordinator of the same membership is making
+/// this very change, or it was interrupted: both finish it, neither
+/// supersedes the other); otherwise one above it, which supersedes a change
+/// to another membership wherever it seals.
+fn change_number(statuses: &[pb::ShardStatusResponse], stamp: u64) -> u64 {
+    let highest = statuses
+        .iter()
+        .map(|status| status.keyed_ring_epoch)
+        .max()
+        .unwrap_or(0);
+    let joinable = highest > 0
+        && statuses
+            .iter()
+            .filter(|status| status.keyed_ring_epoch == highest)
+            .all(|status| status.keyed_ring == stamp);
+    if joinable {
+        highest
+    } else {
+        highest + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ring: u64, epoch: u64, sealed: bool) -> pb::ShardStatusResponse {
+        pb::ShardStatusResponse {
+            keyed_ring: ring,
+            keyed_ring_epoch: epoch,
+            keyed_ring_sealed: sealed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_change_joins_one_of_its_membership_and_supersedes_others() {
+        // Nodes that know none: the first change.
+        assert_eq!(change_number(&[at(0, 0, false), at(0, 0, false)], 7), 1);
+        // Another coordinator of the same membership is sealing: join it.
+        assert_eq!(change_number(&[at(7, 3, true), at(5, 2, false)], 7), 3);
+        // Opened to it already on some node, another lost its directory.
+        assert_eq!(change_number(&[at(7, 3, false), at(0, 0, false)], 7), 3);
+        // Another membership at the highest number: supersede it.
+        assert_eq!(change_number(&[at(9, 3, true), at(7, 2, false)], 7), 4);
+        // Both memberships at the highest number: supersede, never join
+        // (its seals would be refused where the other sealed first).
+        assert_eq!(change_number(&[at(7, 3, true), at(9, 3, true)], 7), 4);
     }
 }

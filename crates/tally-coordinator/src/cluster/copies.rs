@@ -54,9 +54,9 @@ impl Cluster {
             (best.version, best.entries, best.records)
         });
         let count = entries.len();
-        let ring = self.settled_membership();
+        let membership = self.membership_of_the_others(node).await;
         match self.shards[node]
-            .restore(entries, records, ring, budget)
+            .restore(entries, records, membership, budget)
             .await
         {
             Ok(()) if count == 0 => {

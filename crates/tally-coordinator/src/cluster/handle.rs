@@ -37,6 +37,14 @@ pub enum ReloadError {
          at once, with a restart; nothing changed"
     )]
     Placement(&'static str),
+    /// The new membership moves idempotency keys, and their records could
+    /// not move now.
+    #[error(
+        "{0}: the new membership gives idempotency keys new owners, and their records move \
+         only with every node up, none standing in for another, being drained or restored; \
+         nothing changed (send SIGHUP again once it is)"
+    )]
+    KeysCannotMove(String),
     /// The new membership does not make a ring or a client.
     #[error("{0}; nothing changed")]
     Invalid(#[from] crate::StartError),
@@ -107,8 +115,21 @@ impl ClusterHandle {
         if !removed.is_empty() {
             summary.push_str(&format!(", removed {} (drained)", removed.join(", ")));
         }
+        let keys_move = config
+            .ring()
+            .map_err(crate::StartError::from)?
+            .keyed_stamp(config.stripes)
+            != current.keyed_stamp();
+        if keys_move {
+            if let Some(why) = current.keys_cannot_move(&config) {
+                return Err(ReloadError::KeysCannotMove(why));
+            }
+        }
         let rebuilt = Cluster::build(config, Some(&current))?;
         self.0.current.store(rebuilt);
+        // Calls still in flight on the old cluster must not start a change
+        // of keyed membership back to it.
+        current.retire();
         Ok(summary)
     }
 }

@@ -245,6 +245,9 @@ impl Cluster {
     /// or one this coordinator has not moved yet (just started or
     /// reloaded): this coordinator moves them.
     fn other_membership(&self, ring: u64, sealed: bool) -> Option<String> {
+        if self.retired() {
+            return Some("this coordinator's membership was reloaded; retry".into());
+        }
         if ring == 0 || ring == self.keyed_stamp || !self.aligned() {
             return None;
         }

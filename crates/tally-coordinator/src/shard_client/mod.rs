@@ -301,32 +301,35 @@ impl ShardClient {
     /// Adds its earlier entries, and the idempotency records that came
     /// with them, to a node that started empty.
     ///
-    /// `ring` (nonzero): the membership to open the node's keyed
-    /// increments to, if it knows none.
+    /// `membership` (stamp and change number, or zeros): what every other
+    /// node's keyed increments are open to, to which the node's open too if
+    /// it knows none.
     pub async fn restore(
         &self,
         entries: Vec<pb::EntryValue>,
         records: Vec<pb::KeyRecord>,
-        ring: u64,
+        membership: (u64, u64),
         budget: Duration,
     ) -> Result<(), ShardCallError> {
         let request = pb::RestoreRequest {
             node_id: self.node_id.to_string(),
             entries,
             records,
-            ring,
+            ring: membership.0,
+            ring_epoch: membership.1,
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.restore(timed(request, budget))).await?;
         Ok(())
     }
 
-    /// A membership change on this node: seals it for membership `ring`
-    /// (`seal`: the membership; answers the records it hands on), or opens
-    /// it with the records handed on for its keys.
+    /// A membership change (number `epoch`) on this node: seals it for
+    /// membership `ring` (`seal`: the membership; answers the records it
+    /// hands on), or opens it with the records handed on for its keys.
     pub async fn realign(
         &self,
         ring: u64,
+        epoch: u64,
         seal: Option<pb::RingSpec>,
         records: Vec<pb::KeyRecord>,
         budget: Duration,
@@ -334,6 +337,7 @@ impl ShardClient {
         let request = pb::RealignRequest {
             node_id: self.node_id.to_string(),
             ring,
+            epoch,
             open: seal.is_none(),
             seal,
             records,

@@ -217,7 +217,8 @@ impl ShardService {
         let count = self
             .add_to_own(entries, records, OwnChange::Restored)
             .await?;
-        self.open_after_restore(request.ring).await?;
+        self.open_after_restore(request.ring, request.ring_epoch)
+            .await?;
         if count == 0 {
             tracing::info!(
                 node_id = &*self.node_id,

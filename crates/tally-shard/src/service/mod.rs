@@ -109,6 +109,9 @@ impl ShardService {
         why: OwnChange,
     ) -> Result<usize, Refusal> {
         let _paused = self.own_writes.write().await;
+        if !records.is_empty() {
+            self.supersede_seal().await?;
+        }
         let store = &self.state.store;
         let mut own = Vec::with_capacity(entries.len());
         for (counter, stripe, value) in entries {

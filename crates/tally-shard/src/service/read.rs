@@ -93,6 +93,7 @@ impl ShardService {
             standing_in_for: meta.standing_in_for.keys().cloned().collect(),
             keyed_ring: meta.keyed_ring.stamp,
             keyed_ring_sealed: meta.keyed_ring.sealed,
+            keyed_ring_epoch: meta.keyed_ring.epoch,
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
             entries: if brief {

@@ -17,13 +17,21 @@
 //! gives it back otherwise (`ring_refused`). So a key's increments are
 //! taken by one node per membership, and by a node of a new membership only
 //! once the records of every earlier owner are with it.
+//!
+//! Each change has a number (its epoch), above every number the nodes
+//! reported when it began. A node refuses a seal below its number, or of
+//! another membership at its number, and an open of any change but the one
+//! it is sealed for. So of two changes at once (two coordinators with
+//! different files), the one with the higher number supersedes the other
+//! on each node it seals, the other can open none of those, and no two
+//! nodes are ever open to different memberships at once.
 
 use tally_proto::pb;
 use tally_ring::{NodeSpec, Ring};
 
 use super::{records, records_to_wire, ShardService};
 use crate::change::{Change, OwnChange};
-use crate::meta::KeyedRing;
+use crate::meta::{DrainState, KeyedRing};
 use crate::refusal::Refusal;
 
 impl ShardService {
@@ -32,16 +40,21 @@ impl ShardService {
         request: pb::RealignRequest,
     ) -> Result<pb::RealignResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
-        if request.ring == 0 {
+        if request.ring == 0 || request.epoch == 0 {
             return Err(Refusal::InvalidRequest(
-                "a membership change names no membership (ring 0)".into(),
+                "a membership change names no membership (ring 0) or no number (epoch 0)".into(),
             ));
         }
+        let change = KeyedRing {
+            stamp: request.ring,
+            sealed: true,
+            epoch: request.epoch,
+        };
         match (request.seal, request.open) {
-            (Some(membership), false) => self.seal(request.ring, membership).await,
+            (Some(membership), false) => self.seal(change, membership).await,
             (None, true) => {
                 let records = records(request.records)?;
-                self.open(request.ring, records).await?;
+                self.open(change, records).await?;
                 Ok(pb::RealignResponse::default())
             }
             _ => Err(Refusal::InvalidRequest(
@@ -50,50 +63,82 @@ impl ShardService {
         }
     }
 
+    fn membership_change(&self, message: String) -> Refusal {
+        Refusal::MembershipChange {
+            node: self.node_id.to_string(),
+            message,
+        }
+    }
+
     /// Step 1: takes no more keyed increments, and hands on the records of
     /// keys another node owns in `membership`. Repeatable.
     async fn seal(
         &self,
-        stamp: u64,
+        sealed: KeyedRing,
         membership: pb::RingSpec,
     ) -> Result<pb::RealignResponse, Refusal> {
-        let ring = ring_of(&membership, stamp)?;
+        let ring = ring_of(&membership, sealed.stamp)?;
         let this = ring.node_index(&self.node_id);
         let stripes = membership.stripes;
-        let sealed = KeyedRing {
-            stamp,
-            sealed: true,
-        };
         // Alone, to seal: no keyed apply is half done, and none begins on
         // the old membership after (each checks under the shared lock).
         let paused = self.own_writes.write().await;
-        {
+        let current = {
             let meta = self.state.meta.lock();
             if let Some(origin) = meta.standing_in_for.keys().next() {
-                return Err(Refusal::TakeoverOpen {
-                    node: self.node_id.to_string(),
-                    origin: origin.clone(),
-                });
+                return Err(self.membership_change(format!(
+                    "it stands in for {origin}: a membership change waits until {origin} has \
+                     reconciled"
+                )));
             }
+            if meta.awaiting_restore {
+                return Err(self.membership_change(
+                    "it awaits the restore of its records: a membership change waits for it".into(),
+                ));
+            }
+            if matches!(
+                meta.drain,
+                DrainState::Draining | DrainState::HandedOver { .. }
+            ) {
+                return Err(self.membership_change(
+                    "it is being drained: a membership change waits until its drain is done".into(),
+                ));
+            }
+            meta.keyed_ring
+        };
+        if sealed.epoch < current.epoch
+            || (sealed.epoch == current.epoch && sealed.stamp != current.stamp)
+        {
+            return Err(self.membership_change(format!(
+                "change {} (membership {:016x}) is superseded by change {} (membership {:016x})",
+                sealed.epoch, sealed.stamp, current.epoch, current.stamp
+            )));
         }
-        if self.state.meta.lock().keyed_ring != sealed {
+        // The same change again (its coordinator retrying, or another of
+        // the same membership): as it stands, open or not.
+        if sealed.epoch > current.epoch {
             self.submit(Change::KeyedRing(sealed)).await?;
         }
         // Shared from here: own reads and un-keyed writes go on during the
-        // walk; what adds records besides a keyed apply (a restore, an
-        // adoption, a reconciliation) waits for it.
+        // walk; what adds records besides a keyed apply (an adoption, a
+        // reconciliation) is refused while sealed, and a restore cannot
+        // come (none is awaited).
         let _walking = paused.downgrade();
-        let handed_on = self
-            .state
-            .store
-            .records_where(|counter, key| Some(ring.key_owner(counter, key, stripes)) != this);
+        let store = self.state.store.clone();
+        // A walk over every record: off the async workers.
+        let handed_on = tokio::task::spawn_blocking(move || {
+            store.records_where(|counter, key| Some(ring.key_owner(counter, key, stripes)) != this)
+        })
+        .await
+        .map_err(Refusal::from)?;
         // Handed on only once the log holds them: a record lost with a
         // crash here would have been handed on for an increment that is
         // not counted anywhere.
         self.durable(self.state.store.open_epoch()).await?;
         tracing::info!(
             node_id = &*self.node_id,
-            ring = format_args!("{stamp:016x}"),
+            ring = format_args!("{:016x}", sealed.stamp),
+            epoch = sealed.epoch,
             records = handed_on.len(),
             "keyed increments sealed for a membership change"
         );
@@ -103,25 +148,26 @@ impl ShardService {
     }
 
     /// Step 2: adds the records handed on for this node's keys, then takes
-    /// keyed increments of membership `stamp` only. Only after a seal for
-    /// it (this node's own records are handed on first). Repeatable.
+    /// keyed increments of the change's membership only. Only after a seal
+    /// for that change (this node's own records are handed on first).
+    /// Repeatable.
     async fn open(
         &self,
-        stamp: u64,
+        change: KeyedRing,
         records: Vec<crate::replicas::CopyRecord>,
     ) -> Result<(), Refusal> {
         let open = KeyedRing {
-            stamp,
             sealed: false,
+            ..change
         };
-        // Alone: no seal for another membership slips in between.
+        // Alone: no seal of another change slips in between.
         let _paused = self.own_writes.write().await;
         let current = self.state.meta.lock().keyed_ring;
-        if current.stamp != stamp {
-            return Err(Refusal::InvalidRequest(format!(
-                "node {} is not sealed for membership {stamp:016x} (it is at {:016x}): seal it \
-                 first",
-                self.node_id, current.stamp
+        if (current.epoch, current.stamp) != (change.epoch, change.stamp) {
+            return Err(self.membership_change(format!(
+                "it is not sealed for change {} (membership {:016x}) but at change {} \
+                 (membership {:016x})",
+                change.epoch, change.stamp, current.epoch, current.stamp
             )));
         }
         let count = records.len();
@@ -137,34 +183,58 @@ impl ShardService {
         }
         if current != open {
             self.submit(Change::KeyedRing(open)).await?;
+            tracing::info!(
+                node_id = &*self.node_id,
+                ring = format_args!("{:016x}", change.stamp),
+                epoch = change.epoch,
+                records = count,
+                "keyed increments open to a new membership"
+            );
         }
-        tracing::info!(
-            node_id = &*self.node_id,
-            ring = format_args!("{stamp:016x}"),
-            records = count,
-            "keyed increments open to a new membership"
-        );
         Ok(())
     }
-}
 
-impl ShardService {
-    /// After a restore: a node that knows no membership (a new directory)
-    /// opens its keyed increments to `stamp` (0: stays as it is), the
-    /// membership every node was open to when the sender last moved them,
-    /// none being moved now: it held it before its directory was lost, and
-    /// its records are back. A node sealed since by a change under way
-    /// waits for that change to open it.
-    pub(super) async fn open_after_restore(&self, stamp: u64) -> Result<(), Refusal> {
+    /// After a restore: a node that knows no membership (its directory is
+    /// new) opens its keyed increments to `stamp` at change `epoch`, which
+    /// every other node was open to as the sender saw them just before (0:
+    /// stays as it is). No change can finish while a node awaits its
+    /// restore (its seal is refused), so that is the membership it held
+    /// before its directory was lost, and its records are back. A node
+    /// sealed since by a change under way waits for that change to open it.
+    pub(super) async fn open_after_restore(&self, stamp: u64, epoch: u64) -> Result<(), Refusal> {
+        if stamp == 0 || epoch == 0 {
+            return Ok(());
+        }
         let _paused = self.own_writes.write().await;
-        if stamp == 0 || self.state.meta.lock().keyed_ring.stamp != 0 {
+        if self.state.meta.lock().keyed_ring != KeyedRing::default() {
             return Ok(());
         }
         self.submit(Change::KeyedRing(KeyedRing {
             stamp,
             sealed: false,
+            epoch,
         }))
         .await
+    }
+
+    /// Called before own records are added outside the increment path
+    /// (an adoption, a reconciliation), with `own_writes` held alone: if
+    /// sealed, the change under way may have walked the records already and
+    /// would not hand these on. Its seal is superseded (the same
+    /// membership, the next number): its open is refused here, and its
+    /// coordinator seals every node again, walking these too. Refusing the
+    /// records instead could leave a takeover that can never be reconciled
+    /// and a change that can never begin, each waiting for the other.
+    pub(super) async fn supersede_seal(&self) -> Result<(), Refusal> {
+        let current = self.state.meta.lock().keyed_ring;
+        if current.sealed {
+            self.submit(Change::KeyedRing(KeyedRing {
+                epoch: current.epoch + 1,
+                ..current
+            }))
+            .await?;
+        }
+        Ok(())
     }
 }
 

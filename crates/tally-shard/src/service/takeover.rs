@@ -119,6 +119,7 @@ impl ShardService {
             });
         }
         let _paused = self.own_writes.write().await;
+        self.supersede_seal().await?;
         let mut taken: BTreeMap<(String, u32), i64> = BTreeMap::new();
         let mut records = Vec::new();
         let mut record_key = Vec::new();

@@ -453,34 +453,14 @@ fn keyed_writes_are_exactly_once_through_every_change_of_where_a_key_lives() {
     let listen = cluster.coordinator.address.to_string();
     cluster.coordinator.signal(Signal::SIGKILL);
     phases.last_mut().unwrap().failure = Some(Instant::now());
-    cluster.coordinator = support::Daemon::start(
-        "tally-coordinator",
-        "coordinator-2",
-        &[
-            "--config",
-            cluster.coordinator_config.to_str().unwrap(),
-            "--listen",
-            &listen,
-        ],
-        &dir,
-    );
+    cluster.coordinator = cluster.start_coordinator("coordinator-2", &listen);
     run(2_000);
 
     begin(
         &mut phases,
         "two coordinators routing at once, shard-3 killed, down 5 s",
     );
-    let second = support::Daemon::start(
-        "tally-coordinator",
-        "coordinator-b",
-        &[
-            "--config",
-            cluster.coordinator_config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &dir,
-    );
+    let second = cluster.start_coordinator("coordinator-b", "127.0.0.1:0");
     clients.set(vec![cluster.coordinator.endpoint(), second.endpoint()]);
     run(1_000);
     kill_for(&runtime, &mut cluster, &mut phases, 2, 5_000);

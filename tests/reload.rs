@@ -57,17 +57,7 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
     let runtime = support::runtime();
     let mut cluster = ProcessCluster::start("sync");
     let dir = cluster.dir.path().to_path_buf();
-    let second = support::Daemon::start(
-        "tally-coordinator",
-        "coordinator-b",
-        &[
-            "--config",
-            cluster.coordinator_config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &dir,
-    );
+    let second = cluster.start_coordinator("coordinator-b", "127.0.0.1:0");
     let counters: Vec<String> = (0..4).map(|index| format!("straddled-{index}")).collect();
     let calls: Vec<pb::IncrementRequest> = (0..240)
         .map(|index| pb::IncrementRequest {

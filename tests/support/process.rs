@@ -337,6 +337,22 @@ impl ProcessCluster {
             .collect()
     }
 
+    /// Starts another coordinator (log name `name`) on this cluster's
+    /// config file, listening on `listen`.
+    pub fn start_coordinator(&self, name: &str, listen: &str) -> Daemon {
+        Daemon::start(
+            "tally-coordinator",
+            name,
+            &[
+                "--config",
+                self.coordinator_config.to_str().unwrap(),
+                "--listen",
+                listen,
+            ],
+            self.dir.path(),
+        )
+    }
+
     pub fn tallyctl(&self, args: &[&str]) -> Output {
         let endpoint = self.coordinator.endpoint();
         let mut full = vec!["--endpoint", endpoint.as_str()];

@@ -1071,24 +1071,20 @@ impl Store {
     /// `since_ms` (its retention clock), as `(record key, delta, applied)`:
     /// what a stand-in applied during a takeover. A walk over every record.
     pub fn records_applied_since(&self, since_ms: u64) -> Vec<CopyRecord> {
-        let mut records = Vec::new();
-        for segment in self.segments.iter() {
-            let segment = segment.lock();
-            records.extend(
-                segment
-                    .records
-                    .iter()
-                    .filter(|(_, record)| record.applied_unix_ms >= since_ms)
-                    .map(travelling),
-            );
-        }
-        records
+        self.records_kept(|_, record| record.applied_unix_ms >= since_ms)
     }
 
     /// Every record this node remembers of a `(counter, key)` for which
     /// `wanted` says yes, as `(record key, delta, applied)`: the records a
     /// membership change hands on. A walk over every record.
     pub fn records_where(&self, mut wanted: impl FnMut(&str, &str) -> bool) -> Vec<CopyRecord> {
+        self.records_kept(|key, _| {
+            decode_record_key(key).is_some_and(|(counter, key)| wanted(counter, key))
+        })
+    }
+
+    /// The records `keep` says yes to, as they travel.
+    fn records_kept(&self, mut keep: impl FnMut(&[u8], &KeyRecord) -> bool) -> Vec<CopyRecord> {
         let mut records = Vec::new();
         for segment in self.segments.iter() {
             let segment = segment.lock();
@@ -1096,9 +1092,7 @@ impl Store {
                 segment
                     .records
                     .iter()
-                    .filter(|(key, _)| {
-                        decode_record_key(key).is_some_and(|(counter, key)| wanted(counter, key))
-                    })
+                    .filter(|(key, record)| keep(key, record))
                     .map(travelling),
             );
         }

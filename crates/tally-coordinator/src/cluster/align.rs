@@ -8,10 +8,11 @@
 //!
 //! 1. every node is asked its keyed membership; if all that answer are
 //!    open to this cluster's, there is nothing to do;
-//! 2. otherwise every node must answer, none may stand in for another
-//!    (a takeover open) or be mid-drain; each is **sealed** (takes no keyed
-//!    increment) and hands on the records of keys another node owns in the
-//!    new membership;
+//! 2. otherwise every node must answer (one awaiting its restore is
+//!    restored first), none may stand in for another (a takeover open) or
+//!    be mid-drain; the change takes a number (`change_number`), and each
+//!    node is **sealed** (takes no keyed increment) and hands on the
+//!    records of keys another node owns in the new membership;
 //! 3. each is **opened** to the new membership with the records handed on
 //!    for its keys (a drained node's go to its adopter, which takes its
 //!    keyed increments).
@@ -19,7 +20,9 @@
 //! Each keyed increment carries the membership it was routed by, and a
 //! node takes it only when open to it. So no node takes a key of the new
 //! membership before it holds the key's records from every node, and none
-//! takes a key of the old one once it has handed its records on. An
+//! takes a key of the old one once it has handed its records on. The
+//! numbers keep two changes at once from both opening nodes (the shard
+//! refuses a seal below its number and an open of another change). An
 //! interrupted change is finished by the next (every step repeats safely).
 //! A change runs when a cluster is built (start, reload) and when a node
 //! gives back a keyed increment for want of a membership.
@@ -202,6 +205,10 @@ impl Cluster {
                 self.restore_for_write(node, asked).await;
             }
             statuses_now = self.every_status(self.statuses().await)?;
+            // Its restore opened it to what every other node is open to.
+            if statuses_now.iter().all(open) {
+                return Ok(None);
+            }
         }
         let name = |node: usize| self.shards[node].node_id();
         if let Some(why) = self.change_blocked_by(&statuses_now) {

@@ -233,6 +233,11 @@ impl Cluster {
             self.rounds
                 .lock()
                 .insert((origin, replica), (answer.version, began));
+            let took = began.elapsed().min(self.config.shard_timeout);
+            self.round_lag[origin].store(
+                took.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             Copied::At(answer.version)
         } else {
             Copied::NeedsFull

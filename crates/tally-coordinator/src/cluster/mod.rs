@@ -55,6 +55,10 @@ pub struct Cluster {
     /// knows no age (`merge::NodeView::vouched`).
     rounds:
         parking_lot::Mutex<std::collections::HashMap<(usize, usize), (u64, std::time::Instant)>>,
+    /// Per node: how long the last replication round that reached a copy
+    /// of it took, in ms (from its start to the replica's answer), at most
+    /// the shard timeout: part of its copies' allowance.
+    round_lag: Vec<std::sync::atomic::AtomicU64>,
     /// Per node: when a restore asked for by a keyed write last finished.
     /// Held across the restore, so concurrent writes wait for one restore
     /// instead of each running their own.
@@ -145,6 +149,7 @@ impl Cluster {
                     .copied()
             })
             .collect();
+        let shard_count = shards.len();
         let keyed_stamp = ring.keyed_stamp(config.stripes);
         let alignment = Arc::new(align::Alignment::default());
         let cluster = Arc::new(Cluster {
@@ -158,6 +163,7 @@ impl Cluster {
             write_restores: (0..stand_ins.len()).map(|_| Default::default()).collect(),
             stand_ins,
             rounds: Default::default(),
+            round_lag: (0..shard_count).map(|_| Default::default()).collect(),
         });
         tokio::spawn(align::align_loop(
             Arc::downgrade(&cluster),
@@ -280,20 +286,27 @@ impl Cluster {
                 // reads will count the stand-in's frozen copy as its part.
                 self.health.mark_taken_over(owner, target.node);
                 let since = self.health.get(owner).since;
-                let max = self.copy_allowance().saturating_add(since.elapsed());
+                let max = self.copy_allowance(owner).saturating_add(since.elapsed());
                 (max.as_millis() as u64).max(1)
             }
             _ => 0,
         };
     }
 
-    /// How much older than a node's failure (as this coordinator saw it) a
-    /// replication round of its copy may have begun for the copy to stand
-    /// in for it: one replication interval and the detection window.
-    pub(crate) fn copy_allowance(&self) -> std::time::Duration {
+    /// How much older than node `origin`'s failure (as this coordinator
+    /// saw it) a replication round of its copy may have begun for the copy
+    /// to stand in for it: one replication interval, the detection window,
+    /// and twice its last round's duration (the last round to reach the
+    /// copy, and the next, cut short by the failure, which a round slower
+    /// than the interval pushes back).
+    pub(crate) fn copy_allowance(&self, origin: usize) -> std::time::Duration {
+        let round = std::time::Duration::from_millis(
+            self.round_lag[origin].load(std::sync::atomic::Ordering::Relaxed),
+        );
         self.config.replication_interval
             + self.config.health_interval
             + self.config.health_timeout * crate::health::MISSES_TO_DOWN
+            + round * 2
     }
 
     /// Restores node `node` for a keyed write that found it awaiting its

@@ -45,11 +45,11 @@ impl Cluster {
         began: std::time::Instant,
     ) -> Vec<NodeView<'_>> {
         let now = std::time::Instant::now();
-        let allowance = self.copy_allowance();
         self.shards
             .iter()
             .enumerate()
             .map(|(node, shard)| {
+                let allowance = self.copy_allowance(node);
                 let (handed_over, failed) = if answers[node].is_ok() {
                     (false, now)
                 } else {

@@ -629,9 +629,32 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
     open(&mut new, STAND_IN, grown_stamp, 4, handed)
         .await
         .unwrap();
+    // A stand-in takes over only a node its copy shows open to its own
+    // membership and change: sealed and not yet opened (as if it failed
+    // in between), the old node lacks the records handed on for its keys.
+    let copied = replicate(&mut old, &mut new, 0).await.unwrap();
+    assert!(copied.accepted, "{copied:?}");
+    let staying = keys
+        .iter()
+        .find(|key| !moving.contains(&key.as_str()))
+        .unwrap();
+    let for_old = || vec![increment(staying, 3, ORIGIN)];
+    assert_eq!(
+        kinds(&apply(&mut new, STAND_IN, for_old()).await),
+        ["unavailable"]
+    );
     open(&mut old, ORIGIN, grown_stamp, 4, Vec::new())
         .await
         .unwrap();
+    // Opened, and a round says so: the copy may stand in (the key is in
+    // it: a retry).
+    let recopied = replicate(&mut old, &mut new, copied.version).await.unwrap();
+    assert!(recopied.accepted, "{recopied:?}");
+    assert_eq!(
+        kinds(&apply(&mut new, STAND_IN, for_old()).await),
+        ["duplicate"]
+    );
+    assert_eq!(standing_in_for(&mut new).await, [ORIGIN]);
 
     // Opened: a retry of every moved key is a duplicate on its new owner;
     // the old one takes keys of the new membership only.
@@ -642,10 +665,6 @@ async fn a_membership_change_hands_records_on_before_a_new_owner_takes_keys() {
     assert!(kinds(&apply(&mut new, STAND_IN, retries).await)
         .iter()
         .all(is_duplicate));
-    let staying = keys
-        .iter()
-        .find(|key| !moving.contains(&key.as_str()))
-        .unwrap();
     let both_memberships = vec![
         keyed(staying, 3, grown_stamp),
         keyed(staying, 3, alone_stamp),

@@ -234,6 +234,9 @@ impl pb::ReplicateRequest {
             scanned_unix_ms: changes.scanned_unix_ms,
             directory_id: changes.directory_id,
             round_elapsed_ms,
+            keyed_ring: changes.keyed_ring,
+            keyed_ring_epoch: changes.keyed_ring_epoch,
+            keyed_ring_sealed: changes.keyed_ring_sealed,
         }
     }
 }

@@ -50,11 +50,22 @@ impl Cluster {
                 best = Some(copy);
             }
         }
+        // The membership the copy says the node was open to: it holds the
+        // records handed on to it then.
+        let copied_open = best
+            .as_ref()
+            .filter(|best| !best.keyed_ring_sealed && best.keyed_ring != 0)
+            .map(|best| (best.keyed_ring, best.keyed_ring_epoch));
         let (version, entries, records) = best.map_or((0, Vec::new(), Vec::new()), |best| {
             (best.version, best.entries, best.records)
         });
         let count = entries.len();
-        let membership = self.membership_of_the_others(node).await;
+        let others = self.membership_of_the_others(node).await;
+        let membership = if copied_open == Some(others) {
+            others
+        } else {
+            (0, 0)
+        };
         match self.shards[node]
             .restore(entries, records, membership, budget)
             .await

@@ -10,6 +10,7 @@ use tally_proto::pb;
 use super::{entries, records, records_to_wire, ShardService};
 use crate::change::{Change, OwnChange};
 use crate::journal::unix_ms_now;
+use crate::meta::KeyedRing;
 use crate::refusal::Refusal;
 use crate::replicas::{CopyStamp, Verdict};
 
@@ -27,12 +28,16 @@ impl ShardService {
         // Held across the scan: a hand-over cannot slip in between the
         // check and the version this scan takes.
         let reading = self.own_writes.read().await;
-        let (drained, directory_id, recorded) = {
+        // The keyed membership under the same lock as the scan: an open
+        // adds its handed-on records under the lock alone, so a copy that
+        // says "open" holds them.
+        let (drained, directory_id, recorded, keyed_ring) = {
             let meta = self.state.meta.lock();
             (
                 meta.drain.adopter().is_some(),
                 meta.directory_id,
                 meta.incarnation,
+                meta.keyed_ring,
             )
         };
         if recorded != self.state.store.incarnation() {
@@ -76,6 +81,9 @@ impl ShardService {
                 })
                 .collect(),
             records: records_to_wire(changes.records),
+            keyed_ring: keyed_ring.stamp,
+            keyed_ring_epoch: keyed_ring.epoch,
+            keyed_ring_sealed: keyed_ring.sealed,
         })
     }
 
@@ -85,8 +93,12 @@ impl ShardService {
         request: pb::CopyOfRequest,
     ) -> Result<pb::CopyOfResponse, Refusal> {
         self.check_node_id(&request.node_id)?;
+        let keyed = self.copy_ages.keyed_ring_of(&request.origin);
         let response = match self.state.replicas.copy_of(&request.origin) {
             Some((stamp, entries, copied_records)) => pb::CopyOfResponse {
+                keyed_ring: keyed.map_or(0, |keyed| keyed.stamp),
+                keyed_ring_epoch: keyed.map_or(0, |keyed| keyed.epoch),
+                keyed_ring_sealed: keyed.is_some_and(|keyed| keyed.sealed),
                 records: records_to_wire(copied_records),
                 found: true,
                 version: stamp.version,
@@ -129,6 +141,7 @@ impl ShardService {
             scanned_unix_ms: request.scanned_unix_ms,
             directory_id: request.directory_id,
         };
+        let keyed = keyed_ring_of(&request);
         let entries = entries(request.entries)?;
         let records = records(request.records)?;
         let _replica_writes = self.replica_writes.lock().await;
@@ -164,7 +177,7 @@ impl ShardService {
                 if let Some(round_began) =
                     round_began.filter(|_| self.dates(&request.origin, version))
                 {
-                    self.copy_ages.refresh(&request.origin, round_began);
+                    self.copy_ages.refresh(&request.origin, round_began, keyed);
                 }
                 return Ok(pb::ReplicateResponse {
                     accepted: true,
@@ -195,7 +208,7 @@ impl ShardService {
         })
         .await?;
         if let Some(round_began) = round_began.filter(|_| self.dates(&origin, request.version)) {
-            self.copy_ages.refresh(&origin, round_began);
+            self.copy_ages.refresh(&origin, round_began, keyed);
         }
         Ok(pb::ReplicateResponse {
             accepted: true,
@@ -258,20 +271,40 @@ impl ShardService {
 /// decision compares clock readings across nodes.
 #[derive(Debug, Default)]
 pub(super) struct CopyAges {
-    refreshed: parking_lot::Mutex<HashMap<String, Instant>>,
+    /// Per origin: when the last round that reached its copy began, and the
+    /// keyed membership the origin followed at that round's scan.
+    refreshed: parking_lot::Mutex<HashMap<String, (Instant, KeyedRing)>>,
+}
+
+/// The origin's keyed membership a Replicate carries.
+fn keyed_ring_of(request: &pb::ReplicateRequest) -> KeyedRing {
+    KeyedRing {
+        stamp: request.keyed_ring,
+        sealed: request.keyed_ring_sealed,
+        epoch: request.keyed_ring_epoch,
+    }
 }
 
 impl CopyAges {
-    /// A round that began at `began` reached `origin`'s copy. Only moves
-    /// forward: rounds of several coordinators may arrive out of order.
-    pub(super) fn refresh(&self, origin: &str, began: Instant) {
+    /// A round that began at `began` reached `origin`'s copy, which
+    /// followed `keyed` then. Only moves forward: rounds of several
+    /// coordinators may arrive out of order.
+    pub(super) fn refresh(&self, origin: &str, began: Instant, keyed: KeyedRing) {
         let mut refreshed = self.refreshed.lock();
         match refreshed.get_mut(origin) {
-            Some(at) => *at = (*at).max(began),
+            Some(at) if at.0 >= began => {}
+            Some(at) => *at = (began, keyed),
             None => {
-                refreshed.insert(origin.to_string(), began);
+                refreshed.insert(origin.to_string(), (began, keyed));
             }
         }
+    }
+
+    /// The keyed membership `origin` followed as of its copy here, if a
+    /// round reached the copy since this node started (or since a takeover
+    /// of it ended).
+    pub(super) fn keyed_ring_of(&self, origin: &str) -> Option<KeyedRing> {
+        self.refreshed.lock().get(origin).map(|at| at.1)
     }
 
     /// `origin`'s copy is of unknown age until a round reaches it again
@@ -286,6 +319,6 @@ impl CopyAges {
         self.refreshed
             .lock()
             .get(origin)
-            .map(|at| at.elapsed().as_millis() as u64)
+            .map(|at| at.0.elapsed().as_millis() as u64)
     }
 }

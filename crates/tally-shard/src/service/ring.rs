@@ -195,12 +195,13 @@ impl ShardService {
     }
 
     /// After a restore: a node that knows no membership (its directory is
-    /// new) opens its keyed increments to `stamp` at change `epoch`, which
-    /// every other node was open to as the sender saw them just before (0:
-    /// stays as it is). No change can finish while a node awaits its
-    /// restore (its seal is refused), so that is the membership it held
-    /// before its directory was lost, and its records are back. A node
-    /// sealed since by a change under way waits for that change to open it.
+    /// new) opens its keyed increments to `stamp` at change `epoch` (0:
+    /// stays as it is): the copy restored was taken while it was open to
+    /// that change, so it holds the records handed on to it, and every
+    /// other node was open to it as the sender saw them just before. A node
+    /// sealed since by a change under way waits for that change to open it;
+    /// otherwise the next change does (it joins `epoch`, and every node
+    /// hands the records on again).
     pub(super) async fn open_after_restore(&self, stamp: u64, epoch: u64) -> Result<(), Refusal> {
         if stamp == 0 || epoch == 0 {
             return Ok(());

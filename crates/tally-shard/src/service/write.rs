@@ -313,9 +313,17 @@ impl ShardService {
         // takeover's fence together (nothing is applied for the node before
         // the start, and a read that saw no takeover saw none of it).
         let _paused = self.own_writes.write().await;
-        if !self.state.meta.lock().keyed_ring.takes(ring) {
+        let own = self.state.meta.lock().keyed_ring;
+        if !own.takes(ring) {
             // Sealed for a membership change, or sent for another
             // membership: the increments are given back, none is taken.
+            return Ok(());
+        }
+        // The node must have been open to this very membership and change
+        // as of the copy: one sealed for it and never opened (it failed in
+        // between) lacks the records handed on for its keys, and so does
+        // the copy; a retry of such a key would apply again.
+        if self.copy_ages.keyed_ring_of(origin) != Some(own) {
             return Ok(());
         }
         // Its id: greater than every earlier takeover's, and every record

@@ -270,3 +270,135 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
         "every keyed call sent again after shard-5 was added once shard-3 was back",
     );
 }
+
+/// A node that crashes in the middle of a membership change, between its
+/// seal and its open (a real crash, through the `TALLY_SHARD_CRASH_AT`
+/// hook): the others are opened and take their keys; the crashed node's
+/// keys fail, unapplied (its stand-in does not take them over: its copy
+/// shows it sealed, without the records handed on to it); once it is back
+/// the change is finished, and every keyed call sent again applies once.
+#[test]
+fn a_node_crashing_between_its_seal_and_its_open_holds_back_only_its_keys() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use support::ledger::{send_on, Connections, Ledger};
+    use support::ProcessCluster;
+    use tally::proto::pb;
+
+    const STRIPES: u32 = 8; // as support::write_coordinator_config sets
+    let runtime = support::runtime();
+    let mut cluster = ProcessCluster::start("sync");
+    let dir = cluster.dir.path().to_path_buf();
+    let endpoint = cluster.coordinator.endpoint();
+    let counter = "crash-in-change".to_string();
+    let call = |key: String| pb::IncrementRequest {
+        counter: counter.clone(),
+        delta: 7,
+        idempotency_key: key,
+    };
+    let mut connections = Connections::default();
+    let mut ledger = Ledger::default();
+    let before: Vec<pb::IncrementRequest> = (0..60)
+        .map(|index| call(format!("before-{index}")))
+        .collect();
+    runtime.block_on(async {
+        for item in &before {
+            connections
+                .send(&endpoint, std::slice::from_ref(item))
+                .await
+                .unwrap();
+        }
+    });
+    ledger.record(&before);
+
+    // shard-2 again, set to crash when a change's open reaches it.
+    let address = cluster.shards[1]
+        .take()
+        .unwrap()
+        .stop_with_address(Signal::SIGTERM);
+    cluster.restart_shard_with_env(1, address, &[], &[("TALLY_SHARD_CRASH_AT", "realign-open")]);
+    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+
+    let addresses = cluster.start_new_shard(4);
+    support::write_coordinator_config(&dir, &addresses);
+    kill(
+        Pid::from_raw(cluster.coordinator.pid() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    runtime.block_on(support::wait_until(
+        "shard-2 to crash",
+        support::PATIENCE,
+        || {
+            let running = cluster.shards[1].as_mut().unwrap().is_running();
+            std::future::ready(if running { Err(()) } else { Ok(()) })
+        },
+    ));
+
+    // The new membership's owner of each new key.
+    let nodes: Vec<tally::ring::NodeSpec> = (1..=4)
+        .map(|index| tally::ring::NodeSpec {
+            id: format!("shard-{index}"),
+            weight: 1,
+        })
+        .collect();
+    let ring = tally::ring::Ring::new(&nodes, tally::ring::DEFAULT_VNODES_PER_WEIGHT).unwrap();
+    let crashed = ring.node_index("shard-2").unwrap();
+    let during: Vec<pb::IncrementRequest> = (0..60)
+        .map(|index| call(format!("during-{index}")))
+        .collect();
+    let (mut taken, mut held) = (0, 0);
+    for item in &during {
+        let owner = ring.key_owner(&counter, &item.idempotency_key, STRIPES);
+        let answer = runtime.block_on(async {
+            send_on(connections.client(&endpoint), std::slice::from_ref(item)).await
+        });
+        if owner == crashed {
+            let refused = answer.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+            held += 1;
+        } else {
+            answer.unwrap_or_else(|status| panic!("{}: {status:?}", item.idempotency_key));
+            taken += 1;
+        }
+    }
+    assert!(taken > 0 && held > 0, "taken {taken}, held back {held}");
+    ledger.record(&during);
+
+    // Back (without the hook): the change is finished, and every keyed
+    // call, sent again, applies once.
+    cluster.restart_shard(1, address);
+    runtime.block_on(support::wait_until(
+        "the change to be finished",
+        support::PATIENCE,
+        || {
+            let log = cluster.coordinator.log();
+            std::future::ready(
+                if log.contains("keyed increments moved to this membership: every node open to it")
+                    && log.matches("every node open to it").count() >= 2
+                {
+                    Ok(())
+                } else {
+                    Err(())
+                },
+            )
+        },
+    ));
+    runtime.block_on(async {
+        for item in before.iter().chain(&during) {
+            connections
+                .send_until_acknowledged(
+                    &support::ledger::Clients::new(vec![endpoint.clone()]),
+                    std::slice::from_ref(item),
+                )
+                .await;
+        }
+    });
+    let totals = runtime.block_on(support::totals(&endpoint, std::slice::from_ref(&counter)));
+    let outcome = ledger.against(totals);
+    support::report(&format!(
+        "a node crashed between its seal and its open ({taken} keys taken meanwhile, {held} held \
+         back): {outcome}"
+    ));
+    assert_eq!((outcome.lost, outcome.duplicated), (0, 0), "{outcome}");
+}

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 /// The points a crash can be asked at.
-pub const POINTS: [&str; 4] = [
+pub const POINTS: [&str; 5] = [
     // The checkpoint thread wrote a batch of buckets of a round, not yet
     // its metadata.
     "checkpoint-buckets",
@@ -18,6 +18,9 @@ pub const POINTS: [&str; 4] = [
     // The log thread wrote a group and synced it; its writers are not
     // answered yet.
     "log-synced",
+    // A membership change's open arrived (the node is sealed for it and
+    // has handed its records on); nothing of it is applied yet.
+    "realign-open",
 ];
 
 /// Aborts the process if `TALLY_SHARD_CRASH_AT` names `point`.

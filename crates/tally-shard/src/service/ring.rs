@@ -156,6 +156,7 @@ impl ShardService {
         change: KeyedRing,
         records: Vec<crate::replicas::CopyRecord>,
     ) -> Result<(), Refusal> {
+        crate::crash_point::reached("realign-open");
         let open = KeyedRing {
             sealed: false,
             ..change

@@ -225,6 +225,18 @@ impl Cluster {
                 break;
             }
         }
+        // Out of rounds with increments still to send: not applied, never
+        // a silent success.
+        let unsent = by_node
+            .keys()
+            .copied()
+            .chain(wait_for_membership.iter().map(|(node, _)| *node));
+        for node in unsent {
+            unavailable.push((
+                self.shards[node].node_id().to_string(),
+                ShardCallError::Failed("gave back more than once; retry".into()),
+            ));
+        }
         // UNAVAILABLE first: part of the call was not applied and the client
         // should retry; an overflow or key conflict is reported once every
         // node answered.

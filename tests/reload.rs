@@ -316,7 +316,15 @@ fn a_node_crashing_between_its_seal_and_its_open_holds_back_only_its_keys() {
         .take()
         .unwrap()
         .stop_with_address(Signal::SIGTERM);
-    cluster.restart_shard_with_env(1, address, &[], &[("TALLY_SHARD_CRASH_AT", "realign-open")]);
+    cluster.restart_shard_with_env(
+        1,
+        address,
+        &[],
+        &[(
+            "TALLY_SHARD_CRASH_AT",
+            tally::shard::crash_point::REALIGN_OPEN,
+        )],
+    );
     support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
 
     let addresses = cluster.start_new_shard(4);

@@ -156,7 +156,7 @@ impl ShardService {
         change: KeyedRing,
         records: Vec<crate::replicas::CopyRecord>,
     ) -> Result<(), Refusal> {
-        crate::crash_point::reached("realign-open");
+        crate::crash_point::reached(crate::crash_point::REALIGN_OPEN);
         let open = KeyedRing {
             sealed: false,
             ..change

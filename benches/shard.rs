@@ -8,7 +8,13 @@
 //!   (what one group commit does before it writes);
 //! - `shard/checkpoint`: capturing every checkpoint bucket of 100,000
 //!   counters (what a checkpoint round does, a few segments per turn);
-//! - `shard/keys`: encoding an idempotency record key.
+//! - `shard/keys`: encoding an idempotency record key;
+//! - `shard/membership_walk`: a membership change's seal on a node holding
+//!   1,000,000 idempotency records (the default `idempotency_max_keys`):
+//!   the walk over every record that picks, as they travel, those another
+//!   node owns in a 4-node ring (three quarters here, since the store holds
+//!   keys of every owner; a node handing on to a fourth that joined hands
+//!   on about a quarter, so this is the upper end).
 //!
 //! Run with `cargo bench --bench shard` from the workspace root.
 
@@ -152,11 +158,54 @@ fn bench_keys(criterion: &mut Criterion) {
     group.finish();
 }
 
+fn bench_membership_walk(criterion: &mut Criterion) {
+    const RECORDS: usize = 1_000_000;
+    let store = Store::new();
+    let counters = names(1_000);
+    let keys: Vec<String> = (0..RECORDS / counters.len())
+        .map(|index| format!("request-{index:08}"))
+        .collect();
+    for key in &keys {
+        let batch: Vec<StripeIncrement<'_>> = counters
+            .iter()
+            .map(|counter| StripeIncrement {
+                counter,
+                stripe: 0,
+                delta: 1,
+                idempotency_key: Some(key),
+            })
+            .collect();
+        store.apply(&batch, 0);
+    }
+    assert_eq!(store.remembered_keys(), RECORDS as u64);
+    let nodes: Vec<tally_ring::NodeSpec> = (1..=4)
+        .map(|index| tally_ring::NodeSpec {
+            id: format!("shard-{index}"),
+            weight: 1,
+        })
+        .collect();
+    let ring = tally_ring::Ring::new(&nodes, tally_ring::DEFAULT_VNODES_PER_WEIGHT).unwrap();
+    let this = ring.node_index("shard-1");
+    let mut group = criterion.benchmark_group("shard/membership_walk");
+    group.sample_size(10);
+    group.bench_function("1000000_records_4_nodes", |bencher| {
+        bencher.iter(|| {
+            black_box(
+                store
+                    .records_where(|counter, key| Some(ring.key_owner(counter, key, 64)) != this)
+                    .len(),
+            )
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_apply,
     bench_flush_snapshot,
     bench_checkpoint,
-    bench_keys
+    bench_keys,
+    bench_membership_walk
 );
 criterion_main!(benches);

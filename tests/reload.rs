@@ -173,12 +173,14 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
         String::from_utf8_lossy(&drained.stderr)
     );
     send_all(&mut connections, &endpoint);
-    let members: Vec<(String, std::net::SocketAddr)> = ["shard-1", "shard-3", "shard-4"]
-        .into_iter()
-        .zip([0, 2, 3])
-        .map(|(id, index)| (id.to_string(), addresses[index]))
-        .collect();
-    support::write_coordinator_config_of(&dir, &members);
+    support::write_coordinator_config_of(
+        &dir,
+        &[
+            ("shard-1", addresses[0]),
+            ("shard-3", addresses[2]),
+            ("shard-4", addresses[3]),
+        ],
+    );
     reload(cluster.coordinator.pid());
     reload(second.pid());
     moved(&cluster.coordinator, 3);
@@ -203,16 +205,15 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
     support::wait_for_shown_health(&runtime, &cluster, "shard-3", "down");
     cluster.start_new_shard(5);
     let fifth = cluster.shards.last().unwrap().as_ref().unwrap().address;
-    let members: Vec<(String, std::net::SocketAddr)> = [
-        ("shard-1", addresses[0]),
-        ("shard-3", down),
-        ("shard-4", addresses[3]),
-        ("shard-5", fifth),
-    ]
-    .into_iter()
-    .map(|(id, address)| (id.to_string(), address))
-    .collect();
-    support::write_coordinator_config_of(&dir, &members);
+    support::write_coordinator_config_of(
+        &dir,
+        &[
+            ("shard-1", addresses[0]),
+            ("shard-3", down),
+            ("shard-4", addresses[3]),
+            ("shard-5", fifth),
+        ],
+    );
     reload(cluster.coordinator.pid());
     runtime.block_on(support::wait_until(
         "the reload to be refused",

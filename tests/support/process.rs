@@ -221,16 +221,19 @@ pub fn start_shard(name: &str, config: &Path, extra_args: &[&str]) -> Daemon {
 
 /// A coordinator config file naming `shards` as its membership.
 pub fn write_coordinator_config(dir: &Path, shards: &[SocketAddr]) -> PathBuf {
-    let nodes: Vec<(String, SocketAddr)> = shards
+    let ids: Vec<String> = (1..=shards.len())
+        .map(|index| format!("shard-{index}"))
+        .collect();
+    let nodes: Vec<(&str, SocketAddr)> = ids
         .iter()
-        .enumerate()
-        .map(|(index, address)| (format!("shard-{}", index + 1), *address))
+        .map(String::as_str)
+        .zip(shards.iter().copied())
         .collect();
     write_coordinator_config_of(dir, &nodes)
 }
 
 /// [`write_coordinator_config`] with each node's id given.
-pub fn write_coordinator_config_of(dir: &Path, nodes: &[(String, SocketAddr)]) -> PathBuf {
+pub fn write_coordinator_config_of(dir: &Path, nodes: &[(&str, SocketAddr)]) -> PathBuf {
     let path = dir.join("coordinator.toml");
     // Probes every 100 ms, 500 ms to answer: failures are found fast.
     // Replicas refreshed every 100 ms.

@@ -252,19 +252,14 @@ impl Cluster {
             // adopter.
             config.node(name)?;
             if !self.health.is_up(node) {
-                Some(format!("node {name} is down"))
-            } else if let Some(origin) = self.health.standing_in_for(node).first() {
-                Some(format!("node {name} stands in for {origin}"))
-            } else if matches!(
-                self.health.drain(node),
-                DrainState::Draining | DrainState::HandedOver
-            ) {
-                Some(format!("node {name} is being drained"))
-            } else if self.health.is_restoring(node) {
-                Some(format!("node {name} awaits its restore"))
-            } else {
-                None
+                return Some(format!("node {name} is down"));
             }
+            blocker(
+                name,
+                self.health.standing_in_for(node).first(),
+                self.health.drain(node),
+                self.health.is_restoring(node),
+            )
         })
     }
 
@@ -340,21 +335,12 @@ impl Cluster {
     /// drained, or awaiting its restore.
     pub(super) fn change_blocked_by(&self, statuses: &[pb::ShardStatusResponse]) -> Option<String> {
         statuses.iter().enumerate().find_map(|(node, status)| {
-            let name = self.shards[node].node_id();
-            if let Some(origin) = status.standing_in_for.first() {
-                Some(format!(
-                    "node {name} stands in for {origin} until it has reconciled"
-                ))
-            } else if matches!(
+            blocker(
+                self.shards[node].node_id(),
+                status.standing_in_for.first(),
                 status.drain_state(),
-                DrainState::Draining | DrainState::HandedOver
-            ) {
-                Some(format!("node {name} is being drained"))
-            } else if status.restoring {
-                Some(format!("node {name} awaits its restore"))
-            } else {
-                None
-            }
+                status.restoring,
+            )
         })
     }
 
@@ -396,6 +382,29 @@ impl Cluster {
             result.map_err(|error| format!("opening node {} failed ({error})", name(node)))?;
         }
         Ok(moved)
+    }
+}
+
+/// What keeps node `name` from a change of keyed membership, if anything:
+/// standing in for another node (its takeover must be reconciled first),
+/// being drained, or awaiting its restore. The nodes' own statuses say it
+/// before a change; the health board before a reload.
+fn blocker(
+    name: &str,
+    standing_in_for: Option<&String>,
+    drain: DrainState,
+    restoring: bool,
+) -> Option<String> {
+    if let Some(origin) = standing_in_for {
+        Some(format!(
+            "node {name} stands in for {origin} until it has reconciled"
+        ))
+    } else if matches!(drain, DrainState::Draining | DrainState::HandedOver) {
+        Some(format!("node {name} is being drained"))
+    } else if restoring {
+        Some(format!("node {name} awaits its restore"))
+    } else {
+        None
     }
 }
 

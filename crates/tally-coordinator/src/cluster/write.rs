@@ -161,24 +161,17 @@ impl Cluster {
                                     increment,
                                     ring,
                                     sealed,
-                                } if realigned < MEMBERSHIP_WAITS => {
-                                    if let Some(why) = self.other_membership(ring, sealed) {
-                                        unavailable.push((
-                                            self.shards[node].node_id().to_string(),
-                                            ShardCallError::Failed(why),
-                                        ));
-                                    } else {
-                                        wait_for_membership.push((node, increment));
+                                } => match self.other_membership(ring, sealed) {
+                                    None if realigned < MEMBERSHIP_WAITS => {
+                                        wait_for_membership.push((node, increment))
                                     }
-                                }
-                                Outcome::RingRefused { ring, sealed, .. } => unavailable.push((
-                                    self.shards[node].node_id().to_string(),
-                                    ShardCallError::Failed(
-                                        self.other_membership(ring, sealed).unwrap_or_else(|| {
+                                    why => unavailable.push((
+                                        self.shards[node].node_id().to_string(),
+                                        ShardCallError::Failed(why.unwrap_or_else(|| {
                                             "a membership change is under way; retry".into()
-                                        }),
-                                    ),
-                                )),
+                                        })),
+                                    )),
+                                },
                                 Outcome::OwnerBack(_) => unavailable.push((
                                     self.shards[node].node_id().to_string(),
                                     ShardCallError::Failed(

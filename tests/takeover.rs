@@ -196,17 +196,21 @@ fn kinds(outcomes: &[Outcome]) -> Vec<&'static str> {
         .collect()
 }
 
-/// `node_id`'s own total of the counter.
-async fn own_total(client: &mut ShardClient<Channel>, node_id: &str) -> i64 {
-    let read = client
+/// `node_id`'s answer to a read of the counter.
+async fn read(client: &mut ShardClient<Channel>, node_id: &str) -> pb::ReadResponse {
+    client
         .read(pb::ReadRequest {
             node_id: node_id.into(),
             counters: vec![COUNTER.into()],
         })
         .await
         .unwrap()
-        .into_inner();
-    read.counters[0]
+        .into_inner()
+}
+
+/// `node_id`'s own total of the counter.
+async fn own_total(client: &mut ShardClient<Channel>, node_id: &str) -> i64 {
+    read(client, node_id).await.counters[0]
         .entries
         .iter()
         .map(|entry| entry.value)
@@ -285,19 +289,20 @@ async fn reconcile(
 }
 
 /// Closes the takeover (`end` None) or ends one: its id and the origin's
-/// version after its reconciliation.
+/// answer to its reconciliation.
 async fn stand_in_step(
     stand_in: &mut ShardClient<Channel>,
-    end: Option<(u64, u64)>,
+    end: Option<(u64, &pb::ReconcileResponse)>,
 ) -> pb::StandInResponse {
-    let (takeover, copy_version) = end.unwrap_or_default();
+    let (takeover, reconciled) = end.map_or((0, None), |(id, answer)| (id, Some(answer)));
     stand_in
         .stand_in(pb::StandInRequest {
             node_id: STAND_IN.into(),
             origin: ORIGIN.into(),
             end: end.is_some(),
             takeover,
-            copy_version,
+            copy_version: reconciled.map_or(0, |reconciled| reconciled.version),
+            directory_id: reconciled.map_or(0, |reconciled| reconciled.directory_id),
         })
         .await
         .unwrap()
@@ -366,24 +371,46 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
 
     // An end meant for another takeover (another coordinator's, late)
     // ends nothing.
-    let late = stand_in_step(&mut stand_in, Some((closed.takeover + 1, 0))).await;
+    let late = stand_in_step(
+        &mut stand_in,
+        Some((closed.takeover + 1, &pb::ReconcileResponse::default())),
+    )
+    .await;
     assert_eq!(late.takeover, closed.takeover);
     assert_eq!(standing_in_for(&mut stand_in).await, [ORIGIN]);
 
     // A replication round that scans the origin before it reconciles (and
     // is delivered late, below).
     let early = changes(&mut origin, copied.version).await;
+    // And a read of the origin answered before it reconciles: it still
+    // counts the key in doubt.
+    let read_before = read(&mut origin, ORIGIN).await;
+    assert_ne!(read_before.directory_id, 0);
 
     // The origin reconciles: the key both applied is the stand-in's now;
     // asked again, nothing changes.
     let reconciled = reconcile(&mut origin, closed.takeover, &closed.records).await;
     assert_eq!(reconciled.reverted, 1);
     assert!(reconciled.version > early.version);
+    assert_eq!(reconciled.directory_id, read_before.directory_id);
     let again = reconcile(&mut origin, closed.takeover, &closed.records).await;
     assert_eq!(again.reverted, 0);
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
-    stand_in_step(&mut stand_in, Some((closed.takeover, reconciled.version))).await;
+    stand_in_step(&mut stand_in, Some((closed.takeover, &reconciled))).await;
     assert!(standing_in_for(&mut stand_in).await.is_empty());
+    // A read answered by the stand-in now, with the origin's answer from
+    // before its reconciliation, would count the key in doubt twice: the
+    // stand-in's answer names the reconciliation, and answers of the
+    // origin's directory from before it are below its version (the
+    // coordinator reads again: `merge::answered_before_its_reconciliation`).
+    let ended = pb::TakeoverEnded {
+        origin: ORIGIN.into(),
+        version: reconciled.version,
+        directory_id: reconciled.directory_id,
+    };
+    assert_eq!(read(&mut stand_in, STAND_IN).await.takeovers_ended, [ended]);
+    assert!(read_before.version < reconciled.version);
+    assert!(read(&mut origin, ORIGIN).await.version >= reconciled.version);
     assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13);
     // Every key the stand-in applied is a retry at the origin now.
     assert_eq!(
@@ -430,11 +457,7 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     let early_again = changes(&mut origin, recopied.version).await;
     let second_reconciled = reconcile(&mut origin, second.takeover, &second.records).await;
     assert_eq!(second_reconciled.reverted, 0);
-    stand_in_step(
-        &mut stand_in,
-        Some((second.takeover, second_reconciled.version)),
-    )
-    .await;
+    stand_in_step(&mut stand_in, Some((second.takeover, &second_reconciled))).await;
     let late = reconcile(&mut origin, closed.takeover, &closed.records).await;
     assert_eq!(late.reverted, 0);
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
@@ -453,6 +476,15 @@ async fn a_takeover_counts_each_key_once_and_a_late_end_ends_nothing() {
     assert_eq!(own_total(&mut origin, ORIGIN).await, 5 + 7);
     assert_eq!(own_total(&mut stand_in, STAND_IN).await, 11 + 13 + 17);
     assert!(standing_in_for(&mut stand_in).await.is_empty());
+    // The last reconciliation, as reads report it, survives too.
+    assert_eq!(
+        read(&mut stand_in, STAND_IN).await.takeovers_ended,
+        [pb::TakeoverEnded {
+            origin: ORIGIN.into(),
+            version: second_reconciled.version,
+            directory_id: second_reconciled.directory_id,
+        }]
+    );
     assert_eq!(
         kinds(&apply(&mut origin, ORIGIN, vec![own("new", 13)]).await),
         ["duplicate"]

@@ -150,6 +150,34 @@ fn taken_over_part<'a>(
     )
 }
 
+/// A node whose answer was given before its reconciliation with a stand-in
+/// while another answer was given after that takeover ended: the first
+/// may still count a key the stand-in applied too (in doubt when the node
+/// failed), which the second counts in the stand-in's own, and the
+/// stand-in no longer says it stands in. Such answers do not make one
+/// read; the caller reads again (each answer of the node since has a
+/// version at or above the one its reconciliation returned).
+pub fn answered_before_its_reconciliation(
+    views: &[NodeView<'_>],
+    answers: &[Answer],
+) -> Option<usize> {
+    (0..views.len()).find(|&node| {
+        let Ok(answer) = &answers[node] else {
+            return false;
+        };
+        answers
+            .iter()
+            .flatten()
+            .flat_map(|other| &other.takeovers_ended)
+            .any(|ended| {
+                ended.origin == views[node].id
+                    && ended.directory_id != 0
+                    && ended.directory_id == answer.directory_id
+                    && answer.version < ended.version
+            })
+    })
+}
+
 /// The freshest copy of node `origin`'s parts among the answers of its
 /// replicas (only they are kept current; a node that held a copy before a
 /// membership change may hold an old one).
@@ -543,6 +571,39 @@ mod tests {
             }),
         ];
         assert_eq!(x_part(&answers, &views), Some(10));
+    }
+
+    #[test]
+    fn an_answer_from_before_a_reconciliation_is_not_read_with_one_from_after_its_end() {
+        let x = |version, directory| {
+            Ok(NodeRead {
+                version,
+                directory_id: directory,
+                ..own(1)
+            })
+        };
+        let y_ended = |version, directory| {
+            Ok(NodeRead {
+                takeovers_ended: vec![crate::model::TakeoverEnded {
+                    origin: "x".into(),
+                    version,
+                    directory_id: directory,
+                }],
+                ..own(2)
+            })
+        };
+        let views = views(false, 50);
+        let straddled = |answers: [Answer; 3]| answered_before_its_reconciliation(&views, &answers);
+        assert_eq!(straddled([x(5, 1), y_ended(6, 1), Ok(own(3))]), Some(0));
+        // Given after the reconciliation.
+        assert_eq!(straddled([x(6, 1), y_ended(6, 1), Ok(own(3))]), None);
+        // From another directory (restored since): its versions are not
+        // that directory's.
+        assert_eq!(straddled([x(5, 2), y_ended(6, 1), Ok(own(3))]), None);
+        // Ended before directories were kept.
+        assert_eq!(straddled([x(5, 1), y_ended(6, 0), Ok(own(3))]), None);
+        // Not answered: its part is a copy, dated by other rules.
+        assert_eq!(straddled([down(), y_ended(6, 1), Ok(own(3))]), None);
     }
 
     #[test]

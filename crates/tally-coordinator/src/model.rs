@@ -179,6 +179,23 @@ pub struct NodeRead {
     pub retired: Vec<String>,
     /// Nodes this node stands in for: its copy of each is their part.
     pub standing_in_for: Vec<String>,
+    /// Its replication version when it answered.
+    pub version: u64,
+    /// The last takeover of each node that ended here.
+    pub takeovers_ended: Vec<TakeoverEnded>,
+}
+
+/// A takeover that ended on the node answering: its origin had reconciled
+/// at `version`, from data directory `directory_id` (0: unknown).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TakeoverEnded {
+    /// The node that was taken over.
+    pub origin: String,
+    /// Its replication version after its reconciliation: its answers from
+    /// that directory below it were given before.
+    pub version: u64,
+    /// Its data directory then.
+    pub directory_id: u64,
 }
 
 /// A node's copy of another node's parts.
@@ -238,6 +255,16 @@ impl NodeRead {
             handed_over_version: response.handed_over_version,
             retired: response.retired,
             standing_in_for: response.standing_in_for,
+            version: response.version,
+            takeovers_ended: response
+                .takeovers_ended
+                .into_iter()
+                .map(|ended| TakeoverEnded {
+                    origin: ended.origin,
+                    version: ended.version,
+                    directory_id: ended.directory_id,
+                })
+                .collect(),
         })
     }
 
@@ -272,6 +299,8 @@ impl NodeRead {
                     handed_over_version: self.handed_over_version,
                     retired: self.retired.clone(),
                     standing_in_for: self.standing_in_for.clone(),
+                    version: self.version,
+                    takeovers_ended: self.takeovers_ended.clone(),
                 }
             })
             .collect()

@@ -13,7 +13,7 @@
 //!               | 3 (handed on: records of a membership change)
 //!               | entries (absolute values) [| records]
 //! StandIn     = origin: bytes | 0 (start) started_ms: varint | 1 (close)
-//!               | 2 (end) copy_version: varint
+//!               | 2 (end) copy_version: varint [| directory_id: varint]
 //! KeyedRing   = stamp: varint | sealed: u8 | epoch: varint
 //! Drain       = drain state: bytes (JSON)
 //! DropCopy    = origin: bytes
@@ -80,6 +80,9 @@ pub enum StandInStep {
     End {
         /// The origin's version after its reconciliation.
         copy_version: u64,
+        /// The origin's data directory then (0: unknown, in frames written
+        /// before it was kept).
+        directory_id: u64,
     },
 }
 
@@ -294,9 +297,13 @@ impl Change {
                         codec::put_varint(buffer, *started_ms);
                     }
                     StandInStep::Close => buffer.push(1),
-                    StandInStep::End { copy_version } => {
+                    StandInStep::End {
+                        copy_version,
+                        directory_id,
+                    } => {
                         buffer.push(2);
                         codec::put_varint(buffer, *copy_version);
+                        codec::put_varint(buffer, *directory_id);
                     }
                 }
             }
@@ -392,6 +399,11 @@ impl Change {
                     1 => StandInStep::Close,
                     2 => StandInStep::End {
                         copy_version: reader.varint("copy version")?,
+                        directory_id: if reader.is_empty() {
+                            0
+                        } else {
+                            reader.varint("directory id")?
+                        },
                     },
                     _ => {
                         return Err(Malformed {
@@ -486,9 +498,14 @@ impl Change {
                         stand_in.closed = true;
                     }
                 }
-                StandInStep::End { copy_version } => {
+                StandInStep::End {
+                    copy_version,
+                    directory_id,
+                } => {
                     meta.standing_in_for.remove(origin);
                     meta.copies_dated_from.insert(origin.clone(), *copy_version);
+                    meta.reconciled_directories
+                        .insert(origin.clone(), *directory_id);
                 }
             },
         }
@@ -582,6 +599,7 @@ mod tests {
                 origin: "shard-2".into(),
                 step: StandInStep::End {
                     copy_version: 1 << 40 | 7,
+                    directory_id: u64::MAX,
                 },
             },
             Change::SetOwn {
@@ -609,6 +627,24 @@ mod tests {
                 let _ = Change::decode(change.kind(), &body[..cut]);
             }
         }
+    }
+
+    #[test]
+    fn an_end_written_before_directories_were_kept_reads_as_unknown() {
+        let mut body = Vec::new();
+        codec::put_bytes(&mut body, b"shard-2");
+        body.push(2);
+        codec::put_varint(&mut body, 7);
+        assert_eq!(
+            Change::decode(FrameKind::StandIn, &body).unwrap(),
+            Change::StandIn {
+                origin: "shard-2".into(),
+                step: StandInStep::End {
+                    copy_version: 7,
+                    directory_id: 0,
+                },
+            }
+        );
     }
 
     #[test]

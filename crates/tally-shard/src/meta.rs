@@ -139,6 +139,12 @@ pub struct NodeMeta {
     /// late) does not date this node's copy of it.
     #[serde(default)]
     pub copies_dated_from: BTreeMap<String, u64>,
+    /// Per origin in `copies_dated_from`, its data directory at that
+    /// reconciliation (0: unknown). Reads report both: an answer of the
+    /// origin from that directory below that version predates the
+    /// reconciliation.
+    #[serde(default)]
+    pub reconciled_directories: BTreeMap<String, u64>,
     /// The membership this node takes keyed increments of.
     #[serde(default)]
     pub keyed_ring: KeyedRing,

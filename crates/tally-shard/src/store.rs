@@ -659,6 +659,12 @@ impl Store {
         self.replication_epoch.load(Ordering::SeqCst)
     }
 
+    /// Advances the replication version, as a scan would, and returns the
+    /// new one: every version read before this call is below it.
+    pub fn advance_replication_version(&self) -> u64 {
+        self.replication_epoch.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// Sets the node's incarnation (starts so far), before serving: the high
     /// bits of every replication version from now on.
     pub fn set_incarnation(&self, incarnation: u64) {

@@ -152,11 +152,7 @@ impl Cluster {
             .reconcile(stand_in_id, closed.takeover, keys, budget)
             .await?;
         self.shards[stand_in]
-            .stand_in(
-                origin_id,
-                Some((closed.takeover, reconciled.version)),
-                budget,
-            )
+            .stand_in(origin_id, Some((closed.takeover, &reconciled)), budget)
             .await?;
         self.health.clear_taken_over(origin);
         tracing::info!(

@@ -21,6 +21,11 @@ pub struct Total {
     pub complete: bool,
 }
 
+/// Reads of every node for one call, at most: another is needed only when
+/// one straddled the end of a takeover (`merge::answered_before_its_reconciliation`),
+/// which happens once per takeover.
+const READ_ATTEMPTS: u32 = 3;
+
 impl Cluster {
     /// What the read merge needs to know of each node now
     /// ([`merge::NodeView`]). Health is looked up only for the nodes that
@@ -93,24 +98,44 @@ impl Cluster {
     ) -> Result<Vec<Total>> {
         let names: Vec<String> = counters.into_iter().map(CounterName::into_string).collect();
         let budget = call_budget(self.config.shard_timeout, deadline);
-        // Before any read is queued: every answer comes from a call sent
-        // after it (a read joins the next call, never one in flight).
-        let began = std::time::Instant::now();
-        let reads = self
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(index, shard)| shard.read(names.clone(), self.budget_for(index, budget)));
-        let results = with_deadline(deadline, join_all(reads)).await?;
-        for (index, result) in results.iter().enumerate() {
-            self.observe(index, result);
-        }
+        let mut attempt = 1;
+        let (results, views) = loop {
+            // Before any read is queued: every answer comes from a call sent
+            // after it (a read joins the next call, never one in flight).
+            let began = std::time::Instant::now();
+            let reads =
+                self.shards.iter().enumerate().map(|(index, shard)| {
+                    shard.read(names.clone(), self.budget_for(index, budget))
+                });
+            let results = with_deadline(deadline, join_all(reads)).await?;
+            for (index, result) in results.iter().enumerate() {
+                self.observe(index, result);
+            }
+            let views = self.node_views(&results, began);
+            match merge::answered_before_its_reconciliation(&views, &results) {
+                Some(node) if attempt < READ_ATTEMPTS => {
+                    tracing::debug!(
+                        node_id = self.shards[node].node_id(),
+                        "a read straddled the end of a takeover; reading again"
+                    );
+                    attempt += 1;
+                }
+                Some(node) => {
+                    return Err(CoordinatorError::Unavailable(vec![(
+                        self.shards[node].node_id().to_string(),
+                        ShardCallError::Failed(format!(
+                            "each of {READ_ATTEMPTS} reads straddled the end of its takeover"
+                        )),
+                    )]))
+                }
+                None => break (results, views),
+            }
+        };
 
         // i128: the parts of a counter may each fit in an i64 while the sum
         // does not; that is OUT_OF_RANGE, never a wrapped number.
         let mut sums = vec![0i128; names.len()];
         let mut unavailable = Vec::new();
-        let views = self.node_views(&results, began);
         for node in 0..self.shards.len() {
             match merge::part_of(node, &views, &results) {
                 Ok(lists) => {

@@ -261,20 +261,21 @@ impl ShardClient {
 
     /// On a stand-in: closes its takeover of `origin` and lists the records
     /// it applied since it began (`end` None), or ends a takeover (`end`:
-    /// its id, and the origin's version after its reconciliation).
+    /// its id, and the origin's answer to its reconciliation).
     pub async fn stand_in(
         &self,
         origin: &str,
-        end: Option<(u64, u64)>,
+        end: Option<(u64, &pb::ReconcileResponse)>,
         budget: Duration,
     ) -> Result<pb::StandInResponse, ShardCallError> {
-        let (takeover, copy_version) = end.unwrap_or_default();
+        let (takeover, reconciled) = end.map_or((0, None), |(id, answer)| (id, Some(answer)));
         let request = pb::StandInRequest {
             node_id: self.node_id.to_string(),
             origin: origin.to_string(),
             end: end.is_some(),
             takeover,
-            copy_version,
+            copy_version: reconciled.map_or(0, |reconciled| reconciled.version),
+            directory_id: reconciled.map_or(0, |reconciled| reconciled.directory_id),
         };
         let mut grpc = self.grpc.clone();
         call(budget, grpc.stand_in(timed(request, budget))).await

@@ -17,7 +17,10 @@ impl ShardService {
         self.check_node_id(&request.node_id)?;
         // Own entries and copies as one view: an adoption is seen whole.
         let _reading = self.own_writes.read().await;
-        let (restoring, handed_to, retired, directory_id, standing_in_for) = {
+        // Before the entries, under the same pause a reconciliation takes:
+        // an answer below a reconciliation's version was read before it.
+        let version = self.state.store.replication_version();
+        let (restoring, handed_to, retired, directory_id, standing_in_for, takeovers_ended) = {
             let meta = self.state.meta.lock();
             (
                 meta.awaiting_restore,
@@ -27,6 +30,18 @@ impl ShardService {
                 meta.retired.keys().cloned().collect::<Vec<_>>(),
                 meta.directory_id,
                 meta.standing_in_for.keys().cloned().collect::<Vec<_>>(),
+                meta.copies_dated_from
+                    .iter()
+                    .map(|(origin, &version)| pb::TakeoverEnded {
+                        origin: origin.clone(),
+                        version,
+                        directory_id: meta
+                            .reconciled_directories
+                            .get(origin)
+                            .copied()
+                            .unwrap_or_default(),
+                    })
+                    .collect::<Vec<_>>(),
             )
         };
         let (drained_to, handed_over_version) = handed_to.unwrap_or_default();
@@ -76,6 +91,8 @@ impl ShardService {
             handed_over_version,
             retired,
             standing_in_for,
+            version,
+            takeovers_ended,
         })
     }
 

@@ -52,6 +52,7 @@ impl ShardService {
                 origin: origin.clone(),
                 step: StandInStep::End {
                     copy_version: request.copy_version,
+                    directory_id: request.directory_id,
                 },
             })
             .await?;
@@ -112,10 +113,12 @@ impl ShardService {
             .reconciled
             .get(&request.stand_in)
             .is_some_and(|&last| request.takeover <= last);
+        let directory_id = self.state.meta.lock().directory_id;
         if done {
             return Ok(pb::ReconcileResponse {
                 reverted: 0,
                 version: self.state.store.replication_version(),
+                directory_id,
             });
         }
         let _paused = self.own_writes.write().await;
@@ -166,9 +169,14 @@ impl ShardService {
             reverted,
             "reconciled with the node that stood in for it"
         );
-        // Read under the pause: a change set scanned from here on has this
-        // version or a later one, and holds the reconciliation.
-        let version = self.state.store.replication_version();
-        Ok(pb::ReconcileResponse { reverted, version })
+        // Advanced under the pause: a change set scanned from here on has
+        // this version or a later one, and holds the reconciliation; every
+        // read answered before it (they wait for the pause) has a lower one.
+        let version = self.state.store.advance_replication_version();
+        Ok(pb::ReconcileResponse {
+            reverted,
+            version,
+            directory_id,
+        })
     }
 }

@@ -313,6 +313,7 @@ mod tests {
             reconciled: [("shard-2".to_string(), u64::MAX)].into(),
             last_takeover: u64::MAX - 1,
             copies_dated_from: [("shard-3".to_string(), 1 << 40)].into(),
+            reconciled_directories: [("shard-3".to_string(), u64::MAX)].into(),
             keyed_ring: KeyedRing {
                 stamp: u64::MAX,
                 sealed: true,

@@ -63,6 +63,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Daemon {
     pub name: String,
     pub address: SocketAddr,
+    /// Where it serves `GET /metrics`, if it does.
+    pub metrics: Option<SocketAddr>,
     child: Child,
     stderr_path: PathBuf,
 }
@@ -90,15 +92,20 @@ impl Daemon {
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
+            // Printed before `listening on`, if at all.
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("metrics on http://") {
+                    metrics = url.trim().trim_end_matches("/metrics").parse().ok();
+                }
                 if let Some(address) = line.strip_prefix("listening on ") {
-                    let _ = sender.send(address.trim().parse::<SocketAddr>());
+                    let _ = sender.send((address.trim().parse::<SocketAddr>(), metrics));
                 }
             }
         });
-        let address = match receiver.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(address)) => address,
+        let (address, metrics) = match receiver.recv_timeout(START_TIMEOUT) {
+            Ok((Ok(address), metrics)) => (address, metrics),
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -111,6 +118,7 @@ impl Daemon {
         Daemon {
             name: name.to_string(),
             address,
+            metrics,
             child,
             stderr_path,
         }
@@ -191,6 +199,38 @@ pub fn run_to_end(binary_name: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The daemon's metrics, scraped: `GET /metrics` over HTTP/1.1, as
+/// Prometheus does. One entry per series, `name{labels}` to its value.
+pub fn scrape(daemon: &Daemon) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let address = daemon
+        .metrics
+        .unwrap_or_else(|| panic!("{} serves no metrics", daemon.name));
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(START_TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("series value");
+            (series.to_string(), value.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}
+
 /// A shard config file for node `index` (1-based) under `dir`. Its log
 /// segments are small and its checkpoints frequent, so that every process
 /// test also runs through checkpoints and segment deletions.
@@ -203,7 +243,7 @@ pub fn write_shard_config(dir: &Path, index: usize, durability: &str) -> PathBuf
             "node_id = \"shard-{index}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n\
              durability = \"{durability}\"\nflush_interval_ms = 20\n\
              log_segment_bytes = 65536\ncheckpoint_interval_ms = 100\n\
-             checkpoint_log_bytes = 262144\n",
+             checkpoint_log_bytes = 262144\nmetrics_listen = \"127.0.0.1:0\"\n",
             data_dir.display().to_string()
         ),
     )
@@ -238,7 +278,8 @@ pub fn write_coordinator_config_of(dir: &Path, nodes: &[(&str, SocketAddr)]) -> 
     // Probes every 100 ms, 500 ms to answer: failures are found fast.
     // Replicas refreshed every 100 ms.
     let mut text = String::from(
-        "listen = \"127.0.0.1:0\"\nstripes = 8\nshard_timeout_ms = 5000\n\
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nstripes = 8\n\
+         shard_timeout_ms = 5000\n\
          health_interval_ms = 100\nhealth_timeout_ms = 500\n\
          replication_factor = 2\nreplication_interval_ms = 100\n",
     );

@@ -716,6 +716,14 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     options.coordinator_listen = SocketAddr::from(([127, 0, 0, 1], port));
     options.shard_listens = shard_listens;
     options.durability = durability;
+    // Metrics on the ports 2000 above the gRPC ones (9700, 9701, ... by
+    // default), as the shipped config files have them.
+    options.metrics_port = Some(if port == 0 {
+        0
+    } else {
+        port.checked_add(2000)
+            .context("--port is too high for the metrics ports")?
+    });
     let shutdown = tally_runtime::process::shutdown_signal();
     let cluster = LocalCluster::start(options)
         .await
@@ -727,13 +735,23 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
         shards,
         durability.as_str()
     ));
-    say(format!("  coordinator  {}", cluster.endpoint()));
+    let metrics = |address: Option<SocketAddr>| {
+        address.map_or(String::new(), |address| {
+            format!("  metrics http://{address}/metrics")
+        })
+    };
+    say(format!(
+        "  coordinator  {}{}",
+        cluster.endpoint(),
+        metrics(cluster.coordinator_metrics())
+    ));
     for shard in cluster.shard_configs() {
         say(format!(
-            "  {:<11}  {}  data {}",
+            "  {:<11}  {}  data {}{}",
             shard.node_id,
             shard.listen,
-            shard.data_dir.display()
+            shard.data_dir.display(),
+            metrics(shard.metrics_listen)
         ));
     }
     say("");

@@ -42,6 +42,9 @@ pub struct LocalClusterOptions {
     pub replication_interval: std::time::Duration,
     /// Copies of each node's entries (1: none).
     pub replication_factor: usize,
+    /// Prometheus metrics: `None` off; `Some(port)` the coordinator's on
+    /// `port` and shard N's on `port + N` (0: a free port each).
+    pub metrics_port: Option<u16>,
 }
 
 impl LocalClusterOptions {
@@ -59,6 +62,7 @@ impl LocalClusterOptions {
                 tally_coordinator::config::DEFAULT_REPLICATION_INTERVAL_MS,
             ),
             replication_factor: tally_coordinator::config::DEFAULT_REPLICATION_FACTOR,
+            metrics_port: None,
         }
     }
 }
@@ -79,6 +83,11 @@ pub struct LocalCluster {
     coordinator_config: CoordinatorConfig,
     coordinator_stop: Option<oneshot::Sender<()>>,
     coordinator_task: Option<JoinHandle<Result<(), tally_coordinator::StartError>>>,
+    /// Where the coordinator serves metrics, and the task serving them.
+    coordinator_metrics: Option<(
+        SocketAddr,
+        tally_runtime::process::AbortOnDrop<std::io::Result<()>>,
+    )>,
     shards: Vec<RunningShard>,
 }
 
@@ -101,6 +110,10 @@ impl LocalCluster {
             let address = listener.local_addr()?;
             let mut config = ShardConfig::new(&node_id, address, options.data_dir.join(&node_id));
             config.durability = options.durability;
+            config.metrics_listen = options
+                .metrics_port
+                .map(|port| metrics_address(port, index + 1))
+                .transpose()?;
             let shard = start_shard(config, listener).await?;
             nodes.push(NodeConfig {
                 id: node_id,
@@ -123,7 +136,19 @@ impl LocalCluster {
         coordinator_config.stripes = options.stripes;
         coordinator_config.replication_interval = options.replication_interval;
         coordinator_config.replication_factor = options.replication_factor;
-        let coordinator = Coordinator::new(coordinator_config.clone())?;
+        let (coordinator, coordinator_metrics) = match options.metrics_port {
+            Some(port) => {
+                let coordinator = Coordinator::with_metrics(coordinator_config.clone())?;
+                let address = metrics_address(port, 0)?;
+                let listener = TcpListener::bind(address).await.with_context(|| {
+                    format!("coordinator: cannot listen on {address} for metrics")
+                })?;
+                let address = listener.local_addr()?;
+                let server = coordinator.serve_metrics(listener);
+                (coordinator, Some((address, server)))
+            }
+            None => (Coordinator::new(coordinator_config.clone())?, None),
+        };
         let (coordinator_stop, stopped) = oneshot::channel::<()>();
         let coordinator_task = tokio::spawn(coordinator.serve(listener, async {
             let _ = stopped.await;
@@ -134,6 +159,7 @@ impl LocalCluster {
             coordinator_config,
             coordinator_stop: Some(coordinator_stop),
             coordinator_task: Some(coordinator_task),
+            coordinator_metrics,
             shards,
         })
     }
@@ -148,7 +174,15 @@ impl LocalCluster {
         &self.coordinator_config
     }
 
-    /// Each shard's id, address and data directory.
+    /// Where the coordinator serves metrics, if it does.
+    pub fn coordinator_metrics(&self) -> Option<SocketAddr> {
+        self.coordinator_metrics
+            .as_ref()
+            .map(|(address, _)| *address)
+    }
+
+    /// Each shard's id, address and data directory (and metrics address,
+    /// once bound).
     pub fn shard_configs(&self) -> impl Iterator<Item = &ShardConfig> {
         self.shards.iter().map(|shard| &shard.config)
     }
@@ -207,10 +241,32 @@ impl LocalCluster {
     }
 }
 
-async fn start_shard(config: ShardConfig, listener: TcpListener) -> anyhow::Result<RunningShard> {
-    let node = ShardNode::open(config.clone())
+/// The metrics address of daemon `offset` (0: the coordinator, N: shard N)
+/// from the first metrics port.
+fn metrics_address(port: u16, offset: usize) -> anyhow::Result<SocketAddr> {
+    let port = if port == 0 {
+        0
+    } else {
+        u16::try_from(usize::from(port) + offset).context("the metrics port is too high")?
+    };
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+async fn start_shard(
+    mut config: ShardConfig,
+    listener: TcpListener,
+) -> anyhow::Result<RunningShard> {
+    let mut node = ShardNode::open(config.clone())
         .await
         .with_context(|| format!("{}: cannot start", config.node_id))?;
+    if let Some(address) = config.metrics_listen {
+        let metrics = TcpListener::bind(address).await.with_context(|| {
+            format!("{}: cannot listen on {address} for metrics", config.node_id)
+        })?;
+        // A restart serves on the same port.
+        config.metrics_listen = Some(metrics.local_addr()?);
+        node = node.with_metrics(metrics);
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(node.serve(listener, async {
         let _ = stopped.await;

@@ -34,6 +34,7 @@ pub const DEFAULT_REPLICATION_INTERVAL_MS: u64 = 1_000;
 #[serde(deny_unknown_fields)]
 struct RawCoordinatorConfig {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     stripes: Option<u32>,
     vnodes_per_weight: Option<u32>,
     shard_timeout_ms: Option<u64>,
@@ -60,6 +61,8 @@ struct RawNode {
 pub struct CoordinatorOverrides {
     /// `--listen`
     pub listen: Option<String>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<String>,
     /// `--shard-timeout-ms`
     pub shard_timeout_ms: Option<u64>,
 }
@@ -80,6 +83,9 @@ pub struct NodeConfig {
 pub struct CoordinatorConfig {
     /// Address to serve the public API on.
     pub listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
+    /// Not changed by a reload.
+    pub metrics_listen: Option<SocketAddr>,
     /// Stripes per counter. Must be identical on every coordinator.
     pub stripes: u32,
     /// Ring tokens per unit of node weight.
@@ -111,6 +117,7 @@ impl CoordinatorConfig {
     pub fn new(listen: SocketAddr, nodes: Vec<NodeConfig>) -> Self {
         CoordinatorConfig {
             listen,
+            metrics_listen: None,
             stripes: DEFAULT_STRIPES,
             vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
             shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
@@ -133,6 +140,13 @@ impl CoordinatorConfig {
         let listen = listen.ok_or_else(|| ConfigError::invalid(origin, "listen", "is required"))?;
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
+
+        let (metrics_listen, origin) =
+            flag_or_file(overrides.metrics_listen, raw.metrics_listen, &file);
+        let metrics_listen = metrics_listen
+            .map(|address| config_file::parse_listen_address(&address))
+            .transpose()
+            .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
 
         let stripes = check_range(
             &file,
@@ -202,6 +216,7 @@ impl CoordinatorConfig {
         let nodes = validate_nodes(&file, raw.nodes)?;
         let config = CoordinatorConfig {
             listen,
+            metrics_listen,
             stripes,
             vnodes_per_weight,
             shard_timeout: Duration::from_millis(shard_timeout_ms),
@@ -328,6 +343,10 @@ weight = 2
             (
                 GOOD.replace("stripes = 8", "stripes = 8\ncolour = 1"),
                 "FILE:3: unknown key `colour`",
+            ),
+            (
+                format!("metrics_listen = \"9700\"\n{GOOD}"),
+                "FILE: metrics_listen: \"9700\" is not an ip:port address",
             ),
             (
                 GOOD.replace("shard-2\"", "shard-1\""),

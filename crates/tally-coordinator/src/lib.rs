@@ -38,6 +38,7 @@ mod dispatch;
 mod error;
 mod health;
 mod merge;
+pub mod metrics;
 mod model;
 mod placement;
 mod replication;
@@ -45,6 +46,7 @@ mod service;
 mod shard_client;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tally_proto::pb;
 use tokio::net::TcpListener;
@@ -87,6 +89,35 @@ impl Coordinator {
         Ok(Coordinator {
             cluster: ClusterHandle::new(Cluster::new(config)?),
         })
+    }
+
+    /// [`Coordinator::new`], with its Prometheus series in a registry of
+    /// its own ([`Coordinator::serve_metrics`] serves them).
+    pub fn with_metrics(config: CoordinatorConfig) -> Result<Self, StartError> {
+        let registry = Arc::new(tally_runtime::metrics::Registry::enabled("coordinator"));
+        let metrics = Arc::new(metrics::CoordinatorMetrics::new(registry));
+        Ok(Coordinator {
+            cluster: ClusterHandle::new(Cluster::with_metrics(config, metrics)?),
+        })
+    }
+
+    /// Serves the coordinator's metrics on `GET /metrics` at `listener`
+    /// (a task that lives until the returned guard is dropped).
+    pub fn serve_metrics(
+        &self,
+        listener: TcpListener,
+    ) -> tally_runtime::process::AbortOnDrop<std::io::Result<()>> {
+        let handle = self.cluster.clone();
+        let registry = handle.current().metrics().registry().clone();
+        tally_runtime::process::AbortOnDrop(tokio::spawn(tally_runtime::metrics::serve(
+            listener,
+            registry,
+            move || {
+                let cluster = handle.current();
+                cluster.metrics().publish(&cluster);
+            },
+            std::future::pending(),
+        )))
     }
 
     /// A handle on the running membership, to reload it

@@ -11,7 +11,8 @@ use tally_coordinator::{ClusterHandle, Coordinator, CoordinatorConfig, Coordinat
 /// The Tally coordinator: routes increments to shard nodes over the ring,
 /// sums reads over every node.
 ///
-/// Prints `listening on ADDRESS` on stdout once it accepts requests; logs go
+/// Prints `listening on ADDRESS` on stdout once it accepts requests (after
+/// `metrics on http://ADDRESS/metrics` if `metrics_listen` is set); logs go
 /// to stderr (level from RUST_LOG). On SIGHUP it reads the config file again
 /// and applies its membership: nodes may be added (or change address or
 /// weight), none removed; the outcome is logged.
@@ -24,6 +25,10 @@ struct Args {
     /// Address to listen on, ip:port; overrides `listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Address to serve Prometheus metrics on (GET /metrics), ip:port;
+    /// overrides `metrics_listen`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Longest wait for one internal call to a shard; overrides
     /// `shard_timeout_ms`.
     #[arg(long)]
@@ -39,11 +44,22 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let overrides = CoordinatorOverrides {
         listen: args.listen,
+        metrics_listen: args.metrics_listen,
         shard_timeout_ms: args.shard_timeout_ms,
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     let listen = config.listen;
-    let coordinator = Coordinator::new(config)?;
+    let metrics_listen = config.metrics_listen;
+    let coordinator = match metrics_listen {
+        Some(_) => Coordinator::with_metrics(config)?,
+        None => Coordinator::new(config)?,
+    };
+    let _metrics = match metrics_listen {
+        Some(address) => {
+            Some(coordinator.serve_metrics(tally_runtime::metrics::bind(address).await?))
+        }
+        None => None,
+    };
     reload_on_sighup(coordinator.handle(), args.config, overrides)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

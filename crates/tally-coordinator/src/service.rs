@@ -8,21 +8,33 @@ use tally_proto::pb;
 use tally_ring::Ring;
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
 use crate::cluster::{ClusterHandle, Total};
 use crate::deadline::{call_budget, request_deadline};
+use crate::metrics::CoordinatorMetrics;
 
 /// Serves `tally.v1.Counter`.
 #[derive(Debug, Clone)]
 pub struct CounterService {
     cluster: ClusterHandle,
+    metrics: Arc<CoordinatorMetrics>,
 }
 
 impl CounterService {
     /// The service over the cluster `cluster` holds (read per call, so a
     /// reloaded membership takes effect for the next call).
     pub fn new(cluster: ClusterHandle) -> Self {
-        CounterService { cluster }
+        let metrics = cluster.current().metrics().clone();
+        CounterService { cluster, metrics }
     }
+}
+
+/// The code a call answered with, as `tally_requests_total` counts it.
+fn code_of<T>(result: &Result<T, Status>) -> tonic::Code {
+    result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok)
 }
 
 fn to_response(total: Total) -> pb::GetResponse {
@@ -39,77 +51,107 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::IncrementRequest>,
     ) -> Result<Response<pb::IncrementResponse>, Status> {
-        let deadline = request_deadline(&request);
-        let increment = Increment::try_from(request.into_inner())?;
-        let deduplicated = self
-            .cluster
-            .current()
-            .increment(vec![increment], deadline)
-            .await?;
-        Ok(Response::new(pb::IncrementResponse {
-            deduplicated: deduplicated > 0,
-        }))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::IncrementResponse>, Status> = async move {
+            let deadline = request_deadline(&request);
+            let increment = Increment::try_from(request.into_inner())?;
+            let deduplicated = self
+                .cluster
+                .current()
+                .increment(vec![increment], deadline)
+                .await?;
+            Ok(Response::new(pb::IncrementResponse {
+                deduplicated: deduplicated > 0,
+            }))
+        }
+        .await;
+        self.metrics.observe(0, began, code_of(&result));
+        result
     }
 
     async fn increment_batch(
         &self,
         request: Request<pb::IncrementBatchRequest>,
     ) -> Result<Response<pb::IncrementBatchResponse>, Status> {
-        let deadline = request_deadline(&request);
-        let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
-        let deduplicated = self
-            .cluster
-            .current()
-            .increment(increments, deadline)
-            .await?;
-        Ok(Response::new(pb::IncrementBatchResponse {
-            // At most 10,000 items.
-            deduplicated: deduplicated as u32,
-        }))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::IncrementBatchResponse>, Status> = async move {
+            let deadline = request_deadline(&request);
+            let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
+            let deduplicated = self
+                .cluster
+                .current()
+                .increment(increments, deadline)
+                .await?;
+            Ok(Response::new(pb::IncrementBatchResponse {
+                // At most 10,000 items.
+                deduplicated: deduplicated as u32,
+            }))
+        }
+        .await;
+        self.metrics.observe(1, began, code_of(&result));
+        result
     }
 
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let deadline = request_deadline(&request);
-        let request = request.into_inner();
-        let counter = CounterName::try_from(request.counter)?;
-        let total = self
-            .cluster
-            .current()
-            .totals(vec![counter], request.allow_partial, deadline)
-            .await?
-            .pop()
-            .expect("one total per counter");
-        Ok(Response::new(to_response(total)))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::GetResponse>, Status> = async move {
+            let deadline = request_deadline(&request);
+            let request = request.into_inner();
+            let counter = CounterName::try_from(request.counter)?;
+            let total = self
+                .cluster
+                .current()
+                .totals(vec![counter], request.allow_partial, deadline)
+                .await?
+                .pop()
+                .expect("one total per counter");
+            Ok(Response::new(to_response(total)))
+        }
+        .await;
+        self.metrics.observe(2, began, code_of(&result));
+        result
     }
 
     async fn get_batch(
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::GetBatchResponse>, Status> {
-        let deadline = request_deadline(&request);
-        let request = request.into_inner();
-        let counters: Vec<CounterName> = validate_batch(request.counters)?;
-        let totals = self
-            .cluster
-            .current()
-            .totals(counters, request.allow_partial, deadline)
-            .await?;
-        Ok(Response::new(pb::GetBatchResponse {
-            counters: totals.into_iter().map(to_response).collect(),
-        }))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::GetBatchResponse>, Status> = async move {
+            let deadline = request_deadline(&request);
+            let request = request.into_inner();
+            let counters: Vec<CounterName> = validate_batch(request.counters)?;
+            let totals = self
+                .cluster
+                .current()
+                .totals(counters, request.allow_partial, deadline)
+                .await?;
+            Ok(Response::new(pb::GetBatchResponse {
+                counters: totals.into_iter().map(to_response).collect(),
+            }))
+        }
+        .await;
+        self.metrics.observe(3, began, code_of(&result));
+        result
     }
 
     async fn delete(
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let deadline = request_deadline(&request);
-        let counter = CounterName::try_from(request.into_inner().counter)?;
-        self.cluster.current().delete(counter, deadline).await?;
-        Ok(Response::new(pb::DeleteResponse {}))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::DeleteResponse>, Status> = async move {
+            let deadline = request_deadline(&request);
+            let counter = CounterName::try_from(request.into_inner().counter)?;
+            self.cluster.current().delete(counter, deadline).await?;
+            Ok(Response::new(pb::DeleteResponse {}))
+        }
+        .await;
+        self.metrics.observe(4, began, code_of(&result));
+        result
     }
 }
 
@@ -117,12 +159,14 @@ impl pb::counter_server::Counter for CounterService {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     cluster: ClusterHandle,
+    metrics: Arc<CoordinatorMetrics>,
 }
 
 impl AdminService {
     /// The service over the cluster `cluster` holds.
     pub fn new(cluster: ClusterHandle) -> Self {
-        AdminService { cluster }
+        let metrics = cluster.current().metrics().clone();
+        AdminService { cluster, metrics }
     }
 }
 
@@ -132,85 +176,109 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::RingRequest>,
     ) -> Result<Response<pb::RingResponse>, Status> {
-        let cluster = self.cluster.current();
-        Ok(Response::new(ring_response(
-            cluster.ring(),
-            cluster.config(),
-        )))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::RingResponse>, Status> = async move {
+            let cluster = self.cluster.current();
+            Ok(Response::new(ring_response(
+                cluster.ring(),
+                cluster.config(),
+            )))
+        }
+        .await;
+        self.metrics.observe(5, began, code_of(&result));
+        result
     }
 
     async fn locate(
         &self,
         request: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
-        let counter = CounterName::try_from(request.into_inner().counter)?;
-        let cluster = self.cluster.current();
-        Ok(Response::new(locate_response(
-            cluster.ring(),
-            cluster.config(),
-            &counter,
-        )))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::LocateResponse>, Status> = async move {
+            let counter = CounterName::try_from(request.into_inner().counter)?;
+            let cluster = self.cluster.current();
+            Ok(Response::new(locate_response(
+                cluster.ring(),
+                cluster.config(),
+                &counter,
+            )))
+        }
+        .await;
+        self.metrics.observe(6, began, code_of(&result));
+        result
     }
 
     async fn cluster_status(
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let cluster = &self.cluster.current();
-        let budget = call_budget(cluster.config().shard_timeout, request_deadline(&request));
-        let statuses = cluster
-            .shards()
-            .iter()
-            .enumerate()
-            .map(|(index, shard)| async move {
-                // A node known to be down gets a probe's time: one hung
-                // node does not hold the whole status for the shard timeout.
-                let result = shard.status(cluster.budget_for(index, budget)).await;
-                let health = cluster.health(index);
-                let mut node = pb::NodeStatus {
-                    id: shard.node_id().to_string(),
-                    address: shard.address().to_string(),
-                    health: if health.up { "up" } else { "down" }.to_string(),
-                    drain: health.drain.public_name().to_string(),
-                    health_since_unix_ms: health.since_unix_ms,
-                    replication_failures: health.replication_failures,
-                    ..Default::default()
-                };
-                match result {
-                    Ok(status) => {
-                        node.reachable = true;
-                        node.entries = status.entries;
-                        node.last_flush_unix_ms = status.last_flush_unix_ms;
-                        node.durability = status.durability_mode().public_name().to_string();
-                        node.remembered_keys = status.remembered_keys;
-                        node.keys_forgotten_early = status.keys_forgotten_early;
-                        node.log_bytes = status.log_bytes;
-                        node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
-                        node.standing_in_for = status.standing_in_for;
-                        node.keyed_membership = match status.keyed_ring {
-                            _ if status.keyed_ring_sealed => "moving",
-                            0 => "none",
-                            ring if ring == cluster.keyed_stamp() => "current",
-                            _ => "other",
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::ClusterStatusResponse>, Status> = async move {
+            let cluster = &self.cluster.current();
+            let budget = call_budget(cluster.config().shard_timeout, request_deadline(&request));
+            let statuses = cluster
+                .shards()
+                .iter()
+                .enumerate()
+                .map(|(index, shard)| async move {
+                    // A node known to be down gets a probe's time: one hung
+                    // node does not hold the whole status for the shard timeout.
+                    let result = shard.status(cluster.budget_for(index, budget)).await;
+                    let health = cluster.health(index);
+                    let mut node = pb::NodeStatus {
+                        id: shard.node_id().to_string(),
+                        address: shard.address().to_string(),
+                        health: if health.up { "up" } else { "down" }.to_string(),
+                        drain: health.drain.public_name().to_string(),
+                        health_since_unix_ms: health.since_unix_ms,
+                        replication_failures: health.replication_failures,
+                        ..Default::default()
+                    };
+                    match result {
+                        Ok(status) => {
+                            node.reachable = true;
+                            node.entries = status.entries;
+                            node.last_flush_unix_ms = status.last_flush_unix_ms;
+                            node.durability = status.durability_mode().public_name().to_string();
+                            node.remembered_keys = status.remembered_keys;
+                            node.keys_forgotten_early = status.keys_forgotten_early;
+                            node.log_bytes = status.log_bytes;
+                            node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
+                            node.standing_in_for = status.standing_in_for;
+                            node.keyed_membership = match status.keyed_ring {
+                                _ if status.keyed_ring_sealed => "moving",
+                                0 => "none",
+                                ring if ring == cluster.keyed_stamp() => "current",
+                                _ => "other",
+                            }
+                            .to_string();
                         }
-                        .to_string();
+                        Err(error) => node.error = error.to_string(),
                     }
-                    Err(error) => node.error = error.to_string(),
-                }
-                node
-            });
-        Ok(Response::new(pb::ClusterStatusResponse {
-            nodes: join_all(statuses).await,
-        }))
+                    node
+                });
+            Ok(Response::new(pb::ClusterStatusResponse {
+                nodes: join_all(statuses).await,
+            }))
+        }
+        .await;
+        self.metrics.observe(7, began, code_of(&result));
+        result
     }
 
     async fn drain(
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
-        let node_id = request.into_inner().node_id;
-        let (adopter, entries) = self.cluster.current().drain(&node_id).await?;
-        Ok(Response::new(pb::DrainResponse { adopter, entries }))
+        let began = std::time::Instant::now();
+        let result: Result<Response<pb::DrainResponse>, Status> = async move {
+            let node_id = request.into_inner().node_id;
+            let (adopter, entries) = self.cluster.current().drain(&node_id).await?;
+            Ok(Response::new(pb::DrainResponse { adopter, entries }))
+        }
+        .await;
+        self.metrics.observe(8, began, code_of(&result));
+        result
     }
 }
 

@@ -8,7 +8,9 @@
 //! - [`process`]: tracing setup, shutdown signals, exit codes, allocator
 //!   tuning, and the gRPC server with health checking and reflection that
 //!   lists exactly what a server serves.
+//! - [`metrics`]: each daemon's Prometheus metrics and their endpoint.
 #![deny(missing_docs)]
 
 pub mod config_file;
+pub mod metrics;
 pub mod process;

@@ -498,3 +498,14 @@ mod tests {
         }
     }
 }
+
+/// Aborts a spawned task when dropped: a helper task that must not outlive
+/// what spawned it.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -74,6 +74,7 @@ const MAX_KEYS_LIMIT: usize = 100_000_000;
 struct RawShardConfig {
     node_id: Option<String>,
     listen: Option<String>,
+    metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
@@ -91,6 +92,8 @@ pub struct ShardOverrides {
     pub node_id: Option<String>,
     /// `--listen`
     pub listen: Option<String>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<String>,
     /// `--data-dir`
     pub data_dir: Option<PathBuf>,
     /// `--durability`
@@ -116,6 +119,8 @@ pub struct ShardConfig {
     pub node_id: String,
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where this node keeps its log and checkpoint.
     pub data_dir: PathBuf,
     /// When increments are acknowledged.
@@ -145,6 +150,7 @@ impl ShardConfig {
         ShardConfig {
             node_id: node_id.into(),
             listen,
+            metrics_listen: None,
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
@@ -178,6 +184,13 @@ impl ShardConfig {
         let listen = listen.ok_or_else(|| missing(origin, "listen"))?;
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
+
+        let (metrics_listen, origin) =
+            flag_or_file(overrides.metrics_listen, raw.metrics_listen, &file_origin);
+        let metrics_listen = metrics_listen
+            .map(|address| config_file::parse_listen_address(&address))
+            .transpose()
+            .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
 
         let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
         let data_dir = data_dir.ok_or_else(|| missing(origin, "data_dir"))?;
@@ -242,6 +255,7 @@ impl ShardConfig {
         Ok(ShardConfig {
             node_id,
             listen,
+            metrics_listen,
             data_dir,
             durability: durability.unwrap_or(Durability::Sync),
             flush_interval: Duration::from_millis(flush_interval_ms),
@@ -309,6 +323,10 @@ mod tests {
             (
                 GOOD.replace("127.0.0.1:7701", "nowhere"),
                 "FILE: listen: \"nowhere\" is not an ip:port address",
+            ),
+            (
+                format!("{GOOD}metrics_listen = \"localhost:9701\"\n"),
+                "FILE: metrics_listen: \"localhost:9701\" is not an ip:port address",
             ),
             (
                 format!("{GOOD}durability = \"maybe\"\n"),

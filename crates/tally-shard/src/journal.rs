@@ -186,6 +186,26 @@ pub struct JournalParts {
     pub checkpoint_hash: Option<(u64, u64)>,
     /// This start's frame, if it is not in the log yet: written first.
     pub pending_start: Option<Change>,
+    /// Where each group commit is measured.
+    pub commit_metrics: CommitMetrics,
+}
+
+/// Histograms of group commits, recorded by the log thread.
+#[derive(Debug, Clone)]
+pub struct CommitMetrics {
+    /// Counters written by a group commit that wrote own entries.
+    pub counters: metrics::Histogram,
+    /// How long a group commit's write and sync took.
+    pub seconds: metrics::Histogram,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        CommitMetrics {
+            counters: metrics::Histogram::noop(),
+            seconds: metrics::Histogram::noop(),
+        }
+    }
 }
 
 /// How the log thread left the log at a stop: what [`crate::storage::Storage::close`]
@@ -226,6 +246,7 @@ impl Journal {
             inbox: inbox.clone(),
             durable: state_sender,
             stats: stats.clone(),
+            commit_metrics: parts.commit_metrics,
             log: parts.log,
             witness: parts.witness,
             checkpoint_hash: parts.checkpoint_hash,
@@ -391,6 +412,7 @@ struct LogThread {
     inbox: Arc<Inbox>,
     durable: watch::Sender<DurableState>,
     stats: Arc<LogStats>,
+    commit_metrics: CommitMetrics,
     log: LogWriter,
     witness: std::fs::File,
     /// The checkpoint's files' hash after their last finished round, and
@@ -526,7 +548,18 @@ impl LogThread {
             self.log
                 .append(change.kind(), |buffer| change.encode(buffer));
         }
+        let writing = Instant::now();
         let committed = self.log.commit();
+        if own_frame.is_some() || !requests.is_empty() {
+            self.commit_metrics
+                .seconds
+                .record(writing.elapsed().as_secs_f64());
+        }
+        if own_frame.is_some() {
+            self.commit_metrics
+                .counters
+                .record(self.own.counts().0 as f64);
+        }
         let epoch = self.own.epoch;
         match committed {
             Ok(()) => {

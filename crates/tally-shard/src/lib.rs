@@ -56,6 +56,7 @@ mod journal;
 mod legacy;
 mod log;
 mod meta;
+pub mod metrics;
 mod refusal;
 mod replicas;
 mod service;
@@ -101,6 +102,7 @@ pub enum ShardError {
 pub struct ShardNode {
     config: ShardConfig,
     recovered: storage::Recovered,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for ShardNode {
@@ -149,7 +151,18 @@ impl ShardNode {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
-        Ok(ShardNode { config, recovered })
+        Ok(ShardNode {
+            config,
+            recovered,
+            metrics_listener: None,
+        })
+    }
+
+    /// Serves Prometheus metrics on `GET /metrics` at `listener` too, while
+    /// the node serves.
+    pub fn with_metrics(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets
@@ -173,6 +186,9 @@ impl ShardNode {
             pending_start,
             ..
         } = self.recovered;
+        let metrics = self.metrics_listener.as_ref().map(|_| {
+            metrics::ShardMetrics::new(Arc::new(tally_runtime::metrics::Registry::enabled("shard")))
+        });
         let journal = Arc::new(journal::Journal::start(
             state.clone(),
             journal::JournalParts {
@@ -183,6 +199,10 @@ impl ShardNode {
                 checkpoint,
                 checkpoint_hash,
                 pending_start,
+                commit_metrics: metrics
+                    .as_ref()
+                    .map(metrics::ShardMetrics::commits)
+                    .unwrap_or_default(),
             },
             journal::LogSettings {
                 durability: self.config.durability,
@@ -204,6 +224,22 @@ impl ShardNode {
             .set_serving::<pb::shard_server::ShardServer<service::ShardService>>()
             .await;
 
+        // Ends when serving does (dropped at the end of this function).
+        let _metrics_server = match (self.metrics_listener, metrics) {
+            (Some(listener), Some(metrics)) => {
+                let service = service.clone();
+                let registry = metrics.registry.clone();
+                Some(tally_runtime::process::AbortOnDrop(tokio::spawn(
+                    tally_runtime::metrics::serve(
+                        listener,
+                        registry,
+                        move || service.publish_metrics(&metrics),
+                        std::future::pending(),
+                    ),
+                )))
+            }
+            _ => None,
+        };
         tracing::info!(node_id = self.config.node_id, %address, "serving");
         let served = server
             .add_service(

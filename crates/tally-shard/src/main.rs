@@ -11,8 +11,9 @@ use tally_shard::{Durability, ShardConfig, ShardNode, ShardOverrides};
 /// in its log, checkpoints them to sled.
 ///
 /// Without a subcommand it serves: it prints `listening on ADDRESS` on
-/// stdout once it has recovered its data and accepts requests; logs go to
-/// stderr (level from RUST_LOG).
+/// stdout once it has recovered its data and accepts requests (after
+/// `metrics on http://ADDRESS/metrics` if `metrics_listen` is set); logs go
+/// to stderr (level from RUST_LOG).
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
@@ -45,6 +46,9 @@ struct ServeArgs {
     /// Address to listen on, ip:port.
     #[arg(long)]
     listen: Option<String>,
+    /// Address to serve Prometheus metrics on (GET /metrics), ip:port.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -141,6 +145,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = ShardOverrides {
         node_id: args.node_id,
         listen: args.listen,
+        metrics_listen: args.metrics_listen,
         data_dir: args.data_dir,
         durability: args.durability,
         flush_interval_ms: args.flush_interval_ms,
@@ -155,9 +160,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // and be handled like a full disk, not kill the process with SIGXFSZ.
     tally_runtime::process::ignore_file_size_signal();
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
     // Before recovery, so that a SIGTERM while loading is a clean stop.
     let shutdown = tally_runtime::process::shutdown_signal();
-    let node = ShardNode::open(config).await?;
+    let mut node = ShardNode::open(config).await?;
+    if let Some(address) = metrics_listen {
+        node = node.with_metrics(tally_runtime::metrics::bind(address).await?);
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

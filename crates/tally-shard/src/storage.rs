@@ -1025,6 +1025,7 @@ mod tests {
                 checkpoint: recovered.checkpoint,
                 checkpoint_hash: recovered.checkpoint_hash,
                 pending_start: recovered.pending_start,
+                commit_metrics: Default::default(),
             },
             LogSettings {
                 durability: Durability::Sync,

@@ -125,7 +125,7 @@ impl ClusterHandle {
                 return Err(ReloadError::KeysCannotMove(why));
             }
         }
-        let rebuilt = Cluster::build(config, Some(&current))?;
+        let rebuilt = Cluster::build(config, Some(&current), current.metrics().clone())?;
         self.0.current.store(rebuilt);
         // Calls still in flight on the old cluster must not start a change
         // of keyed membership back to it.

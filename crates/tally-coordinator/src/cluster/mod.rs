@@ -68,6 +68,8 @@ pub struct Cluster {
     keyed_stamp: u64,
     /// Where this cluster's change of keyed membership stands (`align`).
     alignment: Arc<align::Alignment>,
+    /// The coordinator's series, kept across reloads.
+    metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 impl Drop for Cluster {
@@ -80,7 +82,19 @@ impl Cluster {
     /// Builds the ring and a lazily connecting client per node, and starts
     /// probing every node's health. Needs a tokio runtime.
     pub fn new(config: CoordinatorConfig) -> std::result::Result<Arc<Self>, crate::StartError> {
-        Self::build(config, None)
+        Self::build(
+            config,
+            None,
+            Arc::new(crate::metrics::CoordinatorMetrics::disabled()),
+        )
+    }
+
+    /// [`Cluster::new`], counting into `metrics`.
+    pub fn with_metrics(
+        config: CoordinatorConfig,
+        metrics: Arc<crate::metrics::CoordinatorMetrics>,
+    ) -> std::result::Result<Arc<Self>, crate::StartError> {
+        Self::build(config, None, metrics)
     }
 
     /// [`Cluster::new`] for a reloaded membership: nodes that keep their id
@@ -89,6 +103,7 @@ impl Cluster {
     fn build(
         config: CoordinatorConfig,
         previous: Option<&Cluster>,
+        metrics: Arc<crate::metrics::CoordinatorMetrics>,
     ) -> std::result::Result<Arc<Self>, crate::StartError> {
         let ring = config.ring()?;
         let settings = BatchSettings {
@@ -112,7 +127,7 @@ impl Cluster {
                 });
                 match kept {
                     Some(shard) => Ok(shard.clone()),
-                    None => ShardClient::new(&node.id, address, settings),
+                    None => ShardClient::new(&node.id, address, settings, metrics.node(&node.id)),
                 }
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -164,6 +179,7 @@ impl Cluster {
             stand_ins,
             rounds: Default::default(),
             round_lag: (0..shard_count).map(|_| Default::default()).collect(),
+            metrics,
         });
         tokio::spawn(align::align_loop(
             Arc::downgrade(&cluster),
@@ -199,6 +215,26 @@ impl Cluster {
         &self.shards
     }
 
+    /// The coordinator's series.
+    pub fn metrics(&self) -> &Arc<crate::metrics::CoordinatorMetrics> {
+        &self.metrics
+    }
+
+    /// Node `index`'s series.
+    pub(crate) fn node_metrics(&self, index: usize) -> &crate::metrics::NodeMetrics {
+        self.shards[index].metrics()
+    }
+
+    /// Per `(origin, replica)` pair this coordinator has replicated: how
+    /// long ago its last successful round began.
+    pub(crate) fn last_rounds(&self) -> Vec<(usize, usize, std::time::Duration)> {
+        self.rounds
+            .lock()
+            .iter()
+            .map(|(&(origin, replica), &(_, began))| (origin, replica, began.elapsed()))
+            .collect()
+    }
+
     /// Node `index`'s health as this coordinator sees it.
     pub fn health(&self, index: usize) -> NodeHealth {
         self.health.get(index)
@@ -215,13 +251,17 @@ impl Cluster {
     fn target(&self, counter: &str, stripe: u32, keyed: bool) -> Target {
         let hash = tally_ring::key_hash(counter, stripe);
         let owner = self.ring.owner_of_hash(hash);
-        write_target(
+        let target = write_target(
             owner,
             || self.ring.successors(hash),
             || self.stand_in(owner),
             |node| self.health.write_state(node),
             keyed,
-        )
+        );
+        if target.node != owner {
+            self.node_metrics(owner).failovers.increment(1);
+        }
+        target
     }
 
     /// The node that holds `owner`'s records once its drain handed them

@@ -1,6 +1,7 @@
 //! Increments: which stripe and node each goes to, the calls to the nodes,
 //! and what their outcomes mean for the client.
 
+use crate::metrics::Redirect;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -126,6 +127,7 @@ impl Cluster {
                                         continue;
                                     }
                                     self.stand_in_for(&mut increment, again);
+                                    self.node_metrics(node).redirected(Redirect::Draining, 1);
                                     by_node.entry(again.node).or_default().push(increment);
                                 }
                                 Outcome::Redirect(_) => unavailable.push((
@@ -136,6 +138,8 @@ impl Cluster {
                                 Outcome::Duplicate => deduplicated += 1,
                                 Outcome::AwaitsRestore(increment) if !restored => {
                                     restore.insert(node);
+                                    self.node_metrics(node)
+                                        .redirected(Redirect::AwaitsRestore, 1);
                                     by_node.entry(node).or_default().push(increment);
                                 }
                                 Outcome::Unavailable(why) => {
@@ -155,6 +159,7 @@ impl Cluster {
                                     increment.on_behalf_of = None;
                                     increment.takeover_max_copy_age_ms = 0;
                                     back.insert(owner);
+                                    self.node_metrics(node).redirected(Redirect::OwnerBack, 1);
                                     by_node.entry(owner).or_default().push(increment);
                                 }
                                 Outcome::RingRefused {
@@ -163,6 +168,7 @@ impl Cluster {
                                     sealed,
                                 } => match self.other_membership(ring, sealed) {
                                     None if realigned < MEMBERSHIP_WAITS => {
+                                        self.node_metrics(node).redirected(Redirect::Membership, 1);
                                         wait_for_membership.push((node, increment))
                                     }
                                     why => unavailable.push((

@@ -11,6 +11,7 @@ use super::coalesce::Coalesced;
 use super::rpc::{apply_call, Grpc};
 use super::BatchSettings;
 use crate::error::ShardCallError;
+use crate::metrics::NodeMetrics;
 use crate::model::{Outcome, StripeIncrement};
 
 /// A group of increments from one public call, answered together.
@@ -35,6 +36,7 @@ pub(super) async fn batch_loop(
     grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ApplyJob>,
     settings: BatchSettings,
+    metrics: NodeMetrics,
 ) {
     gather_loop(
         queue,
@@ -47,7 +49,7 @@ pub(super) async fn batch_loop(
                 jobs,
                 increment_count,
                 settings.shard_timeout,
-                slot,
+                (slot, InFlight::new(&metrics)),
             ));
         },
     )
@@ -60,7 +62,7 @@ async fn send_batch(
     jobs: Vec<ApplyJob>,
     increment_count: usize,
     shard_timeout: Duration,
-    _slot: OwnedSemaphorePermit,
+    (_slot, in_flight): (OwnedSemaphorePermit, InFlight),
 ) {
     let mut increments = Vec::with_capacity(increment_count);
     let mut replies = Vec::with_capacity(jobs.len());
@@ -71,7 +73,8 @@ async fn send_batch(
         increments.extend(job.increments);
         queue_room.push(job.queue_room);
     }
-    let result = apply_coalesced(&node_id, &mut grpc, increments, shard_timeout).await;
+    let result =
+        apply_coalesced(&node_id, &mut grpc, increments, shard_timeout, &in_flight.0).await;
     match &result {
         Ok(Applied {
             unknown: Some((error, positions)),
@@ -106,8 +109,10 @@ async fn apply_coalesced(
     grpc: &mut Grpc,
     increments: Vec<StripeIncrement>,
     shard_timeout: Duration,
+    metrics: &NodeMetrics,
 ) -> Result<Applied, ShardCallError> {
     let plan = Coalesced::plan(increments);
+    metrics.apply_increments.record(plan.sent.len() as f64);
     let merged_outcomes = apply_call(node_id, grpc, plan.sent, shard_timeout).await?;
     let (mut outcomes, unmerge) = plan.members.spread(merged_outcomes);
     if unmerge.is_empty() {
@@ -117,6 +122,7 @@ async fn apply_coalesced(
         });
     }
     let (positions, increments): (Vec<usize>, Vec<StripeIncrement>) = unmerge.into_iter().unzip();
+    metrics.apply_increments.record(increments.len() as f64);
     match apply_call(node_id, grpc, increments, shard_timeout).await {
         Ok(separate) => {
             for (&position, outcome) in positions.iter().zip(separate) {
@@ -137,6 +143,23 @@ async fn apply_coalesced(
 /// The answer to one batch: an outcome per increment, except that if the
 /// second call of [`apply_coalesced`] failed, the increments it carried
 /// (by position) may or may not have been applied.
+/// An Apply call in flight, counted in `tally_shard_calls_in_flight` until
+/// dropped.
+struct InFlight(NodeMetrics);
+
+impl InFlight {
+    fn new(metrics: &NodeMetrics) -> Self {
+        metrics.calls_in_flight.increment(1.0);
+        InFlight(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.calls_in_flight.decrement(1.0);
+    }
+}
+
 struct Applied {
     outcomes: Vec<Outcome>,
     unknown: Option<(ShardCallError, Vec<usize>)>,

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Endpoint;
 
 use crate::error::ShardCallError;
+use crate::metrics::NodeMetrics;
 use crate::model::{NodeRead, Outcome, StripeIncrement};
 use apply::{batch_loop, ApplyJob};
 use read::{read_loop, ReadJob};
@@ -57,6 +58,8 @@ pub struct ShardClient {
     reads: mpsc::UnboundedSender<ReadJob>,
     /// Permits are increments; bounds the queue (see the module docs).
     queue_room: Arc<Semaphore>,
+    /// This node's series (`crate::metrics`).
+    metrics: NodeMetrics,
 }
 
 /// Batching settings for one node's client.
@@ -78,6 +81,7 @@ impl ShardClient {
         node_id: &str,
         address: &str,
         settings: BatchSettings,
+        metrics: NodeMetrics,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -91,13 +95,20 @@ impl ShardClient {
         // Unbounded channel, bounded by `queue_room`.
         let (jobs, queue) = mpsc::unbounded_channel();
         let node_id: Arc<str> = node_id.into();
-        tokio::spawn(batch_loop(node_id.clone(), grpc.clone(), queue, settings));
+        tokio::spawn(batch_loop(
+            node_id.clone(),
+            grpc.clone(),
+            queue,
+            settings,
+            metrics.clone(),
+        ));
         let (reads, read_queue) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(
             node_id.clone(),
             grpc.clone(),
             read_queue,
             settings,
+            metrics.read_counters.clone(),
         ));
         Ok(ShardClient {
             node_id,
@@ -106,7 +117,18 @@ impl ShardClient {
             jobs,
             reads,
             queue_room: Arc::new(Semaphore::new(MAX_QUEUED_INCREMENTS)),
+            metrics,
         })
+    }
+
+    /// This node's series.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
+    }
+
+    /// Increments waiting for a call slot to this node.
+    pub fn queued_increments(&self) -> usize {
+        MAX_QUEUED_INCREMENTS.saturating_sub(self.queue_room.available_permits())
     }
 
     /// The node's id.
@@ -457,7 +479,7 @@ mod tests {
             max_in_flight_batches: 1,
             max_increments_per_batch: 10,
         };
-        let client = ShardClient::new("node", &address, settings).unwrap();
+        let client = ShardClient::new("node", &address, settings, NodeMetrics::disabled()).unwrap();
         // The first read takes the only call slot and waits on the node.
         let first = {
             let client = client.clone();

@@ -41,12 +41,14 @@ pub(super) async fn read_loop(
     grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ReadJob>,
     settings: BatchSettings,
+    counters_per_call: metrics::Histogram,
 ) {
     gather_loop(
         queue,
         settings.max_in_flight_batches,
         MAX_COUNTERS_PER_READ,
         |jobs, counter_count, slot| {
+            counters_per_call.record(counter_count as f64);
             tokio::spawn(send_reads(
                 node_id.clone(),
                 grpc.clone(),

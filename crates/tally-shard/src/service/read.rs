@@ -164,3 +164,46 @@ impl ShardService {
         })
     }
 }
+
+impl ShardService {
+    /// Sets `metrics` from the node's state: what a scrape reads.
+    pub(crate) fn publish_metrics(&self, metrics: &crate::metrics::ShardMetrics) {
+        let stats = self.journal.stats();
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        metrics.apply_calls.absolute(load(&self.apply_calls));
+        metrics
+            .increments_applied
+            .absolute(load(&self.increments_applied));
+        metrics.log_commits.absolute(load(&stats.commits));
+        metrics.log_bytes.set(load(&stats.log_bytes) as f64);
+        metrics.log_segments.set(load(&stats.log_segments) as f64);
+        metrics.checkpoints.absolute(load(&stats.checkpoints));
+        metrics
+            .checkpoint_failures
+            .absolute(load(&stats.checkpoint_failures));
+        let last_checkpoint = load(&stats.last_checkpoint_unix_ms);
+        if last_checkpoint > 0 {
+            let age_ms = crate::journal::unix_ms_now().saturating_sub(last_checkpoint);
+            metrics.checkpoint_age.set(age_ms as f64 / 1_000.0);
+        }
+        metrics.entries.set(self.state.store.entry_count() as f64);
+        metrics
+            .remembered_keys
+            .set(self.state.store.remembered_keys() as f64);
+        metrics
+            .keys_forgotten_early
+            .absolute(self.state.store.keys_forgotten_early());
+        let copies = self.state.replicas.versions();
+        metrics.replica_copies.set(copies.len() as f64);
+        metrics
+            .replica_entries
+            .set(self.state.replicas.entry_count() as f64);
+        for (origin, _) in copies {
+            if let Some(age_ms) = self.copy_ages.age_ms(&origin) {
+                metrics
+                    .replica_copy_age(&origin)
+                    .set(age_ms as f64 / 1_000.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Prometheus metrics of real daemons: each coordinator and shard process
+//! serves `GET /metrics` on its `metrics_listen` port, and the series move
+//! by what the traffic did.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use support::{scrape, ProcessCluster};
+use tally::proto::pb;
+use tally::proto::pb::counter_client::CounterClient;
+
+type Scrape = BTreeMap<String, f64>;
+
+/// The value of one series (0 if absent).
+fn value(scrape: &Scrape, series: &str) -> f64 {
+    scrape.get(series).copied().unwrap_or(0.0)
+}
+
+/// The sum of every series named `name` (any labels) whose labels include
+/// each of `labels`.
+fn sum(scrape: &Scrape, name: &str, labels: &[&str]) -> f64 {
+    scrape
+        .iter()
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name && labels.iter().all(|label| series_labels.contains(label))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
+/// How much `name` (summed as [`sum`]) grew from `before` to `after`.
+fn grew(before: &Scrape, after: &Scrape, name: &str, labels: &[&str]) -> f64 {
+    sum(after, name, labels) - sum(before, name, labels)
+}
+
+fn shard_scrapes(cluster: &ProcessCluster) -> Vec<Scrape> {
+    cluster.shards.iter().flatten().map(scrape).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
+    let cluster = ProcessCluster::start("sync");
+    let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+        .await
+        .unwrap();
+    // Every node seen up before the first scrape.
+    support::wait_until("every node up", support::PATIENCE, || async {
+        let now = scrape(&cluster.coordinator);
+        let up: Vec<f64> = (1..=3)
+            .map(|node| value(&now, &format!("tally_node_up{{node=\"shard-{node}\"}}")))
+            .collect();
+        if up == [1.0; 3] {
+            Ok(())
+        } else {
+            Err(up)
+        }
+    })
+    .await;
+    let coordinator_before = scrape(&cluster.coordinator);
+    let shards_before = shard_scrapes(&cluster);
+
+    // 40 unary increments, one batch of 10 on 10 counters, 5 reads, one
+    // read of a name that is not one.
+    for _ in 0..40 {
+        client
+            .increment(pb::IncrementRequest {
+                counter: "metrics-unary".into(),
+                delta: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    client
+        .increment_batch(pb::IncrementBatchRequest {
+            increments: (0..10)
+                .map(|index| pb::IncrementRequest {
+                    counter: format!("metrics-batch-{index}"),
+                    delta: 1,
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let read = client
+            .get(pb::GetRequest {
+                counter: "metrics-unary".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(read.value, 40);
+    }
+    let refused = client
+        .get(pb::GetRequest {
+            counter: String::new(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let coordinator = scrape(&cluster.coordinator);
+    let calls = |method: &str, code: &str| {
+        grew(
+            &coordinator_before,
+            &coordinator,
+            "tally_requests_total",
+            &[&format!("method=\"{method}\""), &format!("code=\"{code}\"")],
+        )
+    };
+    assert_eq!(calls("Increment", "OK"), 40.0);
+    assert_eq!(calls("IncrementBatch", "OK"), 1.0);
+    assert_eq!(calls("Get", "OK"), 5.0);
+    assert_eq!(calls("Get", "INVALID_ARGUMENT"), 1.0);
+    let timed = |method: &str| {
+        grew(
+            &coordinator_before,
+            &coordinator,
+            "tally_request_duration_seconds_count",
+            &[&format!("method=\"{method}\"")],
+        )
+    };
+    assert_eq!(timed("Increment"), 40.0);
+    assert_eq!(timed("Get"), 6.0);
+    // Every unary increment is one Apply call of one; the batch is one call
+    // per node its 10 counters landed on.
+    let increments_sent = grew(
+        &coordinator_before,
+        &coordinator,
+        "tally_shard_apply_increments_sum",
+        &[],
+    );
+    let apply_calls = grew(
+        &coordinator_before,
+        &coordinator,
+        "tally_shard_apply_increments_count",
+        &[],
+    );
+    assert_eq!(increments_sent, 50.0);
+    assert!((41.0..=43.0).contains(&apply_calls), "{apply_calls}");
+    // Reads: one Read call per node per read (6 public reads; the refused
+    // one is not sent), each of one counter.
+    let read_calls = grew(
+        &coordinator_before,
+        &coordinator,
+        "tally_shard_read_counters_count",
+        &[],
+    );
+    assert_eq!(read_calls, 5.0 * 3.0);
+    assert_eq!(
+        sum(
+            &coordinator,
+            "tally_build_info",
+            &["daemon=\"coordinator\""]
+        ),
+        1.0
+    );
+    assert!(value(&coordinator, "process_resident_memory_bytes") > 0.0);
+
+    // The shards applied what the coordinator sent, in group commits that
+    // were timed.
+    let shards = shard_scrapes(&cluster);
+    let on_shards = |name: &str| -> f64 {
+        shards_before
+            .iter()
+            .zip(&shards)
+            .map(|(before, after)| grew(before, after, name, &[]))
+            .sum()
+    };
+    assert_eq!(on_shards("tally_shard_increments_applied_total"), 50.0);
+    assert_eq!(on_shards("tally_shard_apply_calls_total"), apply_calls);
+    assert!(on_shards("tally_shard_group_commit_seconds_count") >= 1.0);
+    assert!(on_shards("tally_shard_group_commit_counters_sum") >= 11.0);
+    let entries: f64 = shards.iter().map(|s| value(s, "tally_shard_entries")).sum();
+    assert!(entries >= 11.0, "{entries}");
+    for shard in &shards {
+        assert_eq!(sum(shard, "tally_build_info", &["daemon=\"shard\""]), 1.0);
+        assert!(value(shard, "process_resident_memory_bytes") > 0.0);
+        assert!(value(shard, "tally_shard_log_bytes") > 0.0);
+    }
+
+    // Replication (every 100 ms here): each node's copy on its replica,
+    // with its age, and the lag per pair on the coordinator.
+    support::wait_until(
+        "replicas and their lag shown",
+        support::PATIENCE,
+        || async {
+            let coordinator = scrape(&cluster.coordinator);
+            let shards = shard_scrapes(&cluster);
+            let lags = coordinator
+                .keys()
+                .filter(|series| series.starts_with("tally_replication_lag_seconds{"))
+                .count();
+            // Three copies in all (the ring decides which node keeps which).
+            let copies: f64 = shards
+                .iter()
+                .map(|shard| value(shard, "tally_shard_replica_copies"))
+                .sum();
+            let ages = shards
+                .iter()
+                .flat_map(|shard| shard.keys())
+                .filter(|series| series.starts_with("tally_shard_replica_copy_age_seconds{"))
+                .count();
+            if lags == 3 && copies == 3.0 && ages == 3 {
+                Ok(())
+            } else {
+                Err((lags, copies, ages))
+            }
+        },
+    )
+    .await;
+}

@@ -5,8 +5,9 @@
 # stops them) and die MESSAGE.
 #
 # Configs are the repository's config/shard-1.toml and
-# config/coordinator.toml with ids, addresses, data directories and any
-# given keys rewritten. Every server listens on port 0 and is found by the
+# config/coordinator.toml with ids, addresses (metrics too, each on a free
+# port: served, as in production), data directories and any given keys
+# rewritten. Every server listens on port 0 and is found by the
 # `listening on ADDRESS` line it prints once it serves, so there is no race
 # between picking a port and binding it, and no sleep decides readiness.
 
@@ -32,6 +33,7 @@ tally_start_shard() { # DIR I ADDRESS
     local dir=$1 i=$2 address=$3 begin
     sed -e "s|^node_id = .*|node_id = \"shard-$i\"|" \
         -e "s|^listen = .*|listen = \"$address\"|" \
+        -e "s|^metrics_listen = .*|metrics_listen = \"127.0.0.1:0\"|" \
         -e "s|^data_dir = .*|data_dir = \"$dir/data/shard-$i\"|" \
         -e "s|^durability = .*|durability = \"${TALLY_DURABILITY:-sync}\"|" \
         "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
@@ -66,7 +68,7 @@ tally_start_cluster() { # DIR SHARDS [KEY=VALUE...]
     # The repository's coordinator.toml up to its [[nodes]] list, with the
     # given keys replaced (or added), then the shards just started.
     local overrides
-    overrides=$(printf '%s\n' 'listen="127.0.0.1:0"' "$@")
+    overrides=$(printf '%s\n' 'listen="127.0.0.1:0"' 'metrics_listen="127.0.0.1:0"' "$@")
     awk -v overrides="$overrides" '
         BEGIN {
             n = split(overrides, lines, "\n")

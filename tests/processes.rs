@@ -484,12 +484,16 @@ fn tallyctl_dev_runs_a_cluster_until_interrupted() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut endpoint = None;
     let mut shards = 0;
+    let mut metrics = 0;
     // Read the banner up to its last line; the process prints it once every
     // server answers its health check.
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(url) = line.trim().strip_prefix("coordinator") {
-            endpoint = Some(url.trim().to_string());
+        if let Some(rest) = line.trim().strip_prefix("coordinator") {
+            endpoint = rest.split_whitespace().next().map(str::to_string);
+        }
+        if line.contains(" metrics http://127.0.0.1:") {
+            metrics += 1;
         }
         if line.trim_start().starts_with("shard-") {
             shards += 1;
@@ -500,6 +504,8 @@ fn tallyctl_dev_runs_a_cluster_until_interrupted() {
     }
     let endpoint = endpoint.expect("the banner names the coordinator");
     assert_eq!(shards, 3);
+    // Each daemon's metrics endpoint (tests/metrics.rs scrapes them).
+    assert_eq!(metrics, 4);
 
     let incr = run_to_end(
         "tallyctl",

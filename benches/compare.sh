@@ -28,6 +28,9 @@
 #     rows; Tally's unary figures are reported as a fraction of it.
 #   - Async rows: Tally's unary rows again with durability = "async", for
 #     the sync/async ratio.
+#   - Metrics rows: Tally unary and batch 100 on one hot counter with
+#     metrics off and on, alternated twice; the on/off ratios go to
+#     OUT/metrics-ab.txt.
 #   - h2load rows: h2load (nghttp2) sends unary Increment calls to Tally and
 #     to the ceiling, one hot counter, with 8 connections x 8 streams and
 #     with CLIENTS connections x 1 stream, beside `tallyctl bench` at the same
@@ -978,6 +981,32 @@ else
     for pid in "${PIDS[@]}"; do
         stop_pid "$pid"
     done
+
+    # What metrics cost: the same cluster with metrics off and on (served,
+    # not scraped: recording is the hot path's part), alternated twice,
+    # unary and batch on one hot counter.
+    for round in 1 2; do
+        for metrics in off on; do
+            TALLY_METRICS=$metrics start_tally
+            tally_measure "tally_metrics_${metrics}_unary_$round" \
+                "Tally unary, 1 hot counter, metrics $metrics ($round)" 1 1
+            tally_measure "tally_metrics_${metrics}_batch100_$round" \
+                "Tally batch 100, 1 hot counter, metrics $metrics ($round)" 1 100
+            for pid in "${PIDS[@]}"; do
+                stop_pid "$pid"
+            done
+        done
+    done
+    python3 - "$OUT/raw" >"$OUT/metrics-ab.txt" <<'PY'
+import json, sys
+raw = sys.argv[1]
+for workload in ("unary", "batch100"):
+    rate = {m: sum(json.load(open(f"{raw}/tally_metrics_{m}_{workload}_{r}.json"))["increments_per_sec"]
+                   for r in (1, 2)) for m in ("off", "on")}
+    print(f"metrics on/off, {workload}, 1 hot counter: {rate['on'] / rate['off']:.3f} "
+          f"({rate['on'] / 2:.0f} vs {rate['off'] / 2:.0f} increments/s, mean of 2 rounds)")
+PY
+    while read -r line; do log "$line"; done <"$OUT/metrics-ab.txt"
 
     # The same unary calls with durability = "async": what sync durability
     # costs, side by side.

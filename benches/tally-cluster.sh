@@ -6,8 +6,8 @@
 #
 # Configs are the repository's config/shard-1.toml and
 # config/coordinator.toml with ids, addresses (metrics too, each on a free
-# port: served, as in production), data directories and any given keys
-# rewritten. Every server listens on port 0 and is found by the
+# port: served, as in production; TALLY_METRICS=off serves none), data
+# directories and any given keys rewritten. Every server listens on port 0 and is found by the
 # `listening on ADDRESS` line it prints once it serves, so there is no race
 # between picking a port and binding it, and no sleep decides readiness.
 
@@ -31,9 +31,13 @@ tally_wait_listening() { # PID STDOUT_FILE NAME
 # TALLY_START_MS (from launch to serving, which includes recovery).
 tally_start_shard() { # DIR I ADDRESS
     local dir=$1 i=$2 address=$3 begin
+    local metrics='s|^metrics_listen = .*|metrics_listen = "127.0.0.1:0"|'
+    if [[ ${TALLY_METRICS:-on} == off ]]; then
+        metrics='/^metrics_listen = /d'
+    fi
     sed -e "s|^node_id = .*|node_id = \"shard-$i\"|" \
         -e "s|^listen = .*|listen = \"$address\"|" \
-        -e "s|^metrics_listen = .*|metrics_listen = \"127.0.0.1:0\"|" \
+        -e "$metrics" \
         -e "s|^data_dir = .*|data_dir = \"$dir/data/shard-$i\"|" \
         -e "s|^durability = .*|durability = \"${TALLY_DURABILITY:-sync}\"|" \
         "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
@@ -68,7 +72,11 @@ tally_start_cluster() { # DIR SHARDS [KEY=VALUE...]
     # The repository's coordinator.toml up to its [[nodes]] list, with the
     # given keys replaced (or added), then the shards just started.
     local overrides
-    overrides=$(printf '%s\n' 'listen="127.0.0.1:0"' 'metrics_listen="127.0.0.1:0"' "$@")
+    local metrics='metrics_listen="127.0.0.1:0"'
+    if [[ ${TALLY_METRICS:-on} == off ]]; then
+        metrics=''
+    fi
+    overrides=$(printf '%s\n' 'listen="127.0.0.1:0"' "$metrics" "$@")
     awk -v overrides="$overrides" '
         BEGIN {
             n = split(overrides, lines, "\n")
@@ -90,6 +98,9 @@ tally_start_cluster() { # DIR SHARDS [KEY=VALUE...]
         }
         END { for (key in value) if (!(key in done)) print key " = " value[key] }
     ' "$REPO/config/coordinator.toml" >"$dir/coordinator.toml"
+    if [[ ${TALLY_METRICS:-on} == off ]]; then
+        sed -i '/^metrics_listen = /d' "$dir/coordinator.toml"
+    fi
     printf '%s' "$nodes" >>"$dir/coordinator.toml"
     (cd "$dir" && exec "$REPO/target/release/tally-coordinator" --config "$dir/coordinator.toml") \
         >"$dir/coordinator.out" 2>"$dir/coordinator.out.err" &

@@ -216,3 +216,73 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
     )
     .await;
 }
+
+/// Every metric a query of the shipped Grafana dashboard names.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/tally.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            names.extend(
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|token| token.starts_with("tally_") || token.starts_with("process_"))
+                    .map(str::to_string),
+            );
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_series_the_daemons_serve() {
+    let cluster = ProcessCluster::start("sync");
+    let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+        .await
+        .unwrap();
+    // Enough traffic for every histogram to have a sample, and a round of
+    // replication for the copies' series.
+    client
+        .increment(pb::IncrementRequest {
+            counter: "dashboard".into(),
+            delta: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .get(pb::GetRequest {
+            counter: "dashboard".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    support::wait_for_process_replicas(&cluster).await;
+    let wanted = dashboard_metrics();
+    assert!(wanted.len() >= 20, "{wanted:?}");
+    support::wait_until(
+        "every dashboard series served",
+        support::PATIENCE,
+        || async {
+            let mut served = std::collections::BTreeSet::new();
+            for scrape in
+                std::iter::once(scrape(&cluster.coordinator)).chain(shard_scrapes(&cluster))
+            {
+                served.extend(
+                    scrape
+                        .keys()
+                        .map(|series| series.split('{').next().unwrap().to_string()),
+                );
+            }
+            let missing: Vec<&String> = wanted.difference(&served).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{missing:?}"))
+            }
+        },
+    )
+    .await;
+}

@@ -73,8 +73,32 @@ const REPLICATION_LAG: Describe = describe!(
     "Time since the last successful replication round from a node to its replica began."
 );
 
-/// Public methods, as `tally_requests_total{method}` names them.
-pub const METHODS: &[&str] = &[
+/// Public methods, as `tally_requests_total{method}` names them
+/// ([`METHODS`], in this order).
+#[derive(Debug, Clone, Copy)]
+pub enum Method {
+    /// `Counter.Increment`
+    Increment,
+    /// `Counter.IncrementBatch`
+    IncrementBatch,
+    /// `Counter.Get`
+    Get,
+    /// `Counter.GetBatch`
+    GetBatch,
+    /// `Counter.Delete`
+    Delete,
+    /// `Admin.Ring`
+    Ring,
+    /// `Admin.Locate`
+    Locate,
+    /// `Admin.ClusterStatus`
+    ClusterStatus,
+    /// `Admin.Drain`
+    Drain,
+}
+
+/// Each [`Method`]'s name.
+pub const METHODS: [&str; 9] = [
     "Increment",
     "IncrementBatch",
     "Get",
@@ -172,9 +196,10 @@ impl CoordinatorMetrics {
         &self.registry
     }
 
-    /// Counts a public call to `METHODS[method]` that began at `began` and
-    /// ended with `code`.
-    pub fn observe(&self, method: usize, began: Instant, code: tonic::Code) {
+    /// Counts a public call to `method` that began at `began` and ended
+    /// with `code`.
+    pub fn observe(&self, method: Method, began: Instant, code: tonic::Code) {
+        let method = method as usize;
         let metrics = &self.methods[method];
         metrics.seconds.record(began.elapsed().as_secs_f64());
         if code == tonic::Code::Ok {

@@ -2,17 +2,17 @@
 //! edge where wire types become validated domain types and errors become
 //! gRPC statuses. The work itself is in [`crate::cluster`].
 
+use std::sync::Arc;
+
 use futures::future::join_all;
 use tally_proto::domain::{validate_batch, CounterName, Increment};
 use tally_proto::pb;
 use tally_ring::Ring;
 use tonic::{Request, Response, Status};
 
-use std::sync::Arc;
-
 use crate::cluster::{ClusterHandle, Total};
 use crate::deadline::{call_budget, request_deadline};
-use crate::metrics::CoordinatorMetrics;
+use crate::metrics::{CoordinatorMetrics, Method};
 
 /// Serves `tally.v1.Counter`.
 #[derive(Debug, Clone)]
@@ -65,7 +65,8 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics.observe(0, began, code_of(&result));
+        self.metrics
+            .observe(Method::Increment, began, code_of(&result));
         result
     }
 
@@ -88,7 +89,8 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics.observe(1, began, code_of(&result));
+        self.metrics
+            .observe(Method::IncrementBatch, began, code_of(&result));
         result
     }
 
@@ -111,7 +113,7 @@ impl pb::counter_server::Counter for CounterService {
             Ok(Response::new(to_response(total)))
         }
         .await;
-        self.metrics.observe(2, began, code_of(&result));
+        self.metrics.observe(Method::Get, began, code_of(&result));
         result
     }
 
@@ -134,7 +136,8 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics.observe(3, began, code_of(&result));
+        self.metrics
+            .observe(Method::GetBatch, began, code_of(&result));
         result
     }
 
@@ -150,7 +153,8 @@ impl pb::counter_server::Counter for CounterService {
             Ok(Response::new(pb::DeleteResponse {}))
         }
         .await;
-        self.metrics.observe(4, began, code_of(&result));
+        self.metrics
+            .observe(Method::Delete, began, code_of(&result));
         result
     }
 }
@@ -185,7 +189,7 @@ impl pb::admin_server::Admin for AdminService {
             )))
         }
         .await;
-        self.metrics.observe(5, began, code_of(&result));
+        self.metrics.observe(Method::Ring, began, code_of(&result));
         result
     }
 
@@ -204,7 +208,8 @@ impl pb::admin_server::Admin for AdminService {
             )))
         }
         .await;
-        self.metrics.observe(6, began, code_of(&result));
+        self.metrics
+            .observe(Method::Locate, began, code_of(&result));
         result
     }
 
@@ -262,7 +267,8 @@ impl pb::admin_server::Admin for AdminService {
             }))
         }
         .await;
-        self.metrics.observe(7, began, code_of(&result));
+        self.metrics
+            .observe(Method::ClusterStatus, began, code_of(&result));
         result
     }
 
@@ -277,7 +283,7 @@ impl pb::admin_server::Admin for AdminService {
             Ok(Response::new(pb::DrainResponse { adopter, entries }))
         }
         .await;
-        self.metrics.observe(8, began, code_of(&result));
+        self.metrics.observe(Method::Drain, began, code_of(&result));
         result
     }
 }

@@ -987,7 +987,9 @@ else
     # unary and batch on one hot counter.
     for round in 1 2; do
         for metrics in off on; do
-            TALLY_METRICS=$metrics start_tally
+            # A fresh cluster each time: a restart on earlier data would
+            # checkpoint it while measured.
+            TALLY_METRICS=$metrics tally_start_cluster "$TMP/tally-metrics-$metrics-$round" 3
             tally_measure "tally_metrics_${metrics}_unary_$round" \
                 "Tally unary, 1 hot counter, metrics $metrics ($round)" 1 1
             tally_measure "tally_metrics_${metrics}_batch100_$round" \

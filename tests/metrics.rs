@@ -286,3 +286,133 @@ async fn the_dashboard_queries_only_series_the_daemons_serve() {
     )
     .await;
 }
+
+/// The text on a terminal `tallyctl top` draws on, as a pseudo-terminal
+/// shows it.
+struct Terminal {
+    screen: std::sync::Arc<std::sync::Mutex<vt100::Parser>>,
+    writer: Box<dyn std::io::Write + Send>,
+    child: KillOnDrop,
+}
+
+/// A process on the pseudo-terminal, killed if the test ends first.
+struct KillOnDrop(Box<dyn portable_pty::Child + Send + Sync>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+impl Terminal {
+    /// Runs `tallyctl ARGS` on a 30 x 110 pseudo-terminal.
+    fn run(args: &[&str]) -> Terminal {
+        use portable_pty::{CommandBuilder, PtySize};
+        let (rows, cols) = (30, 110);
+        let pair = portable_pty::native_pty_system()
+            .openpty(PtySize {
+                rows,
+                cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+        let mut command = CommandBuilder::new(support::binary("tallyctl"));
+        command.args(args);
+        command.env("TERM", "xterm-256color");
+        let child = pair.slave.spawn_command(command).unwrap();
+        drop(pair.slave);
+        let mut reader = pair.master.try_clone_reader().unwrap();
+        let writer = pair.master.take_writer().unwrap();
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(vt100::Parser::new(rows, cols, 0)));
+        let fed = screen.clone();
+        std::thread::spawn(move || {
+            // Keeps the master open as long as the reader runs.
+            let _master = pair.master;
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = reader.read(&mut buffer) {
+                if read == 0 {
+                    break;
+                }
+                fed.lock().unwrap().process(&buffer[..read]);
+            }
+        });
+        Terminal {
+            screen,
+            writer,
+            child: KillOnDrop(child),
+        }
+    }
+
+    fn contents(&self) -> String {
+        self.screen.lock().unwrap().screen().contents()
+    }
+}
+
+use std::io::Read as _;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallyctl_top_shows_each_node_live_and_quits_on_q() {
+    let cluster = ProcessCluster::start("sync");
+    let endpoint = cluster.coordinator.endpoint();
+    // Writers for the whole test, so that rates are not zero.
+    let load = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let mut client = CounterClient::connect(endpoint).await.unwrap();
+            for index in 0u64.. {
+                let _ = client
+                    .increment(pb::IncrementRequest {
+                        counter: format!("top-{}", index % 50),
+                        delta: 1,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        })
+    };
+    let mut terminal = Terminal::run(&["--endpoint", &endpoint, "top", "--interval", "300ms"]);
+    // The first screen, then one with a rate on every node: each row is
+    // `NODE HEALTH INCR/S ...` between the table's borders.
+    let screen = support::wait_until(
+        "top to show every node taking writes",
+        support::PATIENCE,
+        || async {
+            let screen = terminal.contents();
+            let live = (1..=3).all(|node| {
+                screen.lines().any(|line| {
+                    let cells: Vec<&str> = line
+                        .trim_matches(|c: char| c == '│' || c.is_whitespace())
+                        .split_whitespace()
+                        .collect();
+                    cells.len() >= 3
+                        && cells[0] == format!("shard-{node}")
+                        && cells[1] == "up"
+                        && cells[2].parse::<f64>().is_ok_and(|rate| rate > 0.0)
+                })
+            });
+            if live && screen.contains("INCR/S") && screen.contains("calls/s") {
+                Ok(screen)
+            } else {
+                Err(screen)
+            }
+        },
+    )
+    .await;
+    println!("{screen}");
+    load.abort();
+
+    use std::io::Write as _;
+    terminal.writer.write_all(b"q").unwrap();
+    terminal.writer.flush().unwrap();
+    let child = std::sync::Mutex::new(terminal.child);
+    let screen = terminal.screen;
+    let status = support::wait_until("top to quit on q", support::PATIENCE, || async {
+        match child.lock().unwrap().0.try_wait().unwrap() {
+            Some(status) => Ok(status),
+            None => Err(screen.lock().unwrap().screen().contents()),
+        }
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+}

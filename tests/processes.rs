@@ -671,3 +671,43 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
     shard.terminate();
     coordinator.terminate();
 }
+
+/// `log_format = "json"` (here its flag): every line a daemon logs is one
+/// JSON object, for log shippers; the default stays text.
+#[test]
+fn daemons_log_one_json_object_per_line_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_shard_config(dir.path(), 1, "sync");
+    let shard = support::start_shard("shard-1", &config, &["--log-format", "json"]);
+    let coordinator_config = support::write_coordinator_config(dir.path(), &[shard.address]);
+    let coordinator = support::Daemon::start(
+        "tally-coordinator",
+        "coordinator",
+        &[
+            "--config",
+            coordinator_config.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        dir.path(),
+    );
+    let (mut shard, mut coordinator) = (shard, coordinator);
+    // The coordinator first: a shard's stop waits for its connections.
+    coordinator.signal(nix::sys::signal::Signal::SIGTERM);
+    shard.signal(nix::sys::signal::Signal::SIGTERM);
+    let (shard_log, coordinator_log) = (shard.log(), coordinator.log());
+    for (name, log) in [("shard", shard_log), ("coordinator", coordinator_log)] {
+        let lines: Vec<&str> = log.lines().filter(|line| !line.is_empty()).collect();
+        assert!(!lines.is_empty(), "{name} logged nothing");
+        for line in &lines {
+            let event: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("{name}: not JSON ({error}): {line}"));
+            assert!(event["level"].is_string(), "{name}: {line}");
+            assert!(event["fields"]["message"].is_string(), "{name}: {line}");
+        }
+        assert!(
+            lines.iter().any(|line| line.contains("\"serving\"")),
+            "{name}: {lines:?}"
+        );
+    }
+}

@@ -59,6 +59,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Status { client } => Cli::new(client, outer).status().await,
         Command::Health { client } => Cli::new(client, outer).health().await,
+        Command::Top { client, interval } => {
+            let cli = Cli::new(client, outer);
+            tally_cli::top::run(tally_cli::top::TopOptions {
+                endpoint: cli.endpoint.clone(),
+                interval,
+                timeout: cli.timeout,
+            })
+            .await
+        }
         Command::Drain { client, node } => Cli::new(client, outer).drain(node).await,
         Command::Bench {
             client,

@@ -15,3 +15,4 @@
 
 pub mod bench;
 pub mod local_cluster;
+pub mod top;

@@ -118,6 +118,17 @@ enum Command {
         #[command(flatten)]
         client: ClientOptions,
     },
+    /// A live view of the cluster, refreshed every second from every
+    /// daemon's Prometheus metrics (found through ClusterStatus): per node
+    /// increments/s, reads/s, p99 of internal calls, increments per group
+    /// commit, health, entries. q quits.
+    Top {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Time between refreshes.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: std::time::Duration,
+    },
     /// Load a cluster like redis-benchmark: throughput and latency
     /// percentiles, then a read-back of every counter that fails the run if
     /// any total differs from what was acknowledged.

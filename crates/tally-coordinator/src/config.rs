@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
 use tally_runtime::config_file::{self, check_range, flag_or_file, ConfigError};
+use tally_runtime::process::LogFormat;
 
 /// Default stripes per counter.
 pub const DEFAULT_STRIPES: u32 = 8;
@@ -35,6 +36,7 @@ pub const DEFAULT_REPLICATION_INTERVAL_MS: u64 = 1_000;
 struct RawCoordinatorConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
+    log_format: Option<LogFormat>,
     stripes: Option<u32>,
     vnodes_per_weight: Option<u32>,
     shard_timeout_ms: Option<u64>,
@@ -63,6 +65,8 @@ pub struct CoordinatorOverrides {
     pub listen: Option<String>,
     /// `--metrics-listen`
     pub metrics_listen: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
     /// `--shard-timeout-ms`
     pub shard_timeout_ms: Option<u64>,
 }
@@ -86,6 +90,8 @@ pub struct CoordinatorConfig {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
     /// Not changed by a reload.
     pub metrics_listen: Option<SocketAddr>,
+    /// How log lines are written. Not changed by a reload.
+    pub log_format: LogFormat,
     /// Stripes per counter. Must be identical on every coordinator.
     pub stripes: u32,
     /// Ring tokens per unit of node weight.
@@ -118,6 +124,7 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             listen,
             metrics_listen: None,
+            log_format: LogFormat::Text,
             stripes: DEFAULT_STRIPES,
             vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
             shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
@@ -147,6 +154,8 @@ impl CoordinatorConfig {
             .map(|address| config_file::parse_listen_address(&address))
             .transpose()
             .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
+
+        let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file);
 
         let stripes = check_range(
             &file,
@@ -217,6 +226,7 @@ impl CoordinatorConfig {
         let config = CoordinatorConfig {
             listen,
             metrics_listen,
+            log_format: log_format.unwrap_or_default(),
             stripes,
             vnodes_per_weight,
             shard_timeout: Duration::from_millis(shard_timeout_ms),
@@ -347,6 +357,10 @@ weight = 2
             (
                 format!("metrics_listen = \"9700\"\n{GOOD}"),
                 "FILE: metrics_listen: \"9700\" is not an ip:port address",
+            ),
+            (
+                format!("log_format = \"xml\"\n{GOOD}"),
+                "FILE:1: log_format: unknown variant `xml`",
             ),
             (
                 GOOD.replace("shard-2\"", "shard-1\""),

@@ -108,6 +108,9 @@ impl Coordinator {
         listener: TcpListener,
     ) -> tally_runtime::process::AbortOnDrop<std::io::Result<()>> {
         let handle = self.cluster.clone();
+        if let Ok(address) = listener.local_addr() {
+            handle.set_metrics_address(address);
+        }
         let registry = handle.current().metrics().registry().clone();
         tally_runtime::process::AbortOnDrop(tokio::spawn(tally_runtime::metrics::serve(
             listener,

@@ -29,6 +29,9 @@ struct Args {
     /// overrides `metrics_listen`.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// How log lines are written, text or json; overrides `log_format`.
+    #[arg(long)]
+    log_format: Option<tally_runtime::process::LogFormat>,
     /// Longest wait for one internal call to a shard; overrides
     /// `shard_timeout_ms`.
     #[arg(long)]
@@ -37,7 +40,6 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tally_runtime::process::init_tracing();
     tally_runtime::process::exit_code("tally-coordinator", run(Args::parse()).await)
 }
 
@@ -45,9 +47,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let overrides = CoordinatorOverrides {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        log_format: args.log_format,
         shard_timeout_ms: args.shard_timeout_ms,
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
+    // Once the config says how; an error before it is one line on stderr.
+    tally_runtime::process::init_tracing_as(config.log_format);
     let listen = config.listen;
     let metrics_listen = config.metrics_listen;
     let coordinator = match metrics_listen {

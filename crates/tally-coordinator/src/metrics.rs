@@ -42,6 +42,11 @@ const READ_COUNTERS: Describe = describe!(
     None,
     "Counters per internal Read call to a shard."
 );
+const CALL_SECONDS: Describe = describe!(
+    "tally_shard_call_duration_seconds",
+    Some(Unit::Seconds),
+    "Time of an internal call to a shard, by node and call (apply, read)."
+);
 const CALLS_IN_FLIGHT: Describe = describe!(
     "tally_shard_calls_in_flight",
     None,
@@ -147,6 +152,10 @@ pub struct NodeMetrics {
     pub apply_increments: Histogram,
     /// `tally_shard_read_counters{node}`.
     pub read_counters: Histogram,
+    /// `tally_shard_call_duration_seconds{node,call="apply"}`.
+    pub apply_seconds: Histogram,
+    /// `tally_shard_call_duration_seconds{node,call="read"}`.
+    pub read_seconds: Histogram,
     /// `tally_shard_calls_in_flight{node}`.
     pub calls_in_flight: Gauge,
     pub(crate) queued: Gauge,
@@ -230,6 +239,14 @@ impl CoordinatorMetrics {
         NodeMetrics {
             apply_increments: self.registry.histogram(APPLY_INCREMENTS, &node()),
             read_counters: self.registry.histogram(READ_COUNTERS, &node()),
+            apply_seconds: self.registry.histogram(
+                CALL_SECONDS,
+                &[("node", id.to_string()), ("call", "apply".into())],
+            ),
+            read_seconds: self.registry.histogram(
+                CALL_SECONDS,
+                &[("node", id.to_string()), ("call", "read".into())],
+            ),
             calls_in_flight: self.registry.gauge(CALLS_IN_FLIGHT, &node()),
             queued: self.registry.gauge(QUEUED_INCREMENTS, &node()),
             up: self.registry.gauge(NODE_UP, &node()),

@@ -250,6 +250,7 @@ impl pb::admin_server::Admin for AdminService {
                             node.log_bytes = status.log_bytes;
                             node.last_checkpoint_unix_ms = status.last_checkpoint_unix_ms;
                             node.standing_in_for = status.standing_in_for;
+                            node.metrics_address = status.metrics_address;
                             node.keyed_membership = match status.keyed_ring {
                                 _ if status.keyed_ring_sealed => "moving",
                                 0 => "none",
@@ -264,6 +265,11 @@ impl pb::admin_server::Admin for AdminService {
                 });
             Ok(Response::new(pb::ClusterStatusResponse {
                 nodes: join_all(statuses).await,
+                metrics_address: self
+                    .cluster
+                    .metrics_address()
+                    .map(|address| address.to_string())
+                    .unwrap_or_default(),
             }))
         }
         .await;

@@ -3,19 +3,52 @@
 
 use std::future::Future;
 
-/// Sends `tracing` events to stderr, filtered by `RUST_LOG` (default
-/// `info`). Stdout is left for what a binary prints on purpose (its listen
-/// address, command output).
+/// How a daemon writes its log lines (`log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`,
+    /// `target`, `fields` (with `message`) and the spans it is in.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format: text or json")),
+        }
+    }
+}
+
+/// Sends `tracing` events to stderr as text, filtered by `RUST_LOG`
+/// (default `info`). Stdout is left for what a binary prints on purpose
+/// (its listen address, command output).
 pub fn init_tracing() {
+    init_tracing_as(LogFormat::Text);
+}
+
+/// [`init_tracing`] in `format`.
+pub fn init_tracing_as(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // Ignore the error of a second call (tests, the dev cluster): the first
     // subscriber stays.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let _ = match format {
+        LogFormat::Text => subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => subscriber.json().try_init(),
+    };
 }
 
 /// A binary's exit: 0 on success; otherwise one line on stderr,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_runtime::config_file::{self, flag_or_file, ranged_setting, ConfigError, COMMAND_LINE};
+use tally_runtime::process::LogFormat;
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
 
@@ -75,6 +76,7 @@ struct RawShardConfig {
     node_id: Option<String>,
     listen: Option<String>,
     metrics_listen: Option<String>,
+    log_format: Option<LogFormat>,
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
@@ -94,6 +96,8 @@ pub struct ShardOverrides {
     pub listen: Option<String>,
     /// `--metrics-listen`
     pub metrics_listen: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
     /// `--data-dir`
     pub data_dir: Option<PathBuf>,
     /// `--durability`
@@ -121,6 +125,8 @@ pub struct ShardConfig {
     pub listen: SocketAddr,
     /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// Where this node keeps its log and checkpoint.
     pub data_dir: PathBuf,
     /// When increments are acknowledged.
@@ -151,6 +157,7 @@ impl ShardConfig {
             node_id: node_id.into(),
             listen,
             metrics_listen: None,
+            log_format: LogFormat::Text,
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
@@ -191,6 +198,8 @@ impl ShardConfig {
             .map(|address| config_file::parse_listen_address(&address))
             .transpose()
             .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
+
+        let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file_origin);
 
         let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
         let data_dir = data_dir.ok_or_else(|| missing(origin, "data_dir"))?;
@@ -256,6 +265,7 @@ impl ShardConfig {
             node_id,
             listen,
             metrics_listen,
+            log_format: log_format.unwrap_or_default(),
             data_dir,
             durability: durability.unwrap_or(Durability::Sync),
             flush_interval: Duration::from_millis(flush_interval_ms),
@@ -359,6 +369,10 @@ mod tests {
             (
                 format!("{GOOD}checkpoint_interval_ms = 1\n"),
                 "FILE: checkpoint_interval_ms: 1 is out of range",
+            ),
+            (
+                format!("{GOOD}log_format = \"xml\"\n"),
+                "FILE:4: log_format: unknown variant `xml`",
             ),
             (
                 GOOD.replace("shard-1\"", "shard 1\""),

@@ -212,12 +212,15 @@ impl ShardNode {
                 checkpoint_interval: self.config.checkpoint_interval,
             },
         )?);
-        let service = service::ShardService::new(
+        let mut service = service::ShardService::new(
             &self.config.node_id,
             self.config.durability,
             state,
             journal.clone(),
         );
+        if let Some(listener) = &self.metrics_listener {
+            service = service.with_metrics_address(listener.local_addr()?);
+        }
         let (health_reporter, server) =
             tally_runtime::process::api_server(&tally_runtime::process::SHARD_API);
         health_reporter

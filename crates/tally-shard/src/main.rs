@@ -49,6 +49,9 @@ struct ServeArgs {
     /// Address to serve Prometheus metrics on (GET /metrics), ip:port.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// How log lines are written: text or json.
+    #[arg(long)]
+    log_format: Option<tally_runtime::process::LogFormat>,
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -90,10 +93,12 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    tally_runtime::process::init_tracing();
     let args = Args::parse();
     let result = match args.command {
-        Some(Command::Verify { data_dir }) => verify(data_dir).await,
+        Some(Command::Verify { data_dir }) => {
+            tally_runtime::process::init_tracing();
+            verify(data_dir).await
+        }
         None => serve(args.serve).await,
     };
     tally_runtime::process::exit_code("tally-shard", result)
@@ -146,6 +151,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_id: args.node_id,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        log_format: args.log_format,
         data_dir: args.data_dir,
         durability: args.durability,
         flush_interval_ms: args.flush_interval_ms,
@@ -156,6 +162,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         checkpoint_interval_ms: args.checkpoint_interval_ms,
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
+    // Once the config says how; an error before it is one line on stderr.
+    tally_runtime::process::init_tracing_as(config.log_format);
     // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG
     // and be handled like a full disk, not kill the process with SIGXFSZ.
     tally_runtime::process::ignore_file_size_signal();

@@ -20,6 +20,8 @@ struct Shared {
     current: ArcSwap<Cluster>,
     /// One reload at a time: each builds on the cluster before it.
     reloading: parking_lot::Mutex<()>,
+    /// Where this coordinator serves metrics, once it does.
+    metrics_address: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Why a reloaded config was not applied; the running membership stays.
@@ -56,7 +58,18 @@ impl ClusterHandle {
         ClusterHandle(Arc::new(Shared {
             current: ArcSwap::new(cluster),
             reloading: parking_lot::Mutex::new(()),
+            metrics_address: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Where this coordinator serves metrics, if it does.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.0.metrics_address.get().copied()
+    }
+
+    /// Records where this coordinator serves metrics (the first call wins).
+    pub fn set_metrics_address(&self, address: std::net::SocketAddr) {
+        let _ = self.0.metrics_address.set(address);
     }
 
     /// The cluster as it is now.

@@ -73,8 +73,13 @@ async fn send_batch(
         increments.extend(job.increments);
         queue_room.push(job.queue_room);
     }
+    let began = std::time::Instant::now();
     let result =
         apply_coalesced(&node_id, &mut grpc, increments, shard_timeout, &in_flight.0).await;
+    in_flight
+        .0
+        .apply_seconds
+        .record(began.elapsed().as_secs_f64());
     match &result {
         Ok(Applied {
             unknown: Some((error, positions)),

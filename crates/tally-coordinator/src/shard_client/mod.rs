@@ -108,7 +108,7 @@ impl ShardClient {
             grpc.clone(),
             read_queue,
             settings,
-            metrics.read_counters.clone(),
+            metrics.clone(),
         ));
         Ok(ShardClient {
             node_id,

@@ -11,6 +11,7 @@ use super::batcher::{answer_jobs, gather_loop, Job};
 use super::rpc::{read_call, Grpc};
 use super::BatchSettings;
 use crate::error::ShardCallError;
+use crate::metrics::NodeMetrics;
 use crate::model::NodeRead;
 
 /// Counters from one public read for this node, answered together.
@@ -41,15 +42,16 @@ pub(super) async fn read_loop(
     grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ReadJob>,
     settings: BatchSettings,
-    counters_per_call: metrics::Histogram,
+    metrics: NodeMetrics,
 ) {
     gather_loop(
         queue,
         settings.max_in_flight_batches,
         MAX_COUNTERS_PER_READ,
         |jobs, counter_count, slot| {
-            counters_per_call.record(counter_count as f64);
+            metrics.read_counters.record(counter_count as f64);
             tokio::spawn(send_reads(
+                metrics.read_seconds.clone(),
                 node_id.clone(),
                 grpc.clone(),
                 jobs,
@@ -65,6 +67,7 @@ pub(super) async fn read_loop(
 /// counters (in order) and its slice of every replica copy. One call is
 /// one consistent view of the node, so each slice is too.
 async fn send_reads(
+    seconds: metrics::Histogram,
     node_id: Arc<str>,
     mut grpc: Grpc,
     jobs: Vec<ReadJob>,
@@ -89,7 +92,12 @@ async fn send_reads(
         let abandoned =
             futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
         tokio::select! {
-            result = read_call(&node_id, &mut grpc, counters, budget) => result,
+            result = async {
+                let began = std::time::Instant::now();
+                let result = read_call(&node_id, &mut grpc, counters, budget).await;
+                seconds.record(began.elapsed().as_secs_f64());
+                result
+            } => result,
             _ = abandoned => return,
         }
     };

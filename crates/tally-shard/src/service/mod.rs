@@ -42,6 +42,8 @@ pub struct ShardService {
     full_copies_received: Arc<AtomicU64>,
     /// When each copy was last brought up to date (`copies::CopyAges`).
     copy_ages: Arc<copies::CopyAges>,
+    /// Where this node serves metrics, as bound (empty: it does not).
+    metrics_address: Arc<str>,
 }
 
 impl ShardService {
@@ -63,7 +65,14 @@ impl ShardService {
             increments_applied: Arc::default(),
             full_copies_received: Arc::default(),
             copy_ages: Arc::default(),
+            metrics_address: "".into(),
         }
+    }
+
+    /// Names the address metrics are served on, in status reports.
+    pub fn with_metrics_address(mut self, address: std::net::SocketAddr) -> Self {
+        self.metrics_address = address.to_string().into();
+        self
     }
 
     /// A failure of this node's log, as the coordinator sees it:

@@ -111,6 +111,7 @@ impl ShardService {
             keyed_ring: meta.keyed_ring.stamp,
             keyed_ring_sealed: meta.keyed_ring.sealed,
             keyed_ring_epoch: meta.keyed_ring.epoch,
+            metrics_address: self.metrics_address.to_string(),
             node_id: self.node_id.to_string(),
             // A walk over every entry: not for frequent probes.
             entries: if brief {

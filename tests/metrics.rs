@@ -162,6 +162,21 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
         1.0
     );
     assert!(value(&coordinator, "process_resident_memory_bytes") > 0.0);
+    // Every call answered: nothing in flight or pending.
+    for node in 1..=3 {
+        let node = format!("{{node=\"shard-{node}\"}}");
+        assert_eq!(
+            value(&coordinator, &format!("tally_shard_calls_in_flight{node}")),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &coordinator,
+                &format!("tally_shard_pending_increments{node}")
+            ),
+            0.0
+        );
+    }
 
     // The shards applied what the coordinator sent, in group commits that
     // were timed.

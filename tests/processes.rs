@@ -693,8 +693,10 @@ fn daemons_log_one_json_object_per_line_when_asked() {
     );
     let (mut shard, mut coordinator) = (shard, coordinator);
     // The coordinator first: a shard's stop waits for its connections.
-    coordinator.signal(nix::sys::signal::Signal::SIGTERM);
-    shard.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(coordinator
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .success());
+    assert!(shard.signal(nix::sys::signal::Signal::SIGTERM).success());
     let (shard_log, coordinator_log) = (shard.log(), coordinator.log());
     for (name, log) in [("shard", shard_log), ("coordinator", coordinator_log)] {
         let lines: Vec<&str> = log.lines().filter(|line| !line.is_empty()).collect();

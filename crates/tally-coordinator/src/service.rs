@@ -30,13 +30,6 @@ impl CounterService {
     }
 }
 
-/// The code a call answered with, as `tally_requests_total` counts it.
-fn code_of<T>(result: &Result<T, Status>) -> tonic::Code {
-    result
-        .as_ref()
-        .map_or_else(Status::code, |_| tonic::Code::Ok)
-}
-
 fn to_response(total: Total) -> pb::GetResponse {
     pb::GetResponse {
         counter: total.counter,
@@ -51,7 +44,7 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::IncrementRequest>,
     ) -> Result<Response<pb::IncrementResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Increment);
         let result: Result<Response<pb::IncrementResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let increment = Increment::try_from(request.into_inner())?;
@@ -65,8 +58,7 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics
-            .observe(Method::Increment, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -74,7 +66,7 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::IncrementBatchRequest>,
     ) -> Result<Response<pb::IncrementBatchResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::IncrementBatch);
         let result: Result<Response<pb::IncrementBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
@@ -89,8 +81,7 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics
-            .observe(Method::IncrementBatch, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -98,7 +89,7 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Get);
         let result: Result<Response<pb::GetResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let request = request.into_inner();
@@ -113,7 +104,7 @@ impl pb::counter_server::Counter for CounterService {
             Ok(Response::new(to_response(total)))
         }
         .await;
-        self.metrics.observe(Method::Get, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -121,7 +112,7 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::GetBatchRequest>,
     ) -> Result<Response<pb::GetBatchResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::GetBatch);
         let result: Result<Response<pb::GetBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let request = request.into_inner();
@@ -136,8 +127,7 @@ impl pb::counter_server::Counter for CounterService {
             }))
         }
         .await;
-        self.metrics
-            .observe(Method::GetBatch, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -145,7 +135,7 @@ impl pb::counter_server::Counter for CounterService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Delete);
         let result: Result<Response<pb::DeleteResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let counter = CounterName::try_from(request.into_inner().counter)?;
@@ -153,8 +143,7 @@ impl pb::counter_server::Counter for CounterService {
             Ok(Response::new(pb::DeleteResponse {}))
         }
         .await;
-        self.metrics
-            .observe(Method::Delete, began, code_of(&result));
+        call.finish(&result);
         result
     }
 }
@@ -180,7 +169,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::RingRequest>,
     ) -> Result<Response<pb::RingResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Ring);
         let result: Result<Response<pb::RingResponse>, Status> = async move {
             let cluster = self.cluster.current();
             Ok(Response::new(ring_response(
@@ -189,7 +178,7 @@ impl pb::admin_server::Admin for AdminService {
             )))
         }
         .await;
-        self.metrics.observe(Method::Ring, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -197,7 +186,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Locate);
         let result: Result<Response<pb::LocateResponse>, Status> = async move {
             let counter = CounterName::try_from(request.into_inner().counter)?;
             let cluster = self.cluster.current();
@@ -208,8 +197,7 @@ impl pb::admin_server::Admin for AdminService {
             )))
         }
         .await;
-        self.metrics
-            .observe(Method::Locate, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -217,7 +205,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::ClusterStatus);
         let result: Result<Response<pb::ClusterStatusResponse>, Status> = async move {
             let cluster = &self.cluster.current();
             let budget = call_budget(cluster.config().shard_timeout, request_deadline(&request));
@@ -273,8 +261,7 @@ impl pb::admin_server::Admin for AdminService {
             }))
         }
         .await;
-        self.metrics
-            .observe(Method::ClusterStatus, began, code_of(&result));
+        call.finish(&result);
         result
     }
 
@@ -282,14 +269,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
-        let began = std::time::Instant::now();
+        let call = self.metrics.call(Method::Drain);
         let result: Result<Response<pb::DrainResponse>, Status> = async move {
             let node_id = request.into_inner().node_id;
             let (adopter, entries) = self.cluster.current().drain(&node_id).await?;
             Ok(Response::new(pb::DrainResponse { adopter, entries }))
         }
         .await;
-        self.metrics.observe(Method::Drain, began, code_of(&result));
+        call.finish(&result);
         result
     }
 }

@@ -68,6 +68,14 @@ pub struct Describe {
     pub help: &'static str,
 }
 
+impl Describe {
+    /// A metric named `name` (with its unit suffix) in `unit`, whose HELP
+    /// line is `help`.
+    pub const fn new(name: &'static str, unit: Option<Unit>, help: &'static str) -> Self {
+        Describe { name, unit, help }
+    }
+}
+
 impl Registry {
     /// Metrics of daemon `daemon` (`coordinator` or `shard`), exported.
     pub fn enabled(daemon: &'static str) -> Self {
@@ -198,10 +206,17 @@ pub async fn serve(
                 let registry = registry.clone();
                 let refresh = refresh.clone();
                 async move {
-                    refresh();
+                    // Off the async workers: a refresh may walk a shard's
+                    // entries.
+                    let text = tokio::task::spawn_blocking(move || {
+                        refresh();
+                        registry.render()
+                    })
+                    .await
+                    .unwrap_or_default();
                     (
                         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                        registry.render(),
+                        text,
                     )
                 }
             }),

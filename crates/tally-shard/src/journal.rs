@@ -550,16 +550,6 @@ impl LogThread {
         }
         let writing = Instant::now();
         let committed = self.log.commit();
-        if own_frame.is_some() || !requests.is_empty() {
-            self.commit_metrics
-                .seconds
-                .record(writing.elapsed().as_secs_f64());
-        }
-        if own_frame.is_some() {
-            self.commit_metrics
-                .counters
-                .record(self.own.counts().0 as f64);
-        }
         let epoch = self.own.epoch;
         match committed {
             Ok(()) => {
@@ -569,6 +559,14 @@ impl LogThread {
                 let now = unix_ms_now();
                 if own_frame.is_some() {
                     self.stats.last_flush_unix_ms.store(now, Ordering::Relaxed);
+                    // Group commits of increments only (and their own
+                    // entries), each once: a failed one is retried.
+                    self.commit_metrics
+                        .seconds
+                        .record(writing.elapsed().as_secs_f64());
+                    self.commit_metrics
+                        .counters
+                        .record(self.own.counts().0 as f64);
                 }
                 if own_frame.is_some() || !requests.is_empty() {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);

@@ -10,95 +10,85 @@ use tally_runtime::metrics::{Describe, Registry};
 
 use crate::journal::CommitMetrics;
 
-macro_rules! describe {
-    ($name:literal, $unit:expr, $help:literal) => {
-        Describe {
-            name: $name,
-            unit: $unit,
-            help: $help,
-        }
-    };
-}
-
-const APPLY_CALLS: Describe = describe!(
+const APPLY_CALLS: Describe = Describe::new(
     "tally_shard_apply_calls_total",
     None,
-    "Apply calls answered (each carries many increments)."
+    "Apply calls answered (each carries many increments).",
 );
-const INCREMENTS_APPLIED: Describe = describe!(
+const INCREMENTS_APPLIED: Describe = Describe::new(
     "tally_shard_increments_applied_total",
     None,
-    "Increments applied to this node's own entries (duplicates of a key not counted)."
+    "Increments applied to this node's own entries (duplicates of a key not counted).",
 );
-const GROUP_COMMIT_COUNTERS: Describe = describe!(
+const GROUP_COMMIT_COUNTERS: Describe = Describe::new(
     "tally_shard_group_commit_counters",
     None,
-    "Counters written by one group commit of own entries."
+    "Counters written by one group commit of own entries.",
 );
-const GROUP_COMMIT_SECONDS: Describe = describe!(
+const GROUP_COMMIT_SECONDS: Describe = Describe::new(
     "tally_shard_group_commit_seconds",
     Some(Unit::Seconds),
-    "Time of one group commit's log write and sync (fdatasync in sync mode)."
+    "Time of one successful group commit of own entries: its log write and sync (fdatasync in sync mode)."
 );
-const LOG_COMMITS: Describe = describe!(
+const LOG_COMMITS: Describe = Describe::new(
     "tally_shard_log_commits_total",
     None,
-    "Group commits written to the log."
+    "Group commits written to the log.",
 );
-const LOG_BYTES: Describe = describe!(
+const LOG_BYTES: Describe = Describe::new(
     "tally_shard_log_bytes",
     Some(Unit::Bytes),
-    "Bytes of log on disk (since the last checkpoint)."
+    "Bytes of log on disk (since the last checkpoint).",
 );
-const LOG_SEGMENTS: Describe = describe!(
+const LOG_SEGMENTS: Describe = Describe::new(
     "tally_shard_log_segments",
     None,
-    "Log segment files on disk."
+    "Log segment files on disk.",
 );
-const CHECKPOINTS: Describe = describe!(
+const CHECKPOINTS: Describe = Describe::new(
     "tally_shard_checkpoints_total",
     None,
-    "Checkpoints finished since start."
+    "Checkpoints finished since start.",
 );
-const CHECKPOINT_FAILURES: Describe = describe!(
+const CHECKPOINT_FAILURES: Describe = Describe::new(
     "tally_shard_checkpoint_failures_total",
     None,
-    "Checkpoints failed since start."
+    "Checkpoints failed since start.",
 );
-const CHECKPOINT_AGE: Describe = describe!(
+const CHECKPOINT_AGE: Describe = Describe::new(
     "tally_shard_checkpoint_age_seconds",
     Some(Unit::Seconds),
-    "Time since the last durable checkpoint finished (0 before the first since start)."
+    "Time since the last durable checkpoint finished (0 before the first since start).",
 );
-const ENTRIES: Describe = describe!(
+const ENTRIES: Describe = Describe::new(
     "tally_shard_entries",
     None,
-    "This node's own entries (counter stripes), counted at each scrape."
+    "This node's own entries (counter stripes), counted at each scrape.",
 );
-const REMEMBERED_KEYS: Describe = describe!(
+const REMEMBERED_KEYS: Describe = Describe::new(
     "tally_shard_remembered_keys",
     None,
-    "Idempotency keys remembered for retries."
+    "Idempotency keys remembered for retries.",
 );
-const KEYS_FORGOTTEN_EARLY: Describe = describe!(
+const KEYS_FORGOTTEN_EARLY: Describe = Describe::new(
     "tally_shard_keys_forgotten_early_total",
     None,
     "Idempotency keys forgotten before their retention window ended (idempotency_max_keys reached)."
 );
-const REPLICA_COPIES: Describe = describe!(
+const REPLICA_COPIES: Describe = Describe::new(
     "tally_shard_replica_copies",
     None,
-    "Copies of other nodes' entries this node holds."
+    "Copies of other nodes' entries this node holds.",
 );
-const REPLICA_ENTRIES: Describe = describe!(
+const REPLICA_ENTRIES: Describe = Describe::new(
     "tally_shard_replica_entries",
     None,
-    "Entries in the copies this node holds, counted at each scrape."
+    "Entries in the copies this node holds, counted at each scrape.",
 );
-const REPLICA_COPY_AGE: Describe = describe!(
+const REPLICA_COPY_AGE: Describe = Describe::new(
     "tally_shard_replica_copy_age_seconds",
     Some(Unit::Seconds),
-    "Time since the replication round that last brought a copy up to date began (absent: unknown since this node started)."
+    "Time since the replication round that last brought a copy up to date began (NaN: unknown, as after this node started or a takeover ended)."
 );
 
 /// A shard's instruments.
@@ -119,6 +109,9 @@ pub struct ShardMetrics {
     pub(crate) replica_copies: Gauge,
     pub(crate) replica_entries: Gauge,
     commits: CommitMetrics,
+    /// The origins whose copy age the last scrape showed: a copy dropped
+    /// since gets NaN, not its last age.
+    aged: Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
 impl ShardMetrics {
@@ -144,6 +137,7 @@ impl ShardMetrics {
                 seconds: registry.histogram(GROUP_COMMIT_SECONDS, none),
             },
             registry,
+            aged: Arc::default(),
         }
     }
 
@@ -152,9 +146,22 @@ impl ShardMetrics {
         self.commits.clone()
     }
 
-    /// The age gauge of the copy of `origin`.
-    pub(crate) fn replica_copy_age(&self, origin: &str) -> Gauge {
-        self.registry
-            .gauge(REPLICA_COPY_AGE, &[("origin", origin.to_string())])
+    /// Sets each copy's age (`None`: unknown), by origin; a copy shown
+    /// before and gone now is NaN.
+    pub(crate) fn set_copy_ages(&self, ages: Vec<(String, Option<u64>)>) {
+        let gauge = |origin: &str| {
+            self.registry
+                .gauge(REPLICA_COPY_AGE, &[("origin", origin.to_string())])
+        };
+        let mut aged = self.aged.lock();
+        for origin in aged.iter() {
+            if !ages.iter().any(|(now, _)| now == origin) {
+                gauge(origin).set(f64::NAN);
+            }
+        }
+        for (origin, age_ms) in &ages {
+            gauge(origin).set(age_ms.map_or(f64::NAN, |ms| ms as f64 / 1_000.0));
+        }
+        *aged = ages.into_iter().map(|(origin, _)| origin).collect();
     }
 }

@@ -36,7 +36,7 @@ pub(super) async fn batch_loop(
     grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ApplyJob>,
     settings: BatchSettings,
-    metrics: NodeMetrics,
+    metrics: Arc<NodeMetrics>,
 ) {
     gather_loop(
         queue,
@@ -49,7 +49,7 @@ pub(super) async fn batch_loop(
                 jobs,
                 increment_count,
                 settings.shard_timeout,
-                (slot, InFlight::new(&metrics)),
+                (slot, InFlight::new(metrics.clone())),
             ));
         },
     )
@@ -145,17 +145,14 @@ async fn apply_coalesced(
     }
 }
 
-/// The answer to one batch: an outcome per increment, except that if the
-/// second call of [`apply_coalesced`] failed, the increments it carried
-/// (by position) may or may not have been applied.
 /// An Apply call in flight, counted in `tally_shard_calls_in_flight` until
 /// dropped.
-struct InFlight(NodeMetrics);
+struct InFlight(Arc<NodeMetrics>);
 
 impl InFlight {
-    fn new(metrics: &NodeMetrics) -> Self {
+    fn new(metrics: Arc<NodeMetrics>) -> Self {
         metrics.calls_in_flight.increment(1.0);
-        InFlight(metrics.clone())
+        InFlight(metrics)
     }
 }
 
@@ -165,6 +162,9 @@ impl Drop for InFlight {
     }
 }
 
+/// The answer to one batch: an outcome per increment, except that if the
+/// second call of [`apply_coalesced`] failed, the increments it carried
+/// (by position) may or may not have been applied.
 struct Applied {
     outcomes: Vec<Outcome>,
     unknown: Option<(ShardCallError, Vec<usize>)>,

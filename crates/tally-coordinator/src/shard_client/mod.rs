@@ -59,7 +59,7 @@ pub struct ShardClient {
     /// Permits are increments; bounds the queue (see the module docs).
     queue_room: Arc<Semaphore>,
     /// This node's series (`crate::metrics`).
-    metrics: NodeMetrics,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// Batching settings for one node's client.
@@ -95,6 +95,7 @@ impl ShardClient {
         // Unbounded channel, bounded by `queue_room`.
         let (jobs, queue) = mpsc::unbounded_channel();
         let node_id: Arc<str> = node_id.into();
+        let metrics = Arc::new(metrics);
         tokio::spawn(batch_loop(
             node_id.clone(),
             grpc.clone(),
@@ -126,8 +127,10 @@ impl ShardClient {
         &self.metrics
     }
 
-    /// Increments waiting for a call slot to this node.
-    pub fn queued_increments(&self) -> usize {
+    /// Increments this coordinator holds for the node: queued for a call
+    /// slot, or in an Apply call not answered yet (their queue room is
+    /// given back with the answer).
+    pub fn pending_increments(&self) -> usize {
         MAX_QUEUED_INCREMENTS.saturating_sub(self.queue_room.available_permits())
     }
 

@@ -42,7 +42,7 @@ pub(super) async fn read_loop(
     grpc: Grpc,
     queue: mpsc::UnboundedReceiver<ReadJob>,
     settings: BatchSettings,
-    metrics: NodeMetrics,
+    metrics: Arc<NodeMetrics>,
 ) {
     gather_loop(
         queue,
@@ -87,18 +87,21 @@ async fn send_reads(
         replies.push((job.counters.len(), job.reply));
         counters.extend(job.counters);
     }
+    let began = std::time::Instant::now();
     let result = {
         // A call nobody waits for any more gives its slot back at once.
         let abandoned =
             futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
         tokio::select! {
-            result = async {
-                let began = std::time::Instant::now();
-                let result = read_call(&node_id, &mut grpc, counters, budget).await;
+            result = read_call(&node_id, &mut grpc, counters, budget) => {
                 seconds.record(began.elapsed().as_secs_f64());
                 result
-            } => result,
-            _ = abandoned => return,
+            }
+            _ = abandoned => {
+                // Its time so far: the slowest reads are the ones given up.
+                seconds.record(began.elapsed().as_secs_f64());
+                return;
+            }
         }
     };
     answer_jobs(replies, |lengths| {

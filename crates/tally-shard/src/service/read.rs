@@ -199,12 +199,14 @@ impl ShardService {
         metrics
             .replica_entries
             .set(self.state.replicas.entry_count() as f64);
-        for (origin, _) in copies {
-            if let Some(age_ms) = self.copy_ages.age_ms(&origin) {
-                metrics
-                    .replica_copy_age(&origin)
-                    .set(age_ms as f64 / 1_000.0);
-            }
-        }
+        metrics.set_copy_ages(
+            copies
+                .into_iter()
+                .map(|(origin, _)| {
+                    let age = self.copy_ages.age_ms(&origin);
+                    (origin, age)
+                })
+                .collect(),
+        );
     }
 }

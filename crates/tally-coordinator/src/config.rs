@@ -148,12 +148,12 @@ impl CoordinatorConfig {
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
 
-        let (metrics_listen, origin) =
-            flag_or_file(overrides.metrics_listen, raw.metrics_listen, &file);
-        let metrics_listen = metrics_listen
-            .map(|address| config_file::parse_listen_address(&address))
-            .transpose()
-            .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
+        let metrics_listen = config_file::optional_listen_address(
+            overrides.metrics_listen,
+            raw.metrics_listen,
+            &file,
+            "metrics_listen",
+        )?;
 
         let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file);
 

@@ -190,6 +190,21 @@ pub fn parse_listen_address(address: &str) -> Result<std::net::SocketAddr, Strin
         .map_err(|_| format!("{address:?} is not an ip:port address"))
 }
 
+/// An optional address to listen on, `key` of `flag` or else `file`
+/// (`file_origin` names the file in an error).
+pub fn optional_listen_address(
+    flag: Option<String>,
+    file: Option<String>,
+    file_origin: &str,
+    key: &str,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let (address, origin) = flag_or_file(flag, file, file_origin);
+    address
+        .map(|address| parse_listen_address(&address))
+        .transpose()
+        .map_err(|message| ConfigError::invalid(origin, key, message))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

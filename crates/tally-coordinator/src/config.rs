@@ -37,6 +37,7 @@ struct RawCoordinatorConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
     log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
     stripes: Option<u32>,
     vnodes_per_weight: Option<u32>,
     shard_timeout_ms: Option<u64>,
@@ -67,6 +68,8 @@ pub struct CoordinatorOverrides {
     pub metrics_listen: Option<String>,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
+    /// `--otlp-endpoint`
+    pub otlp_endpoint: Option<String>,
     /// `--shard-timeout-ms`
     pub shard_timeout_ms: Option<u64>,
 }
@@ -92,6 +95,9 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How log lines are written. Not changed by a reload.
     pub log_format: LogFormat,
+    /// Where spans are exported (OTLP/gRPC); none: nowhere. Not changed by
+    /// a reload.
+    pub otlp_endpoint: Option<String>,
     /// Stripes per counter. Must be identical on every coordinator.
     pub stripes: u32,
     /// Ring tokens per unit of node weight.
@@ -125,6 +131,7 @@ impl CoordinatorConfig {
             listen,
             metrics_listen: None,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             stripes: DEFAULT_STRIPES,
             vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
             shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
@@ -156,6 +163,12 @@ impl CoordinatorConfig {
         )?;
 
         let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file);
+        let otlp_endpoint = config_file::optional_endpoint_url(
+            overrides.otlp_endpoint,
+            raw.otlp_endpoint,
+            &file,
+            "otlp_endpoint",
+        )?;
 
         let stripes = check_range(
             &file,
@@ -227,6 +240,7 @@ impl CoordinatorConfig {
             listen,
             metrics_listen,
             log_format: log_format.unwrap_or_default(),
+            otlp_endpoint,
             stripes,
             vnodes_per_weight,
             shard_timeout: Duration::from_millis(shard_timeout_ms),
@@ -361,6 +375,10 @@ weight = 2
             (
                 format!("log_format = \"xml\"\n{GOOD}"),
                 "FILE:1: log_format: unknown variant `xml`",
+            ),
+            (
+                format!("otlp_endpoint = \"collector:4317\"\n{GOOD}"),
+                "FILE: otlp_endpoint: \"collector:4317\" is not an http:// or https:// URL",
             ),
             (
                 GOOD.replace("shard-2\"", "shard-1\""),

@@ -32,6 +32,9 @@ struct Args {
     /// How log lines are written, text or json; overrides `log_format`.
     #[arg(long)]
     log_format: Option<tally_runtime::process::LogFormat>,
+    /// Export spans over OTLP/gRPC to this URL; overrides `otlp_endpoint`.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Longest wait for one internal call to a shard; overrides
     /// `shard_timeout_ms`.
     #[arg(long)]
@@ -48,11 +51,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         log_format: args.log_format,
+        otlp_endpoint: args.otlp_endpoint,
         shard_timeout_ms: args.shard_timeout_ms,
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     // Once the config says how; an error before it is one line on stderr.
-    tally_runtime::process::init_tracing_as(config.log_format);
+    let _traces = tally_runtime::process::init_tracing_with(
+        config.log_format,
+        config
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| ("tally-coordinator", endpoint)),
+    )
+    .map_err(anyhow::Error::msg)?;
     let listen = config.listen;
     let metrics_listen = config.metrics_listen;
     let coordinator = match metrics_listen {

@@ -378,6 +378,17 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// The call's span (`debug`: built only while traces are exported; see
+    /// `tally_runtime::traces`), named after the method; a `counter` field
+    /// the handler may record.
+    pub fn span(&self) -> tracing::Span {
+        tracing::debug_span!(
+            "call",
+            otel.name = self.method.name(),
+            counter = tracing::field::Empty
+        )
+    }
+
     /// Counts the call with the code `result` answers.
     pub fn finish<T>(mut self, result: &Result<T, tonic::Status>) {
         self.finished = true;

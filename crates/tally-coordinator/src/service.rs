@@ -9,6 +9,7 @@ use tally_proto::domain::{validate_batch, CounterName, Increment};
 use tally_proto::pb;
 use tally_ring::Ring;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cluster::{ClusterHandle, Total};
 use crate::deadline::{call_budget, request_deadline};
@@ -48,6 +49,7 @@ impl pb::counter_server::Counter for CounterService {
         let result: Result<Response<pb::IncrementResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let increment = Increment::try_from(request.into_inner())?;
+            tracing::Span::current().record("counter", increment.counter.as_str());
             let deduplicated = self
                 .cluster
                 .current()
@@ -57,6 +59,7 @@ impl pb::counter_server::Counter for CounterService {
                 deduplicated: deduplicated > 0,
             }))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -80,6 +83,7 @@ impl pb::counter_server::Counter for CounterService {
                 deduplicated: deduplicated as u32,
             }))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -94,6 +98,7 @@ impl pb::counter_server::Counter for CounterService {
             let deadline = request_deadline(&request);
             let request = request.into_inner();
             let counter = CounterName::try_from(request.counter)?;
+            tracing::Span::current().record("counter", counter.as_str());
             let total = self
                 .cluster
                 .current()
@@ -103,6 +108,7 @@ impl pb::counter_server::Counter for CounterService {
                 .expect("one total per counter");
             Ok(Response::new(to_response(total)))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -126,6 +132,7 @@ impl pb::counter_server::Counter for CounterService {
                 counters: totals.into_iter().map(to_response).collect(),
             }))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -142,6 +149,7 @@ impl pb::counter_server::Counter for CounterService {
             self.cluster.current().delete(counter, deadline).await?;
             Ok(Response::new(pb::DeleteResponse {}))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -177,6 +185,7 @@ impl pb::admin_server::Admin for AdminService {
                 cluster.config(),
             )))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -196,6 +205,7 @@ impl pb::admin_server::Admin for AdminService {
                 &counter,
             )))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -260,6 +270,7 @@ impl pb::admin_server::Admin for AdminService {
                     .unwrap_or_default(),
             }))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result
@@ -275,6 +286,7 @@ impl pb::admin_server::Admin for AdminService {
             let (adopter, entries) = self.cluster.current().drain(&node_id).await?;
             Ok(Response::new(pb::DrainResponse { adopter, entries }))
         }
+        .instrument(call.span())
         .await;
         call.finish(&result);
         result

@@ -190,6 +190,27 @@ pub fn parse_listen_address(address: &str) -> Result<std::net::SocketAddr, Strin
         .map_err(|_| format!("{address:?} is not an ip:port address"))
 }
 
+/// An optional OTLP/gRPC endpoint, `key` of `flag` or else `file`: an
+/// `http://` or `https://` URL.
+pub fn optional_endpoint_url(
+    flag: Option<String>,
+    file: Option<String>,
+    file_origin: &str,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    let (url, origin) = flag_or_file(flag, file, file_origin);
+    match url {
+        Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            Err(ConfigError::invalid(
+                origin,
+                key,
+                format!("{url:?} is not an http:// or https:// URL"),
+            ))
+        }
+        url => Ok(url),
+    }
+}
+
 /// An optional address to listen on, `key` of `flag` or else `file`
 /// (`file_origin` names the file in an error).
 pub fn optional_listen_address(

@@ -9,8 +9,10 @@
 //!   tuning, and the gRPC server with health checking and reflection that
 //!   lists exactly what a server serves.
 //! - [`metrics`]: each daemon's Prometheus metrics and their endpoint.
+//! - [`traces`]: spans exported over OTLP, trace context across the hop.
 #![deny(missing_docs)]
 
 pub mod config_file;
 pub mod metrics;
 pub mod process;
+pub mod traces;

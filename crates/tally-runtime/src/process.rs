@@ -36,19 +36,50 @@ pub fn init_tracing() {
 
 /// [`init_tracing`] in `format`.
 pub fn init_tracing_as(format: LogFormat) {
+    // Without an exporter there is nothing to flush.
+    let _ = init_tracing_with(format, None);
+}
+
+/// [`init_tracing_as`], and with `otlp` (`service.name` and an OTLP/gRPC
+/// endpoint) every span of the Tally crates exported there too, whatever
+/// `RUST_LOG` says (it filters log lines only), with W3C trace context
+/// propagation. Keep the returned guard until the process ends: dropping it
+/// exports the spans still buffered.
+pub fn init_tracing_with(
+    format: LogFormat,
+    otlp: Option<(&'static str, &str)>,
+) -> Result<crate::traces::TracesGuard, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(filter)
+    .boxed();
+    let mut layers = vec![lines];
+    let guard = match otlp {
+        Some((service, endpoint)) => {
+            let (spans, guard) = crate::traces::exporter(service, endpoint)?;
+            layers.push(spans);
+            guard
+        }
+        None => crate::traces::TracesGuard::default(),
+    };
     // Ignore the error of a second call (tests, the dev cluster): the first
     // subscriber stays.
-    let _ = match format {
-        LogFormat::Text => subscriber
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-        LogFormat::Json => subscriber.json().try_init(),
-    };
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Ok(guard)
 }
 
 /// A binary's exit: 0 on success; otherwise one line on stderr,

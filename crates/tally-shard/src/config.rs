@@ -77,6 +77,7 @@ struct RawShardConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
     log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
@@ -98,6 +99,8 @@ pub struct ShardOverrides {
     pub metrics_listen: Option<String>,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
+    /// `--otlp-endpoint`
+    pub otlp_endpoint: Option<String>,
     /// `--data-dir`
     pub data_dir: Option<PathBuf>,
     /// `--durability`
@@ -127,6 +130,8 @@ pub struct ShardConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Where spans are exported (OTLP/gRPC); none: nowhere.
+    pub otlp_endpoint: Option<String>,
     /// Where this node keeps its log and checkpoint.
     pub data_dir: PathBuf,
     /// When increments are acknowledged.
@@ -158,6 +163,7 @@ impl ShardConfig {
             listen,
             metrics_listen: None,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
@@ -200,6 +206,12 @@ impl ShardConfig {
         )?;
 
         let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file_origin);
+        let otlp_endpoint = config_file::optional_endpoint_url(
+            overrides.otlp_endpoint,
+            raw.otlp_endpoint,
+            &file_origin,
+            "otlp_endpoint",
+        )?;
 
         let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
         let data_dir = data_dir.ok_or_else(|| missing(origin, "data_dir"))?;
@@ -266,6 +278,7 @@ impl ShardConfig {
             listen,
             metrics_listen,
             log_format: log_format.unwrap_or_default(),
+            otlp_endpoint,
             data_dir,
             durability: durability.unwrap_or(Durability::Sync),
             flush_interval: Duration::from_millis(flush_interval_ms),
@@ -373,6 +386,10 @@ mod tests {
             (
                 format!("{GOOD}log_format = \"xml\"\n"),
                 "FILE:4: log_format: unknown variant `xml`",
+            ),
+            (
+                format!("{GOOD}otlp_endpoint = \"ftp://collector\"\n"),
+                "FILE: otlp_endpoint: \"ftp://collector\" is not an http:// or https:// URL",
             ),
             (
                 GOOD.replace("shard-1\"", "shard 1\""),

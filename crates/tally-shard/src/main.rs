@@ -52,6 +52,9 @@ struct ServeArgs {
     /// How log lines are written: text or json.
     #[arg(long)]
     log_format: Option<tally_runtime::process::LogFormat>,
+    /// Export spans over OTLP/gRPC to this URL.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -152,6 +155,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         log_format: args.log_format,
+        otlp_endpoint: args.otlp_endpoint,
         data_dir: args.data_dir,
         durability: args.durability,
         flush_interval_ms: args.flush_interval_ms,
@@ -163,7 +167,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
     // Once the config says how; an error before it is one line on stderr.
-    tally_runtime::process::init_tracing_as(config.log_format);
+    let _traces = tally_runtime::process::init_tracing_with(
+        config.log_format,
+        config
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| ("tally-shard", endpoint)),
+    )
+    .map_err(anyhow::Error::msg)?;
     // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG
     // and be handled like a full disk, not kill the process with SIGXFSZ.
     tally_runtime::process::ignore_file_size_signal();

@@ -17,6 +17,9 @@ use crate::model::{Outcome, StripeIncrement};
 /// A group of increments from one public call, answered together.
 pub(super) struct ApplyJob {
     pub(super) increments: Vec<StripeIncrement>,
+    /// The public call's span (none unless traces are exported): the Apply
+    /// call's parent, or a link of it.
+    pub(super) span: tracing::Span,
     pub(super) reply: oneshot::Sender<Result<Vec<Outcome>, ShardCallError>>,
     /// Room in the queue, given back when the job is answered or dropped.
     pub(super) queue_room: OwnedSemaphorePermit,
@@ -64,6 +67,23 @@ async fn send_batch(
     shard_timeout: Duration,
     (_slot, in_flight): (OwnedSemaphorePermit, InFlight),
 ) {
+    // Traces on: a span for the call, child of the first job's public call
+    // and linked to the others' (one internal call serves many).
+    let span = if tally_runtime::traces::exported() {
+        let span = tracing::debug_span!(
+            parent: &jobs[0].span,
+            "apply",
+            otel.name = "Apply",
+            node = &*node_id,
+            increments = increment_count
+        );
+        for job in &jobs[1..] {
+            tally_runtime::traces::link(&span, &job.span);
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
     let mut increments = Vec::with_capacity(increment_count);
     let mut replies = Vec::with_capacity(jobs.len());
     // Held until the call is answered: queue room covers calls in flight.
@@ -74,8 +94,11 @@ async fn send_batch(
         queue_room.push(job.queue_room);
     }
     let began = std::time::Instant::now();
-    let result =
-        apply_coalesced(&node_id, &mut grpc, increments, shard_timeout, &in_flight.0).await;
+    let result = tracing::Instrument::instrument(
+        apply_coalesced(&node_id, &mut grpc, increments, shard_timeout, &in_flight.0),
+        span,
+    )
+    .await;
     in_flight
         .0
         .apply_seconds

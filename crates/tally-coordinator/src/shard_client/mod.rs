@@ -168,6 +168,11 @@ impl ShardClient {
         self.jobs
             .send(ApplyJob {
                 increments,
+                span: if tally_runtime::traces::exported() {
+                    tracing::Span::current()
+                } else {
+                    tracing::Span::none()
+                },
                 reply,
                 queue_room,
             })

@@ -75,7 +75,10 @@ pub(super) async fn apply_call(
             .map(pb::ShardIncrement::from)
             .collect(),
     };
-    let response = call(shard_timeout, grpc.apply(timed(request, shard_timeout))).await?;
+    let mut request = timed(request, shard_timeout);
+    // The Apply span's context, for the shard's span (traces on only).
+    tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
+    let response = call(shard_timeout, grpc.apply(request)).await?;
     let malformed =
         |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
     if response.results.len() != expected {

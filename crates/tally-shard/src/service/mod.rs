@@ -275,9 +275,13 @@ impl pb::shard_server::Shard for ShardService {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        Ok(Response::new(
-            self.apply_increments(request.into_inner()).await?,
-        ))
+        // Traces on: a child of the coordinator's Apply span (`traceparent`).
+        let span = tracing::debug_span!("apply", otel.name = "Apply");
+        tally_runtime::traces::adopt(&span, request.metadata());
+        let answer =
+            tracing::Instrument::instrument(self.apply_increments(request.into_inner()), span)
+                .await?;
+        Ok(Response::new(answer))
     }
 
     async fn read(

@@ -92,7 +92,13 @@ impl ShardService {
         self.apply_calls.fetch_add(1, Ordering::Relaxed);
         self.increments_applied
             .fetch_add(increments.len() as u64, Ordering::Relaxed);
-        self.durable(epoch).await?;
+        // The wait for the group commit that makes them durable: its own
+        // span when traces are exported.
+        tracing::Instrument::instrument(
+            self.durable(epoch),
+            tracing::debug_span!("durable", otel.name = "group commit wait"),
+        )
+        .await?;
         // Only refused increments come back whole.
         let results = request
             .increments

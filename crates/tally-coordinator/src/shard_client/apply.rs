@@ -67,23 +67,7 @@ async fn send_batch(
     shard_timeout: Duration,
     (_slot, in_flight): (OwnedSemaphorePermit, InFlight),
 ) {
-    // Traces on: a span for the call, child of the first job's public call
-    // and linked to the others' (one internal call serves many).
-    let span = if tally_runtime::traces::exported() {
-        let span = tracing::debug_span!(
-            parent: &jobs[0].span,
-            "apply",
-            otel.name = "Apply",
-            node = &*node_id,
-            increments = increment_count
-        );
-        for job in &jobs[1..] {
-            tally_runtime::traces::link(&span, &job.span);
-        }
-        span
-    } else {
-        tracing::Span::none()
-    };
+    let span = super::call_span("Apply", &node_id, jobs.iter().map(|job| &job.span));
     let mut increments = Vec::with_capacity(increment_count);
     let mut replies = Vec::with_capacity(jobs.len());
     // Held until the call is answered: queue room covers calls in flight.

@@ -46,6 +46,36 @@ pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 /// Largest internal message, matching the shard's limit.
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// The caller's span, kept with its job while traces are exported (none
+/// otherwise).
+fn job_span() -> tracing::Span {
+    if tally_runtime::traces::exported() {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// While traces are exported, the span of one internal call (`name`, to
+/// `node_id`) that serves the public calls of `jobs`: the first one's
+/// child, linked to the others. `Span::none()` otherwise.
+fn call_span<'a>(
+    name: &'static str,
+    node_id: &str,
+    mut jobs: impl Iterator<Item = &'a tracing::Span>,
+) -> tracing::Span {
+    if !tally_runtime::traces::exported() {
+        return tracing::Span::none();
+    }
+    let first = jobs.next().cloned().unwrap_or_else(tracing::Span::none);
+    let span =
+        tracing::debug_span!(parent: &first, "internal_call", otel.name = name, node = node_id);
+    for job in jobs {
+        tally_runtime::traces::link(&span, job);
+    }
+    span
+}
+
 /// Client of one shard node. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ShardClient {
@@ -168,11 +198,7 @@ impl ShardClient {
         self.jobs
             .send(ApplyJob {
                 increments,
-                span: if tally_runtime::traces::exported() {
-                    tracing::Span::current()
-                } else {
-                    tracing::Span::none()
-                },
+                span: job_span(),
                 reply,
                 queue_room,
             })
@@ -199,6 +225,7 @@ impl ShardClient {
                 counters,
                 deadline,
                 sent: sent.clone(),
+                span: job_span(),
                 reply,
             })
             .map_err(|_| shutting_down())?;
@@ -411,8 +438,11 @@ impl ShardClient {
             node_id: self.node_id.to_string(),
             counters,
         };
+        let mut request = timed(request, budget);
+        // The public Delete's context (traces on only).
+        tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
         let mut grpc = self.grpc.clone();
-        call(budget, grpc.erase(timed(request, budget))).await?;
+        call(budget, grpc.erase(request)).await?;
         Ok(())
     }
 

@@ -21,6 +21,8 @@ pub(super) struct ReadJob {
     pub(super) deadline: tokio::time::Instant,
     /// Set once the job's Read call is sent.
     pub(super) sent: Arc<AtomicBool>,
+    /// The public call's span (traces on only; see `super::call_span`).
+    pub(super) span: tracing::Span,
     pub(super) reply: oneshot::Sender<Result<NodeRead, ShardCallError>>,
 }
 
@@ -80,6 +82,7 @@ async fn send_reads(
     let budget = deadline.map_or(Duration::ZERO, |deadline| {
         deadline.saturating_duration_since(tokio::time::Instant::now())
     });
+    let span = super::call_span("Read", &node_id, jobs.iter().map(|job| &job.span));
     let mut counters = Vec::with_capacity(counter_count);
     let mut replies = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -93,7 +96,10 @@ async fn send_reads(
         let abandoned =
             futures::future::join_all(replies.iter_mut().map(|(_, reply)| reply.closed()));
         tokio::select! {
-            result = read_call(&node_id, &mut grpc, counters, budget) => {
+            result = tracing::Instrument::instrument(
+                read_call(&node_id, &mut grpc, counters, budget),
+                span,
+            ) => {
                 seconds.record(began.elapsed().as_secs_f64());
                 result
             }

@@ -107,7 +107,9 @@ pub(super) async fn read_call(
         node_id: node_id.to_string(),
         counters,
     };
-    let response = call(budget, grpc.read(timed(request, budget))).await?;
+    let mut request = timed(request, budget);
+    tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
+    let response = call(budget, grpc.read(request)).await?;
     NodeRead::from_wire(response, expected)
         .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))
 }

@@ -288,19 +288,26 @@ impl pb::shard_server::Shard for ShardService {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
-        Ok(Response::new(
-            self.read_counters(request.into_inner()).await?,
-        ))
+        let span = tracing::debug_span!("read", otel.name = "Read");
+        tally_runtime::traces::adopt(&span, request.metadata());
+        let answer =
+            tracing::Instrument::instrument(self.read_counters(request.into_inner()), span).await?;
+        Ok(Response::new(answer))
     }
 
     async fn erase(
         &self,
         request: Request<pb::EraseRequest>,
     ) -> Result<Response<pb::EraseResponse>, Status> {
+        let span = tracing::debug_span!("erase", otel.name = "Erase");
+        tally_runtime::traces::adopt(&span, request.metadata());
         let request = request.into_inner();
-        self.to_the_end(move |service| async move { service.erase_to_the_end(request).await })
-            .await
-            .map(Response::new)
+        tracing::Instrument::instrument(
+            self.to_the_end(move |service| async move { service.erase_to_the_end(request).await }),
+            span,
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn status(

@@ -43,6 +43,8 @@ struct Exported {
     trace: Vec<u8>,
     id: Vec<u8>,
     parent: Vec<u8>,
+    /// String attributes, `(key, value)`.
+    attributes: Vec<(String, String)>,
 }
 
 impl Collector {
@@ -69,6 +71,18 @@ impl Collector {
                             trace: span.trace_id.clone(),
                             id: span.span_id.clone(),
                             parent: span.parent_span_id.clone(),
+                            attributes: span
+                                .attributes
+                                .iter()
+                                .filter_map(|attribute| {
+                                    match attribute.value.as_ref()?.value.as_ref()? {
+                                        Value::StringValue(value) => {
+                                            Some((attribute.key.clone(), value.clone()))
+                                        }
+                                        _ => None,
+                                    }
+                                })
+                                .collect(),
                         });
                     }
                 }
@@ -133,11 +147,16 @@ async fn each_public_call_is_one_trace_down_to_the_shard() {
         .await
         .unwrap();
     drop(client);
-    // A clean stop exports what is buffered.
-    assert!(coordinator
-        .signal(nix::sys::signal::Signal::SIGTERM)
-        .success());
-    assert!(shard.signal(nix::sys::signal::Signal::SIGTERM).success());
+    // A clean stop exports what is buffered. Waited for off the runtime
+    // that serves the collector.
+    tokio::task::spawn_blocking(move || {
+        assert!(coordinator
+            .signal(nix::sys::signal::Signal::SIGTERM)
+            .success());
+        assert!(shard.signal(nix::sys::signal::Signal::SIGTERM).success());
+    })
+    .await
+    .unwrap();
 
     let spans = support::wait_until("the spans of the call", support::PATIENCE, || async {
         let spans = collector.spans();
@@ -172,6 +191,14 @@ async fn each_public_call_is_one_trace_down_to_the_shard() {
         }
     })
     .await;
+    // The public calls name their counter.
+    for call in [&spans[0], &spans[4], &spans[7]] {
+        assert!(
+            call.attributes
+                .contains(&("counter".to_string(), "traced".to_string())),
+            "{call:?}"
+        );
+    }
     // Each chain, parent to child, in one trace.
     let chains: [&[usize]; 3] = [&[0, 1, 2, 3], &[4, 5, 6], &[7, 8]];
     for chain in chains {

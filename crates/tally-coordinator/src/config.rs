@@ -378,7 +378,7 @@ weight = 2
             ),
             (
                 format!("otlp_endpoint = \"collector:4317\"\n{GOOD}"),
-                "FILE: otlp_endpoint: \"collector:4317\" is not an http:// or https:// URL",
+                "FILE: otlp_endpoint: \"collector:4317\" is not an http:// URL (TLS to the collector is not supported yet)",
             ),
             (
                 GOOD.replace("shard-2\"", "shard-1\""),

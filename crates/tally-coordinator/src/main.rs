@@ -56,12 +56,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     // Once the config says how; an error before it is one line on stderr.
+    let instance = config.listen.to_string();
     let _traces = tally_runtime::process::init_tracing_with(
         config.log_format,
         config
             .otlp_endpoint
             .as_deref()
-            .map(|endpoint| ("tally-coordinator", endpoint)),
+            .map(|endpoint| tally_runtime::traces::Otlp {
+                service: "tally-coordinator",
+                instance: &instance,
+                endpoint,
+            }),
     )
     .map_err(anyhow::Error::msg)?;
     let listen = config.listen;

@@ -287,6 +287,14 @@ impl CoordinatorMetrics {
             method,
             began: Instant::now(),
             finished: false,
+            // `debug`: built only while traces are exported (see
+            // `tally_runtime::traces`) or `RUST_LOG` asks for debug lines.
+            span: tracing::debug_span!(
+                "call",
+                otel.name = method.name(),
+                counter = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty
+            ),
         }
     }
 
@@ -375,18 +383,14 @@ pub struct Call<'a> {
     method: Method,
     began: Instant,
     finished: bool,
+    span: tracing::Span,
 }
 
 impl Call<'_> {
-    /// The call's span (`debug`: built only while traces are exported; see
-    /// `tally_runtime::traces`), named after the method; a `counter` field
-    /// the handler may record.
+    /// The call's span, named after the method, with a `counter` field
+    /// the handler records where the call has one.
     pub fn span(&self) -> tracing::Span {
-        tracing::debug_span!(
-            "call",
-            otel.name = self.method.name(),
-            counter = tracing::field::Empty
-        )
+        self.span.clone()
     }
 
     /// Counts the call with the code `result` answers.
@@ -395,6 +399,9 @@ impl Call<'_> {
         let code = result
             .as_ref()
             .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        if code != tonic::Code::Ok {
+            self.span.record("otel.status_code", "ERROR");
+        }
         self.metrics.observe(self.method, self.began, code);
     }
 }

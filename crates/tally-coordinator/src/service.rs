@@ -146,6 +146,7 @@ impl pb::counter_server::Counter for CounterService {
         let result: Result<Response<pb::DeleteResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let counter = CounterName::try_from(request.into_inner().counter)?;
+            tracing::Span::current().record("counter", counter.as_str());
             self.cluster.current().delete(counter, deadline).await?;
             Ok(Response::new(pb::DeleteResponse {}))
         }
@@ -198,6 +199,7 @@ impl pb::admin_server::Admin for AdminService {
         let call = self.metrics.call(Method::Locate);
         let result: Result<Response<pb::LocateResponse>, Status> = async move {
             let counter = CounterName::try_from(request.into_inner().counter)?;
+            tracing::Span::current().record("counter", counter.as_str());
             let cluster = self.cluster.current();
             Ok(Response::new(locate_response(
                 cluster.ring(),

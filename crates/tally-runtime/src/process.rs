@@ -40,14 +40,13 @@ pub fn init_tracing_as(format: LogFormat) {
     let _ = init_tracing_with(format, None);
 }
 
-/// [`init_tracing_as`], and with `otlp` (`service.name` and an OTLP/gRPC
-/// endpoint) every span of the Tally crates exported there too, whatever
-/// `RUST_LOG` says (it filters log lines only), with W3C trace context
-/// propagation. Keep the returned guard until the process ends: dropping it
-/// exports the spans still buffered.
+/// [`init_tracing_as`], and with `otlp` every span of the Tally crates
+/// exported too, whatever `RUST_LOG` says (it filters log lines only), with
+/// W3C trace context propagation. Keep the returned guard until the process
+/// ends: dropping it exports the spans still buffered.
 pub fn init_tracing_with(
     format: LogFormat,
-    otlp: Option<(&'static str, &str)>,
+    otlp: Option<crate::traces::Otlp<'_>>,
 ) -> Result<crate::traces::TracesGuard, String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -68,17 +67,26 @@ pub fn init_tracing_with(
     .with_filter(filter)
     .boxed();
     let mut layers = vec![lines];
+    let exporting = otlp.is_some();
     let guard = match otlp {
-        Some((service, endpoint)) => {
-            let (spans, guard) = crate::traces::exporter(service, endpoint)?;
+        Some(otlp) => {
+            let (spans, guard) = crate::traces::exporter(otlp)?;
             layers.push(spans);
             guard
         }
         None => crate::traces::TracesGuard::default(),
     };
-    // Ignore the error of a second call (tests, the dev cluster): the first
-    // subscriber stays.
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    // A second call (tests, the dev cluster) fails and changes nothing:
+    // the first subscriber stays, and only an installed exporter turns
+    // propagation on.
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+        && exporting
+    {
+        crate::traces::start_propagating();
+    }
     Ok(guard)
 }
 

@@ -47,28 +47,38 @@ impl Drop for TracesGuard {
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
-/// The layer that exports the Tally crates' spans as service `service` to
-/// `endpoint`, and its guard. Needs a tokio runtime.
-pub(crate) fn exporter(
-    service: &'static str,
-    endpoint: &str,
-) -> Result<(BoxedLayer, TracesGuard), String> {
+/// Where and as whom a daemon exports its spans.
+#[derive(Debug, Clone, Copy)]
+pub struct Otlp<'a> {
+    /// `service.name`: `tally-coordinator` or `tally-shard`.
+    pub service: &'static str,
+    /// `service.instance.id`: the node id, or the coordinator's address.
+    pub instance: &'a str,
+    /// The collector's OTLP/gRPC endpoint, `http://host:port`.
+    pub endpoint: &'a str,
+}
+
+/// The layer that exports the Tally crates' spans as `otlp` says, and its
+/// guard. Needs a tokio runtime. The resource also takes what the
+/// standard `OTEL_RESOURCE_ATTRIBUTES` variable adds.
+pub(crate) fn exporter(otlp: Otlp<'_>) -> Result<(BoxedLayer, TracesGuard), String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint)
+        .with_endpoint(otlp.endpoint)
         .build()
-        .map_err(|error| format!("OTLP exporter for {endpoint}: {error}"))?;
+        .map_err(|error| format!("OTLP exporter for {}: {error}", otlp.endpoint))?;
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(
-            opentelemetry_sdk::Resource::builder_empty()
-                .with_service_name(service)
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(otlp.service)
+                .with_attribute(opentelemetry::KeyValue::new(
+                    "service.instance.id",
+                    otlp.instance.to_string(),
+                ))
                 .build(),
         )
         .build();
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
     let targets = tracing_subscriber::filter::Targets::new()
         .with_target("tally_coordinator", tracing::Level::DEBUG)
         .with_target("tally_shard", tracing::Level::DEBUG);
@@ -76,7 +86,6 @@ pub(crate) fn exporter(
         .with_tracer(provider.tracer("tally"))
         .with_filter(targets)
         .boxed();
-    EXPORTED.store(true, Ordering::Relaxed);
     Ok((
         layer,
         TracesGuard {
@@ -85,13 +94,21 @@ pub(crate) fn exporter(
     ))
 }
 
-/// Puts `span`'s trace context into `metadata` (`traceparent`), if spans
-/// are exported.
-pub fn inject(span: &tracing::Span, metadata: &mut tonic::metadata::MetadataMap) {
+/// Turns propagation on, once the exporting subscriber is installed.
+pub(crate) fn start_propagating() {
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    EXPORTED.store(true, Ordering::Relaxed);
+}
+
+/// Puts the current span's trace context into `metadata` (`traceparent`),
+/// if spans are exported.
+pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     if !exported() {
         return;
     }
-    let context = span.context();
+    let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut MetadataInjector(metadata));
     });

@@ -389,7 +389,7 @@ mod tests {
             ),
             (
                 format!("{GOOD}otlp_endpoint = \"ftp://collector\"\n"),
-                "FILE: otlp_endpoint: \"ftp://collector\" is not an http:// or https:// URL",
+                "FILE: otlp_endpoint: \"ftp://collector\" is not an http:// URL (TLS to the collector is not supported yet)",
             ),
             (
                 GOOD.replace("shard-1\"", "shard 1\""),

@@ -172,7 +172,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config
             .otlp_endpoint
             .as_deref()
-            .map(|endpoint| ("tally-shard", endpoint)),
+            .map(|endpoint| tally_runtime::traces::Otlp {
+                service: "tally-shard",
+                instance: &config.node_id,
+                endpoint,
+            }),
     )
     .map_err(anyhow::Error::msg)?;
     // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG

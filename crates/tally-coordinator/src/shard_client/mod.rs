@@ -440,7 +440,7 @@ impl ShardClient {
         };
         let mut request = timed(request, budget);
         // The public Delete's context (traces on only).
-        tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
+        tally_runtime::traces::inject(request.metadata_mut());
         let mut grpc = self.grpc.clone();
         call(budget, grpc.erase(request)).await?;
         Ok(())

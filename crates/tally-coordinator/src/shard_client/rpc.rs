@@ -77,7 +77,7 @@ pub(super) async fn apply_call(
     };
     let mut request = timed(request, shard_timeout);
     // The Apply span's context, for the shard's span (traces on only).
-    tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
+    tally_runtime::traces::inject(request.metadata_mut());
     let response = call(shard_timeout, grpc.apply(request)).await?;
     let malformed =
         |what: String| ShardCallError::Failed(format!("malformed apply answer: {what}"));
@@ -108,7 +108,7 @@ pub(super) async fn read_call(
         counters,
     };
     let mut request = timed(request, budget);
-    tally_runtime::traces::inject(&tracing::Span::current(), request.metadata_mut());
+    tally_runtime::traces::inject(request.metadata_mut());
     let response = call(budget, grpc.read(request)).await?;
     NodeRead::from_wire(response, expected)
         .map_err(|error| ShardCallError::Failed(format!("malformed read answer: {error}")))

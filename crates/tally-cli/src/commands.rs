@@ -760,7 +760,7 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
             shard.node_id,
             shard.listen,
             shard.data_dir.display(),
-            metrics(shard.metrics_listen)
+            metrics(shard.observability.metrics_listen)
         ));
     }
     say("");

@@ -83,11 +83,8 @@ pub struct LocalCluster {
     coordinator_config: CoordinatorConfig,
     coordinator_stop: Option<oneshot::Sender<()>>,
     coordinator_task: Option<JoinHandle<Result<(), tally_coordinator::StartError>>>,
-    /// Where the coordinator serves metrics, and the task serving them.
-    coordinator_metrics: Option<(
-        SocketAddr,
-        tally_runtime::process::AbortOnDrop<std::io::Result<()>>,
-    )>,
+    /// Where the coordinator serves metrics, if it does.
+    coordinator_metrics: Option<SocketAddr>,
     shards: Vec<RunningShard>,
 }
 
@@ -110,7 +107,7 @@ impl LocalCluster {
             let address = listener.local_addr()?;
             let mut config = ShardConfig::new(&node_id, address, options.data_dir.join(&node_id));
             config.durability = options.durability;
-            config.metrics_listen = options
+            config.observability.metrics_listen = options
                 .metrics_port
                 .map(|port| metrics_address(port, index + 1))
                 .transpose()?;
@@ -136,19 +133,17 @@ impl LocalCluster {
         coordinator_config.stripes = options.stripes;
         coordinator_config.replication_interval = options.replication_interval;
         coordinator_config.replication_factor = options.replication_factor;
-        let (coordinator, coordinator_metrics) = match options.metrics_port {
+        let coordinator = match options.metrics_port {
             Some(port) => {
-                let coordinator = Coordinator::with_metrics(coordinator_config.clone())?;
                 let address = metrics_address(port, 0)?;
                 let listener = TcpListener::bind(address).await.with_context(|| {
                     format!("coordinator: cannot listen on {address} for metrics")
                 })?;
-                let address = listener.local_addr()?;
-                let server = coordinator.serve_metrics(listener);
-                (coordinator, Some((address, server)))
+                Coordinator::with_metrics(coordinator_config.clone(), listener)?
             }
-            None => (Coordinator::new(coordinator_config.clone())?, None),
+            None => Coordinator::new(coordinator_config.clone())?,
         };
+        let coordinator_metrics = coordinator.handle().metrics_address();
         let (coordinator_stop, stopped) = oneshot::channel::<()>();
         let coordinator_task = tokio::spawn(coordinator.serve(listener, async {
             let _ = stopped.await;
@@ -177,8 +172,6 @@ impl LocalCluster {
     /// Where the coordinator serves metrics, if it does.
     pub fn coordinator_metrics(&self) -> Option<SocketAddr> {
         self.coordinator_metrics
-            .as_ref()
-            .map(|(address, _)| *address)
     }
 
     /// Each shard's id, address and data directory (and metrics address,
@@ -259,12 +252,12 @@ async fn start_shard(
     let mut node = ShardNode::open(config.clone())
         .await
         .with_context(|| format!("{}: cannot start", config.node_id))?;
-    if let Some(address) = config.metrics_listen {
+    if let Some(address) = config.observability.metrics_listen {
         let metrics = TcpListener::bind(address).await.with_context(|| {
             format!("{}: cannot listen on {address} for metrics", config.node_id)
         })?;
         // A restart serves on the same port.
-        config.metrics_listen = Some(metrics.local_addr()?);
+        config.observability.metrics_listen = Some(metrics.local_addr()?);
         node = node.with_metrics(metrics);
     }
     let (stop, stopped) = oneshot::channel::<()>();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
-use tally_runtime::config_file::{self, check_range, flag_or_file, ConfigError};
+use tally_runtime::config_file::{
+    self, check_range, flag_or_file, ConfigError, Observability, ObservabilityKeys,
+};
 use tally_runtime::process::LogFormat;
 
 /// Default stripes per counter.
@@ -64,12 +66,8 @@ struct RawNode {
 pub struct CoordinatorOverrides {
     /// `--listen`
     pub listen: Option<String>,
-    /// `--metrics-listen`
-    pub metrics_listen: Option<String>,
-    /// `--log-format`
-    pub log_format: Option<LogFormat>,
-    /// `--otlp-endpoint`
-    pub otlp_endpoint: Option<String>,
+    /// `--metrics-listen`, `--log-format`, `--otlp-endpoint`
+    pub observability: ObservabilityKeys,
     /// `--shard-timeout-ms`
     pub shard_timeout_ms: Option<u64>,
 }
@@ -90,14 +88,8 @@ pub struct NodeConfig {
 pub struct CoordinatorConfig {
     /// Address to serve the public API on.
     pub listen: SocketAddr,
-    /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
-    /// Not changed by a reload.
-    pub metrics_listen: Option<SocketAddr>,
-    /// How log lines are written. Not changed by a reload.
-    pub log_format: LogFormat,
-    /// Where spans are exported (OTLP/gRPC); none: nowhere. Not changed by
-    /// a reload.
-    pub otlp_endpoint: Option<String>,
+    /// Metrics, log lines and spans. Not changed by a reload.
+    pub observability: Observability,
     /// Stripes per counter. Must be identical on every coordinator.
     pub stripes: u32,
     /// Ring tokens per unit of node weight.
@@ -129,9 +121,7 @@ impl CoordinatorConfig {
     pub fn new(listen: SocketAddr, nodes: Vec<NodeConfig>) -> Self {
         CoordinatorConfig {
             listen,
-            metrics_listen: None,
-            log_format: LogFormat::Text,
-            otlp_endpoint: None,
+            observability: Observability::default(),
             stripes: DEFAULT_STRIPES,
             vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
             shard_timeout: Duration::from_millis(DEFAULT_SHARD_TIMEOUT_MS),
@@ -155,19 +145,14 @@ impl CoordinatorConfig {
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
 
-        let metrics_listen = config_file::optional_listen_address(
-            overrides.metrics_listen,
-            raw.metrics_listen,
+        let observability = Observability::load(
+            overrides.observability,
+            ObservabilityKeys {
+                metrics_listen: raw.metrics_listen,
+                log_format: raw.log_format,
+                otlp_endpoint: raw.otlp_endpoint,
+            },
             &file,
-            "metrics_listen",
-        )?;
-
-        let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file);
-        let otlp_endpoint = config_file::optional_endpoint_url(
-            overrides.otlp_endpoint,
-            raw.otlp_endpoint,
-            &file,
-            "otlp_endpoint",
         )?;
 
         let stripes = check_range(
@@ -238,9 +223,7 @@ impl CoordinatorConfig {
         let nodes = validate_nodes(&file, raw.nodes)?;
         let config = CoordinatorConfig {
             listen,
-            metrics_listen,
-            log_format: log_format.unwrap_or_default(),
-            otlp_endpoint,
+            observability,
             stripes,
             vnodes_per_weight,
             shard_timeout: Duration::from_millis(shard_timeout_ms),

@@ -80,6 +80,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Coordinator {
     cluster: ClusterHandle,
+    /// Where to serve metrics while serving, if anywhere.
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Coordinator {
@@ -88,39 +90,27 @@ impl Coordinator {
     pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
         Ok(Coordinator {
             cluster: ClusterHandle::new(Cluster::new(config)?),
+            metrics_listener: None,
         })
     }
 
     /// [`Coordinator::new`], with its Prometheus series in a registry of
-    /// its own ([`Coordinator::serve_metrics`] serves them).
-    pub fn with_metrics(config: CoordinatorConfig) -> Result<Self, StartError> {
+    /// its own, served on `GET /metrics` at `listener` while it serves (as
+    /// `tally_shard::ShardNode::with_metrics`).
+    pub fn with_metrics(
+        config: CoordinatorConfig,
+        listener: TcpListener,
+    ) -> Result<Self, StartError> {
         let registry = Arc::new(tally_runtime::metrics::Registry::enabled("coordinator"));
         let metrics = Arc::new(metrics::CoordinatorMetrics::new(registry));
-        Ok(Coordinator {
-            cluster: ClusterHandle::new(Cluster::with_metrics(config, metrics)?),
-        })
-    }
-
-    /// Serves the coordinator's metrics on `GET /metrics` at `listener`
-    /// (a task that lives until the returned guard is dropped).
-    pub fn serve_metrics(
-        &self,
-        listener: TcpListener,
-    ) -> tally_runtime::process::AbortOnDrop<std::io::Result<()>> {
-        let handle = self.cluster.clone();
+        let cluster = ClusterHandle::new(Cluster::with_metrics(config, metrics)?);
         if let Ok(address) = listener.local_addr() {
-            handle.set_metrics_address(address);
+            cluster.set_metrics_address(address);
         }
-        let registry = handle.current().metrics().registry().clone();
-        tally_runtime::process::AbortOnDrop(tokio::spawn(tally_runtime::metrics::serve(
-            listener,
-            registry,
-            move || {
-                let cluster = handle.current();
-                cluster.metrics().publish(&cluster);
-            },
-            std::future::pending(),
-        )))
+        Ok(Coordinator {
+            cluster,
+            metrics_listener: Some(listener),
+        })
     }
 
     /// A handle on the running membership, to reload it
@@ -136,6 +126,20 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
+        // Ends when serving does (dropped at the end of this function).
+        let _metrics_server = self.metrics_listener.map(|listener| {
+            let handle = self.cluster.clone();
+            let registry = handle.current().metrics().registry().clone();
+            tally_runtime::process::AbortOnDrop(tokio::spawn(tally_runtime::metrics::serve(
+                listener,
+                registry,
+                move || {
+                    let cluster = handle.current();
+                    cluster.metrics().publish(&cluster);
+                },
+                std::future::pending(),
+            )))
+        });
         let counter = service::CounterService::new(self.cluster.clone());
         let admin = service::AdminService::new(self.cluster.clone());
         let api = &tally_runtime::process::COORDINATOR_API;

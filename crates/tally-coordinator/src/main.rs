@@ -25,16 +25,8 @@ struct Args {
     /// Address to listen on, ip:port; overrides `listen`.
     #[arg(long)]
     listen: Option<String>,
-    /// Address to serve Prometheus metrics on (GET /metrics), ip:port;
-    /// overrides `metrics_listen`.
-    #[arg(long)]
-    metrics_listen: Option<String>,
-    /// How log lines are written, text or json; overrides `log_format`.
-    #[arg(long)]
-    log_format: Option<tally_runtime::process::LogFormat>,
-    /// Export spans over OTLP/gRPC to this URL; overrides `otlp_endpoint`.
-    #[arg(long)]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    observability: tally_runtime::config_file::ObservabilityKeys,
     /// Longest wait for one internal call to a shard; overrides
     /// `shard_timeout_ms`.
     #[arg(long)]
@@ -49,37 +41,21 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let overrides = CoordinatorOverrides {
         listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        log_format: args.log_format,
-        otlp_endpoint: args.otlp_endpoint,
+        observability: args.observability,
         shard_timeout_ms: args.shard_timeout_ms,
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     // Once the config says how; an error before it is one line on stderr.
-    let instance = config.listen.to_string();
-    let _traces = tally_runtime::process::init_tracing_with(
-        config.log_format,
-        config
-            .otlp_endpoint
-            .as_deref()
-            .map(|endpoint| tally_runtime::traces::Otlp {
-                service: "tally-coordinator",
-                instance: &instance,
-                endpoint,
-            }),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let _traces = config
+        .observability
+        .init_tracing("tally-coordinator", &config.listen.to_string())
+        .map_err(anyhow::Error::msg)?;
     let listen = config.listen;
-    let metrics_listen = config.metrics_listen;
-    let coordinator = match metrics_listen {
-        Some(_) => Coordinator::with_metrics(config)?,
-        None => Coordinator::new(config)?,
-    };
-    let _metrics = match metrics_listen {
+    let coordinator = match config.observability.metrics_listen {
         Some(address) => {
-            Some(coordinator.serve_metrics(tally_runtime::metrics::bind(address).await?))
+            Coordinator::with_metrics(config, tally_runtime::metrics::bind(address).await?)?
         }
-        None => None,
+        None => Coordinator::new(config)?,
     };
     reload_on_sighup(coordinator.handle(), args.config, overrides)?;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+use crate::process::LogFormat;
+
 /// Where a configuration value came from, for error messages.
 pub const COMMAND_LINE: &str = "command line";
 
@@ -190,38 +192,91 @@ pub fn parse_listen_address(address: &str) -> Result<std::net::SocketAddr, Strin
         .map_err(|_| format!("{address:?} is not an ip:port address"))
 }
 
-/// An optional OTLP/gRPC endpoint, `key` of `flag` or else `file`: an
-/// `http://` URL (no TLS to the collector yet).
-pub fn optional_endpoint_url(
-    flag: Option<String>,
-    file: Option<String>,
-    file_origin: &str,
-    key: &str,
-) -> Result<Option<String>, ConfigError> {
-    let (url, origin) = flag_or_file(flag, file, file_origin);
-    match url {
-        Some(url) if !url.starts_with("http://") => Err(ConfigError::invalid(
-            origin,
-            key,
-            format!("{url:?} is not an http:// URL (TLS to the collector is not supported yet)"),
-        )),
-        url => Ok(url),
-    }
+/// What every daemon is watched through, as given (flags, or a file's
+/// keys of the same names).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ObservabilityKeys {
+    /// Address to serve Prometheus metrics on (GET /metrics), ip:port;
+    /// overrides `metrics_listen`.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// How log lines are written, text or json; overrides `log_format`.
+    #[arg(long)]
+    pub log_format: Option<LogFormat>,
+    /// Export spans over OTLP/gRPC to this http:// URL; overrides
+    /// `otlp_endpoint`.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
-/// An optional address to listen on, `key` of `flag` or else `file`
-/// (`file_origin` names the file in an error).
-pub fn optional_listen_address(
-    flag: Option<String>,
-    file: Option<String>,
-    file_origin: &str,
-    key: &str,
-) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    let (address, origin) = flag_or_file(flag, file, file_origin);
-    address
-        .map(|address| parse_listen_address(&address))
-        .transpose()
-        .map_err(|message| ConfigError::invalid(origin, key, message))
+/// What every daemon is watched through: the `metrics_listen`,
+/// `log_format` and `otlp_endpoint` keys, checked. None of them changes on
+/// a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observability {
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// Where spans are exported (OTLP/gRPC, an `http://` URL: no TLS to
+    /// the collector yet); none: nowhere.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Observability {
+    /// The keys of `flags`, else of the file named `file_origin`, checked.
+    pub fn load(
+        flags: ObservabilityKeys,
+        file: ObservabilityKeys,
+        file_origin: &str,
+    ) -> Result<Self, ConfigError> {
+        let (metrics_listen, origin) =
+            flag_or_file(flags.metrics_listen, file.metrics_listen, file_origin);
+        let metrics_listen = metrics_listen
+            .map(|address| parse_listen_address(&address))
+            .transpose()
+            .map_err(|message| ConfigError::invalid(origin, "metrics_listen", message))?;
+        let (log_format, _) = flag_or_file(flags.log_format, file.log_format, file_origin);
+        let (otlp_endpoint, origin) =
+            flag_or_file(flags.otlp_endpoint, file.otlp_endpoint, file_origin);
+        if let Some(url) = otlp_endpoint
+            .as_deref()
+            .filter(|url| !url.starts_with("http://"))
+        {
+            return Err(ConfigError::invalid(
+                origin,
+                "otlp_endpoint",
+                format!(
+                    "{url:?} is not an http:// URL (TLS to the collector is not supported yet)"
+                ),
+            ));
+        }
+        Ok(Observability {
+            metrics_listen,
+            log_format: log_format.unwrap_or_default(),
+            otlp_endpoint,
+        })
+    }
+
+    /// Sets up log lines, and span export if `otlp_endpoint` is set, for
+    /// daemon `service` (`service.name`) known as `instance`
+    /// (`service.instance.id`). Keep the guard until the process ends.
+    pub fn init_tracing(
+        &self,
+        service: &'static str,
+        instance: &str,
+    ) -> Result<crate::traces::TracesGuard, String> {
+        crate::process::init_tracing_with(
+            self.log_format,
+            self.otlp_endpoint
+                .as_deref()
+                .map(|endpoint| crate::traces::Otlp {
+                    service,
+                    instance,
+                    endpoint,
+                }),
+        )
+    }
 }
 
 #[cfg(test)]

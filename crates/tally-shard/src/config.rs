@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_runtime::config_file::{self, flag_or_file, ranged_setting, ConfigError, COMMAND_LINE};
+use tally_runtime::config_file::{
+    self, flag_or_file, ranged_setting, ConfigError, Observability, ObservabilityKeys, COMMAND_LINE,
+};
 use tally_runtime::process::LogFormat;
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
@@ -95,12 +97,8 @@ pub struct ShardOverrides {
     pub node_id: Option<String>,
     /// `--listen`
     pub listen: Option<String>,
-    /// `--metrics-listen`
-    pub metrics_listen: Option<String>,
-    /// `--log-format`
-    pub log_format: Option<LogFormat>,
-    /// `--otlp-endpoint`
-    pub otlp_endpoint: Option<String>,
+    /// `--metrics-listen`, `--log-format`, `--otlp-endpoint`
+    pub observability: ObservabilityKeys,
     /// `--data-dir`
     pub data_dir: Option<PathBuf>,
     /// `--durability`
@@ -126,12 +124,8 @@ pub struct ShardConfig {
     pub node_id: String,
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
-    /// Address to serve Prometheus metrics on (`GET /metrics`); none: off.
-    pub metrics_listen: Option<SocketAddr>,
-    /// How log lines are written.
-    pub log_format: LogFormat,
-    /// Where spans are exported (OTLP/gRPC); none: nowhere.
-    pub otlp_endpoint: Option<String>,
+    /// Metrics, log lines and spans.
+    pub observability: Observability,
     /// Where this node keeps its log and checkpoint.
     pub data_dir: PathBuf,
     /// When increments are acknowledged.
@@ -161,9 +155,7 @@ impl ShardConfig {
         ShardConfig {
             node_id: node_id.into(),
             listen,
-            metrics_listen: None,
-            log_format: LogFormat::Text,
-            otlp_endpoint: None,
+            observability: Observability::default(),
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS),
@@ -198,19 +190,14 @@ impl ShardConfig {
         let listen = config_file::parse_listen_address(&listen)
             .map_err(|message| ConfigError::invalid(origin, "listen", message))?;
 
-        let metrics_listen = config_file::optional_listen_address(
-            overrides.metrics_listen,
-            raw.metrics_listen,
+        let observability = Observability::load(
+            overrides.observability,
+            ObservabilityKeys {
+                metrics_listen: raw.metrics_listen,
+                log_format: raw.log_format,
+                otlp_endpoint: raw.otlp_endpoint,
+            },
             &file_origin,
-            "metrics_listen",
-        )?;
-
-        let (log_format, _) = flag_or_file(overrides.log_format, raw.log_format, &file_origin);
-        let otlp_endpoint = config_file::optional_endpoint_url(
-            overrides.otlp_endpoint,
-            raw.otlp_endpoint,
-            &file_origin,
-            "otlp_endpoint",
         )?;
 
         let (data_dir, origin) = flag_or_file(overrides.data_dir, raw.data_dir, &file_origin);
@@ -276,9 +263,7 @@ impl ShardConfig {
         Ok(ShardConfig {
             node_id,
             listen,
-            metrics_listen,
-            log_format: log_format.unwrap_or_default(),
-            otlp_endpoint,
+            observability,
             data_dir,
             durability: durability.unwrap_or(Durability::Sync),
             flush_interval: Duration::from_millis(flush_interval_ms),

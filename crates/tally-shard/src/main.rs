@@ -46,15 +46,8 @@ struct ServeArgs {
     /// Address to listen on, ip:port.
     #[arg(long)]
     listen: Option<String>,
-    /// Address to serve Prometheus metrics on (GET /metrics), ip:port.
-    #[arg(long)]
-    metrics_listen: Option<String>,
-    /// How log lines are written: text or json.
-    #[arg(long)]
-    log_format: Option<tally_runtime::process::LogFormat>,
-    /// Export spans over OTLP/gRPC to this URL.
-    #[arg(long)]
-    otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    observability: tally_runtime::config_file::ObservabilityKeys,
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -153,9 +146,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let overrides = ShardOverrides {
         node_id: args.node_id,
         listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        log_format: args.log_format,
-        otlp_endpoint: args.otlp_endpoint,
+        observability: args.observability,
         data_dir: args.data_dir,
         durability: args.durability,
         flush_interval_ms: args.flush_interval_ms,
@@ -167,23 +158,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
     // Once the config says how; an error before it is one line on stderr.
-    let _traces = tally_runtime::process::init_tracing_with(
-        config.log_format,
-        config
-            .otlp_endpoint
-            .as_deref()
-            .map(|endpoint| tally_runtime::traces::Otlp {
-                service: "tally-shard",
-                instance: &config.node_id,
-                endpoint,
-            }),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let _traces = config
+        .observability
+        .init_tracing("tally-shard", &config.node_id)
+        .map_err(anyhow::Error::msg)?;
     // A write past a file size limit (RLIMIT_FSIZE) must fail with EFBIG
     // and be handled like a full disk, not kill the process with SIGXFSZ.
     tally_runtime::process::ignore_file_size_signal();
     let listen = config.listen;
-    let metrics_listen = config.metrics_listen;
+    let metrics_listen = config.observability.metrics_listen;
     // Before recovery, so that a SIGTERM while loading is a clean stop.
     let shutdown = tally_runtime::process::shutdown_signal();
     let mut node = ShardNode::open(config).await?;

@@ -68,7 +68,7 @@ impl ClusterHandle {
     }
 
     /// Records where this coordinator serves metrics (the first call wins).
-    pub fn set_metrics_address(&self, address: std::net::SocketAddr) {
+    pub(crate) fn set_metrics_address(&self, address: std::net::SocketAddr) {
         let _ = self.0.metrics_address.set(address);
     }
 

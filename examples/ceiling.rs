@@ -4,7 +4,7 @@
 //! It serves the public Counter API on the coordinator's own stack, so that
 //! a comparison isolates what Tally adds to it: the same tonic server from
 //! [`tally_runtime::process::grpc_server`] (health checking and reflection
-//! included), connections accepted by [`tally_runtime::process::incoming`]
+//! included), connections accepted by [`tally_runtime::tls::incoming`]
 //! (Nagle off), the coordinator's message size limits and its arrival-stamp
 //! interceptor, the same request validation ([`tally_proto::domain`]) and
 //! one multi-threaded tokio runtime. What it leaves out is everything else:
@@ -196,7 +196,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .max_encoding_message_size(tally_coordinator::MAX_MESSAGE_BYTES),
             tally_coordinator::stamp_arrival,
         ))
-        .serve_with_incoming_shutdown(tally_runtime::process::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(tally_runtime::tls::incoming(listener, None), shutdown)
         .await?;
     Ok(())
 }

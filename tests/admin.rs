@@ -129,7 +129,7 @@ async fn health_and_reflection_on_coordinator_and_shard_ports() {
 
 fn bench_options(cluster: &LocalCluster, prefix: &str) -> tally::cli::bench::BenchOptions {
     tally::cli::bench::BenchOptions {
-        endpoint: cluster.endpoint(),
+        access: tally::cli::client::Access::plain(cluster.endpoint(), Duration::from_secs(5)),
         clients: 16,
         connections: 4,
         stop: tally::cli::bench::Stop::Calls(400),

@@ -100,7 +100,7 @@ async fn each_public_call_is_one_trace_down_to_the_shard() {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tally_runtime::process::incoming(listener)),
+            .serve_with_incoming(tally_runtime::tls::incoming(listener, None)),
     );
 
     let dir = tempfile::tempdir().unwrap();

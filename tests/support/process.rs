@@ -37,6 +37,30 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let mut build = Command::new(env!("CARGO"));
         build.args(["build", "--workspace", "--bins", "--quiet"]);
+        // What cargo set for this test (the package's name, version and
+        // manifest dir), not the caller's settings: a build script that
+        // watches such a variable (ring's does) would otherwise see it
+        // change and rebuild, with everything that depends on it.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let set_for_this_test = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&name.as_ref());
+            if set_for_this_test {
+                build.env_remove(name.as_ref());
+            }
+        }
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -96,7 +120,10 @@ impl Daemon {
             let mut metrics = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("metrics on http://") {
+                if let Some(url) = line
+                    .strip_prefix("metrics on http://")
+                    .or_else(|| line.strip_prefix("metrics on https://"))
+                {
                     metrics = url.trim().trim_end_matches("/metrics").parse().ok();
                 }
                 if let Some(address) = line.strip_prefix("listening on ") {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::client::Client;
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
@@ -27,7 +28,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tally_proto::pb;
 use tally_proto::pb::counter_client::CounterClient;
-use tonic::transport::{Channel, Endpoint};
 
 /// Counters read back per `GetBatch` during the check.
 const CHECK_CHUNK: usize = 1_000;
@@ -50,8 +50,8 @@ pub enum Stop {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// The coordinator, as a URL (`http://127.0.0.1:7700`).
-    pub endpoint: String,
+    /// The coordinator, and how to reach it.
+    pub access: crate::client::Access,
     /// Calls in flight at once (one per client task).
     pub clients: usize,
     /// HTTP/2 connections the clients share (0: one per client).
@@ -312,7 +312,7 @@ pub async fn run(mut options: BenchOptions) -> anyhow::Result<BenchReport> {
     // Every acknowledged write call carried `batch` increments.
     let increments = writes.len() * options.batch as u64;
     let mut report = BenchReport {
-        endpoint: options.endpoint.clone(),
+        endpoint: options.access.endpoint.clone(),
         clients: options.clients,
         connections: options.connections,
         counters: options.counters,
@@ -342,17 +342,8 @@ pub async fn run(mut options: BenchOptions) -> anyhow::Result<BenchReport> {
     Ok(report)
 }
 
-async fn connect(options: &BenchOptions) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(options.endpoint.clone())
-        .with_context(|| format!("bad endpoint {:?}", options.endpoint))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    futures::stream::iter(0..options.connections)
-        .map(|_| endpoint.connect())
-        .buffer_unordered(16)
-        .try_collect()
-        .await
-        .with_context(|| format!("cannot reach {}", options.endpoint))
+async fn connect(options: &BenchOptions) -> anyhow::Result<Vec<Client>> {
+    options.access.connect_many(options.connections).await
 }
 
 fn progress_bar(options: &BenchOptions) -> ProgressBar {
@@ -412,7 +403,7 @@ fn may_start(shared: &Shared) -> bool {
     }
 }
 
-async fn client_loop(shared: Arc<Shared>, mut client: CounterClient<Channel>) -> ClientResult {
+async fn client_loop(shared: Arc<Shared>, mut client: CounterClient<Client>) -> ClientResult {
     let options = &shared.options;
     let mut result = ClientResult {
         writes: histogram(),
@@ -478,7 +469,7 @@ fn increment(shared: &Shared, index: usize) -> pb::IncrementRequest {
 
 async fn write(
     shared: &Shared,
-    client: &mut CounterClient<Channel>,
+    client: &mut CounterClient<Client>,
     picked: &[usize],
 ) -> Result<(), tonic::Status> {
     if let [index] = picked {
@@ -499,7 +490,7 @@ async fn write(
 
 async fn read(
     shared: &Shared,
-    client: &mut CounterClient<Channel>,
+    client: &mut CounterClient<Client>,
     picked: &[usize],
 ) -> Result<(), tonic::Status> {
     if let [index] = picked {
@@ -532,7 +523,7 @@ async fn read(
 
 /// Reads every counter back and judges it. Returns the counters read and
 /// `ok` or what was wrong.
-async fn check(shared: &Shared, client: CounterClient<Channel>) -> anyhow::Result<(u64, String)> {
+async fn check(shared: &Shared, client: CounterClient<Client>) -> anyhow::Result<(u64, String)> {
     let counters = shared.options.counters as usize;
     let chunks: Vec<_> = (0..counters)
         .step_by(CHECK_CHUNK)

@@ -8,15 +8,15 @@ use anyhow::Context;
 use comfy_table::{presets, Table};
 use serde::Serialize;
 use tally_cli::bench::{BenchOptions, Stop};
+use tally_cli::client::{Access, Client};
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally_coordinator::{locate_response, ring_response, CoordinatorConfig, CoordinatorOverrides};
 use tally_proto::domain::CounterName;
 use tally_proto::pb;
 use tally_proto::pb::admin_client::AdminClient;
 use tally_proto::pb::counter_client::CounterClient;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::{Args, ClientOptions, Command};
+use crate::{Args, CertsCommand, ClientOptions, Command, TokensCommand};
 
 /// The endpoint when neither `--endpoint` nor `$TALLY_ENDPOINT` names one.
 const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7700";
@@ -34,7 +34,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             port,
             shards,
             durability,
-        } => dev(&data_dir, port, shards, &durability).await,
+            secure,
+        } => dev(&data_dir, port, shards, &durability, secure).await,
+        Command::Certs { command } => certs(command),
+        Command::Tokens {
+            command:
+                TokensCommand::Create {
+                    tokens_file,
+                    name,
+                    role,
+                },
+        } => {
+            let token = tally_cli::certs::create_token(&tokens_file, &name, role)?;
+            print_line(&token)?;
+            eprintln!(
+                "added token {name:?} ({role}) to {}; it is shown once, only its hash is kept. \
+                 SIGHUP the coordinator to take it.",
+                tokens_file.display()
+            );
+            Ok(())
+        }
         Command::Incr {
             client,
             counter,
@@ -62,7 +81,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Top { client, interval } => {
             let cli = Cli::new(client, outer);
             tally_cli::top::run(tally_cli::top::TopOptions {
-                endpoint: cli.endpoint.clone(),
+                access: cli.access.clone(),
                 interval,
                 timeout: cli.timeout,
             })
@@ -84,7 +103,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         } => {
             let cli = Cli::new(client, outer);
             let options = BenchOptions {
-                endpoint: cli.endpoint.clone(),
+                access: cli.access.clone(),
                 clients,
                 connections: connections.unwrap_or(0),
                 stop: requests.map_or(Stop::After(duration), Stop::Calls),
@@ -112,7 +131,7 @@ fn normalize_endpoint(endpoint: &str) -> String {
 }
 
 struct Cli {
-    endpoint: String,
+    access: Access,
     json: bool,
     timeout: Duration,
 }
@@ -171,34 +190,45 @@ impl Cli {
             .or(outer.endpoint)
             .or_else(|| std::env::var("TALLY_ENDPOINT").ok())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let timeout = Duration::from_millis(
+            inner
+                .timeout_ms
+                .or(outer.timeout_ms)
+                .unwrap_or(DEFAULT_TIMEOUT_MS),
+        );
         Cli {
-            endpoint: normalize_endpoint(&endpoint),
+            access: Access {
+                endpoint: normalize_endpoint(&endpoint),
+                ca_cert: inner
+                    .ca_cert
+                    .or(outer.ca_cert)
+                    .or_else(|| std::env::var_os("TALLY_CA_CERT").map(Into::into)),
+                token: inner
+                    .token
+                    .or(outer.token)
+                    .or_else(|| std::env::var("TALLY_TOKEN").ok()),
+                client_identity: inner
+                    .client_cert
+                    .zip(inner.client_key)
+                    .or(outer.client_cert.zip(outer.client_key))
+                    .or_else(|| {
+                        std::env::var_os("TALLY_CLIENT_CERT")
+                            .zip(std::env::var_os("TALLY_CLIENT_KEY"))
+                            .map(|(cert, key)| (cert.into(), key.into()))
+                    }),
+                timeout,
+            },
             json: inner.json || outer.json,
-            timeout: Duration::from_millis(
-                inner
-                    .timeout_ms
-                    .or(outer.timeout_ms)
-                    .unwrap_or(DEFAULT_TIMEOUT_MS),
-            ),
+            timeout,
         }
     }
 
-    async fn channel(&self) -> anyhow::Result<Channel> {
-        Endpoint::from_shared(self.endpoint.clone())
-            .with_context(|| format!("bad endpoint {:?}", self.endpoint))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach {}", self.endpoint))
+    async fn counter_client(&self) -> anyhow::Result<CounterClient<Client>> {
+        Ok(CounterClient::new(self.access.connect().await?))
     }
 
-    async fn counter_client(&self) -> anyhow::Result<CounterClient<Channel>> {
-        Ok(CounterClient::new(self.channel().await?))
-    }
-
-    async fn admin_client(&self) -> anyhow::Result<AdminClient<Channel>> {
-        Ok(AdminClient::new(self.channel().await?))
+    async fn admin_client(&self) -> anyhow::Result<AdminClient<Client>> {
+        Ok(AdminClient::new(self.access.connect().await?))
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -528,7 +558,8 @@ impl Cli {
 impl Cli {
     async fn health(&self) -> anyhow::Result<()> {
         use tonic_health::pb::health_check_response::ServingStatus;
-        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel().await?);
+        let mut client =
+            tonic_health::pb::health_client::HealthClient::new(self.access.connect().await?);
         let status = client
             .check(self.request(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),
@@ -539,15 +570,15 @@ impl Cli {
             .status();
         self.print(
             &Health {
-                endpoint: &self.endpoint,
+                endpoint: &self.access.endpoint,
                 status: status.as_str_name(),
             },
-            || format!("{} {}", self.endpoint, status.as_str_name()),
+            || format!("{} {}", self.access.endpoint, status.as_str_name()),
         )?;
         anyhow::ensure!(
             status == ServingStatus::Serving,
             "{} is not serving",
-            self.endpoint
+            self.access.endpoint
         );
         Ok(())
     }
@@ -707,7 +738,35 @@ fn load_coordinator_config(path: &Path) -> anyhow::Result<CoordinatorConfig> {
     )?)
 }
 
-async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> anyhow::Result<()> {
+/// `tallyctl certs ...`: makes the files and says which.
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    use tally_cli::certs;
+    let written = match command {
+        CertsCommand::CreateCa { files } => certs::create_ca(&files.certs_dir, files.overwrite)?,
+        CertsCommand::CreateNode {
+            files,
+            name,
+            hosts,
+            days,
+        } => certs::create_node(&files.certs_dir, &name, &hosts, days, files.overwrite)?,
+        CertsCommand::CreateClient { files, name, days } => {
+            certs::create_client(&files.certs_dir, &name, days, files.overwrite)?
+        }
+    };
+    print_line(&format!(
+        "wrote {} and {}",
+        written.cert.display(),
+        written.key.display()
+    ))
+}
+
+async fn dev(
+    data_dir: &Path,
+    port: u16,
+    shards: usize,
+    durability: &str,
+    secure: bool,
+) -> anyhow::Result<()> {
     tally_runtime::process::init_tracing();
     let durability = durability.parse().map_err(anyhow::Error::msg)?;
     let shard_listens = if port == 0 {
@@ -733,6 +792,14 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
         port.checked_add(2000)
             .context("--port is too high for the metrics ports")?
     });
+    let admin_token = if secure {
+        let (files, tokens_file, token) = tally_cli::certs::dev_security(&data_dir.join("secure"))?;
+        options.tls = Some(files);
+        options.tokens_file = Some(tokens_file);
+        Some(token)
+    } else {
+        None
+    };
     let shutdown = tally_runtime::process::shutdown_signal();
     let cluster = LocalCluster::start(options)
         .await
@@ -740,13 +807,19 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     cluster.wait_ready(Duration::from_secs(30)).await?;
 
     say(format!(
-        "Tally dev cluster is up ({} shards, durability {}).",
+        "Tally dev cluster is up ({} shards, durability {}{}).",
         shards,
-        durability.as_str()
+        durability.as_str(),
+        if secure {
+            "; TLS on every port, mutual TLS to the shards, tokens required"
+        } else {
+            ""
+        }
     ));
+    let scheme = if secure { "https" } else { "http" };
     let metrics = |address: Option<SocketAddr>| {
         address.map_or(String::new(), |address| {
-            format!("  metrics http://{address}/metrics")
+            format!("  metrics {scheme}://{address}/metrics")
         })
     };
     say(format!(
@@ -765,6 +838,12 @@ async fn dev(data_dir: &Path, port: u16, shards: usize, durability: &str) -> any
     }
     say("");
     say("In another terminal:");
+    if let (Some(token), Some(tls)) = (&admin_token, cluster.tls_files()) {
+        say(format!("  export TALLY_CA_CERT={}", tls.ca.display()));
+        say(format!(
+            "  export TALLY_TOKEN={token}   # an admin token, made for this run"
+        ));
+    }
     let tallyctl = if cluster.endpoint() == "http://127.0.0.1:7700" {
         "cargo tallyctl".to_string()
     } else {

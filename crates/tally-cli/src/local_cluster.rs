@@ -45,6 +45,11 @@ pub struct LocalClusterOptions {
     /// Prometheus metrics: `None` off; `Some(port)` the coordinator's on
     /// `port` and shard N's on `port + N` (0: a free port each).
     pub metrics_port: Option<u16>,
+    /// TLS on every port and mutual TLS to the shards, every daemon with
+    /// these files: none, plaintext.
+    pub tls: Option<tally_runtime::tls::TlsFiles>,
+    /// The coordinator's tokens file: none, no tokens needed.
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl LocalClusterOptions {
@@ -63,6 +68,8 @@ impl LocalClusterOptions {
             ),
             replication_factor: tally_coordinator::config::DEFAULT_REPLICATION_FACTOR,
             metrics_port: None,
+            tls: None,
+            tokens_file: None,
         }
     }
 }
@@ -107,6 +114,7 @@ impl LocalCluster {
             let address = listener.local_addr()?;
             let mut config = ShardConfig::new(&node_id, address, options.data_dir.join(&node_id));
             config.durability = options.durability;
+            config.tls = options.tls.clone();
             config.observability.metrics_listen = options
                 .metrics_port
                 .map(|port| metrics_address(port, index + 1))
@@ -133,6 +141,8 @@ impl LocalCluster {
         coordinator_config.stripes = options.stripes;
         coordinator_config.replication_interval = options.replication_interval;
         coordinator_config.replication_factor = options.replication_factor;
+        coordinator_config.tls = options.tls.clone();
+        coordinator_config.tokens_file = options.tokens_file.clone();
         let coordinator = match options.metrics_port {
             Some(port) => {
                 let address = metrics_address(port, 0)?;
@@ -159,9 +169,19 @@ impl LocalCluster {
         })
     }
 
-    /// The coordinator's URL, `http://127.0.0.1:PORT`.
+    /// The coordinator's URL, `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.coordinator_address)
+        let scheme = if self.coordinator_config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.coordinator_address)
+    }
+
+    /// The TLS files every daemon runs with, if TLS is on.
+    pub fn tls_files(&self) -> Option<&tally_runtime::tls::TlsFiles> {
+        self.coordinator_config.tls.as_ref()
     }
 
     /// The coordinator's configuration, membership included.
@@ -200,8 +220,13 @@ impl LocalCluster {
                 .filter(|shard| shard.task.is_some())
                 .map(|shard| shard.config.listen),
         );
+        let tls = self
+            .tls_files()
+            .cloned()
+            .map(tally_runtime::tls::ClientTls::load)
+            .transpose()?;
         for address in addresses {
-            wait_serving(address, timeout).await?;
+            wait_serving_with(address, tls.as_ref(), timeout).await?;
         }
         Ok(())
     }
@@ -289,14 +314,31 @@ where
 
 /// Asks `address`'s gRPC health service until it says SERVING.
 pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    wait_serving_with(address, None, timeout).await
+}
+
+/// [`wait_serving`], over TLS with `tls` (presenting its certificate, as a
+/// shard's internal port asks).
+pub async fn wait_serving_with(
+    address: SocketAddr,
+    tls: Option<&std::sync::Arc<tally_runtime::tls::ClientTls>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_error = String::new();
     let mut backoff = Duration::from_millis(5);
     while tokio::time::Instant::now() < deadline {
         let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-                .connect()
-                .await?;
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?;
+            let channel = match tls {
+                Some(tls) => {
+                    let connector = tls
+                        .connector(&address.to_string())
+                        .map_err(anyhow::Error::msg)?;
+                    endpoint.connect_with_connector(connector).await?
+                }
+                None => endpoint.connect().await?,
+            };
             let mut client = HealthClient::new(channel);
             let response = client
                 .check(HealthCheckRequest {

@@ -35,6 +35,21 @@ struct ClientOptions {
     /// Deadline of each call, in milliseconds [default: 5000]
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
+    /// Bearer token sent with every call, for a server with a tokens file
+    /// [env: TALLY_TOKEN]
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// CA certificate the server's must be signed by; turns TLS on (as an
+    /// https:// endpoint does) [env: TALLY_CA_CERT]
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Certificate to present, for a server that asks for one (a shard's
+    /// port: signed by the cluster's CA) [env: TALLY_CLIENT_CERT]
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert [env: TALLY_CLIENT_KEY]
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +70,23 @@ enum Command {
         /// Acknowledge increments once on disk (sync) or in memory (async).
         #[arg(long, default_value = "sync")]
         durability: String,
+        /// Run it as production should: TLS on every port, mutual TLS to
+        /// the shards, and a bearer token on every call. Makes a CA, a node
+        /// certificate and an admin token under DATA_DIR/secure and prints
+        /// how to call the cluster.
+        #[arg(long)]
+        secure: bool,
+    },
+    /// Make the cluster's certificates (like `cockroach cert`): a CA, then
+    /// a certificate per node and per client tool, signed by it.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Make bearer tokens for the public API.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
     },
     /// Add DELTA (default 1, may be negative) to a counter.
     Incr {
@@ -178,21 +210,99 @@ enum Command {
     },
 }
 
+/// `tallyctl certs` subcommands, named as `cockroach cert` names them.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)]
+enum CertsCommand {
+    /// Make the cluster's CA: ca.crt (give it to every daemon and client)
+    /// and ca.key (keep it off the nodes; it only signs).
+    CreateCa {
+        #[command(flatten)]
+        files: CertsFiles,
+    },
+    /// Make NAME.crt and NAME.key for a node (a shard or a coordinator),
+    /// signed by the CA, valid as server and client certificate for NAME,
+    /// localhost, 127.0.0.1, ::1 and every HOST.
+    CreateNode {
+        #[command(flatten)]
+        files: CertsFiles,
+        /// The node's name (a shard's node_id, or e.g. "coordinator").
+        name: String,
+        /// More names or IP addresses the node is dialled at.
+        hosts: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = tally_cli::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Make client.NAME.crt and client.NAME.key, a client certificate
+    /// signed by the CA, for a tool that calls a shard directly.
+    CreateClient {
+        #[command(flatten)]
+        files: CertsFiles,
+        /// Who holds it.
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = tally_cli::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+}
+
+/// Where `tallyctl certs` writes.
+#[derive(Debug, clap::Args)]
+struct CertsFiles {
+    /// The directory of the CA and the certificates.
+    #[arg(long, default_value = "certs")]
+    certs_dir: PathBuf,
+    /// Replace files that exist.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// `tallyctl tokens` subcommands.
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Add a new token to the tokens file (made if missing) and print it.
+    /// It is shown once: the file keeps only its SHA-256 hash. Send the
+    /// coordinator a SIGHUP to take it.
+    Create {
+        /// The tokens file (the coordinator's tokens_file).
+        #[arg(long, default_value = "tokens.toml")]
+        tokens_file: PathBuf,
+        /// A name for the token (who or what holds it).
+        #[arg(long)]
+        name: String,
+        /// read (Get, GetBatch), write (also Increment, IncrementBatch) or
+        /// admin (everything: Delete and the Admin service too).
+        #[arg(long)]
+        role: tally_runtime::tokens::Role,
+    },
+}
+
 impl ClientOptions {
     /// Whether any option was given.
     fn any(&self) -> bool {
-        self.endpoint.is_some() || self.json || self.timeout_ms.is_some()
+        self.endpoint.is_some()
+            || self.json
+            || self.timeout_ms.is_some()
+            || self.token.is_some()
+            || self.ca_cert.is_some()
+            || self.client_cert.is_some()
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if matches!(args.command, Command::Dev { .. }) && args.client.any() {
+    let local = matches!(
+        args.command,
+        Command::Dev { .. } | Command::Certs { .. } | Command::Tokens { .. }
+    );
+    if local && args.client.any() {
         Args::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--endpoint, --json and --timeout-ms do not apply to `dev`",
+                "client options (--endpoint, --json, --timeout-ms, --token, --ca-cert, \
+                 --client-cert) do not apply to `dev`, `certs` and `tokens`",
             )
             .exit();
     }

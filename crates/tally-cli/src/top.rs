@@ -23,7 +23,6 @@ use ratatui::Frame;
 use tally_proto::pb;
 use tally_proto::pb::admin_client::AdminClient;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 /// How often the node list and metrics addresses are asked again.
 const DISCOVER_EVERY: Duration = Duration::from_secs(10);
@@ -31,8 +30,9 @@ const DISCOVER_EVERY: Duration = Duration::from_secs(10);
 /// What `tallyctl top` watches, and how.
 #[derive(Debug, Clone)]
 pub struct TopOptions {
-    /// The coordinator's gRPC endpoint (`http://host:port`).
-    pub endpoint: String,
+    /// The coordinator, and how to reach it. With TLS, the metrics
+    /// endpoints are scraped over https, trusting the same CA.
+    pub access: crate::client::Access,
     /// Time between refreshes.
     pub interval: Duration,
     /// Deadline of each call and scrape.
@@ -63,11 +63,19 @@ struct Round {
 
 /// Runs the view until `q`, Esc or Ctrl-C.
 pub async fn run(options: TopOptions) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(options.timeout)
-        .build()
-        .context("cannot build an HTTP client")?;
-    let mut targets = discover(&options).await?;
+    let mut http = reqwest::Client::builder().timeout(options.timeout);
+    if let Some(ca) = options.access.ca_cert.as_deref() {
+        let mut tls = tally_runtime::tls::client_config_trusting(ca)?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        http = http.use_preconfigured_tls(tls);
+    }
+    let http = http.build().context("cannot build an HTTP client")?;
+    let scheme = if options.access.tls() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut targets = discover(&options, scheme).await?;
     let mut discovered = Instant::now();
     let mut last = scrape_all(&http, &targets).await;
     let mut view = View::new(&targets, None, &last);
@@ -86,7 +94,7 @@ pub async fn run(options: TopOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticks.tick() => {
                 if discovered.elapsed() >= DISCOVER_EVERY {
-                    if let Ok(found) = discover(&options).await {
+                    if let Ok(found) = discover(&options, scheme).await {
                         targets = found;
                     }
                     discovered = Instant::now();
@@ -132,15 +140,8 @@ fn read_keys(keys: mpsc::UnboundedSender<Quit>) {
 }
 
 /// The nodes and every metrics endpoint, from `ClusterStatus`.
-async fn discover(options: &TopOptions) -> anyhow::Result<Targets> {
-    let channel = Endpoint::from_shared(options.endpoint.clone())
-        .with_context(|| format!("bad endpoint {:?}", options.endpoint))?
-        .connect_timeout(options.timeout)
-        .timeout(options.timeout)
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {}", options.endpoint))?;
-    let status = AdminClient::new(channel)
+async fn discover(options: &TopOptions, scheme: &str) -> anyhow::Result<Targets> {
+    let status = AdminClient::new(options.access.connect().await?)
         .cluster_status(tally_proto::timed(
             pb::ClusterStatusRequest {},
             options.timeout,
@@ -148,15 +149,15 @@ async fn discover(options: &TopOptions) -> anyhow::Result<Targets> {
         .await
         .map_err(|status| anyhow::anyhow!("ClusterStatus: {}", status.message()))?
         .into_inner();
-    let coordinator_host = host_of(&options.endpoint);
+    let coordinator_host = host_of(&options.access.endpoint);
     Ok(Targets {
-        coordinator: metrics_url(&status.metrics_address, &coordinator_host),
+        coordinator: metrics_url(scheme, &status.metrics_address, &coordinator_host),
         nodes: status
             .nodes
             .iter()
             .map(|node| Node {
                 id: node.id.clone(),
-                metrics: metrics_url(&node.metrics_address, &host_of(&node.address)),
+                metrics: metrics_url(scheme, &node.metrics_address, &host_of(&node.address)),
             })
             .collect(),
     })
@@ -172,14 +173,14 @@ fn host_of(address: &str) -> String {
     }
 }
 
-/// `http://ADDRESS/metrics` for a bound `address`, an unspecified IP
+/// `SCHEME://ADDRESS/metrics` for a bound `address`, an unspecified IP
 /// replaced by `host` (the one the daemon is reached at). `None`: empty.
-fn metrics_url(address: &str, host: &str) -> Option<String> {
+fn metrics_url(scheme: &str, address: &str, host: &str) -> Option<String> {
     let bound: SocketAddr = address.parse().ok()?;
     Some(if bound.ip().is_unspecified() {
-        format!("http://{host}:{}/metrics", bound.port())
+        format!("{scheme}://{host}:{}/metrics", bound.port())
     } else {
-        format!("http://{bound}/metrics")
+        format!("{scheme}://{bound}/metrics")
     })
 }
 
@@ -542,17 +543,17 @@ mod tests {
     #[test]
     fn metrics_addresses_bound_to_every_interface_are_reached_at_the_daemons_host() {
         assert_eq!(
-            metrics_url("0.0.0.0:9701", &host_of("shard-1:7701")),
+            metrics_url("http", "0.0.0.0:9701", &host_of("shard-1:7701")),
             Some("http://shard-1:9701/metrics".into())
         );
         assert_eq!(
-            metrics_url("127.0.0.1:9700", &host_of("http://10.0.0.5:7700")),
+            metrics_url("http", "127.0.0.1:9700", &host_of("http://10.0.0.5:7700")),
             Some("http://127.0.0.1:9700/metrics".into())
         );
         assert_eq!(
-            metrics_url("[::]:9700", &host_of("http://[::1]:7700")),
+            metrics_url("http", "[::]:9700", &host_of("http://[::1]:7700")),
             Some("http://[::1]:9700/metrics".into())
         );
-        assert_eq!(metrics_url("", "localhost"), None);
+        assert_eq!(metrics_url("http", "", "localhost"), None);
     }
 }

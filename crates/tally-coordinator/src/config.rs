@@ -4,15 +4,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tally_ring::{NodeSpec, Ring, DEFAULT_VNODES_PER_WEIGHT};
 use tally_runtime::config_file::{
-    self, check_range, flag_or_file, ConfigError, Observability, ObservabilityKeys,
+    self, check_range, flag_or_file, ConfigError, Observability, ObservabilityKeys, TlsKeys,
 };
 use tally_runtime::process::LogFormat;
+use tally_runtime::tls::TlsFiles;
 
 /// Default stripes per counter.
 pub const DEFAULT_STRIPES: u32 = 8;
@@ -49,6 +50,8 @@ struct RawCoordinatorConfig {
     health_timeout_ms: Option<u64>,
     replication_factor: Option<usize>,
     replication_interval_ms: Option<u64>,
+    tls: Option<TlsKeys>,
+    tokens_file: Option<PathBuf>,
     #[serde(default)]
     nodes: Vec<RawNode>,
 }
@@ -70,6 +73,10 @@ pub struct CoordinatorOverrides {
     pub observability: ObservabilityKeys,
     /// `--shard-timeout-ms`
     pub shard_timeout_ms: Option<u64>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`
+    pub tls: TlsKeys,
+    /// `--tokens-file`
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// One shard node of the static membership.
@@ -114,6 +121,14 @@ pub struct CoordinatorConfig {
     pub replication_interval: Duration,
     /// The shard nodes.
     pub nodes: Vec<NodeConfig>,
+    /// TLS on the public and metrics ports, and mutual TLS to the shards:
+    /// none, plaintext. The files are read again on a reload; their paths
+    /// are not changed by one.
+    pub tls: Option<TlsFiles>,
+    /// The bearer tokens that may call the public API
+    /// (`tally_runtime::tokens`): none, anyone may. Read again on a
+    /// reload; its path is not changed by one.
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -132,6 +147,8 @@ impl CoordinatorConfig {
             replication_factor: DEFAULT_REPLICATION_FACTOR,
             replication_interval: Duration::from_millis(DEFAULT_REPLICATION_INTERVAL_MS),
             nodes,
+            tls: None,
+            tokens_file: None,
         }
     }
 
@@ -221,6 +238,22 @@ impl CoordinatorConfig {
         )?;
 
         let nodes = validate_nodes(&file, raw.nodes)?;
+        let tls = TlsKeys::load(overrides.tls, raw.tls, Some(path), |files| {
+            files.server_config(tally_runtime::tls::ClientAuth::None, true)?;
+            files.client_config().map(drop)
+        })?;
+        let (tokens_file, origin) = match overrides.tokens_file {
+            Some(flag) => (Some(flag), config_file::COMMAND_LINE),
+            None => (
+                raw.tokens_file
+                    .map(|relative| path.parent().unwrap_or(Path::new(".")).join(relative)),
+                file.as_str(),
+            ),
+        };
+        if let Some(tokens_file) = &tokens_file {
+            tally_runtime::tokens::Tokens::load(tokens_file)
+                .map_err(|error| ConfigError::invalid(origin, "tokens_file", error.to_string()))?;
+        }
         let config = CoordinatorConfig {
             listen,
             observability,
@@ -234,6 +267,8 @@ impl CoordinatorConfig {
             replication_factor,
             replication_interval: Duration::from_millis(replication_interval_ms),
             nodes,
+            tls,
+            tokens_file,
         };
         // Anything the checks above missed still fails here, not at serve.
         config

@@ -25,12 +25,15 @@
 //! - `service`: the public `Counter` and `Admin` gRPC services;
 //!   `dispatch` sends `Counter` calls to it before tonic's router.
 //! - `deadline`: the client's deadline, from `grpc-timeout`.
+//! - `auth`: bearer tokens with roles, checked before the dispatch;
+//!   [`Security`]: the ports' TLS and the tokens, reloaded on SIGHUP.
 //! - `error`: errors and their gRPC codes.
 //! - [`Coordinator`] and [`run`]: build, serve, shut down;
 //!   [`ClusterHandle::reload`] applies a reloaded membership (SIGHUP in the
 //!   binary).
 #![deny(missing_docs)]
 
+mod auth;
 mod cluster;
 pub mod config;
 mod deadline;
@@ -74,6 +77,92 @@ pub enum StartError {
     /// A node address cannot be used, or the server failed.
     #[error("grpc: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS files cannot be used.
+    #[error("tls: {0}")]
+    Tls(#[from] tally_runtime::tls::TlsError),
+    /// The tokens file cannot be used.
+    #[error(transparent)]
+    Tokens(#[from] tally_runtime::config_file::ConfigError),
+    /// The metrics listener has no address.
+    #[error("metrics listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// What the coordinator's ports are secured with: TLS on the public and
+/// metrics ports, and the tokens the public API checks. Cheap to clone;
+/// [`Security::reload`] reads the files again (SIGHUP in the binary).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    public_tls: Option<Arc<tally_runtime::tls::ServerTls>>,
+    metrics_tls: Option<Arc<tally_runtime::tls::ServerTls>>,
+    tokens: Option<(std::path::PathBuf, auth::SharedTokens)>,
+}
+
+impl Security {
+    /// Loads what `config` names.
+    pub fn load(config: &CoordinatorConfig) -> Result<Self, StartError> {
+        use tally_runtime::tls::{ClientAuth, ServerTls};
+        let (public_tls, metrics_tls) = match &config.tls {
+            Some(files) => (
+                Some(ServerTls::grpc(files.clone(), ClientAuth::None)?),
+                Some(ServerTls::metrics(files.clone())?),
+            ),
+            None => (None, None),
+        };
+        let tokens = match &config.tokens_file {
+            Some(path) => {
+                let tokens = tally_runtime::tokens::Tokens::load(path)?;
+                Some((
+                    path.clone(),
+                    Arc::new(arc_swap::ArcSwap::from_pointee(tokens)),
+                ))
+            }
+            None => None,
+        };
+        Ok(Security {
+            public_tls,
+            metrics_tls,
+            tokens,
+        })
+    }
+
+    /// Reads the TLS files (of both ports, and the certificate the
+    /// coordinator presents to shards, which `cluster` holds) and the
+    /// tokens file again. All or nothing: on an error, everything in use
+    /// stays. Returns a one-line summary.
+    pub fn reload(&self, cluster: &ClusterHandle) -> Result<String, String> {
+        let tokens = match &self.tokens {
+            Some((path, _)) => {
+                Some(tally_runtime::tokens::Tokens::load(path).map_err(|error| error.to_string())?)
+            }
+            None => None,
+        };
+        let mut reloaded = Vec::new();
+        if let Some(tls) = &self.public_tls {
+            // Checks every file before anything is swapped.
+            tls.files()
+                .client_config()
+                .map_err(|error| error.to_string())?;
+            tls.reload().map_err(|error| error.to_string())?;
+            for tls in self.metrics_tls.iter() {
+                tls.reload().map_err(|error| error.to_string())?;
+            }
+            cluster
+                .current()
+                .reload_client_tls()
+                .map_err(|error| error.to_string())?;
+            reloaded.push("tls certificates".to_string());
+        }
+        if let (Some((_, shared)), Some(tokens)) = (&self.tokens, tokens) {
+            reloaded.push(format!("{} tokens", tokens.len()));
+            shared.store(Arc::new(tokens));
+        }
+        Ok(if reloaded.is_empty() {
+            "no tls or tokens to reload".to_string()
+        } else {
+            format!("reloaded {}", reloaded.join(" and "))
+        })
+    }
 }
 
 /// A coordinator ready to serve.
@@ -82,15 +171,18 @@ pub struct Coordinator {
     cluster: ClusterHandle,
     /// Where to serve metrics while serving, if anywhere.
     metrics_listener: Option<TcpListener>,
+    security: Security,
 }
 
 impl Coordinator {
     /// Builds the ring and the node clients. Connects lazily: nodes that are
     /// down now are reached when they come up.
     pub fn new(config: CoordinatorConfig) -> Result<Self, StartError> {
+        let security = Security::load(&config)?;
         Ok(Coordinator {
             cluster: ClusterHandle::new(Cluster::new(config)?),
             metrics_listener: None,
+            security,
         })
     }
 
@@ -101,15 +193,15 @@ impl Coordinator {
         config: CoordinatorConfig,
         listener: TcpListener,
     ) -> Result<Self, StartError> {
+        let security = Security::load(&config)?;
         let registry = Arc::new(tally_runtime::metrics::Registry::enabled("coordinator"));
         let metrics = Arc::new(metrics::CoordinatorMetrics::new(registry));
         let cluster = ClusterHandle::new(Cluster::with_metrics(config, metrics)?);
-        if let Ok(address) = listener.local_addr() {
-            cluster.set_metrics_address(address);
-        }
+        cluster.set_metrics_address(listener.local_addr()?);
         Ok(Coordinator {
             cluster,
             metrics_listener: Some(listener),
+            security,
         })
     }
 
@@ -117,6 +209,12 @@ impl Coordinator {
     /// ([`ClusterHandle::reload`]) while serving.
     pub fn handle(&self) -> ClusterHandle {
         self.cluster.clone()
+    }
+
+    /// The ports' TLS and the tokens, to reload them
+    /// ([`Security::reload`]) while serving.
+    pub fn security(&self) -> Security {
+        self.security.clone()
     }
 
     /// Serves the public API until `shutdown` completes, then stops accepting
@@ -132,6 +230,7 @@ impl Coordinator {
             let registry = handle.current().metrics().registry().clone();
             tally_runtime::process::AbortOnDrop(tokio::spawn(tally_runtime::metrics::serve(
                 listener,
+                self.security.metrics_tls.clone(),
                 registry,
                 move || {
                     let cluster = handle.current();
@@ -157,6 +256,8 @@ impl Coordinator {
             address = ?address,
             nodes = cluster.shards().len(),
             stripes = cluster.config().stripes,
+            tls = self.security.public_tls.is_some(),
+            tokens = self.security.tokens.is_some(),
             "serving"
         );
         let counter = pb::counter_server::CounterServer::new(counter)
@@ -174,10 +275,13 @@ impl Coordinator {
         tally_runtime::process::server_builder()
             .serve_with_incoming_shutdown(
                 tally_runtime::process::explain_unimplemented(
-                    dispatch::Dispatch::new(counter, routes),
+                    auth::Authorize::new(
+                        dispatch::Dispatch::new(counter, routes),
+                        self.security.tokens.map(|(_, tokens)| tokens),
+                    ),
                     api,
                 ),
-                tally_runtime::process::incoming(listener),
+                tally_runtime::tls::incoming(listener, self.security.public_tls),
                 shutdown,
             )
             .await?;

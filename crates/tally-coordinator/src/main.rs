@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tally_coordinator::{ClusterHandle, Coordinator, CoordinatorConfig, CoordinatorOverrides};
+use tally_coordinator::{
+    ClusterHandle, Coordinator, CoordinatorConfig, CoordinatorOverrides, Security,
+};
 
 /// The Tally coordinator: routes increments to shard nodes over the ring,
 /// sums reads over every node.
@@ -15,7 +17,8 @@ use tally_coordinator::{ClusterHandle, Coordinator, CoordinatorConfig, Coordinat
 /// `metrics on http://ADDRESS/metrics` if `metrics_listen` is set); logs go
 /// to stderr (level from RUST_LOG). On SIGHUP it reads the config file again
 /// and applies its membership: nodes may be added (or change address or
-/// weight), none removed; the outcome is logged.
+/// weight), none removed; and it reads the TLS files and the tokens file
+/// again; the outcome is logged.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -31,6 +34,12 @@ struct Args {
     /// `shard_timeout_ms`.
     #[arg(long)]
     shard_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    tls: tally_runtime::config_file::TlsKeys,
+    /// The bearer tokens file (`tallyctl tokens create`); overrides
+    /// `tokens_file`.
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,6 +52,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         observability: args.observability,
         shard_timeout_ms: args.shard_timeout_ms,
+        tls: args.tls,
+        tokens_file: args.tokens_file,
     };
     let config = CoordinatorConfig::load(&args.config, overrides.clone())?;
     // Once the config says how; an error before it is one line on stderr.
@@ -51,13 +62,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .init_tracing("tally-coordinator", &config.listen.to_string())
         .map_err(anyhow::Error::msg)?;
     let listen = config.listen;
+    let tls = config.tls.is_some();
     let coordinator = match config.observability.metrics_listen {
         Some(address) => {
-            Coordinator::with_metrics(config, tally_runtime::metrics::bind(address).await?)?
+            Coordinator::with_metrics(config, tally_runtime::metrics::bind(address, tls).await?)?
         }
         None => Coordinator::new(config)?,
     };
-    reload_on_sighup(coordinator.handle(), args.config, overrides)?;
+    reload_on_sighup(
+        coordinator.handle(),
+        coordinator.security(),
+        args.config,
+        overrides,
+    )?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -67,10 +84,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reloads the membership from `path` on every SIGHUP. A bad file or a
-/// refused change is logged and changes nothing.
+/// Reloads the membership from `path`, then the TLS and tokens files, on
+/// every SIGHUP. A bad file or a refused change is logged and changes
+/// nothing (of its part).
 fn reload_on_sighup(
     handle: ClusterHandle,
+    security: Security,
     path: PathBuf,
     overrides: CoordinatorOverrides,
 ) -> anyhow::Result<()> {
@@ -88,6 +107,10 @@ fn reload_on_sighup(
                 Err(error) => {
                     tracing::error!(config = %path.display(), "reload refused: {error}");
                 }
+            }
+            match security.reload(&handle) {
+                Ok(summary) => tracing::info!("{summary}"),
+                Err(error) => tracing::error!("tls and tokens reload refused: {error}"),
             }
         }
     });

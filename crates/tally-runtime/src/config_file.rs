@@ -279,6 +279,86 @@ impl Observability {
     }
 }
 
+/// The `[tls]` keys of a daemon's file, or its `--tls-*` flags: three PEM
+/// files (see [`crate::tls`]). In a file, relative paths are relative to
+/// the file's directory, so a config directory with its `certs/` works from
+/// wherever the daemon starts; on the command line, to the working
+/// directory.
+#[derive(Debug, Clone, Default, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TlsKeys {
+    /// This daemon's certificate chain (PEM); overrides `tls.cert`. TLS is
+    /// on when cert, key and ca are all given.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PEM); overrides `tls.key`.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM); overrides `tls.ca`.
+    #[arg(long = "tls-ca", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsKeys {
+    /// The TLS files of `flags`, else of the file's `[tls]` table (read
+    /// from `file_path`), checked: all three keys or none, each file
+    /// readable and holding what it should. `check` builds the daemon's
+    /// configurations from them, so that a bad file stops the start with
+    /// one line naming the file and the key.
+    pub fn load(
+        flags: TlsKeys,
+        file: Option<TlsKeys>,
+        file_path: Option<&Path>,
+        check: impl Fn(&crate::tls::TlsFiles) -> Result<(), crate::tls::TlsError>,
+    ) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+        let from_flags = flags.cert.is_some() || flags.key.is_some() || flags.ca.is_some();
+        let (keys, origin, base) = match (from_flags, file, file_path) {
+            (true, _, _) => (flags, COMMAND_LINE.to_string(), None),
+            (false, Some(keys), Some(path)) => (
+                keys,
+                path.display().to_string(),
+                path.parent().map(Path::to_path_buf),
+            ),
+            (false, _, _) => return Ok(None),
+        };
+        let resolve = |name: &str, value: Option<PathBuf>| {
+            let value = value.ok_or_else(|| {
+                ConfigError::invalid(
+                    &origin,
+                    format!("tls.{name}"),
+                    "is required with the other tls keys (cert, key and ca)",
+                )
+            })?;
+            Ok::<_, ConfigError>(match &base {
+                Some(base) if value.is_relative() => base.join(value),
+                _ => value,
+            })
+        };
+        let files = crate::tls::TlsFiles {
+            cert: resolve("cert", keys.cert)?,
+            key: resolve("key", keys.key)?,
+            ca: resolve("ca", keys.ca)?,
+        };
+        check(&files).map_err(|error| {
+            let key = match &error {
+                crate::tls::TlsError::Read { path, .. }
+                | crate::tls::TlsError::Pem { path, .. } => {
+                    if *path == files.key {
+                        "tls.key"
+                    } else if *path == files.ca {
+                        "tls.ca"
+                    } else {
+                        "tls.cert"
+                    }
+                }
+                crate::tls::TlsError::Config { .. } => "tls",
+            };
+            ConfigError::invalid(&origin, key, error.to_string())
+        })?;
+        Ok(Some(files))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

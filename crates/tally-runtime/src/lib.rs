@@ -10,9 +10,13 @@
 //!   lists exactly what a server serves.
 //! - [`metrics`]: each daemon's Prometheus metrics and their endpoint.
 //! - [`traces`]: spans exported over OTLP, trace context across the hop.
+//! - [`tls`]: TLS on every port, mutual TLS on the internal one, reloadable.
+//! - [`tokens`]: bearer tokens with roles, stored hashed.
 #![deny(missing_docs)]
 
 pub mod config_file;
 pub mod metrics;
 pub mod process;
+pub mod tls;
+pub mod tokens;
 pub mod traces;

@@ -176,11 +176,13 @@ impl Registry {
     }
 }
 
-/// Serves `registry` on `GET /metrics` at `listener` until `shutdown`
-/// completes. `refresh` runs before each scrape: it sets the gauges read
-/// from the daemon's state rather than counted as things happen.
+/// Serves `registry` on `GET /metrics` at `listener` (over TLS with `tls`)
+/// until `shutdown` completes. `refresh` runs before each scrape: it sets
+/// the gauges read from the daemon's state rather than counted as things
+/// happen.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     registry: Arc<Registry>,
     refresh: impl Fn() + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -221,7 +223,7 @@ pub async fn serve(
                 }
             }),
         );
-        axum::serve(listener, app)
+        axum::serve(Listener(crate::tls::incoming(listener, tls)), app)
             .with_graceful_shutdown(shutdown)
             .await
     } else {
@@ -229,9 +231,45 @@ pub async fn serve(
     }
 }
 
-/// Binds the metrics port and prints `metrics on http://ADDRESS/metrics` on
-/// stdout (a daemon prints it before its `listening on` line).
-pub async fn bind(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// The metrics server's connections, plaintext or TLS, as axum takes them.
+struct Listener(crate::tls::Incoming);
+
+impl axum::serve::Listener for Listener {
+    type Io = crate::tls::Connection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use futures::StreamExt;
+        use tonic::transport::server::Connected;
+        loop {
+            match self.0.next().await {
+                Some(Ok(connection)) => {
+                    let peer = connection.connect_info().remote_addr();
+                    let peer = peer.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+                    return (connection, peer);
+                }
+                Some(Err(error)) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!("metrics: cannot accept: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// Binds the metrics port and prints `metrics on http://ADDRESS/metrics`
+/// (`https` with `tls`) on stdout (a daemon prints it before its
+/// `listening on` line).
+pub async fn bind(
+    address: std::net::SocketAddr,
+    tls: bool,
+) -> std::io::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|error| {
@@ -240,7 +278,8 @@ pub async fn bind(address: std::net::SocketAddr) -> std::io::Result<tokio::net::
                 format!("cannot listen on {address} for metrics: {error}"),
             )
         })?;
-    println!("metrics on http://{}/metrics", listener.local_addr()?);
+    let scheme = if tls { "https" } else { "http" };
+    println!("metrics on {scheme}://{}/metrics", listener.local_addr()?);
     Ok(listener)
 }
 

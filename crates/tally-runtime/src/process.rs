@@ -308,7 +308,7 @@ impl GrpcServer {
     /// accepting and lets in-flight calls finish.
     pub async fn serve_with_incoming_shutdown(
         self,
-        incoming: tonic::transport::server::TcpIncoming,
+        incoming: crate::tls::Incoming,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
         let message = self.api.map_or(UNIMPLEMENTED, |api| api.unimplemented);
@@ -442,14 +442,6 @@ fn explain(
         );
     }
     response
-}
-
-/// The connections a server accepts on `listener`, with Nagle's algorithm
-/// off. The server builder's own `tcp_nodelay` applies only to listeners it
-/// binds itself: on ours, small answers waited for the peer's delayed ACK,
-/// up to 40 ms each under load.
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// gRPC server reflection, both the `v1` and the older `v1alpha` protocol

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_runtime::config_file::{
-    self, flag_or_file, ranged_setting, ConfigError, Observability, ObservabilityKeys, COMMAND_LINE,
+    self, flag_or_file, ranged_setting, ConfigError, Observability, ObservabilityKeys, TlsKeys,
+    COMMAND_LINE,
 };
 use tally_runtime::process::LogFormat;
+use tally_runtime::tls::TlsFiles;
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
 
@@ -88,6 +90,7 @@ struct RawShardConfig {
     log_segment_bytes: Option<u64>,
     checkpoint_log_bytes: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
+    tls: Option<TlsKeys>,
 }
 
 /// Values from the command line, each overriding the file's.
@@ -115,6 +118,8 @@ pub struct ShardOverrides {
     pub checkpoint_log_bytes: Option<u64>,
     /// `--checkpoint-interval-ms`
     pub checkpoint_interval_ms: Option<u64>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`
+    pub tls: TlsKeys,
 }
 
 /// A shard node's validated configuration.
@@ -142,6 +147,9 @@ pub struct ShardConfig {
     pub checkpoint_log_bytes: u64,
     /// ... or this long after the last one began, if anything changed.
     pub checkpoint_interval: Duration,
+    /// TLS on the node's ports, its internal port served only to clients
+    /// with a certificate the CA signed: none, plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ShardConfig {
@@ -163,6 +171,7 @@ impl ShardConfig {
             log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
             checkpoint_log_bytes: DEFAULT_CHECKPOINT_LOG_BYTES,
             checkpoint_interval: Duration::from_millis(DEFAULT_CHECKPOINT_INTERVAL_MS),
+            tls: None,
         }
     }
 
@@ -260,6 +269,12 @@ impl ShardConfig {
             10..=86_400_000,
         )?;
 
+        let tls = TlsKeys::load(overrides.tls, raw.tls, path, |files| {
+            files
+                .server_config(tally_runtime::tls::ClientAuth::Required, true)
+                .map(drop)
+        })?;
+
         Ok(ShardConfig {
             node_id,
             listen,
@@ -274,6 +289,7 @@ impl ShardConfig {
             log_segment_bytes,
             checkpoint_log_bytes,
             checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
+            tls,
         })
     }
 }

@@ -96,6 +96,9 @@ pub enum ShardError {
     /// The listener has no local address, or a thread cannot start.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
+    /// The TLS files cannot be used.
+    #[error("tls: {0}")]
+    Tls(#[from] tally_runtime::tls::TlsError),
 }
 
 /// A node whose data is recovered and locked, ready to serve.
@@ -103,6 +106,38 @@ pub struct ShardNode {
     config: ShardConfig,
     recovered: storage::Recovered,
     metrics_listener: Option<TcpListener>,
+    tls: Option<ShardTls>,
+}
+
+/// A node's TLS: its internal port's (clients need a certificate the CA
+/// signed) and its metrics port's. Cheap to clone; [`ShardTls::reload`]
+/// reads the files again (SIGHUP in the binary).
+#[derive(Debug, Clone)]
+pub struct ShardTls {
+    internal: Arc<tally_runtime::tls::ServerTls>,
+    metrics: Arc<tally_runtime::tls::ServerTls>,
+}
+
+impl ShardTls {
+    /// Loads `files`.
+    pub fn load(
+        files: &tally_runtime::tls::TlsFiles,
+    ) -> Result<Self, tally_runtime::tls::TlsError> {
+        Ok(ShardTls {
+            internal: tally_runtime::tls::ServerTls::grpc(
+                files.clone(),
+                tally_runtime::tls::ClientAuth::Required,
+            )?,
+            metrics: tally_runtime::tls::ServerTls::metrics(files.clone())?,
+        })
+    }
+
+    /// Reads the files again; connections made after it use them. On an
+    /// error the files in use stay.
+    pub fn reload(&self) -> Result<(), tally_runtime::tls::TlsError> {
+        self.internal.reload()?;
+        self.metrics.reload()
+    }
 }
 
 impl std::fmt::Debug for ShardNode {
@@ -151,11 +186,18 @@ impl ShardNode {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered"
         );
+        let tls = config.tls.as_ref().map(ShardTls::load).transpose()?;
         Ok(ShardNode {
             config,
             recovered,
             metrics_listener: None,
+            tls,
         })
+    }
+
+    /// The node's TLS, if it has any, to reload it while serving.
+    pub fn tls(&self) -> Option<ShardTls> {
+        self.tls.clone()
     }
 
     /// Serves Prometheus metrics on `GET /metrics` at `listener` too, while
@@ -235,6 +277,7 @@ impl ShardNode {
                 Some(tally_runtime::process::AbortOnDrop(tokio::spawn(
                     tally_runtime::metrics::serve(
                         listener,
+                        self.tls.as_ref().map(|tls| tls.metrics.clone()),
                         registry,
                         move || service.publish_metrics(&metrics),
                         std::future::pending(),
@@ -243,14 +286,29 @@ impl ShardNode {
             }
             _ => None,
         };
-        tracing::info!(node_id = self.config.node_id, %address, "serving");
+        tracing::info!(
+            node_id = self.config.node_id,
+            %address,
+            tls = self.tls.is_some(),
+            "serving"
+        );
+        if self.tls.is_none() && !address.ip().is_loopback() {
+            tracing::warn!(
+                %address,
+                "serving the internal API beyond loopback without tls: anyone who can reach \
+                 this port can change or delete every counter on this node; set the [tls] keys"
+            );
+        }
         let served = server
             .add_service(
                 pb::shard_server::ShardServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(tally_runtime::process::incoming(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                tally_runtime::tls::incoming(listener, self.tls.map(|tls| tls.internal)),
+                shutdown,
+            )
             .await;
 
         // Every connection has closed; a request task that outlived its

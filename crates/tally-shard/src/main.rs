@@ -72,6 +72,26 @@ struct ServeArgs {
     /// ... or this many milliseconds after the last one began.
     #[arg(long)]
     checkpoint_interval_ms: Option<u64>,
+    #[command(flatten)]
+    tls: tally_runtime::config_file::TlsKeys,
+}
+
+/// Reads the TLS files again on every SIGHUP (renewed certificates); a bad
+/// file is logged and changes nothing.
+fn reload_tls_on_sighup(tls: tally_shard::ShardTls) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before readiness is announced: a SIGHUP right after
+    // `listening on` is a reload, not a kill.
+    let mut hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("reloaded tls certificates"),
+                Err(error) => tracing::error!("tls reload refused: {error}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -155,6 +175,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log_segment_bytes: args.log_segment_bytes,
         checkpoint_log_bytes: args.checkpoint_log_bytes,
         checkpoint_interval_ms: args.checkpoint_interval_ms,
+        tls: args.tls,
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;
     // Once the config says how; an error before it is one line on stderr.
@@ -169,9 +190,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics_listen = config.observability.metrics_listen;
     // Before recovery, so that a SIGTERM while loading is a clean stop.
     let shutdown = tally_runtime::process::shutdown_signal();
+    let tls = config.tls.is_some();
     let mut node = ShardNode::open(config).await?;
     if let Some(address) = metrics_listen {
-        node = node.with_metrics(tally_runtime::metrics::bind(address).await?);
+        node = node.with_metrics(tally_runtime::metrics::bind(address, tls).await?);
+    }
+    if let Some(tls) = node.tls() {
+        reload_tls_on_sighup(tls)?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -70,6 +70,11 @@ pub struct Cluster {
     alignment: Arc<align::Alignment>,
     /// The coordinator's series, kept across reloads.
     metrics: Arc<crate::metrics::CoordinatorMetrics>,
+    /// The TLS the coordinator speaks to shards with (it presents its
+    /// certificate; a shard's must be the CA's): none, plaintext. Loaded
+    /// once and kept across reloads; [`Cluster::reload_client_tls`] reads
+    /// its files again.
+    client_tls: Option<Arc<tally_runtime::tls::ClientTls>>,
 }
 
 impl Drop for Cluster {
@@ -106,6 +111,11 @@ impl Cluster {
         metrics: Arc<crate::metrics::CoordinatorMetrics>,
     ) -> std::result::Result<Arc<Self>, crate::StartError> {
         let ring = config.ring()?;
+        let client_tls = match (previous, &config.tls) {
+            (Some(previous), _) => previous.client_tls.clone(),
+            (None, Some(files)) => Some(tally_runtime::tls::ClientTls::load(files.clone())?),
+            (None, None) => None,
+        };
         let settings = BatchSettings {
             shard_timeout: config.shard_timeout,
             max_in_flight_batches: config.max_in_flight_batches_per_shard,
@@ -127,7 +137,13 @@ impl Cluster {
                 });
                 match kept {
                     Some(shard) => Ok(shard.clone()),
-                    None => ShardClient::new(&node.id, address, settings, metrics.node(&node.id)),
+                    None => ShardClient::new(
+                        &node.id,
+                        address,
+                        client_tls.as_ref(),
+                        settings,
+                        metrics.node(&node.id),
+                    ),
                 }
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -180,6 +196,7 @@ impl Cluster {
             rounds: Default::default(),
             round_lag: (0..shard_count).map(|_| Default::default()).collect(),
             metrics,
+            client_tls,
         });
         tokio::spawn(align::align_loop(
             Arc::downgrade(&cluster),
@@ -192,6 +209,15 @@ impl Cluster {
             replication_interval,
         ));
         Ok(cluster)
+    }
+
+    /// Reads the files of the TLS the coordinator speaks to shards with
+    /// again; connections made after it use them.
+    pub fn reload_client_tls(&self) -> Result<(), tally_runtime::tls::TlsError> {
+        match &self.client_tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The configuration this cluster was built from.

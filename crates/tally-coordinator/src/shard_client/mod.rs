@@ -107,18 +107,35 @@ impl ShardClient {
     /// A client of the node `node_id` at `address` (`host:port`). Connects
     /// lazily and reconnects on its own, so a node that is down at start is
     /// picked up when it comes back. Spawns the batcher task.
+    ///
+    /// With `tls`, it connects over TLS, presenting the coordinator's
+    /// certificate and checking the node's against the CA for the host of
+    /// `address`.
     pub fn new(
         node_id: &str,
         address: &str,
+        tls: Option<&Arc<tally_runtime::tls::ClientTls>>,
         settings: BatchSettings,
         metrics: NodeMetrics,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))?
+    ) -> Result<Self, crate::StartError> {
+        // The URI's scheme stays http with TLS: tonic would look for a TLS
+        // configuration of its own on an https one; the connector does TLS.
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = match tls {
+            Some(tls) => {
+                endpoint.connect_with_connector_lazy(tls.connector(address).map_err(|message| {
+                    crate::StartError::Tls(tally_runtime::tls::TlsError::Config {
+                        cert: tls.files().cert.clone(),
+                        message: format!("node {node_id}: {message}"),
+                    })
+                })?)
+            }
+            None => endpoint.connect_lazy(),
+        };
         let grpc = Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -517,7 +534,8 @@ mod tests {
             max_in_flight_batches: 1,
             max_increments_per_batch: 10,
         };
-        let client = ShardClient::new("node", &address, settings, NodeMetrics::disabled()).unwrap();
+        let client =
+            ShardClient::new("node", &address, None, settings, NodeMetrics::disabled()).unwrap();
         // The first read takes the only call slot and waits on the node.
         let first = {
             let client = client.clone();

@@ -1,0 +1,144 @@
+//! How `tallyctl` reaches a coordinator: plaintext, or TLS trusting a CA
+//! certificate file, with a bearer token on every call if it has one.
+//!
+//! TLS is on when the endpoint is an `https://` URL or a CA certificate is
+//! given (`--ca-cert`, `$TALLY_CA_CERT`); the token comes from `--token` or
+//! `$TALLY_TOKEN`. A client certificate (`--client-cert`, `--client-key`)
+//! is presented when given: a shard's port asks for one signed by the CA.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// A channel to a coordinator that sends the token with every call.
+pub type Client = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer TOKEN` to every call, if there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Where a coordinator is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Its URL: `http://host:port` or `https://host:port`.
+    pub endpoint: String,
+    /// The CA certificate its certificate must be signed by (TLS on).
+    pub ca_cert: Option<PathBuf>,
+    /// The bearer token to send.
+    pub token: Option<String>,
+    /// A certificate and its key to present (mutual TLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// Longest wait to connect, and for each call.
+    pub timeout: Duration,
+}
+
+impl Access {
+    /// A plaintext endpoint without a token.
+    pub fn plain(endpoint: impl Into<String>, timeout: Duration) -> Self {
+        Access {
+            endpoint: endpoint.into(),
+            ca_cert: None,
+            token: None,
+            client_identity: None,
+            timeout,
+        }
+    }
+
+    /// Whether calls go over TLS.
+    pub fn tls(&self) -> bool {
+        self.endpoint.starts_with("https://") || self.ca_cert.is_some()
+    }
+
+    /// The endpoint's `host:port`.
+    pub fn authority(&self) -> &str {
+        let rest = self
+            .endpoint
+            .split_once("://")
+            .map_or(self.endpoint.as_str(), |(_, rest)| rest);
+        rest.split('/').next().unwrap_or(rest)
+    }
+
+    /// The interceptor that sends the token.
+    pub fn bearer(&self) -> anyhow::Result<Bearer> {
+        self.token
+            .as_deref()
+            .map(|token| {
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the token has characters a header cannot carry")
+            })
+            .transpose()
+            .map(Bearer)
+    }
+
+    /// `count` connections (HTTP/2 channels), each sending the token.
+    pub async fn connect_many(&self, count: usize) -> anyhow::Result<Vec<Client>> {
+        let bearer = self.bearer()?;
+        let authority = self.authority().to_string();
+        // The URI's scheme stays http with TLS: the connector does TLS, and
+        // tonic would look for a TLS configuration of its own on https.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+            .with_context(|| format!("bad endpoint {:?}", self.endpoint))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true);
+        let connector = if self.tls() {
+            let ca = self
+                .ca_cert
+                .as_deref()
+                .context("an https endpoint needs --ca-cert (or $TALLY_CA_CERT): the CA certificate the server's is signed by")?;
+            let config = match &self.client_identity {
+                Some((cert, key)) => tally_runtime::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.to_path_buf(),
+                }
+                .client_config()?,
+                None => tally_runtime::tls::client_config_trusting(ca)?,
+            };
+            Some(
+                tally_runtime::tls::Connector::fixed(config, &authority)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        };
+        let mut clients = Vec::with_capacity(count);
+        for _ in 0..count {
+            let channel = match &connector {
+                Some(connector) => endpoint.connect_with_connector(connector.clone()).await,
+                None => endpoint.connect().await,
+            }
+            .with_context(|| format!("cannot reach {}", self.endpoint))?;
+            clients.push(InterceptedService::new(channel, bearer.clone()));
+        }
+        Ok(clients)
+    }
+
+    /// One connection, sending the token.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(self
+            .connect_many(1)
+            .await?
+            .pop()
+            .expect("connect_many(1) returns one client"))
+    }
+}

@@ -35,8 +35,8 @@ FROM debian:bookworm-slim
 RUN groupadd --system tally \
     && useradd --system --gid tally --home-dir /data --no-create-home \
        --shell /usr/sbin/nologin tally \
-    && mkdir -p /data \
-    && chown tally:tally /data
+    && mkdir -p /data /secrets \
+    && chown tally:tally /data /secrets
 COPY --from=builder /out/ /usr/local/bin/
 USER tally
 WORKDIR /data

@@ -7,7 +7,11 @@
 # Configs are the repository's config/shard-1.toml and
 # config/coordinator.toml with ids, addresses (metrics too, each on a free
 # port: served, as in production; TALLY_METRICS=off serves none), data
-# directories and any given keys rewritten. Every server listens on port 0 and is found by the
+# directories and any given keys rewritten. With TALLY_SECURE=on the cluster
+# runs as config/secure/ does: TLS on every port, mutual TLS to the shards
+# and an admin token (certificates and token made with the release tallyctl
+# under DIR/certs; TALLY_CA_CERT and TALLY_TOKEN are exported, so tallyctl
+# calls it over TLS with the token). Every server listens on port 0 and is found by the
 # `listening on ADDRESS` line it prints once it serves, so there is no race
 # between picking a port and binding it, and no sleep decides readiness.
 
@@ -24,6 +28,24 @@ tally_wait_listening() { # PID STDOUT_FILE NAME
         sleep 0.01
     done
     die "$name not listening after 60 s"
+}
+
+# Makes DIR/certs (a CA, a certificate for the coordinator and for 16
+# shards) and DIR/tokens.toml with an admin token, once per DIR, and
+# exports TALLY_CA_CERT and TALLY_TOKEN for tallyctl.
+tally_secure_files() { # DIR
+    local dir=$1 tallyctl="$REPO/target/release/tallyctl" node
+    if [[ ! -f $dir/certs/ca.crt ]]; then
+        "$tallyctl" certs create-ca --certs-dir "$dir/certs" >/dev/null
+        for node in coordinator shard-{1..16}; do
+            "$tallyctl" certs create-node --certs-dir "$dir/certs" "$node" >/dev/null
+        done
+        "$tallyctl" tokens create --tokens-file "$dir/tokens.toml" --name bench --role admin \
+            >"$dir/token" 2>/dev/null
+    fi
+    export TALLY_CA_CERT=$dir/certs/ca.crt
+    TALLY_TOKEN=$(cat "$dir/token")
+    export TALLY_TOKEN
 }
 
 # Starts shard-I with its data in DIR/data/shard-I, listening on ADDRESS
@@ -43,8 +65,14 @@ tally_start_shard() { # DIR I ADDRESS
         "$REPO/config/shard-1.toml" >"$dir/shard-$i.toml"
     grep -q "^data_dir = \"$dir/data/shard-$i\"" "$dir/shard-$i.toml" \
         || die "config/shard-1.toml has no data_dir line to rewrite"
+    local tls=()
+    if [[ ${TALLY_SECURE:-off} == on ]]; then
+        tally_secure_files "$dir"
+        tls=(--tls-cert "$dir/certs/shard-$i.crt" --tls-key "$dir/certs/shard-$i.key"
+            --tls-ca "$dir/certs/ca.crt")
+    fi
     begin=$(date +%s%N)
-    (cd "$dir" && exec env ${SHARD_ENV:-} "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml") \
+    (cd "$dir" && exec env ${SHARD_ENV:-} "$REPO/target/release/tally-shard" --config "$dir/shard-$i.toml" "${tls[@]}") \
         >"$dir/shard-$i.out" 2>"$dir/shard-$i.out.err" &
     TALLY_PID=$!
     PIDS+=("$TALLY_PID")
@@ -102,7 +130,13 @@ tally_start_cluster() { # DIR SHARDS [KEY=VALUE...]
         sed -i '/^metrics_listen = /d' "$dir/coordinator.toml"
     fi
     printf '%s' "$nodes" >>"$dir/coordinator.toml"
-    (cd "$dir" && exec "$REPO/target/release/tally-coordinator" --config "$dir/coordinator.toml") \
+    local tls=()
+    if [[ ${TALLY_SECURE:-off} == on ]]; then
+        tally_secure_files "$dir"
+        tls=(--tls-cert "$dir/certs/coordinator.crt" --tls-key "$dir/certs/coordinator.key"
+            --tls-ca "$dir/certs/ca.crt" --tokens-file "$dir/tokens.toml")
+    fi
+    (cd "$dir" && exec "$REPO/target/release/tally-coordinator" --config "$dir/coordinator.toml" "${tls[@]}") \
         >"$dir/coordinator.out" 2>"$dir/coordinator.out.err" &
     TALLY_COORDINATOR_PID=$!
     PIDS+=("$TALLY_COORDINATOR_PID")

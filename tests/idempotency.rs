@@ -5,7 +5,8 @@
 mod support;
 
 use support::cluster::{
-    increment, key_owned_by, second_coordinator, shard_statuses, start, value, READY,
+    increment, key_owned_by, second_coordinator, shard_statuses, start, value, wait_for_health,
+    READY,
 };
 use tally::proto::pb;
 use tonic::Code;
@@ -122,6 +123,11 @@ async fn keys_survive_a_restart_and_a_delete() {
         cluster.restart_shard(index).await.unwrap();
     }
     cluster.wait_ready(READY).await.unwrap();
+    // Serving is not yet seen up: a keyed increment to a node the
+    // coordinator still takes for down goes to its stand-in instead.
+    for node in ["shard-1", "shard-2", "shard-3"] {
+        wait_for_health(&cluster, node, "up").await;
+    }
     for key in &keys {
         client.increment(increment("visits", 1, key)).await.unwrap();
     }

@@ -469,3 +469,367 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
         .expect("the admin token deletes");
     assert_eq!(cluster.totals(&["likes"]).await[0].1, 0);
 }
+
+/// Sends `signal` to `daemon` without waiting for anything.
+fn send(daemon: &Daemon, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid() as i32), signal).unwrap();
+}
+
+/// The certificate the server at `address` presents to a TLS client
+/// trusting `ca` (and presenting `identity`, a cluster certificate, where
+/// the server asks for one).
+async fn served_certificate(address: SocketAddr, ca: &Path, identity: Option<&str>) -> Vec<u8> {
+    let config = match identity {
+        Some(name) => TlsFiles {
+            cert: ca.with_file_name(format!("{name}.crt")),
+            key: ca.with_file_name(format!("{name}.key")),
+            ca: ca.to_path_buf(),
+        }
+        .client_config()
+        .unwrap(),
+        None => client_config_trusting(ca).unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// `GET /metrics` over TLS trusting `ca`: the status line and the body.
+async fn scrape_over_tls(address: SocketAddr, ca: &Path) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = client_config_trusting(ca).unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_over_tls_only() {
+    let cluster = SecureCluster::start();
+    for daemon in std::iter::once(&cluster.coordinator).chain(&cluster.shards) {
+        let address = daemon.metrics.expect("config/secure serves metrics");
+        let (status, body) = scrape_over_tls(address, &cluster.ca()).await;
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "{}: {status}",
+            daemon.name
+        );
+        assert!(body.contains("tally_build_info"), "{}", daemon.name);
+        // Plaintext HTTP gets no page.
+        use std::io::{Read, Write};
+        let mut plain = std::net::TcpStream::connect(address).unwrap();
+        plain.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let _ = plain.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer);
+        assert!(
+            !String::from_utf8_lossy(&answer).contains("tally_build_info"),
+            "{} served metrics over plaintext",
+            daemon.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_certificates_are_read_again_on_sighup() {
+    use nix::sys::signal::Signal;
+    let cluster = SecureCluster::start();
+    let get = |token: String| {
+        let access = cluster.access(Some(&token));
+        async move {
+            CounterClient::new(access.connect().await.unwrap())
+                .get(pb::GetRequest {
+                    counter: "likes".into(),
+                    allow_partial: false,
+                })
+                .await
+                .map(drop)
+                .map_err(|status| status.code())
+        }
+    };
+
+    // A token added to the file is taken at the next SIGHUP, not before.
+    let tokens_file = cluster.config_dir().join("tokens.toml");
+    let late = tallyctl(&[
+        "tokens",
+        "create",
+        "--tokens-file",
+        tokens_file.to_str().unwrap(),
+        "--name",
+        "late",
+        "--role",
+        "read",
+    ])
+    .trim()
+    .to_string();
+    assert_eq!(get(late.clone()).await, Err(tonic::Code::Unauthenticated));
+    send(&cluster.coordinator, Signal::SIGHUP);
+    support::wait_until("the new token is taken", support::PATIENCE, || {
+        get(late.clone())
+    })
+    .await;
+
+    // A broken file is refused, logged, and the tokens in use stay.
+    let good_tokens = std::fs::read(&tokens_file).unwrap();
+    std::fs::write(&tokens_file, "[[tokens]]\nname = \"x\"\n").unwrap();
+    send(&cluster.coordinator, Signal::SIGHUP);
+    support::wait_until(
+        "the refused reload is logged",
+        support::PATIENCE,
+        || async {
+            let log = cluster.coordinator.log();
+            if log.contains("tls and tokens reload refused") {
+                Ok(())
+            } else {
+                Err(log.lines().last().unwrap_or_default().to_string())
+            }
+        },
+    )
+    .await;
+    assert_eq!(get(late.clone()).await, Ok(()));
+    assert_eq!(get(cluster.admin.clone()).await, Ok(()));
+    // (A reload is all or nothing: with the file broken, renewed
+    // certificates would not be taken either.)
+    std::fs::write(&tokens_file, good_tokens).unwrap();
+
+    // Renewed certificates are served to new connections after SIGHUP,
+    // and the coordinator reaches the shards with its renewed one.
+    let certs = cluster.certs();
+    let ca = cluster.ca();
+    for (index, daemon) in std::iter::once(&cluster.coordinator)
+        .chain(&cluster.shards)
+        .enumerate()
+    {
+        let name = if index == 0 {
+            "coordinator".to_string()
+        } else {
+            format!("shard-{index}")
+        };
+        let before = served_certificate(daemon.address, &ca, Some("coordinator")).await;
+        tallyctl(&[
+            "certs",
+            "create-node",
+            "--certs-dir",
+            certs.to_str().unwrap(),
+            "--overwrite",
+            &name,
+        ]);
+        let renewed = tally::runtime::tls::read_certificates(&certs.join(format!("{name}.crt")))
+            .unwrap()[0]
+            .to_vec();
+        assert_ne!(before, renewed, "{name}: a new certificate");
+        send(daemon, Signal::SIGHUP);
+        support::wait_until(
+            &format!("{name} serves its renewed certificate"),
+            support::PATIENCE,
+            || async {
+                if served_certificate(daemon.address, &ca, Some("coordinator")).await == renewed {
+                    Ok(())
+                } else {
+                    Err("the old one")
+                }
+            },
+        )
+        .await;
+    }
+    let mut writer = cluster.counter(Some(&cluster.writer)).await;
+    for counter in ["likes", "views", "quota"] {
+        writer
+            .increment(pb::IncrementRequest {
+                counter: counter.into(),
+                delta: 1,
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("the renewed certificates connect the cluster");
+    }
+}
+
+#[test]
+fn a_bad_tls_or_tokens_file_stops_the_start_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secure");
+    for file in ["coordinator.toml", "shard-1.toml"] {
+        std::fs::copy(shipped.join(file), dir.path().join(file)).unwrap();
+    }
+    let start = |binary: &str, config: &str, extra: &[&str]| {
+        let config = dir.path().join(config);
+        let mut args = vec![
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let output = run_to_end(binary, &args);
+        assert!(!output.status.success(), "{binary} started");
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        stderr
+    };
+    let data = dir.path().join("data");
+    let data_args = ["--data-dir", data.to_str().unwrap()];
+
+    // No certificates made yet: the file and the key are named.
+    let error = start("tally-shard", "shard-1.toml", &data_args);
+    assert!(
+        error.contains("shard-1.toml: tls.cert: ") && error.contains("cannot read"),
+        "{error}"
+    );
+    let certs = dir.path().join("certs");
+    let certs = certs.to_str().unwrap();
+    tallyctl(&["certs", "create-ca", "--certs-dir", certs]);
+    for node in ["coordinator", "shard-1", "shard-2"] {
+        tallyctl(&["certs", "create-node", "--certs-dir", certs, node]);
+    }
+    // A key that is not the certificate's.
+    let error = start(
+        "tally-shard",
+        "shard-1.toml",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            &format!("{certs}/shard-1.crt"),
+            "--tls-key",
+            &format!("{certs}/shard-2.key"),
+            "--tls-ca",
+            &format!("{certs}/ca.crt"),
+        ],
+    );
+    assert!(error.contains("command line: tls: "), "{error}");
+    // Only some of the three keys.
+    let error = start(
+        "tally-shard",
+        "shard-1.toml",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            &format!("{certs}/shard-1.crt"),
+        ],
+    );
+    assert!(
+        error.contains("command line: tls.key: is required"),
+        "{error}"
+    );
+    // The coordinator: no tokens file, then a bad one.
+    let error = start("tally-coordinator", "coordinator.toml", &[]);
+    assert!(
+        error.contains("coordinator.toml: tokens_file: ") && error.contains("cannot read"),
+        "{error}"
+    );
+    std::fs::write(
+        dir.path().join("tokens.toml"),
+        "[[tokens]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"beef\"\n",
+    )
+    .unwrap();
+    let error = start("tally-coordinator", "coordinator.toml", &[]);
+    assert!(
+        error.contains("tokens[0].sha256: is not 64 hex digits"),
+        "{error}"
+    );
+}
+
+#[test]
+fn tallyctl_dev_secure_prints_how_to_call_it_and_that_works() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev-data");
+    let mut child = std::process::Command::new(support::binary("tallyctl"))
+        .args([
+            "dev",
+            "--secure",
+            "--port",
+            "0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut exports = Vec::new();
+    let mut command = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(export) = line.trim().strip_prefix("export ") {
+            let assignment = export.split_whitespace().next().unwrap();
+            let (name, value) = assignment.split_once('=').unwrap();
+            exports.push((name.to_string(), value.to_string()));
+        }
+        if line.contains(" get page:views") {
+            command = Some(line.trim().to_string());
+        }
+        if line.starts_with("Ctrl-C stops the cluster") {
+            break;
+        }
+    }
+    let names: Vec<&str> = exports.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["TALLY_CA_CERT", "TALLY_TOKEN"]);
+    // `cargo tallyctl --endpoint https://... get page:views`, as printed,
+    // with the printed exports, from the directory it ran in.
+    let command = command.expect("the banner shows a get");
+    let args: Vec<&str> = command
+        .strip_prefix("cargo tallyctl ")
+        .expect("a cargo tallyctl command")
+        .split_whitespace()
+        .collect();
+    assert!(args[1].starts_with("https://"), "{command}");
+    let run = |env: &[(String, String)]| {
+        let mut run = assert_cmd::Command::new(support::binary("tallyctl"));
+        run.args(&args)
+            .current_dir(dir.path())
+            .timeout(support::START_TIMEOUT);
+        for (name, value) in env {
+            run.env(name, value);
+        }
+        run.output().unwrap()
+    };
+    let output = run(&exports);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("page:views"));
+    // Without the token: refused.
+    let output = run(&exports[..1]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("UNAUTHENTICATED"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_timeout::ChildExt::wait_timeout(&mut child, support::START_TIMEOUT)
+        .unwrap()
+        .expect("tallyctl dev exits after SIGINT");
+    assert!(status.success());
+}

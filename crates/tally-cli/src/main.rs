@@ -292,6 +292,10 @@ impl ClientOptions {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // reqwest (`top`'s scrapes) builds a TLS configuration for every
+    // client, from the process's default provider: make it ring, the one
+    // the rest of Tally names. Fails only if one is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let local = matches!(
         args.command,

@@ -31,6 +31,11 @@
 #   - Metrics rows: Tally unary and batch 100 on one hot counter with
 #     metrics off and on, alternated twice; the on/off ratios go to
 #     OUT/metrics-ab.txt.
+#   - Secure rows: Tally unary and batch 100 on one hot counter with TLS on
+#     the public port, mutual TLS to the shards and a token checked on every
+#     call (TALLY_SECURE=on: config/secure/), beside plaintext runs of the
+#     same shape made right before them; the secure/plain ratios go to
+#     OUT/secure-ab.txt.
 #   - h2load rows: h2load (nghttp2) sends unary Increment calls to Tally and
 #     to the ceiling, one hot counter, with 8 connections x 8 streams and
 #     with CLIENTS connections x 1 stream, beside `tallyctl bench` at the same
@@ -1013,6 +1018,32 @@ for workload in ("unary", "batch100"):
           f"({rate['on'] / 2:.0f} vs {rate['off'] / 2:.0f} increments/s, mean of 2 rounds)")
 PY
     while read -r line; do log "$line"; done <"$OUT/metrics-ab.txt"
+
+    # What TLS on both hops and tokens cost: the same cluster plaintext,
+    # then secure, back to back.
+    for mode in plain secure; do
+        secure=off
+        if [[ $mode == secure ]]; then
+            secure=on
+        fi
+        TALLY_SECURE=$secure tally_start_cluster "$TMP/tally-tls-$mode" 3
+        tally_measure "tally_tls_${mode}_unary" "Tally unary, 1 hot counter, $mode" 1 1
+        tally_measure "tally_tls_${mode}_batch100" "Tally batch 100, 1 hot counter, $mode" 1 100
+        for pid in "${PIDS[@]}"; do
+            stop_pid "$pid"
+        done
+        unset TALLY_CA_CERT TALLY_TOKEN
+    done
+    python3 - "$OUT/raw" >"$OUT/secure-ab.txt" <<'PY'
+import json, sys
+raw = sys.argv[1]
+for workload in ("unary", "batch100"):
+    rate = {m: json.load(open(f"{raw}/tally_tls_{m}_{workload}.json"))["increments_per_sec"]
+            for m in ("plain", "secure")}
+    print(f"secure/plain, {workload}, 1 hot counter: {rate['secure'] / rate['plain']:.3f} "
+          f"({rate['secure']:.0f} vs {rate['plain']:.0f} increments/s)")
+PY
+    while read -r line; do log "$line"; done <"$OUT/secure-ab.txt"
 
     # The same unary calls with durability = "async": what sync durability
     # costs, side by side.

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -121,16 +122,23 @@ impl Access {
         } else {
             None
         };
-        let mut clients = Vec::with_capacity(count);
-        for _ in 0..count {
-            let channel = match &connector {
-                Some(connector) => endpoint.connect_with_connector(connector.clone()).await,
-                None => endpoint.connect().await,
-            }
-            .with_context(|| format!("cannot reach {}", self.endpoint))?;
-            clients.push(InterceptedService::new(channel, bearer.clone()));
-        }
-        Ok(clients)
+        // Up to 16 connections (and handshakes) at once.
+        futures::stream::iter(0..count)
+            .map(|_| {
+                let endpoint = endpoint.clone();
+                let connector = connector.clone();
+                async move {
+                    match connector {
+                        Some(connector) => endpoint.connect_with_connector(connector).await,
+                        None => endpoint.connect().await,
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .map_ok(|channel| InterceptedService::new(channel, bearer.clone()))
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot reach {}", self.endpoint))
     }
 
     /// One connection, sending the token.

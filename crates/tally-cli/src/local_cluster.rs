@@ -200,12 +200,13 @@ impl LocalCluster {
         self.shards.iter().map(|shard| &shard.config)
     }
 
-    /// A client of the public `Counter` service.
+    /// A client of the public `Counter` service (plaintext, no token: for
+    /// a cluster started without `tls` and `tokens_file`).
     pub async fn counter_client(&self) -> anyhow::Result<CounterClient<Channel>> {
         Ok(CounterClient::connect(self.endpoint()).await?)
     }
 
-    /// A client of the public `Admin` service.
+    /// A client of the public `Admin` service (plaintext, no token).
     pub async fn admin_client(&self) -> anyhow::Result<AdminClient<Channel>> {
         Ok(AdminClient::connect(self.endpoint()).await?)
     }

@@ -260,6 +260,12 @@ impl Coordinator {
             tokens = self.security.tokens.is_some(),
             "serving"
         );
+        if self.security.tokens.is_some() && self.security.public_tls.is_none() {
+            tracing::warn!(
+                "tokens are checked but travel in plaintext: anyone on the path can read \
+                 and reuse them; set the [tls] keys"
+            );
+        }
         let counter = pb::counter_server::CounterServer::new(counter)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

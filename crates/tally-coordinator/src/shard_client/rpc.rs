@@ -26,14 +26,16 @@ pub(super) async fn call<T>(
     }
 }
 
-/// Whether `status` is tonic's own end of the call's `grpc-timeout`: the
-/// channel's timeout layer (which reads the header `timed` sets, and may
-/// fire a moment before our own timer) or the server's. Either is a timeout,
-/// not an error the node answered: a busy node must not be taken for a
-/// failed one (`health`).
+/// Whether `status` is the end of the call's `grpc-timeout`: tonic's own,
+/// from the channel's timeout layer (which reads the header `timed` sets,
+/// and may fire a moment before our own timer), or the node's edge, which
+/// answers `DEADLINE_EXCEEDED` when the timeout passes. Either is a
+/// timeout, not an error the node answered: a busy node must not be taken
+/// for a failed one (`health`).
 fn is_timeout(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Cancelled
-        && status.message() == tonic::TimeoutExpired(()).to_string()
+    status.code() == tonic::Code::DeadlineExceeded
+        || (status.code() == tonic::Code::Cancelled
+            && status.message() == tonic::TimeoutExpired(()).to_string())
 }
 
 fn describe_status(status: &tonic::Status) -> ShardCallError {

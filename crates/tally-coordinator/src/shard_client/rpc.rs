@@ -121,7 +121,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn tonics_own_timeout_is_a_timeout_not_an_error() {
+    async fn a_timeout_tonics_or_the_nodes_is_a_timeout_not_an_error() {
         let budget = Duration::from_millis(700);
         let expired = call::<()>(budget, async {
             Err(tonic::Status::from_error(Box::new(tonic::TimeoutExpired(
@@ -130,6 +130,14 @@ mod tests {
         })
         .await;
         assert_eq!(expired, Err(ShardCallError::TimedOut(budget)));
+        // The node's edge, when the call's grpc-timeout passes there first.
+        let passed = call::<()>(budget, async {
+            Err(tonic::Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed before it was answered",
+            ))
+        })
+        .await;
+        assert_eq!(passed, Err(ShardCallError::TimedOut(budget)));
         let refused = call::<()>(budget, async {
             Err(tonic::Status::unavailable("tcp connect error"))
         })

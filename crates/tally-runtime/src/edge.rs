@@ -17,9 +17,12 @@
 //! most [`MAX_CONNECTION_AGE`] + [`MAX_CONNECTION_AGE_GRACE`]. For a
 //! coordinator the largest answer is a full `GetBatch` (10,000 names of
 //! 256 bytes: 2.6 MB encoded), so a connection whose peer opens every
-//! stream it may and never reads holds about 100 x 2.6 MB = 260 MB.
-//! Before these limits one connection could hold any amount (no stream
-//! limit): a few such connections took a coordinator to 1.13 GiB. The
+//! stream it may and never reads holds about 100 x 2.6 MB = 260 MB
+//! (measured in tests/edge.rs). A request is bounded by the message limit
+//! instead, so a peer that sends 100 requests of nearly 16 MiB and stalls
+//! each before its end makes one connection hold up to 1.6 GiB. Before
+//! these limits one connection could hold any amount (no stream limit): a
+//! few connections that never read took a coordinator to 1.13 GiB. The
 //! product over every connection is large: the connection cap bounds a
 //! server's file descriptors and what a runaway client can take, but a
 //! coordinator open to untrusted clients still wants a proxy that limits

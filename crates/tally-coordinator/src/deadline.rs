@@ -1,12 +1,14 @@
 //! The client's deadline, read from the `grpc-timeout` header.
 //!
-//! tonic's server also enforces that header, but answers `CANCELLED` when it
-//! passes; our contract says `DEADLINE_EXCEEDED`. So each handler runs under
-//! its own deadline, set a little earlier than tonic's, and reports the
-//! right code. The deadline counts from the request's arrival, stamped by
-//! [`stamp_arrival`] before the body is decoded (decoding a 10,000-item
-//! batch takes time), not from when the handler starts. The same deadline
-//! bounds the internal calls to shards.
+//! The server's edge (`tally_runtime::edge`) refuses a malformed or zero
+//! timeout, and answers `DEADLINE_EXCEEDED` when the timeout passes (tonic
+//! would answer `CANCELLED`). Each handler also runs under its own
+//! deadline, set a little earlier than the edge's, so that it reports what
+//! it did by then (a read's complete parts, a status's unreachable nodes)
+//! and gives its internal calls only what is left. The deadline counts from
+//! the request's arrival, stamped by [`stamp_arrival`] before the body is
+//! decoded (decoding a 10,000-item batch takes time), not from when the
+//! handler starts.
 
 use std::time::Duration;
 
@@ -42,28 +44,7 @@ pub(crate) fn stamp_http_arrival<B>(request: &mut tonic::codegen::http::Request<
 }
 
 /// The header that carries the client's timeout.
-const GRPC_TIMEOUT: &str = "grpc-timeout";
-
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => Duration::from_secs(amount.checked_mul(60)?),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
+const GRPC_TIMEOUT: &str = tally_runtime::edge::GRPC_TIMEOUT;
 
 /// When this request's handler must answer, if the client set a deadline.
 pub fn request_deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
@@ -71,7 +52,7 @@ pub fn request_deadline<T>(request: &tonic::Request<T>) -> Option<Instant> {
         .metadata()
         .get(GRPC_TIMEOUT)
         .and_then(|value| value.to_str().ok())
-        .and_then(parse_grpc_timeout)?;
+        .and_then(tally_runtime::edge::parse_grpc_timeout)?;
     let arrival = request
         .extensions()
         .get::<Arrival>()
@@ -91,26 +72,6 @@ pub fn call_budget(shard_timeout: Duration, deadline: Option<Instant>) -> Durati
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_every_unit() {
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(
-            parse_grpc_timeout("99999999u"),
-            Some(Duration::from_micros(99_999_999))
-        );
-        assert_eq!(parse_grpc_timeout("5n"), Some(Duration::from_nanos(5)));
-    }
-
-    #[test]
-    fn rejects_malformed_values() {
-        for bad in ["", "m", "10", "10x", "-1S", "123456789S", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn the_deadline_counts_from_the_arrival_stamp() {

@@ -64,9 +64,10 @@ pub use replication::replicas_of;
 pub use service::{locate_response, ring_response, AdminService, CounterService};
 pub use shard_client::ShardClient;
 
-/// Largest public request: a full `IncrementBatch` (10,000 items with
-/// 256-byte names and 128-byte keys) is about 4 MiB, gRPC's default limit.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest public request or answer message, in bytes
+/// ([`tally_runtime::edge::MAX_PUBLIC_MESSAGE_BYTES`], where it is
+/// explained).
+pub const MAX_MESSAGE_BYTES: usize = tally_runtime::edge::MAX_PUBLIC_MESSAGE_BYTES;
 
 /// Why the coordinator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +267,8 @@ impl Coordinator {
                  and reuse them; set the [tls] keys"
             );
         }
+        // tonic's decoding limit is the backstop of the edge's, which
+        // answers a message over it RESOURCE_EXHAUSTED first.
         let counter = pb::counter_server::CounterServer::new(counter)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -287,7 +290,10 @@ impl Coordinator {
                     ),
                     api,
                 ),
-                tally_runtime::tls::incoming(listener, self.security.public_tls),
+                tally_runtime::edge::limit_connections(tally_runtime::tls::incoming(
+                    listener,
+                    self.security.public_tls,
+                )),
                 shutdown,
             )
             .await?;

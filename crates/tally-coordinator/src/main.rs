@@ -42,9 +42,14 @@ struct Args {
     tokens_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    tally_runtime::process::exit_code("tally-coordinator", run(Args::parse()).await)
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    tally_runtime::process::tune_allocator();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    tally_runtime::process::exit_code("tally-coordinator", runtime.block_on(run(Args::parse())))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -14,8 +14,11 @@
 //! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built
 //!   from the wire types with `TryFrom`, so that a handler past the edge only
 //!   sees valid input; a `ProtocolError` becomes `INVALID_ARGUMENT`.
+//! - [`codec`]: the generated servers' codec, which answers a request that
+//!   does not decode `INVALID_ARGUMENT`.
 #![deny(missing_docs)]
 
+pub mod codec;
 pub mod domain;
 pub mod shard_error;
 

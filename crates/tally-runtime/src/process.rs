@@ -148,8 +148,13 @@ pub fn ignore_file_size_signal() {
 /// resident), and at most two arenas (per-thread arenas each keep their own
 /// free holes). Measured at 1,000,000 counters over 3 shards: 152 bytes of
 /// resident memory per counter with glibc's defaults, 87 with these
-/// (docs/BENCHMARKS.md). Call first in `main`, before any thread starts. A
-/// no-op on other allocators and systems.
+/// (docs/BENCHMARKS.md). A coordinator holds no records, but its large
+/// buffers (a batch's request, a `GetBatch` answer held for a peer that
+/// reads it slowly) go back to the system once freed: after peers that held
+/// 500 MiB of unread answers closed, a coordinator went back to 30 MiB with
+/// these settings, and kept 106 MiB with glibc's (tests/edge.rs). Call
+/// first in `main`, before any thread starts. A no-op on other allocators
+/// and systems.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes malloc's parameters; called before other
@@ -217,6 +222,9 @@ pub struct ServedApi {
     /// is and where its API is described. Printable ASCII without `%`, so
     /// that it goes into the `grpc-message` header as it is.
     pub unimplemented: &'static str,
+    /// The largest request message it takes, in bytes: one over it is
+    /// answered `RESOURCE_EXHAUSTED` at the edge ([`crate::edge`]).
+    pub max_message_bytes: usize,
 }
 
 /// A coordinator's API: the public services.
@@ -227,6 +235,7 @@ pub const COORDINATOR_API: ServedApi = ServedApi {
     ],
     unimplemented: "tally coordinator: no such method; the API is tally.v1.Counter and \
                     tally.v1.Admin (docs/API.md)",
+    max_message_bytes: crate::edge::MAX_PUBLIC_MESSAGE_BYTES,
 };
 
 /// A shard node's API: the internal service coordinators call.
@@ -235,6 +244,7 @@ pub const SHARD_API: ServedApi = ServedApi {
     unimplemented: "tally shard node: no such method; a shard node serves only the internal \
                     tally.v1.Shard (proto/tally/v1/shard.proto); clients call a coordinator, \
                     whose API is tally.v1.Counter and tally.v1.Admin (docs/API.md)",
+    max_message_bytes: crate::edge::MAX_INTERNAL_MESSAGE_BYTES,
 };
 
 /// The `UNIMPLEMENTED` message of a server without a [`ServedApi`].
@@ -312,6 +322,11 @@ impl GrpcServer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
         let message = self.api.map_or(UNIMPLEMENTED, |api| api.unimplemented);
+        let max_message_bytes = self
+            .api
+            .map_or(crate::edge::MAX_PUBLIC_MESSAGE_BYTES, |api| {
+                api.max_message_bytes
+            });
         let (reflection_v1, reflection_v1alpha) = reflection_services(&self.services);
         let routes = self
             .routes
@@ -320,11 +335,8 @@ impl GrpcServer {
             .prepare();
         server_builder()
             .serve_with_incoming_shutdown(
-                ExplainUnimplemented {
-                    inner: routes,
-                    message,
-                },
-                incoming,
+                crate::edge::Edge::new(routes, message, max_message_bytes),
+                crate::edge::limit_connections(incoming),
                 shutdown,
             )
             .await
@@ -332,9 +344,11 @@ impl GrpcServer {
 }
 
 /// The server builder every daemon starts from, so that a server-wide
-/// setting reaches the coordinator's own dispatch as well as the router.
+/// setting reaches the coordinator's own dispatch as well as the router:
+/// the HTTP/2 limits of [`crate::edge`]. Serve on
+/// [`crate::edge::limit_connections`] of the listener.
 pub fn server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+    crate::edge::server_builder()
 }
 
 /// Health checking, and reflection listing `api`'s services, for a server
@@ -352,97 +366,18 @@ pub fn grpc_routes(
     (health_reporter, routes)
 }
 
-/// `service`, with `api`'s message on every `UNIMPLEMENTED` answer that has
-/// none: tonic answers a method no service has, or an unknown method of a
-/// known service, with an empty message, which tells a client nothing.
+/// `service` behind the edge ([`crate::edge::Edge`]) of a server of
+/// `api`: its bad inputs answered with the right codes, its request
+/// messages held to `api`'s limit, and `api`'s message on every
+/// `UNIMPLEMENTED` answer that has none (tonic answers a method no service
+/// has, or an unknown method of a known service, with an empty message,
+/// which tells a client nothing).
 pub fn explain_unimplemented<S>(service: S, api: &'static ServedApi) -> ExplainUnimplemented<S> {
-    ExplainUnimplemented {
-        inner: service,
-        message: api.unimplemented,
-    }
+    crate::edge::Edge::new(service, api.unimplemented, api.max_message_bytes)
 }
 
 /// See [`explain_unimplemented`].
-#[derive(Debug, Clone)]
-pub struct ExplainUnimplemented<S> {
-    inner: S,
-    message: &'static str,
-}
-
-impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for ExplainUnimplemented<S>
-where
-    S: tonic::codegen::Service<
-        tonic::codegen::http::Request<B>,
-        Response = tonic::codegen::http::Response<tonic::body::Body>,
-    >,
-    S::Future: Unpin,
-{
-    type Response = tonic::codegen::http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = Explained<S::Future>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
-        Explained {
-            inner: self.inner.call(request),
-            message: self.message,
-        }
-    }
-}
-
-/// The answer of an [`ExplainUnimplemented`] service.
-#[derive(Debug)]
-pub struct Explained<F> {
-    inner: F,
-    message: &'static str,
-}
-
-impl<F, E> Future for Explained<F>
-where
-    F: Future<Output = Result<tonic::codegen::http::Response<tonic::body::Body>, E>> + Unpin,
-{
-    type Output = F::Output;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let message = self.message;
-        std::pin::Pin::new(&mut self.inner)
-            .poll(cx)
-            .map_ok(|response| explain(response, message))
-    }
-}
-
-/// Gives an `UNIMPLEMENTED` answer without a message `message`. Tonic
-/// answers one with its status in the headers (a trailers-only response),
-/// so only the headers need a look; every other answer is left alone.
-fn explain(
-    mut response: tonic::codegen::http::Response<tonic::body::Body>,
-    message: &'static str,
-) -> tonic::codegen::http::Response<tonic::body::Body> {
-    let headers = response.headers_mut();
-    let unimplemented = headers
-        .get(tonic::Status::GRPC_STATUS)
-        .is_some_and(|code| code.as_bytes() == b"12");
-    if unimplemented
-        && headers
-            .get(tonic::Status::GRPC_MESSAGE)
-            .is_none_or(|text| text.is_empty())
-    {
-        headers.insert(
-            tonic::Status::GRPC_MESSAGE,
-            tonic::codegen::http::HeaderValue::from_static(message),
-        );
-    }
-    response
-}
+pub type ExplainUnimplemented<S> = crate::edge::Edge<S>;
 
 /// gRPC server reflection, both the `v1` and the older `v1alpha` protocol
 /// (grpcurl asks for either). Each describes every Tally proto file, health

@@ -78,11 +78,9 @@ pub use storage::{verify, DirectoryReport, StorageError, FORMAT_VERSION};
 /// Largest internal message a node accepts or sends. A full public batch
 /// (10,000 increments of 256-byte names with 128-byte keys) is about 4 MiB,
 /// and the coordinator may coalesce more than one; but the largest are full
-/// copies (Changes, Replicate, CopyOf, Restore), one message with every
-/// entry and idempotency record of a node: about 40 bytes per entry and 50
-/// per record with short names, so a node at the default 1,000,000 keys
-/// needs about 100 MiB. Paging them is the lasting fix.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// copies ([`tally_runtime::edge::MAX_INTERNAL_MESSAGE_BYTES`], where the
+/// limit is explained).
+pub const MAX_MESSAGE_BYTES: usize = tally_runtime::edge::MAX_INTERNAL_MESSAGE_BYTES;
 
 /// Why a shard node stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +298,9 @@ impl ShardNode {
             );
         }
         let served = server
+            // tonic's decoding limit is the backstop of the edge's
+            // (`SHARD_API`'s), which answers a message over it
+            // RESOURCE_EXHAUSTED first.
             .add_service(
                 pb::shard_server::ShardServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

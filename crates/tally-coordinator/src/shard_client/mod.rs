@@ -44,7 +44,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_QUEUED_INCREMENTS: usize = 262_144;
 
 /// Largest internal message, matching the shard's limit.
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+const MAX_MESSAGE_BYTES: usize = tally_runtime::edge::MAX_INTERNAL_MESSAGE_BYTES;
 
 /// The caller's span, kept with its job while traces are exported (none
 /// otherwise).

@@ -26,14 +26,16 @@ pub(super) async fn call<T>(
     }
 }
 
-/// Whether `status` is tonic's own end of the call's `grpc-timeout`: the
-/// channel's timeout layer (which reads the header `timed` sets, and may
-/// fire a moment before our own timer) or the server's. Either is a timeout,
-/// not an error the node answered: a busy node must not be taken for a
-/// failed one (`health`).
+/// Whether `status` is the end of the call's `grpc-timeout`: tonic's own,
+/// from the channel's timeout layer (which reads the header `timed` sets,
+/// and may fire a moment before our own timer), or the node's edge, which
+/// answers `DEADLINE_EXCEEDED` when the timeout passes. Either is a
+/// timeout, not an error the node answered: a busy node must not be taken
+/// for a failed one (`health`).
 fn is_timeout(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Cancelled
-        && status.message() == tonic::TimeoutExpired(()).to_string()
+    status.code() == tonic::Code::DeadlineExceeded
+        || (status.code() == tonic::Code::Cancelled
+            && status.message() == tonic::TimeoutExpired(()).to_string())
 }
 
 fn describe_status(status: &tonic::Status) -> ShardCallError {
@@ -119,7 +121,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn tonics_own_timeout_is_a_timeout_not_an_error() {
+    async fn a_timeout_tonics_or_the_nodes_is_a_timeout_not_an_error() {
         let budget = Duration::from_millis(700);
         let expired = call::<()>(budget, async {
             Err(tonic::Status::from_error(Box::new(tonic::TimeoutExpired(
@@ -128,6 +130,14 @@ mod tests {
         })
         .await;
         assert_eq!(expired, Err(ShardCallError::TimedOut(budget)));
+        // The node's edge, when the call's grpc-timeout passes there first.
+        let passed = call::<()>(budget, async {
+            Err(tonic::Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed before it was answered",
+            ))
+        })
+        .await;
+        assert_eq!(passed, Err(ShardCallError::TimedOut(budget)));
         let refused = call::<()>(budget, async {
             Err(tonic::Status::unavailable("tcp connect error"))
         })

@@ -95,7 +95,7 @@ fn node_id_rule(id: &str) -> bool {
 
 proptest! {
     // Checks of short strings: microseconds a case.
-    #![proptest_config(config(2048))]
+    #![proptest_config(config(1024))]
 
     /// A counter name is accepted exactly when it is 1 to 256 bytes, kept
     /// as given; `validate` and `TryFrom` agree.

@@ -134,12 +134,24 @@ fn check_error(
                 "line {line}"
             );
             if is_toml(text) {
-                // Valid TOML refused by the schema: a key is at fault.
-                let names_key = message.starts_with("unknown key `")
-                    || message
-                        .split_once(": ")
-                        .is_some_and(|(key, _)| keys.contains(documented_name(key)));
-                prop_assert!(names_key, "names no key: {message}");
+                // Valid TOML refused by the schema: a key is at fault, and
+                // the error names it, at a line that holds it.
+                let unknown = message
+                    .strip_prefix("unknown key `")
+                    .and_then(|rest| rest.split_once('`'))
+                    .map(|(key, _)| key);
+                let documented = message
+                    .split_once(": ")
+                    .map(|(key, _)| documented_name(key))
+                    .filter(|key| keys.contains(*key));
+                let Some(key) = unknown.or(documented) else {
+                    return Err(TestCaseError::fail(format!("names no key: {message}")));
+                };
+                let at = text.lines().nth(line - 1).unwrap_or_default();
+                prop_assert!(
+                    at.contains(key),
+                    "{key} is not on line {line}, {at:?}: {message}"
+                );
             }
         }
         ConfigError::Invalid {

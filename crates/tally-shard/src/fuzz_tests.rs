@@ -814,7 +814,16 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         write_segments(dir.path(), &specs);
-        match scan(dir.path(), position, witnessed) {
+        let bytes: u64 = log::list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(_, path)| std::fs::metadata(path).unwrap().len())
+            .sum();
+        // A frame's length field says up to 4 GiB: the scan must not
+        // believe it before it has the bytes.
+        let (scanned, largest) = largest_allocation(|| scan(dir.path(), position, witnessed));
+        prop_assert!(largest <= allocation_bound(bytes as usize), "asked for {largest} bytes");
+        match scanned {
             Ok((replayed, end)) => {
                 prop_assert!(end.last_seq >= witnessed);
                 if position != log::UNKNOWN_POSITION {
@@ -1022,9 +1031,10 @@ fn logged_frames() -> impl Strategy<Value = Vec<(FrameKind, Vec<u8>)>> {
 }
 
 proptest! {
-    // Each case writes a log with the log's writer (an fsync a commit: a
-    // few milliseconds), then scans eight damaged copies of it.
-    #![proptest_config(config(24))]
+    // Each case writes a log with the log's writer (files created and
+    // fsynced, a few milliseconds), then scans twelve damaged copies of it:
+    // few cases, many damages each.
+    #![proptest_config(config(16))]
 
     /// What the writer writes, across segments, a scan reads back, from
     /// any checkpoint position. Then, on copies: one flip, cut or append
@@ -1035,10 +1045,10 @@ proptest! {
     #[test]
     fn one_damage_is_cut_or_refused_as_documented(
         frames in logged_frames(),
-        group in 1..4usize,
+        group in 1..6usize,
         segment_bytes in 40..200u64,
         position_percent in 0..=100usize,
-        damages in vec(damage(), 8),
+        damages in vec(damage(), 12),
     ) {
         let root = tempfile::tempdir().unwrap();
         let written = root.path().join("written");
@@ -1099,9 +1109,9 @@ proptest! {
     #[test]
     fn damaged_logs_yield_a_prefix_or_are_refused(
         frames in logged_frames(),
-        group in 1..4usize,
+        group in 1..6usize,
         segment_bytes in 40..200u64,
-        damages in vec(vec(damage(), 1..5), 8),
+        damages in vec(vec(damage(), 1..5), 12),
         position_percent in 0..=100usize,
     ) {
         let root = tempfile::tempdir().unwrap();
@@ -1471,26 +1481,29 @@ fn witness_parts(text: &str) -> Option<(u64, u64, u64)> {
     ))
 }
 
-fn witness_text() -> impl Strategy<Value = String> {
+/// A witness file's bytes: a good witness (of a frame the log may or may
+/// not hold), one damaged, or any bytes, UTF-8 or not.
+fn witness_bytes() -> impl Strategy<Value = Vec<u8>> {
     let good = (0..6u64, prop_oneof![Just(0u64), any::<u64>()], any::<u64>()).prop_map(
         |(logged, hash, position)| {
             format!("logged {logged:020} checkpoint {hash:016x} position {position:020}\n")
+                .into_bytes()
         },
     );
     prop_oneof![
         2 => good.clone(),
-        3 => (good, vec(edit(), 1..3)).prop_map(|(text, edits)| {
-            let mut bytes = text.into_bytes();
+        3 => (good, vec(edit(), 1..3)).prop_map(|(mut bytes, edits)| {
             apply_edits(&mut bytes, &edits);
-            String::from_utf8_lossy(&bytes).into_owned()
+            bytes
         }),
-        1 => "\\PC{0,80}",
+        1 => "\\PC{0,80}".prop_map(String::into_bytes),
+        1 => bytes(80),
     ]
 }
 
-/// A witness file of any text, in a real data directory (set up once: a
+/// A witness file of any bytes, in a real data directory (set up once: a
 /// node's first start), is read or refused naming the directory: a start
-/// goes on exactly when the text is a witness of a frame the log holds.
+/// goes on exactly when they are a witness of a frame the log holds.
 #[test]
 fn any_witness_is_read_or_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -1501,14 +1514,17 @@ fn any_witness_is_read_or_refused() {
     // Reading a file a case: well under a millisecond.
     let mut runner = TestRunner::new(config(256));
     runner
-        .run(&witness_text(), |text| {
-            std::fs::write(dir.join("LOGGED"), &text).unwrap();
+        .run(&witness_bytes(), |bytes| {
+            std::fs::write(dir.join("LOGGED"), &bytes).unwrap();
             let result = storage::verify(&dir);
-            let expected = witness_parts(&text).filter(|(logged, ..)| *logged <= last_seq);
+            let expected = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(witness_parts)
+                .filter(|(logged, ..)| *logged <= last_seq);
             match (&result, expected) {
                 (Ok(report), Some((logged, ..))) => prop_assert_eq!(report.witnessed, logged),
                 (Err(error), None) => error_names(error, &dir)?,
-                _ => prop_assert!(false, "{text:?}: {result:?}"),
+                _ => prop_assert!(false, "{bytes:?}: {result:?}"),
             }
             Ok(())
         })
@@ -1699,23 +1715,29 @@ proptest! {
 
     /// A well-formed format 2 directory reads with every entry and record,
     /// and migrates to a directory the current format reads holding the
-    /// same; one with a damaged key or value (or fewer flushes than its
-    /// witness names) is refused naming the directory, or, if it reads,
-    /// migrates as well: never a panic, and never a migration to a
-    /// directory no start can read.
+    /// same; one with a damaged key, value or `FLUSHED` witness (or fewer
+    /// flushes than its witness names) is refused naming the directory,
+    /// or, if it reads, migrates as well: never a panic, and never a
+    /// migration to a directory no start can read.
     #[test]
     fn old_directories_migrate_or_are_refused(
         pairs in vec(old_pair(), 0..24),
         damaged in proptest::option::weighted(0.7, damaged_old_pair()),
         sequence in 0..4u64,
         flushed in 0..4u64,
+        witness_edits in proptest::option::weighted(0.15, vec(edit(), 1..3)),
     ) {
         let mut tree: BTreeMap<Vec<u8>, Vec<u8>> = pairs.iter().map(OldPair::encode).collect();
-        let well_formed = damaged.is_none();
+        let well_formed = damaged.is_none() && witness_edits.is_none();
         tree.extend(damaged);
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("data");
         write_old_directory(&dir, &tree, sequence, flushed);
+        if let Some(edits) = witness_edits {
+            let mut witness = std::fs::read(dir.join("FLUSHED")).unwrap();
+            apply_edits(&mut witness, &edits);
+            std::fs::write(dir.join("FLUSHED"), witness).unwrap();
+        }
         let old = storage::verify(&dir);
         if well_formed {
             // What each key holds, by the keys that remain (a later pair of

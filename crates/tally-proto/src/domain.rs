@@ -332,3 +332,7 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 }
+
+#[cfg(test)]
+#[path = "domain_fuzz_tests.rs"]
+mod fuzz_tests;

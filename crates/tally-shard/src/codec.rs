@@ -144,3 +144,7 @@ mod tests {
         assert_eq!(buffer.len(), 2);
     }
 }
+
+#[cfg(test)]
+#[path = "fuzz_tests.rs"]
+mod fuzz_tests;

@@ -240,6 +240,13 @@ pub fn scan(
                 "log segment {name} says it starts at frame {first_seq}"
             )));
         }
+        if first_seq == 0 {
+            // Frames count from 1: a header of frame 0 was never written by
+            // the log, and would make the frame before it `u64::MAX`.
+            return Err(damaged(format!(
+                "log segment {name} says it starts at frame 0"
+            )));
+        }
         if index == 0 {
             if position != UNKNOWN_POSITION && first_seq > position + 1 {
                 return Err(damaged(format!(
@@ -275,7 +282,9 @@ pub fn scan(
                     return None;
                 }
                 let seq = u64::from_le_bytes(payload[..8].try_into().ok()?);
-                if seq != end.last_seq + 1 {
+                // No frame is numbered `u64::MAX`: so `last_seq + 1` never
+                // overflows, here or in the writer that continues the log.
+                if seq != end.last_seq + 1 || seq == u64::MAX {
                     return None;
                 }
                 let kind = FrameKind::from_byte(payload[8])?;

@@ -888,7 +888,11 @@ fn inspect(dir: &Path, node_id: &str) -> Result<Option<Marker>, StorageError> {
 fn parse_marker(dir: &Path, text: &str) -> Result<Marker, StorageError> {
     let marker: Marker = toml::from_str(text).map_err(|error| StorageError::Damaged {
         dir: dir.to_path_buf(),
-        message: format!("unreadable {MARKER_FILE} file: {}", error.message()),
+        // toml's messages may span lines; a refusal is one line.
+        message: format!(
+            "unreadable {MARKER_FILE} file: {}",
+            error.message().trim().replace('\n', " ")
+        ),
     })?;
     let readable = marker.format_version == FORMAT_VERSION
         || (marker.format_version == crate::legacy::FORMAT_VERSION

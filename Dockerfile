@@ -28,15 +28,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # No apt packages: the binaries link only glibc and libgcc_s, both in the slim
-# base (no OpenSSL; the services speak plaintext gRPC on the compose network).
+# base (no OpenSSL: TLS is rustls, built in).
 #
 # /data is owned by `tally` in the image so that a new, empty named volume
 # mounted there inherits that ownership and the non-root user can write to it.
 RUN groupadd --system tally \
     && useradd --system --gid tally --home-dir /data --no-create-home \
        --shell /usr/sbin/nologin tally \
-    && mkdir -p /data /secrets \
-    && chown tally:tally /data /secrets
+    && mkdir -p /data /secrets /ca \
+    && chown tally:tally /data /secrets /ca
 COPY --from=builder /out/ /usr/local/bin/
 USER tally
 WORKDIR /data

@@ -196,7 +196,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .max_encoding_message_size(tally_coordinator::MAX_MESSAGE_BYTES),
             tally_coordinator::stamp_arrival,
         ))
-        .serve_with_incoming_shutdown(tally_runtime::tls::incoming(listener, None), shutdown)
+        .serve_with_incoming_shutdown(
+            tally_runtime::tls::incoming(
+                listener,
+                None,
+                tally_runtime::edge::MAX_CONNECTIONS_PER_SERVER,
+            ),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -405,6 +405,47 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
         assert!(delete.is_err(), "a plaintext Delete was answered");
     }
 
+    // The path decides the role: spellings of Delete and Drain that a
+    // lax router might take for them, with a read token, are refused.
+    let delete = pb::DeleteRequest {
+        counter: "likes".into(),
+    };
+    for path in [
+        "/tally.v1.Counter/Delete/",
+        "//tally.v1.Counter/Delete",
+        "/tally.v1.Counter//Delete",
+        "/./tally.v1.Counter/Delete",
+        "/tally.v1.counter/Delete",
+        "/tally.v1.Counter/%44elete",
+        "/tally.v1.Counter/Get/../Delete",
+        "/grpc.health.v1.Health/../tally.v1.Counter/Delete",
+        "/grpc.health.v1.Health/../tally.v1.Admin/Drain",
+        "/grpc.reflection.v1.ServerReflection/../../tally.v1.Admin/Drain",
+    ] {
+        let channel = cluster
+            .access(Some(&cluster.reader))
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let answer: Result<tonic::Response<pb::DeleteResponse>, tonic::Status> = grpc
+            .unary(
+                tonic::Request::new(delete.clone()),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        let code = answer.map(drop).map_err(|status| status.code());
+        assert!(
+            matches!(
+                code,
+                Err(tonic::Code::PermissionDenied | tonic::Code::Unimplemented)
+            ),
+            "{path} with a read token: {code:?}"
+        );
+    }
+
     // The shards' port: every attacker is refused at the handshake.
     let foreign = cluster.dir.path().join("foreign");
     let foreign_dir = foreign.to_str().unwrap();
@@ -718,10 +759,26 @@ fn a_bad_tls_or_tokens_file_stops_the_start_with_one_line() {
         ],
     );
     assert!(error.contains("command line: tls: "), "{error}");
-    // Only some of the three keys.
+    // One flag overrides its key only: here a certificate that is not the
+    // file's key's.
     let error = start(
         "tally-shard",
         "shard-1.toml",
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            &format!("{certs}/shard-2.crt"),
+        ],
+    );
+    assert!(error.contains("command line: tls: "), "{error}");
+    // Only some of the three keys.
+    let plain = std::fs::read_to_string(dir.path().join("shard-1.toml")).unwrap();
+    let plain = plain.split("\n[tls]\n").next().unwrap().to_string();
+    std::fs::write(dir.path().join("plain-shard-1.toml"), plain).unwrap();
+    let error = start(
+        "tally-shard",
+        "plain-shard-1.toml",
         &[
             "--data-dir",
             data.to_str().unwrap(),
@@ -832,4 +889,51 @@ fn tallyctl_dev_secure_prints_how_to_call_it_and_that_works() {
         .unwrap()
         .expect("tallyctl dev exits after SIGINT");
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_connect_and_say_nothing_lose_their_connections() {
+    let cluster = SecureCluster::start();
+    let address = cluster.coordinator.address;
+    let config = std::sync::Arc::new(client_config_trusting(&cluster.ca()).unwrap());
+    // Every connection slot of the public port, held by peers that finish
+    // the TLS handshake (no token is needed for that) and then say
+    // nothing, and as many again that do not even start a handshake.
+    let mut silent = Vec::new();
+    for _ in 0..tally::runtime::edge::MAX_CONNECTIONS_PER_SERVER {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let connected = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await;
+        silent.push(connected.expect("a handshake within the cap"));
+    }
+    let mut silent_tcp = Vec::new();
+    for _ in 0..tally::runtime::edge::MAX_CONNECTIONS_PER_SERVER {
+        silent_tcp.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    // A real client is served once the server has closed the silent ones
+    // (FIRST_BYTES_TIMEOUT, then HANDSHAKE_TIMEOUT for the rest), not after
+    // their connections' whole life.
+    let started = std::time::Instant::now();
+    let mut access = cluster.access(Some(&cluster.reader));
+    access.timeout = Duration::from_secs(60);
+    let answer = CounterClient::new(access.connect().await.unwrap())
+        .get(pb::GetRequest {
+            counter: "likes".into(),
+            allow_partial: false,
+        })
+        .await;
+    assert!(answer.is_ok(), "{answer:?}");
+    let waited = started.elapsed();
+    let bound = tally::runtime::tls::FIRST_BYTES_TIMEOUT
+        + tally::runtime::tls::HANDSHAKE_TIMEOUT
+        + Duration::from_secs(15);
+    assert!(waited < bound, "served after {waited:?}");
+    // The silent TLS peers were closed by the server (after its own
+    // HTTP/2 settings, which it sends at once).
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(TIMEOUT, silent[0].read_to_end(&mut received)).await;
+    assert!(closed.is_ok(), "a silent connection is still open");
 }

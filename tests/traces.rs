@@ -100,7 +100,11 @@ async fn each_public_call_is_one_trace_down_to_the_shard() {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tally_runtime::tls::incoming(listener, None)),
+            .serve_with_incoming(tally_runtime::tls::incoming(
+                listener,
+                None,
+                tally_runtime::edge::MAX_CONNECTIONS_PER_SERVER,
+            )),
     );
 
     let dir = tempfile::tempdir().unwrap();

@@ -52,28 +52,28 @@ fn validity(params: &mut CertificateParams, days: u32) {
 }
 
 /// Writes `contents` to `path`, readable by the owner only if `secret`;
-/// refuses to replace a file unless `overwrite`.
+/// refuses to replace a file unless `overwrite`. The file is written
+/// whole under a temporary name with its mode, synced, then renamed over
+/// `path`: a replaced key is never readable with the old file's mode, nor
+/// half written.
 fn write_file(path: &Path, contents: &str, secret: bool, overwrite: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true);
-    if overwrite {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
+    if !overwrite && path.exists() {
+        anyhow::bail!("{} exists; pass --overwrite to replace it", path.display());
     }
-    if secret {
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|error| {
-        if error.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::anyhow!("{} exists; pass --overwrite to replace it", path.display())
-        } else {
-            anyhow::Error::new(error).context(format!("cannot write {}", path.display()))
-        }
-    })?;
-    file.write_all(contents.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    let temporary = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temporary);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&temporary)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_pair(
@@ -276,13 +276,16 @@ mod tests {
         }
         .client_config()
         .unwrap();
-        // Keys are the owner's only; nothing is replaced unasked.
+        // Keys are the owner's only; nothing is replaced unasked; a
+        // replaced key is the owner's only, whatever the old file's mode.
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&node.key).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&node.key), 0o600);
         let again = create_node(dir.path(), "shard-1", &[], 30, false).unwrap_err();
         assert!(again.to_string().contains("--overwrite"), "{again}");
+        std::fs::set_permissions(&node.key, std::fs::Permissions::from_mode(0o644)).unwrap();
         create_node(dir.path(), "shard-1", &[], 30, true).unwrap();
+        assert_eq!(mode(&node.key), 0o600);
     }
 
     #[test]

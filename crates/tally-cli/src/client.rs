@@ -36,6 +36,18 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// Whether `authority` (`host:port`) names this machine.
+fn is_loopback(authority: &str) -> bool {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Where a coordinator is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -77,8 +89,17 @@ impl Access {
         rest.split('/').next().unwrap_or(rest)
     }
 
-    /// The interceptor that sends the token.
+    /// The interceptor that sends the token. A token goes in plaintext
+    /// only to a loopback address: elsewhere anyone on the path could read
+    /// and reuse it.
     pub fn bearer(&self) -> anyhow::Result<Bearer> {
+        if self.token.is_some() && !self.tls() && !is_loopback(self.authority()) {
+            anyhow::bail!(
+                "refusing to send the token to {} over plaintext; use an https:// endpoint \
+                 with --ca-cert",
+                self.endpoint
+            );
+        }
         self.token
             .as_deref()
             .map(|token| {
@@ -148,5 +169,30 @@ impl Access {
             .await?
             .pop()
             .expect("connect_many(1) returns one client"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_goes_in_plaintext_only_to_loopback() {
+        let access = |endpoint: &str| Access {
+            token: Some("tally_00".into()),
+            ..Access::plain(endpoint, Duration::from_secs(1))
+        };
+        for local in [
+            "http://127.0.0.1:7700",
+            "http://[::1]:7700",
+            "http://localhost:7700",
+        ] {
+            assert!(access(local).bearer().is_ok(), "{local}");
+        }
+        let remote = access("http://10.0.0.5:7700").bearer().unwrap_err();
+        assert!(remote.to_string().contains("plaintext"), "{remote}");
+        let mut tls = access("https://10.0.0.5:7700");
+        tls.ca_cert = Some("ca.crt".into());
+        assert!(tls.bearer().is_ok());
     }
 }

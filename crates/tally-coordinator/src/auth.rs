@@ -83,7 +83,10 @@ fn check<B>(tokens: &Tokens, request: &http::Request<B>) -> Result<(), tonic::St
     if holder.role.allows(needed) {
         Ok(())
     } else {
-        let method = path.rsplit('/').next().unwrap_or(path);
+        let method = path
+            .rsplit('/')
+            .find(|part| !part.is_empty())
+            .unwrap_or(path);
         Err(tonic::Status::permission_denied(format!(
             "token {:?} has role {}; {method} needs {needed}",
             holder.name, holder.role

@@ -81,6 +81,15 @@ pub enum StartError {
     /// The TLS files cannot be used.
     #[error("tls: {0}")]
     Tls(#[from] tally_runtime::tls::TlsError),
+    /// A node's address cannot be dialled over TLS (its host is not a name
+    /// or an IP address a certificate can be checked for).
+    #[error("node {node}: {message}")]
+    NodeAddress {
+        /// The node's id.
+        node: String,
+        /// What is wrong with its address.
+        message: String,
+    },
     /// The tokens file cannot be used.
     #[error(transparent)]
     Tokens(#[from] tally_runtime::config_file::ConfigError),
@@ -139,18 +148,16 @@ impl Security {
             None => None,
         };
         let mut reloaded = Vec::new();
-        if let Some(tls) = &self.public_tls {
-            // Checks every file before anything is swapped.
-            tls.files()
-                .client_config()
-                .map_err(|error| error.to_string())?;
-            tls.reload().map_err(|error| error.to_string())?;
-            for tls in self.metrics_tls.iter() {
-                tls.reload().map_err(|error| error.to_string())?;
-            }
-            cluster
-                .current()
-                .reload_client_tls()
+        if let Some(public) = &self.public_tls {
+            let cluster = cluster.current();
+            let servers: Vec<&tally_runtime::tls::ServerTls> = std::iter::once(public)
+                .chain(&self.metrics_tls)
+                .map(|tls| &**tls)
+                .collect();
+            let clients: Vec<&tally_runtime::tls::ClientTls> =
+                cluster.client_tls().into_iter().map(|tls| &**tls).collect();
+            // Swaps nothing unless every configuration builds.
+            tally_runtime::tls::reload_together(public.files(), &servers, &clients)
                 .map_err(|error| error.to_string())?;
             reloaded.push("tls certificates".to_string());
         }
@@ -290,10 +297,11 @@ impl Coordinator {
                     ),
                     api,
                 ),
-                tally_runtime::edge::limit_connections(tally_runtime::tls::incoming(
+                tally_runtime::tls::incoming(
                     listener,
                     self.security.public_tls,
-                )),
+                    tally_runtime::edge::MAX_CONNECTIONS_PER_SERVER,
+                ),
                 shutdown,
             )
             .await?;

@@ -279,11 +279,11 @@ impl Observability {
     }
 }
 
-/// The `[tls]` keys of a daemon's file, or its `--tls-*` flags: three PEM
-/// files (see [`crate::tls`]). In a file, relative paths are relative to
-/// the file's directory, so a config directory with its `certs/` works from
-/// wherever the daemon starts; on the command line, to the working
-/// directory.
+/// The `[tls]` keys of a daemon's file, or its `--tls-*` flags (each flag
+/// overrides its key): three PEM files (see [`crate::tls`]), all or none.
+/// In a file, relative paths are relative to the file's directory, so a
+/// config directory with its `certs/` works from wherever the daemon
+/// starts; on the command line, to the working directory.
 #[derive(Debug, Clone, Default, serde::Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TlsKeys {
@@ -300,7 +300,7 @@ pub struct TlsKeys {
 }
 
 impl TlsKeys {
-    /// The TLS files of `flags`, else of the file's `[tls]` table (read
+    /// The TLS files of `flags`, each over the file's `[tls]` key (read
     /// from `file_path`), checked: all three keys or none, each file
     /// readable and holding what it should. `check` builds the daemon's
     /// configurations from them, so that a bad file stops the start with
@@ -311,49 +311,65 @@ impl TlsKeys {
         file_path: Option<&Path>,
         check: impl Fn(&crate::tls::TlsFiles) -> Result<(), crate::tls::TlsError>,
     ) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
-        let from_flags = flags.cert.is_some() || flags.key.is_some() || flags.ca.is_some();
-        let (keys, origin, base) = match (from_flags, file, file_path) {
-            (true, _, _) => (flags, COMMAND_LINE.to_string(), None),
-            (false, Some(keys), Some(path)) => (
-                keys,
-                path.display().to_string(),
-                path.parent().map(Path::to_path_buf),
-            ),
-            (false, _, _) => return Ok(None),
+        let file = file.unwrap_or_default();
+        let file_origin = file_path.map_or_else(String::new, |path| path.display().to_string());
+        let base = file_path.and_then(Path::parent);
+        // Each key: the flag (relative to the working directory), else the
+        // file's (relative to the file's directory), with where it came from.
+        let pick = |flag: Option<PathBuf>, in_file: Option<PathBuf>| match (flag, in_file) {
+            (Some(flag), _) => Some((flag, COMMAND_LINE)),
+            (None, Some(value)) => Some((
+                match base {
+                    Some(base) if value.is_relative() => base.join(value),
+                    _ => value,
+                },
+                file_origin.as_str(),
+            )),
+            (None, None) => None,
         };
-        let resolve = |name: &str, value: Option<PathBuf>| {
-            let value = value.ok_or_else(|| {
-                ConfigError::invalid(
-                    &origin,
-                    format!("tls.{name}"),
-                    "is required with the other tls keys (cert, key and ca)",
-                )
-            })?;
-            Ok::<_, ConfigError>(match &base {
-                Some(base) if value.is_relative() => base.join(value),
-                _ => value,
-            })
+        let keys = [
+            ("cert", pick(flags.cert, file.cert)),
+            ("key", pick(flags.key, file.key)),
+            ("ca", pick(flags.ca, file.ca)),
+        ];
+        let given: Vec<_> = keys.iter().filter(|(_, value)| value.is_some()).collect();
+        if given.is_empty() {
+            return Ok(None);
+        }
+        if let Some((missing, _)) = keys.iter().find(|(_, value)| value.is_none()) {
+            let (_, origin) = given[0].1.as_ref().expect("given keys have a value");
+            return Err(ConfigError::invalid(
+                *origin,
+                format!("tls.{missing}"),
+                "is required with the other tls keys (cert, key and ca)",
+            ));
+        }
+        let [(_, Some((cert, cert_origin))), (_, Some((key, key_origin))), (_, Some((ca, ca_origin)))] =
+            keys
+        else {
+            unreachable!("every key has a value")
         };
-        let files = crate::tls::TlsFiles {
-            cert: resolve("cert", keys.cert)?,
-            key: resolve("key", keys.key)?,
-            ca: resolve("ca", keys.ca)?,
-        };
+        let files = crate::tls::TlsFiles { cert, key, ca };
         check(&files).map_err(|error| {
-            let key = match &error {
+            let (key, origin) = match &error {
                 crate::tls::TlsError::Read { path, .. }
-                | crate::tls::TlsError::Pem { path, .. } => {
-                    if *path == files.key {
-                        "tls.key"
-                    } else if *path == files.ca {
-                        "tls.ca"
-                    } else {
-                        "tls.cert"
-                    }
+                | crate::tls::TlsError::Pem { path, .. }
+                    if *path == files.key =>
+                {
+                    ("tls.key", key_origin)
                 }
-                crate::tls::TlsError::Config { .. } => "tls",
+                crate::tls::TlsError::Read { path, .. }
+                | crate::tls::TlsError::Pem { path, .. }
+                    if *path == files.ca =>
+                {
+                    ("tls.ca", ca_origin)
+                }
+                crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Pem { .. } => {
+                    ("tls.cert", cert_origin)
+                }
+                crate::tls::TlsError::Config { .. } => ("tls", cert_origin),
             };
-            ConfigError::invalid(&origin, key, error.to_string())
+            ConfigError::invalid(origin, key, error.to_string())
         })?;
         Ok(Some(files))
     }

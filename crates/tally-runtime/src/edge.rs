@@ -6,8 +6,9 @@
 //! # Bounds
 //!
 //! [`server_builder`] sets the HTTP/2 limits of every server, and
-//! [`limit_connections`] caps the connections a server holds; the
-//! constants below are the defaults, each with why it is what it is.
+//! `crate::tls::incoming` caps the connections a server holds (a TLS
+//! handshake in progress included) and closes one whose peer sends nothing;
+//! the constants below are the defaults, each with why it is what it is.
 //!
 //! What a peer can make a server hold: each stream (call) holds at most
 //! one request message while it is read and one answer while it is
@@ -52,13 +53,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::codegen::tokio_stream::Stream;
 use tonic::codegen::Bytes;
 use tonic::Status;
 
@@ -498,145 +497,13 @@ impl Framing {
     }
 }
 
-/// `incoming`, holding at most [`MAX_CONNECTIONS_PER_SERVER`] of its
-/// connections open at once: see [`limit_connections_to`].
-pub fn limit_connections<I>(incoming: I) -> LimitedIncoming<I> {
-    limit_connections_to(incoming, MAX_CONNECTIONS_PER_SERVER)
-}
-
-/// `incoming`, holding at most `max` of its connections open at once: the
-/// next connection is taken from `incoming` (accepted) only once fewer are
-/// open, so the ones beyond wait in the listen queue. Each connection
-/// counts until it is dropped (closed).
-pub fn limit_connections_to<I>(incoming: I, max: usize) -> LimitedIncoming<I> {
-    LimitedIncoming {
-        incoming,
-        slots: Arc::new(tokio::sync::Semaphore::new(max)),
-        waiting: None,
-        slot: None,
-    }
-}
-
-type SlotWait = Pin<
-    Box<
-        dyn Future<Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>>
-            + Send,
-    >,
->;
-
-pin_project_lite::pin_project! {
-    /// See [`limit_connections_to`].
-    pub struct LimitedIncoming<I> {
-        #[pin]
-        incoming: I,
-        slots: Arc<tokio::sync::Semaphore>,
-        // Waiting for a free slot.
-        waiting: Option<SlotWait>,
-        // A slot for the next connection.
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    }
-}
-
-impl<I> std::fmt::Debug for LimitedIncoming<I> {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("LimitedIncoming")
-            .field("free_slots", &self.slots.available_permits())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<I, IO, E> Stream for LimitedIncoming<I>
-where
-    I: Stream<Item = Result<IO, E>>,
-{
-    type Item = Result<Counted<IO>, E>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.project();
-        if this.slot.is_none() {
-            let slots = this.slots;
-            let waiting = this
-                .waiting
-                .get_or_insert_with(|| Box::pin(slots.clone().acquire_owned()));
-            let slot = ready!(waiting.as_mut().poll(cx))
-                .expect("the semaphore of a server's connections is never closed");
-            *this.waiting = None;
-            *this.slot = Some(slot);
-        }
-        match ready!(this.incoming.poll_next(cx)) {
-            Some(Ok(connection)) => Poll::Ready(Some(Ok(Counted {
-                connection,
-                _slot: this.slot.take().expect("a slot is held before accepting"),
-            }))),
-            // The slot stays for the next connection.
-            Some(Err(error)) => Poll::Ready(Some(Err(error))),
-            None => Poll::Ready(None),
-        }
-    }
-}
-
-/// A connection that counts against its server's cap until dropped.
-#[derive(Debug)]
-pub struct Counted<IO> {
-    connection: IO,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.connection.connect_info()
-    }
-}
-
-impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.connection).poll_read(cx, buf)
-    }
-}
-
-impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.connection).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.connection).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.connection).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.connection).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.connection.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::VecDeque;
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use tonic::codegen::Service;
     use tonic::Code;
 
@@ -896,24 +763,5 @@ mod tests {
         // The largest length a prefix can hold.
         let (_, error) = read_checked(vec![vec![0, 0xff, 0xff, 0xff, 0xff]], 10).await;
         assert_eq!(error.unwrap().code(), Code::ResourceExhausted);
-    }
-
-    #[tokio::test]
-    async fn connections_beyond_the_cap_wait_until_one_closes() {
-        use tonic::codegen::tokio_stream::StreamExt;
-        let incoming = tonic::codegen::tokio_stream::iter([1, 2, 3].map(Ok::<u32, Infallible>));
-        let mut limited = std::pin::pin!(limit_connections_to(incoming, 2));
-        let first = limited.next().await.unwrap().unwrap();
-        let second = limited.next().await.unwrap().unwrap();
-        assert_eq!((first.connection, second.connection), (1, 2));
-        // A third waits, without being accepted, until one of the two is
-        // dropped.
-        let waiting = tokio::time::timeout(Duration::from_millis(50), limited.next()).await;
-        assert!(waiting.is_err(), "accepted beyond the cap");
-        drop(first);
-        let third = limited.next().await.unwrap().unwrap();
-        assert_eq!(third.connection, 3);
-        drop((second, third));
-        assert!(limited.next().await.is_none());
     }
 }

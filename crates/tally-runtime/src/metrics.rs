@@ -223,13 +223,19 @@ pub async fn serve(
                 }
             }),
         );
-        axum::serve(Listener(crate::tls::incoming(listener, tls)), app)
+        let incoming = crate::tls::incoming(listener, tls, MAX_METRICS_CONNECTIONS);
+        axum::serve(Listener(incoming), app)
             .with_graceful_shutdown(shutdown)
             .await
     } else {
         Ok(())
     }
 }
+
+/// Connections the metrics port holds at once: a few Prometheus servers and
+/// `tallyctl top`s scrape it, and a flood of connections must not take
+/// the file descriptors the daemon's real work needs.
+const MAX_METRICS_CONNECTIONS: usize = 16;
 
 /// The metrics server's connections, plaintext or TLS, as axum takes them.
 struct Listener(crate::tls::Incoming);
@@ -248,11 +254,8 @@ impl axum::serve::Listener for Listener {
                     let peer = peer.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
                     return (connection, peer);
                 }
-                Some(Err(error)) => {
-                    // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!("metrics: cannot accept: {error}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                // `Incoming` pauses after accept errors itself.
+                Some(Err(error)) => tracing::debug!("metrics: cannot accept: {error}"),
                 None => std::future::pending().await,
             }
         }

@@ -336,7 +336,7 @@ impl GrpcServer {
         server_builder()
             .serve_with_incoming_shutdown(
                 crate::edge::Edge::new(routes, message, max_message_bytes),
-                crate::edge::limit_connections(incoming),
+                incoming,
                 shutdown,
             )
             .await
@@ -345,8 +345,8 @@ impl GrpcServer {
 
 /// The server builder every daemon starts from, so that a server-wide
 /// setting reaches the coordinator's own dispatch as well as the router:
-/// the HTTP/2 limits of [`crate::edge`]. Serve on
-/// [`crate::edge::limit_connections`] of the listener.
+/// the HTTP/2 limits of [`crate::edge`]. Serve on [`crate::tls::incoming`]
+/// of the listener, with [`crate::edge::MAX_CONNECTIONS_PER_SERVER`].
 pub fn server_builder() -> tonic::transport::Server {
     crate::edge::server_builder()
 }

@@ -14,14 +14,16 @@
 //!
 //! - [`ServerTls`] and [`ClientTls`]: the current rustls configuration
 //!   behind an [`ArcSwap`], so a SIGHUP can load renewed files
-//!   ([`ServerTls::reload`]) without a restart; connections made after it use
-//!   the new files, open ones keep theirs.
+//!   ([`reload_together`]: read once, every port swapped or none) without a
+//!   restart; connections made after it use the new files, open ones keep
+//!   theirs.
 //! - [`Incoming`]: the connections a server accepts, plaintext or after a
 //!   TLS handshake. Handshakes run concurrently and time out, so a client
 //!   that connects and says nothing holds up no one.
 //! - [`Connector`]: a TLS connector for tonic channels
 //!   (`Endpoint::connect_with_connector_lazy`).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,12 +41,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Longest a client may take to finish its TLS handshake after connecting.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to finish its TLS handshake after connecting:
+/// a handshake takes two round trips, so 5 s is generous for any network a
+/// cluster runs on, and short for a peer that connects and says nothing
+/// (it holds one of the server's connections meanwhile).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most handshakes a server runs at once; connections beyond it wait in the
-/// kernel's accept queue.
-pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+/// Longest a connection may go without a first byte from its peer once
+/// accepted (after its TLS handshake, with TLS): an HTTP/2 client sends its
+/// preface at once, so a peer that does not holds a connection for nothing.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long accepting pauses after an error that is not about one
+/// connection (out of file descriptors, say), instead of failing again at
+/// once in a loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The files a daemon's TLS is made of, as named by its `[tls]` keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,12 +169,70 @@ fn read_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-impl TlsFiles {
+/// What a daemon's three files hold, read once: every configuration of a
+/// (re)load is built from the same bytes, so a renewal written between two
+/// reads cannot give the ports different certificates.
+struct Material<'a> {
+    files: &'a TlsFiles,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl Material<'_> {
     fn config_error(&self, error: impl std::fmt::Display) -> TlsError {
         TlsError::Config {
-            cert: self.cert.clone(),
+            cert: self.files.cert.clone(),
             message: error.to_string(),
         }
+    }
+
+    fn server_config(
+        &self,
+        client_auth: ClientAuth,
+        http2_only: bool,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|error| self.config_error(error))?;
+        let builder = match client_auth {
+            ClientAuth::None => builder.with_no_client_auth(),
+            ClientAuth::Required => builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    self.roots.clone(),
+                    provider(),
+                )
+                .build()
+                .map_err(|error| self.config_error(error))?,
+            ),
+        };
+        let mut config = builder
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|error| self.config_error(error))?;
+        config.alpn_protocols = alpn(http2_only);
+        Ok(config)
+    }
+
+    fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|error| self.config_error(error))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|error| self.config_error(error))?;
+        config.alpn_protocols = alpn(true);
+        Ok(config)
+    }
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<Material<'_>, TlsError> {
+        Ok(Material {
+            files: self,
+            chain: read_certificates(&self.cert)?,
+            key: read_private_key(&self.key)?,
+            roots: read_roots(&self.ca)?,
+        })
     }
 
     /// A server configuration: this daemon's certificate, and (with
@@ -173,42 +242,40 @@ impl TlsFiles {
         client_auth: ClientAuth,
         http2_only: bool,
     ) -> Result<rustls::ServerConfig, TlsError> {
-        let chain = read_certificates(&self.cert)?;
-        let key = read_private_key(&self.key)?;
-        let roots = read_roots(&self.ca)?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|error| self.config_error(error))?;
-        let builder = match client_auth {
-            ClientAuth::None => builder.with_no_client_auth(),
-            ClientAuth::Required => builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-                    .build()
-                    .map_err(|error| self.config_error(error))?,
-            ),
-        };
-        let mut config = builder
-            .with_single_cert(chain, key)
-            .map_err(|error| self.config_error(error))?;
-        config.alpn_protocols = alpn(http2_only);
-        Ok(config)
+        self.read()?.server_config(client_auth, http2_only)
     }
 
     /// A client configuration: trusts servers whose certificate the CA
     /// signed, and presents this daemon's certificate when asked.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let chain = read_certificates(&self.cert)?;
-        let key = read_private_key(&self.key)?;
-        let roots = read_roots(&self.ca)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|error| self.config_error(error))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|error| self.config_error(error))?;
-        config.alpn_protocols = alpn(true);
-        Ok(config)
+        self.read()?.client_config()
     }
+}
+
+/// Reads `files` once and gives each of `servers` and `clients` a new
+/// configuration from them, all or none: on an error, every one keeps the
+/// configuration in use (SIGHUP on a daemon).
+pub fn reload_together(
+    files: &TlsFiles,
+    servers: &[&ServerTls],
+    clients: &[&ClientTls],
+) -> Result<(), TlsError> {
+    let material = files.read()?;
+    let server_configs = servers
+        .iter()
+        .map(|server| material.server_config(server.client_auth, server.http2_only))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client_configs = clients
+        .iter()
+        .map(|_| material.client_config())
+        .collect::<Result<Vec<_>, _>>()?;
+    for (server, config) in servers.iter().zip(server_configs) {
+        server.current.store(Arc::new(config));
+    }
+    for (client, config) in clients.iter().zip(client_configs) {
+        client.current.store(Arc::new(config));
+    }
+    Ok(())
 }
 
 /// A client configuration that trusts the CA certificates in `ca` and
@@ -261,15 +328,6 @@ impl ServerTls {
         }))
     }
 
-    /// Loads the files again; on an error the configuration in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = self
-            .files
-            .server_config(self.client_auth, self.http2_only)?;
-        self.current.store(Arc::new(config));
-        Ok(())
-    }
-
     /// The files this configuration is loaded from.
     pub fn files(&self) -> &TlsFiles {
         &self.files
@@ -296,12 +354,6 @@ impl ClientTls {
             files,
             current: ArcSwap::from_pointee(config),
         }))
-    }
-
-    /// Loads the files again; on an error the configuration in use stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        self.current.store(Arc::new(self.files.client_config()?));
-        Ok(())
     }
 
     /// The files this configuration is loaded from.
@@ -387,21 +439,43 @@ impl tower::Service<tonic::codegen::http::Uri> for Connector {
 }
 
 /// A connection a server accepted: plaintext, or TLS after its handshake.
+/// It holds one of the server's connection slots until dropped.
 #[derive(Debug)]
-pub enum Connection {
-    /// A plaintext connection.
+pub struct Connection {
+    io: Io,
+    /// Until the peer's first byte: when it is closed if none comes.
+    silence_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+enum Io {
     Plain(TcpStream),
-    /// A TLS connection, handshake done.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connection {
+    fn new(io: Io, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Connection {
+            io,
+            silence_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
+            _slot: slot,
+        }
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io, Io::Tls(_))
+    }
 }
 
 impl Connected for Connection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        match self {
-            Connection::Plain(stream) => stream.connect_info(),
-            Connection::Tls(stream) => stream.get_ref().0.connect_info(),
+        match &self.io {
+            Io::Plain(stream) => stream.connect_info(),
+            Io::Tls(stream) => stream.get_ref().0.connect_info(),
         }
     }
 }
@@ -412,9 +486,27 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let filled = buf.filled().len();
+        let read = match &mut this.io {
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        };
+        let Some(deadline) = &mut this.silence_deadline else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > filled => {
+                this.silence_deadline = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the peer sent nothing within {FIRST_BYTES_TIMEOUT:?}"),
+                )))
+            }
+            other => other,
         }
     }
 }
@@ -425,9 +517,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -436,30 +528,30 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Connection::Plain(stream) => stream.is_write_vectored(),
-            Connection::Tls(stream) => stream.is_write_vectored(),
+        match &self.io {
+            Io::Plain(stream) => stream.is_write_vectored(),
+            Io::Tls(stream) => stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -469,8 +561,17 @@ type Handshake = Pin<
         dyn std::future::Future<
                 Output = (
                     SocketAddr,
+                    tokio::sync::OwnedSemaphorePermit,
                     io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
                 ),
+            > + Send,
+    >,
+>;
+
+type SlotWait = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
             > + Send,
     >,
 >;
@@ -481,6 +582,13 @@ pub struct Incoming {
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     handshakes: FuturesUnordered<Handshake>,
+    /// One per connection held (a handshake in progress included).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// A slot for the next connection, once one is free.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    waiting_for_slot: Option<SlotWait>,
+    /// After an accept error: when to accept again.
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -490,19 +598,30 @@ impl std::fmt::Debug for Incoming {
             .field("listener", &self.listener)
             .field("tls", &self.tls.is_some())
             .field("handshakes", &self.handshakes.len())
+            .field("free_slots", &self.slots.available_permits())
             .finish()
     }
 }
 
-/// The connections accepted on `listener`, with Nagle's algorithm off
-/// (small answers would otherwise wait for the peer's delayed ACK, up to
-/// 40 ms each under load), and after a TLS handshake if `tls` is given. A
-/// failed or timed-out handshake is logged at debug level and dropped.
-pub fn incoming(listener: TcpListener, tls: Option<Arc<ServerTls>>) -> Incoming {
+/// The connections accepted on `listener`, at most `max_connections` held
+/// at once (the next waits in the listen queue until one closes, as Go's
+/// `netutil.LimitListener`), with Nagle's algorithm off (small answers
+/// would otherwise wait for the peer's delayed ACK, up to 40 ms each under
+/// load), and after a TLS handshake if `tls` is given. A failed or
+/// timed-out handshake is logged at debug level and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    max_connections: usize,
+) -> Incoming {
     Incoming {
         listener,
         tls,
         handshakes: FuturesUnordered::new(),
+        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        slot: None,
+        waiting_for_slot: None,
+        paused: None,
     }
 }
 
@@ -511,6 +630,34 @@ impl Incoming {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
+
+    /// A slot for the next connection: `Pending` while every one is held.
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.slot.is_some() {
+            return Poll::Ready(());
+        }
+        let slots = &self.slots;
+        let waiting = self
+            .waiting_for_slot
+            .get_or_insert_with(|| Box::pin(slots.clone().acquire_owned()));
+        let slot = std::task::ready!(waiting.as_mut().poll(cx))
+            .expect("a server's connection slots are never closed");
+        self.waiting_for_slot = None;
+        self.slot = Some(slot);
+        Poll::Ready(())
+    }
+}
+
+/// Whether an accept error is about the one connection being accepted (the
+/// peer left first), not about the listener or the process.
+fn is_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
 }
 
 impl Stream for Incoming {
@@ -519,25 +666,39 @@ impl Stream for Incoming {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            // Finished handshakes first: they are connections waiting.
-            while let Poll::Ready(Some((peer, handshake))) = this.handshakes.poll_next_unpin(cx) {
+            // Finished handshakes first: they are connections waiting. They
+            // are driven whether or not a slot is free for the next one.
+            while let Poll::Ready(Some((peer, slot, handshake))) =
+                this.handshakes.poll_next_unpin(cx)
+            {
                 match handshake {
-                    Ok(stream) => return Poll::Ready(Some(Ok(Connection::Tls(Box::new(stream))))),
+                    Ok(stream) => {
+                        let connection = Connection::new(Io::Tls(Box::new(stream)), slot);
+                        return Poll::Ready(Some(Ok(connection)));
+                    }
                     Err(error) => tracing::debug!(%peer, "tls handshake failed: {error}"),
                 }
             }
-            if this.handshakes.len() >= MAX_CONCURRENT_HANDSHAKES {
-                return Poll::Pending;
+            if let Some(pause) = &mut this.paused {
+                std::task::ready!(pause.as_mut().poll(cx));
+                this.paused = None;
             }
+            std::task::ready!(this.poll_slot(cx));
             let (stream, peer) = match this.listener.poll_accept(cx) {
                 Poll::Ready(Ok(accepted)) => accepted,
-                Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(Err(error)) if is_connection_error(&error) => continue,
+                Poll::Ready(Err(error)) => {
+                    tracing::warn!("cannot accept a connection: {error}");
+                    this.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+                    continue;
+                }
                 Poll::Pending => return Poll::Pending,
             };
+            let slot = this.slot.take().expect("a slot is held before accepting");
             // A connection whose option cannot be set is still served.
             let _ = stream.set_nodelay(true);
             let Some(tls) = &this.tls else {
-                return Poll::Ready(Some(Ok(Connection::Plain(stream))));
+                return Poll::Ready(Some(Ok(Connection::new(Io::Plain(stream), slot))));
             };
             let acceptor = tls.acceptor();
             this.handshakes.push(Box::pin(async move {
@@ -549,7 +710,7 @@ impl Stream for Incoming {
                         format!("not done within {HANDSHAKE_TIMEOUT:?}"),
                     ))
                 });
-                (peer, result)
+                (peer, slot, result)
             }));
         }
     }

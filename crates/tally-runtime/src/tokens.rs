@@ -97,10 +97,10 @@ struct Entry {
 }
 
 /// Who a token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder<'a> {
     /// The token's name in the file.
-    pub name: String,
+    pub name: &'a str,
     /// What it may do.
     pub role: Role,
 }
@@ -138,6 +138,12 @@ impl Tokens {
             if entries.iter().any(|entry: &Entry| entry.name == token.name) {
                 return Err(invalid("name", format!("{:?} is used twice", token.name)));
             }
+            if entries.iter().any(|entry: &Entry| entry.hash == hash) {
+                return Err(invalid(
+                    "sha256",
+                    "is another entry's: one token would have two names".into(),
+                ));
+            }
             entries.push(Entry {
                 name: token.name,
                 role: token.role,
@@ -158,19 +164,19 @@ impl Tokens {
     }
 
     /// The holder of the token named `name` in the file, if there is one.
-    pub fn holder_named(&self, name: &str) -> Option<Holder> {
+    pub fn holder_named(&self, name: &str) -> Option<Holder<'_>> {
         self.entries
             .iter()
             .find(|entry| entry.name == name)
             .map(|entry| Holder {
-                name: entry.name.clone(),
+                name: &entry.name,
                 role: entry.role,
             })
     }
 
     /// The holder of `token`, if it is known. Takes the same time whichever
     /// entry matches, or none.
-    pub fn holder(&self, token: &[u8]) -> Option<Holder> {
+    pub fn holder(&self, token: &[u8]) -> Option<Holder<'_>> {
         let hash: [u8; 32] = Sha256::digest(token).into();
         let mut found = None;
         for entry in &self.entries {
@@ -179,7 +185,7 @@ impl Tokens {
             }
         }
         found.map(|entry| Holder {
-            name: entry.name.clone(),
+            name: &entry.name,
             role: entry.role,
         })
     }
@@ -255,7 +261,7 @@ mod tests {
         assert_eq!(
             tokens.holder(reader.as_bytes()),
             Some(Holder {
-                name: "dashboards".into(),
+                name: "dashboards",
                 role: Role::Read
             })
         );
@@ -301,6 +307,11 @@ mod tests {
         );
         let message = Tokens::load(&path).unwrap_err().to_string();
         assert!(message.contains("tokens[1].name"), "{message}");
+        let (_dir, path) = tokens_file(
+            &(file_entry("a", Role::Read, &hash) + &file_entry("b", Role::Admin, &hash)),
+        );
+        let message = Tokens::load(&path).unwrap_err().to_string();
+        assert!(message.contains("tokens[1].sha256"), "{message}");
     }
 
     #[test]

@@ -131,10 +131,13 @@ impl ShardTls {
     }
 
     /// Reads the files again; connections made after it use them. On an
-    /// error the files in use stay.
+    /// error both ports keep the files in use.
     pub fn reload(&self) -> Result<(), tally_runtime::tls::TlsError> {
-        self.internal.reload()?;
-        self.metrics.reload()
+        tally_runtime::tls::reload_together(
+            self.internal.files(),
+            &[&self.internal, &self.metrics],
+            &[],
+        )
     }
 }
 
@@ -307,7 +310,11 @@ impl ShardNode {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
-                tally_runtime::tls::incoming(listener, self.tls.map(|tls| tls.internal)),
+                tally_runtime::tls::incoming(
+                    listener,
+                    self.tls.map(|tls| tls.internal),
+                    tally_runtime::edge::MAX_CONNECTIONS_PER_SERVER,
+                ),
                 shutdown,
             )
             .await;

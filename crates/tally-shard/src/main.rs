@@ -77,17 +77,19 @@ struct ServeArgs {
 }
 
 /// Reads the TLS files again on every SIGHUP (renewed certificates); a bad
-/// file is logged and changes nothing.
-fn reload_tls_on_sighup(tls: tally_shard::ShardTls) -> anyhow::Result<()> {
+/// file is logged and changes nothing. Without TLS a SIGHUP is logged and
+/// ignored, not fatal: an operator may signal every daemon at once.
+fn reload_tls_on_sighup(tls: Option<tally_shard::ShardTls>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before readiness is announced: a SIGHUP right after
     // `listening on` is a reload, not a kill.
     let mut hangups = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("reloaded tls certificates"),
-                Err(error) => tracing::error!("tls reload refused: {error}"),
+            match tls.as_ref().map(tally_shard::ShardTls::reload) {
+                Some(Ok(())) => tracing::info!("reloaded tls certificates"),
+                Some(Err(error)) => tracing::error!("tls reload refused: {error}"),
+                None => tracing::info!("SIGHUP: nothing to reload (no tls)"),
             }
         }
     });
@@ -195,9 +197,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(address) = metrics_listen {
         node = node.with_metrics(tally_runtime::metrics::bind(address, tls).await?);
     }
-    if let Some(tls) = node.tls() {
-        reload_tls_on_sighup(tls)?;
-    }
+    reload_tls_on_sighup(node.tls())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

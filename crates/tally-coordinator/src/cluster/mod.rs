@@ -211,13 +211,10 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Reads the files of the TLS the coordinator speaks to shards with
-    /// again; connections made after it use them.
-    pub fn reload_client_tls(&self) -> Result<(), tally_runtime::tls::TlsError> {
-        match &self.client_tls {
-            Some(tls) => tls.reload(),
-            None => Ok(()),
-        }
+    /// The TLS the coordinator speaks to shards with, if any (to reload
+    /// it: `Security::reload`).
+    pub fn client_tls(&self) -> Option<&Arc<tally_runtime::tls::ClientTls>> {
+        self.client_tls.as_ref()
     }
 
     /// The configuration this cluster was built from.

@@ -125,17 +125,16 @@ impl ShardClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = match tls {
-            Some(tls) => {
-                endpoint.connect_with_connector_lazy(tls.connector(address).map_err(|message| {
-                    crate::StartError::Tls(tally_runtime::tls::TlsError::Config {
-                        cert: tls.files().cert.clone(),
-                        message: format!("node {node_id}: {message}"),
-                    })
-                })?)
-            }
-            None => endpoint.connect_lazy(),
-        };
+        let channel =
+            match tls {
+                Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(address).map_err(
+                    |message| crate::StartError::NodeAddress {
+                        node: node_id.to_string(),
+                        message,
+                    },
+                )?),
+                None => endpoint.connect_lazy(),
+            };
         let grpc = Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

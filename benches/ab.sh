@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # benches/ab.sh BASE [ROUNDS]: the cost of a change, side by side in one
 # run. Builds BASE (a commit) in a worktree and this checkout, both release,
-# then alternates them, ROUNDS times (default 2): a fresh 3-shard cluster
+# then alternates them, ROUNDS times (default 2; which goes first
+# alternates too): a fresh 3-shard cluster
 # per run (the repository's configs, sync durability) and `tallyctl bench
 # -c 64 -d 10s --counters 100000`, unkeyed then `--keyed`. Alternating in
 # one run is what makes the ratio worth quoting on a machine whose speed
@@ -51,9 +52,18 @@ run() { # LABEL TREE [--keyed]
 echo "base $(git -C "$OLD" rev-parse --short HEAD), this checkout $(git -C "$THIS" rev-parse --short HEAD), $(date -u +%F)"
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in "" --keyed; do
-        # shellcheck disable=SC2086  # an empty mode is no argument
-        run base "$OLD" $mode
-        # shellcheck disable=SC2086
-        run this "$THIS" $mode
+        # Which tree goes first alternates by round: this machine drifts
+        # within a run, which would otherwise always count against one.
+        if ((round % 2 == 1)); then
+            # shellcheck disable=SC2086  # an empty mode is no argument
+            run base "$OLD" $mode
+            # shellcheck disable=SC2086
+            run this "$THIS" $mode
+        else
+            # shellcheck disable=SC2086
+            run this "$THIS" $mode
+            # shellcheck disable=SC2086
+            run base "$OLD" $mode
+        fi
     done
 done

@@ -113,10 +113,11 @@ impl Security {
     pub fn load(config: &CoordinatorConfig) -> Result<Self, StartError> {
         use tally_runtime::tls::{ClientAuth, ServerTls};
         let (public_tls, metrics_tls) = match &config.tls {
-            Some(files) => (
-                Some(ServerTls::grpc(files.clone(), ClientAuth::None)?),
-                Some(ServerTls::metrics(files.clone())?),
-            ),
+            Some(files) => {
+                let (public, metrics) =
+                    ServerTls::grpc_and_metrics(files.clone(), ClientAuth::None)?;
+                (Some(public), Some(metrics))
+            }
             None => (None, None),
         };
         let tokens = match &config.tokens_file {

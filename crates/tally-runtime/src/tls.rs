@@ -303,29 +303,23 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// Loads `files` for a gRPC server (HTTP/2 only).
-    pub fn grpc(files: TlsFiles, client_auth: ClientAuth) -> Result<Arc<Self>, TlsError> {
-        Self::load(files, client_auth, true)
-    }
-
-    /// Loads `files` for the metrics server (HTTP/1.1 or HTTP/2), which
-    /// asks clients for no certificate.
-    pub fn metrics(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
-        Self::load(files, ClientAuth::None, false)
-    }
-
-    fn load(
+    /// A daemon's two servers from one read of `files`: its gRPC port's
+    /// (HTTP/2 only, asking clients for a certificate per `client_auth`)
+    /// and its metrics port's (HTTP/1.1 or HTTP/2, asking for none).
+    pub fn grpc_and_metrics(
         files: TlsFiles,
         client_auth: ClientAuth,
-        http2_only: bool,
-    ) -> Result<Arc<Self>, TlsError> {
-        let config = files.server_config(client_auth, http2_only)?;
-        Ok(Arc::new(ServerTls {
-            files,
-            client_auth,
-            http2_only,
-            current: ArcSwap::from_pointee(config),
-        }))
+    ) -> Result<(Arc<Self>, Arc<Self>), TlsError> {
+        let material = files.read()?;
+        let server = |client_auth, http2_only| {
+            Ok::<_, TlsError>(Arc::new(ServerTls {
+                files: files.clone(),
+                client_auth,
+                http2_only,
+                current: ArcSwap::from_pointee(material.server_config(client_auth, http2_only)?),
+            }))
+        };
+        Ok((server(client_auth, true)?, server(ClientAuth::None, false)?))
     }
 
     /// The files this configuration is loaded from.

@@ -121,13 +121,11 @@ impl ShardTls {
     pub fn load(
         files: &tally_runtime::tls::TlsFiles,
     ) -> Result<Self, tally_runtime::tls::TlsError> {
-        Ok(ShardTls {
-            internal: tally_runtime::tls::ServerTls::grpc(
-                files.clone(),
-                tally_runtime::tls::ClientAuth::Required,
-            )?,
-            metrics: tally_runtime::tls::ServerTls::metrics(files.clone())?,
-        })
+        let (internal, metrics) = tally_runtime::tls::ServerTls::grpc_and_metrics(
+            files.clone(),
+            tally_runtime::tls::ClientAuth::Required,
+        )?;
+        Ok(ShardTls { internal, metrics })
     }
 
     /// Reads the files again; connections made after it use them. On an

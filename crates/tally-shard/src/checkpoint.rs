@@ -149,13 +149,22 @@ impl Checkpoint {
                 }
             }
         }
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
             .mode(sled::Mode::LowSpace)
             // The checkpoint thread decides when to flush.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // The data directory's own lock keeps other processes out, so sled's
+        // lock on its file is held only by the instant of a child's spawn
+        // (see `retry_while_held`). sled tells that apart by message alone.
+        let db = crate::storage::retry_while_held(
+            || config.open(),
+            |error| {
+                matches!(error, sled::Error::Io(reason)
+                    if reason.to_string().starts_with("could not acquire lock"))
+            },
+        )?;
         let tree = db.open_tree(TREE)?;
         let log_file = File::open(dir.join("db"))?;
         Ok(Checkpoint { db, tree, log_file })

@@ -714,12 +714,44 @@ pub(crate) fn lock(dir: &Path) -> Result<File, StorageError> {
         .write(true)
         .open(dir.join(LOCK_FILE))
         .map_err(io)?;
-    match lock.try_lock() {
+    let locked = retry_while_held(
+        || lock.try_lock(),
+        |error| matches!(error, std::fs::TryLockError::WouldBlock),
+    );
+    match locked {
         Ok(()) => Ok(lock),
         Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked {
             dir: dir.to_path_buf(),
         }),
         Err(std::fs::TryLockError::Error(reason)) => Err(io(reason)),
+    }
+}
+
+/// How long [`retry_while_held`] waits for a lock to be let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `attempt` until it succeeds, fails otherwise than `held` says, or
+/// [`LOCK_WAIT`] has passed.
+///
+/// An OS file lock (`flock`) belongs to the open file, and a child that
+/// another thread of this process is spawning holds a copy of every file
+/// descriptor from its fork until its exec closes them. A lock released
+/// by a node stopped in-process (a local cluster, a test) can so stay held
+/// for the instant of someone else's spawn, and a restart would be refused
+/// a directory nobody uses. A lock another process really holds is still
+/// refused, [`LOCK_WAIT`] later.
+pub(crate) fn retry_while_held<T, E>(
+    mut attempt: impl FnMut() -> Result<T, E>,
+    held: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match attempt() {
+            Err(error) if held(&error) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            result => return result,
+        }
     }
 }
 
@@ -1484,6 +1516,31 @@ mod tests {
             .unwrap();
         Witness::running(3).write(&file).unwrap();
         check_written(&open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_lock_let_go_is_taken_again_while_other_threads_spawn_children() {
+        // Each child holds a copy of the lock file's descriptor from its fork
+        // to its exec; without waiting that instant out, about one attempt
+        // in fifteen here was refused.
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::process::Command::new("true").status();
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut taken = 0;
+        while started.elapsed() < std::time::Duration::from_millis(500) || taken < 200 {
+            drop(lock(dir.path()).unwrap());
+            taken += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spawner.join().unwrap();
     }
 
     #[test]

@@ -90,6 +90,7 @@ impl Ceiling {
             counter: counter.into_string(),
             value,
             complete: true,
+            ..Default::default()
         }
     }
 }

@@ -124,6 +124,7 @@ async fn write(args: &Args, client: CounterClient<Channel>) -> Result<u64, Error
                         counter,
                         delta: 1,
                         idempotency_key: String::new(),
+                        ..Default::default()
                     })
                     .collect();
                 client
@@ -152,6 +153,7 @@ async fn check(args: &Args, client: CounterClient<Channel>) -> Result<u64, Error
                         pb::GetBatchRequest {
                             counters,
                             allow_partial: false,
+                            ..Default::default()
                         },
                         CALL_TIMEOUT,
                     ))

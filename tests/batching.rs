@@ -74,6 +74,7 @@ async fn concurrent_writers_get_exact_sums() {
         .get_batch(pb::GetBatchRequest {
             counters: names.clone(),
             allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -24,6 +24,7 @@ async fn get_batch_answers_in_request_order() {
         .get_batch(pb::GetBatchRequest {
             counters: order.iter().map(|name| name.to_string()).collect(),
             allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -59,6 +60,7 @@ async fn delete_resets_every_stripe_on_every_node() {
     client
         .delete(pb::DeleteRequest {
             counter: "gone".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -68,12 +70,14 @@ async fn delete_resets_every_stripe_on_every_node() {
     client
         .delete(pb::DeleteRequest {
             counter: "gone".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     client
         .delete(pb::DeleteRequest {
             counter: "never".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -160,6 +164,7 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
             .get_batch(pb::GetBatchRequest {
                 counters: vec!["safe".into(), long_name.clone()],
                 allow_partial: false,
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -171,6 +176,7 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
             .get_batch(pb::GetBatchRequest {
                 counters: vec!["safe".into(); 10_001],
                 allow_partial: false,
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -181,6 +187,7 @@ async fn invalid_input_is_rejected_and_changes_nothing() {
         client
             .delete(pb::DeleteRequest {
                 counter: String::new(),
+                ..Default::default()
             })
             .await
             .map(drop),

@@ -106,6 +106,7 @@ impl Load {
                                     },
                                     delta: rng.i64(1..=1_000),
                                     idempotency_key: format!("w{worker}-{sequence}"),
+                                    ..Default::default()
                                 }
                             })
                             .collect();
@@ -417,6 +418,7 @@ fn a_batch_cut_by_a_coordinator_sigkill_is_retried_exactly_once() {
                 counter: counter_name(item % COUNTERS),
                 delta: 1,
                 idempotency_key: format!("batch-{cycle}/{item}"),
+                ..Default::default()
             })
             .collect();
         let endpoint = first.endpoint();

@@ -767,6 +767,7 @@ async fn never_read(coordinator: &support::Daemon) {
     let request = framed(&prost::Message::encode_to_vec(&pb::GetBatchRequest {
         counters: names.clone(),
         allow_partial: false,
+        ..Default::default()
     }));
     let answer_bytes = prost::Message::encoded_len(&pb::GetBatchResponse {
         counters: names
@@ -775,6 +776,7 @@ async fn never_read(coordinator: &support::Daemon) {
                 counter: name.clone(),
                 value: 0,
                 complete: true,
+                ..Default::default()
             })
             .collect(),
     }) as u64;

@@ -70,6 +70,7 @@ impl Load {
                             counter: format!("failover-{}", round % COUNTERS),
                             delta: 1,
                             idempotency_key: String::new(),
+                            ..Default::default()
                         });
                         request.set_timeout(Duration::from_secs(10));
                         let result = client.increment(request).await;
@@ -146,6 +147,7 @@ fn keyed_increment_owned_by(cluster: &ProcessCluster, node_id: &str) -> pb::Incr
         counter: "failover-keyed".into(),
         delta: 1,
         idempotency_key: key,
+        ..Default::default()
     }
 }
 
@@ -488,6 +490,7 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
         .get(pb::GetRequest {
             counter: "spread".into(),
             allow_partial: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -512,6 +515,7 @@ async fn a_down_shard_is_named_and_allow_partial_returns_the_rest() {
     let status = client
         .delete(pb::DeleteRequest {
             counter: "spread".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -559,6 +563,7 @@ async fn a_hung_shard_gives_deadline_exceeded() {
     let mut request = tonic::Request::new(pb::GetRequest {
         counter: "c".into(),
         allow_partial: true,
+        ..Default::default()
     });
     request.set_timeout(Duration::from_millis(300));
     let status = client.get(request).await.unwrap_err();
@@ -716,6 +721,7 @@ async fn add_to_each(endpoint: &str, counters: &[String], rounds: usize) -> i64 
                         counter: counter.clone(),
                         delta: 1,
                         idempotency_key: String::new(),
+                        ..Default::default()
                     })
                     .collect(),
             })
@@ -827,6 +833,7 @@ fn a_copy_stands_in_by_its_age_never_by_comparing_clocks() {
             .get_batch(pb::GetBatchRequest {
                 counters: counters.clone(),
                 allow_partial: false,
+                ..Default::default()
             })
             .await
     });

@@ -137,6 +137,7 @@ async fn keys_survive_a_restart_and_a_delete() {
     client
         .delete(pb::DeleteRequest {
             counter: "visits".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -196,6 +196,7 @@ fn start_writers(
                                 counter: counter_name(rng.usize(..COUNTERS)),
                                 delta: rng.i64(1..=1_000),
                                 idempotency_key: format!("keyed-w{writer}-{sequence}"),
+                                ..Default::default()
                             }
                         })
                         .collect();
@@ -251,6 +252,7 @@ fn start_reader(
             let mut request = tonic::Request::new(pb::GetBatchRequest {
                 counters: counters.clone(),
                 allow_partial: false,
+                ..Default::default()
             });
             request.set_timeout(Duration::from_secs(5));
             let answer = client.get_batch(request).await;

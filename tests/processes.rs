@@ -64,6 +64,7 @@ async fn write_load(endpoint: &str, writers: usize, rounds: usize) -> HashMap<St
                             counter: counter.clone(),
                             delta,
                             idempotency_key: String::new(),
+                            ..Default::default()
                         })
                         .await
                         .unwrap();
@@ -591,6 +592,7 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
                 counter: format!("{:0>200}", round * 200 + item),
                 delta: 1,
                 idempotency_key: format!("r{round}/{item}"),
+                ..Default::default()
             })
             .collect(),
     };
@@ -619,6 +621,7 @@ async fn a_file_size_limit_fails_writes_with_an_error_and_loses_nothing() {
                 .get_batch(pb::GetBatchRequest {
                     counters,
                     allow_partial: false,
+                    ..Default::default()
                 })
                 .await
                 .map(|response| response.into_inner().counters)

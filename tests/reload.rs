@@ -64,6 +64,7 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
             counter: counters[index % counters.len()].clone(),
             delta: (index as i64 % 97) + 1,
             idempotency_key: format!("straddle-{index}"),
+            ..Default::default()
         })
         .collect();
     let mut ledger = Ledger::default();
@@ -145,6 +146,7 @@ fn keyed_retries_straddling_membership_changes_apply_once() {
         counter: counters[0].clone(),
         delta: 5,
         idempotency_key: String::new(),
+        ..Default::default()
     };
     runtime
         .block_on(async {
@@ -296,6 +298,7 @@ fn a_node_crashing_between_its_seal_and_its_open_holds_back_only_its_keys() {
         counter: counter.clone(),
         delta: 7,
         idempotency_key: key,
+        ..Default::default()
     };
     let mut connections = Connections::default();
     let mut ledger = Ledger::default();

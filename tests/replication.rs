@@ -150,6 +150,7 @@ async fn a_deleted_counter_does_not_come_back_from_a_copy() {
     client
         .delete(pb::DeleteRequest {
             counter: "gone".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

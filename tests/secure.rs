@@ -182,6 +182,7 @@ impl SecureCluster {
             .get_batch(pb::GetBatchRequest {
                 counters: counters.iter().map(|name| name.to_string()).collect(),
                 allow_partial: false,
+                ..Default::default()
             })
             .await
             .expect("the admin reads every counter")
@@ -338,6 +339,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
                 counter: counter.to_string(),
                 delta: round as i64 + 1,
                 idempotency_key: String::new(),
+                ..Default::default()
             })
             .await
             .expect("the write token increments");
@@ -359,6 +361,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
         let delete = counter
             .delete(pb::DeleteRequest {
                 counter: "likes".into(),
+                ..Default::default()
             })
             .await
             .map(drop)
@@ -389,6 +392,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
             counter: "likes".into(),
             delta: 1_000_000,
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(|status| status.code());
@@ -400,6 +404,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
         let delete = plaintext
             .delete(pb::DeleteRequest {
                 counter: "likes".into(),
+                ..Default::default()
             })
             .await;
         assert!(delete.is_err(), "a plaintext Delete was answered");
@@ -409,6 +414,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
     // lax router might take for them, with a read token, are refused.
     let delete = pb::DeleteRequest {
         counter: "likes".into(),
+        ..Default::default()
     };
     for path in [
         "/tally.v1.Counter/Delete/",
@@ -505,6 +511,7 @@ async fn the_attack_table_against_config_secure_changes_nothing() {
         .await
         .delete(pb::DeleteRequest {
             counter: "likes".into(),
+            ..Default::default()
         })
         .await
         .expect("the admin token deletes");
@@ -602,6 +609,7 @@ async fn tokens_and_certificates_are_read_again_on_sighup() {
                 .get(pb::GetRequest {
                     counter: "likes".into(),
                     allow_partial: false,
+                    ..Default::default()
                 })
                 .await
                 .map(drop)
@@ -700,6 +708,7 @@ async fn tokens_and_certificates_are_read_again_on_sighup() {
                 counter: counter.into(),
                 delta: 1,
                 idempotency_key: String::new(),
+                ..Default::default()
             })
             .await
             .expect("the renewed certificates connect the cluster");
@@ -922,6 +931,7 @@ async fn peers_that_connect_and_say_nothing_lose_their_connections() {
         .get(pb::GetRequest {
             counter: "likes".into(),
             allow_partial: false,
+            ..Default::default()
         })
         .await;
     assert!(answer.is_ok(), "{answer:?}");

@@ -115,6 +115,7 @@ async fn a_format_2_directory_is_migrated_at_start_and_keeps_everything() {
             counter: "keyed-1".into(),
             delta: 7,
             idempotency_key: "key-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -247,6 +248,7 @@ fn batch(round: usize) -> pb::IncrementBatchRequest {
                 counter: format!("{:0>200}", round * 200 + item),
                 delta: 1,
                 idempotency_key: format!("r{round}/{item}"),
+                ..Default::default()
             })
             .collect(),
     }
@@ -265,6 +267,7 @@ async fn read_round(
         .get_batch(pb::GetBatchRequest {
             counters,
             allow_partial: false,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -470,6 +473,7 @@ async fn a_failing_replica_push_is_logged_with_its_pair_and_counted() {
             counter: format!("c{waited}"),
             delta: 1,
             idempotency_key: String::new(),
+            ..Default::default()
         };
         waited += 1;
         let mut client = client.clone();

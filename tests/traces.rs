@@ -147,6 +147,7 @@ async fn each_public_call_is_one_trace_down_to_the_shard() {
     client
         .delete(pb::DeleteRequest {
             counter: "traced".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -38,6 +38,7 @@ pub fn increment(counter: &str, delta: i64, key: &str) -> pb::IncrementRequest {
         counter: counter.to_string(),
         delta,
         idempotency_key: key.to_string(),
+        ..Default::default()
     }
 }
 
@@ -49,6 +50,7 @@ pub async fn get(
         .get(pb::GetRequest {
             counter: counter.to_string(),
             allow_partial: false,
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

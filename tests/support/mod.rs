@@ -119,6 +119,7 @@ pub async fn totals(endpoint: &str, counters: &[String]) -> Vec<tally::proto::pb
         .get_batch(tally::proto::pb::GetBatchRequest {
             counters: counters.to_vec(),
             allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()

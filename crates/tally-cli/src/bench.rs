@@ -464,6 +464,7 @@ fn increment(shared: &Shared, index: usize) -> pb::IncrementRequest {
         counter: counter_name(shared, index),
         delta: 1,
         idempotency_key,
+        ..Default::default()
     }
 }
 
@@ -500,6 +501,7 @@ async fn read(
                 pb::GetRequest {
                     counter: counter_name(shared, *index),
                     allow_partial: false,
+                    ..Default::default()
                 },
             ))
             .await?;
@@ -514,6 +516,7 @@ async fn read(
                 pb::GetBatchRequest {
                     counters,
                     allow_partial: false,
+                    ..Default::default()
                 },
             ))
             .await?;
@@ -539,6 +542,7 @@ async fn check(shared: &Shared, client: CounterClient<Client>) -> anyhow::Result
                     pb::GetBatchRequest {
                         counters,
                         allow_partial: false,
+                        ..Default::default()
                     },
                 );
                 let totals = client.get_batch(request).await?.into_inner().counters;

@@ -254,6 +254,7 @@ impl Cli {
                 counter: counter.clone(),
                 delta,
                 idempotency_key: key.unwrap_or_default(),
+                ..Default::default()
             }))
             .await
             .map_err(describe)?
@@ -279,6 +280,7 @@ impl Cli {
             .get_batch(self.request(pb::GetBatchRequest {
                 counters,
                 allow_partial,
+                ..Default::default()
             }))
             .await
             .map_err(describe)?
@@ -308,6 +310,7 @@ impl Cli {
         client
             .delete(self.request(pb::DeleteRequest {
                 counter: counter.clone(),
+                ..Default::default()
             }))
             .await
             .map_err(describe)?;

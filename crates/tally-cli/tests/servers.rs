@@ -172,6 +172,7 @@ async fn each_server_lists_and_answers_only_what_it_serves() {
             counter: "served".into(),
             delta: 2,
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -179,6 +180,7 @@ async fn each_server_lists_and_answers_only_what_it_serves() {
         .get(pb::GetRequest {
             counter: "served".into(),
             allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -88,6 +88,11 @@ pub enum CoordinatorError {
         /// The counter.
         counter: String,
     },
+    /// A counter's window has ended by a shard's clock although this
+    /// coordinator's clock is still in it: their clocks differ by more than
+    /// the shard's grace. Nothing applied, no total given.
+    #[error("{0}")]
+    WindowEnded(String),
     /// Some shards could not be reached or failed.
     #[error("{}", describe_unavailable(.0))]
     Unavailable(Vec<(String, ShardCallError)>),
@@ -122,7 +127,9 @@ impl CoordinatorError {
             CoordinatorError::Unavailable(_) => Code::Unavailable,
             CoordinatorError::DeadlineExceeded => Code::DeadlineExceeded,
             CoordinatorError::UnknownNode(_) => Code::NotFound,
-            CoordinatorError::Precondition(_) => Code::FailedPrecondition,
+            CoordinatorError::Precondition(_) | CoordinatorError::WindowEnded(_) => {
+                Code::FailedPrecondition
+            }
         }
     }
 }

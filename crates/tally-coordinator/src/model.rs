@@ -73,7 +73,7 @@ impl TryFrom<pb::ShardIncrement> for StripeIncrement {
 
     fn try_from(increment: pb::ShardIncrement) -> Result<Self, Self::Error> {
         Ok(StripeIncrement {
-            counter: CounterName::try_from(increment.counter)?,
+            counter: CounterName::stored(increment.counter)?,
             stripe: increment.stripe,
             delta: increment.delta,
             key: IdempotencyKey::from_wire(increment.idempotency_key)?,
@@ -114,6 +114,9 @@ pub enum Outcome {
     /// Sent to a stand-in whose takeover its owner is reconciling: nothing
     /// applied; send it to the owner.
     OwnerBack(StripeIncrement),
+    /// The counter is a window that ended by the node's clock, its grace
+    /// included (it said when): nothing applied.
+    Expired(String),
     /// A keyed increment of a membership the node's keyed increments are
     /// not open to: nothing applied.
     RingRefused {
@@ -142,6 +145,7 @@ impl TryFrom<pb::ApplyResult> for Outcome {
             Wire::Redirect(refused) => Outcome::Redirect(increment(Some(*refused))?),
             Wire::AwaitsRestore(refused) => Outcome::AwaitsRestore(increment(Some(*refused))?),
             Wire::Unavailable(why) => Outcome::Unavailable(why),
+            Wire::Expired(why) => Outcome::Expired(why),
             Wire::OwnerBack(refused) => Outcome::OwnerBack(increment(Some(*refused))?),
             Wire::RingRefused(refused) => Outcome::RingRefused {
                 increment: increment(refused.increment)?,

@@ -36,6 +36,7 @@ fn to_response(total: Total) -> pb::GetResponse {
         counter: total.counter,
         value: total.value,
         complete: total.complete,
+        ..Default::default()
     }
 }
 
@@ -57,6 +58,7 @@ impl pb::counter_server::Counter for CounterService {
                 .await?;
             Ok(Response::new(pb::IncrementResponse {
                 deduplicated: deduplicated > 0,
+                ..Default::default()
             }))
         }
         .instrument(call.span())

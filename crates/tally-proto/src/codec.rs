@@ -95,7 +95,7 @@ mod tests {
 
     #[test]
     fn a_request_that_does_not_decode_is_invalid_argument_naming_the_field() {
-        // IncrementRequest { counter: 0xff 0xfe, delta: 1 }: field 1 is a
+        // IncrementRequest { counter: 0xff 0xfe, delta: 1, ..Default::default()  }: field 1 is a
         // string, and those bytes are not UTF-8.
         let status = decode::<pb::IncrementRequest>(&[0x0a, 2, 0xff, 0xfe, 0x10, 2]).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -115,6 +115,7 @@ mod tests {
             counter: "clicks".into(),
             delta: -3,
             idempotency_key: "k".into(),
+            ..Default::default()
         };
         let decoded = decode::<pb::IncrementRequest>(&prost::Message::encode_to_vec(&request))
             .unwrap()

@@ -40,6 +40,27 @@ pub enum ProtocolError {
         /// Number of items in the batch.
         length: usize,
     },
+    /// The counter name starts with U+0000, which marks the names of
+    /// windows (see [`crate::window`]).
+    #[error("counter name starts with U+0000, which is reserved")]
+    ReservedCounterName,
+    /// The counter name is too long to carry a window's tag.
+    #[error(
+        "counter name is {length} bytes, more than the limit of {} for a counter with a window",
+        crate::window::MAX_WINDOWED_NAME_BYTES
+    )]
+    WindowedNameTooLong {
+        /// Length of the name in bytes.
+        length: usize,
+    },
+    /// A field's value, or its combination with others, makes no sense.
+    #[error("{field}: {problem}")]
+    Field {
+        /// The request field, as the proto names it.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// One item of a batch is invalid.
     #[error("item {index}: {error}")]
     InBatch {
@@ -56,23 +77,31 @@ impl From<ProtocolError> for tonic::Status {
     }
 }
 
-/// A counter's name: 1 to [`MAX_COUNTER_NAME_BYTES`] bytes of UTF-8.
+/// A counter's name as shards store it: 1 to [`MAX_COUNTER_NAME_BYTES`]
+/// bytes of UTF-8. Either a client's name, or a window of one (a name
+/// starting with U+0000: see [`crate::window`]), which only a coordinator
+/// makes; [`CounterName::public`] is the rule for clients' names.
 ///
 /// # Examples
 ///
 /// ```
 /// use tally_proto::domain::{CounterName, ProtocolError};
 ///
-/// let name = CounterName::try_from("page:views".to_string()).unwrap();
+/// let name = CounterName::public("page:views".to_string()).unwrap();
 /// assert_eq!(name.as_str(), "page:views");
 /// assert_eq!(CounterName::try_from(String::new()), Err(ProtocolError::EmptyCounterName));
+/// assert_eq!(
+///     CounterName::public("\0x".to_string()),
+///     Err(ProtocolError::ReservedCounterName)
+/// );
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterName(String);
 
 impl CounterName {
-    /// Checks a name without taking ownership: the rule `TryFrom` applies,
-    /// for callers that only need to know (the shard, per increment).
+    /// Checks a stored name without taking ownership: the rule `TryFrom`
+    /// applies, for callers that only need to know (the shard, per
+    /// increment). A name starting with U+0000 must be a window's.
     pub fn validate(name: &str) -> Result<(), ProtocolError> {
         if name.is_empty() {
             return Err(ProtocolError::EmptyCounterName);
@@ -80,7 +109,36 @@ impl CounterName {
         if name.len() > MAX_COUNTER_NAME_BYTES {
             return Err(ProtocolError::CounterNameTooLong { length: name.len() });
         }
+        if name.starts_with('\0') && crate::window::Window::of_stored(name).is_none() {
+            return Err(ProtocolError::ReservedCounterName);
+        }
         Ok(())
+    }
+
+    /// A client's name: 1 to [`MAX_COUNTER_NAME_BYTES`] bytes, not
+    /// starting with U+0000 (which marks windows). The rule `TryFrom`
+    /// applies.
+    pub fn public(name: String) -> Result<Self, ProtocolError> {
+        if name.starts_with('\0') {
+            return Err(ProtocolError::ReservedCounterName);
+        }
+        CounterName::stored(name)
+    }
+
+    /// A stored name (a client's or a window's), from a shard or for one.
+    pub fn stored(name: String) -> Result<Self, ProtocolError> {
+        CounterName::validate(&name)?;
+        Ok(CounterName(name))
+    }
+
+    /// The name of this counter's `window`: a counter of its own.
+    pub fn in_window(&self, window: crate::window::Window) -> Result<Self, ProtocolError> {
+        if self.0.len() > crate::window::MAX_WINDOWED_NAME_BYTES {
+            return Err(ProtocolError::WindowedNameTooLong {
+                length: self.0.len(),
+            });
+        }
+        Ok(CounterName(window.stored_name(&self.0)))
     }
 
     /// The name as a string slice.
@@ -97,9 +155,9 @@ impl CounterName {
 impl TryFrom<String> for CounterName {
     type Error = ProtocolError;
 
+    /// A client's name ([`CounterName::public`]).
     fn try_from(name: String) -> Result<Self, Self::Error> {
-        CounterName::validate(&name)?;
-        Ok(CounterName(name))
+        CounterName::public(name)
     }
 }
 
@@ -153,16 +211,113 @@ pub struct Increment {
     pub delta: i64,
     /// Makes a retried increment apply once.
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The counter's current fixed window of this many seconds, if any
+    /// (the coordinator turns `counter` into the window's name).
+    pub window_seconds: Option<u32>,
+    /// How the caller wants the total after the increment, if at all.
+    pub read_back: Option<ReadBack>,
+}
+
+/// What an increment asks for besides being applied: the total after it,
+/// and perhaps a limit on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBack {
+    /// Apply only if the total after would be at most this.
+    pub limit: Option<i64>,
+    /// A total without some shard's part will do (`complete = false`).
+    pub allow_partial: bool,
+}
+
+impl Increment {
+    /// An increment of `delta` to `counter`, with nothing else asked.
+    pub fn plain(
+        counter: CounterName,
+        delta: i64,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Self {
+        Increment {
+            counter,
+            delta,
+            idempotency_key,
+            window_seconds: None,
+            read_back: None,
+        }
+    }
+
+    /// Checks that the increment may go in an `IncrementBatch`, which
+    /// answers no total and no applied amount.
+    pub fn check_batchable(&self) -> Result<(), ProtocolError> {
+        match self.read_back {
+            None => Ok(()),
+            Some(ReadBack { limit: Some(_), .. }) => Err(ProtocolError::Field {
+                field: "limit",
+                problem: "not in IncrementBatch, which answers no applied amount; use Increment"
+                    .to_string(),
+            }),
+            Some(_) => Err(ProtocolError::Field {
+                field: "return_total",
+                problem: "not in IncrementBatch; use Increment, or GetBatch after the batch"
+                    .to_string(),
+            }),
+        }
+    }
 }
 
 impl TryFrom<pb::IncrementRequest> for Increment {
     type Error = ProtocolError;
 
+    /// A client's increment: the public rules for every field.
     fn try_from(request: pb::IncrementRequest) -> Result<Self, Self::Error> {
+        let counter = CounterName::public(request.counter)?;
+        let idempotency_key = IdempotencyKey::from_wire(request.idempotency_key)?;
+        let window_seconds = crate::window::seconds_from_wire(request.window_seconds)?;
+        if window_seconds.is_some()
+            && counter.as_str().len() > crate::window::MAX_WINDOWED_NAME_BYTES
+        {
+            return Err(ProtocolError::WindowedNameTooLong {
+                length: counter.as_str().len(),
+            });
+        }
+        if request.limit.is_some() {
+            if request.delta < 0 {
+                return Err(ProtocolError::Field {
+                    field: "limit",
+                    problem: format!(
+                        "delta is {}; a limited increment must not be negative (a decrement \
+                         needs no limit)",
+                        request.delta
+                    ),
+                });
+            }
+            if idempotency_key.is_some() {
+                return Err(ProtocolError::Field {
+                    field: "limit",
+                    problem: "not with an idempotency_key: a retry could be refused for the \
+                              increment its own first attempt applied"
+                        .to_string(),
+                });
+            }
+        }
+        let read_back = if request.return_total || request.limit.is_some() {
+            Some(ReadBack {
+                limit: request.limit,
+                allow_partial: request.allow_partial,
+            })
+        } else if request.allow_partial {
+            return Err(ProtocolError::Field {
+                field: "allow_partial",
+                problem: "only with return_total or limit: an increment reads nothing otherwise"
+                    .to_string(),
+            });
+        } else {
+            None
+        };
         Ok(Increment {
-            counter: CounterName::try_from(request.counter)?,
+            counter,
             delta: request.delta,
-            idempotency_key: IdempotencyKey::from_wire(request.idempotency_key)?,
+            idempotency_key,
+            window_seconds,
+            read_back,
         })
     }
 }
@@ -281,6 +436,7 @@ mod tests {
             counter: counter.to_string(),
             delta: 1,
             idempotency_key: key.to_string(),
+            ..Default::default()
         }
     }
 

@@ -5,7 +5,9 @@
 //! what is wrong: never a panic.
 //!
 //! The rules, as documented:
-//! - a counter name is 1 to 256 bytes of UTF-8 (bytes, not characters);
+//! - a counter name is 1 to 256 bytes of UTF-8 (bytes, not characters),
+//!   and a client's does not start with U+0000 (which marks the stored
+//!   names of windows: `crate::window`);
 //! - an idempotency key is 0 to 128 bytes of UTF-8, the empty string
 //!   meaning "no key";
 //! - a batch has at most 10,000 items, and its first invalid item (from
@@ -65,15 +67,29 @@ fn request(counter: String, delta: i64, key: String) -> pb::IncrementRequest {
         counter,
         delta,
         idempotency_key: key,
+        ..Default::default()
     }
 }
 
-/// The documented counter-name rule, on its own.
+/// The documented rule for a client's counter name, on its own.
 fn counter_rule(name: &str) -> Result<(), ProtocolError> {
     match name.len() {
         0 => Err(ProtocolError::EmptyCounterName),
+        _ if name.starts_with('\0') => Err(ProtocolError::ReservedCounterName),
         1..=256 => Ok(()),
         length => Err(ProtocolError::CounterNameTooLong { length }),
+    }
+}
+
+/// The rule for a stored name: a client's, or a window's.
+fn stored_rule(name: &str) -> Result<(), ProtocolError> {
+    match name.len() {
+        0 => Err(ProtocolError::EmptyCounterName),
+        257.. => Err(ProtocolError::CounterNameTooLong { length: name.len() }),
+        _ if name.starts_with('\0') && crate::window::Window::of_stored(name).is_none() => {
+            Err(ProtocolError::ReservedCounterName)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -97,12 +113,24 @@ proptest! {
     // Checks of short strings: microseconds a case.
     #![proptest_config(config(1024))]
 
-    /// A counter name is accepted exactly when it is 1 to 256 bytes, kept
-    /// as given; `validate` and `TryFrom` agree.
+    /// A client's counter name is accepted exactly when it is 1 to 256
+    /// bytes and does not start with U+0000, kept as given; `validate`
+    /// (stored names) also takes a window's name, and no other.
     #[test]
-    fn counter_names_follow_the_rule(name in text()) {
+    fn counter_names_follow_the_rule(
+        name in prop_oneof![
+            4 => text(),
+            1 => (text(), 1..100_000u64, 1..4000u32).prop_map(|(name, start, seconds)| {
+                let window = crate::window::Window {
+                    start_unix_s: start * u64::from(seconds),
+                    seconds,
+                };
+                window.stored_name(&name)
+            }),
+        ],
+    ) {
         let expected = counter_rule(&name);
-        prop_assert_eq!(CounterName::validate(&name), expected.clone());
+        prop_assert_eq!(CounterName::validate(&name), stored_rule(&name));
         match CounterName::try_from(name.clone()) {
             Ok(counter) => {
                 prop_assert_eq!(expected, Ok(()));
@@ -114,8 +142,8 @@ proptest! {
                 prop_assert_eq!(Err(error.clone()), expected);
                 // The message says what is wrong, and how long the name is.
                 let message = error.to_string();
-                prop_assert!(message.starts_with("counter name is "), "{}", message);
-                if !name.is_empty() {
+                prop_assert!(message.starts_with("counter name "), "{}", message);
+                if !name.is_empty() && !name.starts_with('\0') {
                     prop_assert!(message.contains(&name.len().to_string()), "{}", message);
                 }
             }

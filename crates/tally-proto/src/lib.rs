@@ -14,6 +14,8 @@
 //! - [`domain`]: `CounterName`, `IdempotencyKey` and `Increment`, built
 //!   from the wire types with `TryFrom`, so that a handler past the edge only
 //!   sees valid input; a `ProtocolError` becomes `INVALID_ARGUMENT`.
+//! - [`window`]: fixed windows, the counters that expire: how a window's
+//!   name is made from a counter's and read back by shards.
 //! - [`codec`]: the generated servers' codec, which answers a request that
 //!   does not decode `INVALID_ARGUMENT`.
 #![deny(missing_docs)]
@@ -21,6 +23,7 @@
 pub mod codec;
 pub mod domain;
 pub mod shard_error;
+pub mod window;
 
 /// Generated protobuf messages and gRPC clients and servers (package
 /// `tally.v1`).
@@ -34,7 +37,7 @@ pub mod pb {
 /// coordinator treats a node of another version as down, and a node refuses
 /// an Apply of another version before applying anything. Raise it whenever
 /// a change to `shard.proto` would make one side misread the other.
-pub const SHARD_PROTOCOL_VERSION: u32 = 5;
+pub const SHARD_PROTOCOL_VERSION: u32 = 6;
 
 /// A request that tells the server how long its caller waits (the
 /// `grpc-timeout` header): every Tally client sets one.

@@ -166,7 +166,9 @@ impl Cluster {
                     value,
                     complete,
                 }),
-                Err(_) => Err(CoordinatorError::TotalOutOfRange { counter }),
+                Err(_) => Err(CoordinatorError::TotalOutOfRange {
+                    counter: tally_proto::window::describe(&counter),
+                }),
             })
             .collect()
     }

@@ -363,14 +363,15 @@ fn refusal(outcome: Outcome) -> Option<CoordinatorError> {
         | Outcome::RingRefused { .. }
         | Outcome::Unavailable(_) => None,
         Outcome::Overflow(increment) => Some(CoordinatorError::IncrementOverflow {
-            counter: increment.counter.into_string(),
+            counter: tally_proto::window::describe(increment.counter.as_str()),
             delta: increment.delta,
         }),
+        Outcome::Expired(why) => Some(CoordinatorError::WindowEnded(why)),
         Outcome::KeyConflict {
             increment,
             recorded_delta,
         } => Some(CoordinatorError::KeyConflict {
-            counter: increment.counter.into_string(),
+            counter: tally_proto::window::describe(increment.counter.as_str()),
             key: increment
                 .key
                 .map(IdempotencyKey::into_string)

@@ -96,6 +96,7 @@ impl Members {
                     Outcome::Applied | Outcome::Duplicate => Outcome::Applied,
                     // Only keyed increments are refused so.
                     Outcome::Unavailable(why) => Outcome::Unavailable(why.clone()),
+                    Outcome::Expired(why) => Outcome::Expired(why.clone()),
                     Outcome::AwaitsRestore(increment) => Outcome::AwaitsRestore(StripeIncrement {
                         delta,
                         ..increment.clone()

@@ -93,6 +93,7 @@ impl ShardService {
             standing_in_for,
             version,
             takeovers_ended,
+            ..Default::default()
         })
     }
 

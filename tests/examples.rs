@@ -163,7 +163,7 @@ impl Language {
             INSTALL_TIMEOUT,
         );
         support::report(&format!(
-            "{} examples: dependencies ready in {:.1?}",
+            "{} examples: install step {:.1?}",
             self.name, run.elapsed
         ));
         assert!(

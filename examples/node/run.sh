@@ -47,7 +47,7 @@ if ! cmp -s "$here/package-lock.json" "$stamp"; then
     cp "$here/package.json" "$here/package-lock.json" "$prefix/"
   fi
   (cd "$prefix" && npm ci --no-audit --no-fund --loglevel=error) ||
-    fail "npm ci failed (is the npm registry reachable?)"
+    fail "npm ci failed (its output is above; is the npm registry reachable?)"
   cp "$here/package-lock.json" "$stamp"
 fi
 if command -v flock >/dev/null; then

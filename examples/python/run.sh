@@ -45,10 +45,12 @@ if command -v flock >/dev/null; then
   flock 9
 fi
 if ! cmp -s "$here/requirements.txt" "$venv/installed-requirements.txt"; then
-  rm -rf "$venv"
-  python3 -m venv "$venv" || fail "python3 -m venv $venv failed (on Debian: apt-get install python3-venv)"
+  # Never removed: TALLY_PYTHON_VENV may be a venv of the caller's own.
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || fail "python3 -m venv $venv failed (on Debian: apt-get install python3-venv)"
+  fi
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" ||
-    fail "pip install -r requirements.txt failed (is PyPI reachable?)"
+    fail "pip install -r requirements.txt failed (its output is above; is PyPI reachable?)"
   cp "$here/requirements.txt" "$venv/installed-requirements.txt"
 fi
 

@@ -8,7 +8,10 @@ mod support;
 
 use std::sync::Arc;
 
-use support::cluster::{get, increment, second_coordinator, start, value};
+use support::cluster::{
+    get, increment, second_coordinator, start, value, wait_for_health,
+    wait_for_replicas_to_catch_up,
+};
 use tally::proto::pb;
 use tally::proto::pb::counter_client::CounterClient;
 use tonic::transport::Channel;
@@ -307,6 +310,32 @@ async fn through_two_coordinators_a_limit_is_passed_by_at_most_the_increments_in
         (100..=108).contains(&total),
         "limit 100 passed by more than the 8 increments in flight: {total}"
     );
+    test.cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_limit_holds_while_a_node_is_down() {
+    let mut test = start().await;
+    let client = test.cluster.counter_client().await.unwrap();
+    // Half the quota used on every node (no key: the stripes rotate), and
+    // copied to the replicas.
+    for _ in 0..10 {
+        client
+            .clone()
+            .increment(limited("failover-quota", 1, 20, 0))
+            .await
+            .unwrap();
+    }
+    wait_for_replicas_to_catch_up(&test.cluster).await;
+    test.cluster.stop_shard(1).await.unwrap();
+    wait_for_health(&test.cluster, "shard-2", "down").await;
+    // The down node's part is read from its replica's copy, and new
+    // increments go around it: the other half, and no more.
+    let (applied, highest) =
+        race_to_the_limit(vec![client.clone(); 8], 5, "failover-quota", 20, 0).await;
+    assert_eq!((applied, highest), (10, 20));
+    let mut client = client;
+    assert_eq!(value(&mut client, "failover-quota").await, 20);
     test.cluster.shutdown().await.unwrap();
 }
 

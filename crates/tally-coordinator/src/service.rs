@@ -99,7 +99,7 @@ impl pb::counter_server::Counter for CounterService {
             };
             if let Some(limit) = read_back.limit {
                 let limited = limit::increment_within(
-                    &cluster,
+                    &self.cluster,
                     &self.turns,
                     increment,
                     limit,

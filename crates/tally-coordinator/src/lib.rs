@@ -40,6 +40,7 @@ mod deadline;
 mod dispatch;
 mod error;
 mod health;
+mod limit;
 mod merge;
 pub mod metrics;
 mod model;

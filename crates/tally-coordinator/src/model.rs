@@ -187,6 +187,12 @@ pub struct NodeRead {
     pub version: u64,
     /// The last takeover of each node that ended here.
     pub takeovers_ended: Vec<TakeoverEnded>,
+    /// Empty: every counter asked is current on the node. Otherwise one
+    /// per counter asked: a window that ended by the node's clock, whose
+    /// answer is no part of a total.
+    pub expired: Vec<bool>,
+    /// The node's clock when it answered, Unix ms.
+    pub now_unix_ms: u64,
 }
 
 /// A takeover that ended on the node answering: its origin had reconciled
@@ -230,6 +236,12 @@ impl NodeRead {
                 response.counters.len()
             ));
         }
+        if !response.expired.is_empty() && response.expired.len() != expected {
+            return Err(format!(
+                "flagged {} counters as expired for {expected}",
+                response.expired.len()
+            ));
+        }
         let copies = response
             .replicas
             .into_iter()
@@ -269,6 +281,8 @@ impl NodeRead {
                     directory_id: ended.directory_id,
                 })
                 .collect(),
+            expired: response.expired,
+            now_unix_ms: response.now_unix_ms,
         })
     }
 
@@ -305,6 +319,9 @@ impl NodeRead {
                     standing_in_for: self.standing_in_for.clone(),
                     version: self.version,
                     takeovers_ended: self.takeovers_ended.clone(),
+                    // Empty when none expired: then every caller's is.
+                    expired: self.expired.get(range).unwrap_or_default().to_vec(),
+                    now_unix_ms: self.now_unix_ms,
                 }
             })
             .collect()

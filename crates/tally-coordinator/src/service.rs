@@ -5,14 +5,16 @@
 use std::sync::Arc;
 
 use futures::future::join_all;
-use tally_proto::domain::{validate_batch, CounterName, Increment};
+use tally_proto::domain::{validate_batch, CounterName, Increment, ProtocolError};
 use tally_proto::pb;
+use tally_proto::window::{self, Window};
 use tally_ring::Ring;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::cluster::{ClusterHandle, Total};
 use crate::deadline::{call_budget, request_deadline};
+use crate::limit::{self, Turns};
 use crate::metrics::{CoordinatorMetrics, Method};
 
 /// Serves `tally.v1.Counter`.
@@ -20,6 +22,8 @@ use crate::metrics::{CoordinatorMetrics, Method};
 pub struct CounterService {
     cluster: ClusterHandle,
     metrics: Arc<CoordinatorMetrics>,
+    /// Limited increments' turns: across membership reloads.
+    turns: Arc<Turns>,
 }
 
 impl CounterService {
@@ -27,16 +31,44 @@ impl CounterService {
     /// reloaded membership takes effect for the next call).
     pub fn new(cluster: ClusterHandle) -> Self {
         let metrics = cluster.current().metrics().clone();
-        CounterService { cluster, metrics }
+        CounterService {
+            cluster,
+            metrics,
+            turns: Arc::default(),
+        }
     }
 }
 
-fn to_response(total: Total) -> pb::GetResponse {
+/// The counter a call addresses: `counter` itself, or its window of
+/// `window_seconds` that this coordinator's clock is in. With the window's
+/// end (Unix ms; 0 without a window).
+fn addressed(
+    counter: CounterName,
+    window_seconds: Option<u32>,
+) -> Result<(CounterName, i64), ProtocolError> {
+    match window_seconds {
+        None => Ok((counter, 0)),
+        Some(seconds) => {
+            let window = Window::current(seconds);
+            Ok((counter.in_window(window)?, window.end_unix_ms() as i64))
+        }
+    }
+}
+
+/// One counter's answer to a Get or GetBatch: its total, or why it has
+/// none. `counter` is the client's name.
+fn to_response(counter: String, total: Total, window_end_unix_ms: i64) -> pb::GetResponse {
+    let (error_code, error) = match total.error {
+        None => (0, String::new()),
+        Some(error) => (error.code() as u32, error.to_string()),
+    };
     pb::GetResponse {
-        counter: total.counter,
+        counter,
         value: total.value,
         complete: total.complete,
-        ..Default::default()
+        error_code,
+        error,
+        window_end_unix_ms,
     }
 }
 
@@ -49,16 +81,56 @@ impl pb::counter_server::Counter for CounterService {
         let call = self.metrics.call(Method::Increment);
         let result: Result<Response<pb::IncrementResponse>, Status> = async move {
             let deadline = request_deadline(&request);
-            let increment = Increment::try_from(request.into_inner())?;
+            let mut increment = Increment::try_from(request.into_inner())?;
             tracing::Span::current().record("counter", increment.counter.as_str());
-            let deduplicated = self
-                .cluster
-                .current()
-                .increment(vec![increment], deadline)
+            let window_end_unix_ms;
+            (increment.counter, window_end_unix_ms) =
+                addressed(increment.counter, increment.window_seconds)?;
+            let cluster = self.cluster.current();
+            let delta = increment.delta;
+            let Some(read_back) = increment.read_back else {
+                let deduplicated = cluster.increment(vec![increment], deadline).await?;
+                return Ok(Response::new(pb::IncrementResponse {
+                    deduplicated: deduplicated > 0,
+                    applied: delta,
+                    window_end_unix_ms,
+                    ..Default::default()
+                }));
+            };
+            if let Some(limit) = read_back.limit {
+                let limited = limit::increment_within(
+                    &self.cluster,
+                    &self.turns,
+                    increment,
+                    limit,
+                    read_back.allow_partial,
+                    deadline,
+                )
                 .await?;
+                return Ok(Response::new(pb::IncrementResponse {
+                    deduplicated: false,
+                    total: limited.total,
+                    complete: limited.complete,
+                    applied: limited.applied,
+                    window_end_unix_ms,
+                }));
+            }
+            // Read after the acknowledgement: the total holds this
+            // increment, and any other acknowledged before the read.
+            let counter = increment.counter.clone();
+            let deduplicated = cluster.increment(vec![increment], deadline).await?;
+            let total = cluster
+                .totals(vec![counter], read_back.allow_partial, deadline)
+                .await?
+                .pop()
+                .expect("one total per counter")
+                .into_result()?;
             Ok(Response::new(pb::IncrementResponse {
                 deduplicated: deduplicated > 0,
-                ..Default::default()
+                total: total.value,
+                complete: total.complete,
+                applied: delta,
+                window_end_unix_ms,
             }))
         }
         .instrument(call.span())
@@ -74,7 +146,22 @@ impl pb::counter_server::Counter for CounterService {
         let call = self.metrics.call(Method::IncrementBatch);
         let result: Result<Response<pb::IncrementBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
-            let increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
+            let mut increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
+            for (index, increment) in increments.iter_mut().enumerate() {
+                let in_batch = |error| ProtocolError::InBatch {
+                    index,
+                    error: Box::new(error),
+                };
+                increment.check_batchable().map_err(in_batch)?;
+                if let Some(seconds) = increment.window_seconds {
+                    // One clock reading per item: a batch may straddle a
+                    // window's end like separate calls would.
+                    increment.counter = increment
+                        .counter
+                        .in_window(Window::current(seconds))
+                        .map_err(in_batch)?;
+                }
+            }
             let deduplicated = self
                 .cluster
                 .current()
@@ -101,14 +188,19 @@ impl pb::counter_server::Counter for CounterService {
             let request = request.into_inner();
             let counter = CounterName::try_from(request.counter)?;
             tracing::Span::current().record("counter", counter.as_str());
+            let window_seconds = window::seconds_from_wire(request.window_seconds)?;
+            let name = window_seconds.map(|_| counter.as_str().to_string());
+            let (counter, window_end_unix_ms) = addressed(counter, window_seconds)?;
             let total = self
                 .cluster
                 .current()
                 .totals(vec![counter], request.allow_partial, deadline)
                 .await?
                 .pop()
-                .expect("one total per counter");
-            Ok(Response::new(to_response(total)))
+                .expect("one total per counter")
+                .into_result()?;
+            let name = name.unwrap_or_else(|| total.counter.clone());
+            Ok(Response::new(to_response(name, total, window_end_unix_ms)))
         }
         .instrument(call.span())
         .await;
@@ -124,15 +216,54 @@ impl pb::counter_server::Counter for CounterService {
         let result: Result<Response<pb::GetBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let request = request.into_inner();
+            let window_seconds = window::seconds_from_wire(request.window_seconds)?;
             let counters: Vec<CounterName> = validate_batch(request.counters)?;
+            // One window for the whole batch: every counter's as of one
+            // clock reading.
+            let window = window_seconds.map(Window::current);
+            let (names, counters, window_end_unix_ms) = match window {
+                None => (None, counters, 0),
+                Some(window) => {
+                    let names: Vec<String> = counters
+                        .iter()
+                        .map(|counter| counter.as_str().to_string())
+                        .collect();
+                    let windows = counters
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, counter)| {
+                            counter
+                                .in_window(window)
+                                .map_err(|error| ProtocolError::InBatch {
+                                    index,
+                                    error: Box::new(error),
+                                })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (Some(names), windows, window.end_unix_ms() as i64)
+                }
+            };
             let totals = self
                 .cluster
                 .current()
                 .totals(counters, request.allow_partial, deadline)
                 .await?;
-            Ok(Response::new(pb::GetBatchResponse {
-                counters: totals.into_iter().map(to_response).collect(),
-            }))
+            let counters = match names {
+                // Each answer under the client's name, not its window's.
+                Some(names) => names
+                    .into_iter()
+                    .zip(totals)
+                    .map(|(name, total)| to_response(name, total, window_end_unix_ms))
+                    .collect(),
+                None => totals
+                    .into_iter()
+                    .map(|mut total| {
+                        let name = std::mem::take(&mut total.counter);
+                        to_response(name, total, 0)
+                    })
+                    .collect(),
+            };
+            Ok(Response::new(pb::GetBatchResponse { counters }))
         }
         .instrument(call.span())
         .await;
@@ -147,8 +278,11 @@ impl pb::counter_server::Counter for CounterService {
         let call = self.metrics.call(Method::Delete);
         let result: Result<Response<pb::DeleteResponse>, Status> = async move {
             let deadline = request_deadline(&request);
-            let counter = CounterName::try_from(request.into_inner().counter)?;
+            let request = request.into_inner();
+            let counter = CounterName::try_from(request.counter)?;
             tracing::Span::current().record("counter", counter.as_str());
+            let window_seconds = window::seconds_from_wire(request.window_seconds)?;
+            let (counter, _) = addressed(counter, window_seconds)?;
             self.cluster.current().delete(counter, deadline).await?;
             Ok(Response::new(pb::DeleteResponse {}))
         }

@@ -11,7 +11,7 @@ use crate::error::{CoordinatorError, Result, ShardCallError};
 use crate::merge::{self, NodeView};
 
 /// One counter's total as a read found it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Total {
     /// The counter.
     pub counter: String,
@@ -19,6 +19,19 @@ pub struct Total {
     pub value: i64,
     /// Every node's part was read.
     pub complete: bool,
+    /// Why the counter has no total (`value` is 0 then): the other
+    /// counters of a `GetBatch` are answered all the same.
+    pub error: Option<CoordinatorError>,
+}
+
+impl Total {
+    /// The total, or why there is none.
+    pub fn into_result(self) -> Result<Total> {
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(self),
+        }
+    }
 }
 
 /// Reads of every node for one call, at most: another is needed only when
@@ -157,20 +170,64 @@ impl Cluster {
             }
         }
         let complete = unavailable.is_empty();
-        names
+        let expired = results.iter().any(|answer| {
+            answer
+                .as_ref()
+                .is_ok_and(|read| read.expired.iter().any(|&expired| expired))
+        });
+        Ok(names
             .into_iter()
             .zip(sums)
-            .map(|(counter, sum)| match i64::try_from(sum) {
-                Ok(value) => Ok(Total {
+            .enumerate()
+            .map(|(index, (counter, sum))| {
+                let ended = expired
+                    .then(|| self.window_ended(&counter, index, &results))
+                    .flatten();
+                let (value, error) = match (ended, i64::try_from(sum)) {
+                    (Some(error), _) => (0, Some(error)),
+                    (None, Ok(value)) => (value, None),
+                    (None, Err(_)) => (
+                        0,
+                        Some(CoordinatorError::TotalOutOfRange {
+                            counter: tally_proto::window::describe(&counter),
+                        }),
+                    ),
+                };
+                Total {
                     counter,
                     value,
-                    complete,
-                }),
-                Err(_) => Err(CoordinatorError::TotalOutOfRange {
-                    counter: tally_proto::window::describe(&counter),
-                }),
+                    complete: complete && error.is_none(),
+                    error,
+                }
             })
-            .collect()
+            .collect())
+    }
+
+    /// The error for counter `index` (`counter`) if a node answered that
+    /// its window has ended by its clock: that node may have reclaimed
+    /// some of its parts, so no total of it is right. This coordinator's
+    /// clock is still in the window (it chose it), so the two clocks differ
+    /// by more than the node's grace.
+    fn window_ended(
+        &self,
+        counter: &str,
+        index: usize,
+        results: &[merge::Answer],
+    ) -> Option<CoordinatorError> {
+        let (node, read) = results.iter().enumerate().find_map(|(node, answer)| {
+            let read = answer.as_ref().ok()?;
+            (read.expired.get(index) == Some(&true)).then_some((node, read))
+        })?;
+        let end = tally_proto::window::Window::end_of_stored(counter).unwrap_or_default();
+        Some(CoordinatorError::WindowEnded(format!(
+            "{}: ended {} ms ago by the clock of {}, which may have reclaimed it, while this \
+             coordinator's clock is still in it ({} ms before its end): their clocks differ by \
+             more than the node's window_grace_ms; nothing read or applied",
+            tally_proto::window::describe(counter),
+            read.now_unix_ms.saturating_sub(end),
+            self.shards[node].node_id(),
+            end.saturating_sub(tally_proto::window::now_unix_ms()),
+        )))
     }
 
     /// Resets a counter to 0 on every node.

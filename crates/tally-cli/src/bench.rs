@@ -316,11 +316,10 @@ impl WindowEnds {
         self.latest.fetch_max(end_unix_ms, Ordering::Relaxed);
     }
 
-    /// Whether two different windows were seen.
+    /// Whether two different windows were seen (none seen: earliest is
+    /// above latest).
     fn rolled_over(&self) -> bool {
-        let earliest = self.earliest.load(Ordering::Relaxed);
-        let latest = self.latest.load(Ordering::Relaxed);
-        earliest <= latest && earliest != latest
+        self.earliest.load(Ordering::Relaxed) < self.latest.load(Ordering::Relaxed)
     }
 
     /// The current window's end by this host's clock.

@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use comfy_table::{presets, Table};
 use serde::Serialize;
-use tally_cli::bench::{BenchOptions, Stop};
+use tally_cli::bench::{BenchOptions, Mode, Stop};
 use tally_cli::client::{Access, Client};
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
+use tally_cli::window_arg::{describe_window, format_unix_ms};
 use tally_coordinator::{locate_response, ring_response, CoordinatorConfig, CoordinatorOverrides};
 use tally_proto::domain::CounterName;
 use tally_proto::pb;
@@ -59,13 +60,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             counter,
             delta,
             key,
-        } => Cli::new(client, outer).incr(counter, delta, key).await,
+            get,
+            window,
+            limit,
+            allow_partial,
+        } => {
+            let request = pb::IncrementRequest {
+                counter,
+                delta,
+                idempotency_key: key.unwrap_or_default(),
+                return_total: get,
+                allow_partial,
+                window_seconds: window.unwrap_or(0),
+                limit,
+            };
+            Cli::new(client, outer).incr(request).await
+        }
         Command::Get {
             client,
             counters,
             allow_partial,
-        } => Cli::new(client, outer).get(counters, allow_partial).await,
-        Command::Delete { client, counter } => Cli::new(client, outer).delete(counter).await,
+            window,
+        } => {
+            Cli::new(client, outer)
+                .get(counters, allow_partial, window.unwrap_or(0))
+                .await
+        }
+        Command::Delete {
+            client,
+            counter,
+            window,
+        } => {
+            Cli::new(client, outer)
+                .delete(counter, window.unwrap_or(0))
+                .await
+        }
         Command::Ring { client, config } => Cli::new(client, outer).ring(config.as_deref()).await,
         Command::Locate {
             client,
@@ -100,6 +129,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             keyed,
             prefix,
             no_check,
+            get,
+            window,
+            limit,
         } => {
             let cli = Cli::new(client, outer);
             let options = BenchOptions {
@@ -116,7 +148,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 check: !no_check,
                 progress: !cli.json,
             };
-            cli.bench(options).await
+            let mode = Mode {
+                get,
+                window_seconds: window.unwrap_or(0),
+                limit,
+            };
+            cli.bench(options, mode).await
         }
     }
 }
@@ -163,6 +200,17 @@ fn say(text: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
+
+/// `incr --limit`: the limit refused the increment. Not an error to
+/// report (the output says so), but the exit status says it:
+/// [`REFUSED_EXIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the limit")]
+pub struct Refused;
+
+/// The exit status of `incr --limit` when the limit refused the increment
+/// (1 is an error, 2 a usage error).
+pub const REFUSED_EXIT: u8 = 3;
 
 /// A gRPC error as a person reads it: the code, then the server's message.
 fn describe(status: tonic::Status) -> anyhow::Error {
@@ -247,83 +295,157 @@ impl Cli {
         }
     }
 
-    async fn incr(&self, counter: String, delta: i64, key: Option<String>) -> anyhow::Result<()> {
+    async fn incr(&self, request: pb::IncrementRequest) -> anyhow::Result<()> {
         let mut client = self.counter_client().await?;
         let answer = client
-            .increment(self.request(pb::IncrementRequest {
-                counter: counter.clone(),
-                delta,
-                idempotency_key: key.unwrap_or_default(),
-                ..Default::default()
-            }))
+            .increment(self.request(request.clone()))
             .await
             .map_err(describe)?
             .into_inner();
-        let incremented = Incremented {
-            counter: &counter,
-            delta,
-            deduplicated: answer.deduplicated,
-        };
-        self.print(&incremented, || {
-            if answer.deduplicated {
-                format!("OK {counter} {delta:+} (a retry: the key was applied before, not again)")
-            } else {
-                format!("OK {counter} {delta:+}")
-            }
-        })?;
+        if let Some(ignored) = ignored_by_increment(&request, &answer) {
+            anyhow::bail!(
+                "the coordinator ignored {ignored}: it is older than this tallyctl (upgrade it); \
+                 the increment was applied without {ignored}"
+            );
+        }
+        let incremented = Incremented::of(&request, &answer);
+        self.print(&incremented, || incremented.human())?;
+        if incremented.refused == Some(true) {
+            return Err(Refused.into());
+        }
         Ok(())
     }
 
-    async fn get(&self, counters: Vec<String>, allow_partial: bool) -> anyhow::Result<()> {
+    async fn get(
+        &self,
+        counters: Vec<String>,
+        allow_partial: bool,
+        window_seconds: u32,
+    ) -> anyhow::Result<()> {
         let mut client = self.counter_client().await?;
         let totals = client
             .get_batch(self.request(pb::GetBatchRequest {
                 counters,
                 allow_partial,
-                ..Default::default()
+                window_seconds,
             }))
             .await
             .map_err(describe)?
             .into_inner()
             .counters;
-        self.print(&totals, || {
-            let mut table = new_table(&["COUNTER", "VALUE", "COMPLETE"]);
-            for total in &totals {
-                table.add_row(vec![
-                    total.counter.clone(),
-                    total.value.to_string(),
-                    if total.complete {
-                        "yes"
-                    } else {
-                        "NO (partial)"
-                    }
-                    .to_string(),
-                ]);
+        let windowed = window_seconds != 0;
+        anyhow::ensure!(
+            !windowed
+                || totals
+                    .iter()
+                    .all(|total| total.error_code != 0 || total.window_end_unix_ms != 0),
+            "the coordinator ignored --window: it is older than this tallyctl (upgrade it), \
+             and answered the counters without a window"
+        );
+        let printed: Vec<Total> = totals
+            .iter()
+            .map(|total| Total::of(total, windowed))
+            .collect();
+        let failed = totals.iter().filter(|total| total.error_code != 0).count();
+        self.print(&printed, || {
+            let mut header = vec!["COUNTER", "VALUE", "COMPLETE"];
+            if windowed {
+                header.push("WINDOW ENDS");
             }
-            table.trim_fmt()
+            if failed > 0 {
+                header.push("ERROR");
+            }
+            let mut table = new_table(&header);
+            for total in &totals {
+                let mut row = vec![total.counter.clone()];
+                if total.error_code != 0 {
+                    row.extend(["-".to_string(), "-".to_string()]);
+                } else {
+                    row.push(total.value.to_string());
+                    row.push(
+                        if total.complete {
+                            "yes"
+                        } else {
+                            "NO (partial)"
+                        }
+                        .to_string(),
+                    );
+                }
+                if windowed {
+                    row.push(if total.window_end_unix_ms > 0 {
+                        format_unix_ms(total.window_end_unix_ms)
+                    } else {
+                        "-".to_string()
+                    });
+                }
+                if failed > 0 {
+                    row.push(item_error(total).unwrap_or_default());
+                }
+                table.add_row(row);
+            }
+            let text = table.trim_fmt();
+            if windowed {
+                format!("{text}\nwindows of {}", describe_window(window_seconds))
+            } else {
+                text
+            }
         })?;
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} of {} counters could not be read (their errors are printed)",
+            totals.len()
+        );
         Ok(())
     }
 
-    async fn delete(&self, counter: String) -> anyhow::Result<()> {
+    async fn delete(&self, counter: String, window_seconds: u32) -> anyhow::Result<()> {
         let mut client = self.counter_client().await?;
+        if window_seconds != 0 {
+            // A coordinator that predates windows would take this for a
+            // delete of the counter without a window, and says nothing
+            // back: one read tells it first (its answer names no window).
+            let probe = client
+                .get(self.request(pb::GetRequest {
+                    counter: counter.clone(),
+                    allow_partial: true,
+                    window_seconds,
+                }))
+                .await
+                .map_err(describe)?
+                .into_inner();
+            anyhow::ensure!(
+                probe.window_end_unix_ms != 0,
+                "the coordinator ignores --window: it is older than this tallyctl (upgrade \
+                 it); nothing was deleted"
+            );
+        }
         client
             .delete(self.request(pb::DeleteRequest {
                 counter: counter.clone(),
-                ..Default::default()
+                window_seconds,
             }))
             .await
             .map_err(describe)?;
         let deleted = Deleted {
             counter: &counter,
             deleted: true,
+            window_seconds: (window_seconds != 0).then_some(window_seconds),
         };
-        self.print(&deleted, || format!("OK {counter} deleted"))?;
+        self.print(&deleted, || {
+            if window_seconds != 0 {
+                format!(
+                    "OK {counter} deleted (its current window of {})",
+                    describe_window(window_seconds)
+                )
+            } else {
+                format!("OK {counter} deleted")
+            }
+        })?;
         Ok(())
     }
 
-    async fn bench(&self, options: BenchOptions) -> anyhow::Result<()> {
-        let report = tally_cli::bench::run(options).await?;
+    async fn bench(&self, options: BenchOptions, mode: Mode) -> anyhow::Result<()> {
+        let report = tally_cli::bench::run_with(options, mode).await?;
         self.print(&report, || report.human())?;
         anyhow::ensure!(report.passed(), "the self-check failed: {}", report.check);
         Ok(())
@@ -592,12 +714,164 @@ impl Cli {
 // message with fields added.
 
 /// `incr`: the increment made (its key is not printed), and whether it was
-/// a retry of a key applied before.
+/// a retry of a key applied before; with `--get` or `--limit` the total
+/// after it, with `--limit` whether it was applied, with `--window` the
+/// window. Keys of options not given are left out.
 #[derive(Serialize)]
 struct Incremented<'a> {
     counter: &'a str,
     delta: i64,
     deduplicated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<i64>,
+    /// The amount applied: `delta`, or 0 when refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_end_unix_ms: Option<i64>,
+}
+
+impl<'a> Incremented<'a> {
+    fn of(request: &'a pb::IncrementRequest, answer: &pb::IncrementResponse) -> Self {
+        let reads_total = request.return_total || request.limit.is_some();
+        Incremented {
+            counter: &request.counter,
+            delta: request.delta,
+            deduplicated: answer.deduplicated,
+            total: reads_total.then_some(answer.total),
+            complete: reads_total.then_some(answer.complete),
+            limit: request.limit,
+            applied: request.limit.map(|_| answer.applied),
+            refused: request
+                .limit
+                .map(|limit| refused(request.delta, limit, answer)),
+            window_seconds: (request.window_seconds != 0).then_some(request.window_seconds),
+            window_end_unix_ms: (request.window_seconds != 0).then_some(answer.window_end_unix_ms),
+        }
+    }
+
+    /// One line: `OK page:views +5`, then what the options asked for.
+    fn human(&self) -> String {
+        let (counter, delta) = (self.counter, self.delta);
+        let mut line = if self.refused == Some(true) {
+            format!(
+                "REFUSED {counter} {delta:+} (over the limit {}: not applied)",
+                self.limit.unwrap_or_default()
+            )
+        } else {
+            format!("OK {counter} {delta:+}")
+        };
+        if self.deduplicated {
+            line.push_str(" (a retry: the key was applied before, not again)");
+        }
+        if let Some(total) = self.total {
+            line.push_str(&format!(", total {total}"));
+            if self.refused == Some(false) {
+                line.push_str(&format!(
+                    " (within the limit {})",
+                    self.limit.unwrap_or_default()
+                ));
+            }
+            if self.complete == Some(false) {
+                line.push_str(" (partial: a shard's part is missing)");
+            }
+        }
+        if let (Some(seconds), Some(end)) = (self.window_seconds, self.window_end_unix_ms) {
+            line.push_str(&format!(
+                ", window of {} ends {}",
+                describe_window(seconds),
+                format_unix_ms(end)
+            ));
+        }
+        line
+    }
+}
+
+/// The options a coordinator that predates them ignored, as its answer
+/// shows (their fields left at 0), or `None`. A total is always complete
+/// unless `allow_partial` said it need not be; a window always ends.
+fn ignored_by_increment(
+    request: &pb::IncrementRequest,
+    answer: &pb::IncrementResponse,
+) -> Option<&'static str> {
+    let reads_total = request.return_total || request.limit.is_some();
+    if request.window_seconds != 0 && answer.window_end_unix_ms == 0 {
+        Some("--window")
+    } else if reads_total && !request.allow_partial && !answer.complete {
+        Some(if request.limit.is_some() {
+            "--limit"
+        } else {
+            "--get"
+        })
+    } else {
+        None
+    }
+}
+
+/// Whether the limit refused an increment of `delta`: it applied nothing
+/// of a non-zero delta, or (a delta of 0 applies nothing either way) the
+/// total is over the limit.
+fn refused(delta: i64, limit: i64, answer: &pb::IncrementResponse) -> bool {
+    if delta == 0 {
+        answer.total > limit
+    } else {
+        answer.applied != delta
+    }
+}
+
+/// `get`: one counter's total, or its error. A key is there only when it
+/// says something: `value` and `complete` unless the counter could not be
+/// read, `error_code` and `error` only then, `window_end_unix_ms` only with
+/// `--window`.
+#[derive(Serialize)]
+struct Total<'a> {
+    counter: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_end_unix_ms: Option<i64>,
+}
+
+impl<'a> Total<'a> {
+    fn of(total: &'a pb::GetResponse, windowed: bool) -> Self {
+        let failed = total.error_code != 0;
+        Total {
+            counter: &total.counter,
+            value: (!failed).then_some(total.value),
+            complete: (!failed).then_some(total.complete),
+            error_code: failed.then_some(total.error_code),
+            error: failed.then_some(total.error.as_str()),
+            window_end_unix_ms: windowed.then_some(total.window_end_unix_ms),
+        }
+    }
+}
+
+/// A `GetBatch` item's error as `describe` words a call's
+/// (`OUT_OF_RANGE: ...`), or `None` if it was read.
+fn item_error(total: &pb::GetResponse) -> Option<String> {
+    if total.error_code == 0 {
+        return None;
+    }
+    let code = tonic::Code::from(total.error_code as i32);
+    Some(format!(
+        "{}: {}",
+        to_screaming_snake(&format!("{code:?}")),
+        total.error
+    ))
 }
 
 /// `delete`.
@@ -605,6 +879,8 @@ struct Incremented<'a> {
 struct Deleted<'a> {
     counter: &'a str,
     deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_seconds: Option<u32>,
 }
 
 /// `drain`: the node drained, with the coordinator's answer.
@@ -892,6 +1168,165 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64
+    }
+
+    fn increment(delta: i64) -> pb::IncrementRequest {
+        pb::IncrementRequest {
+            counter: "api:alice".into(),
+            delta,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_limit_refused_what_it_did_not_apply() {
+        let answer = |applied, total| pb::IncrementResponse {
+            applied,
+            total,
+            complete: true,
+            ..Default::default()
+        };
+        assert!(!refused(3, 10, &answer(3, 10)));
+        assert!(refused(3, 10, &answer(0, 9)));
+        // A delta of 0 applies nothing either way: the total says.
+        assert!(!refused(0, 10, &answer(0, 10)));
+        assert!(refused(0, 10, &answer(0, 11)));
+    }
+
+    #[test]
+    fn an_old_coordinator_s_answer_says_what_it_ignored() {
+        // What a coordinator that predates these fields answers.
+        let old = pb::IncrementResponse::default();
+        let mut request = increment(1);
+        assert_eq!(ignored_by_increment(&request, &old), None);
+        request.return_total = true;
+        assert_eq!(ignored_by_increment(&request, &old), Some("--get"));
+        request.limit = Some(5);
+        assert_eq!(ignored_by_increment(&request, &old), Some("--limit"));
+        request.window_seconds = 60;
+        assert_eq!(ignored_by_increment(&request, &old), Some("--window"));
+        // With --allow-partial, an incomplete total is an answer.
+        request.window_seconds = 0;
+        request.allow_partial = true;
+        assert_eq!(ignored_by_increment(&request, &old), None);
+        // A coordinator that knows them.
+        let new = pb::IncrementResponse {
+            complete: true,
+            window_end_unix_ms: 60_000,
+            ..Default::default()
+        };
+        request.allow_partial = false;
+        request.window_seconds = 60;
+        assert_eq!(ignored_by_increment(&request, &new), None);
+    }
+
+    #[test]
+    fn incr_prints_what_was_asked_for() {
+        let plain = increment(5);
+        let answer = pb::IncrementResponse::default();
+        let printed = Incremented::of(&plain, &answer);
+        assert_eq!(printed.human(), "OK api:alice +5");
+        assert_eq!(
+            serde_json::to_value(&printed).unwrap(),
+            serde_json::json!({ "counter": "api:alice", "delta": 5, "deduplicated": false })
+        );
+
+        let mut get = increment(5);
+        get.return_total = true;
+        let answer = pb::IncrementResponse {
+            total: 12,
+            complete: true,
+            applied: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            Incremented::of(&get, &answer).human(),
+            "OK api:alice +5, total 12"
+        );
+        let partial = pb::IncrementResponse {
+            complete: false,
+            ..answer
+        };
+        assert_eq!(
+            Incremented::of(&get, &partial).human(),
+            "OK api:alice +5, total 12 (partial: a shard's part is missing)"
+        );
+
+        let mut limited = increment(1);
+        limited.limit = Some(100);
+        limited.window_seconds = 60;
+        let applied = pb::IncrementResponse {
+            total: 57,
+            complete: true,
+            applied: 1,
+            window_end_unix_ms: 1_764_633_660_000,
+            ..Default::default()
+        };
+        let printed = Incremented::of(&limited, &applied);
+        assert_eq!(
+            printed.human(),
+            "OK api:alice +1, total 57 (within the limit 100), window of 1m ends \
+             2025-12-02T00:01:00Z"
+        );
+        assert_eq!(
+            serde_json::to_value(&printed).unwrap(),
+            serde_json::json!({
+                "counter": "api:alice", "delta": 1, "deduplicated": false,
+                "total": 57, "complete": true, "limit": 100, "applied": 1, "refused": false,
+                "window_seconds": 60, "window_end_unix_ms": 1_764_633_660_000i64,
+            })
+        );
+        let refused = pb::IncrementResponse {
+            total: 100,
+            applied: 0,
+            ..applied
+        };
+        let printed = Incremented::of(&limited, &refused);
+        assert_eq!(printed.refused, Some(true));
+        assert!(
+            printed
+                .human()
+                .starts_with("REFUSED api:alice +1 (over the limit 100: not applied), total 100"),
+            "{}",
+            printed.human()
+        );
+    }
+
+    #[test]
+    fn get_prints_an_error_instead_of_a_value() {
+        let read = pb::GetResponse {
+            counter: "a".into(),
+            value: 4,
+            complete: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(Total::of(&read, false)).unwrap(),
+            serde_json::json!({ "counter": "a", "value": 4, "complete": true })
+        );
+        assert_eq!(item_error(&read), None);
+        let failed = pb::GetResponse {
+            counter: "b".into(),
+            error_code: tonic::Code::OutOfRange as u32,
+            error: "total does not fit".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(Total::of(&failed, false)).unwrap(),
+            serde_json::json!({ "counter": "b", "error_code": 11, "error": "total does not fit" })
+        );
+        assert_eq!(
+            item_error(&failed).as_deref(),
+            Some("OUT_OF_RANGE: total does not fit")
+        );
+        let windowed = pb::GetResponse {
+            window_end_unix_ms: 1_764_633_660_000,
+            ..read
+        };
+        assert_eq!(
+            serde_json::to_value(Total::of(&windowed, true)).unwrap()["window_end_unix_ms"],
+            1_764_633_660_000i64
+        );
     }
 
     #[test]

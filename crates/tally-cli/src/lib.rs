@@ -11,6 +11,7 @@
 //! - [`client`]: how `tallyctl` reaches a coordinator (TLS, tokens).
 //! - [`certs`]: `tallyctl certs` and `tallyctl tokens`: the cluster's
 //!   certificates and the public API's tokens.
+//! - [`window_arg`]: `--window DURATION`, a counter's fixed window.
 //! - the `tallyctl` binary (`src/main.rs`, `src/commands.rs`): `dev`,
 //!   `incr`, `get`, `delete`, `ring`, `locate`, `status`; human tables by
 //!   default, `--json` for scripts, non-zero exit on error.
@@ -21,3 +22,4 @@ pub mod certs;
 pub mod client;
 pub mod local_cluster;
 pub mod top;
+pub mod window_arg;

@@ -88,7 +88,9 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
-    /// Add DELTA (default 1, may be negative) to a counter.
+    /// Add DELTA (default 1, may be negative) to a counter. With --limit,
+    /// exit status 3 says the limit refused the increment.
+    #[command(group(clap::ArgGroup::new("reads_total").args(["get", "limit"]).multiple(true)))]
     Incr {
         #[command(flatten)]
         client: ClientOptions,
@@ -100,8 +102,32 @@ enum Command {
         /// Idempotency key: a retry with the same key applies once.
         #[arg(long)]
         key: Option<String>,
+        /// Print the counter's total after the increment (one more read of
+        /// every shard).
+        #[arg(long)]
+        get: bool,
+        /// Add to the counter's current fixed window of this length (e.g.
+        /// 60s, 5m, 1h, 1d, or seconds), aligned to the Unix epoch; prints
+        /// when the window ends.
+        #[arg(long, value_name = "DURATION", value_parser = tally_cli::window_arg::parse_window)]
+        window: Option<u32>,
+        /// Apply only if the total after it would be at most N; prints the
+        /// total, and exits 3 if the limit refused the increment. Not with
+        /// --key or a negative DELTA.
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            conflicts_with = "key"
+        )]
+        limit: Option<i64>,
+        /// With --get or --limit: a total without a down shard's part will
+        /// do (marked partial) instead of failing.
+        #[arg(long, requires = "reads_total")]
+        allow_partial: bool,
     },
-    /// Read counters (the sum over every shard).
+    /// Read counters (the sum over every shard). A counter that cannot be
+    /// read shows its error instead of a value, and the exit status is 1.
     Get {
         #[command(flatten)]
         client: ClientOptions,
@@ -112,6 +138,10 @@ enum Command {
         /// marked incomplete, instead of failing.
         #[arg(long)]
         allow_partial: bool,
+        /// Read the counters' current fixed window of this length (e.g.
+        /// 60s, 5m, 1h, 1d, or seconds); prints when it ends.
+        #[arg(long, value_name = "DURATION", value_parser = tally_cli::window_arg::parse_window)]
+        window: Option<u32>,
     },
     /// Reset a counter to 0 on every shard.
     Delete {
@@ -119,6 +149,10 @@ enum Command {
         client: ClientOptions,
         /// The counter's name.
         counter: String,
+        /// Reset the counter's current fixed window of this length (e.g.
+        /// 60s, 5m, 1h, 1d, or seconds) instead.
+        #[arg(long, value_name = "DURATION", value_parser = tally_cli::window_arg::parse_window)]
+        window: Option<u32>,
     },
     /// Show the ring: nodes, weights, vnodes, owned share and health.
     Ring {
@@ -198,6 +232,19 @@ enum Command {
         /// Skip reading the counters back at the end.
         #[arg(long)]
         no_check: bool,
+        /// Increment-and-get: every increment asks for the counter's total
+        /// after it (unary only: --batch 1).
+        #[arg(long)]
+        get: bool,
+        /// Increment and read the counters' current fixed window of this
+        /// length (e.g. 60s, 5m, 1h, or seconds).
+        #[arg(long, value_name = "DURATION", value_parser = tally_cli::window_arg::parse_window)]
+        window: Option<u32>,
+        /// Every increment applies only if its counter's total stays at
+        /// most N; the report counts applied and refused increments (unary
+        /// only: --batch 1; not with --keyed).
+        #[arg(long, value_name = "N", conflicts_with = "keyed")]
+        limit: Option<i64>,
     },
     /// Move a shard's entries to the next node of the ring, exactly once,
     /// so that it can be removed from the coordinators' config (then
@@ -310,10 +357,32 @@ async fn main() -> ExitCode {
             )
             .exit();
     }
+    if let Command::Incr {
+        delta,
+        limit: Some(_),
+        ..
+    } = &args.command
+    {
+        if *delta < 0 {
+            let mut command = Args::command();
+            command.build();
+            command
+                .find_subcommand_mut("incr")
+                .expect("incr is a command")
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--limit needs a DELTA of 0 or more (a decrement needs no limit)",
+                )
+                .exit();
+        }
+    }
     match commands::run(args).await {
         // The reader of our output went away (`tallyctl ... | head`): it
         // has what it wanted.
         Err(error) if error.is::<commands::StdoutClosed>() => ExitCode::SUCCESS,
+        // `incr --limit`: the limit refused the increment; what was
+        // printed says so.
+        Err(error) if error.is::<commands::Refused>() => ExitCode::from(commands::REFUSED_EXIT),
         result => tally_runtime::process::exit_code("tallyctl", result),
     }
 }

@@ -314,3 +314,78 @@ fn a_closed_stdout_is_a_quiet_exit() {
         assert_eq!(String::from_utf8_lossy(&output.stderr), "");
     }
 }
+
+/// The flags of rate limits and windows that clap refuses before any call:
+/// exit 2, with a message that says what is wrong. The endpoint is one
+/// nothing listens on, so a flag that got through would fail with 1.
+#[test]
+fn window_and_limit_usage_errors_exit_2() {
+    let nowhere = "127.0.0.1:1";
+    for (args, says) in [
+        (
+            &["incr", "x", "--window", "500ms"][..],
+            "less than a second",
+        ),
+        (&["incr", "x", "--window", "0"], "no window"),
+        (&["incr", "x", "--window", "367d"], "longer than 366 days"),
+        (&["incr", "x", "--window", "soon"], "e.g. 90, 60s"),
+        (
+            &["get", "x", "--window", "1s500ms"],
+            "whole number of seconds",
+        ),
+        (&["delete", "x", "--window", "400d"], "longer than 366 days"),
+        (
+            &["bench", "--window", "10ms", "-n", "1"],
+            "less than a second",
+        ),
+        (&["incr", "x", "--limit", "5", "--key", "k"], "--key"),
+        (&["incr", "x", "-1", "--limit", "5"], "DELTA of 0 or more"),
+        (&["incr", "x", "--allow-partial"], "--get"),
+        (&["incr", "x", "--limit", "ten"], "invalid digit"),
+        (&["bench", "--limit", "5", "--keyed"], "--keyed"),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--endpoint", nowhere]);
+        let output = tallyctl(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    // What clap lets through goes to the server: 1, cannot reach it.
+    for args in [
+        &["incr", "x", "--window", "90"][..],
+        &[
+            "incr",
+            "x",
+            "--window",
+            "1d",
+            "--limit",
+            "5",
+            "--allow-partial",
+        ],
+        &["incr", "x", "--get", "--allow-partial"],
+        &["incr", "x", "0", "--limit", "-3"],
+        &["get", "x", "--window", "5m"],
+        &["delete", "x", "--window", "1h"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--endpoint", nowhere, "--timeout-ms", "2000"]);
+        let output = tallyctl(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("cannot reach"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn incr_help_documents_the_refusal_exit_status() {
+    let help = stdout(&tallyctl(&["incr", "--help"]));
+    for option in ["--get", "--window", "--limit", "--allow-partial"] {
+        assert!(help.contains(option), "{help}");
+    }
+    assert!(help.contains("exits 3"), "{help}");
+    let bench = stdout(&tallyctl(&["bench", "--help"]));
+    for option in ["--get", "--window", "--limit"] {
+        assert!(bench.contains(option), "{bench}");
+    }
+}

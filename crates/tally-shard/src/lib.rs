@@ -230,6 +230,10 @@ impl ShardNode {
             pending_start,
             ..
         } = self.recovered;
+        state
+            .store
+            .windows()
+            .set_grace_ms(self.config.window_grace.as_millis() as u64);
         let metrics = self.metrics_listener.as_ref().map(|_| {
             metrics::ShardMetrics::new(Arc::new(tally_runtime::metrics::Registry::enabled("shard")))
         });

@@ -121,6 +121,14 @@ impl ShardService {
                             recorded_delta,
                         }))
                     }
+                    Decided::Store(ApplyOutcome::Expired {
+                        end_unix_ms,
+                        now_unix_ms,
+                    }) => Outcome::Expired(self.state.store.windows().refusal(
+                        &increment.counter,
+                        end_unix_ms,
+                        now_unix_ms,
+                    )),
                     Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
                     Decided::Unavailable(why) => Outcome::Unavailable(why),
                     Decided::OwnerBack => Outcome::OwnerBack(Box::new(increment)),

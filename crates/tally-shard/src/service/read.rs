@@ -203,6 +203,9 @@ impl ShardService {
         metrics
             .checkpoint_failures
             .absolute(load(&stats.checkpoint_failures));
+        metrics
+            .windows_reclaimed
+            .absolute(load(&stats.windows_reclaimed));
         let last_checkpoint = load(&stats.last_checkpoint_unix_ms);
         if last_checkpoint > 0 {
             let age_ms = crate::journal::unix_ms_now().saturating_sub(last_checkpoint);

@@ -113,7 +113,6 @@ impl ShardService {
             standing_in_for,
             version,
             takeovers_ended,
-            ..Default::default()
         })
     }
 

@@ -243,6 +243,16 @@ pub fn record_key(counter: &str, key: &str) -> Box<[u8]> {
     bytes.into()
 }
 
+/// The counter of a record key if it is a window's (its name starts with
+/// U+0000): one byte compare for any other.
+#[inline]
+fn window_of_record(key: &[u8]) -> Option<&str> {
+    if key.get(2) != Some(&0) {
+        return None;
+    }
+    decode_record_key(key).map(|(counter, _)| counter)
+}
+
 /// Splits a record key into its counter and idempotency key.
 pub fn decode_record_key(bytes: &[u8]) -> Option<(&str, &str)> {
     let (length, rest) = bytes.split_first_chunk::<2>()?;
@@ -473,7 +483,7 @@ impl Segment {
         if self.records.remove(key).is_none() {
             return false;
         }
-        if let Some((counter, _)) = decode_record_key(key) {
+        if let Some(counter) = window_of_record(key) {
             self.windows.forget_record(counter, key);
         }
         self.mark_record(key.clone());
@@ -1043,7 +1053,7 @@ impl Store {
             key: key.clone(),
         });
         drop(queue);
-        if let Some((counter, _)) = decode_record_key(&key) {
+        if let Some(counter) = window_of_record(&key) {
             segment.windows.note_record(counter, &key);
         }
         segment.records.insert(

@@ -124,12 +124,19 @@ async fn apply_refuses_an_ended_window_item_by_item_and_says_why() {
             increment("plain", 0, 2, ""),
             increment(&current, 1, 3, ""),
             increment(&ended, 2, 4, "key-1"),
+            // Of another membership, on behalf of a node this one holds no
+            // copy of: refused as expired all the same.
+            pb::ShardIncrement {
+                ring: RING + 1,
+                on_behalf_of: "shard-9".into(),
+                ..increment(&ended, 3, 1, "key-2")
+            },
         ],
     )
     .await;
     assert!(matches!(outcomes[1], Outcome::Applied(_)), "{outcomes:?}");
     assert!(matches!(outcomes[2], Outcome::Applied(_)), "{outcomes:?}");
-    for outcome in [&outcomes[0], &outcomes[3]] {
+    for outcome in [&outcomes[0], &outcomes[3], &outcomes[4]] {
         let Outcome::Expired(reason) = outcome else {
             panic!("{outcomes:?}");
         };

@@ -14,6 +14,7 @@ use tally_runtime::process::LogFormat;
 use tally_runtime::tls::TlsFiles;
 
 use crate::store::{KeyRetention, DEFAULT_KEY_RETENTION, DEFAULT_MAX_KEYS};
+use crate::windows::{DEFAULT_WINDOW_GRACE_MS, MAX_WINDOW_GRACE_MS};
 
 /// When an increment is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -90,6 +91,7 @@ struct RawShardConfig {
     log_segment_bytes: Option<u64>,
     checkpoint_log_bytes: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
+    window_grace_ms: Option<u64>,
     tls: Option<TlsKeys>,
 }
 
@@ -118,6 +120,8 @@ pub struct ShardOverrides {
     pub checkpoint_log_bytes: Option<u64>,
     /// `--checkpoint-interval-ms`
     pub checkpoint_interval_ms: Option<u64>,
+    /// `--window-grace-ms`
+    pub window_grace_ms: Option<u64>,
     /// `--tls-cert`, `--tls-key`, `--tls-ca`
     pub tls: TlsKeys,
 }
@@ -147,6 +151,10 @@ pub struct ShardConfig {
     pub checkpoint_log_bytes: u64,
     /// ... or this long after the last one began, if anything changed.
     pub checkpoint_interval: Duration,
+    /// How long after a window's end (by this node's clock) the node still
+    /// applies to it and reads it; it reclaims the window 10 s later
+    /// (`crate::windows`).
+    pub window_grace: Duration,
     /// TLS on the node's ports, its internal port served only to clients
     /// with a certificate the CA signed: none, plaintext.
     pub tls: Option<TlsFiles>,
@@ -171,6 +179,7 @@ impl ShardConfig {
             log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
             checkpoint_log_bytes: DEFAULT_CHECKPOINT_LOG_BYTES,
             checkpoint_interval: Duration::from_millis(DEFAULT_CHECKPOINT_INTERVAL_MS),
+            window_grace: Duration::from_millis(DEFAULT_WINDOW_GRACE_MS),
             tls: None,
         }
     }
@@ -268,6 +277,14 @@ impl ShardConfig {
             DEFAULT_CHECKPOINT_INTERVAL_MS,
             10..=86_400_000,
         )?;
+        let window_grace_ms = ranged_setting(
+            overrides.window_grace_ms,
+            raw.window_grace_ms,
+            &file_origin,
+            "window_grace_ms",
+            DEFAULT_WINDOW_GRACE_MS,
+            1..=MAX_WINDOW_GRACE_MS,
+        )?;
 
         let tls = TlsKeys::load(overrides.tls, raw.tls, path, |files| {
             files
@@ -289,6 +306,7 @@ impl ShardConfig {
             log_segment_bytes,
             checkpoint_log_bytes,
             checkpoint_interval: Duration::from_millis(checkpoint_interval_ms),
+            window_grace: Duration::from_millis(window_grace_ms),
             tls,
         })
     }
@@ -320,6 +338,38 @@ mod tests {
         assert_eq!(
             config.flush_interval,
             Duration::from_millis(DEFAULT_FLUSH_INTERVAL_MS)
+        );
+        assert_eq!(config.window_grace, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn window_grace_ms_is_read_from_the_file_and_the_flag() {
+        let config = load_text(
+            &format!("{GOOD}window_grace_ms = 1000\n"),
+            ShardOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.window_grace, Duration::from_secs(1));
+        let config = load_text(
+            &format!("{GOOD}window_grace_ms = 1000\n"),
+            ShardOverrides {
+                window_grace_ms: Some(86_400_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.window_grace, Duration::from_secs(86_400));
+        let error = load_text(
+            GOOD,
+            ShardOverrides {
+                window_grace_ms: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            error.starts_with("command line: window_grace_ms: 0 is out of range"),
+            "{error}"
         );
     }
 
@@ -383,6 +433,18 @@ mod tests {
             (
                 format!("{GOOD}checkpoint_interval_ms = 1\n"),
                 "FILE: checkpoint_interval_ms: 1 is out of range",
+            ),
+            (
+                format!("{GOOD}window_grace_ms = 0\n"),
+                "FILE: window_grace_ms: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}window_grace_ms = 86400001\n"),
+                "FILE: window_grace_ms: 86400001 is out of range",
+            ),
+            (
+                format!("{GOOD}window_grace_ms = \"1m\"\n"),
+                "FILE:4: window_grace_ms: invalid type",
             ),
             (
                 format!("{GOOD}log_format = \"xml\"\n"),

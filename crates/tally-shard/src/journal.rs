@@ -111,6 +111,9 @@ pub struct LogStats {
     pub checkpoints: AtomicU64,
     /// Checkpoints failed since start.
     pub checkpoint_failures: AtomicU64,
+    /// Windows reclaimed since start: own ones, and each copy's
+    /// (`crate::windows`).
+    pub windows_reclaimed: AtomicU64,
 }
 
 /// A change waiting for the log.
@@ -258,6 +261,8 @@ impl Journal {
             checkpoint_position: parts.checkpoint_position,
             last_round_started: Instant::now(),
             copy_records_swept: Instant::now(),
+            windows_swept: Instant::now(),
+            windows_backlog: false,
             jobs: Some(jobs),
             outcomes,
             checkpointer: Some(checkpointer),
@@ -430,6 +435,10 @@ struct LogThread {
     last_round_started: Instant,
     /// When replica copies' records were last swept for retention.
     copy_records_swept: Instant,
+    /// When ended windows were last swept for ([`LogThread::sweep_windows`]).
+    windows_swept: Instant,
+    /// The last sweep stopped at its limit: the next turn sweeps again.
+    windows_backlog: bool,
     jobs: Option<mpsc::Sender<Job>>,
     outcomes: mpsc::Receiver<RoundOutcome>,
     checkpointer: Option<std::thread::JoinHandle<Option<u64>>>,
@@ -489,7 +498,7 @@ impl LogThread {
     /// of the checkpoint round, if one runs.
     fn turn(
         &mut self,
-        requests: Vec<Request>,
+        mut requests: Vec<Request>,
         capture_everything: bool,
     ) -> Result<(), FlushFailed> {
         self.inbox.wake_pending.store(false, Ordering::SeqCst);
@@ -523,6 +532,8 @@ impl LogThread {
                  through this node (a restore or a drain of its origin) would apply again"
             );
         }
+        // Before the flush: this turn's frame logs what it reclaims.
+        let copy_windows = self.sweep_windows(&mut requests);
         self.maybe_start_round();
         let own_capture = match &self.round {
             Some(round) if capture_everything => round.next_segment..SEGMENT_COUNT,
@@ -571,6 +582,9 @@ impl LogThread {
                 if own_frame.is_some() || !requests.is_empty() {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 }
+                self.stats
+                    .windows_reclaimed
+                    .fetch_add(copy_windows, Ordering::Relaxed);
                 self.durable.send_modify(|state| {
                     state.completed_epoch = epoch;
                     state.durable_epoch = epoch;
@@ -629,6 +643,60 @@ impl LogThread {
                 Err(error)
             }
         }
+    }
+
+    /// Reclaims the windows that ended by this node's clock, grace and
+    /// margin included (`crate::windows`), once per sweep interval (at
+    /// once again after a sweep that stopped at its limit):
+    ///
+    /// - own entries and idempotency records: set to 0 and forgotten in
+    ///   memory now, as a delete does ([`Store::reclaim_windows`]), so this
+    ///   turn's own frame logs them; replicas get "entry gone" from the next
+    ///   change set, and the next checkpoint writes their buckets without
+    ///   them (then the log segments holding them go);
+    /// - replica copies: their records are forgotten now (as retention
+    ///   forgets a copy's records), their entries are erased by an
+    ///   `EraseCopies` frame queued with this turn's requests, applied once
+    ///   durable as any other.
+    ///
+    /// Returns the copies' windows, to count once the turn is durable.
+    fn sweep_windows(&mut self, requests: &mut Vec<Request>) -> u64 {
+        let windows = self.state.store.windows();
+        if !self.windows_backlog && self.windows_swept.elapsed() < windows.sweep_interval() {
+            return 0;
+        }
+        self.windows_swept = Instant::now();
+        let now_ms = windows.now_ms();
+        let horizon = windows.reclaim_horizon(now_ms);
+        let limit = crate::windows::MAX_RECLAIMED_PER_SWEEP;
+        let own = self.state.store.reclaim_windows(horizon, limit);
+        let copies = self.state.replicas.reclaim_windows(horizon, limit);
+        self.windows_backlog = own >= limit || copies.windows >= limit;
+        self.stats
+            .windows_reclaimed
+            .fetch_add(own as u64, Ordering::Relaxed);
+        if own > 0 || copies.windows > 0 {
+            tracing::debug!(
+                own_windows = own,
+                copy_windows = copies.windows,
+                copy_counters = copies.counters.len(),
+                copy_records = copies.records,
+                ended_by_ms = horizon,
+                "reclaimed ended windows"
+            );
+        }
+        if !copies.counters.is_empty() {
+            // Nobody waits for it: a failed write leaves the counters in the
+            // copies, and still listed, for the next sweep.
+            let (reply, _) = oneshot::channel();
+            requests.push(Request {
+                change: Change::EraseCopies {
+                    counters: copies.counters,
+                },
+                reply,
+            });
+        }
+        copies.windows as u64
     }
 
     /// Starts a checkpoint round if none runs and the log has grown enough,

@@ -23,6 +23,8 @@
 //! - `journal`: the log thread (group commit) and the checkpoint rounds
 //!   it drives; `checkpoint`: the sled checkpoint and its thread.
 //! - `meta`: the node's identity, starts, drain and restore state.
+//! - `windows`: counters with a fixed window, refused and flagged once
+//!   ended by this node's clock, and reclaimed (an index of them by end).
 //! - `storage`: the data directory (lock, marker, witness), recovery and
 //!   `storage::verify`; `legacy`: migration of format 2 directories.
 //! - `service`: the gRPC service; `refusal`: every way it refuses a
@@ -63,6 +65,7 @@ mod service;
 mod storage;
 pub mod store;
 mod table;
+mod windows;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -227,6 +230,10 @@ impl ShardNode {
             pending_start,
             ..
         } = self.recovered;
+        state
+            .store
+            .windows()
+            .set_grace_ms(self.config.window_grace.as_millis() as u64);
         let metrics = self.metrics_listener.as_ref().map(|_| {
             metrics::ShardMetrics::new(Arc::new(tally_runtime::metrics::Registry::enabled("shard")))
         });

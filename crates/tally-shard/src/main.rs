@@ -72,6 +72,11 @@ struct ServeArgs {
     /// ... or this many milliseconds after the last one began.
     #[arg(long)]
     checkpoint_interval_ms: Option<u64>,
+    /// How many milliseconds after a counter window's end (by this node's
+    /// clock) the node still applies to it and reads it; it reclaims the
+    /// window 10 s later.
+    #[arg(long)]
+    window_grace_ms: Option<u64>,
     #[command(flatten)]
     tls: tally_runtime::config_file::TlsKeys,
 }
@@ -177,6 +182,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         log_segment_bytes: args.log_segment_bytes,
         checkpoint_log_bytes: args.checkpoint_log_bytes,
         checkpoint_interval_ms: args.checkpoint_interval_ms,
+        window_grace_ms: args.window_grace_ms,
         tls: args.tls,
     };
     let config = ShardConfig::load(args.config.as_deref(), overrides)?;

@@ -91,6 +91,12 @@ const REPLICA_COPY_AGE: Describe = Describe::new(
     "Time since the replication round that last brought a copy up to date began (NaN: unknown, as after this node started or a takeover ended)."
 );
 
+const WINDOWS_RECLAIMED: Describe = Describe::new(
+    "tally_shard_windows_reclaimed_total",
+    None,
+    "Counter windows reclaimed (ended by this node's clock, plus window_grace_ms and 10 s): from own entries, and from each replica copy held.",
+);
+
 /// A shard's instruments.
 #[derive(Debug, Clone)]
 pub struct ShardMetrics {
@@ -108,6 +114,7 @@ pub struct ShardMetrics {
     pub(crate) keys_forgotten_early: Counter,
     pub(crate) replica_copies: Gauge,
     pub(crate) replica_entries: Gauge,
+    pub(crate) windows_reclaimed: Counter,
     commits: CommitMetrics,
     /// The origins whose copy age the last scrape showed: a copy dropped
     /// since gets NaN, not its last age.
@@ -132,6 +139,7 @@ impl ShardMetrics {
             keys_forgotten_early: registry.counter(KEYS_FORGOTTEN_EARLY, none),
             replica_copies: registry.gauge(REPLICA_COPIES, none),
             replica_entries: registry.gauge(REPLICA_ENTRIES, none),
+            windows_reclaimed: registry.counter(WINDOWS_RECLAIMED, none),
             commits: CommitMetrics {
                 counters: registry.histogram(GROUP_COMMIT_COUNTERS, none),
                 seconds: registry.histogram(GROUP_COMMIT_SECONDS, none),

@@ -19,6 +19,7 @@ use parking_lot::RwLock;
 
 use crate::store::{capture_buckets, CapturedBucket, Placement, SEGMENT_COUNT};
 use crate::table::Table;
+use crate::windows::WindowIndex;
 
 /// Where a copy stands: which of the origin's data directories it comes
 /// from, its version there, and when the origin scanned that version.
@@ -61,6 +62,9 @@ struct Copy {
     /// since (a full copy) is skipped when it comes up.
     arrivals: std::collections::VecDeque<(u64, std::sync::Arc<[u8]>)>,
     checkpoint_dirty: Vec<u64>,
+    /// The copy's windowed counters and their records' keys
+    /// ([`Replicas::reclaim_windows`]).
+    windows: WindowIndex,
 }
 
 impl Default for Copy {
@@ -71,6 +75,7 @@ impl Default for Copy {
             records: vec![RecordMap::default(); SEGMENT_COUNT],
             arrivals: Default::default(),
             checkpoint_dirty: vec![0; SEGMENT_COUNT],
+            windows: WindowIndex::default(),
         }
     }
 }
@@ -94,6 +99,7 @@ impl Copy {
             self.checkpoint_dirty[segment] |= 1 << Placement::of(key).sub;
         }
         let key: std::sync::Arc<[u8]> = key.into();
+        self.windows.note_record(counter, &key);
         self.records[segment].insert(key.clone(), (delta, applied_unix_ms, arrived));
         self.arrivals.push_back((arrived, key));
     }
@@ -120,6 +126,7 @@ impl Copy {
                 .is_some_and(|&(_, _, last)| last == arrived)
             {
                 records.remove(&key);
+                self.windows.forget_record(counter, &key);
                 held -= 1;
                 if arrived >= before {
                     early += 1;
@@ -153,12 +160,20 @@ impl Copy {
             }
             None if value == 0 => return,
             None => {
+                self.windows.note_counter(counter);
                 table.insert(counter, stripe, value, 0);
             }
         }
         if mark {
             self.checkpoint_dirty[placement.segment] |= 1 << placement.sub;
         }
+    }
+
+    /// Whether the copy holds an entry of `counter`.
+    fn holds(&self, counter: &str) -> bool {
+        self.segments[Placement::of(counter.as_bytes()).segment]
+            .find(counter)
+            .is_some()
     }
 
     /// Reclaims the dead bytes of removed and moved records (no offsets
@@ -180,6 +195,7 @@ impl Copy {
         }
         self.arrivals.clear();
         self.checkpoint_dirty.fill(u64::MAX);
+        self.windows.clear();
     }
 
     fn all_records(&self) -> impl Iterator<Item = CopyRecord> + '_ {
@@ -230,6 +246,17 @@ pub struct CopyRead {
     pub stamp: CopyStamp,
     /// Per requested counter, in order: `(stripe, value)`.
     pub counters: Vec<Vec<(u32, i64)>>,
+}
+
+/// What [`Replicas::reclaim_windows`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReclaimedWindows {
+    /// The counters some copy holds entries of: to erase from every copy.
+    pub counters: Vec<String>,
+    /// Windows that held entries or records, counted once per copy.
+    pub windows: usize,
+    /// Records forgotten.
+    pub records: usize,
 }
 
 /// Whether a change set applies to a copy.
@@ -443,6 +470,51 @@ impl Replicas {
             copy.compact_wasteful();
         }
         found
+    }
+
+    /// Finds, in every copy, up to `limit` windowed counters whose window
+    /// ended at or before `horizon` (Unix ms), through each copy's
+    /// [`WindowIndex`] (a copy with nothing due costs one look). Their
+    /// idempotency records are forgotten at once, without a log frame, as
+    /// retention forgets a copy's records (a restart may bring some back
+    /// from the log, to be reclaimed again); the counters held are
+    /// returned, for the caller to erase through the log (an `EraseCopies`
+    /// frame). They stay listed until then: a sweep that finds one no
+    /// longer held takes it off.
+    pub fn reclaim_windows(&self, horizon: u64, limit: usize) -> ReclaimedWindows {
+        let mut reclaimed = ReclaimedWindows::default();
+        let mut counters = std::collections::BTreeSet::new();
+        let mut copies = self.copies.write();
+        for copy in copies.values_mut() {
+            if reclaimed.windows >= limit {
+                break;
+            }
+            if !copy.windows.any_ended(horizon) {
+                continue;
+            }
+            for (counter, keys) in copy.windows.take_ended(horizon, limit - reclaimed.windows) {
+                let mut held = false;
+                for key in keys {
+                    let Some((of, _)) = crate::store::decode_record_key(&key) else {
+                        continue;
+                    };
+                    let segment = Placement::of(of.as_bytes()).segment;
+                    if copy.records[segment].remove(&key).is_some() {
+                        copy.checkpoint_dirty[segment] |= 1 << Placement::of(&key).sub;
+                        reclaimed.records += 1;
+                        held = true;
+                    }
+                }
+                if copy.holds(&counter) {
+                    copy.windows.note_counter(&counter);
+                    counters.insert(counter);
+                    held = true;
+                }
+                reclaimed.windows += usize::from(held);
+            }
+        }
+        reclaimed.counters = counters.into_iter().map(String::from).collect();
+        reclaimed
     }
 
     /// Whether any copy holds one of `counters`.
@@ -695,5 +767,91 @@ mod tests {
         assert_eq!(captured[0].bucket, Placement::of(b"c").bucket());
         replicas.remove("a");
         assert_eq!(replicas.take_dropped(), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn ended_windows_are_found_in_every_copy_with_their_records() {
+        let replicas = Replicas::default();
+        let window = tally_proto::window::Window::current(60);
+        let end = window.end_unix_ms();
+        let name = window.stored_name("api:alice");
+        let later = tally_proto::window::Window::current(3600).stored_name("api:alice");
+        replicas.apply(
+            "a",
+            at(1),
+            true,
+            &[
+                (name.as_str(), 0, 5),
+                (name.as_str(), 1, 2),
+                ("plain", 0, 1),
+                (later.as_str(), 0, 1),
+            ],
+            &[
+                (key(name.as_str(), "k1"), 5, 1),
+                (key("plain", "k2"), 1, 1),
+                (key(later.as_str(), "k3"), 1, 1),
+            ],
+            0,
+        );
+        replicas.apply("b", at(1), true, &[(name.as_str(), 3, 1)], &[], 0);
+        // A copy loaded at a start is found the same way.
+        replicas.load("c", &name, 2, 4);
+        replicas.load_record("c", &key(name.as_str(), "k4"), 4, 1, 0);
+
+        assert_eq!(
+            replicas.reclaim_windows(end - 1, 100),
+            ReclaimedWindows::default()
+        );
+        let reclaimed = replicas.reclaim_windows(end, 100);
+        assert_eq!(
+            reclaimed,
+            ReclaimedWindows {
+                counters: vec![name.clone()],
+                windows: 3,
+                records: 2,
+            }
+        );
+        // Records go at once; entries once erased through the log.
+        assert_eq!(replicas.record("a", &name, "k1"), None);
+        assert_eq!(replicas.record("c", &name, "k4"), None);
+        assert_eq!(replicas.record("a", "plain", "k2"), Some(1));
+        assert_eq!(replicas.record("a", &later, "k3"), Some(1));
+        let read = replicas.read(std::slice::from_ref(&name));
+        assert!(read.iter().all(|copy| !copy.counters[0].is_empty()));
+        // Until then a sweep finds them again (a failed write of the erase).
+        assert_eq!(
+            replicas.reclaim_windows(end, 100).counters,
+            vec![name.clone()]
+        );
+        assert!(replicas.erase(&[name.as_str()]));
+        let read = replicas.read(std::slice::from_ref(&name));
+        assert!(read.iter().all(|copy| copy.counters[0].is_empty()));
+        assert_eq!(
+            replicas.reclaim_windows(end, 100),
+            ReclaimedWindows::default(),
+            "erased: off the list"
+        );
+        assert_eq!(replicas.entry_count(), 2, "plain and the later window");
+        // The checkpoint hears of the forgotten records.
+        let mut captured = Vec::new();
+        replicas.capture("a", 0..SEGMENT_COUNT, &mut captured);
+        let bucket = Placement {
+            segment: Placement::of(name.as_bytes()).segment,
+            sub: Placement::of(&key(name.as_str(), "k1")).sub,
+        }
+        .bucket();
+        assert!(captured.iter().any(|captured| captured.bucket == bucket));
+    }
+
+    #[test]
+    fn a_full_copy_lists_its_windows_afresh() {
+        let replicas = Replicas::default();
+        let window = tally_proto::window::Window::current(60);
+        let end = window.end_unix_ms();
+        let gone = window.stored_name("gone");
+        let kept = window.stored_name("kept");
+        replicas.apply("a", at(1), true, &[(gone.as_str(), 0, 1)], &[], 0);
+        replicas.apply("a", at(2), true, &[(kept.as_str(), 0, 1)], &[], 0);
+        assert_eq!(replicas.reclaim_windows(end, 100).counters, vec![kept]);
     }
 }

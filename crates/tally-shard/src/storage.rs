@@ -1223,6 +1223,101 @@ mod tests {
         }
     }
 
+    /// Polls `done` until it holds (30 s at most).
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(30), "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn ended_windows_are_reclaimed_through_the_log_and_stay_gone() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tally_proto::window::Window;
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), Duration::from_secs(3600));
+        // A grace of a day takes a window that ended an hour ago ...
+        node.state.store.windows().set_grace_ms(86_400_000);
+        let now = crate::journal::unix_ms_now();
+        let ended = Window::containing(now - 3_600_000, 60).stored_name("api:alice");
+        let current = Window::current(3600).stored_name("api:alice");
+        node.add(&ended, 0, 5, Some("k1"));
+        node.add(&ended, 1, 2, None);
+        node.add("plain", 0, 1, Some("k2"));
+        node.add(&current, 0, 1, Some("k3"));
+        node.submit(Change::Replica {
+            origin: "shard-2".into(),
+            stamp: CopyStamp {
+                version: 1,
+                scanned_unix_ms: 0,
+                directory_id: 7,
+            },
+            full: true,
+            entries: vec![(ended.clone(), 0, 3), ("other".into(), 0, 1)],
+            records: vec![(record_key(&ended, "k9"), 3, 1)],
+        });
+        let copy_of = |state: &NodeState| {
+            state.replicas.read(std::slice::from_ref(&ended))[0].counters[0].clone()
+        };
+        assert_eq!(copy_of(&node.state), vec![(0, 3)]);
+        assert_eq!(node.state.store.remembered_keys(), 3);
+        // ... and a grace of 1 ms makes it due: the log thread reclaims it.
+        node.state.store.windows().set_grace_ms(1);
+        wait_until("the window to be reclaimed", || {
+            node.state.store.read(&ended).is_empty()
+                && copy_of(&node.state).is_empty()
+                && node.journal.stats().windows_reclaimed.load(Relaxed) == 2
+        });
+        assert_eq!(node.state.store.remembered_keys(), 2);
+        assert_eq!(node.state.replicas.record("shard-2", &ended, "k9"), None);
+        assert_eq!(node.state.store.read(&current), vec![(0, 1)]);
+        // Durable once a later increment is: its group commit comes after
+        // the one that logged the reclaim.
+        node.add("plain", 0, 1, None);
+        node.crash();
+
+        // From the log alone (no checkpoint since): still gone, but the
+        // copy's record, forgotten without a frame (as retention forgets
+        // one), comes back to be reclaimed again.
+        let recovered = open(dir.path()).unwrap();
+        assert_eq!(recovered.state.store.read(&ended), vec![]);
+        assert_eq!(copy_of(&recovered.state), vec![]);
+        assert_eq!(recovered.report.entries, 2, "plain and the current window");
+        assert_eq!(recovered.report.records, 2);
+        assert_eq!(recovered.report.foreign_entries, 1);
+        assert_eq!(
+            recovered.state.replicas.record("shard-2", &ended, "k9"),
+            Some(3)
+        );
+        drop(recovered);
+        let node = start(dir.path(), Duration::from_secs(3600));
+        node.state.store.windows().set_grace_ms(1);
+        wait_until("the copy's record to be reclaimed again", || {
+            node.state
+                .replicas
+                .record("shard-2", &ended, "k9")
+                .is_none()
+        });
+        node.stop();
+
+        // A clean stop checkpoints everything: the checkpoint alone (no
+        // frame after it) holds none of the window.
+        let report = verify(dir.path()).unwrap();
+        assert_eq!(report.checkpoint_position, report.last_seq);
+        assert_eq!((report.entries, report.records), (2, 2));
+        assert_eq!(report.foreign_entries, 1);
+        let recovered = open(dir.path()).unwrap();
+        assert_eq!(recovered.state.store.read(&ended), vec![]);
+        assert_eq!(copy_of(&recovered.state), vec![]);
+        assert_eq!(
+            recovered.state.replicas.record("shard-2", &ended, "k9"),
+            None
+        );
+        assert_eq!(recovered.state.store.read(&current), vec![(0, 1)]);
+    }
+
     #[test]
     fn a_failed_checkpoint_write_is_healed_by_a_fresh_checkpoint() {
         use std::sync::atomic::Ordering::Relaxed;

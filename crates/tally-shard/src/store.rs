@@ -48,6 +48,7 @@ use parking_lot::Mutex;
 use crate::codec::{self, Malformed, Reader};
 use crate::replicas::CopyRecord;
 use crate::table::{Slot, Table, DIRTY};
+use crate::windows::{WindowClock, WindowIndex};
 
 /// Number of lock segments. A power of two well above the core count of the
 /// machines we run on, so two writers collide on a lock rarely.
@@ -189,6 +190,14 @@ pub enum ApplyOutcome {
         /// The delta applied under the key.
         recorded_delta: i64,
     },
+    /// Its counter is a window that ended by this node's clock, grace
+    /// included ([`crate::windows`]). Nothing changed.
+    Expired {
+        /// The window's end, Unix ms.
+        end_unix_ms: u64,
+        /// This node's clock when it decided, Unix ms.
+        now_unix_ms: u64,
+    },
 }
 
 /// One increment of one stripe of a counter.
@@ -232,6 +241,16 @@ pub fn record_key(counter: &str, key: &str) -> Box<[u8]> {
     let mut bytes = Vec::new();
     encode_record_key_into(&mut bytes, counter, key);
     bytes.into()
+}
+
+/// The counter of a record key if it is a window's (its name starts with
+/// U+0000): one byte compare for any other.
+#[inline]
+fn window_of_record(key: &[u8]) -> Option<&str> {
+    if key.get(2) != Some(&0) {
+        return None;
+    }
+    decode_record_key(key).map(|(counter, _)| counter)
 }
 
 /// Splits a record key into its counter and idempotency key.
@@ -443,6 +462,9 @@ struct Segment {
     dirty_records: Vec<Arc<[u8]>>,
     /// Buckets changed since their last checkpoint capture, one bit each.
     checkpoint_dirty: u64,
+    /// The windowed counters of this segment, and their records' keys: what
+    /// [`Store::reclaim_windows`] finds ended windows in.
+    windows: WindowIndex,
 }
 
 impl Segment {
@@ -452,6 +474,20 @@ impl Segment {
             self.dirty.push(slot.offset());
         }
         self.checkpoint_dirty |= 1 << sub;
+    }
+
+    /// Takes a record off the segment (forgotten or reclaimed) and marks
+    /// it for the next flush (logged as forgotten) and checkpoint. Returns
+    /// whether it was there.
+    fn drop_record(&mut self, key: &Arc<[u8]>) -> bool {
+        if self.records.remove(key).is_none() {
+            return false;
+        }
+        if let Some(counter) = window_of_record(key) {
+            self.windows.forget_record(counter, key);
+        }
+        self.mark_record(key.clone());
+        true
     }
 
     fn mark_record(&mut self, key: Arc<[u8]>) {
@@ -549,6 +585,16 @@ struct KeyQueue {
     /// The latest time handed out, so the queue stays in time order even if
     /// the wall clock steps back.
     latest_unix_ms: u64,
+    /// Entries of `keys` whose record went with its window
+    /// ([`Store::reclaim_windows`]), not yet popped: not remembered keys.
+    reclaimed: usize,
+}
+
+impl KeyQueue {
+    /// Keys remembered: the queue less the entries of reclaimed records.
+    fn remembered(&self) -> usize {
+        self.keys.len().saturating_sub(self.reclaimed)
+    }
 }
 
 /// Entries removed from memory (0 in the log and in memory), remembered so
@@ -599,6 +645,8 @@ pub struct Store {
     key_queue: Mutex<KeyQueue>,
     keys_forgotten_early: AtomicU64,
     retention_clock: RetentionClock,
+    /// The clock and grace windows end by.
+    window_clock: WindowClock,
 }
 
 impl Default for Store {
@@ -623,6 +671,7 @@ impl Store {
             key_queue: Mutex::default(),
             keys_forgotten_early: AtomicU64::new(0),
             retention_clock: RetentionClock::default(),
+            window_clock: WindowClock::default(),
             replication_epoch: AtomicU64::new(1),
             removed: Mutex::default(),
         }
@@ -781,6 +830,12 @@ impl Store {
         if mark {
             segment.checkpoint_dirty |= 1 << placement.sub;
         }
+        if value != 0 {
+            // Not only when the counter enters the table: a restore or an
+            // adoption may set a window the sweep has just zeroed (still in
+            // the table until its zeros are logged), and took off its list.
+            segment.windows.note_counter(counter);
+        }
         let table = &mut segment.table;
         let slot = match table.find(counter) {
             // Setting an absent stripe to 0 changes nothing.
@@ -863,6 +918,7 @@ impl Store {
                     key: key.clone(),
                 });
                 drop(queue);
+                segment.windows.note_record(counter, &key);
                 segment.records.insert(
                     key,
                     KeyRecord {
@@ -876,6 +932,7 @@ impl Store {
             }
             None => {
                 segment.records.remove(key);
+                segment.windows.forget_record(counter, key);
             }
         }
     }
@@ -895,7 +952,9 @@ impl Store {
                 .is_some_and(|record| record.sequence == remembered.sequence)
         });
         keys.sort_by_key(|remembered| (remembered.applied_unix_ms, remembered.sequence));
-        self.key_queue.lock().keys = keys.into();
+        let mut queue = self.key_queue.lock();
+        queue.keys = keys.into();
+        queue.reclaimed = 0;
     }
 
     /// Applies increments, each on its own: one overflow does not stop the
@@ -917,6 +976,20 @@ impl Store {
             .map(|increment| {
                 let (segment, placement) = self.segment_of(increment.counter);
                 let mut segment = segment.lock();
+                if increment.counter.starts_with('\0') {
+                    // The clock read under the lock the sweep zeroes the
+                    // window under: past the sweep, refused (see
+                    // `crate::windows`). A plain counter pays the compare.
+                    let now_unix_ms = self.window_clock.now_ms();
+                    if let Some(end_unix_ms) =
+                        self.window_clock.ended(increment.counter, now_unix_ms)
+                    {
+                        return ApplyOutcome::Expired {
+                            end_unix_ms,
+                            now_unix_ms,
+                        };
+                    }
+                }
                 // Read under the segment lock: see the module docs.
                 let epoch = self.open_epoch.load(Ordering::SeqCst);
                 let key = increment.idempotency_key.filter(|_| increment.delta != 0);
@@ -980,6 +1053,9 @@ impl Store {
             key: key.clone(),
         });
         drop(queue);
+        if let Some(counter) = window_of_record(&key) {
+            segment.windows.note_record(counter, &key);
+        }
         segment.records.insert(
             key.clone(),
             KeyRecord {
@@ -1000,19 +1076,16 @@ impl Store {
         let window_ms = u64::try_from(self.retention.window.as_millis()).unwrap_or(u64::MAX);
         let mut early = 0;
         loop {
-            let victim = {
+            let (victim, expired) = {
                 let mut queue = self.key_queue.lock();
                 let Some(oldest) = queue.keys.front() else {
                     break;
                 };
                 let expired = oldest.applied_unix_ms.saturating_add(window_ms) <= now_unix_ms;
-                if !expired && queue.keys.len() <= self.retention.max_keys {
+                if !expired && queue.remembered() <= self.retention.max_keys {
                     break;
                 }
-                if !expired {
-                    early += 1;
-                }
-                queue.keys.pop_front().expect("looked at above")
+                (queue.keys.pop_front().expect("looked at above"), expired)
             };
             // The queue lock is released: segments are never locked after it.
             let mut segment = self.segments[victim.segment].lock();
@@ -1021,8 +1094,15 @@ impl Store {
                 .get(&victim.key)
                 .is_some_and(|record| record.sequence == victim.sequence);
             if current {
-                segment.records.remove(&victim.key);
-                segment.mark_record(victim.key);
+                segment.drop_record(&victim.key);
+                if !expired {
+                    early += 1;
+                }
+            } else {
+                // Its record went with its window (or was replaced): it was
+                // counted as reclaimed, not remembered. Segment, then queue.
+                let mut queue = self.key_queue.lock();
+                queue.reclaimed = queue.reclaimed.saturating_sub(1);
             }
         }
         if early > 0 {
@@ -1112,7 +1192,62 @@ impl Store {
 
     /// Idempotency keys remembered now.
     pub fn remembered_keys(&self) -> u64 {
-        self.key_queue.lock().keys.len() as u64
+        self.key_queue.lock().remembered() as u64
+    }
+
+    /// The clock and grace windows end by ([`crate::windows`]).
+    pub fn windows(&self) -> &WindowClock {
+        &self.window_clock
+    }
+
+    /// Reclaims up to `limit` windowed counters whose window ended at or
+    /// before `horizon` (Unix ms; [`WindowClock::reclaim_horizon`]): their
+    /// entries are set to 0 as [`Store::erase`] sets them (stamped for
+    /// replicas, which get "entry gone"; written by the next flush, after
+    /// which [`Store::finish_flush`] drops them from memory; their buckets
+    /// marked for the next checkpoint), and their idempotency records are
+    /// forgotten (logged as forgotten by the next flush). Found through each
+    /// segment's [`WindowIndex`]: a segment with nothing due costs one look.
+    /// Returns how many windows held an entry or a record here.
+    pub fn reclaim_windows(&self, horizon: u64, limit: usize) -> usize {
+        let mut reclaimed = 0;
+        for segment in self.segments.iter() {
+            if reclaimed >= limit {
+                break;
+            }
+            let mut segment = segment.lock();
+            if !segment.windows.any_ended(horizon) {
+                continue;
+            }
+            let changed = self.changed_stamp();
+            let mut records = 0;
+            for (counter, keys) in segment.windows.take_ended(horizon, limit - reclaimed) {
+                let mut held = false;
+                if let Some(mut slot) = segment.table.find(&counter) {
+                    let stripes: Vec<(u16, i64)> = segment.table.stripes(slot).collect();
+                    if stripes.iter().any(|&(_, value)| value != 0) {
+                        held = true;
+                        for (stripe, _) in stripes {
+                            slot = segment.table.set(slot, stripe, 0);
+                        }
+                        segment.table.set_changed(slot, changed);
+                        segment.mark_dirty(slot, Placement::of(counter.as_bytes()).sub);
+                    }
+                }
+                for key in &keys {
+                    if segment.drop_record(key) {
+                        held = true;
+                        records += 1;
+                    }
+                }
+                reclaimed += usize::from(held);
+            }
+            if records > 0 {
+                // Segment, then queue: the documented lock order.
+                self.key_queue.lock().reclaimed += records;
+            }
+        }
+        reclaimed
     }
 
     /// Keys forgotten before their retention window ended, since start,
@@ -1336,9 +1471,12 @@ fn apply_one(
             };
             segment.table.set(slot, stripe, updated)
         }
-        None => segment
-            .table
-            .insert(increment.counter, stripe, increment.delta, changed),
+        None => {
+            segment.windows.note_counter(increment.counter);
+            segment
+                .table
+                .insert(increment.counter, stripe, increment.delta, changed)
+        }
     };
     segment.table.set_changed(slot, changed);
     segment.mark_dirty(slot, placement.sub);
@@ -1917,5 +2055,191 @@ mod tests {
         assert!(part
             .iter()
             .all(|bucket| usize::from(bucket.bucket) < BUCKETS_PER_SEGMENT));
+    }
+
+    /// A window of `seconds` whose end is `ended_ago_ms` before now (by
+    /// the wall clock), stored name of `name`.
+    fn window_ended_ago(name: &str, seconds: u32, ended_ago_ms: u64) -> String {
+        let end_by = crate::journal::unix_ms_now() - ended_ago_ms;
+        tally_proto::window::Window::containing(end_by - u64::from(seconds) * 1000, seconds)
+            .stored_name(name)
+    }
+
+    #[test]
+    fn an_ended_window_is_refused_and_the_other_items_still_apply() {
+        let store = Store::new();
+        store.windows().set_grace_ms(60_000);
+        // Ended more than the grace ago; ended within the grace; current.
+        let ended = window_ended_ago("api:alice", 60, 61_000);
+        let in_grace = window_ended_ago("api:alice", 1, 1_000);
+        let current = tally_proto::window::Window::current(3600).stored_name("api:alice");
+        let (outcomes, _) = store.apply(
+            &[
+                increment(&ended, 0, 1),
+                increment("plain", 0, 1),
+                keyed(&ended, 1, "k"),
+                increment(&in_grace, 0, 2),
+                increment(&current, 0, 3),
+            ],
+            0,
+        );
+        let end = tally_proto::window::Window::end_of_stored(&ended).unwrap();
+        let ApplyOutcome::Expired {
+            end_unix_ms,
+            now_unix_ms,
+        } = outcomes[0]
+        else {
+            panic!("{outcomes:?}");
+        };
+        assert_eq!(end_unix_ms, end);
+        assert!(now_unix_ms >= end + 60_000, "{now_unix_ms} {end}");
+        assert!(matches!(outcomes[2], ApplyOutcome::Expired { .. }));
+        assert_eq!(
+            outcomes[1..],
+            [
+                ApplyOutcome::Applied,
+                outcomes[2],
+                ApplyOutcome::Applied,
+                ApplyOutcome::Applied
+            ]
+        );
+        assert_eq!(store.read(&ended), vec![], "nothing applied");
+        assert_eq!(store.remembered_keys(), 0, "no record left");
+        assert_eq!(store.read(&in_grace), vec![(0, 2)]);
+        assert_eq!(store.read(&current), vec![(0, 3)]);
+        // A longer grace takes it again: decided by the clock, not stored.
+        store.windows().set_grace_ms(3_600_000);
+        let (outcomes, _) = store.apply(&[increment(&ended, 0, 1)], 0);
+        assert_eq!(outcomes, vec![ApplyOutcome::Applied]);
+    }
+
+    #[test]
+    fn reclaiming_a_window_logs_its_zeros_and_forgotten_records_and_frees_it() {
+        let store = Store::with_retention(KeyRetention {
+            window: Duration::from_secs(3600),
+            max_keys: 3,
+        });
+        store.set_incarnation(1);
+        let window = tally_proto::window::Window::current(3600);
+        let end = window.end_unix_ms();
+        let name = window.stored_name("api:alice");
+        let other =
+            tally_proto::window::Window::containing(end + 3_600_000, 60).stored_name("api:bob");
+        store.apply(
+            &[
+                keyed(&name, 2, "k1"),
+                increment(&name, 1, 5),
+                keyed("plain", 1, "k2"),
+                increment(&other, 0, 1),
+            ],
+            100,
+        );
+        let before = store.changes_since(0).version;
+        let first = flush(&store);
+        store.finish_flush(&first);
+        assert_eq!(store.remembered_keys(), 2);
+        store.mark_all_for_checkpoint();
+
+        assert_eq!(store.reclaim_windows(end - 1, 100), 0, "not ended yet");
+        assert_eq!(store.read(&name), vec![(0, 2), (1, 5)]);
+        assert_eq!(store.reclaim_windows(end, 100), 1);
+        assert_eq!(store.read(&name), vec![]);
+        assert_eq!(store.remembered_keys(), 1);
+        assert_eq!(store.reclaim_windows(end, 100), 0, "once");
+
+        // The next flush logs the zeros and the record as forgotten, and
+        // the capture taken with it holds neither.
+        let mut changes = OwnChanges::default();
+        let mut captured = Vec::new();
+        store.begin_flush(&mut changes, 0..SEGMENT_COUNT, &mut captured);
+        assert_eq!(
+            entries(&changes),
+            vec![(name.clone(), 0, 0), (name.clone(), 1, 0)]
+        );
+        assert_eq!(
+            records(&changes),
+            vec![(record_key(&name, "k1").to_vec(), None)]
+        );
+        let (captured_entries, captured_keys) = decode_captures(&captured);
+        assert!(
+            captured_entries
+                .iter()
+                .all(|(counter, _, _)| *counter != name),
+            "{captured_entries:?}"
+        );
+        assert_eq!(captured_keys, vec![record_key("plain", "k2").to_vec()]);
+        store.finish_flush(&changes);
+        assert_eq!(store.entry_count(), 2, "plain and the current window");
+        // Replicas hear "entry gone".
+        let changes = store.changes_since(before);
+        assert!(!changes.full);
+        assert_eq!(
+            sorted(changes.entries),
+            vec![(name.clone(), 0, 0), (name.clone(), 1, 0)]
+        );
+        assert!(store
+            .changes_since(0)
+            .records
+            .iter()
+            .all(|(key, _, _)| **key == *record_key("plain", "k2")));
+
+        // The reclaimed record's place in the retention queue is not a
+        // remembered key: two more keys fit in the maximum of three, and
+        // none is forgotten early for it.
+        store.apply(&[keyed("plain", 1, "k3"), keyed("plain", 1, "k4")], 200);
+        assert_eq!(store.remembered_keys(), 3);
+        assert_eq!(store.forget_keys(300), 0);
+        assert_eq!(store.keys_forgotten_early(), 0);
+        assert_eq!(store.remembered_keys(), 3);
+        let (outcomes, _) = store.apply(
+            &[
+                keyed("plain", 1, "k2"),
+                keyed("plain", 1, "k3"),
+                keyed("plain", 1, "k4"),
+            ],
+            400,
+        );
+        assert_eq!(outcomes, vec![ApplyOutcome::Duplicate; 3]);
+        // Once popped, the queue entry is no longer counted either way.
+        assert_eq!(store.forget_keys(u64::MAX), 0);
+        assert_eq!(store.remembered_keys(), 0);
+    }
+
+    #[test]
+    fn windows_loaded_replayed_or_set_again_are_found_too() {
+        let store = Store::new();
+        let window = tally_proto::window::Window::current(60);
+        let end = window.end_unix_ms();
+        let loaded = window.stored_name("loaded");
+        let replayed = window.stored_name("replayed");
+        let restored = window.stored_name("restored");
+        store.load(&loaded, 0, 1);
+        store.replay(&replayed, 3, 1);
+        store.load_record(&record_key(&loaded, "k"), Some((1, 5)));
+        store.finish_loading();
+        store.apply(&[increment(&restored, 0, 1)], 0);
+        assert_eq!(store.reclaim_windows(end, 100), 3);
+        assert_eq!(store.remembered_keys(), 0);
+        // A restore sets a window the sweep has just zeroed (still in
+        // memory until its zeros are logged): it is found again.
+        store.set_logged(&restored, 0, 7);
+        assert_eq!(store.reclaim_windows(end, 100), 1);
+        assert_eq!(store.read(&restored), vec![]);
+    }
+
+    #[test]
+    fn a_sweep_reclaims_at_most_its_limit() {
+        let store = Store::new();
+        let window = tally_proto::window::Window::current(60);
+        for index in 0..10 {
+            store.apply(
+                &[increment(&window.stored_name(&format!("c{index}")), 0, 1)],
+                0,
+            );
+        }
+        assert_eq!(store.reclaim_windows(window.end_unix_ms(), 4), 4);
+        assert_eq!(store.reclaim_windows(window.end_unix_ms(), 4), 4);
+        assert_eq!(store.reclaim_windows(window.end_unix_ms(), 4), 2);
+        assert_eq!(store.entry_count(), 0);
     }
 }

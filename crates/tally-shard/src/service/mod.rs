@@ -5,6 +5,8 @@ mod drain;
 mod read;
 mod ring;
 mod takeover;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use std::sync::atomic::AtomicU64;

@@ -82,7 +82,27 @@ impl ShardService {
                     .collect(),
             })
             .collect();
+        // After the entries, by the clock the sweep reclaims by: a read
+        // that saw any part of a window gone reads a clock past its end,
+        // grace and margin, so a window answered as current was answered
+        // whole (`crate::windows`).
+        let windows = self.state.store.windows();
+        let now_unix_ms = windows.now_ms();
+        let mut expired = Vec::new();
+        if let Some(first) = request
+            .counters
+            .iter()
+            .position(|counter| windows.ended(counter, now_unix_ms).is_some())
+        {
+            expired = vec![false; request.counters.len()];
+            expired[first] = true;
+            for (flag, counter) in expired.iter_mut().zip(&request.counters).skip(first + 1) {
+                *flag = windows.ended(counter, now_unix_ms).is_some();
+            }
+        }
         Ok(pb::ReadResponse {
+            expired,
+            now_unix_ms,
             counters,
             replicas,
             restoring,
@@ -93,7 +113,6 @@ impl ShardService {
             standing_in_for,
             version,
             takeovers_ended,
-            ..Default::default()
         })
     }
 
@@ -183,6 +202,9 @@ impl ShardService {
         metrics
             .checkpoint_failures
             .absolute(load(&stats.checkpoint_failures));
+        metrics
+            .windows_reclaimed
+            .absolute(load(&stats.windows_reclaimed));
         let last_checkpoint = load(&stats.last_checkpoint_unix_ms);
         if last_checkpoint > 0 {
             let age_ms = crate::journal::unix_ms_now().saturating_sub(last_checkpoint);

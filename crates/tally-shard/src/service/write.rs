@@ -121,6 +121,14 @@ impl ShardService {
                             recorded_delta,
                         }))
                     }
+                    Decided::Store(ApplyOutcome::Expired {
+                        end_unix_ms,
+                        now_unix_ms,
+                    }) => Outcome::Expired(self.state.store.windows().refusal(
+                        &increment.counter,
+                        end_unix_ms,
+                        now_unix_ms,
+                    )),
                     Decided::AwaitsRestore => Outcome::AwaitsRestore(Box::new(increment)),
                     Decided::Unavailable(why) => Outcome::Unavailable(why),
                     Decided::OwnerBack => Outcome::OwnerBack(Box::new(increment)),
@@ -149,6 +157,9 @@ impl ShardService {
     ///   its origin's log holds, and is visible once durable here. A node
     ///   with no copy of it (not its adopter: a stale sender) refuses.
     ///
+    /// A keyed increment of an ended window is left to the store, which
+    /// refuses it (`expired`).
+    ///
     /// `None` when no increment needs it (no key, or neither a restore nor
     /// a stand-in in play): the usual call pays no more than this look.
     fn decide_keyed(&self, increments: &[pb::ShardIncrement]) -> Option<Vec<Option<Decided>>> {
@@ -164,10 +175,20 @@ impl ShardService {
         if !increments.iter().any(in_play) {
             return None;
         }
+        let windows = self.state.store.windows();
         let decided = increments
             .iter()
             .map(|increment| {
                 if increment.idempotency_key.is_empty() || increment.delta == 0 {
+                    return None;
+                }
+                if increment.counter.starts_with('\0')
+                    && windows
+                        .ended(&increment.counter, windows.now_ms())
+                        .is_some()
+                {
+                    // An ended window is refused whoever's records would
+                    // say what: the store refuses it.
                     return None;
                 }
                 if restoring {

@@ -695,19 +695,6 @@ async fn a_graceful_restart_of_every_shard_keeps_every_count() {
     }
 }
 
-/// libfaketime, if installed (the `faketime` package), to run a shard with
-/// its wall clock skewed.
-fn libfaketime() -> Option<std::path::PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .map(std::path::PathBuf::from)
-    .find(|path| path.exists())
-}
-
 /// Adds 1 to each of `counters`, `rounds` times, through `endpoint`;
 /// returns how many increments were acknowledged (all, or it panics).
 async fn add_to_each(endpoint: &str, counters: &[String], rounds: usize) -> i64 {
@@ -743,7 +730,7 @@ async fn add_to_each(endpoint: &str, counters: &[String], rounds: usize) -> i64 
 fn a_copy_stands_in_by_its_age_never_by_comparing_clocks() {
     let runtime = support::runtime();
     let mut cluster = ProcessCluster::start("sync");
-    let faketime = libfaketime();
+    let faketime = support::libfaketime();
     if faketime.is_none() {
         println!(
             "libfaketime is not installed (apt-get install faketime): shard-2 runs with the \

@@ -510,3 +510,86 @@ async fn every_new_field_is_checked_and_nothing_is_applied() {
     assert_eq!(get_window(&mut client, "safe", LONG).await.value, 5);
     test.cluster.shutdown().await.unwrap();
 }
+
+/// A shard whose clock runs ahead of the coordinator's by more than its
+/// `window_grace_ms` has ended (and may have reclaimed) windows the
+/// coordinator still writes and reads: it refuses them, and the
+/// coordinator answers FAILED_PRECONDITION naming it, never a total with
+/// that node's parts missing. Counters without a window are unaffected.
+/// Real processes: shard-2 runs 30 s ahead under libfaketime with a grace
+/// of 1 s, and the windows are 1 s long, so every window the coordinator
+/// picks has ended by shard-2's clock.
+#[test]
+fn a_shard_whose_clock_runs_ahead_by_more_than_the_grace_refuses_the_window() {
+    let Some(faketime) = support::libfaketime() else {
+        println!(
+            "SKIPPED the clock-skew check: libfaketime is not installed (apt-get install \
+             faketime), so no shard can run with its clock ahead"
+        );
+        return;
+    };
+    let runtime = support::runtime();
+    let mut cluster = support::ProcessCluster::start("sync");
+    let address = cluster.shards[1]
+        .take()
+        .unwrap()
+        .stop_with_address(nix::sys::signal::Signal::SIGTERM);
+    let lib = faketime.display().to_string();
+    cluster.restart_shard_with_env(
+        1,
+        address,
+        &["--window-grace-ms", "1000"],
+        &[("LD_PRELOAD", lib.as_str()), ("FAKETIME", "+30s")],
+    );
+    support::wait_for_shown_health(&runtime, &cluster, "shard-2", "up");
+    runtime.block_on(async {
+        let mut client = CounterClient::connect(cluster.coordinator.endpoint())
+            .await
+            .unwrap();
+        // Increments without a key go round the stripes: those of shard-2
+        // are refused, the others applied.
+        let mut refused = 0;
+        for _ in 0..16 {
+            match client.increment(windowed("skewed", 1, 1)).await {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                    assert!(status.message().contains("window_grace_ms"), "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0, "no increment reached shard-2");
+        let status = client
+            .get(pb::GetRequest {
+                counter: "skewed".into(),
+                window_seconds: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("shard-2"), "{status:?}");
+        let batch = client
+            .get_batch(pb::GetBatchRequest {
+                counters: vec!["skewed".into(), "other".into()],
+                window_seconds: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counters;
+        for item in &batch {
+            assert_eq!(item.error_code, Code::FailedPrecondition as u32, "{item:?}");
+            assert!(item.error.contains("shard-2"), "{item:?}");
+        }
+        // A counter without a window knows no clock.
+        client.increment(increment("skewed", 5, "")).await.unwrap();
+        assert_eq!(value(&mut client, "skewed").await, 5);
+    });
+    support::report(&format!(
+        "shard-2 30 s ahead, grace 1 s: its windows refused (libfaketime {})",
+        faketime.display()
+    ));
+}

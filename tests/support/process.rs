@@ -567,3 +567,16 @@ pub fn print_trail(cluster: &ProcessCluster, others: &[&Daemon]) {
         }
     }
 }
+
+/// libfaketime, if installed (the `faketime` package), to run a shard with
+/// its wall clock skewed.
+pub fn libfaketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|path| path.exists())
+}

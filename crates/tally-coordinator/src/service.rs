@@ -147,6 +147,10 @@ impl pb::counter_server::Counter for CounterService {
         let result: Result<Response<pb::IncrementBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let mut increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
+            // One clock reading for the batch, and one tag per window
+            // length: the items of a batch share them.
+            let now = window::now_unix_ms();
+            let mut tags: Vec<(u32, window::Tag)> = Vec::new();
             for (index, increment) in increments.iter_mut().enumerate() {
                 let in_batch = |error| ProtocolError::InBatch {
                     index,
@@ -154,12 +158,14 @@ impl pb::counter_server::Counter for CounterService {
                 };
                 increment.check_batchable().map_err(in_batch)?;
                 if let Some(seconds) = increment.window_seconds {
-                    // One clock reading per item: a batch may straddle a
-                    // window's end like separate calls would.
-                    increment.counter = increment
-                        .counter
-                        .in_window(Window::current(seconds))
-                        .map_err(in_batch)?;
+                    let tag = match tags.iter().position(|(length, _)| *length == seconds) {
+                        Some(known) => &tags[known].1,
+                        None => {
+                            tags.push((seconds, Window::containing(now, seconds).tag()));
+                            &tags[tags.len() - 1].1
+                        }
+                    };
+                    increment.counter = increment.counter.tagged(tag).map_err(in_batch)?;
                 }
             }
             let deduplicated = self
@@ -228,12 +234,13 @@ impl pb::counter_server::Counter for CounterService {
                         .iter()
                         .map(|counter| counter.as_str().to_string())
                         .collect();
+                    let tag = window.tag();
                     let windows = counters
                         .into_iter()
                         .enumerate()
                         .map(|(index, counter)| {
                             counter
-                                .in_window(window)
+                                .tagged(&tag)
                                 .map_err(|error| ProtocolError::InBatch {
                                     index,
                                     error: Box::new(error),

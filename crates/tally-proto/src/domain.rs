@@ -133,12 +133,17 @@ impl CounterName {
 
     /// The name of this counter's `window`: a counter of its own.
     pub fn in_window(&self, window: crate::window::Window) -> Result<Self, ProtocolError> {
+        self.tagged(&window.tag())
+    }
+
+    /// The name of this counter in the window whose tag is `tag`.
+    pub fn tagged(&self, tag: &crate::window::Tag) -> Result<Self, ProtocolError> {
         if self.0.len() > crate::window::MAX_WINDOWED_NAME_BYTES {
             return Err(ProtocolError::WindowedNameTooLong {
                 length: self.0.len(),
             });
         }
-        Ok(CounterName(window.stored_name(&self.0)))
+        Ok(CounterName(tag.name(&self.0)))
     }
 
     /// The name as a string slice.

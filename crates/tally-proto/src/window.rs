@@ -62,32 +62,42 @@ impl Window {
 
     /// The stored name of `counter`'s window.
     pub fn stored_name(&self, counter: &str) -> String {
-        format!("\0{}+{}\0{counter}", self.start_unix_s, self.seconds)
+        self.tag().name(counter)
+    }
+
+    /// What [`Window::stored_name`] puts before a counter's name: made
+    /// once for the many counters of a batch.
+    pub fn tag(&self) -> Tag {
+        Tag(format!("\0{}+{}\0", self.start_unix_s, self.seconds))
     }
 
     /// The window of a stored name and the client's name in it, or `None`
-    /// if `stored` is no window's name.
+    /// if `stored` is no window's name. Shards call it per increment of a
+    /// window: it allocates nothing.
     pub fn of_stored(stored: &str) -> Option<(Window, &str)> {
         let rest = stored.strip_prefix('\0')?;
         let (tag, counter) = rest.split_once('\0')?;
         let (start, seconds) = tag.split_once('+')?;
-        let digits =
-            |text: &str| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit());
-        if !digits(start) || !digits(seconds) || counter.is_empty() {
+        // One spelling per window: decimal digits, no leading zeros.
+        let canonical = |text: &str| {
+            !text.is_empty()
+                && text.bytes().all(|byte| byte.is_ascii_digit())
+                && (text == "0" || !text.starts_with('0'))
+        };
+        if !canonical(start) || !canonical(seconds) || counter.is_empty() {
             return None;
         }
         let window = Window {
             start_unix_s: start.parse().ok()?,
             seconds: seconds.parse().ok()?,
         };
-        // One spelling per window: no leading zeros, aligned, in range.
+        // Aligned and in range: so each window has one name.
         (window.seconds >= 1
             && window.seconds <= MAX_WINDOW_SECONDS
             && window
                 .start_unix_s
-                .is_multiple_of(u64::from(window.seconds))
-            && window.stored_name(counter) == stored)
-            .then_some((window, counter))
+                .is_multiple_of(u64::from(window.seconds)))
+        .then_some((window, counter))
     }
 
     /// When a stored name's window ends, Unix ms; `None` for a counter
@@ -97,6 +107,20 @@ impl Window {
             return None;
         }
         Window::of_stored(stored).map(|(window, _)| window.end_unix_ms())
+    }
+}
+
+/// A window's tag: what its counters' stored names start with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag(String);
+
+impl Tag {
+    /// The stored name of `counter` in this window: one allocation.
+    pub fn name(&self, counter: &str) -> String {
+        let mut name = String::with_capacity(self.0.len() + counter.len());
+        name.push_str(&self.0);
+        name.push_str(counter);
+        name
     }
 }
 

@@ -202,8 +202,9 @@ async fn a_window_starts_at_zero_and_ends_on_every_stripe_at_once() {
 }
 
 /// Sends `attempts` limited increments of 1 from each of `clients` at once
-/// (one task per client), all to `counter`; returns the sum of what was
-/// applied and the largest total any answer gave.
+/// (one task per client), all to `counter`, every other caller allowing a
+/// partial total (the two kinds must still share one limit); returns the
+/// sum of what was applied and the largest total any answer gave.
 async fn race_to_the_limit(
     clients: Vec<CounterClient<Channel>>,
     attempts: usize,
@@ -214,7 +215,8 @@ async fn race_to_the_limit(
     let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
     let tasks: Vec<_> = clients
         .into_iter()
-        .map(|mut client| {
+        .enumerate()
+        .map(|(caller, mut client)| {
             let start = start.clone();
             let counter = counter.to_string();
             tokio::spawn(async move {
@@ -222,7 +224,10 @@ async fn race_to_the_limit(
                 let (mut applied, mut highest) = (0, 0);
                 for _ in 0..attempts {
                     let answer = client
-                        .increment(limited(&counter, 1, limit, window_seconds))
+                        .increment(pb::IncrementRequest {
+                            allow_partial: caller % 2 == 1,
+                            ..limited(&counter, 1, limit, window_seconds)
+                        })
                         .await
                         .unwrap()
                         .into_inner();
@@ -264,12 +269,12 @@ async fn a_limit_is_never_passed_through_one_coordinator() {
     assert_eq!((refused.applied, refused.total), (0, 100));
     // An increment that would pass the limit is refused whole, one that
     // lands on it is applied; a delta of 0 changes nothing.
-    let too_big = client
+    let fits = client
         .increment(limited("room", 7, 10, 0))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((too_big.applied, too_big.total), (7, 7));
+    assert_eq!((fits.applied, fits.total), (7, 7));
     let over = client
         .increment(limited("room", 4, 10, 0))
         .await

@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::cluster::ClusterHandle;
+use crate::cluster::{Cluster, ClusterHandle, Total};
 use crate::error::CoordinatorError;
 
 /// What a limited increment did.
@@ -46,14 +46,16 @@ pub struct Limited {
     pub complete: bool,
 }
 
-/// A lane: one counter's (its stored name's) limited increments, with one
-/// `allow_partial` (a group is read one way).
-type LaneKey = (String, bool);
+/// A lane: one counter's (its stored name's) limited increments, however
+/// they read. Two lanes for one counter would each decide on the same
+/// total, and together pass the limit.
+type LaneKey = String;
 
 /// One limited increment waiting for its group.
 struct Waiter {
     increment: Increment,
     limit: i64,
+    allow_partial: bool,
     deadline: Option<Instant>,
     answer: oneshot::Sender<Result<Limited, Status>>,
 }
@@ -115,11 +117,12 @@ pub async fn increment_within(
     allow_partial: bool,
     deadline: Option<Instant>,
 ) -> Result<Limited, Status> {
-    let key = (increment.counter.as_str().to_string(), allow_partial);
+    let key = increment.counter.as_str().to_string();
     let (answer, answered) = oneshot::channel();
     let waiter = Waiter {
         increment,
         limit,
+        allow_partial,
         deadline,
         answer,
     };
@@ -134,18 +137,106 @@ pub async fn increment_within(
             .map_err(|_| Status::from(CoordinatorError::DeadlineExceeded))?,
         None => answered.await,
     };
-    answered.unwrap_or_else(|_| Err(Status::unavailable("the coordinator is shutting down")))
+    // A dropped sender: the lane's leader failed (see `Leader`).
+    answered.unwrap_or_else(|_| Err(leader_failed()))
+}
+
+fn leader_failed() -> Status {
+    Status::internal(
+        "the task deciding this counter's limited increments failed; nothing of this call was \
+         applied unless its group's write was under way (in doubt)",
+    )
 }
 
 /// Decides `key`'s groups until no one waits.
 async fn lead(cluster: ClusterHandle, turns: Arc<Turns>, key: LaneKey) {
+    let mut leader = Leader {
+        turns: &turns,
+        key: &key,
+        done: false,
+    };
     while let Some(group) = turns.next_group(&key) {
-        decide(&cluster, &key, group).await;
+        decide(&cluster, group).await;
+    }
+    leader.done = true;
+}
+
+/// A lane's leader at work. If it stops without having found its lane
+/// empty (a panic unwinding it), the lane goes and everyone still waiting
+/// gets an error: a later call leads a new lane instead of queueing behind
+/// a leader that is gone. (The group it was deciding holds its own
+/// senders: dropped with it, each of its callers gets the same error.)
+struct Leader<'a> {
+    turns: &'a Turns,
+    key: &'a LaneKey,
+    done: bool,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let waiting = self.turns.lanes.lock().remove(self.key);
+        for waiter in waiting.into_iter().flatten() {
+            let _ = waiter.answer.send(Err(leader_failed()));
+        }
+    }
+}
+
+/// Reads the total for `group`: strictly if any member needs a complete
+/// total; if that read misses a part, the members who allow a partial
+/// total read again without it, and the others get the error. Returns the
+/// members left to decide, with their total.
+async fn read_for(
+    cluster: &Cluster,
+    group: Vec<Waiter>,
+    deadline: Option<Instant>,
+) -> Option<(Vec<Waiter>, Total)> {
+    let counter = group[0].increment.counter.clone();
+    let read = |allow_partial| {
+        let counter = counter.clone();
+        async move {
+            cluster
+                .totals(vec![counter], allow_partial, deadline)
+                .await
+                .and_then(|mut totals| totals.pop().expect("one total per counter").into_result())
+        }
+    };
+    let strict = group.iter().any(|waiter| !waiter.allow_partial);
+    let error = match read(!strict).await {
+        Ok(total) => return Some((group, total)),
+        Err(error) => error,
+    };
+    let partial_may_help = strict
+        && matches!(error, CoordinatorError::Unavailable(_))
+        && group.iter().any(|waiter| waiter.allow_partial);
+    let (partial, refused): (Vec<Waiter>, Vec<Waiter>) = if partial_may_help {
+        group.into_iter().partition(|waiter| waiter.allow_partial)
+    } else {
+        (Vec::new(), group)
+    };
+    let status = Status::from(error);
+    for waiter in refused {
+        let _ = waiter.answer.send(Err(status.clone()));
+    }
+    if partial.is_empty() {
+        return None;
+    }
+    match read(true).await {
+        Ok(total) => Some((partial, total)),
+        Err(error) => {
+            let status = Status::from(error);
+            for waiter in partial {
+                let _ = waiter.answer.send(Err(status.clone()));
+            }
+            None
+        }
     }
 }
 
 /// One group: one read, a decision each in arrival order, one write.
-async fn decide(cluster: &ClusterHandle, (counter, allow_partial): &LaneKey, group: Vec<Waiter>) {
+async fn decide(cluster: &ClusterHandle, group: Vec<Waiter>) {
     // A caller that gave up is not waited for: nothing of its is applied
     // (its DEADLINE_EXCEEDED said it may or may not be).
     let group: Vec<Waiter> = group
@@ -162,25 +253,17 @@ async fn decide(cluster: &ClusterHandle, (counter, allow_partial): &LaneKey, gro
         .reduce(|a, b| a.zip(b).map(|(a, b)| a.max(b)))
         .flatten();
     let cluster = cluster.current();
-    let name = group[0].increment.counter.clone();
-    let read = cluster
-        .totals(vec![name], *allow_partial, deadline)
-        .await
-        .and_then(|mut totals| totals.pop().expect("one total per counter").into_result());
-    let before = match read {
-        Ok(total) => total,
-        Err(error) => {
-            let status = Status::from(error);
-            for waiter in group {
-                let _ = waiter.answer.send(Err(status.clone()));
-            }
-            return;
-        }
+    let Some((group, before)) = read_for(&cluster, group, deadline).await else {
+        return;
     };
     let mut running = i128::from(before.value);
     let mut admitted = Vec::new();
     let mut decided = Vec::with_capacity(group.len());
     for waiter in group {
+        // Gave up while the total was read: not applied.
+        if waiter.answer.is_closed() {
+            continue;
+        }
         let delta = waiter.increment.delta;
         let applied = if running + i128::from(delta) <= i128::from(waiter.limit) {
             running += i128::from(delta);
@@ -206,11 +289,7 @@ async fn decide(cluster: &ClusterHandle, (counter, allow_partial): &LaneKey, gro
         cluster.increment(admitted, deadline).await
     };
     let failed = written.err().map(Status::from);
-    tracing::trace!(
-        counter,
-        decided = decided.len(),
-        "limited increments decided"
-    );
+    tracing::trace!(decided = decided.len(), "limited increments decided");
     for (answer, limited) in decided {
         let _ = answer.send(match &failed {
             // In doubt, like any increment that failed: retry or not.
@@ -225,40 +304,67 @@ mod tests {
     use super::*;
     use tally_proto::domain::CounterName;
 
-    fn waiter(delta: i64) -> (Waiter, oneshot::Receiver<Result<Limited, Status>>) {
-        let (answer, answered) = oneshot::channel();
+    fn waiter(delta: i64, allow_partial: bool) -> Waiter {
+        let (answer, _) = oneshot::channel();
         let counter = CounterName::try_from("c".to_string()).unwrap();
-        (
-            Waiter {
-                increment: Increment::plain(counter, delta, None),
-                limit: 10,
-                deadline: None,
-                answer,
-            },
-            answered,
-        )
+        Waiter {
+            increment: Increment::plain(counter, delta, None),
+            limit: 10,
+            allow_partial,
+            deadline: None,
+            answer,
+        }
     }
 
     #[test]
-    fn a_lane_has_one_leader_who_takes_everyone_waiting_in_groups() {
+    fn a_counter_has_one_lane_and_one_leader_who_takes_everyone_waiting() {
         let turns = Turns::default();
-        let key = ("c".to_string(), false);
-        assert!(turns.join(&key, waiter(1).0), "the first leads");
-        assert!(!turns.join(&key, waiter(2).0), "the second waits");
-        let partial = ("c".to_string(), true);
+        let key = "c".to_string();
+        assert!(turns.join(&key, waiter(1, false)), "the first leads");
+        assert!(!turns.join(&key, waiter(2, false)), "the second waits");
         assert!(
-            turns.join(&partial, waiter(3).0),
-            "another lane has its own leader"
+            !turns.join(&key, waiter(3, true)),
+            "one lane however a call reads: two would each decide on one total"
         );
-        let group = turns.next_group(&key).unwrap();
-        assert_eq!(group.len(), 2);
         assert!(
-            !turns.join(&key, waiter(4).0),
+            turns.join(&"d".to_string(), waiter(4, false)),
+            "another counter leads its own"
+        );
+        assert_eq!(turns.next_group(&key).unwrap().len(), 3);
+        assert!(
+            !turns.join(&key, waiter(5, false)),
             "the leader is still at work"
         );
         assert_eq!(turns.next_group(&key).unwrap().len(), 1);
         // No one waits: the lane is gone, and the next arrival leads.
         assert!(turns.next_group(&key).is_none());
-        assert!(turns.join(&key, waiter(5).0));
+        assert!(turns.join(&key, waiter(6, false)));
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_fails_answers_everyone_waiting_and_frees_the_lane() {
+        let turns = Turns::default();
+        let key = "c".to_string();
+        let (answer, answered) = oneshot::channel();
+        assert!(turns.join(&key, waiter(1, false)));
+        assert!(!turns.join(
+            &key,
+            Waiter {
+                answer,
+                ..waiter(2, false)
+            }
+        ));
+        // A leader unwound before it found its lane empty.
+        drop(Leader {
+            turns: &turns,
+            key: &key,
+            done: false,
+        });
+        let status = answered.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            turns.join(&key, waiter(3, false)),
+            "a new leader, not a queue behind none"
+        );
     }
 }

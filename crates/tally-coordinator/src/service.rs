@@ -147,9 +147,9 @@ impl pb::counter_server::Counter for CounterService {
         let result: Result<Response<pb::IncrementBatchResponse>, Status> = async move {
             let deadline = request_deadline(&request);
             let mut increments: Vec<Increment> = validate_batch(request.into_inner().increments)?;
-            // One clock reading for the batch, and one tag per window
-            // length: the items of a batch share them.
-            let now = window::now_unix_ms();
+            // One clock reading for the batch (if an item has a window),
+            // and one tag per window length: the items share them.
+            let mut now = None;
             let mut tags: Vec<(u32, window::Tag)> = Vec::new();
             for (index, increment) in increments.iter_mut().enumerate() {
                 let in_batch = |error| ProtocolError::InBatch {
@@ -161,6 +161,7 @@ impl pb::counter_server::Counter for CounterService {
                     let tag = match tags.iter().position(|(length, _)| *length == seconds) {
                         Some(known) => &tags[known].1,
                         None => {
+                            let now = *now.get_or_insert_with(window::now_unix_ms);
                             tags.push((seconds, Window::containing(now, seconds).tag()));
                             &tags[tags.len() - 1].1
                         }
@@ -197,7 +198,7 @@ impl pb::counter_server::Counter for CounterService {
             let window_seconds = window::seconds_from_wire(request.window_seconds)?;
             let name = window_seconds.map(|_| counter.as_str().to_string());
             let (counter, window_end_unix_ms) = addressed(counter, window_seconds)?;
-            let total = self
+            let mut total = self
                 .cluster
                 .current()
                 .totals(vec![counter], request.allow_partial, deadline)
@@ -205,7 +206,7 @@ impl pb::counter_server::Counter for CounterService {
                 .pop()
                 .expect("one total per counter")
                 .into_result()?;
-            let name = name.unwrap_or_else(|| total.counter.clone());
+            let name = name.unwrap_or_else(|| std::mem::take(&mut total.counter));
             Ok(Response::new(to_response(name, total, window_end_unix_ms)))
         }
         .instrument(call.span())

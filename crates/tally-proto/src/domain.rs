@@ -275,14 +275,9 @@ impl TryFrom<pb::IncrementRequest> for Increment {
     fn try_from(request: pb::IncrementRequest) -> Result<Self, Self::Error> {
         let counter = CounterName::public(request.counter)?;
         let idempotency_key = IdempotencyKey::from_wire(request.idempotency_key)?;
+        // The name's length with a window is checked where the window is
+        // known (`CounterName::tagged`).
         let window_seconds = crate::window::seconds_from_wire(request.window_seconds)?;
-        if window_seconds.is_some()
-            && counter.as_str().len() > crate::window::MAX_WINDOWED_NAME_BYTES
-        {
-            return Err(ProtocolError::WindowedNameTooLong {
-                length: counter.as_str().len(),
-            });
-        }
         if request.limit.is_some() {
             if request.delta < 0 {
                 return Err(ProtocolError::Field {

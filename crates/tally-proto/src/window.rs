@@ -57,7 +57,9 @@ impl Window {
 
     /// When it ends (its first instant not in it), Unix ms.
     pub fn end_unix_ms(&self) -> u64 {
-        (self.start_unix_s + u64::from(self.seconds)).saturating_mul(1000)
+        self.start_unix_s
+            .saturating_add(u64::from(self.seconds))
+            .saturating_mul(1000)
     }
 
     /// The stored name of `counter`'s window.
@@ -91,9 +93,15 @@ impl Window {
             start_unix_s: start.parse().ok()?,
             seconds: seconds.parse().ok()?,
         };
-        // Aligned and in range: so each window has one name.
+        // Aligned and in range (its end in milliseconds fits a u64): so
+        // each window has one name, and an end.
         (window.seconds >= 1
             && window.seconds <= MAX_WINDOW_SECONDS
+            && window
+                .start_unix_s
+                .checked_add(u64::from(window.seconds))
+                .and_then(|end| end.checked_mul(1000))
+                .is_some()
             && window
                 .start_unix_s
                 .is_multiple_of(u64::from(window.seconds)))
@@ -195,6 +203,9 @@ mod tests {
             "\u{0}+60\0x",
             "\u{0}-60+60\0x",
             "\u{0}99999999999999999999999+60\0x",
+            // Aligned, but its end in milliseconds is past a u64.
+            "\u{0}18446744073709551615+1\0x",
+            "\u{0}18446744073709551000+1\0x",
         ] {
             assert_eq!(Window::of_stored(bad), None, "{bad:?}");
         }

@@ -1098,9 +1098,11 @@ impl Store {
                 if !expired {
                     early += 1;
                 }
-            } else {
-                // Its record went with its window (or was replaced): it was
-                // counted as reclaimed, not remembered. Segment, then queue.
+            } else if window_of_record(&victim.key).is_some() {
+                // Its record went with its window: it was counted as
+                // reclaimed, not remembered. (A record replaced by a
+                // restore or an adoption was never counted so.) Segment,
+                // then queue.
                 let mut queue = self.key_queue.lock();
                 queue.reclaimed = queue.reclaimed.saturating_sub(1);
             }

@@ -105,7 +105,40 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
+    // Three limited increments, one at a time, for two places.
+    for _ in 0..3 {
+        client
+            .increment(pb::IncrementRequest {
+                counter: "metrics-limited".into(),
+                delta: 1,
+                limit: Some(2),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     let coordinator = scrape(&cluster.coordinator);
+    let limited = |outcome: &str| {
+        grew(
+            &coordinator_before,
+            &coordinator,
+            "tally_limited_increments_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+    };
+    assert_eq!(limited("applied"), 2.0);
+    assert_eq!(limited("refused"), 1.0);
+    assert_eq!(
+        grew(
+            &coordinator_before,
+            &coordinator,
+            "tally_limit_group_size_count",
+            &[]
+        ),
+        3.0,
+        "one group per call when calls come one at a time"
+    );
     let calls = |method: &str, code: &str| {
         grew(
             &coordinator_before,
@@ -114,7 +147,7 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
             &[&format!("method=\"{method}\""), &format!("code=\"{code}\"")],
         )
     };
-    assert_eq!(calls("Increment", "OK"), 40.0);
+    assert_eq!(calls("Increment", "OK"), 43.0);
     assert_eq!(calls("IncrementBatch", "OK"), 1.0);
     assert_eq!(calls("Get", "OK"), 5.0);
     assert_eq!(calls("Get", "INVALID_ARGUMENT"), 1.0);
@@ -126,10 +159,11 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
             &[&format!("method=\"{method}\"")],
         )
     };
-    assert_eq!(timed("Increment"), 40.0);
+    assert_eq!(timed("Increment"), 43.0);
     assert_eq!(timed("Get"), 6.0);
-    // Every unary increment is one Apply call of one; the batch is one call
-    // per node its 10 counters landed on.
+    // Every unary increment is one Apply call of one (the refused limited
+    // one sends none); the batch is one call per node its 10 counters
+    // landed on.
     let increments_sent = grew(
         &coordinator_before,
         &coordinator,
@@ -142,17 +176,17 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
         "tally_shard_apply_increments_count",
         &[],
     );
-    assert_eq!(increments_sent, 50.0);
-    assert!((41.0..=43.0).contains(&apply_calls), "{apply_calls}");
-    // Reads: one Read call per node per read (6 public reads; the refused
-    // one is not sent), each of one counter.
+    assert_eq!(increments_sent, 52.0);
+    assert!((43.0..=45.0).contains(&apply_calls), "{apply_calls}");
+    // Reads: one Read call per node per read (6 public reads, the refused
+    // one not sent, and 3 limited increments' reads), each of one counter.
     let read_calls = grew(
         &coordinator_before,
         &coordinator,
         "tally_shard_read_counters_count",
         &[],
     );
-    assert_eq!(read_calls, 5.0 * 3.0);
+    assert_eq!(read_calls, 8.0 * 3.0);
     assert_eq!(
         sum(
             &coordinator,
@@ -188,7 +222,7 @@ async fn coordinator_and_shard_series_move_by_what_the_traffic_did() {
             .map(|(before, after)| grew(before, after, name, &[]))
             .sum()
     };
-    assert_eq!(on_shards("tally_shard_increments_applied_total"), 50.0);
+    assert_eq!(on_shards("tally_shard_increments_applied_total"), 52.0);
     assert_eq!(on_shards("tally_shard_apply_calls_total"), apply_calls);
     assert!(on_shards("tally_shard_group_commit_seconds_count") >= 1.0);
     assert!(on_shards("tally_shard_group_commit_counters_sum") >= 11.0);

@@ -283,6 +283,10 @@ async fn decide(cluster: &ClusterHandle, group: Vec<Waiter>) {
             },
         ));
     }
+    let applied = admitted.len() as u64;
+    cluster
+        .metrics()
+        .limit_group(applied, decided.len() as u64 - applied);
     let written = if admitted.is_empty() {
         Ok(0)
     } else {

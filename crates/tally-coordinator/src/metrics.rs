@@ -70,6 +70,17 @@ const REPLICATION_LAG: Describe = Describe::new(
     "Time since the last successful replication round from a node to its replica began.",
 );
 
+const LIMITED: Describe = Describe::new(
+    "tally_limited_increments_total",
+    None,
+    "Increments with a limit decided, by outcome: applied, or refused by the limit.",
+);
+const LIMIT_GROUP: Describe = Describe::new(
+    "tally_limit_group_size",
+    None,
+    "Increments with a limit decided on one read of their counter's total (a group).",
+);
+
 /// Public methods, as `tally_requests_total{method}` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -171,6 +182,9 @@ pub struct CoordinatorMetrics {
     registry: Arc<Registry>,
     /// By `Method as usize`.
     methods: Vec<MethodMetrics>,
+    /// Limited increments: applied, refused, and per group.
+    limited: [Counter; 2],
+    limit_group: Histogram,
     /// The nodes and `(origin, replica)` pairs the last scrape showed: a
     /// later scrape that no longer has one sets its gauges to NaN rather
     /// than leaving its last value (a node removed, a pair no longer
@@ -261,7 +275,11 @@ impl CoordinatorMetrics {
                 }
             })
             .collect();
+        let limited = ["applied", "refused"]
+            .map(|outcome| registry.counter(LIMITED, &[("outcome", outcome.into())]));
         CoordinatorMetrics {
+            limit_group: registry.histogram(LIMIT_GROUP, &[]),
+            limited,
             registry,
             methods,
             published: Mutex::default(),
@@ -271,6 +289,14 @@ impl CoordinatorMetrics {
     /// Metrics off: every handle does nothing.
     pub fn disabled() -> Self {
         CoordinatorMetrics::new(Arc::new(Registry::disabled()))
+    }
+
+    /// Counts a group of limited increments decided on one read: how many
+    /// were applied and how many the limit refused.
+    pub fn limit_group(&self, applied: u64, refused: u64) {
+        self.limit_group.record((applied + refused) as f64);
+        self.limited[0].increment(applied);
+        self.limited[1].increment(refused);
     }
 
     /// The registry the series are in.

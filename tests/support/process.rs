@@ -18,6 +18,8 @@ use nix::unistd::Pid;
 
 /// Longest wait for a daemon to print its address, or to exit.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`Daemon::spawn`] keeps trying a daemon whose port is taken.
+pub const PORT_TAKEN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Path of a workspace binary, built next to this test's executable.
 ///
@@ -103,7 +105,29 @@ impl Daemon {
     }
 
     /// [`Daemon::start`] for a command the caller prepared (limits, env).
+    ///
+    /// A daemon restarted on its old address can find the port taken by
+    /// another test's outgoing connection, which the kernel gave that port
+    /// as its own (ports bound with port 0 and a client's ports come from
+    /// the same range). Such a start is tried again for up to
+    /// [`PORT_TAKEN_PATIENCE`]: a refused connect attempt lets its port go
+    /// at once.
     pub fn spawn(mut command: Command, name: &str, log_dir: &Path) -> Daemon {
+        let deadline = Instant::now() + PORT_TAKEN_PATIENCE;
+        loop {
+            match Self::try_spawn(&mut command, name, log_dir) {
+                Ok(daemon) => return daemon,
+                Err(log) if log.contains("Address already in use") && Instant::now() < deadline => {
+                    eprintln!("{name}: its port is taken, starting it again");
+                    // Backing off while another process holds the port.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("{name} did not start; its log:\n{log}"),
+            }
+        }
+    }
+
+    fn try_spawn(command: &mut Command, name: &str, log_dir: &Path) -> Result<Daemon, String> {
         let stderr_path = log_dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut child = command
@@ -136,19 +160,19 @@ impl Daemon {
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "{name} did not start ({other:?}); its log:\n{}",
+                return Err(format!(
+                    "({other:?})\n{}",
                     std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
+                ));
             }
         };
-        Daemon {
+        Ok(Daemon {
             name: name.to_string(),
             address,
             metrics,
             child,
             stderr_path,
-        }
+        })
     }
 
     /// Sends `signal` and waits for the process to exit.

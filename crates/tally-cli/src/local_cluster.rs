@@ -240,12 +240,31 @@ impl LocalCluster {
     }
 
     /// Starts shard `index` again on the same address and data directory.
+    ///
+    /// While it was stopped, another process's outgoing connection may
+    /// have been given its port (listeners on port 0 and clients' ports
+    /// share the kernel's range): binding is tried again for up to 10 s,
+    /// as a refused connect attempt lets its port go at once.
     pub async fn restart_shard(&mut self, index: usize) -> anyhow::Result<()> {
         self.stop_shard(index).await?;
         let config = self.shards[index].config.clone();
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("{}: cannot listen on {}", config.node_id, config.listen))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(config.listen).await {
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    // Backing off while another process holds the port.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                bound => {
+                    break bound.with_context(|| {
+                        format!("{}: cannot listen on {}", config.node_id, config.listen)
+                    })?
+                }
+            }
+        };
         self.shards[index] = start_shard(config, listener).await?;
         Ok(())
     }

@@ -666,11 +666,15 @@ fn written(shared: &Shared, answer: &pb::IncrementResponse) -> Written {
     if shared.mode.window_seconds != 0 {
         shared.window_ends.saw(answer.window_end_unix_ms);
     }
-    // A total is complete (the bench does not allow partial ones) and a
-    // window ends: unless the coordinator ignored the fields.
-    let ignored = (shared.mode.window_seconds != 0 && answer.window_end_unix_ms == 0)
-        || ((shared.mode.get || shared.mode.limit.is_some()) && !answer.complete);
-    if ignored {
+    // The mode's fields as every increment of the run carries them (no
+    // strings: nothing is allocated).
+    let asked = pb::IncrementRequest {
+        return_total: shared.mode.get,
+        window_seconds: shared.mode.window_seconds,
+        limit: shared.mode.limit,
+        ..Default::default()
+    };
+    if crate::client::ignored_by_increment(&asked, answer).is_some() {
         shared.ignored.store(true, Ordering::Relaxed);
     }
     if shared.mode.limit.is_some() && answer.applied == 0 {

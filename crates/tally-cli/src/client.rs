@@ -172,6 +172,27 @@ impl Access {
     }
 }
 
+/// The options a coordinator that predates them ignored, as its answer
+/// shows (their fields left at 0), or `None`. A total is always complete
+/// unless `allow_partial` said it need not be; a window always ends.
+pub fn ignored_by_increment(
+    request: &tally_proto::pb::IncrementRequest,
+    answer: &tally_proto::pb::IncrementResponse,
+) -> Option<&'static str> {
+    let reads_total = request.return_total || request.limit.is_some();
+    if request.window_seconds != 0 && answer.window_end_unix_ms == 0 {
+        Some("--window")
+    } else if reads_total && !request.allow_partial && !answer.complete {
+        Some(if request.limit.is_some() {
+            "--limit"
+        } else {
+            "--get"
+        })
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

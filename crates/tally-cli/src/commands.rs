@@ -8,7 +8,7 @@ use anyhow::Context;
 use comfy_table::{presets, Table};
 use serde::Serialize;
 use tally_cli::bench::{BenchOptions, Mode, Stop};
-use tally_cli::client::{Access, Client};
+use tally_cli::client::{ignored_by_increment, Access, Client};
 use tally_cli::local_cluster::{LocalCluster, LocalClusterOptions};
 use tally_cli::window_arg::{describe_window, format_unix_ms};
 use tally_coordinator::{locate_response, ring_response, CoordinatorConfig, CoordinatorOverrides};
@@ -792,27 +792,6 @@ impl<'a> Incremented<'a> {
             ));
         }
         line
-    }
-}
-
-/// The options a coordinator that predates them ignored, as its answer
-/// shows (their fields left at 0), or `None`. A total is always complete
-/// unless `allow_partial` said it need not be; a window always ends.
-fn ignored_by_increment(
-    request: &pb::IncrementRequest,
-    answer: &pb::IncrementResponse,
-) -> Option<&'static str> {
-    let reads_total = request.return_total || request.limit.is_some();
-    if request.window_seconds != 0 && answer.window_end_unix_ms == 0 {
-        Some("--window")
-    } else if reads_total && !request.allow_partial && !answer.complete {
-        Some(if request.limit.is_some() {
-            "--limit"
-        } else {
-            "--get"
-        })
-    } else {
-        None
     }
 }
 

@@ -119,11 +119,8 @@ impl WindowClock {
 
     /// The end (Unix ms) of `counter`'s window if it is one that has ended
     /// by `now_ms`, grace included; `None` for a current window or a plain
-    /// counter (decided by its first byte).
+    /// counter (decided by its first byte: `Window::end_of_stored`).
     pub fn ended(&self, counter: &str, now_ms: u64) -> Option<u64> {
-        if !counter.starts_with('\0') {
-            return None;
-        }
         let end = Window::end_of_stored(counter)?;
         (end.saturating_add(self.grace_ms()) <= now_ms).then_some(end)
     }
